@@ -1,0 +1,176 @@
+//! SMTP client for the legacy server: greeting, EHLO (HELO fallback), MAIL,
+//! RCPT, DATA, RSET, QUIT. One connection per client session, opened lazily
+//! and reused across transactions; a transaction left open is RSET before the
+//! next MAIL. Only parameters the backend announced are passed on.
+
+use super::reply::{Parsed, ReplyParser, MAX_LINE};
+use super::BackendError;
+use crate::codec::Conn;
+use crate::config::{Backend, Timeouts};
+use crate::smtp::command::{Body, MailParams};
+use crate::smtp::session::BackendCaps;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+pub type BackendReply = (u16, Vec<String>);
+
+pub struct SmtpBackend {
+    conn: Conn<TcpStream>,
+    pub caps: BackendCaps,
+    size_ext: bool,
+    /// A MAIL was sent and its transaction not ended by DATA.
+    open_tx: bool,
+    reply_timeout: Duration,
+    data_timeout: Duration,
+}
+
+impl SmtpBackend {
+    pub async fn connect(backend: &Backend, t: &Timeouts) -> Result<Self, BackendError> {
+        let tcp = super::connect(&backend.address, t.backend_connect).await?;
+        let mut b = SmtpBackend {
+            conn: Conn::new(tcp),
+            caps: BackendCaps::default(),
+            size_ext: false,
+            open_tx: false,
+            reply_timeout: t.backend_reply,
+            data_timeout: t.backend_data,
+        };
+        let (code, lines) = b.read_reply(t.backend_connect).await?;
+        if code != 220 {
+            return Err(BackendError::Unavailable(format!(
+                "greeting {code} {}",
+                lines.join(" ")
+            )));
+        }
+        let (code, lines) = b.command(&format!("EHLO {}", backend.helo_name)).await?;
+        match code {
+            250 => {
+                for ext in lines.iter().skip(1) {
+                    let mut words = ext.split_whitespace();
+                    match words.next().map(|w| w.to_ascii_uppercase()).as_deref() {
+                        Some("8BITMIME") => b.caps.eightbitmime = true,
+                        Some("SMTPUTF8") => b.caps.smtputf8 = true,
+                        Some("PIPELINING") => b.caps.pipelining = true,
+                        Some("SIZE") => {
+                            b.size_ext = true;
+                            b.caps.size = words.next().and_then(|n| n.parse().ok());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            // a truly old server: fall back to HELO (RFC 5321 §3.2)
+            500..=504 | 550 => {
+                let (code, lines) = b.command(&format!("HELO {}", backend.helo_name)).await?;
+                if code != 250 {
+                    return Err(BackendError::Unavailable(format!(
+                        "HELO {code} {}",
+                        lines.join(" ")
+                    )));
+                }
+            }
+            _ => {
+                return Err(BackendError::Unavailable(format!(
+                    "EHLO {code} {}",
+                    lines.join(" ")
+                )))
+            }
+        }
+        Ok(b)
+    }
+
+    async fn read_reply(&mut self, deadline: Duration) -> Result<BackendReply, BackendError> {
+        let mut p = ReplyParser::default();
+        loop {
+            let line = self.conn.read_line(MAX_LINE, deadline).await?;
+            match p.push(&line) {
+                Parsed::More => continue,
+                Parsed::Done(code, lines) => return Ok((code, lines)),
+                Parsed::Invalid(why) => return Err(BackendError::Protocol(why.into())),
+            }
+        }
+    }
+
+    async fn command(&mut self, line: &str) -> Result<BackendReply, BackendError> {
+        self.conn.queue(line.as_bytes());
+        self.conn.queue(b"\r\n");
+        self.conn.flush(self.reply_timeout).await?;
+        let r = self.read_reply(self.reply_timeout).await?;
+        if r.0 == 421 {
+            // the backend is closing; the caller drops this connection
+            return Err(BackendError::Failed(format!(
+                "backend said 421 {}",
+                r.1.join(" ")
+            )));
+        }
+        Ok(r)
+    }
+
+    pub async fn mail(
+        &mut self,
+        from: &str,
+        params: &MailParams,
+        size_hint: Option<u64>,
+    ) -> Result<BackendReply, BackendError> {
+        if self.open_tx {
+            let (code, lines) = self.command("RSET").await?;
+            if code != 250 {
+                return Err(BackendError::Protocol(format!(
+                    "RSET answered {code} {}",
+                    lines.join(" ")
+                )));
+            }
+            self.open_tx = false;
+        }
+        let mut line = format!("MAIL FROM:<{from}>");
+        if self.size_ext {
+            if let Some(s) = params.size.or(size_hint) {
+                line.push_str(&format!(" SIZE={s}"));
+            }
+        }
+        if self.caps.eightbitmime {
+            match params.body {
+                Some(Body::EightBitMime) => line.push_str(" BODY=8BITMIME"),
+                Some(Body::SevenBit) => line.push_str(" BODY=7BIT"),
+                None => {}
+            }
+        }
+        if params.smtputf8 && self.caps.smtputf8 {
+            line.push_str(" SMTPUTF8");
+        }
+        self.open_tx = true;
+        self.command(&line).await
+    }
+
+    pub async fn rcpt(&mut self, to: &str) -> Result<BackendReply, BackendError> {
+        self.command(&format!("RCPT TO:<{to}>")).await
+    }
+
+    /// DATA, then the already dot-stuffed message (ending in `.CRLF`), then the
+    /// final reply. A non-354 answer to DATA is returned as the final reply.
+    pub async fn data(&mut self, wire: &[u8]) -> Result<BackendReply, BackendError> {
+        let r = self.command("DATA").await?;
+        if r.0 != 354 {
+            self.open_tx = r.0 / 100 != 2;
+            if r.0 / 100 == 2 {
+                return Err(BackendError::Protocol(format!("DATA answered {}", r.0)));
+            }
+            return Ok(r);
+        }
+        self.open_tx = false;
+        self.conn.write_now(wire, self.data_timeout).await?;
+        let r = self.read_reply(self.data_timeout).await?;
+        if r.0 == 421 {
+            return Err(BackendError::Failed(format!(
+                "backend said 421 {}",
+                r.1.join(" ")
+            )));
+        }
+        Ok(r)
+    }
+
+    /// Polite goodbye; errors do not matter any more.
+    pub async fn quit(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.command("QUIT")).await;
+    }
+}

@@ -1,0 +1,139 @@
+//! The serde shapes of one YAML file. Every struct denies unknown fields, so a
+//! typo is an error with its line and column instead of a silently ignored key.
+//! Field names here are the operator contract: extend, never rename.
+
+use super::units::{ByteSize, Cidr, Secs};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: Option<ServerFile>,
+    #[serde(default)]
+    pub listeners: Vec<ListenerFile>,
+    #[serde(default)]
+    pub tls: Option<TlsFile>,
+    #[serde(default)]
+    pub backends: BTreeMap<String, BackendFile>,
+    #[serde(default)]
+    pub policies: BTreeMap<String, PolicyFile>,
+}
+
+/// Process-wide settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    /// Name in greetings, EHLO to backends and `Received:` headers (default: the host name).
+    pub hostname: Option<String>,
+    /// How long running transactions may take to finish after SIGTERM.
+    pub shutdown_grace: Option<Secs>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Smtp,
+    Pop3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    None,
+    Starttls,
+    Implicit,
+}
+
+/// What to do with bare CR, bare LF inside a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareNewlines {
+    /// Reject the message with 550 5.6.0 (default).
+    Reject,
+    /// Turn each bare CR or LF into CRLF before the message goes anywhere.
+    Normalize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub name: String,
+    pub protocol: Protocol,
+    pub bind: String,
+    pub tls: TlsMode,
+    pub require_tls: Option<bool>,
+    pub backend: String,
+    pub policy: Option<String>,
+    /// Overrides `server.hostname` for this listener.
+    pub hostname: Option<String>,
+    /// Concurrent connections; more are answered 421 / -ERR and closed.
+    pub max_connections: Option<usize>,
+    /// SMTP: SIZE limit advertised and enforced (552 5.3.4).
+    pub max_message_size: Option<ByteSize>,
+    /// SMTP: recipients per message (452 4.5.3 beyond it).
+    pub max_recipients: Option<usize>,
+    /// Protocol errors tolerated per session before 421 and close.
+    pub max_errors: Option<u32>,
+    /// SMTP: `reject` (default) or `normalize` bare CR / bare LF in messages.
+    pub bare_newlines: Option<BareNewlines>,
+    /// Longest command line including CRLF (RFC 5321: 512).
+    pub max_command_line: Option<usize>,
+    /// Longest message text line including CRLF (RFC 5321: 1000).
+    pub max_text_line: Option<usize>,
+    /// POP3: offer APOP (the backend is then contacted before login for its timestamp).
+    pub apop: Option<bool>,
+    /// POP3: failed logins per session before the session is closed.
+    pub max_login_failures: Option<u32>,
+    /// POP3 and SMTP AUTH: pause after each failed login.
+    pub login_failure_delay: Option<Secs>,
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+}
+
+/// Named deadlines. Defaults follow RFC 5321 §4.5.3.2 where it has a value.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsFile {
+    pub tls_handshake: Option<Secs>,
+    pub command: Option<Secs>,
+    pub data: Option<Secs>,
+    pub session: Option<Secs>,
+    pub backend_connect: Option<Secs>,
+    pub backend_reply: Option<Secs>,
+    pub backend_data: Option<Secs>,
+    pub idle: Option<Secs>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    #[serde(default)]
+    pub certificates: Vec<CertFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFile {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFile {
+    /// `host:port` of the legacy server (plaintext).
+    pub address: String,
+    /// Name sent in EHLO/HELO to the backend (default: the listener's hostname).
+    pub helo_name: Option<String>,
+}
+
+/// A policy block. The policy engine grows here; for now it holds the
+/// connection deny list, checked before anything else (even before TLS).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub deny: Vec<Cidr>,
+}

@@ -1,0 +1,697 @@
+//! Configuration: YAML file(s) → a validated [`Config`].
+//!
+//! `--config PATH` names a file or a directory; a directory's `*.yaml`/`*.yml`
+//! files are read in name order and merged (lists appended, named maps joined;
+//! a name defined twice is an error naming both files). Syntax and type errors
+//! come from the YAML parser with line and column; semantic errors (an unknown
+//! backend name, a bad address) are located by finding the offending value in
+//! the file's text, so they also carry file:line:column.
+
+pub mod file;
+pub mod units;
+
+pub use file::{BareNewlines, Protocol, TlsMode};
+use file::{FileConfig, ListenerFile};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use units::Cidr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {message}")]
+    At {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{0}: no *.yaml files found")]
+    Empty(String),
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<Arc<Listener>>,
+    /// (cert, key) PEM paths, resolved against the naming file's directory. First = default.
+    pub certificates: Vec<(PathBuf, PathBuf)>,
+    pub backends: BTreeMap<String, Arc<Backend>>,
+    pub shutdown_grace: Duration,
+    pub sources: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    pub address: String,
+    pub helo_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub tls_handshake: Duration,
+    pub command: Duration,
+    pub data: Duration,
+    pub session: Duration,
+    pub backend_connect: Duration,
+    pub backend_reply: Duration,
+    pub backend_data: Duration,
+    /// POP3 transaction state (byte pipe) idle time.
+    pub idle: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub protocol: Protocol,
+    pub bind: SocketAddr,
+    pub tls: TlsMode,
+    pub require_tls: bool,
+    pub backend: Arc<Backend>,
+    pub policy: Option<String>,
+    pub deny: Vec<Cidr>,
+    pub hostname: String,
+    pub max_connections: usize,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_errors: u32,
+    pub bare_newlines: BareNewlines,
+    pub max_command_line: usize,
+    pub max_text_line: usize,
+    pub apop: bool,
+    pub max_login_failures: u32,
+    pub login_failure_delay: Duration,
+    pub timeouts: Timeouts,
+}
+
+struct Source {
+    path: PathBuf,
+    text: String,
+    parsed: FileConfig,
+}
+
+impl Source {
+    /// file:line:column of the first occurrence of `needles` in order (each searched
+    /// after the previous one); falls back to line 1 when not found.
+    fn err(&self, needles: &[&str], message: impl Into<String>) -> ConfigError {
+        let mut at = 0;
+        let mut found = None;
+        for n in needles.iter().filter(|n| !n.is_empty()) {
+            match self.text[at..].find(n) {
+                Some(i) => {
+                    at += i;
+                    found = Some(at);
+                }
+                None => break,
+            }
+        }
+        let (line, column) = match found {
+            Some(pos) => {
+                let before = &self.text[..pos];
+                let line = before.matches('\n').count() + 1;
+                let column = pos - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                (line, column)
+            }
+            None => (1, 1),
+        };
+        ConfigError::At {
+            file: self.path.display().to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    /// Like `err`, for a key of a map under `section` (`backends:` → `name:`).
+    fn err_key(&self, section: &str, key: &str, message: impl Into<String>) -> ConfigError {
+        let mut in_section = false;
+        for (i, line) in self.text.lines().enumerate() {
+            let t = line.trim_start();
+            if t.starts_with(&format!("{section}:")) {
+                in_section = true;
+                continue;
+            }
+            let k = t.trim_start_matches(['"', '\'']);
+            if in_section
+                && k.starts_with(key)
+                && k[key.len()..]
+                    .trim_start_matches(['"', '\''])
+                    .starts_with(':')
+            {
+                return ConfigError::At {
+                    file: self.path.display().to_string(),
+                    line: i + 1,
+                    column: line.len() - t.len() + 1,
+                    message: message.into(),
+                };
+            }
+        }
+        self.err(&[section], message)
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+}
+
+/// The files `path` stands for: itself, or a directory's YAML files in name order.
+pub fn files_of(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let io = |e| ConfigError::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
+    if !path.is_dir() {
+        std::fs::metadata(path).map_err(io)?;
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml") | Some("yml")
+                )
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ConfigError::Empty(path.display().to_string()));
+    }
+    Ok(files)
+}
+
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let mut sources = Vec::new();
+    for f in files_of(path)? {
+        let text = std::fs::read_to_string(&f).map_err(|e| ConfigError::Io {
+            path: f.display().to_string(),
+            source: e,
+        })?;
+        sources.push(parse_source(f, text)?);
+    }
+    build(&sources)
+}
+
+/// Parses one YAML text (used by `load` and by tests that keep config inline).
+pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigError> {
+    build(&[parse_source(PathBuf::from(name), text.to_string())?])
+}
+
+fn parse_source(path: PathBuf, text: String) -> Result<Source, ConfigError> {
+    let parsed: FileConfig = if text.trim().is_empty() {
+        FileConfig::default()
+    } else {
+        serde_yaml::from_str(&text).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((1, 1));
+            ConfigError::At {
+                file: path.display().to_string(),
+                line,
+                column,
+                // the parser's message repeats the position; keep only the reason
+                message: strip_position(&e.to_string()),
+            }
+        })?
+    };
+    Ok(Source { path, text, parsed })
+}
+
+fn strip_position(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && valid_hostname(s))
+        .unwrap_or_else(|| "mailgate.localdomain".to_string())
+}
+
+fn valid_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+fn build(sources: &[Source]) -> Result<Config, ConfigError> {
+    // process-wide settings: at most one file may set each
+    let mut hostname: Option<(String, usize)> = None;
+    let mut grace = Duration::from_secs(30);
+    for (i, s) in sources.iter().enumerate() {
+        if let Some(server) = &s.parsed.server {
+            if let Some(h) = &server.hostname {
+                if let Some((_, j)) = hostname {
+                    return Err(s.err(
+                        &["hostname"],
+                        format!(
+                            "server.hostname is already set in {}",
+                            sources[j].path.display()
+                        ),
+                    ));
+                }
+                if !valid_hostname(h) {
+                    return Err(s.err(
+                        &["hostname", h],
+                        format!("server.hostname {h:?} is not a valid host name"),
+                    ));
+                }
+                hostname = Some((h.clone(), i));
+            }
+            if let Some(g) = server.shutdown_grace {
+                grace = g.0;
+            }
+        }
+    }
+    let hostname = hostname.map(|h| h.0).unwrap_or_else(system_hostname);
+
+    // backends and policies: names unique across files
+    let mut backends: BTreeMap<String, (Arc<Backend>, usize)> = BTreeMap::new();
+    let mut policies: BTreeMap<String, (Vec<Cidr>, usize)> = BTreeMap::new();
+    let mut certificates = Vec::new();
+    for (i, s) in sources.iter().enumerate() {
+        for (name, b) in &s.parsed.backends {
+            if let Some((_, j)) = backends.get(name) {
+                return Err(s.err_key(
+                    "backends",
+                    name,
+                    format!(
+                        "backend {name:?} is also defined in {}",
+                        sources[*j].path.display()
+                    ),
+                ));
+            }
+            if !b.address.contains(':')
+                || b.address
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+            {
+                return Err(s.err(
+                    &["backends", name, &b.address],
+                    format!("backends.{name}.address {:?} must be host:port", b.address),
+                ));
+            }
+            if let Some(h) = &b.helo_name {
+                if !valid_hostname(h) {
+                    return Err(s.err(
+                        &[name, h],
+                        format!("backends.{name}.helo_name {h:?} is not a valid host name"),
+                    ));
+                }
+            }
+            let backend = Backend {
+                name: name.clone(),
+                address: b.address.clone(),
+                helo_name: b.helo_name.clone().unwrap_or_else(|| hostname.clone()),
+            };
+            backends.insert(name.clone(), (Arc::new(backend), i));
+        }
+        for (name, p) in &s.parsed.policies {
+            if let Some((_, j)) = policies.get(name) {
+                return Err(s.err_key(
+                    "policies",
+                    name,
+                    format!(
+                        "policy {name:?} is also defined in {}",
+                        sources[*j].path.display()
+                    ),
+                ));
+            }
+            policies.insert(name.clone(), (p.deny.clone(), i));
+        }
+        if let Some(tls) = &s.parsed.tls {
+            for c in &tls.certificates {
+                certificates.push((s.resolve(&c.cert), s.resolve(&c.key)));
+            }
+        }
+    }
+
+    let mut listeners: Vec<Arc<Listener>> = Vec::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, s) in sources.iter().enumerate() {
+        for l in &s.parsed.listeners {
+            if let Some(j) = seen.get(&l.name) {
+                return Err(s.err(
+                    &["name", &l.name],
+                    format!(
+                        "listener {:?} is also defined in {}",
+                        l.name,
+                        sources[*j].path.display()
+                    ),
+                ));
+            }
+            seen.insert(l.name.clone(), i);
+            let listener = build_listener(s, l, &hostname, &backends, &policies)?;
+            if let Some(other) = listeners.iter().find(|o| o.bind == listener.bind) {
+                return Err(s.err(
+                    &[&l.name, &l.bind],
+                    format!(
+                        "listener {:?} binds {} which listener {:?} already uses",
+                        l.name, listener.bind, other.name
+                    ),
+                ));
+            }
+            if listener.tls != TlsMode::None && certificates.is_empty() {
+                return Err(s.err(
+                    &[&l.name, "tls"],
+                    format!(
+                        "listener {:?} uses TLS but tls.certificates is empty",
+                        l.name
+                    ),
+                ));
+            }
+            listeners.push(Arc::new(listener));
+        }
+    }
+    if listeners.is_empty() {
+        let s = &sources[0];
+        return Err(s.err(&[], "no listeners defined (listeners: [...])"));
+    }
+    Ok(Config {
+        listeners,
+        certificates,
+        backends: backends.into_iter().map(|(k, v)| (k, v.0)).collect(),
+        shutdown_grace: grace,
+        sources: sources.iter().map(|s| s.path.clone()).collect(),
+    })
+}
+
+fn build_listener(
+    s: &Source,
+    l: &ListenerFile,
+    hostname: &str,
+    backends: &BTreeMap<String, (Arc<Backend>, usize)>,
+    policies: &BTreeMap<String, (Vec<Cidr>, usize)>,
+) -> Result<Listener, ConfigError> {
+    let name = &l.name;
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(s.err(
+            &["name", name],
+            format!("listener name {name:?}: use letters, digits, - and _"),
+        ));
+    }
+    let bind: SocketAddr = l.bind.parse().map_err(|_| {
+        s.err(
+            &[name, &l.bind],
+            format!(
+                "listeners.{name}.bind {:?} must be IP:port, e.g. \"0.0.0.0:25\"",
+                l.bind
+            ),
+        )
+    })?;
+    let backend = backends
+        .get(&l.backend)
+        .map(|b| b.0.clone())
+        .ok_or_else(|| {
+            s.err(
+                &[name, &l.backend],
+                format!(
+                    "listeners.{name}.backend {:?} is not defined under backends:",
+                    l.backend
+                ),
+            )
+        })?;
+    let deny = match &l.policy {
+        None => Vec::new(),
+        Some(p) => policies.get(p).map(|p| p.0.clone()).ok_or_else(|| {
+            s.err(
+                &[name, p],
+                format!("listeners.{name}.policy {p:?} is not defined under policies:"),
+            )
+        })?,
+    };
+    if let Some(h) = &l.hostname {
+        if !valid_hostname(h) {
+            return Err(s.err(
+                &[name, h],
+                format!("listeners.{name}.hostname {h:?} is not a valid host name"),
+            ));
+        }
+    }
+    let require_tls = match (l.tls, l.require_tls, l.protocol) {
+        (TlsMode::None, Some(true), _) => {
+            return Err(s.err(
+                &[name, "require_tls"],
+                format!("listeners.{name}: require_tls needs tls: starttls or implicit"),
+            ))
+        }
+        (TlsMode::Implicit, _, _) => true,
+        (_, Some(v), _) => v,
+        // RFC 8314 / DESIGN §4: no POP3 login before TLS unless explicitly allowed
+        (TlsMode::Starttls, None, Protocol::Pop3) => true,
+        (_, None, _) => false,
+    };
+    if l.apop == Some(true) && l.protocol != Protocol::Pop3 {
+        return Err(s.err(
+            &[name, "apop"],
+            format!("listeners.{name}.apop applies to pop3 listeners only"),
+        ));
+    }
+    let checked = |v: Option<usize>, def: usize, min: usize, max: usize, field: &str| {
+        let v = v.unwrap_or(def);
+        if v < min || v > max {
+            Err(s.err(
+                &[name, field],
+                format!("listeners.{name}.{field} must be between {min} and {max}"),
+            ))
+        } else {
+            Ok(v)
+        }
+    };
+    let t = &l.timeouts;
+    let d = |v: Option<units::Secs>, def: u64| v.map(|s| s.0).unwrap_or(Duration::from_secs(def));
+    let max_message_size = l.max_message_size.map(|b| b.0).unwrap_or(25 * 1024 * 1024);
+    if max_message_size < 1024 {
+        return Err(s.err(
+            &[name, "max_message_size"],
+            format!("listeners.{name}.max_message_size must be at least 1KiB"),
+        ));
+    }
+    Ok(Listener {
+        name: name.clone(),
+        protocol: l.protocol,
+        bind,
+        tls: l.tls,
+        require_tls,
+        backend,
+        policy: l.policy.clone(),
+        deny,
+        hostname: l.hostname.clone().unwrap_or_else(|| hostname.to_string()),
+        max_connections: checked(l.max_connections, 1000, 1, 1_000_000, "max_connections")?,
+        max_message_size,
+        max_recipients: checked(l.max_recipients, 100, 1, 100_000, "max_recipients")?,
+        max_errors: checked(
+            l.max_errors.map(|v| v as usize),
+            10,
+            1,
+            10_000,
+            "max_errors",
+        )? as u32,
+        bare_newlines: l.bare_newlines.unwrap_or(BareNewlines::Reject),
+        max_command_line: checked(l.max_command_line, 512, 512, 65536, "max_command_line")?,
+        max_text_line: checked(l.max_text_line, 1000, 1000, 1_048_576, "max_text_line")?,
+        apop: l.apop.unwrap_or(false),
+        max_login_failures: checked(
+            l.max_login_failures.map(|v| v as usize),
+            3,
+            1,
+            100,
+            "max_login_failures",
+        )? as u32,
+        login_failure_delay: l
+            .login_failure_delay
+            .map(|s| s.0)
+            .unwrap_or(Duration::from_secs(2)),
+        timeouts: Timeouts {
+            tls_handshake: d(t.tls_handshake, 10),
+            command: d(t.command, 300),
+            data: d(t.data, 180),
+            session: d(t.session, 3600),
+            backend_connect: d(t.backend_connect, 10),
+            backend_reply: d(t.backend_reply, 300),
+            backend_data: d(t.backend_data, 600),
+            idle: d(t.idle, 600),
+        },
+    })
+}
+
+impl Config {
+    /// The human summary `mailgate check` prints.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "configuration OK ({} file(s))", self.sources.len());
+        for s in &self.sources {
+            let _ = writeln!(out, "  file {}", s.display());
+        }
+        for l in &self.listeners {
+            let proto = match l.protocol {
+                Protocol::Smtp => "smtp",
+                Protocol::Pop3 => "pop3",
+            };
+            let tls = match l.tls {
+                TlsMode::None => "none",
+                TlsMode::Starttls => "starttls",
+                TlsMode::Implicit => "implicit",
+            };
+            let _ = writeln!(
+                out,
+                "listener {} {} on {} tls={} require_tls={} -> backend {} ({}) policy={} max_connections={}",
+                l.name, proto, l.bind, tls, l.require_tls, l.backend.name, l.backend.address,
+                l.policy.as_deref().unwrap_or("-"), l.max_connections
+            );
+            if l.protocol == Protocol::Smtp {
+                let _ = writeln!(
+                    out,
+                    "  max_message_size={} max_recipients={} bare_newlines={:?} max_errors={}",
+                    l.max_message_size, l.max_recipients, l.bare_newlines, l.max_errors
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "  apop={} max_login_failures={} login_failure_delay={:?}",
+                    l.apop, l.max_login_failures, l.login_failure_delay
+                );
+            }
+            if !l.deny.is_empty() {
+                let nets: Vec<String> = l.deny.iter().map(|c| c.to_string()).collect();
+                let _ = writeln!(out, "  deny {}", nets.join(", "));
+            }
+        }
+        for (cert, key) in &self.certificates {
+            let _ = writeln!(
+                out,
+                "certificate {} (key {})",
+                cert.display(),
+                key.display()
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listeners:
+  - { name: mx, protocol: smtp, bind: "127.0.0.1:2525", tls: starttls, require_tls: false, backend: legacy-smtp, policy: inbound }
+  - { name: smtps, protocol: smtp, bind: "127.0.0.1:4465", tls: implicit, backend: legacy-smtp }
+tls:
+  certificates: [ { cert: certs/dev.pem, key: certs/dev.key } ]
+backends:
+  legacy-smtp: { address: "127.0.0.1:10025" }
+policies:
+  inbound: { deny: ["192.0.2.0/24"] }
+"#;
+
+    #[test]
+    fn contract_example_loads() {
+        let c = load_str("t.yaml", GOOD).unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        assert!(!c.listeners[0].require_tls);
+        assert!(c.listeners[1].require_tls, "implicit TLS always is TLS");
+        assert_eq!(c.listeners[0].backend.address, "127.0.0.1:10025");
+        assert_eq!(c.listeners[0].max_command_line, 512);
+        assert_eq!(c.listeners[0].deny.len(), 1);
+        assert_eq!(c.certificates[0].0, PathBuf::from("certs/dev.pem"));
+    }
+
+    fn err(text: &str) -> String {
+        load_str("bad.yaml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_field_has_position() {
+        let e = err("listeners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: b, colour: red }\n");
+        assert!(e.starts_with("bad.yaml:2:"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn unknown_backend_is_located() {
+        let e = err("backends:\n  a: { address: \"127.0.0.1:1\" }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: nosuch }\n");
+        assert!(e.starts_with("bad.yaml:4:"), "{e}");
+        assert!(e.contains("nosuch"), "{e}");
+    }
+
+    #[test]
+    fn bad_values() {
+        let base = "backends:\n  a: { address: \"127.0.0.1:1\" }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a";
+        assert!(err(&format!("{base}, tls: sometimes }}\n")).contains("bad.yaml:4:"));
+        assert!(err(&format!("{base}, max_message_size: 12 parsecs }}\n")).contains("invalid size"));
+        assert!(err(&format!("{base}, require_tls: true }}\n")).contains("require_tls"));
+        assert!(err(&format!("{base}, policy: nope }}\n")).contains("policy"));
+        assert!(err(&format!("{base}, max_command_line: 10 }}\n")).contains("max_command_line"));
+        assert!(err("listeners: [ { name: x } ]\n").contains("missing field"));
+        assert!(err("backends:\n  a: { address: \"nowhere\" }\n").contains("host:port"));
+        assert!(err("{}\n").contains("no listeners"));
+        assert!(err("listeners: [\n").starts_with("bad.yaml:"));
+    }
+
+    #[test]
+    fn tls_needs_a_certificate() {
+        let e = err("backends:\n  a: { address: \"127.0.0.1:1\" }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: starttls, backend: a }\n");
+        assert!(e.contains("tls.certificates"), "{e}");
+    }
+
+    #[test]
+    fn pop3_starttls_requires_tls_by_default() {
+        let c = load_str("p.yaml", "tls: { certificates: [ { cert: c, key: k } ] }\nbackends:\n  p: { address: \"127.0.0.1:110\" }\nlisteners:\n  - { name: pop, protocol: pop3, bind: \"127.0.0.1:1110\", tls: starttls, backend: p }\n").unwrap();
+        assert!(c.listeners[0].require_tls);
+    }
+
+    #[test]
+    fn directory_merge_and_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("10-backends.yaml"),
+            "backends:\n  a: { address: \"127.0.0.1:1\" }\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("20-listeners.yaml"), "listeners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a }\n").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let c = load(dir.path()).unwrap();
+        assert_eq!(c.sources.len(), 2);
+        std::fs::write(
+            dir.path().join("30-dup.yaml"),
+            "backends:\n  a: { address: \"127.0.0.1:2\" }\n",
+        )
+        .unwrap();
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("30-dup.yaml:2:") && e.contains("10-backends.yaml"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,62 @@
+//! mailgate — a TLS-terminating, protocol-cleaning gateway in front of legacy
+//! plaintext SMTP and POP3 servers.
+//!
+//! # Layout
+//!
+//! ```text
+//! config/      YAML files → validated `Config` (errors carry file:line:column)
+//!   file.rs      the serde shapes of one YAML file (unknown fields are errors)
+//!   units.rs     sizes ("25MiB"), durations ("5m"), CIDR networks
+//!   mod.rs       loading, merging several files, validation, `check` summary
+//! tls.rs       certificates from PEM, SNI resolver, rustls `ServerConfig`, dev certs (rcgen)
+//! transport.rs `ClientStream` (plain or TLS), STARTTLS upgrade under a deadline
+//! codec.rs     bounded line reader / whole-reply writer shared by both legs
+//! smtp/        the client-facing SMTP side
+//!   command.rs   command parser (sans-IO)
+//!   reply.rs     every reply mailgate itself sends, in one place
+//!   session.rs   the pure SMTP state machine: command in, `Action` out
+//!   data.rs      DATA receiver: ends only on CRLF.CRLF, bare CR/LF/NUL guard,
+//!                dot-unstuffing; re-stuffing for the backend; Received header
+//!   driver.rs    the only code that awaits: socket, backend, timeouts
+//! pop3/        the client-facing POP3 side (same shape as smtp/)
+//! backend/     clients of the legacy servers
+//!   reply.rs     SMTP reply parser (sans-IO, bounded)
+//!   smtp.rs      SMTP client: greeting, EHLO/HELO, MAIL/RCPT/DATA relay, RSET, QUIT
+//!   pop3.rs      POP3 client: greeting, CAPA, login replay, then a byte pipe
+//!   probe.rs     periodic capability probe (what may be advertised end to end)
+//! server.rs    listeners, connection limits, session spawning, graceful shutdown
+//! demo.rs      the `demo` subcommand: an in-memory legacy backend, clearly labelled
+//! ```
+//!
+//! Rules: protocol logic in `session.rs`/`command.rs`/`data.rs` never awaits and is
+//! unit-tested with strings; only `driver.rs` touches sockets, and it loads its
+//! configuration once per session.
+
+pub mod backend;
+pub mod codec;
+pub mod config;
+pub mod demo;
+pub mod pop3;
+pub mod server;
+pub mod smtp;
+pub mod tls;
+pub mod transport;
+
+/// A short, unique-enough session id, also handed to the backend in the
+/// `Received:` header so both logs can be joined.
+pub fn session_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (now.as_secs() << 20) ^ u64::from(now.subsec_micros()) ^ u64::from(std::process::id())
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // mix so consecutive ids do not look sequential in logs of busy servers
+    let x = (seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    format!("{:012X}", x >> 16)
+}

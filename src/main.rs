@@ -1,0 +1,207 @@
+//! The `mailgate` binary: CLI, logging, signals. Everything else is in the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "mailgate",
+    version,
+    about = "TLS-terminating, protocol-cleaning gateway for legacy SMTP and POP3 servers"
+)]
+struct Cli {
+    /// Log format on stdout.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway (refuses to start on an invalid configuration).
+    Run {
+        /// A YAML file, or a directory whose *.yaml files are merged.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and print a summary; non-zero exit on error.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Start mailgate in front of an in-memory demo backend, with a generated certificate.
+    Demo {
+        /// Where the generated certificate and config go.
+        #[arg(long, default_value = "/tmp/mailgate-demo")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 2525)]
+        smtp_port: u16,
+        #[arg(long, default_value_t = 4465)]
+        smtps_port: u16,
+    },
+    /// Exit 0 if every configured listener answers with a greeting on loopback (container HEALTHCHECK).
+    Healthcheck {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MAILGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mailgate: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Cmd::Check { config } => match mailgate::config::load(&config) {
+            Ok(c) => {
+                print!("{}", c.summary());
+                if let Err(e) = mailgate::tls::server_config(&c.certificates) {
+                    if !c.certificates.is_empty() {
+                        eprintln!("error: {e}");
+                        return Ok(std::process::ExitCode::FAILURE);
+                    }
+                }
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(std::process::ExitCode::FAILURE)
+            }
+        },
+        Cmd::Run { config } => {
+            init_logs(cli.log_format);
+            let cfg = mailgate::config::load(&config)?;
+            runtime()?.block_on(run(cfg))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::Demo {
+            dir,
+            smtp_port,
+            smtps_port,
+        } => {
+            init_logs(cli.log_format);
+            let ports = mailgate::demo::DemoPorts {
+                smtp: smtp_port,
+                smtps: smtps_port,
+            };
+            runtime()?.block_on(mailgate::demo::run(&dir, ports))?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Cmd::Healthcheck { config } => {
+            let cfg = mailgate::config::load(&config)?;
+            let ok = runtime()?.block_on(healthcheck(&cfg));
+            Ok(if ok {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+async fn run(cfg: mailgate::config::Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let gw = mailgate::server::Gateway::start(&cfg).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                // Live reload belongs to the policy engine; until then a HUP must
+                // not kill the gateway (the default action), so it is logged.
+                tracing::warn!("SIGHUP received: live reload is not available in this version; restart to apply configuration changes");
+            }
+        }
+    }
+    tracing::info!(grace = ?cfg.shutdown_grace, "shutting down");
+    let left = gw.shutdown().await;
+    if left > 0 {
+        tracing::warn!(
+            sessions = left,
+            "sessions still running after the grace period were dropped"
+        );
+    }
+    Ok(())
+}
+
+/// Connects to each listener on loopback (0.0.0.0 → 127.0.0.1) and expects a
+/// greeting: `220` (SMTP), `+OK` (POP3), or a TLS handshake start for implicit TLS.
+async fn healthcheck(cfg: &mailgate::config::Config) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut all = true;
+    for l in &cfg.listeners {
+        let mut addr = l.bind;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                [127, 0, 0, 1].into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        let check = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+            if l.tls == mailgate::config::TlsMode::Implicit {
+                // accepting the TCP connection is what we can check without a client certificate store
+                return Some(());
+            }
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).await.ok()?;
+            let ok = buf[..n].starts_with(b"220") || buf[..n].starts_with(b"+OK");
+            let _ = s.write_all(b"QUIT\r\n").await;
+            ok.then_some(())
+        };
+        let ok = tokio::time::timeout(Duration::from_secs(5), check)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        if !ok {
+            eprintln!("listener {} ({addr}) is not answering", l.name);
+            all = false;
+        }
+    }
+    all
+}

@@ -1,0 +1,2 @@
+//! The client-facing POP3 side.
+pub mod driver;

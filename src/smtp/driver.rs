@@ -1,0 +1,364 @@
+//! The one place that awaits for an SMTP session: it reads commands, asks the
+//! pure [`Session`] what to do, talks to the backend, and writes replies. Every
+//! wait has its own deadline; replies to pipelined commands are written
+//! together, once no further command is buffered.
+
+use super::command;
+use super::data::{self, DataReceiver, Feed};
+use super::reply::{self, Reply};
+use super::session::{Action, BackendOp, Outcome, Session, Settings};
+use crate::backend::smtp::SmtpBackend;
+use crate::backend::BackendError;
+use crate::codec::{CodecError, Conn};
+use crate::config::TlsMode;
+use crate::server::SessionCtx;
+use crate::transport::ClientStream;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn, Instrument};
+
+/// How long writes to the client may take before the session is dropped.
+const WRITE_DEADLINE: Duration = Duration::from_secs(60);
+
+pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: SessionCtx) {
+    let id = crate::session_id();
+    let span = tracing::info_span!("smtp", id = %id, listener = %ctx.listener.name, peer = %peer);
+    Driver::start(tcp, peer, ctx, id).instrument(span).await
+}
+
+enum End {
+    Quit,
+    ClientClosed,
+    Timeout,
+    Shutdown,
+    Error(String),
+}
+
+struct Driver {
+    conn: Conn<ClientStream>,
+    session: Session,
+    ctx: SessionCtx,
+    peer: SocketAddr,
+    id: String,
+    backend: Option<SmtpBackend>,
+    tls: Option<(String, String)>,
+    deadline: tokio::time::Instant,
+    messages: u32,
+}
+
+impl Driver {
+    async fn start(tcp: TcpStream, peer: SocketAddr, ctx: SessionCtx, id: String) {
+        let l = ctx.listener.clone();
+        let started = Instant::now();
+        let mut stream = ClientStream::Plain(tcp);
+        if l.tls == TlsMode::Implicit {
+            let Some(cfg) = ctx.tls.clone() else {
+                warn!("implicit TLS listener without TLS configuration");
+                return;
+            };
+            match stream.into_tls(cfg, l.timeouts.tls_handshake).await {
+                Ok(s) => stream = s,
+                Err(e) => {
+                    debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+            }
+        }
+        let tls = stream.tls_info().map(|i| (i.version, i.cipher));
+        let caps = ctx.caps.get(&l.backend.name);
+        let settings = Settings {
+            hostname: l.hostname.clone(),
+            starttls: l.tls == TlsMode::Starttls && ctx.tls.is_some(),
+            require_tls: l.require_tls,
+            max_message_size: l.max_message_size,
+            max_recipients: l.max_recipients,
+            max_errors: l.max_errors,
+        };
+        let mut d = Driver {
+            conn: Conn::new(stream),
+            session: Session::new(settings, caps, tls.is_some()),
+            deadline: tokio::time::Instant::now() + l.timeouts.session,
+            ctx,
+            peer,
+            id,
+            backend: None,
+            tls,
+            messages: 0,
+        };
+        let end = d.serve().await;
+        if let Some(b) = d.backend.take() {
+            b.quit().await;
+        }
+        let outcome = match &end {
+            End::Quit => "quit",
+            End::ClientClosed => "client closed",
+            End::Timeout => "timeout",
+            End::Shutdown => "shutdown",
+            End::Error(e) => e.as_str(),
+        };
+        info!(
+            tls = d.tls.as_ref().map(|t| t.0.as_str()).unwrap_or("none"),
+            helo = d.session.helo.as_deref().unwrap_or("-"),
+            messages = d.messages,
+            bytes_in = d.conn.bytes_in,
+            bytes_out = d.conn.bytes_out,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome,
+            "session end"
+        );
+    }
+
+    fn queue(&mut self, r: &Reply) {
+        let mut v = Vec::with_capacity(64);
+        r.write_to(&mut v);
+        self.conn.queue(&v);
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        self.conn
+            .flush(WRITE_DEADLINE)
+            .await
+            .map_err(|e| End::Error(format!("write: {e}")))
+    }
+
+    /// Next command line, or why the session ends. Honours shutdown (only while
+    /// idle between commands) and the session lifetime.
+    async fn next_line(&mut self) -> Result<Result<bytes::BytesMut, CodecError>, End> {
+        let l = &self.ctx.listener;
+        let max = l.max_command_line;
+        let now = tokio::time::Instant::now();
+        if now >= self.deadline {
+            self.queue(&reply::session_too_long());
+            return Err(End::Timeout);
+        }
+        let wait = l.timeouts.command.min(self.deadline - now);
+        if self.conn.has_line() {
+            return Ok(self.conn.read_line(max, wait).await);
+        }
+        self.flush().await?;
+        self.conn.shrink();
+        let mut shutdown = self.ctx.shutdown.clone();
+        if *shutdown.borrow() {
+            self.queue(&reply::shutting_down());
+            return Err(End::Shutdown);
+        }
+        tokio::select! {
+            r = self.conn.read_line(max, wait) => Ok(r),
+            _ = shutdown.changed() => {
+                self.queue(&reply::shutting_down());
+                Err(End::Shutdown)
+            }
+        }
+    }
+
+    async fn serve(&mut self) -> End {
+        let greeting = self.session.greeting();
+        self.queue(&greeting);
+        let end = self.serve_loop().await;
+        // whatever was queued last (221, 421 …) goes out before we close
+        let _ = self.conn.flush(Duration::from_secs(5)).await;
+        end
+    }
+
+    async fn serve_loop(&mut self) -> End {
+        loop {
+            let line = match self.next_line().await {
+                Ok(l) => l,
+                Err(end) => return end,
+            };
+            let action = match line {
+                Ok(line) => {
+                    let cmd = command::parse(&line);
+                    if let Ok(c) = &cmd {
+                        // the verb only: never arguments (AUTH payloads)
+                        debug!(command = c.verb(), "command");
+                    }
+                    self.session.command(cmd)
+                }
+                Err(CodecError::TooLong(_)) => self.session.line_too_long(),
+                Err(CodecError::Timeout) => {
+                    self.queue(&reply::timeout());
+                    return End::Timeout;
+                }
+                Err(CodecError::Closed) => return End::ClientClosed,
+                Err(CodecError::Io(e)) => return End::Error(format!("read: {e}")),
+            };
+            if let Some(end) = self.act(action).await {
+                return end;
+            }
+        }
+    }
+
+    async fn act(&mut self, action: Action) -> Option<End> {
+        match action {
+            Action::Reply(r) => self.queue(&r),
+            Action::Close(r) => {
+                self.queue(&r);
+                return Some(if r.code == 221 {
+                    End::Quit
+                } else {
+                    End::Error(r.summary())
+                });
+            }
+            Action::StartTls(r) => {
+                self.queue(&r);
+                if let Err(e) = self.flush().await {
+                    return Some(e);
+                }
+                return self.start_tls().await;
+            }
+            Action::Relay(op) => {
+                let outcome = self.relay(&op).await;
+                match self.session.relayed(op, outcome) {
+                    Action::Reply(r) => self.queue(&r),
+                    other => return Box::pin(self.act(other)).await,
+                }
+            }
+            Action::ReadData(r) => {
+                self.queue(&r);
+                if let Err(e) = self.flush().await {
+                    return Some(e);
+                }
+                return self.data().await;
+            }
+        }
+        None
+    }
+
+    async fn start_tls(&mut self) -> Option<End> {
+        // CVE-2011-0411: anything the client sent after STARTTLS in plaintext is
+        // forgotten, never read as a command inside TLS
+        let dropped = self.conn.discard_buffered();
+        if dropped > 0 {
+            warn!(
+                bytes = dropped,
+                "discarded plaintext pipelined after STARTTLS"
+            );
+        }
+        let Some(cfg) = self.ctx.tls.clone() else {
+            return Some(End::Error("no TLS configuration".into()));
+        };
+        let plain = std::mem::replace(&mut self.conn.stream, ClientStream::Detached);
+        match plain
+            .into_tls(cfg, self.ctx.listener.timeouts.tls_handshake)
+            .await
+        {
+            Ok(tls) => {
+                self.tls = tls.tls_info().map(|i| (i.version, i.cipher));
+                self.conn.stream = tls;
+                self.session.tls_started();
+                // a backend transaction cannot be open (STARTTLS is refused
+                // inside one), but the backend must not carry state across
+                None
+            }
+            Err(e) => Some(End::Error(format!("STARTTLS handshake: {e}"))),
+        }
+    }
+
+    fn outcome(&mut self, r: Result<(u16, Vec<String>), BackendError>) -> Outcome {
+        match r {
+            Ok((code, lines)) => Outcome::Reply(code, lines),
+            Err(e) => {
+                warn!(error = %e, "backend");
+                self.backend = None;
+                match e {
+                    BackendError::Unavailable(_) => Outcome::Unavailable,
+                    BackendError::Failed(_) => Outcome::Failed,
+                    BackendError::Protocol(_) => Outcome::Invalid,
+                }
+            }
+        }
+    }
+
+    async fn backend(&mut self) -> Result<&mut SmtpBackend, BackendError> {
+        if self.backend.is_none() {
+            let l = &self.ctx.listener;
+            let b = SmtpBackend::connect(&l.backend, &l.timeouts).await?;
+            self.ctx.caps.set(&l.backend.name, b.caps.clone());
+            self.backend = Some(b);
+        }
+        Ok(self.backend.as_mut().expect("connected above"))
+    }
+
+    async fn relay(&mut self, op: &BackendOp) -> Outcome {
+        let r = match op {
+            BackendOp::Mail { from, params } => match self.backend().await {
+                Ok(b) => b.mail(from, params, None).await,
+                Err(e) => Err(e),
+            },
+            BackendOp::Rcpt { to } => match self.backend.as_mut() {
+                Some(b) => b.rcpt(to).await,
+                // the connection was lost after MAIL
+                None => Err(BackendError::Failed(
+                    "connection lost during transaction".into(),
+                )),
+            },
+        };
+        self.outcome(r)
+    }
+
+    async fn data(&mut self) -> Option<End> {
+        let l = self.ctx.listener.clone();
+        let started = Instant::now();
+        let mut rx = DataReceiver::new(l.bare_newlines, self.session.size_limit(), l.max_text_line);
+        let result = loop {
+            match rx.feed(self.conn.rbuf_mut()) {
+                Feed::Done(r) => break r,
+                Feed::NeedMore => {
+                    // shutdown does not interrupt a running DATA (bounded by its deadline)
+                    match tokio::time::timeout(l.timeouts.data, self.conn.fill()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(CodecError::Closed)) => return Some(End::ClientClosed),
+                        Ok(Err(e)) => return Some(End::Error(format!("read DATA: {e}"))),
+                        Err(_) => {
+                            self.queue(&reply::timeout());
+                            return Some(End::Timeout);
+                        }
+                    }
+                }
+            }
+        };
+        let tx = self.session.tx.clone();
+        let (from, rcpts) = tx.map(|t| (t.from, t.rcpts)).unwrap_or_default();
+        let smuggling_guard = rx.tainted().then(|| {
+            End::Error("bare line endings in message: session closed (smuggling guard)".into())
+        });
+        if let Some(r) = self.session.data_received(&result, l.max_text_line) {
+            info!(from = %from, rcpts = rcpts.len(), size = rx.received, result = %r.summary(), duration_ms = started.elapsed().as_millis() as u64, "transaction rejected");
+            self.queue(&r);
+            return smuggling_guard;
+        }
+        let body = result.unwrap_or_default();
+        let header = data::received_header(&data::TraceInfo {
+            helo: self.session.helo.as_deref().unwrap_or("unknown"),
+            peer: self.peer,
+            host: &l.hostname,
+            session_id: &self.id,
+            esmtp: self.session.esmtp,
+            tls: self.tls.as_ref().map(|(v, c)| (v.as_str(), c.as_str())),
+            rcpt: if rcpts.len() == 1 {
+                Some(rcpts[0].as_str())
+            } else {
+                None
+            },
+            now: std::time::SystemTime::now(),
+        });
+        let wire = data::stuff(&[header.as_bytes(), &body]);
+        drop(body);
+        let r = match self.backend.as_mut() {
+            Some(b) => b.data(&wire).await,
+            None => Err(BackendError::Failed(
+                "connection lost during transaction".into(),
+            )),
+        };
+        let outcome = self.outcome(r);
+        let r = self.session.delivered(outcome);
+        if r.is_positive() {
+            self.messages += 1;
+        }
+        info!(from = %from, rcpts = rcpts.len(), size = wire.len(), backend = %r.summary(), duration_ms = started.elapsed().as_millis() as u64, "transaction");
+        self.queue(&r);
+        smuggling_guard
+    }
+}

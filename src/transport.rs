@@ -1,0 +1,126 @@
+//! The client connection: plaintext or TLS behind one type, so a session keeps
+//! one value across STARTTLS. TLS handshakes always run under a deadline.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Transient state while the stream is being upgraded; every I/O fails.
+    Detached,
+}
+
+/// What the `Received:` header and the logs say about the TLS layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+    pub sni: Option<String>,
+}
+
+impl ClientStream {
+    pub fn tls_info(&self) -> Option<TlsInfo> {
+        match self {
+            ClientStream::Tls(s) => {
+                let (_, conn) = s.get_ref();
+                Some(TlsInfo {
+                    version: conn
+                        .protocol_version()
+                        .map(|v| match v {
+                            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
+                            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
+                            other => format!("{other:?}"),
+                        })
+                        .unwrap_or_default(),
+                    cipher: conn
+                        .negotiated_cipher_suite()
+                        .map(|c| format!("{:?}", c.suite()))
+                        .unwrap_or_default(),
+                    sni: conn.server_name().map(str::to_string),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ClientStream::Tls(_))
+    }
+
+    /// Runs the server handshake over the plain TCP stream (STARTTLS, or implicit
+    /// TLS right after accept). A deadline bounds a client that says ClientHello
+    /// and then nothing.
+    pub async fn into_tls(
+        self,
+        config: Arc<rustls::ServerConfig>,
+        deadline: Duration,
+    ) -> io::Result<ClientStream> {
+        let tcp = match self {
+            ClientStream::Plain(tcp) => tcp,
+            _ => return Err(io::Error::other("TLS is already active")),
+        };
+        let acceptor = TlsAcceptor::from(config);
+        match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => Ok(ClientStream::Tls(Box::new(tls))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            )),
+        }
+    }
+}
+
+fn detached() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "stream is being upgraded")
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            ClientStream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            ClientStream::Detached => Poll::Ready(Ok(())),
+        }
+    }
+}
