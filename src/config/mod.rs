@@ -368,7 +368,10 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
             }
             seen.insert(l.name.clone(), i);
             let listener = build_listener(s, l, &hostname, &backends, &policies)?;
-            if let Some(other) = listeners.iter().find(|o| o.bind == listener.bind) {
+            if let Some(other) = listeners
+                .iter()
+                .find(|o| o.bind == listener.bind && o.bind.port() != 0)
+            {
                 return Err(s.err(
                     &[&l.name, &l.bind],
                     format!(

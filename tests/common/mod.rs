@@ -1,0 +1,174 @@
+//! Shared helpers for integration and end-to-end tests. Everything binds
+//! 127.0.0.1 and every child process is killed by a Drop guard.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A port that was free a moment ago (for servers we cannot bind to port 0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A self-signed certificate for localhost / 127.0.0.1 in `dir` (cert.pem, key.pem).
+pub fn dev_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    mailgate::tls::write_self_signed(dir, &["localhost", "127.0.0.1"]).unwrap()
+}
+
+/// Loads `yaml` and starts the gateway in-process.
+pub async fn start(yaml: &str) -> mailgate::server::Gateway {
+    let cfg = mailgate::config::load_str("test.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+    mailgate::server::Gateway::start(&cfg).await.unwrap()
+}
+
+/// A rustls client config trusting exactly `ca`.
+pub fn tls_client(ca: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// Kills the child when dropped (also on panic).
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Fails with a clear message when a tool the test needs is missing.
+pub fn require(tool: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
+        "/usr/sbin",
+        "/sbin",
+        "/usr/bin",
+    ]) {
+        let p = Path::new(dir).join(tool);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{tool} is not installed: run `bash .ci/run` (it installs the end-to-end tools) or apt-get install it");
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_port(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nothing listens on 127.0.0.1:{port}");
+}
+
+/// Runs a command with a time limit; returns (status ok, stdout, stderr).
+pub fn run_limited(cmd: &mut Command, limit: Duration) -> (bool, String, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            let mut err = String::new();
+            child.stdout.take().unwrap().read_to_string(&mut out).ok();
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            return (status.success(), out, err);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Postfix's smtp-sink on a free port, dumping each message into `dir`.
+pub struct Sink {
+    pub port: u16,
+    pub dir: PathBuf,
+    _child: Guard,
+}
+
+impl Sink {
+    pub fn start(dir: &Path) -> Sink {
+        let bin = require("smtp-sink");
+        std::fs::create_dir_all(dir).unwrap();
+        // smtp-sink (running as nobody) writes the dump files
+        Command::new("chmod").arg("0777").arg(dir).status().unwrap();
+        let port = free_port();
+        let child = Command::new(bin)
+            .args([
+                "-u",
+                "nobody",
+                "-h",
+                "legacy-sink",
+                "-m",
+                "2048",
+                "-t",
+                "60",
+                "-d",
+            ])
+            .arg(format!("{}/%M.", dir.display()))
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("1024")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let guard = Guard(child);
+        wait_port(port);
+        Sink {
+            port,
+            dir: dir.to_path_buf(),
+            _child: guard,
+        }
+    }
+
+    /// Messages the sink has written so far.
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        let mut files: Vec<_> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    }
+
+    /// Waits briefly for the sink to finish writing `n` files.
+    pub fn wait_count(&self, n: usize) -> usize {
+        for _ in 0..100 {
+            let c = self.messages().len();
+            if c >= n {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.messages().len()
+    }
+}
