@@ -1,0 +1,439 @@
+//! End to end with real software: the `mailgate` binary (run the way the
+//! container's ENTRYPOINT runs it) in front of Postfix's `smtp-sink`, driven by
+//! curl, swaks, Python smtplib and `openssl s_client`. Needs the tools that
+//! `.ci/run` installs; a missing tool fails the test with a clear message.
+
+mod common;
+
+use common::{require, run_limited, Guard, Sink};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Gw {
+    smtp: u16,
+    smtps: u16,
+    plain: u16,
+    ca: PathBuf,
+    config_dir: PathBuf,
+    _child: Guard,
+}
+
+fn write_config(dir: &Path, sink_port: u16) -> (PathBuf, u16, u16, u16) {
+    let (ca, _) = common::dev_cert(dir);
+    let (smtp, smtps, plain) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
+    let cfg = dir.join("conf.d");
+    std::fs::create_dir_all(&cfg).unwrap();
+    // two files, merged: the directory form of --config
+    std::fs::write(
+        cfg.join("10-backends.yaml"),
+        format!("backends:\n  legacy-smtp: {{ address: \"127.0.0.1:{sink_port}\" }}\ntls:\n  certificates: [ {{ cert: ../cert.pem, key: ../key.pem }} ]\nserver: {{ hostname: gw.e2e.test, shutdown_grace: 5s }}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        cfg.join("20-listeners.yaml"),
+        format!(
+            "listeners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:{smtp}\", tls: starttls, require_tls: false, backend: legacy-smtp }}\n  - {{ name: smtps, protocol: smtp, bind: \"127.0.0.1:{smtps}\", tls: implicit, backend: legacy-smtp }}\n  - {{ name: plain, protocol: smtp, bind: \"127.0.0.1:{plain}\", tls: none, backend: legacy-smtp }}\n"
+        ),
+    )
+    .unwrap();
+    (ca, smtp, smtps, plain)
+}
+
+fn start_gateway(dir: &Path, sink_port: u16) -> Gw {
+    let (ca, smtp, smtps, plain) = write_config(dir, sink_port);
+    let child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(dir.join("conf.d"))
+        .stdout(std::fs::File::create(dir.join("mailgate.log")).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let guard = Guard(child);
+    common::wait_port(smtp);
+    common::wait_port(plain);
+    Gw {
+        smtp,
+        smtps,
+        plain,
+        ca,
+        config_dir: dir.join("conf.d"),
+        _child: guard,
+    }
+}
+
+fn eml(dir: &Path, subject: &str) -> PathBuf {
+    let p = dir.join(format!("{subject}.eml"));
+    std::fs::write(&p, format!("From: alice@example.org\r\nTo: bob@example.net\r\nSubject: {subject}\r\n\r\nHello from {subject}.\r\n.leading dot line\r\n")).unwrap();
+    p
+}
+
+/// Acceptance 2: every real client delivers through STARTTLS and implicit TLS;
+/// the sink's count equals the number of 250s the clients saw.
+#[test]
+fn real_clients_deliver_through_tls() {
+    for t in ["curl", "swaks", "python3", "openssl"] {
+        require(t);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(&dir.path().join("sink"));
+    let gw = start_gateway(dir.path(), sink.port);
+    let ca = gw.ca.display().to_string();
+    let mut accepted = 0;
+
+    // curl: STARTTLS required, and smtps://
+    for (url, name) in [
+        (format!("smtp://127.0.0.1:{}", gw.smtp), "curl-starttls"),
+        (format!("smtps://127.0.0.1:{}", gw.smtps), "curl-smtps"),
+    ] {
+        let (ok, out, err) = run_limited(
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "--ssl-reqd",
+                    "--cacert",
+                    &ca,
+                    "--url",
+                    &url,
+                    "--mail-from",
+                    "alice@example.org",
+                    "--mail-rcpt",
+                    "bob@example.net",
+                    "-T",
+                ])
+                .arg(eml(dir.path(), name)),
+            LIMIT,
+        );
+        assert!(ok, "{name}: {out} {err}");
+        accepted += 1;
+    }
+
+    // swaks: --tls (STARTTLS) and --tlsc (implicit), verifying the certificate
+    for (flag, port, name) in [
+        ("--tls", gw.smtp, "swaks-tls"),
+        ("--tlsc", gw.smtps, "swaks-tlsc"),
+    ] {
+        let (ok, out, err) = run_limited(
+            Command::new("swaks").args([
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                flag,
+                "--tls-verify",
+                "--tls-ca-path",
+                &ca,
+                "--tls-sni",
+                "localhost",
+                "--from",
+                "alice@example.org",
+                "--to",
+                "bob@example.net",
+                "--header",
+                &format!("Subject: {name}"),
+                "--body",
+                "hello from swaks",
+            ]),
+            LIMIT,
+        );
+        assert!(ok, "{name}: {out} {err}");
+        assert!(
+            out.contains("<~  250 2.0.0") || out.contains("<~  250 "),
+            "{name}: {out}"
+        );
+        accepted += 1;
+    }
+
+    // Python smtplib: starttls() and SMTP_SSL, certificate verified
+    let py = format!(
+        r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(cafile={ca:?})
+ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+msg = "From: alice@example.org\r\nTo: bob@example.net\r\nSubject: python-%s\r\n\r\nhello\r\n"
+with smtplib.SMTP("localhost", {smtp}, timeout=30) as s:
+    s.starttls(context=ctx)
+    s.ehlo()
+    assert s.sendmail("alice@example.org", ["bob@example.net"], msg % "starttls") == {{}}
+with smtplib.SMTP_SSL("localhost", {smtps}, context=ctx, timeout=30) as s:
+    assert s.sendmail("alice@example.org", ["bob@example.net"], msg % "ssl") == {{}}
+print("python ok")
+"#,
+        smtp = gw.smtp,
+        smtps = gw.smtps
+    );
+    let (ok, out, err) = run_limited(Command::new("python3").arg("-c").arg(&py), LIMIT);
+    assert!(ok && out.contains("python ok"), "{out} {err}");
+    accepted += 2;
+
+    // openssl s_client -starttls smtp, certificate verified, commands from stdin
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{}", gw.smtp),
+            "-starttls",
+            "smtp",
+            "-CAfile",
+            &ca,
+            "-verify_return_error",
+            "-verify_hostname",
+            "localhost",
+            "-quiet",
+            "-nocommands",
+            "-crlf",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"EHLO openssl.test\nMAIL FROM:<alice@example.org>\nRCPT TO:<bob@example.net>\nDATA\nSubject: openssl\n\nhello from s_client\n.\nQUIT\n").unwrap();
+    }
+    let guard = Guard(child);
+    let mut out = String::new();
+    let mut g = guard;
+    let mut so = g.0.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        so.read_to_string(&mut s).ok();
+        s
+    });
+    for _ in 0..600 {
+        if g.0.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(g);
+    out.push_str(&reader.join().unwrap());
+    assert!(out.contains("250 2.0.0 Ok"), "openssl: {out}");
+    assert!(out.contains("221 2.0.0 Bye"), "openssl: {out}");
+    accepted += 1;
+
+    assert_eq!(
+        sink.wait_count(accepted),
+        accepted,
+        "sink count equals the 250s the clients saw"
+    );
+    // every message carries our trace header naming the client and the TLS version
+    for m in sink.messages() {
+        let text = String::from_utf8_lossy(&m);
+        assert!(
+            text.contains("by gw.e2e.test (mailgate) with ESMTPS"),
+            "{text}"
+        );
+        assert!(text.contains("(version=TLSv1."), "{text}");
+        assert!(
+            text.contains("Received: from ") && text.contains("([127.0.0.1])"),
+            "{text}"
+        );
+    }
+    let log = std::fs::read_to_string(dir.path().join("mailgate.log")).unwrap();
+    assert!(
+        log.contains("\"message\":\"transaction\""),
+        "one JSON line per transaction: {log}"
+    );
+}
+
+fn raw_session(port: u16, script: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // greeting
+    let n = s.read(&mut buf).unwrap();
+    out.extend_from_slice(&buf[..n]);
+    s.write_all(script).unwrap();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// Acceptance 4 against a real backend: smtp-sink is lax (it reads bare LF as a
+/// line end), the ideal smuggling target. No variant gets a second message in.
+#[test]
+fn smuggling_variants_against_smtp_sink() {
+    let tsv = std::fs::read_to_string("../shared/testdata/smtp-smuggling/eod-sequences.tsv")
+        .expect("shared smuggling data");
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(&dir.path().join("sink"));
+    let gw = start_gateway(dir.path(), sink.port);
+    let mut n = 0;
+    for line in tsv.lines().skip(1).filter(|l| !l.contains("VALID")) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let v: Vec<u8> = cols[2]
+            .split(' ')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        let mut script =
+            b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n".to_vec();
+        script.extend_from_slice(b"From: a@example.org\r\n\r\nbody");
+        script.extend_from_slice(&v);
+        script.extend_from_slice(b"MAIL FROM:<smuggled@x.example>\r\nRCPT TO:<victim@y.example>\r\nDATA\r\nFrom: smuggled@x.example\r\n\r\nsmuggled\r\n.\r\n");
+        let out = raw_session(gw.plain, &script);
+        let finals: Vec<&str> = out
+            .lines()
+            .skip_while(|l| !l.starts_with("354"))
+            .skip(1)
+            .collect();
+        assert_eq!(finals.len(), 1, "{}: {out}", cols[0]);
+        assert!(
+            finals[0].starts_with("550 5.6.0") || finals[0].starts_with("554 5.6.0"),
+            "{}: {out}",
+            cols[0]
+        );
+        n += 1;
+    }
+    assert_eq!(n, 13);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.messages().len(), 0, "nothing reached the backend");
+}
+
+/// Acceptance 5: backend stopped → 4xx; backend killed while the client is in
+/// DATA → 4xx; never 250.
+#[test]
+fn backend_stopped_or_killed_in_data() {
+    require("smtp-sink");
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(&dir.path().join("sink"));
+    let gw = start_gateway(dir.path(), sink.port);
+    // killed while the client is in the middle of its message
+    let mut s = TcpStream::connect(("127.0.0.1", gw.plain)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut read_reply = |s: &mut TcpStream| -> String {
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    read_reply(&mut s);
+    s.write_all(b"EHLO c\r\n").unwrap();
+    read_reply(&mut s);
+    s.write_all(b"MAIL FROM:<a@example.org>\r\n").unwrap();
+    assert!(read_reply(&mut s).starts_with("250"));
+    s.write_all(b"RCPT TO:<b@example.net>\r\n").unwrap();
+    assert!(read_reply(&mut s).starts_with("250"));
+    s.write_all(b"DATA\r\n").unwrap();
+    assert!(read_reply(&mut s).starts_with("354"));
+    s.write_all(b"Subject: doomed\r\n\r\nfirst half\r\n")
+        .unwrap();
+    drop(sink); // kills smtp-sink
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_all(b"second half\r\n.\r\n").unwrap();
+    let r = read_reply(&mut s);
+    assert!(
+        r.starts_with("451 4.4."),
+        "killed backend mid-DATA must give 4xx: {r}"
+    );
+    // stopped: a new transaction gets 451 4.4.1
+    s.write_all(b"MAIL FROM:<a@example.org>\r\n").unwrap();
+    let r = read_reply(&mut s);
+    assert!(r.starts_with("451 4.4.1"), "{r}");
+}
+
+/// Acceptance 1: `check` names file:line:column; `run` refuses to start.
+#[test]
+fn broken_config_is_located_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink_port = common::free_port();
+    let (_ca, ..) = write_config(dir.path(), sink_port);
+    let conf = dir.path().join("conf.d");
+    let bin = env!("CARGO_BIN_EXE_mailgate");
+    let (ok, out, err) = run_limited(
+        Command::new(bin).args(["check", "--config"]).arg(&conf),
+        LIMIT,
+    );
+    assert!(ok, "{out} {err}");
+    assert!(out.contains("listener mx smtp on 127.0.0.1:"), "{out}");
+    // a typo in a field name
+    std::fs::write(
+        conf.join("30-broken.yaml"),
+        "backends:\n  other: { address: \"127.0.0.1:25\", helo_nmae: x }\n",
+    )
+    .unwrap();
+    let (ok, _out, err) = run_limited(
+        Command::new(bin).args(["check", "--config"]).arg(&conf),
+        LIMIT,
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("30-broken.yaml:2:") && err.contains("helo_nmae"),
+        "{err}"
+    );
+    let (ok, _out, err) = run_limited(
+        Command::new(bin).args(["run", "--config"]).arg(&conf),
+        LIMIT,
+    );
+    assert!(!ok, "run must refuse a broken config");
+    assert!(err.contains("30-broken.yaml:2:"), "{err}");
+    // a reference to a backend that does not exist, in a single file
+    std::fs::remove_file(conf.join("30-broken.yaml")).unwrap();
+    std::fs::write(conf.join("30-broken.yaml"), "listeners:\n  - { name: extra, protocol: smtp, bind: \"127.0.0.1:1\", tls: none, backend: nowhere }\n").unwrap();
+    let (ok, _out, err) = run_limited(
+        Command::new(bin).args(["check", "--config"]).arg(&conf),
+        LIMIT,
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("30-broken.yaml:2:") && err.contains("nowhere"),
+        "{err}"
+    );
+}
+
+/// The container runs `mailgate run --config /etc/mailgate` and probes it with
+/// `mailgate healthcheck`; SIGTERM ends it cleanly.
+#[test]
+fn healthcheck_and_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::start(&dir.path().join("sink"));
+    let gw = start_gateway(dir.path(), sink.port);
+    let bin = env!("CARGO_BIN_EXE_mailgate");
+    let (ok, out, err) = run_limited(
+        Command::new(bin)
+            .args(["healthcheck", "--config"])
+            .arg(&gw.config_dir),
+        LIMIT,
+    );
+    assert!(ok, "{out} {err}");
+    let mut g = gw._child;
+    let pid = g.0.id().to_string();
+    let mut idle = TcpStream::connect(("127.0.0.1", gw.smtp)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let _ = idle.read(&mut buf).unwrap();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let n = idle.read(&mut buf).unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("421 4.3.2"),
+        "idle session told 421"
+    );
+    for _ in 0..100 {
+        if let Some(st) = g.0.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st:?}");
+            let (ok, ..) = run_limited(
+                Command::new(bin)
+                    .args(["healthcheck", "--config"])
+                    .arg(&gw.config_dir),
+                LIMIT,
+            );
+            assert!(!ok, "healthcheck fails once the gateway is gone");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("mailgate did not exit after SIGTERM");
+}
