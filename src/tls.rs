@@ -153,7 +153,7 @@ mod tests {
         let b = write_self_signed(&dir.path().join("b"), &["b.example"]).unwrap();
         let cfg = server_config(&[a.clone(), b.clone()]).unwrap();
         assert!(cfg.ticketer.enabled());
-        let entries = vec![
+        let entries = [
             Entry {
                 key: load_pair(&a.0, &a.1).unwrap(),
             },

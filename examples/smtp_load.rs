@@ -1,0 +1,261 @@
+//! A small SMTP load generator for the side-by-side benchmark (`bench/smtp.sh`).
+//!
+//! ```text
+//! cargo run --release --ignore-rust-version --example smtp_load -- \
+//!     --addr 127.0.0.1:2525 --mode starttls --ca cert.pem -c 20 -n 2000 --size 10240
+//! cargo run ... --example smtp_load -- --addr 127.0.0.1:2525 --mode starttls --ca cert.pem --idle 1000 --hold 10
+//! ```
+//! Modes: `plain`, `starttls`, `implicit`; `--resume` reuses TLS sessions. One new connection per message
+//! (the worst case for a TLS proxy). Prints msgs/s, latency percentiles and
+//! errors; `--idle N` instead opens N sessions (TLS established, EHLO done),
+//! prints `IDLE READY`, holds them for `--hold` seconds and closes them.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+#[derive(Clone)]
+struct Opts {
+    addr: String,
+    mode: String,
+    ca: Option<String>,
+    concurrency: usize,
+    messages: usize,
+    size: usize,
+    idle: usize,
+    hold: u64,
+    resume: bool,
+}
+
+fn parse() -> Opts {
+    let mut o = Opts {
+        addr: "127.0.0.1:2525".into(),
+        mode: "plain".into(),
+        ca: None,
+        concurrency: 20,
+        messages: 1000,
+        size: 10240,
+        idle: 0,
+        hold: 10,
+        resume: false,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--addr" => o.addr = v,
+            "--mode" => o.mode = v,
+            "--ca" => o.ca = Some(v),
+            "-c" | "--concurrency" => o.concurrency = v.parse().expect("-c N"),
+            "-n" | "--messages" => o.messages = v.parse().expect("-n N"),
+            "--size" => o.size = v.parse().expect("--size BYTES"),
+            "--idle" => o.idle = v.parse().expect("--idle N"),
+            "--hold" => o.hold = v.parse().expect("--hold SECONDS"),
+            "--resume" => {
+                o.resume = true;
+                i += 1;
+                continue;
+            }
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    o
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+async fn reply<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> std::io::Result<u16> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 {
+            return Err(std::io::Error::other("closed"));
+        }
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            return line
+                .get(..3)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| std::io::Error::other("bad reply"));
+        }
+    }
+}
+
+async fn expect<S: AsyncRead + Unpin>(r: &mut BufReader<S>, code: u16) -> std::io::Result<()> {
+    let c = reply(r).await?;
+    if c != code {
+        return Err(std::io::Error::other(format!("expected {code}, got {c}")));
+    }
+    Ok(())
+}
+
+/// Without `--resume` every connection is a full handshake (the worst case);
+/// with it, TLS session tickets / IDs are reused as real MTAs do.
+fn connector(ca: &Option<String>, resume: bool) -> Option<tokio_rustls::TlsConnector> {
+    use rustls_pki_types::pem::PemObject;
+    let ca = ca.as_ref()?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).expect("--ca file") {
+        roots.add(c.expect("certificate")).expect("root");
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut cfg = cfg;
+    if !resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    Some(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// Connects and brings the session to "EHLO answered" in the requested mode.
+async fn open(
+    o: &Opts,
+    tls: &Option<tokio_rustls::TlsConnector>,
+) -> std::io::Result<BufReader<Box<dyn Io>>> {
+    let tcp = TcpStream::connect(&o.addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let stream: Box<dyn Io> = match o.mode.as_str() {
+        "implicit" => Box::new(
+            tls.as_ref()
+                .expect("--ca needed")
+                .connect(name, tcp)
+                .await?,
+        ),
+        "starttls" => {
+            let mut r = BufReader::new(tcp);
+            expect(&mut r, 220).await?;
+            r.get_mut()
+                .write_all(b"EHLO load.test\r\nSTARTTLS\r\n")
+                .await?;
+            expect(&mut r, 250).await?;
+            expect(&mut r, 220).await?;
+            let tcp = r.into_inner();
+            let mut s: Box<dyn Io> = Box::new(
+                tls.as_ref()
+                    .expect("--ca needed")
+                    .connect(name, tcp)
+                    .await?,
+            );
+            s.write_all(b"EHLO load.test\r\n").await?;
+            let mut r = BufReader::new(s);
+            expect(&mut r, 250).await?;
+            return Ok(r);
+        }
+        _ => Box::new(tcp),
+    };
+    let mut r = BufReader::new(stream);
+    expect(&mut r, 220).await?;
+    r.get_mut().write_all(b"EHLO load.test\r\n").await?;
+    expect(&mut r, 250).await?;
+    Ok(r)
+}
+
+async fn one_message(
+    o: &Opts,
+    tls: &Option<tokio_rustls::TlsConnector>,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut r = open(o, tls).await?;
+    // PIPELINING: envelope in one write
+    r.get_mut()
+        .write_all(b"MAIL FROM:<load@example.org>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n")
+        .await?;
+    expect(&mut r, 250).await?;
+    expect(&mut r, 250).await?;
+    expect(&mut r, 354).await?;
+    r.get_mut().write_all(body).await?;
+    expect(&mut r, 250).await?;
+    r.get_mut().write_all(b"QUIT\r\n").await?;
+    let _ = reply(&mut r).await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let o = parse();
+    let tls = connector(&o.ca, o.resume);
+    if o.idle > 0 {
+        let mut held = Vec::with_capacity(o.idle);
+        let mut errors = 0;
+        for _ in 0..o.idle {
+            match open(&o, &tls).await {
+                Ok(s) => held.push(s),
+                Err(_) => errors += 1,
+            }
+        }
+        println!("IDLE READY sessions={} errors={errors}", held.len());
+        tokio::time::sleep(Duration::from_secs(o.hold)).await;
+        drop(held);
+        return;
+    }
+    let mut body =
+        b"From: load@example.org\r\nTo: sink@example.net\r\nSubject: load\r\n\r\n".to_vec();
+    while body.len() < o.size {
+        body.extend_from_slice(
+            b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n",
+        );
+    }
+    body.extend_from_slice(b".\r\n");
+    let body = Arc::new(body);
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..o.concurrency {
+        let (o, tls, body, next, errors) = (
+            o.clone(),
+            tls.clone(),
+            body.clone(),
+            next.clone(),
+            errors.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < o.messages {
+                let t = Instant::now();
+                match tokio::time::timeout(Duration::from_secs(30), one_message(&o, &tls, &body))
+                    .await
+                {
+                    Ok(Ok(())) => lat.push(t.elapsed()),
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("worker"));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
+    };
+    println!(
+        "RESULT mode={} ok={} errors={} secs={:.2} msgs_per_s={:.1} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        o.mode,
+        lat.len(),
+        errors.load(Ordering::Relaxed),
+        secs,
+        lat.len() as f64 / secs,
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        lat.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
+    );
+}
