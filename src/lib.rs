@@ -24,6 +24,10 @@
 //!   smtp.rs      SMTP client: greeting, EHLO/HELO, MAIL/RCPT/DATA relay, RSET, QUIT
 //!   pop3.rs      POP3 client: greeting, CAPA, login replay, then a byte pipe
 //!   probe.rs     periodic capability probe (what may be advertised end to end)
+//! policy/      limits per listener: deny/allow lists, rate (governor GCRA), concurrency,
+//!   limits.rs    brute-force windows with known-good networks; state survives reloads
+//!   mod.rs       compile from config, evaluate per stage → `Decision`
+//!   action.rs    accept / tag / tempfail / reject / delay / shadow
 //! server.rs    listeners, connection limits, session spawning, graceful shutdown
 //! demo.rs      the `demo` subcommand: an in-memory legacy backend, clearly labelled
 //! ```
@@ -36,6 +40,7 @@ pub mod backend;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod policy;
 pub mod pop3;
 pub mod server;
 pub mod smtp;

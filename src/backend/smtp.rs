@@ -51,6 +51,22 @@ impl SmtpBackend {
                         Some("8BITMIME") => b.caps.eightbitmime = true,
                         Some("SMTPUTF8") => b.caps.smtputf8 = true,
                         Some("PIPELINING") => b.caps.pipelining = true,
+                        Some(w) if w == "AUTH" || w.starts_with("AUTH=") => {
+                            let first = w
+                                .strip_prefix("AUTH=")
+                                .filter(|m| !m.is_empty())
+                                .map(str::to_string);
+                            for m in first
+                                .into_iter()
+                                .chain(words.map(|m| m.to_ascii_uppercase()))
+                            {
+                                match m.as_str() {
+                                    "PLAIN" => b.caps.auth_plain = true,
+                                    "LOGIN" => b.caps.auth_login = true,
+                                    _ => {}
+                                }
+                            }
+                        }
                         Some("SIZE") => {
                             b.size_ext = true;
                             b.caps.size = words.next().and_then(|n| n.parse().ok());
@@ -140,6 +156,35 @@ impl SmtpBackend {
         }
         self.open_tx = true;
         self.command(&line).await
+    }
+
+    /// Relays credentials in a mechanism the backend offers (PLAIN preferred).
+    /// The final reply is returned as is; 235 means success.
+    pub async fn auth(&mut self, user: &str, password: &str) -> Result<BackendReply, BackendError> {
+        use base64::Engine as _;
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        if self.caps.auth_plain {
+            let mut raw = Vec::with_capacity(user.len() + password.len() + 2);
+            raw.push(0);
+            raw.extend_from_slice(user.as_bytes());
+            raw.push(0);
+            raw.extend_from_slice(password.as_bytes());
+            return self.command(&format!("AUTH PLAIN {}", b64(&raw))).await;
+        }
+        if !self.caps.auth_login {
+            return Err(BackendError::Protocol(
+                "backend offers neither AUTH PLAIN nor LOGIN".into(),
+            ));
+        }
+        let r = self.command("AUTH LOGIN").await?;
+        if r.0 != 334 {
+            return Ok(r);
+        }
+        let r = self.command(&b64(user.as_bytes())).await?;
+        if r.0 != 334 {
+            return Ok(r);
+        }
+        self.command(&b64(password.as_bytes())).await
     }
 
     pub async fn rcpt(&mut self, to: &str) -> Result<BackendReply, BackendError> {

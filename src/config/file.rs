@@ -56,6 +56,14 @@ pub enum BareNewlines {
     Normalize,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    None,
+    Optional,
+    Required,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerFile {
@@ -86,6 +94,8 @@ pub struct ListenerFile {
     pub apop: Option<bool>,
     /// POP3: failed logins per session before the session is closed.
     pub max_login_failures: Option<u32>,
+    /// SMTP: `none` (default), `optional` or `required` AUTH (PLAIN, LOGIN; only over TLS).
+    pub auth: Option<AuthMode>,
     /// POP3 and SMTP AUTH: pause after each failed login.
     pub login_failure_delay: Option<Secs>,
     #[serde(default)]
@@ -129,11 +139,80 @@ pub struct BackendFile {
     pub helo_name: Option<String>,
 }
 
-/// A policy block. The policy engine grows here; for now it holds the
-/// connection deny list, checked before anything else (even before TLS).
+/// A policy block: who may do how much (DESIGN §5). Lists are checked in
+/// this order: `deny` (refused before anything else, even before TLS), `allow`
+/// (skips the limits it names, or all), then `limits` in file order.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     #[serde(default)]
     pub deny: Vec<Cidr>,
+    #[serde(default)]
+    pub allow: Vec<AllowFile>,
+    #[serde(default)]
+    pub limits: Vec<LimitFile>,
+    /// Keys tracked per rule before new keys share one overflow bucket.
+    pub max_tracked_keys: Option<usize>,
+    /// How long a successful login keeps (user, network) "known good", exempt
+    /// from per-user lockouts.
+    pub known_good: Option<Secs>,
+}
+
+/// `"10.0.0.0/8"` (skip every limit) or `{ networks: [...], skip: [rule names] }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum AllowFile {
+    Network(Cidr),
+    Entry(AllowEntryFile),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowEntryFile {
+    pub networks: Vec<Cidr>,
+    /// Names of the limits skipped; empty or absent = all.
+    #[serde(default)]
+    pub skip: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPart {
+    Ip,
+    IpPrefix,
+    Helo,
+    Sender,
+    SenderDomain,
+    Rcpt,
+    RcptDomain,
+    AuthUser,
+    Listener,
+}
+
+/// One limit rule. Exactly one of the counting fields is set.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitFile {
+    /// Used in logs, metrics and `allow.skip` (default `rule-N`, N from 1).
+    pub name: Option<String>,
+    pub key: Vec<KeyPart>,
+    /// Events at the stage where the key is known ("20/minute", "5/15minutes").
+    pub rate: Option<String>,
+    pub burst: Option<u32>,
+    /// Simultaneous sessions.
+    pub concurrent: Option<u32>,
+    /// Messages (counted at MAIL).
+    pub messages: Option<String>,
+    /// Recipients (counted at each RCPT).
+    pub recipients: Option<String>,
+    /// Failed logins (SMTP AUTH, POP3 USER/PASS/AUTH/APOP) before login attempts are refused.
+    pub auth_failures: Option<String>,
+    /// Recipients in one message.
+    pub recipients_per_message: Option<u32>,
+    pub prefix_v4: Option<u8>,
+    pub prefix_v6: Option<u8>,
+    /// Default `tempfail`.
+    pub action: Option<crate::policy::action::Action>,
+    /// Longest tarpit for `action: delay` (default 5s).
+    pub max_delay: Option<Secs>,
 }

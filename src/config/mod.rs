@@ -10,15 +10,15 @@
 pub mod file;
 pub mod units;
 
-pub use file::{BareNewlines, Protocol, TlsMode};
-use file::{FileConfig, ListenerFile};
+use crate::policy::{self, AllowSpec, Kind, PolicySpec, RuleSpec};
+use file::{AllowFile, FileConfig, ListenerFile, PolicyFile};
+pub use file::{AuthMode, BareNewlines, Protocol, TlsMode};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use units::Cidr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -45,6 +45,7 @@ pub struct Config {
     /// (cert, key) PEM paths, resolved against the naming file's directory. First = default.
     pub certificates: Vec<(PathBuf, PathBuf)>,
     pub backends: BTreeMap<String, Arc<Backend>>,
+    pub policies: BTreeMap<String, Arc<PolicySpec>>,
     pub shutdown_grace: Duration,
     pub sources: Vec<PathBuf>,
 }
@@ -77,8 +78,8 @@ pub struct Listener {
     pub tls: TlsMode,
     pub require_tls: bool,
     pub backend: Arc<Backend>,
-    pub policy: Option<String>,
-    pub deny: Vec<Cidr>,
+    pub policy: Option<Arc<PolicySpec>>,
+    pub auth: AuthMode,
     pub hostname: String,
     pub max_connections: usize,
     pub max_message_size: u64,
@@ -292,7 +293,7 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
 
     // backends and policies: names unique across files
     let mut backends: BTreeMap<String, (Arc<Backend>, usize)> = BTreeMap::new();
-    let mut policies: BTreeMap<String, (Vec<Cidr>, usize)> = BTreeMap::new();
+    let mut policies: BTreeMap<String, (Arc<PolicySpec>, usize)> = BTreeMap::new();
     let mut certificates = Vec::new();
     for (i, s) in sources.iter().enumerate() {
         for (name, b) in &s.parsed.backends {
@@ -343,7 +344,7 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
                     ),
                 ));
             }
-            policies.insert(name.clone(), (p.deny.clone(), i));
+            policies.insert(name.clone(), (Arc::new(build_policy(s, name, p)?), i));
         }
         if let Some(tls) = &s.parsed.tls {
             for c in &tls.certificates {
@@ -400,8 +401,174 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
         listeners,
         certificates,
         backends: backends.into_iter().map(|(k, v)| (k, v.0)).collect(),
+        policies: policies.into_iter().map(|(k, v)| (k, v.0)).collect(),
         shutdown_grace: grace,
         sources: sources.iter().map(|s| s.path.clone()).collect(),
+    })
+}
+
+fn build_policy(s: &Source, name: &str, p: &PolicyFile) -> Result<PolicySpec, ConfigError> {
+    let mut rules: Vec<RuleSpec> = Vec::new();
+    for (i, r) in p.limits.iter().enumerate() {
+        let rname = r.name.clone().unwrap_or_else(|| format!("rule-{}", i + 1));
+        let at = |msg: String| {
+            s.err_key(
+                "policies",
+                name,
+                format!("policies.{name}.limits[{}] ({rname}): {msg}", i + 1),
+            )
+        };
+        let at_field = |field: &str, msg: String| {
+            let e = s.err(
+                &["policies", name, "limits", field],
+                format!("policies.{name}.limits[{}] ({rname}).{field}: {msg}", i + 1),
+            );
+            e
+        };
+        if rules.iter().any(|o| o.name == rname) {
+            return Err(at(format!("rule name {rname:?} is used twice")));
+        }
+        if r.key.is_empty() {
+            return Err(at_field("key", "must name at least one of ip, ip_prefix, helo, sender, sender_domain, rcpt, rcpt_domain, auth_user, listener".into()));
+        }
+        let burst_of = |count: u32| r.burst.unwrap_or(count);
+        let rate = |field: &str, v: &str| policy::parse_rate(v).map_err(|e| at_field(field, e));
+        let mut kinds = Vec::new();
+        if let Some(v) = &r.rate {
+            let (count, period) = rate("rate", v)?;
+            kinds.push(Kind::Rate {
+                count,
+                period,
+                burst: burst_of(count),
+            });
+        }
+        if let Some(n) = r.concurrent {
+            kinds.push(Kind::Concurrent(n));
+        }
+        if let Some(v) = &r.messages {
+            let (count, period) = rate("messages", v)?;
+            kinds.push(Kind::Messages {
+                count,
+                period,
+                burst: burst_of(count),
+            });
+        }
+        if let Some(v) = &r.recipients {
+            let (count, period) = rate("recipients", v)?;
+            kinds.push(Kind::Recipients {
+                count,
+                period,
+                burst: burst_of(count),
+            });
+        }
+        if let Some(v) = &r.auth_failures {
+            let (count, window) = rate("auth_failures", v)?;
+            kinds.push(Kind::AuthFailures { count, window });
+        }
+        if let Some(n) = r.recipients_per_message {
+            kinds.push(Kind::RecipientsPerMessage(n));
+        }
+        if kinds.len() != 1 {
+            return Err(at("set exactly one of rate, concurrent, messages, recipients, auth_failures, recipients_per_message".into()));
+        }
+        let kind = kinds.remove(0);
+        if r.burst == Some(0) {
+            return Err(at_field("burst", "must be at least 1".into()));
+        }
+        if matches!(kind, Kind::Concurrent(0) | Kind::RecipientsPerMessage(0)) {
+            return Err(at("the limit must be at least 1".into()));
+        }
+        use file::KeyPart as K;
+        let allowed: &[K] = match kind {
+            Kind::Concurrent(_) => &[K::Ip, K::IpPrefix, K::Listener],
+            Kind::AuthFailures { .. } => &[K::Ip, K::IpPrefix, K::AuthUser, K::Listener],
+            Kind::Messages { .. } => &[
+                K::Ip,
+                K::IpPrefix,
+                K::Listener,
+                K::Helo,
+                K::AuthUser,
+                K::Sender,
+                K::SenderDomain,
+            ],
+            _ => &[
+                K::Ip,
+                K::IpPrefix,
+                K::Listener,
+                K::Helo,
+                K::AuthUser,
+                K::Sender,
+                K::SenderDomain,
+                K::Rcpt,
+                K::RcptDomain,
+            ],
+        };
+        if let Some(k) = r.key.iter().find(|k| !allowed.contains(k)) {
+            return Err(at_field(
+                "key",
+                format!("{} is not known where this limit is counted", k.as_str()),
+            ));
+        }
+        let prefix_v4 = r.prefix_v4.unwrap_or(24);
+        let prefix_v6 = r.prefix_v6.unwrap_or(56);
+        if prefix_v4 > 32 || prefix_v6 > 128 {
+            return Err(at("prefix_v4 must be ≤ 32 and prefix_v6 ≤ 128".into()));
+        }
+        let action = r.action.unwrap_or(policy::action::Action::Tempfail);
+        if matches!(
+            action,
+            policy::action::Action::Accept | policy::action::Action::Tag
+        ) {
+            return Err(at_field(
+                "action",
+                "a limit's action is tempfail, reject, delay or shadow".into(),
+            ));
+        }
+        rules.push(RuleSpec {
+            name: rname,
+            key: r.key.clone(),
+            kind,
+            action,
+            prefix_v4,
+            prefix_v6,
+            max_delay: r
+                .max_delay
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(5))
+                .min(Duration::from_secs(60)),
+        });
+    }
+    let mut allow = Vec::new();
+    for a in &p.allow {
+        allow.push(match a {
+            AllowFile::Network(n) => AllowSpec {
+                networks: vec![*n],
+                skip: vec![],
+            },
+            AllowFile::Entry(e) => {
+                if let Some(bad) = e.skip.iter().find(|n| !rules.iter().any(|r| &r.name == *n)) {
+                    return Err(s.err(
+                        &["policies", name, "allow", bad],
+                        format!("policies.{name}.allow: no limit named {bad:?}"),
+                    ));
+                }
+                AllowSpec {
+                    networks: e.networks.clone(),
+                    skip: e.skip.clone(),
+                }
+            }
+        });
+    }
+    Ok(PolicySpec {
+        name: name.to_string(),
+        deny: p.deny.clone(),
+        allow,
+        rules,
+        max_tracked_keys: p.max_tracked_keys.unwrap_or(100_000).clamp(16, 10_000_000),
+        known_good: p
+            .known_good
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(30 * 86_400)),
     })
 }
 
@@ -410,7 +577,7 @@ fn build_listener(
     l: &ListenerFile,
     hostname: &str,
     backends: &BTreeMap<String, (Arc<Backend>, usize)>,
-    policies: &BTreeMap<String, (Vec<Cidr>, usize)>,
+    policies: &BTreeMap<String, (Arc<PolicySpec>, usize)>,
 ) -> Result<Listener, ConfigError> {
     let name = &l.name;
     if name.is_empty()
@@ -444,15 +611,20 @@ fn build_listener(
                 ),
             )
         })?;
-    let deny = match &l.policy {
-        None => Vec::new(),
-        Some(p) => policies.get(p).map(|p| p.0.clone()).ok_or_else(|| {
+    let policy = match &l.policy {
+        None => None,
+        Some(p) => Some(policies.get(p).map(|p| p.0.clone()).ok_or_else(|| {
             s.err(
                 &[name, p],
                 format!("listeners.{name}.policy {p:?} is not defined under policies:"),
             )
-        })?,
+        })?),
     };
+    let auth = l.auth.unwrap_or(AuthMode::None);
+    if auth != AuthMode::None && (l.protocol != Protocol::Smtp || l.tls == TlsMode::None) {
+        return Err(s.err(&[name, "auth"], format!(
+            "listeners.{name}.auth applies to smtp listeners with tls: starttls or implicit (credentials only over TLS)")));
+    }
     if let Some(h) = &l.hostname {
         if !valid_hostname(h) {
             return Err(s.err(
@@ -507,8 +679,8 @@ fn build_listener(
         tls: l.tls,
         require_tls,
         backend,
-        policy: l.policy.clone(),
-        deny,
+        policy,
+        auth,
         hostname: l.hostname.clone().unwrap_or_else(|| hostname.to_string()),
         max_connections: checked(l.max_connections, 1000, 1, 1_000_000, "max_connections")?,
         max_message_size,
@@ -570,7 +742,7 @@ impl Config {
                 out,
                 "listener {} {} on {} tls={} require_tls={} -> backend {} ({}) policy={} max_connections={}",
                 l.name, proto, l.bind, tls, l.require_tls, l.backend.name, l.backend.address,
-                l.policy.as_deref().unwrap_or("-"), l.max_connections
+                l.policy.as_ref().map(|p| p.name.as_str()).unwrap_or("-"), l.max_connections
             );
             if l.protocol == Protocol::Smtp {
                 let _ = writeln!(
@@ -585,9 +757,13 @@ impl Config {
                     l.apop, l.max_login_failures, l.login_failure_delay
                 );
             }
-            if !l.deny.is_empty() {
-                let nets: Vec<String> = l.deny.iter().map(|c| c.to_string()).collect();
-                let _ = writeln!(out, "  deny {}", nets.join(", "));
+            if let Some(p) = &l.policy {
+                let _ = writeln!(out, "  policy {} (evaluation order):", p.name);
+                let d = p.describe();
+                if d.is_empty() {
+                    let _ = writeln!(out, "    (no rules)");
+                }
+                out.push_str(&d);
             }
         }
         for (cert, key) in &self.certificates {
@@ -626,7 +802,7 @@ policies:
         assert!(c.listeners[1].require_tls, "implicit TLS always is TLS");
         assert_eq!(c.listeners[0].backend.address, "127.0.0.1:10025");
         assert_eq!(c.listeners[0].max_command_line, 512);
-        assert_eq!(c.listeners[0].deny.len(), 1);
+        assert_eq!(c.listeners[0].policy.as_ref().unwrap().deny.len(), 1);
         assert_eq!(c.certificates[0].0, PathBuf::from("certs/dev.pem"));
     }
 

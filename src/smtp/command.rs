@@ -12,8 +12,13 @@
 pub enum Command {
     Ehlo(String),
     Helo(String),
-    Mail { from: String, params: MailParams },
-    Rcpt { to: String },
+    Mail {
+        from: String,
+        params: MailParams,
+    },
+    Rcpt {
+        to: String,
+    },
     Data,
     Bdat,
     Rset,
@@ -23,7 +28,20 @@ pub enum Command {
     Vrfy,
     Expn,
     Help,
-    Auth,
+    Auth {
+        mechanism: String,
+        initial: Option<Secret>,
+    },
+}
+
+/// A value that must never reach a log (AUTH payloads): its Debug is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl Command {
@@ -43,7 +61,7 @@ impl Command {
             Command::Vrfy => "VRFY",
             Command::Expn => "EXPN",
             Command::Help => "HELP",
-            Command::Auth => "AUTH",
+            Command::Auth { .. } => "AUTH",
         }
     }
 }
@@ -116,7 +134,18 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
         "STARTTLS" => no_args(Command::StartTls),
         "VRFY" => Ok(Command::Vrfy),
         "EXPN" => Ok(Command::Expn),
-        "AUTH" => Ok(Command::Auth),
+        "AUTH" => {
+            let mut words = rest.split(' ').filter(|w| !w.is_empty());
+            let mechanism = words
+                .next()
+                .ok_or(ParseError::Syntax("AUTH needs a mechanism"))?
+                .to_ascii_uppercase();
+            let initial = words.next().map(|w| Secret(w.to_string()));
+            if words.next().is_some() {
+                return Err(ParseError::Syntax("too many AUTH arguments"));
+            }
+            Ok(Command::Auth { mechanism, initial })
+        }
         _ => Err(ParseError::Unknown),
     }
 }
@@ -314,6 +343,25 @@ mod tests {
         assert_eq!(ok("QUIT"), Command::Quit);
         assert_eq!(ok("StartTLS"), Command::StartTls);
         assert_eq!(ok("VRFY root"), Command::Vrfy);
+        assert_eq!(
+            ok("auth plain AGEAYg=="),
+            Command::Auth {
+                mechanism: "PLAIN".into(),
+                initial: Some(Secret("AGEAYg==".into()))
+            }
+        );
+        assert_eq!(
+            ok("AUTH LOGIN"),
+            Command::Auth {
+                mechanism: "LOGIN".into(),
+                initial: None
+            }
+        );
+        assert!(matches!(bad("AUTH"), ParseError::Syntax(_)));
+        assert_eq!(
+            format!("{:?}", ok("AUTH PLAIN c2VjcmV0")),
+            "Auth { mechanism: \"PLAIN\", initial: Some(<redacted>) }"
+        );
         assert_eq!(bad("FOO"), ParseError::Unknown);
         assert_eq!(bad(""), ParseError::Unknown);
         assert!(matches!(bad("EHLO"), ParseError::Syntax(_)));

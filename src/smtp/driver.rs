@@ -11,6 +11,8 @@ use crate::backend::smtp::SmtpBackend;
 use crate::backend::BackendError;
 use crate::codec::{CodecError, Conn};
 use crate::config::TlsMode;
+use crate::policy::action::Action as PolicyAction;
+use crate::policy::{Decision, Facts, Stage};
 use crate::server::SessionCtx;
 use crate::transport::ClientStream;
 use std::net::SocketAddr;
@@ -74,6 +76,7 @@ impl Driver {
             max_message_size: l.max_message_size,
             max_recipients: l.max_recipients,
             max_errors: l.max_errors,
+            auth: l.auth,
         };
         let mut d = Driver {
             conn: Conn::new(stream),
@@ -126,7 +129,12 @@ impl Driver {
     /// idle between commands) and the session lifetime.
     async fn next_line(&mut self) -> Result<Result<bytes::BytesMut, CodecError>, End> {
         let l = &self.ctx.listener;
-        let max = l.max_command_line;
+        // AUTH responses may be longer than commands (RFC 4954 §4: 12288)
+        let max = if self.session.awaiting_auth_line() {
+            l.max_command_line.max(12288)
+        } else {
+            l.max_command_line
+        };
         let now = tokio::time::Instant::now();
         if now >= self.deadline {
             self.queue(&reply::session_too_long());
@@ -168,11 +176,27 @@ impl Driver {
                 Err(end) => return end,
             };
             let action = match line {
+                Ok(line) if self.session.awaiting_auth_line() => self.session.auth_line(&line),
                 Ok(line) => {
                     let cmd = command::parse(&line);
                     if let Ok(c) = &cmd {
                         // the verb only: never arguments (AUTH payloads)
                         debug!(command = c.verb(), "command");
+                    }
+                    if let Ok(command::Command::Ehlo(h) | command::Command::Helo(h)) = &cmd {
+                        let mut f = self.facts();
+                        f.helo = Some(h);
+                        match self.policy(Stage::Helo, &f).await {
+                            None => {}
+                            Some(PolicyAction::Reject) => {
+                                self.queue(&reply::policy_reject());
+                                continue;
+                            }
+                            Some(_) => {
+                                self.queue(&reply::helo_policy_tempfail());
+                                return End::Error("HELO rate limit".into());
+                            }
+                        }
                     }
                     self.session.command(cmd)
                 }
@@ -209,12 +233,37 @@ impl Driver {
                 return self.start_tls().await;
             }
             Action::Relay(op) => {
+                let mut f = self.facts();
+                let stage = match &op {
+                    BackendOp::Mail { from, .. } => {
+                        f.sender = Some(from);
+                        Stage::Mail
+                    }
+                    BackendOp::Rcpt { to } => {
+                        f.rcpt = Some(to);
+                        Stage::Rcpt
+                    }
+                };
+                match self.policy(stage, &f).await {
+                    None => {}
+                    Some(PolicyAction::Reject) => {
+                        self.queue(&reply::policy_reject());
+                        return None;
+                    }
+                    Some(_) => {
+                        self.queue(&reply::policy_tempfail());
+                        return None;
+                    }
+                }
                 let outcome = self.relay(&op).await;
                 match self.session.relayed(op, outcome) {
                     Action::Reply(r) => self.queue(&r),
                     other => return Box::pin(self.act(other)).await,
                 }
+                return self.lost_authenticated_backend();
             }
+            Action::AuthChallenge(r) => self.queue(&r),
+            Action::Authenticate(creds) => return self.authenticate(creds).await,
             Action::ReadData(r) => {
                 self.queue(&r);
                 if let Err(e) = self.flush().await {
@@ -223,6 +272,86 @@ impl Driver {
                 return self.data().await;
             }
         }
+        None
+    }
+
+    /// What the policy rules see of this session.
+    fn facts(&self) -> Facts<'_> {
+        let mut f = Facts::new(self.peer.ip(), &self.ctx.listener.name);
+        f.helo = self.session.helo.as_deref();
+        f.auth_user = self.session.auth_user.as_deref();
+        if let Some(tx) = &self.session.tx {
+            f.sender = Some(&tx.from);
+            f.rcpts_in_message = tx.rcpts.len();
+        }
+        f
+    }
+
+    /// Runs the policy's rules for `stage`; `Some(action)` refuses the command.
+    async fn policy(&self, stage: Stage, f: &Facts<'_>) -> Option<PolicyAction> {
+        let p = self.ctx.policy.as_ref()?;
+        match p.check(stage, f) {
+            Decision::Continue => None,
+            Decision::Delay(d) => {
+                tokio::time::sleep(d).await;
+                None
+            }
+            Decision::Refuse { action, .. } => Some(action),
+        }
+    }
+
+    /// An authenticated session cannot continue on a new, unauthenticated
+    /// backend connection (we keep no passwords): close it after the reply.
+    fn lost_authenticated_backend(&mut self) -> Option<End> {
+        if self.session.auth_user.is_some() && self.backend.is_none() {
+            self.queue(&reply::backend_lost_closing());
+            return Some(End::Error(
+                "backend lost in an authenticated session".into(),
+            ));
+        }
+        None
+    }
+
+    async fn authenticate(&mut self, creds: super::session::Credentials) -> Option<End> {
+        let l = self.ctx.listener.clone();
+        let mut f = self.facts();
+        f.auth_user = Some(&creds.user);
+        if let Some(p) = self.ctx.policy.clone() {
+            match p.login_allowed(&f) {
+                Decision::Continue => {}
+                Decision::Delay(d) => tokio::time::sleep(d).await,
+                Decision::Refuse { action, rule } => {
+                    info!(user = %creds.user, rule = %rule, "login refused by policy");
+                    self.queue(&if action == PolicyAction::Reject {
+                        reply::auth_failed()
+                    } else {
+                        reply::auth_locked()
+                    });
+                    return None;
+                }
+            }
+        }
+        let r = match self.backend().await {
+            Ok(b) => b.auth(&creds.user, &creds.password.0).await,
+            Err(e) => Err(e),
+        };
+        let outcome = self.outcome(r);
+        let r = self.session.auth_result(&creds.user, outcome);
+        let mut f = self.facts();
+        f.auth_user = Some(&creds.user);
+        info!(user = %creds.user, result = r.code, "auth");
+        if let Some(p) = &self.ctx.policy {
+            match r.code {
+                235 => p.login_succeeded(&f),
+                535 => p.login_failed(&f),
+                _ => {}
+            }
+        }
+        if r.code == 535 {
+            // slow down guessing within one session
+            tokio::time::sleep(l.login_failure_delay).await;
+        }
+        self.queue(&r);
         None
     }
 
@@ -359,6 +488,6 @@ impl Driver {
         }
         info!(from = %from, rcpts = rcpts.len(), size = wire.len(), backend = %r.summary(), duration_ms = started.elapsed().as_millis() as u64, "transaction");
         self.queue(&r);
-        smuggling_guard
+        smuggling_guard.or_else(|| self.lost_authenticated_backend())
     }
 }

@@ -254,6 +254,58 @@ pub fn too_many_connections() -> Reply {
 pub fn denied() -> Reply {
     Reply::new(554, "5.7.1 Access denied")
 }
+pub fn policy_tempfail() -> Reply {
+    Reply::new(451, "4.7.1 Rate limit exceeded, try again later")
+}
+pub fn policy_reject() -> Reply {
+    Reply::new(550, "5.7.1 Refused by local policy")
+}
+pub fn helo_policy_tempfail() -> Reply {
+    Reply::new(421, "4.7.0 Rate limit exceeded, closing connection")
+}
+pub fn auth_challenge(text: &'static str) -> Reply {
+    Reply::new(334, text)
+}
+pub fn auth_ok() -> Reply {
+    Reply::new(235, "2.7.0 Authentication successful")
+}
+/// The same reply for a wrong password and an unknown user.
+pub fn auth_failed() -> Reply {
+    Reply::new(535, "5.7.8 Authentication credentials invalid")
+}
+pub fn auth_temporary() -> Reply {
+    Reply::new(
+        454,
+        "4.7.0 Temporary authentication failure, try again later",
+    )
+}
+pub fn auth_locked() -> Reply {
+    Reply::new(
+        454,
+        "4.7.0 Too many failed authentication attempts, try again later",
+    )
+}
+pub fn auth_cancelled() -> Reply {
+    Reply::new(501, "5.0.0 Authentication cancelled")
+}
+pub fn auth_bad_base64() -> Reply {
+    Reply::new(501, "5.5.2 Cannot decode the response")
+}
+pub fn auth_mechanism() -> Reply {
+    Reply::new(504, "5.5.4 Unrecognized authentication type")
+}
+pub fn auth_required() -> Reply {
+    Reply::new(530, "5.7.0 Authentication required")
+}
+pub fn already_authenticated() -> Reply {
+    Reply::new(503, "5.5.1 Already authenticated")
+}
+pub fn backend_lost_closing() -> Reply {
+    Reply::new(
+        421,
+        "4.4.2 Connection to mail server lost, closing connection",
+    )
+}
 pub fn session_too_long() -> Reply {
     Reply::new(421, "4.4.2 Session time limit exceeded, closing connection")
 }

@@ -3,9 +3,11 @@
 //! [`Action`]. It never awaits and owns no sockets, so every rule below is
 //! unit-tested with plain values.
 
-use super::command::{Body, Command, MailParams, ParseError};
+use super::command::{Body, Command, MailParams, ParseError, Secret};
 use super::data::Violation;
 use super::reply::{self, Reply, Stage};
+use crate::config::AuthMode;
+use base64::Engine as _;
 
 /// What the backend can carry end to end (from its EHLO), which bounds what
 /// we advertise and pass on.
@@ -14,6 +16,9 @@ pub struct BackendCaps {
     pub eightbitmime: bool,
     pub smtputf8: bool,
     pub pipelining: bool,
+    /// AUTH mechanisms the backend offers (credentials are relayed in one of them).
+    pub auth_plain: bool,
+    pub auth_login: bool,
     /// The backend's SIZE limit, if it announced one (0 = no limit).
     pub size: Option<u64>,
 }
@@ -27,6 +32,32 @@ pub struct Settings {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_errors: u32,
+    pub auth: AuthMode,
+}
+
+/// Login data from AUTH PLAIN or LOGIN. Never logged: Debug shows the user only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: Secret,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Credentials {{ user: {:?}, password: <redacted> }}",
+            self.user
+        )
+    }
+}
+
+/// Where an AUTH exchange waits for the client's next line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AuthWait {
+    Plain,
+    LoginUser,
+    LoginPassword(String),
 }
 
 /// A backend operation the driver must perform, then report with `relayed`.
@@ -60,6 +91,10 @@ pub enum Action {
     Relay(BackendOp),
     /// Reply 354 and read the message, then call `data_received`.
     ReadData(Reply),
+    /// Reply 334 and read one raw line (an AUTH response), then call `auth_line`.
+    AuthChallenge(Reply),
+    /// Check the login policy, relay the credentials, then call `auth_result`.
+    Authenticate(Credentials),
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +112,8 @@ pub struct Session {
     pub helo: Option<String>,
     pub esmtp: bool,
     pub tx: Option<Transaction>,
+    pub auth_user: Option<String>,
+    auth_wait: Option<AuthWait>,
     errors: u32,
 }
 
@@ -89,6 +126,8 @@ impl Session {
             helo: None,
             esmtp: false,
             tx: None,
+            auth_user: None,
+            auth_wait: None,
             errors: 0,
         }
     }
@@ -158,6 +197,9 @@ impl Session {
                 if self.settings.require_tls && !self.tls {
                     return self.error(reply::tls_required());
                 }
+                if self.settings.auth == AuthMode::Required && self.auth_user.is_none() {
+                    return self.error(reply::auth_required());
+                }
                 if self.tx.is_some() {
                     return self.error(reply::nested_mail());
                 }
@@ -208,13 +250,7 @@ impl Session {
             Command::Help => Action::Reply(reply::help()),
             Command::Vrfy => Action::Reply(reply::vrfy_disabled()),
             Command::Expn => Action::Reply(reply::expn_disabled()),
-            Command::Auth => {
-                if self.settings.require_tls && !self.tls {
-                    self.error(reply::tls_required())
-                } else {
-                    self.error(reply::auth_unavailable())
-                }
-            }
+            Command::Auth { mechanism, initial } => self.auth(&mechanism, initial),
             Command::Bdat => self.error(reply::bdat_unavailable()),
         }
     }
@@ -231,10 +267,143 @@ impl Session {
             e.push("SMTPUTF8".into());
         }
         e.push("ENHANCEDSTATUSCODES".into());
+        if self.auth_offered() {
+            e.push("AUTH PLAIN LOGIN".into());
+        }
         if self.settings.starttls && !self.tls {
             e.push("STARTTLS".into());
         }
         e
+    }
+
+    /// AUTH is offered only over TLS, on listeners configured for it, and only
+    /// when the backend has a mechanism to relay the credentials in.
+    fn auth_offered(&self) -> bool {
+        self.settings.auth != AuthMode::None
+            && self.tls
+            && (self.caps.auth_plain || self.caps.auth_login)
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<Secret>) -> Action {
+        if self.settings.auth == AuthMode::None {
+            return if self.settings.require_tls && !self.tls {
+                self.error(reply::tls_required())
+            } else {
+                self.error(reply::auth_unavailable())
+            };
+        }
+        if !self.tls {
+            return self.error(reply::tls_required());
+        }
+        if self.helo.is_none() {
+            return self.error(reply::need_helo());
+        }
+        if self.auth_user.is_some() {
+            return self.error(reply::already_authenticated());
+        }
+        if self.tx.is_some() {
+            return self.error(reply::nested_mail());
+        }
+        if !self.auth_offered() {
+            return Action::Reply(reply::auth_temporary());
+        }
+        match (mechanism, initial) {
+            ("PLAIN", None) => {
+                self.auth_wait = Some(AuthWait::Plain);
+                Action::AuthChallenge(reply::auth_challenge(""))
+            }
+            // RFC 4954 §4: "=" is an empty initial response
+            ("PLAIN", Some(ir)) => self.plain(if ir.0 == "=" { "" } else { &ir.0 }),
+            ("LOGIN", None) => {
+                self.auth_wait = Some(AuthWait::LoginUser);
+                Action::AuthChallenge(reply::auth_challenge("VXNlcm5hbWU6"))
+            }
+            ("LOGIN", Some(ir)) => match decode(&ir.0) {
+                Some(user) => {
+                    self.auth_wait = Some(AuthWait::LoginPassword(user));
+                    Action::AuthChallenge(reply::auth_challenge("UGFzc3dvcmQ6"))
+                }
+                None => self.error(reply::auth_bad_base64()),
+            },
+            _ => self.error(reply::auth_mechanism()),
+        }
+    }
+
+    fn plain(&mut self, b64: &str) -> Action {
+        let Some(raw) = decode_bytes(b64) else {
+            return self.error(reply::auth_bad_base64());
+        };
+        let mut parts = raw.split(|b| *b == 0);
+        let (Some(authz), Some(user), Some(pass), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return self.error(reply::auth_bad_base64());
+        };
+        let (Ok(authz), Ok(user), Ok(pass)) = (
+            std::str::from_utf8(authz),
+            std::str::from_utf8(user),
+            std::str::from_utf8(pass),
+        ) else {
+            return self.error(reply::auth_bad_base64());
+        };
+        // acting for someone else (authzid) is not relayed
+        if user.is_empty() || (!authz.is_empty() && authz != user) {
+            return Action::Reply(reply::auth_failed());
+        }
+        Action::Authenticate(Credentials {
+            user: user.to_string(),
+            password: Secret(pass.to_string()),
+        })
+    }
+
+    /// Whether the next line is an AUTH response, not a command.
+    pub fn awaiting_auth_line(&self) -> bool {
+        self.auth_wait.is_some()
+    }
+
+    /// One AUTH response line (after a 334).
+    pub fn auth_line(&mut self, line: &[u8]) -> Action {
+        let Some(wait) = self.auth_wait.take() else {
+            return self.error(reply::unknown_command());
+        };
+        let Ok(text) = std::str::from_utf8(line) else {
+            return self.error(reply::auth_bad_base64());
+        };
+        let text = text.trim();
+        if text == "*" {
+            return Action::Reply(reply::auth_cancelled());
+        }
+        match wait {
+            AuthWait::Plain => self.plain(text),
+            AuthWait::LoginUser => match decode(text) {
+                Some(user) => {
+                    self.auth_wait = Some(AuthWait::LoginPassword(user));
+                    Action::AuthChallenge(reply::auth_challenge("UGFzc3dvcmQ6"))
+                }
+                None => self.error(reply::auth_bad_base64()),
+            },
+            AuthWait::LoginPassword(user) => match decode(text) {
+                Some(pass) if !user.is_empty() => Action::Authenticate(Credentials {
+                    user,
+                    password: Secret(pass),
+                }),
+                Some(_) => Action::Reply(reply::auth_failed()),
+                None => self.error(reply::auth_bad_base64()),
+            },
+        }
+    }
+
+    /// The backend's answer to the relayed credentials. Failures look the same
+    /// whatever the reason (no hint whether the user exists).
+    pub fn auth_result(&mut self, user: &str, outcome: Outcome) -> Reply {
+        match outcome {
+            Outcome::Reply(235, _) => {
+                self.auth_user = Some(user.to_string());
+                reply::auth_ok()
+            }
+            Outcome::Reply(code, _) if code / 100 == 5 => reply::auth_failed(),
+            _ => reply::auth_temporary(),
+        }
     }
 
     /// The TLS handshake after STARTTLS succeeded: forget everything the client
@@ -244,6 +413,8 @@ impl Session {
         self.helo = None;
         self.esmtp = false;
         self.tx = None;
+        self.auth_user = None;
+        self.auth_wait = None;
     }
 
     /// The backend's answer to `op`. The backend decides about addresses; we only
@@ -321,6 +492,16 @@ impl Session {
     }
 }
 
+fn decode_bytes(b64: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()
+}
+
+fn decode(b64: &str) -> Option<String> {
+    decode_bytes(b64).and_then(|v| String::from_utf8(v).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::command::parse;
@@ -334,6 +515,7 @@ mod tests {
             max_message_size: 1000,
             max_recipients: 2,
             max_errors: 20,
+            auth: AuthMode::None,
         }
     }
 
@@ -342,6 +524,8 @@ mod tests {
             eightbitmime: true,
             smtputf8: false,
             pipelining: true,
+            auth_plain: true,
+            auth_login: false,
             size: None,
         }
     }
@@ -352,10 +536,13 @@ mod tests {
 
     fn reply_of(a: Action) -> Vec<u8> {
         match a {
-            Action::Reply(r) | Action::Close(r) | Action::StartTls(r) | Action::ReadData(r) => {
-                r.to_bytes()
-            }
+            Action::Reply(r)
+            | Action::Close(r)
+            | Action::StartTls(r)
+            | Action::ReadData(r)
+            | Action::AuthChallenge(r) => r.to_bytes(),
             Action::Relay(op) => panic!("unexpected relay {op:?}"),
+            Action::Authenticate(c) => panic!("unexpected authenticate {c:?}"),
         }
     }
 
@@ -603,5 +790,102 @@ mod tests {
             b"550 5.6.0 Message contains bare CR or LF; lines must end with CRLF\r\n"
         );
         assert!(s.tx.is_none());
+    }
+
+    fn auth_session() -> Session {
+        let mut s = Session::new(
+            Settings {
+                auth: AuthMode::Required,
+                ..settings(true, true)
+            },
+            caps(),
+            false,
+        );
+        cmd(&mut s, "EHLO c");
+        s
+    }
+
+    #[test]
+    fn auth_only_over_tls_and_required_before_mail() {
+        let mut s = auth_session();
+        let r = String::from_utf8(reply_of(cmd(&mut s, "EHLO c"))).unwrap();
+        assert!(!r.contains("AUTH"), "never offered in plaintext: {r}");
+        assert_eq!(
+            reply_of(cmd(&mut s, "AUTH PLAIN AGEAYg==")),
+            b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+        );
+        s.tls_started();
+        let r = String::from_utf8(reply_of(cmd(&mut s, "EHLO c"))).unwrap();
+        assert!(r.ends_with("250 AUTH PLAIN LOGIN\r\n"), "{r}");
+        assert_eq!(
+            reply_of(cmd(&mut s, "MAIL FROM:<a@b.example>")),
+            b"530 5.7.0 Authentication required\r\n"
+        );
+        // PLAIN with initial response: \0alice\0secret
+        let Action::Authenticate(c) = cmd(&mut s, "AUTH PLAIN AGFsaWNlAHNlY3JldA==") else {
+            panic!()
+        };
+        assert_eq!(c.user, "alice");
+        assert_eq!(c.password.0, "secret");
+        assert!(!format!("{c:?}").contains("secret"));
+        assert_eq!(
+            s.auth_result("alice", Outcome::Reply(535, vec![]))
+                .to_bytes(),
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+        );
+        assert!(s.auth_user.is_none());
+        let Action::Authenticate(_) = cmd(&mut s, "AUTH PLAIN AGFsaWNlAHNlY3JldA==") else {
+            panic!()
+        };
+        assert_eq!(
+            s.auth_result("alice", Outcome::Reply(235, vec![]))
+                .to_bytes(),
+            b"235 2.7.0 Authentication successful\r\n"
+        );
+        assert_eq!(
+            reply_of(cmd(&mut s, "AUTH PLAIN AGFsaWNlAHNlY3JldA==")),
+            b"503 5.5.1 Already authenticated\r\n"
+        );
+        assert!(matches!(
+            cmd(&mut s, "MAIL FROM:<a@b.example>"),
+            Action::Relay(_)
+        ));
+    }
+
+    #[test]
+    fn auth_continuations() {
+        let mut s = auth_session();
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        assert_eq!(reply_of(cmd(&mut s, "AUTH LOGIN")), b"334 VXNlcm5hbWU6\r\n");
+        assert!(s.awaiting_auth_line());
+        assert_eq!(reply_of(s.auth_line(b"YWxpY2U=")), b"334 UGFzc3dvcmQ6\r\n");
+        let Action::Authenticate(c) = s.auth_line(b"c2VjcmV0") else {
+            panic!()
+        };
+        assert_eq!(
+            (c.user.as_str(), c.password.0.as_str()),
+            ("alice", "secret")
+        );
+        assert_eq!(reply_of(cmd(&mut s, "AUTH PLAIN")), b"334 \r\n");
+        assert_eq!(
+            reply_of(s.auth_line(b"*")),
+            b"501 5.0.0 Authentication cancelled\r\n"
+        );
+        assert!(!s.awaiting_auth_line());
+        assert_eq!(reply_of(cmd(&mut s, "AUTH PLAIN")), b"334 \r\n");
+        assert_eq!(
+            reply_of(s.auth_line(b"!!notbase64")),
+            b"501 5.5.2 Cannot decode the response\r\n"
+        );
+        assert_eq!(
+            reply_of(cmd(&mut s, "AUTH CRAM-MD5")),
+            b"504 5.5.4 Unrecognized authentication type\r\n"
+        );
+        // authzid for someone else is refused like a wrong password
+        assert_eq!(
+            reply_of(cmd(&mut s, "AUTH PLAIN Ym9iAGFsaWNlAHNlY3JldA==")),
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+        );
     }
 }
