@@ -47,7 +47,15 @@ enum Cmd {
         smtp_port: u16,
         #[arg(long, default_value_t = 4465)]
         smtps_port: u16,
+        /// POP3 with STLS (TLS required before login).
+        #[arg(long, default_value_t = 1110)]
+        pop3_port: u16,
+        /// POP3S (implicit TLS).
+        #[arg(long, default_value_t = 9995)]
+        pop3s_port: u16,
     },
+    /// Print the JSON Schema of the configuration and policy format (for editors).
+    Schema,
     /// Exit 0 if every configured listener answers with a greeting on loopback (container HEALTHCHECK).
     Healthcheck {
         #[arg(short, long)]
@@ -88,8 +96,18 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Cmd::Check { config } => match mailgate::config::load(&config) {
             Ok(c) => {
                 print!("{}", c.summary());
-                if let Err(e) = mailgate::tls::server_config(&c.certificates) {
-                    if !c.certificates.is_empty() {
+                // Certificate files: missing ones are reported (the example
+                // configuration ships without keys); present ones must load.
+                let (present, missing): (Vec<_>, Vec<_>) = c
+                    .certificates
+                    .iter()
+                    .cloned()
+                    .partition(|(cert, key)| cert.exists() && key.exists());
+                for (cert, key) in &missing {
+                    println!("warning: certificate {} or key {} not found (run refuses to start without them)", cert.display(), key.display());
+                }
+                if !present.is_empty() {
+                    if let Err(e) = mailgate::tls::server_config(&present) {
                         eprintln!("error: {e}");
                         return Ok(std::process::ExitCode::FAILURE);
                     }
@@ -101,21 +119,29 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Ok(std::process::ExitCode::FAILURE)
             }
         },
+        Cmd::Schema => {
+            println!("{}", mailgate::config::json_schema());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Cmd::Run { config } => {
             init_logs(cli.log_format);
             let cfg = mailgate::config::load(&config)?;
-            runtime()?.block_on(run(cfg))?;
+            runtime()?.block_on(run(cfg, config))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
         Cmd::Demo {
             dir,
             smtp_port,
             smtps_port,
+            pop3_port,
+            pop3s_port,
         } => {
             init_logs(cli.log_format);
             let ports = mailgate::demo::DemoPorts {
                 smtp: smtp_port,
                 smtps: smtps_port,
+                pop3: pop3_port,
+                pop3s: pop3s_port,
             };
             runtime()?.block_on(mailgate::demo::run(&dir, ports))?;
             Ok(std::process::ExitCode::SUCCESS)
@@ -139,7 +165,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
-async fn run(cfg: mailgate::config::Config) -> anyhow::Result<()> {
+async fn run(mut cfg: mailgate::config::Config, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let gw = mailgate::server::Gateway::start(&cfg).await?;
     let mut term = signal(SignalKind::terminate())?;
@@ -150,9 +176,21 @@ async fn run(cfg: mailgate::config::Config) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                // Live reload belongs to the policy engine; until then a HUP must
-                // not kill the gateway (the default action), so it is logged.
-                tracing::warn!("SIGHUP received: live reload is not available in this version; restart to apply configuration changes");
+                // Reload: re-read every file; a broken one leaves the running
+                // configuration in place. New sessions get the new snapshot.
+                match mailgate::config::load(&path) {
+                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+                    Ok(new) => match gw.reload(&new) {
+                        Ok(notes) => {
+                            for n in notes {
+                                tracing::warn!("{n}");
+                            }
+                            tracing::info!(files = new.sources.len(), "configuration reloaded");
+                            cfg = new;
+                        }
+                        Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+                    },
+                }
             }
         }
     }

@@ -3,10 +3,11 @@
 //! Field names here are the operator contract: extend, never rename.
 
 use super::units::{ByteSize, Cidr, Secs};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     #[serde(default)]
@@ -22,7 +23,7 @@ pub struct FileConfig {
 }
 
 /// Process-wide settings.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
     /// Name in greetings, EHLO to backends and `Received:` headers (default: the host name).
@@ -31,14 +32,14 @@ pub struct ServerFile {
     pub shutdown_grace: Option<Secs>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Smtp,
     Pop3,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     None,
@@ -47,7 +48,7 @@ pub enum TlsMode {
 }
 
 /// What to do with bare CR, bare LF inside a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BareNewlines {
     /// Reject the message with 550 5.6.0 (default).
@@ -56,7 +57,7 @@ pub enum BareNewlines {
     Normalize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     None,
@@ -64,7 +65,7 @@ pub enum AuthMode {
     Required,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerFile {
     pub name: String,
@@ -103,7 +104,7 @@ pub struct ListenerFile {
 }
 
 /// Named deadlines. Defaults follow RFC 5321 §4.5.3.2 where it has a value.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsFile {
     pub tls_handshake: Option<Secs>,
@@ -116,21 +117,21 @@ pub struct TimeoutsFile {
     pub idle: Option<Secs>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFile {
     #[serde(default)]
     pub certificates: Vec<CertFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CertFile {
     pub cert: String,
     pub key: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendFile {
     /// `host:port` of the legacy server (plaintext).
@@ -142,7 +143,7 @@ pub struct BackendFile {
 /// A policy block: who may do how much (DESIGN §5). Lists are checked in
 /// this order: `deny` (refused before anything else, even before TLS), `allow`
 /// (skips the limits it names, or all), then `limits` in file order.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     #[serde(default)]
@@ -159,14 +160,14 @@ pub struct PolicyFile {
 }
 
 /// `"10.0.0.0/8"` (skip every limit) or `{ networks: [...], skip: [rule names] }`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum AllowFile {
     Network(Cidr),
     Entry(AllowEntryFile),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AllowEntryFile {
     pub networks: Vec<Cidr>,
@@ -175,7 +176,7 @@ pub struct AllowEntryFile {
     pub skip: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyPart {
     Ip,
@@ -190,7 +191,7 @@ pub enum KeyPart {
 }
 
 /// One limit rule. Exactly one of the counting fields is set.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitFile {
     /// Used in logs, metrics and `allow.skip` (default `rule-N`, N from 1).

@@ -720,6 +720,12 @@ fn build_listener(
     })
 }
 
+/// The JSON Schema of the configuration format (`mailgate schema`).
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(FileConfig);
+    serde_json::to_string_pretty(&schema).unwrap_or_default()
+}
+
 impl Config {
     /// The human summary `mailgate check` prints.
     pub fn summary(&self) -> String {
@@ -793,6 +799,15 @@ backends:
 policies:
   inbound: { deny: ["192.0.2.0/24"] }
 "#;
+
+    #[test]
+    fn schema_names_the_contract_fields() {
+        let s = json_schema();
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert!(v.to_string().contains("require_tls"));
+        assert!(v.to_string().contains("auth_failures"));
+        assert!(v.to_string().contains("recipients_per_message"));
+    }
 
     #[test]
     fn contract_example_loads() {

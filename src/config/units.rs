@@ -75,6 +75,7 @@ impl Secs {
             "" | "s" => Duration::from_secs(n),
             "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
             other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
         };
         Ok(Secs(d))
@@ -166,6 +167,41 @@ impl<'de> Deserialize<'de> for Cidr {
     }
 }
 
+// JSON Schema: these are strings (or integers) an editor can check by pattern.
+macro_rules! string_schema {
+    ($t:ty, $name:literal, $types:expr, $pattern:literal, $desc:literal) => {
+        impl schemars::JsonSchema for $t {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                $name.into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({ "type": $types, "pattern": $pattern, "description": $desc })
+            }
+        }
+    };
+}
+string_schema!(
+    ByteSize,
+    "ByteSize",
+    ["string", "integer"],
+    "^[0-9]+ ?([kK]|KB|kB|KiB|M|MB|MiB|G|GB|GiB|B)?$",
+    "a size: bytes, or with a unit such as 25MiB"
+);
+string_schema!(
+    Secs,
+    "Duration",
+    ["string", "integer"],
+    "^[0-9]+(ms|s|m|min|h|d)?$",
+    "a duration such as 30s, 5m, 250ms, 30d (bare number = seconds)"
+);
+string_schema!(
+    Cidr,
+    "Network",
+    "string",
+    "^[0-9a-fA-F:.]+(/[0-9]{1,3})?$",
+    "an IP network such as 192.0.2.0/24 or 2001:db8::/32"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +221,7 @@ mod tests {
         assert_eq!(Secs::parse("5m").unwrap().0, Duration::from_secs(300));
         assert_eq!(Secs::parse("250ms").unwrap().0, Duration::from_millis(250));
         assert_eq!(Secs::parse("7").unwrap().0, Duration::from_secs(7));
+        assert_eq!(Secs::parse("2d").unwrap().0, Duration::from_secs(172_800));
         assert!(Secs::parse("5 weeks").is_err());
     }
 

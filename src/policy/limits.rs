@@ -24,6 +24,11 @@ pub struct Bucket {
     clock: DefaultClock,
     max_keys: usize,
     pub overflowed: AtomicU64,
+    /// When the last full `retain_recent` pass ran (ms since `born`): a full
+    /// limiter must not scan all its keys for every new key (that scan is
+    /// what a distinct-key flood would otherwise buy).
+    last_retain_ms: AtomicU64,
+    born: Instant,
 }
 
 impl Bucket {
@@ -33,13 +38,24 @@ impl Bucket {
             clock: DefaultClock::default(),
             max_keys,
             overflowed: AtomicU64::new(0),
+            last_retain_ms: AtomicU64::new(0),
+            born: Instant::now(),
         }
     }
 
     /// Takes one cell; `Err(wait)` when the key is over its rate.
     pub fn take(&self, key: u64) -> Result<(), Duration> {
         let key = if self.limiter.len() >= self.max_keys {
-            self.limiter.retain_recent();
+            let now_ms = self.born.elapsed().as_millis() as u64;
+            let last = self.last_retain_ms.load(Ordering::Relaxed);
+            if now_ms.saturating_sub(last) >= 1000
+                && self
+                    .last_retain_ms
+                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.limiter.retain_recent();
+            }
             if self.limiter.len() >= self.max_keys {
                 self.overflowed.fetch_add(1, Ordering::Relaxed);
                 OVERFLOW_KEY

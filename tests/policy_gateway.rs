@@ -1,0 +1,393 @@
+//! Policy engine acceptance tests, the gateway in-process on loopback. Client
+//! addresses differ by binding the client socket to 127.0.0.x.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+async fn connect_from(src: &str, dst: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    s.connect(dst).await.unwrap()
+}
+
+/// Reads one reply line (tests here only need single-line replies or the code).
+async fn reply<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+            .await
+            .expect("reply timed out")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                out.push(b[0]);
+                if b[0] == b'\n' {
+                    let line = String::from_utf8_lossy(&out).to_string();
+                    if line.len() >= 4 && line.as_bytes()[3] == b'-' {
+                        out.clear();
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+async fn say<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, line: &str) -> String {
+    s.write_all(line.as_bytes()).await.unwrap();
+    s.write_all(b"\r\n").await.unwrap();
+    reply(s).await
+}
+
+/// A legacy SMTP server that knows one account (alice / secret) and counts AUTH attempts.
+async fn auth_backend(attempts: Arc<AtomicUsize>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let attempts = attempts.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = tokio::io::BufReader::new(r);
+                w.write_all(b"220 legacy ESMTP\r\n").await.unwrap();
+                let mut line = String::new();
+                use tokio::io::AsyncBufReadExt;
+                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let up = line.trim_end().to_string();
+                    let answer: &[u8] = if up.starts_with("EHLO") {
+                        b"250-legacy\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
+                    } else if let Some(b64) = up.strip_prefix("AUTH PLAIN ") {
+                        attempts.fetch_add(1, Ordering::SeqCst);
+                        // \0alice\0secret
+                        if b64 == "AGFsaWNlAHNlY3JldA==" {
+                            b"235 2.7.0 ok\r\n"
+                        } else {
+                            b"535 5.7.8 no\r\n"
+                        }
+                    } else if up == "QUIT" {
+                        let _ = w.write_all(b"221 bye\r\n").await;
+                        return;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    if w.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn cfg(dir: &std::path::Path, backend: &str, limits: &str, extra_listener: &str) -> String {
+    format!(
+        r#"
+server: {{ hostname: gw.test }}
+listeners:
+  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p }}
+  - {{ name: sub, protocol: smtp, bind: "127.0.0.1:0", tls: implicit, auth: required, backend: b, policy: p, login_failure_delay: 10ms {extra_listener} }}
+tls:
+  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
+backends:
+  b: {{ address: "{backend}" }}
+policies:
+  p:
+    limits:
+{limits}
+"#,
+        d = dir.display()
+    )
+}
+
+async fn sink() -> String {
+    let mb = Arc::new(mailgate::demo::Mailbox::default());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(mailgate::demo::serve_smtp(l, mb));
+    addr
+}
+
+/// Acceptance 1: the 6th connection within a minute from one IP gets the
+/// configured reply; other IPs are unaffected.
+#[tokio::test]
+async fn connection_rate_per_ip() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let y = cfg(
+        dir.path(),
+        &sink().await,
+        "      - { key: [ip], rate: 5/minute, burst: 5, action: tempfail }",
+        "",
+    );
+    let gw = common::start(&y).await;
+    let addr = gw.addr("mx").unwrap();
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let mut s = connect_from("127.0.0.2", addr).await;
+        assert!(reply(&mut s).await.starts_with("220"), "connection {i}");
+        held.push(s);
+    }
+    let mut s = connect_from("127.0.0.2", addr).await;
+    let r = reply(&mut s).await;
+    assert!(r.starts_with("421 4.7.0"), "6th: {r}");
+    let mut other = connect_from("127.0.0.3", addr).await;
+    assert!(reply(&mut other).await.starts_with("220"));
+    let hits = gw.policy("mx").unwrap().hits();
+    assert_eq!(hits[0].1, 1, "counted per rule: {hits:?}");
+}
+
+/// Acceptance 2: a third simultaneous session is refused, and accepted again
+/// once one closes.
+#[tokio::test]
+async fn concurrent_sessions_per_ip() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let y = cfg(
+        dir.path(),
+        &sink().await,
+        "      - { key: [ip], concurrent: 2, action: reject }",
+        "",
+    );
+    let gw = common::start(&y).await;
+    let addr = gw.addr("mx").unwrap();
+    let mut a = connect_from("127.0.0.4", addr).await;
+    assert!(reply(&mut a).await.starts_with("220"));
+    let mut b = connect_from("127.0.0.4", addr).await;
+    assert!(reply(&mut b).await.starts_with("220"));
+    let mut c = connect_from("127.0.0.4", addr).await;
+    let r = reply(&mut c).await;
+    assert!(r.starts_with("554 5.7.1"), "third: {r}");
+    let mut d = connect_from("127.0.0.5", addr).await;
+    assert!(
+        reply(&mut d).await.starts_with("220"),
+        "other IP unaffected"
+    );
+    assert!(say(&mut a, "QUIT").await.starts_with("221"));
+    drop(a);
+    // the slot frees when the session task ends
+    let mut ok = false;
+    for _ in 0..50 {
+        let mut e = connect_from("127.0.0.4", addr).await;
+        if reply(&mut e).await.starts_with("220") {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "accepted again after one closed");
+}
+
+async fn tls_session(
+    gw: &mailgate::server::Gateway,
+    ca: &std::path::Path,
+    src: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = connect_from(src, gw.addr("sub").unwrap()).await;
+    let connector = tokio_rustls::TlsConnector::from(common::tls_client(ca));
+    let mut t = connector
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert!(reply(&mut t).await.starts_with("220"));
+    let ehlo = say(&mut t, "EHLO c.test").await;
+    assert!(ehlo.starts_with("250 "), "{ehlo}");
+    t
+}
+
+const GOOD: &str = "AUTH PLAIN AGFsaWNlAHNlY3JldA=="; // alice / secret
+const BAD: &str = "AUTH PLAIN AGFsaWNlAHdyb25n"; // alice / wrong
+
+/// Acceptance 3 (SMTP AUTH side): 5 wrong passwords from one IP lock that IP
+/// for the window without the backend seeing further attempts; the same user
+/// still gets in from a network where she logged in before, and the reply
+/// never says whether the user exists.
+#[tokio::test]
+async fn brute_force_via_smtp_auth_is_lockout_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let backend = auth_backend(attempts.clone()).await;
+    let limits = "      - { name: auth-ip, key: [ip], auth_failures: 5/15minutes, action: reject }\n      - { name: auth-user, key: [auth_user], auth_failures: 5/15minutes, action: tempfail }";
+    let gw = common::start(&cfg(dir.path(), &backend, limits, "")).await;
+
+    // alice logs in from her usual network first
+    let mut home = tls_session(&gw, &ca, "127.0.0.20").await;
+    assert!(say(&mut home, GOOD).await.starts_with("235"));
+    drop(home);
+
+    let mut evil = tls_session(&gw, &ca, "127.0.2.66").await;
+    for i in 0..5 {
+        let r = say(&mut evil, BAD).await;
+        assert!(r.starts_with("535 5.7.8"), "failure {i}: {r}");
+    }
+    assert_eq!(attempts.load(Ordering::SeqCst), 6);
+    // locked for the window: refused without reaching the backend
+    let r = say(&mut evil, GOOD).await;
+    assert!(r.starts_with("535 5.7.8"), "locked IP: {r}");
+    let mut evil2 = tls_session(&gw, &ca, "127.0.2.66").await;
+    assert!(
+        say(&mut evil2, GOOD).await.starts_with("535"),
+        "new session, same IP"
+    );
+    // an unknown user gets exactly the same reply as a wrong password
+    let r = say(&mut evil2, "AUTH PLAIN AG5vYm9keQB4").await;
+    assert!(
+        r.starts_with("535 5.7.8 Authentication credentials invalid"),
+        "{r}"
+    );
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        6,
+        "no attempt reached the backend"
+    );
+
+    // alice's per-user lock is in force elsewhere ...
+    let mut fresh = tls_session(&gw, &ca, "127.0.1.77").await;
+    let r = say(&mut fresh, GOOD).await;
+    assert!(
+        r.starts_with("454 4.7.0"),
+        "per-user lock from a new network: {r}"
+    );
+    // ... but not from her known-good network
+    let mut home = tls_session(&gw, &ca, "127.0.0.20").await;
+    let r = say(&mut home, GOOD).await;
+    assert!(r.starts_with("235"), "known-good network: {r}");
+}
+
+/// Acceptance 4: shadow never refuses, but counts and logs.
+#[tokio::test]
+async fn shadow_only_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let y = cfg(
+        dir.path(),
+        &sink().await,
+        "      - { name: would, key: [ip], rate: 1/minute, burst: 1, action: shadow }",
+        "",
+    );
+    let gw = common::start(&y).await;
+    for _ in 0..4 {
+        let mut s = connect_from("127.0.0.9", gw.addr("mx").unwrap()).await;
+        assert!(reply(&mut s).await.starts_with("220"));
+    }
+    assert_eq!(
+        gw.policy("mx").unwrap().hits(),
+        vec![("would".to_string(), 0, 3)]
+    );
+}
+
+/// Limits at MAIL and RCPT, and delay (tarpit) continuing afterwards.
+#[tokio::test]
+async fn mail_and_rcpt_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let limits = "      - { key: [sender_domain], messages: 2/hour, action: tempfail }\n      - { key: [ip], recipients_per_message: 2, action: reject }\n      - { key: [rcpt], recipients: 1/hour, action: delay, max_delay: 200ms }";
+    let gw = common::start(&cfg(dir.path(), &sink().await, limits, "")).await;
+    let mut s = connect_from("127.0.0.10", gw.addr("mx").unwrap()).await;
+    reply(&mut s).await;
+    say(&mut s, "EHLO c").await;
+    assert!(say(&mut s, "MAIL FROM:<a@example.org>")
+        .await
+        .starts_with("250"));
+    assert!(say(&mut s, "RCPT TO:<x@example.net>")
+        .await
+        .starts_with("250"));
+    let t = std::time::Instant::now();
+    assert!(
+        say(&mut s, "RCPT TO:<x@example.net>")
+            .await
+            .starts_with("250"),
+        "delay continues"
+    );
+    assert!(t.elapsed() >= Duration::from_millis(150), "tarpit applied");
+    assert!(
+        say(&mut s, "RCPT TO:<y@example.net>")
+            .await
+            .starts_with("550 5.7.1"),
+        "3rd recipient in one message"
+    );
+    assert!(say(&mut s, "RSET").await.starts_with("250"));
+    assert!(say(&mut s, "MAIL FROM:<b@example.org>")
+        .await
+        .starts_with("250"));
+    assert!(say(&mut s, "RSET").await.starts_with("250"));
+    let r = say(&mut s, "MAIL FROM:<c@EXAMPLE.org>").await;
+    assert!(
+        r.starts_with("451 4.7.1"),
+        "3rd message from the domain: {r}"
+    );
+}
+
+/// Acceptance 6: a reload with a changed limit applies to new sessions and
+/// keeps open ones; state of unchanged rules survives.
+#[tokio::test]
+async fn reload_applies_to_new_sessions_only() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let backend = sink().await;
+    let y1 = cfg(
+        dir.path(),
+        &backend,
+        "      - { name: r, key: [ip], rate: 2/minute, burst: 2 }",
+        "",
+    );
+    let gw = common::start(&y1).await;
+    let addr = gw.addr("mx").unwrap();
+    let mut open = connect_from("127.0.0.11", addr).await;
+    reply(&mut open).await;
+    let mut s = connect_from("127.0.0.11", addr).await;
+    reply(&mut s).await;
+    let mut s = connect_from("127.0.0.11", addr).await;
+    assert!(reply(&mut s).await.starts_with("421"), "limit 2 in force");
+    // a broken file never gets past loading: the running config stays
+    assert!(mailgate::config::load_str("bad.yaml", "listeners: [ {").is_err());
+    // same rule again: its state survives the reload
+    let same = mailgate::config::load_str("t.yaml", &y1).unwrap();
+    gw.reload(&same).unwrap();
+    let mut s = connect_from("127.0.0.11", addr).await;
+    assert!(
+        reply(&mut s).await.starts_with("421"),
+        "unchanged rule kept its counters"
+    );
+    // a changed limit starts fresh and applies to new sessions
+    let y2 = cfg(
+        dir.path(),
+        &backend,
+        "      - { name: r, key: [ip], rate: 10/minute, burst: 10 }",
+        "",
+    );
+    let notes = gw
+        .reload(&mailgate::config::load_str("t.yaml", &y2).unwrap())
+        .unwrap();
+    assert!(notes.is_empty(), "{notes:?}");
+    for _ in 0..5 {
+        let mut s = connect_from("127.0.0.11", addr).await;
+        assert!(reply(&mut s).await.starts_with("220"));
+    }
+    // the session opened before the reloads still works
+    assert!(say(&mut open, "EHLO still.here").await.starts_with("250"));
+    assert!(say(&mut open, "NOOP").await.starts_with("250"));
+}
+
+/// The example policies in the repository are valid.
+#[test]
+fn shipped_policies_are_valid() {
+    let c =
+        mailgate::config::load(std::path::Path::new("policies")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.listeners.len(), 5);
+    assert!(c.listeners.iter().all(|l| l.policy.is_some()));
+}
