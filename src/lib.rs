@@ -24,10 +24,13 @@
 //!   smtp.rs      SMTP client: greeting, EHLO/HELO, MAIL/RCPT/DATA relay, RSET, QUIT
 //!   pop3.rs      POP3 client: greeting, CAPA, login replay, then a byte pipe
 //!   probe.rs     periodic capability probe (what may be advertised end to end)
+//! auth/        SPF/DKIM/DMARC/ARC via mail-auth: bounded DNS cache, `Verifier`,
+//!              policy verdicts, Authentication-Results / Received-SPF, forged A-R removal
 //! policy/      limits per listener: deny/allow lists, rate (governor GCRA), concurrency,
 //!   limits.rs    brute-force windows with known-good networks; state survives reloads
 //!   mod.rs       compile from config, evaluate per stage → `Decision`
 //!   action.rs    accept / tag / tempfail / reject / delay / shadow
+//! observe/     Prometheus metrics (metrics.rs) and the /metrics /healthz /readyz endpoint (http.rs)
 //! server.rs    listeners, connection limits, session spawning, graceful shutdown
 //! demo.rs      the `demo` subcommand: an in-memory legacy backend, clearly labelled
 //! ```
@@ -36,10 +39,12 @@
 //! unit-tested with strings; only `driver.rs` touches sockets, and it loads its
 //! configuration once per session.
 
+pub mod auth;
 pub mod backend;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod observe;
 pub mod policy;
 pub mod pop3;
 pub mod server;

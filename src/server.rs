@@ -6,6 +6,7 @@
 
 use crate::backend::probe::{self, CapsCache};
 use crate::config::{Config, Listener, Protocol};
+use crate::observe::http::ReadyCheck;
 use crate::policy::action::Action;
 use crate::policy::{ConnectPermit, Decision, Facts, Policies, Policy, PolicyState};
 use arc_swap::ArcSwap;
@@ -33,6 +34,8 @@ pub struct SessionCtx {
     pub policy: Option<Arc<Policy>>,
     pub caps: Arc<CapsCache>,
     pub shutdown: watch::Receiver<bool>,
+    /// The address the client connected to (from PROXY when a balancer sent one).
+    pub local: SocketAddr,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,9 @@ pub struct Gateway {
     grace: std::sync::Mutex<Duration>,
     pub caps: Arc<CapsCache>,
     pub policy_state: Arc<PolicyState>,
+    metrics_addr: Option<SocketAddr>,
+    /// Certificate files the watcher checks (updated by reload).
+    cert_paths: Arc<std::sync::Mutex<Vec<(std::path::PathBuf, std::path::PathBuf)>>>,
 }
 
 fn tls_config(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, ServerError> {
@@ -124,6 +130,38 @@ impl Gateway {
             rx.clone(),
         ));
         tokio::spawn(housekeeping(policy_state.clone(), rx.clone()));
+        let mut metrics_addr = None;
+        if let Some(addr) = config.metrics_bind {
+            let listener =
+                crate::observe::http::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        name: "metrics".into(),
+                        addr,
+                        source,
+                    })?;
+            let backends: Vec<String> = config
+                .backends
+                .values()
+                .map(|b| b.address.clone())
+                .collect();
+            let ready: ReadyCheck = Arc::new(move || {
+                let backends = backends.clone();
+                Box::pin(async move {
+                    for b in backends {
+                        let ok =
+                            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&b))
+                                .await;
+                        if !matches!(ok, Ok(Ok(_))) {
+                            return Err(format!("backend {b} unreachable"));
+                        }
+                    }
+                    Ok(())
+                })
+            });
+            metrics_addr = listener.local_addr().ok();
+            tokio::spawn(crate::observe::http::serve(listener, ready, rx.clone()));
+        }
         let mut slots = Vec::new();
         let mut accept_tasks = Vec::new();
         for (l, socket) in bound {
@@ -146,6 +184,14 @@ impl Gateway {
                 max: l.max_connections as u32,
             });
         }
+        let cert_paths = Arc::new(std::sync::Mutex::new(config.certificates.clone()));
+        let runtimes: Vec<_> = slots.iter().map(|s| s.runtime.clone()).collect();
+        tokio::spawn(watch_certificates(
+            cert_paths.clone(),
+            runtimes,
+            Duration::from_secs(2),
+            rx.clone(),
+        ));
         Ok(Gateway {
             slots,
             shutdown,
@@ -153,6 +199,8 @@ impl Gateway {
             grace: std::sync::Mutex::new(config.shutdown_grace),
             caps,
             policy_state,
+            metrics_addr,
+            cert_paths,
         })
     }
 
@@ -195,7 +243,15 @@ impl Gateway {
         if let Ok(mut g) = self.grace.lock() {
             *g = config.shutdown_grace;
         }
+        if let Ok(mut p) = self.cert_paths.lock() {
+            *p = config.certificates.clone();
+        }
         Ok(notes)
+    }
+
+    /// Where `/metrics` is served, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The address a listener is bound to (useful with port 0 in tests).
@@ -248,6 +304,72 @@ impl Gateway {
     }
 }
 
+/// Swaps in new certificates when their files change (checked by mtime and
+/// size every `every`): new handshakes use them, running sessions keep theirs.
+/// A file that does not load is logged and the current certificates stay.
+async fn watch_certificates(
+    paths: Arc<std::sync::Mutex<Vec<(std::path::PathBuf, std::path::PathBuf)>>>,
+    runtimes: Vec<Arc<ArcSwap<ListenerRuntime>>>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    fn stamp(
+        files: &[(std::path::PathBuf, std::path::PathBuf)],
+    ) -> Vec<Option<(std::time::SystemTime, u64)>> {
+        files
+            .iter()
+            .flat_map(|(c, k)| [c, k])
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())))
+            })
+            .collect()
+    }
+    let mut last_paths = paths.lock().map(|p| p.clone()).unwrap_or_default();
+    let mut last = stamp(&last_paths);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let current = paths.lock().map(|p| p.clone()).unwrap_or_default();
+        if current.is_empty() {
+            continue;
+        }
+        let now = stamp(&current);
+        if current == last_paths && now == last {
+            continue;
+        }
+        // a writer may be midway: wait one more round for the files to settle
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let settled = stamp(&current);
+        if settled != now {
+            continue;
+        }
+        match crate::tls::server_config(&current) {
+            Ok(cfg) => {
+                for rt in &runtimes {
+                    let old = rt.load();
+                    if old.tls.is_some() {
+                        rt.store(Arc::new(ListenerRuntime {
+                            listener: old.listener.clone(),
+                            tls: Some(cfg.clone()),
+                            policy: old.policy.clone(),
+                        }));
+                    }
+                }
+                info!(files = current.len(), "certificates reloaded");
+            }
+            Err(e) => {
+                warn!(error = %e, "new certificate files do not load; keeping the current certificates")
+            }
+        }
+        last_paths = current;
+        last = settled;
+    }
+}
+
 async fn housekeeping(state: Arc<PolicyState>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -276,6 +398,7 @@ async fn accept_loop(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stop = shutdown.clone();
+    let local = socket.local_addr().ok();
     loop {
         let (tcp, peer) = tokio::select! {
             r = socket.accept() => match r {
@@ -291,25 +414,15 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let rt = runtime.load_full();
-        let l = &rt.listener;
         let permit = match permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
+                let l = &rt.listener;
                 warn!(listener = %l.name, %peer, limit = l.max_connections, "connection limit reached");
+                crate::observe::metrics().refused(&l.name, "max_connections");
                 tokio::spawn(refuse(tcp, l.protocol, Action::Tempfail));
                 continue;
             }
-        };
-        let policy_permit: Option<ConnectPermit> = match &rt.policy {
-            None => None,
-            Some(p) => match p.connect(&Facts::new(peer.ip(), &l.name)) {
-                Ok(permit) => Some(permit),
-                Err(Decision::Refuse { action, .. }) => {
-                    tokio::spawn(refuse(tcp, l.protocol, action));
-                    continue;
-                }
-                Err(_) => None,
-            },
         };
         let ctx = SessionCtx {
             listener: rt.listener.clone(),
@@ -317,24 +430,62 @@ async fn accept_loop(
             policy: rt.policy.clone(),
             caps: caps.clone(),
             shutdown: shutdown.clone(),
+            local: local.unwrap_or(rt.listener.bind),
         };
         tokio::spawn(async move {
-            // tarpit (`action: delay`) before the greeting
-            if let Some(d) = policy_permit
-                .as_ref()
-                .map(|p| p.delay)
-                .filter(|d| !d.is_zero())
-            {
-                tokio::time::sleep(d).await;
-            }
-            match ctx.listener.protocol {
-                Protocol::Smtp => crate::smtp::driver::run(tcp, peer, ctx).await,
-                Protocol::Pop3 => crate::pop3::driver::run(tcp, peer, ctx).await,
-            }
-            drop(policy_permit);
+            connection(tcp, peer, ctx).await;
             drop(permit);
         });
     }
+}
+
+/// One accepted connection: PROXY header (from trusted balancers only), the
+/// policy's connect stage with the real client address, then the protocol.
+async fn connection(mut tcp: TcpStream, mut peer: SocketAddr, mut ctx: SessionCtx) {
+    let l = ctx.listener.clone();
+    if let Some((trusted, deadline)) = &l.proxy_trusted {
+        if !trusted.iter().any(|n| n.contains(peer.ip())) {
+            warn!(listener = %l.name, %peer, "connection from an untrusted peer on a PROXY protocol listener closed");
+            crate::observe::metrics().refused(&l.name, "proxy_untrusted");
+            return;
+        }
+        match crate::transport::read_proxy_header(&mut tcp, *deadline).await {
+            Ok(Some((source, destination))) => {
+                info!(listener = %l.name, balancer = %peer, client = %source, "PROXY header");
+                peer = source;
+                ctx.local = destination;
+            }
+            // LOCAL: the balancer's own health check
+            Ok(None) => {}
+            Err(e) => {
+                warn!(listener = %l.name, %peer, error = %e, "PROXY header missing or malformed; closed");
+                crate::observe::metrics().refused(&l.name, "proxy_invalid");
+                return;
+            }
+        }
+    }
+    let permit: Option<ConnectPermit> = match &ctx.policy {
+        None => None,
+        Some(p) => match p.connect(&Facts::new(peer.ip(), &l.name)) {
+            Ok(permit) => Some(permit),
+            Err(Decision::Refuse { action, rule }) => {
+                crate::observe::metrics()
+                    .refused(&l.name, if rule == "deny" { "deny" } else { "policy" });
+                refuse(tcp, l.protocol, action).await;
+                return;
+            }
+            Err(_) => None,
+        },
+    };
+    // tarpit (`action: delay`) before the greeting
+    if let Some(d) = permit.as_ref().map(|p| p.delay).filter(|d| !d.is_zero()) {
+        tokio::time::sleep(d).await;
+    }
+    match l.protocol {
+        Protocol::Smtp => crate::smtp::driver::run(tcp, peer, ctx).await,
+        Protocol::Pop3 => crate::pop3::driver::run(tcp, peer, ctx).await,
+    }
+    drop(permit);
 }
 
 /// A one-line answer in plaintext before closing (even on implicit-TLS

@@ -124,3 +124,74 @@ impl AsyncWrite for ClientStream {
         }
     }
 }
+
+/// Reads a PROXY protocol v1 or v2 header from a trusted load balancer and
+/// returns the real (source, destination) addresses. Only the header's bytes
+/// are consumed (they are peeked first), so a TLS ClientHello that follows in
+/// the same segment stays in the socket for the handshake. `LOCAL` headers
+/// (health checks) yield `None`.
+pub async fn read_proxy_header(
+    tcp: &mut TcpStream,
+    deadline: Duration,
+) -> io::Result<Option<(std::net::SocketAddr, std::net::SocketAddr)>> {
+    use proxy_header::{ParseConfig, ProxyHeader};
+    use tokio::io::AsyncReadExt;
+    let work = async {
+        // v1 is at most 107 bytes; v2 is 16 + its length field (TLVs included)
+        let mut buf = vec![0u8; 1024];
+        let mut seen = 0;
+        loop {
+            let n = tcp.peek(&mut buf).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before the PROXY header",
+                ));
+            }
+            let config = ParseConfig {
+                include_tlvs: false,
+                allow_v1: true,
+                allow_v2: true,
+            };
+            match ProxyHeader::parse(&buf[..n], config) {
+                Ok((header, len)) => {
+                    let addrs = header.proxied_address().map(|a| (a.source, a.destination));
+                    let mut consumed = vec![0u8; len];
+                    tcp.read_exact(&mut consumed).await?;
+                    return Ok(addrs);
+                }
+                Err(proxy_header::Error::BufferTooShort) if n < buf.len() => {
+                    // peek returns at once while bytes are pending: wait for more
+                    if n == seen {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    seen = n;
+                }
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("bad PROXY header: {e:?}"),
+                    ))
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(deadline, work).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "PROXY header timed out",
+        )),
+    }
+}
+
+/// The PROXY v2 header sent to a backend configured with `identity: [proxy_v2]`.
+pub fn proxy_v2_header(source: std::net::SocketAddr, destination: std::net::SocketAddr) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    let h = proxy_header::ProxyHeader::with_address(proxy_header::ProxiedAddress::stream(
+        source,
+        destination,
+    ));
+    let _ = h.encode_v2(&mut out);
+    out
+}

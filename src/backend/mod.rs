@@ -1,8 +1,18 @@
 //! Clients of the legacy servers behind mailgate.
 
+pub mod pop3;
 pub mod probe;
 pub mod reply;
 pub mod smtp;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn xtext_encodes_specials() {
+        assert_eq!(super::xtext("client.example"), "client.example");
+        assert_eq!(super::xtext("a+b=c d"), "a+2Bb+3Dc+20d");
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -26,6 +36,28 @@ impl From<crate::codec::CodecError> for BackendError {
             other => BackendError::Failed(other.to_string()),
         }
     }
+}
+
+/// Who the client is, for backends configured to be told (XCLIENT, PROXY v2).
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+    pub helo: Option<String>,
+    pub esmtp: bool,
+}
+
+/// xtext (RFC 3461 §4) for XCLIENT values: `+XX` for `+`, `=`, controls, space, 8-bit.
+pub fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Connects with TCP_NODELAY under a deadline; `address` is `host:port`.

@@ -35,7 +35,7 @@ impl CapsCache {
 
     /// One probe: connect, EHLO, QUIT.
     pub async fn probe(&self, backend: &Backend, t: &Timeouts) -> bool {
-        match SmtpBackend::connect(backend, t).await {
+        match SmtpBackend::connect(backend, t, None).await {
             Ok(b) => {
                 self.set(&backend.name, b.caps.clone());
                 b.quit().await;

@@ -4,7 +4,7 @@
 //! next MAIL. Only parameters the backend announced are passed on.
 
 use super::reply::{Parsed, ReplyParser, MAX_LINE};
-use super::BackendError;
+use super::{BackendError, ClientIdentity};
 use crate::codec::Conn;
 use crate::config::{Backend, Timeouts};
 use crate::smtp::command::{Body, MailParams};
@@ -25,7 +25,14 @@ pub struct SmtpBackend {
 }
 
 impl SmtpBackend {
-    pub async fn connect(backend: &Backend, t: &Timeouts) -> Result<Self, BackendError> {
+    /// Greeting, EHLO (HELO fallback), and the client's identity where the
+    /// backend is configured for it (`id` is `None` for capability probes).
+    pub async fn connect(
+        backend: &Backend,
+        t: &Timeouts,
+        id: Option<&ClientIdentity>,
+    ) -> Result<Self, BackendError> {
+        let started = std::time::Instant::now();
         let tcp = super::connect(&backend.address, t.backend_connect).await?;
         let mut b = SmtpBackend {
             conn: Conn::new(tcp),
@@ -35,6 +42,11 @@ impl SmtpBackend {
             reply_timeout: t.backend_reply,
             data_timeout: t.backend_data,
         };
+        if let (true, Some(id)) = (backend.proxy_v2, id) {
+            let header = crate::transport::proxy_v2_header(id.peer, id.local);
+            b.conn.queue(&header);
+            b.conn.flush(t.backend_connect).await?;
+        }
         let (code, lines) = b.read_reply(t.backend_connect).await?;
         if code != 220 {
             return Err(BackendError::Unavailable(format!(
@@ -42,6 +54,64 @@ impl SmtpBackend {
                 lines.join(" ")
             )));
         }
+        let xclient = b.hello(backend).await?;
+        if let (true, Some(id), Some(attrs)) = (backend.xclient, id, xclient) {
+            b.xclient(backend, id, &attrs).await?;
+        }
+        crate::observe::metrics().backend_connected(&backend.name, started.elapsed().as_secs_f64());
+        Ok(b)
+    }
+
+    /// XCLIENT (Postfix): the backend then sees the client's address and HELO
+    /// as if it had connected itself. It answers with a new greeting, after
+    /// which EHLO is repeated. A refusal is logged and the session goes on
+    /// (the `Received:` header still names the client).
+    async fn xclient(
+        &mut self,
+        backend: &Backend,
+        id: &ClientIdentity,
+        attrs: &[String],
+    ) -> Result<(), BackendError> {
+        let has = |a: &str| attrs.iter().any(|x| x.eq_ignore_ascii_case(a));
+        let mut line = String::from("XCLIENT");
+        if has("ADDR") {
+            let ip = match id.peer.ip() {
+                std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                    Some(v4) => v4.to_string(),
+                    None => format!("IPV6:{v6}"),
+                },
+                v4 => v4.to_string(),
+            };
+            line.push_str(&format!(" ADDR={ip}"));
+        }
+        if has("PORT") {
+            line.push_str(&format!(" PORT={}", id.peer.port()));
+        }
+        if has("PROTO") {
+            line.push_str(if id.esmtp {
+                " PROTO=ESMTP"
+            } else {
+                " PROTO=SMTP"
+            });
+        }
+        if let (true, Some(h)) = (has("HELO"), &id.helo) {
+            line.push_str(&format!(" HELO={}", super::xtext(h)));
+        }
+        let (code, lines) = self.command(&line).await?;
+        if code != 220 {
+            tracing::warn!(backend = %backend.name, code, reply = %lines.join(" "), "backend refused XCLIENT; check its smtpd_authorized_xclient_hosts");
+            return Ok(());
+        }
+        self.hello(backend).await.map(|_| ())
+    }
+
+    /// EHLO with HELO fallback; learns the extensions and returns the XCLIENT
+    /// attributes if the backend offers XCLIENT.
+    async fn hello(&mut self, backend: &Backend) -> Result<Option<Vec<String>>, BackendError> {
+        let b = self;
+        let mut xclient = None;
+        b.caps = BackendCaps::default();
+        b.size_ext = false;
         let (code, lines) = b.command(&format!("EHLO {}", backend.helo_name)).await?;
         match code {
             250 => {
@@ -51,6 +121,9 @@ impl SmtpBackend {
                         Some("8BITMIME") => b.caps.eightbitmime = true,
                         Some("SMTPUTF8") => b.caps.smtputf8 = true,
                         Some("PIPELINING") => b.caps.pipelining = true,
+                        Some("XCLIENT") => {
+                            xclient = Some(words.by_ref().map(str::to_string).collect())
+                        }
                         Some(w) if w == "AUTH" || w.starts_with("AUTH=") => {
                             let first = w
                                 .strip_prefix("AUTH=")
@@ -92,7 +165,7 @@ impl SmtpBackend {
                 )))
             }
         }
-        Ok(b)
+        Ok(xclient)
     }
 
     async fn read_reply(&mut self, deadline: Duration) -> Result<BackendReply, BackendError> {

@@ -20,6 +20,37 @@ pub struct FileConfig {
     pub backends: BTreeMap<String, BackendFile>,
     #[serde(default)]
     pub policies: BTreeMap<String, PolicyFile>,
+    #[serde(default)]
+    pub metrics: Option<MetricsFile>,
+}
+
+/// `metrics: { bind: "127.0.0.1:9090" }`: Prometheus `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    pub bind: String,
+}
+
+/// `proxy_protocol: { trusted: [CIDR, ...] }`: a PROXY v1/v2 header is required
+/// from these peers (load balancers); any other peer is closed.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolFile {
+    pub trusted: Vec<Cidr>,
+    /// How long the header may take to arrive (default 5s).
+    pub timeout: Option<Secs>,
+}
+
+/// How the backend learns who the client is (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityMethod {
+    /// Postfix XCLIENT (ADDR, PORT, PROTO, HELO) when the backend offers it.
+    Xclient,
+    /// A PROXY protocol v2 header at the start of the backend connection.
+    ProxyV2,
+    /// The `Received:` trace header (always added).
+    Received,
 }
 
 /// Process-wide settings.
@@ -95,6 +126,8 @@ pub struct ListenerFile {
     pub apop: Option<bool>,
     /// POP3: failed logins per session before the session is closed.
     pub max_login_failures: Option<u32>,
+    /// Accept connections through a TCP load balancer that sends PROXY headers.
+    pub proxy_protocol: Option<ProxyProtocolFile>,
     /// SMTP: `none` (default), `optional` or `required` AUTH (PLAIN, LOGIN; only over TLS).
     pub auth: Option<AuthMode>,
     /// POP3 and SMTP AUTH: pause after each failed login.
@@ -138,6 +171,8 @@ pub struct BackendFile {
     pub address: String,
     /// Name sent in EHLO/HELO to the backend (default: the listener's hostname).
     pub helo_name: Option<String>,
+    /// Default `[received]`; e.g. `[xclient, received]`.
+    pub identity: Option<Vec<IdentityMethod>>,
 }
 
 /// A policy block: who may do how much (DESIGN §5). Lists are checked in

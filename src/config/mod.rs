@@ -12,7 +12,7 @@ pub mod units;
 
 use crate::policy::{self, AllowSpec, Kind, PolicySpec, RuleSpec};
 use file::{AllowFile, FileConfig, ListenerFile, PolicyFile};
-pub use file::{AuthMode, BareNewlines, Protocol, TlsMode};
+pub use file::{AuthMode, BareNewlines, IdentityMethod, Protocol, TlsMode};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -46,6 +46,7 @@ pub struct Config {
     pub certificates: Vec<(PathBuf, PathBuf)>,
     pub backends: BTreeMap<String, Arc<Backend>>,
     pub policies: BTreeMap<String, Arc<PolicySpec>>,
+    pub metrics_bind: Option<SocketAddr>,
     pub shutdown_grace: Duration,
     pub sources: Vec<PathBuf>,
 }
@@ -55,6 +56,8 @@ pub struct Backend {
     pub name: String,
     pub address: String,
     pub helo_name: String,
+    pub xclient: bool,
+    pub proxy_v2: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +83,8 @@ pub struct Listener {
     pub backend: Arc<Backend>,
     pub policy: Option<Arc<PolicySpec>>,
     pub auth: AuthMode,
+    /// Peers that must (and alone may) send a PROXY header, and its deadline.
+    pub proxy_trusted: Option<(Vec<units::Cidr>, Duration)>,
     pub hostname: String,
     pub max_connections: usize,
     pub max_message_size: u64,
@@ -330,6 +335,14 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
                 name: name.clone(),
                 address: b.address.clone(),
                 helo_name: b.helo_name.clone().unwrap_or_else(|| hostname.clone()),
+                xclient: b
+                    .identity
+                    .as_ref()
+                    .is_some_and(|v| v.contains(&IdentityMethod::Xclient)),
+                proxy_v2: b
+                    .identity
+                    .as_ref()
+                    .is_some_and(|v| v.contains(&IdentityMethod::ProxyV2)),
             };
             backends.insert(name.clone(), (Arc::new(backend), i));
         }
@@ -353,6 +366,20 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
         }
     }
 
+    let mut metrics_bind = None;
+    for s in sources {
+        if let Some(m) = &s.parsed.metrics {
+            if metrics_bind.is_some() {
+                return Err(s.err(&["metrics"], "metrics is set in more than one file"));
+            }
+            metrics_bind = Some(m.bind.parse::<SocketAddr>().map_err(|_| {
+                s.err(
+                    &["metrics", &m.bind],
+                    format!("metrics.bind {:?} must be IP:port", m.bind),
+                )
+            })?);
+        }
+    }
     let mut listeners: Vec<Arc<Listener>> = Vec::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (i, s) in sources.iter().enumerate() {
@@ -402,6 +429,7 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
         certificates,
         backends: backends.into_iter().map(|(k, v)| (k, v.0)).collect(),
         policies: policies.into_iter().map(|(k, v)| (k, v.0)).collect(),
+        metrics_bind,
         shutdown_grace: grace,
         sources: sources.iter().map(|s| s.path.clone()).collect(),
     })
@@ -681,6 +709,12 @@ fn build_listener(
         backend,
         policy,
         auth,
+        proxy_trusted: l.proxy_protocol.as_ref().map(|p| {
+            (
+                p.trusted.clone(),
+                p.timeout.map(|t| t.0).unwrap_or(Duration::from_secs(5)),
+            )
+        }),
         hostname: l.hostname.clone().unwrap_or_else(|| hostname.to_string()),
         max_connections: checked(l.max_connections, 1000, 1, 1_000_000, "max_connections")?,
         max_message_size,

@@ -485,6 +485,7 @@ impl Policy {
     fn hit(&self, rule: &Rule, values: &[String], wait: Duration) -> Decision {
         let key = Self::describe_key(&rule.spec, values);
         let action = rule.spec.action;
+        crate::observe::metrics().policy_hit(&self.name, &rule.spec.name, action == Action::Shadow);
         if action == Action::Shadow {
             rule.hits.shadow.fetch_add(1, Ordering::Relaxed);
             info!(policy = %self.name, rule = %rule.spec.name, key = %key, "shadow: limit would have been enforced");

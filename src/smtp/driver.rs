@@ -60,14 +60,24 @@ impl Driver {
                 return;
             };
             match stream.into_tls(cfg, l.timeouts.tls_handshake).await {
-                Ok(s) => stream = s,
+                Ok(s) => {
+                    stream = s;
+                    let v = stream.tls_info().map(|i| i.version).unwrap_or_default();
+                    crate::observe::metrics().tls_ok(&l.name, &v);
+                }
                 Err(e) => {
+                    crate::observe::metrics().tls_failed(&l.name);
                     debug!(error = %e, "TLS handshake failed");
                     return;
                 }
             }
         }
         let tls = stream.tls_info().map(|i| (i.version, i.cipher));
+        let _gauge = crate::observe::metrics::SessionGauge::new(
+            &l.name,
+            "smtp",
+            if tls.is_some() { "implicit" } else { "none" },
+        );
         let caps = ctx.caps.get(&l.backend.name);
         let settings = Settings {
             hostname: l.hostname.clone(),
@@ -90,6 +100,7 @@ impl Driver {
             messages: 0,
         };
         let end = d.serve().await;
+        crate::observe::metrics().bytes(&l.name, d.conn.bytes_in, d.conn.bytes_out);
         if let Some(b) = d.backend.take() {
             b.quit().await;
         }
@@ -179,9 +190,15 @@ impl Driver {
                 Ok(line) if self.session.awaiting_auth_line() => self.session.auth_line(&line),
                 Ok(line) => {
                     let cmd = command::parse(&line);
-                    if let Ok(c) = &cmd {
-                        // the verb only: never arguments (AUTH payloads)
-                        debug!(command = c.verb(), "command");
+                    match &cmd {
+                        Ok(c) => {
+                            // the verb only: never arguments (AUTH payloads)
+                            debug!(command = c.verb(), "command");
+                            crate::observe::metrics().command(&self.ctx.listener.name, c.verb());
+                        }
+                        Err(_) => {
+                            crate::observe::metrics().command(&self.ctx.listener.name, "invalid")
+                        }
                     }
                     if let Ok(command::Command::Ehlo(h) | command::Command::Helo(h)) = &cmd {
                         let mut f = self.facts();
@@ -377,11 +394,21 @@ impl Driver {
                 self.tls = tls.tls_info().map(|i| (i.version, i.cipher));
                 self.conn.stream = tls;
                 self.session.tls_started();
-                // a backend transaction cannot be open (STARTTLS is refused
-                // inside one), but the backend must not carry state across
+                crate::observe::metrics().tls_ok(
+                    &self.ctx.listener.name,
+                    self.tls.as_ref().map(|t| t.0.as_str()).unwrap_or(""),
+                );
+                // the backend was told the pre-TLS identity (XCLIENT HELO):
+                // start afresh, like the client's own state (RFC 3207)
+                if let Some(b) = self.backend.take() {
+                    b.quit().await;
+                }
                 None
             }
-            Err(e) => Some(End::Error(format!("STARTTLS handshake: {e}"))),
+            Err(e) => {
+                crate::observe::metrics().tls_failed(&self.ctx.listener.name);
+                Some(End::Error(format!("STARTTLS handshake: {e}")))
+            }
         }
     }
 
@@ -403,7 +430,19 @@ impl Driver {
     async fn backend(&mut self) -> Result<&mut SmtpBackend, BackendError> {
         if self.backend.is_none() {
             let l = &self.ctx.listener;
-            let b = SmtpBackend::connect(&l.backend, &l.timeouts).await?;
+            let id = crate::backend::ClientIdentity {
+                peer: self.peer,
+                local: self.ctx.local,
+                helo: self.session.helo.clone(),
+                esmtp: self.session.esmtp,
+            };
+            let b = match SmtpBackend::connect(&l.backend, &l.timeouts, Some(&id)).await {
+                Ok(b) => b,
+                Err(e) => {
+                    crate::observe::metrics().backend_failed(&l.backend.name);
+                    return Err(e);
+                }
+            };
             self.ctx.caps.set(&l.backend.name, b.caps.clone());
             self.backend = Some(b);
         }
@@ -455,6 +494,7 @@ impl Driver {
         });
         if let Some(r) = self.session.data_received(&result, l.max_text_line) {
             info!(from = %from, rcpts = rcpts.len(), size = rx.received, result = %r.summary(), duration_ms = started.elapsed().as_millis() as u64, "transaction rejected");
+            crate::observe::metrics().outcome(&l.name, "rejected");
             self.queue(&r);
             return smuggling_guard;
         }
@@ -475,17 +515,27 @@ impl Driver {
         });
         let wire = data::stuff(&[header.as_bytes(), &body]);
         drop(body);
+        let sent = Instant::now();
         let r = match self.backend.as_mut() {
             Some(b) => b.data(&wire).await,
             None => Err(BackendError::Failed(
                 "connection lost during transaction".into(),
             )),
         };
+        crate::observe::metrics().backend_replied(&l.backend.name, sent.elapsed().as_secs_f64());
         let outcome = self.outcome(r);
         let r = self.session.delivered(outcome);
         if r.is_positive() {
             self.messages += 1;
         }
+        crate::observe::metrics().outcome(
+            &l.name,
+            match r.code / 100 {
+                2 => "accepted",
+                4 => "tempfail",
+                _ => "rejected",
+            },
+        );
         info!(from = %from, rcpts = rcpts.len(), size = wire.len(), backend = %r.summary(), duration_ms = started.elapsed().as_millis() as u64, "transaction");
         self.queue(&r);
         smuggling_guard.or_else(|| self.lost_authenticated_backend())

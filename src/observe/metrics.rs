@@ -1,0 +1,360 @@
+//! The process's metric families (prometheus-client), one registry for the
+//! process. Counters are incremented where the event happens; label values
+//! are configuration names or small fixed sets, never client-controlled text
+//! (no cardinality explosion from hostile input).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::OnceLock;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabels {
+    pub listener: String,
+    pub protocol: &'static str,
+    pub tls: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub listener: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    pub listener: String,
+    pub command: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub listener: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub policy: String,
+    pub rule: String,
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub listener: String,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub check: &'static str,
+    pub result: String,
+}
+
+type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    // 0.5 ms … ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub sessions: Family<SessionLabels, Counter>,
+    pub sessions_current: Family<ListenerLabels, Gauge>,
+    pub tls_handshakes: Family<TlsLabels, Counter>,
+    pub tls_failures: Family<ListenerLabels, Counter>,
+    pub commands: Family<CommandLabels, Counter>,
+    pub transactions: Family<OutcomeLabels, Counter>,
+    pub refused_connections: Family<OutcomeLabels, Counter>,
+    pub policy_hits: Family<RuleLabels, Counter>,
+    pub auth_results: Family<VerdictLabels, Counter>,
+    pub backend_connect: HistFamily<BackendLabels>,
+    pub backend_reply: HistFamily<BackendLabels>,
+    pub backend_failures: Family<BackendLabels, Counter>,
+    pub dns_lookup: Histogram,
+    pub dns_failures: Counter,
+    pub bytes: Family<BytesLabels, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mailgate");
+        let m = Metrics {
+            sessions: Family::default(),
+            sessions_current: Family::default(),
+            tls_handshakes: Family::default(),
+            tls_failures: Family::default(),
+            commands: Family::default(),
+            transactions: Family::default(),
+            refused_connections: Family::default(),
+            policy_hits: Family::default(),
+            auth_results: Family::default(),
+            backend_connect: Family::new_with_constructor(latency),
+            backend_reply: Family::new_with_constructor(latency),
+            backend_failures: Family::default(),
+            dns_lookup: latency(),
+            dns_failures: Counter::default(),
+            bytes: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("sessions", "Client sessions accepted", m.sessions.clone());
+        registry.register(
+            "sessions_current",
+            "Client sessions in progress",
+            m.sessions_current.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "Successful TLS handshakes by protocol version",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Failed or timed-out TLS handshakes",
+            m.tls_failures.clone(),
+        );
+        registry.register("commands", "Commands received, by verb", m.commands.clone());
+        registry.register(
+            "transactions",
+            "SMTP transactions and POP3 sessions by outcome",
+            m.transactions.clone(),
+        );
+        registry.register(
+            "refused_connections",
+            "Connections refused before the session (deny, limits, PROXY)",
+            m.refused_connections.clone(),
+        );
+        registry.register(
+            "policy_limit_hits",
+            "Policy limit hits by rule (mode enforced or shadow)",
+            m.policy_hits.clone(),
+        );
+        registry.register(
+            "auth_results",
+            "SPF/DKIM/DMARC/ARC results",
+            m.auth_results.clone(),
+        );
+        registry.register(
+            "backend_connect_seconds",
+            "Time to a ready backend connection (greeting, EHLO)",
+            m.backend_connect.clone(),
+        );
+        registry.register(
+            "backend_reply_seconds",
+            "Backend final reply latency after a message (DATA) or login",
+            m.backend_reply.clone(),
+        );
+        registry.register(
+            "backend_failures",
+            "Backend connections that failed or broke",
+            m.backend_failures.clone(),
+        );
+        registry.register(
+            "dns_lookup_seconds",
+            "DNS lookup latency for SPF/DKIM/DMARC",
+            m.dns_lookup.clone(),
+        );
+        registry.register(
+            "dns_failures",
+            "DNS lookups that failed",
+            m.dns_failures.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Client bytes by direction (in = from clients)",
+            m.bytes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn command(&self, listener: &str, command: &'static str) {
+        self.commands
+            .get_or_create(&CommandLabels {
+                listener: listener.to_string(),
+                command,
+            })
+            .inc();
+    }
+
+    pub fn outcome(&self, listener: &str, outcome: &'static str) {
+        self.transactions
+            .get_or_create(&OutcomeLabels {
+                listener: listener.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn refused(&self, listener: &str, reason: &'static str) {
+        self.refused_connections
+            .get_or_create(&OutcomeLabels {
+                listener: listener.to_string(),
+                outcome: reason,
+            })
+            .inc();
+    }
+
+    pub fn bytes(&self, listener: &str, bytes_in: u64, bytes_out: u64) {
+        self.bytes
+            .get_or_create(&BytesLabels {
+                listener: listener.to_string(),
+                direction: "in",
+            })
+            .inc_by(bytes_in);
+        self.bytes
+            .get_or_create(&BytesLabels {
+                listener: listener.to_string(),
+                direction: "out",
+            })
+            .inc_by(bytes_out);
+    }
+
+    pub fn tls_ok(&self, listener: &str, version: &str) {
+        self.tls_handshakes
+            .get_or_create(&TlsLabels {
+                listener: listener.to_string(),
+                version: version.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn tls_failed(&self, listener: &str) {
+        self.tls_failures
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn policy_hit(&self, policy: &str, rule: &str, shadow: bool) {
+        let mode = if shadow { "shadow" } else { "enforced" };
+        self.policy_hits
+            .get_or_create(&RuleLabels {
+                policy: policy.to_string(),
+                rule: rule.to_string(),
+                mode,
+            })
+            .inc();
+    }
+
+    pub fn backend_connected(&self, backend: &str, seconds: f64) {
+        self.backend_connect
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn backend_replied(&self, backend: &str, seconds: f64) {
+        self.backend_reply
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn backend_failed(&self, backend: &str) {
+        self.backend_failures
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .inc();
+    }
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// Counts a session for its lifetime: `sessions_total` on creation,
+/// `sessions_current` up now and down on drop.
+pub struct SessionGauge {
+    listener: String,
+}
+
+impl SessionGauge {
+    pub fn new(listener: &str, protocol: &'static str, tls: &'static str) -> Self {
+        let m = metrics();
+        m.sessions
+            .get_or_create(&SessionLabels {
+                listener: listener.to_string(),
+                protocol,
+                tls,
+            })
+            .inc();
+        m.sessions_current
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+        SessionGauge {
+            listener: listener.to_string(),
+        }
+    }
+}
+
+impl Drop for SessionGauge {
+    fn drop(&mut self) {
+        metrics()
+            .sessions_current
+            .get_or_create(&ListenerLabels {
+                listener: self.listener.clone(),
+            })
+            .dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_families() {
+        let m = metrics();
+        m.command("t", "EHLO");
+        m.policy_hit("p", "r", true);
+        let _g = SessionGauge::new("t", "smtp", "none");
+        let text = m.encode();
+        assert!(text.contains("# TYPE mailgate_commands counter"), "{text}");
+        assert!(
+            text.contains("mailgate_commands_total{listener=\"t\",command=\"EHLO\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "mailgate_policy_limit_hits_total{policy=\"p\",rule=\"r\",mode=\"shadow\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailgate_sessions_current{listener=\"t\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,7 @@
+//! Observability: Prometheus metrics and the HTTP endpoint that serves them
+//! with `/healthz` and `/readyz`.
+
+pub mod http;
+pub mod metrics;
+
+pub use metrics::metrics;
