@@ -37,6 +37,7 @@ fn policy(
             rules,
             max_tracked_keys: max_keys,
             known_good: Duration::from_secs(3600),
+            auth: None,
         }),
     );
     (Policies::compile(&specs, &state).get("p").unwrap(), state)

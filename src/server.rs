@@ -24,6 +24,8 @@ pub struct ListenerRuntime {
     pub listener: Arc<Listener>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub policy: Option<Arc<Policy>>,
+    /// SPF/DKIM/DMARC verifier (one per configuration; its DNS cache is shared).
+    pub verifier: Option<Arc<crate::auth::Verifier>>,
 }
 
 /// What one session needs, loaded once at accept and kept for its lifetime.
@@ -32,6 +34,7 @@ pub struct SessionCtx {
     pub listener: Arc<Listener>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub policy: Option<Arc<Policy>>,
+    pub verifier: Option<Arc<crate::auth::Verifier>>,
     pub caps: Arc<CapsCache>,
     pub shutdown: watch::Receiver<bool>,
     /// The address the client connected to (from PROXY when a balancer sent one).
@@ -48,6 +51,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error("DNS resolver: {0}")]
+    Dns(String),
 }
 
 struct Slot {
@@ -83,12 +88,26 @@ fn runtime_for(
     l: &Arc<Listener>,
     tls: &Option<Arc<rustls::ServerConfig>>,
     policies: &Policies,
+    verifier: &Option<Arc<crate::auth::Verifier>>,
 ) -> ListenerRuntime {
+    let policy = l.policy.as_ref().and_then(|p| policies.get(&p.name));
+    let wants_auth = policy.as_ref().is_some_and(|p| p.spec().auth.is_some());
     ListenerRuntime {
         listener: l.clone(),
         tls: tls.clone(),
-        policy: l.policy.as_ref().and_then(|p| policies.get(&p.name)),
+        policy,
+        verifier: if wants_auth { verifier.clone() } else { None },
     }
+}
+
+/// One verifier (resolver + cache) when any policy checks SPF/DKIM/DMARC/ARC.
+fn verifier_for(config: &Config) -> Result<Option<Arc<crate::auth::Verifier>>, ServerError> {
+    if !config.policies.values().any(|p| p.auth.is_some()) {
+        return Ok(None);
+    }
+    crate::auth::Verifier::new(&config.dns)
+        .map(|v| Some(Arc::new(v)))
+        .map_err(|e| ServerError::Dns(e.to_string()))
 }
 
 impl Gateway {
@@ -96,6 +115,7 @@ impl Gateway {
     /// client is accepted), probes SMTP backends once, then starts accepting.
     pub async fn start(config: &Config) -> Result<Gateway, ServerError> {
         let tls = tls_config(config)?;
+        let verifier = verifier_for(config)?;
         let policy_state = PolicyState::new();
         let policies = Policies::compile(&config.policies, &policy_state);
         let mut bound = Vec::new();
@@ -167,7 +187,9 @@ impl Gateway {
         for (l, socket) in bound {
             let addr = socket.local_addr().unwrap_or(l.bind);
             info!(listener = %l.name, %addr, protocol = ?l.protocol, tls = ?l.tls, backend = %l.backend.address, "listening");
-            let runtime = Arc::new(ArcSwap::from_pointee(runtime_for(&l, &tls, &policies)));
+            let runtime = Arc::new(ArcSwap::from_pointee(runtime_for(
+                &l, &tls, &policies, &verifier,
+            )));
             let permits = Arc::new(Semaphore::new(l.max_connections));
             accept_tasks.push(tokio::spawn(accept_loop(
                 socket,
@@ -212,6 +234,7 @@ impl Gateway {
     /// error nothing is applied.
     pub fn reload(&self, config: &Config) -> Result<Vec<String>, ServerError> {
         let tls = tls_config(config)?;
+        let verifier = verifier_for(config)?;
         let policies = Policies::compile(&config.policies, &self.policy_state);
         let mut notes = Vec::new();
         for slot in &self.slots {
@@ -223,7 +246,7 @@ impl Gateway {
                         && l.max_connections == old.listener.max_connections =>
                 {
                     slot.runtime
-                        .store(Arc::new(runtime_for(l, &tls, &policies)));
+                        .store(Arc::new(runtime_for(l, &tls, &policies, &verifier)));
                 }
                 Some(l) => notes.push(format!(
                     "listener {}: bind, protocol or max_connections changed; restart to apply",
@@ -356,6 +379,7 @@ async fn watch_certificates(
                             listener: old.listener.clone(),
                             tls: Some(cfg.clone()),
                             policy: old.policy.clone(),
+                            verifier: old.verifier.clone(),
                         }));
                     }
                 }
@@ -428,6 +452,7 @@ async fn accept_loop(
             listener: rt.listener.clone(),
             tls: rt.tls.clone(),
             policy: rt.policy.clone(),
+            verifier: rt.verifier.clone(),
             caps: caps.clone(),
             shutdown: shutdown.clone(),
             local: local.unwrap_or(rt.listener.bind),

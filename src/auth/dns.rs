@@ -125,7 +125,7 @@ impl DnsSettings {
 }
 
 /// The `dns:` section as written in YAML. Unknown fields are errors.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DnsFile {
     /// `"IP:port"`, `"[v6]:port"` or a bare IP (port 53).

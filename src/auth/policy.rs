@@ -26,7 +26,7 @@ use crate::policy::action::Action;
 use serde::Deserialize;
 
 /// `spf:` — one action per RFC 7208 result.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpfActions {
     pub pass: Option<Action>,
@@ -40,7 +40,7 @@ pub struct SpfActions {
 
 /// `dkim:` — applied to the best signature of the message (see
 /// [`MessageOutcome::dkim_summary`]); `none` = unsigned.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DkimActions {
     pub pass: Option<Action>,
@@ -53,7 +53,7 @@ pub struct DkimActions {
 
 /// `dmarc:` — `quarantine` / `reject` / `none` apply to a DMARC `fail`
 /// according to the domain's published policy.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DmarcActions {
     /// Act on the published policy (`p=`/`sp=`/`np=`); false = report only.
@@ -70,7 +70,7 @@ pub struct DmarcActions {
 }
 
 /// `arc:` — the chain validation result (reported; sealing is not done).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ArcActions {
     pub pass: Option<Action>,
@@ -80,7 +80,7 @@ pub struct ArcActions {
 }
 
 /// The authentication part of one policy block.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthPolicy {
     /// Our authserv-id (RFC 8601 §2.5), usually the MX host name. Headers

@@ -22,6 +22,9 @@ pub struct FileConfig {
     pub policies: BTreeMap<String, PolicyFile>,
     #[serde(default)]
     pub metrics: Option<MetricsFile>,
+    /// Resolver for SPF/DKIM/DMARC (default: the system's resolv.conf).
+    #[serde(default)]
+    pub dns: Option<crate::auth::DnsFile>,
 }
 
 /// `metrics: { bind: "127.0.0.1:9090" }`: Prometheus `/metrics`, `/healthz`, `/readyz`.
@@ -192,6 +195,17 @@ pub struct PolicyFile {
     /// How long a successful login keeps (user, network) "known good", exempt
     /// from per-user lockouts.
     pub known_good: Option<Secs>,
+    /// Our authserv-id for Authentication-Results (RFC 8601); headers claiming
+    /// it are removed from incoming mail. Default: the listener's hostname.
+    pub authserv_id: Option<String>,
+    /// SPF at MAIL FROM (RFC 7208): an action per result. Not named = not run.
+    pub spf: Option<crate::auth::SpfActions>,
+    /// DKIM after DATA (RFC 6376).
+    pub dkim: Option<crate::auth::DkimActions>,
+    /// DMARC after DATA (RFC 7489); needs SPF and DKIM, which then run too.
+    pub dmarc: Option<crate::auth::DmarcActions>,
+    /// ARC chain validation (reported; no sealing).
+    pub arc: Option<crate::auth::ArcActions>,
 }
 
 /// `"10.0.0.0/8"` (skip every limit) or `{ networks: [...], skip: [rule names] }`.

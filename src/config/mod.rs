@@ -47,6 +47,8 @@ pub struct Config {
     pub backends: BTreeMap<String, Arc<Backend>>,
     pub policies: BTreeMap<String, Arc<PolicySpec>>,
     pub metrics_bind: Option<SocketAddr>,
+    /// Resolver settings for SPF/DKIM/DMARC.
+    pub dns: crate::auth::DnsSettings,
     pub shutdown_grace: Duration,
     pub sources: Vec<PathBuf>,
 }
@@ -380,6 +382,18 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
             })?);
         }
     }
+    let mut dns = None;
+    for s in sources {
+        if let Some(d) = &s.parsed.dns {
+            if dns.is_some() {
+                return Err(s.err(&["dns"], "dns is set in more than one file"));
+            }
+            dns = Some(
+                d.to_settings()
+                    .map_err(|e| s.err(&["dns"], format!("dns: {e}")))?,
+            );
+        }
+    }
     let mut listeners: Vec<Arc<Listener>> = Vec::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (i, s) in sources.iter().enumerate() {
@@ -430,6 +444,7 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
         backends: backends.into_iter().map(|(k, v)| (k, v.0)).collect(),
         policies: policies.into_iter().map(|(k, v)| (k, v.0)).collect(),
         metrics_bind,
+        dns: dns.unwrap_or_default(),
         shutdown_grace: grace,
         sources: sources.iter().map(|s| s.path.clone()).collect(),
     })
@@ -587,8 +602,36 @@ fn build_policy(s: &Source, name: &str, p: &PolicyFile) -> Result<PolicySpec, Co
             }
         });
     }
+    let auth = if p.spf.is_some()
+        || p.dkim.is_some()
+        || p.dmarc.is_some()
+        || p.arc.is_some()
+        || p.authserv_id.is_some()
+    {
+        let a = crate::auth::AuthPolicy {
+            authserv_id: p.authserv_id.clone().unwrap_or_default(),
+            spf: p.spf.clone(),
+            dkim: p.dkim.clone(),
+            dmarc: p.dmarc.clone(),
+            arc: p.arc.clone(),
+        };
+        Some(a)
+    } else {
+        None
+    };
+    if let Some(a) = &auth {
+        if !a.authserv_id.is_empty() {
+            a.validate().map_err(|e| {
+                s.err(
+                    &["policies", name, "authserv_id"],
+                    format!("policies.{name}: {e}"),
+                )
+            })?;
+        }
+    }
     Ok(PolicySpec {
         name: name.to_string(),
+        auth,
         deny: p.deny.clone(),
         allow,
         rules,

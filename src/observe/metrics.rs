@@ -259,6 +259,15 @@ impl Metrics {
             .inc();
     }
 
+    pub fn auth_result(&self, check: &'static str, result: &str) {
+        self.auth_results
+            .get_or_create(&VerdictLabels {
+                check,
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
     pub fn backend_connected(&self, backend: &str, seconds: f64) {
         self.backend_connect
             .get_or_create(&BackendLabels {

@@ -164,6 +164,8 @@ pub struct PolicySpec {
     pub rules: Vec<RuleSpec>,
     pub max_tracked_keys: usize,
     pub known_good: Duration,
+    /// SPF/DKIM/DMARC/ARC settings; `authserv_id` empty = the listener's hostname.
+    pub auth: Option<crate::auth::AuthPolicy>,
 }
 
 impl PolicySpec {
@@ -186,6 +188,31 @@ impl PolicySpec {
                 a.skip.join(", ")
             };
             let _ = writeln!(out, "    0. allow {} skips {what}", n.join(", "));
+        }
+        if let Some(a) = &self.auth {
+            let mut checks = Vec::new();
+            if a.spf.is_some() || a.dmarc.is_some() {
+                checks.push("spf (MAIL FROM)");
+            }
+            if a.dkim.is_some() || a.dmarc.is_some() {
+                checks.push("dkim (after DATA)");
+            }
+            if a.dmarc.is_some() {
+                checks.push("dmarc (after DATA)");
+            }
+            if a.arc.is_some() {
+                checks.push("arc (after DATA)");
+            }
+            let id = if a.authserv_id.is_empty() {
+                "<hostname>"
+            } else {
+                a.authserv_id.as_str()
+            };
+            let _ = writeln!(
+                out,
+                "    auth: authserv_id={id} checks: {}",
+                checks.join(", ")
+            );
         }
         let mut order: Vec<&RuleSpec> = self.rules.iter().collect();
         order.sort_by_key(|r| r.stage());
@@ -795,6 +822,7 @@ mod tests {
             rules,
             max_tracked_keys: 1000,
             known_good: Duration::from_secs(3600),
+            auth: None,
         };
         let state = PolicyState::new();
         let mut specs = BTreeMap::new();
@@ -1055,6 +1083,7 @@ mod tests {
                     rules: vec![r],
                     max_tracked_keys: 100,
                     known_good: Duration::from_secs(60),
+                    auth: None,
                 }),
             );
             Policies::compile(&specs, &state).get("p").unwrap()

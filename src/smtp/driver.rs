@@ -47,6 +47,8 @@ struct Driver {
     tls: Option<(String, String)>,
     deadline: tokio::time::Instant,
     messages: u32,
+    /// SPF result of the current transaction (for DMARC and the A-R header).
+    spf: Option<crate::auth::SpfOutcome>,
 }
 
 impl Driver {
@@ -98,6 +100,7 @@ impl Driver {
             backend: None,
             tls,
             messages: 0,
+            spf: None,
         };
         let end = d.serve().await;
         crate::observe::metrics().bytes(&l.name, d.conn.bytes_in, d.conn.bytes_out);
@@ -272,6 +275,12 @@ impl Driver {
                         return None;
                     }
                 }
+                if let BackendOp::Mail { from, .. } = &op {
+                    if let Some(r) = self.check_spf(from).await {
+                        self.queue(&r);
+                        return None;
+                    }
+                }
                 let outcome = self.relay(&op).await;
                 match self.session.relayed(op, outcome) {
                     Action::Reply(r) => self.queue(&r),
@@ -314,6 +323,43 @@ impl Driver {
                 None
             }
             Decision::Refuse { action, .. } => Some(action),
+        }
+    }
+
+    /// SPF at MAIL FROM when the policy names it (or DMARC, which needs it).
+    /// `Some(reply)` refuses the MAIL.
+    async fn check_spf(&mut self, from: &str) -> Option<Reply> {
+        self.spf = None;
+        let (policy, verifier) = (self.ctx.policy.clone()?, self.ctx.verifier.clone()?);
+        let auth = policy.spec().auth.as_ref()?;
+        if !auth.wants_spf() {
+            return None;
+        }
+        let helo = self.session.helo.clone().unwrap_or_default();
+        let spf = verifier
+            .spf(self.peer.ip(), &helo, &self.ctx.listener.hostname, from)
+            .await;
+        crate::observe::metrics().auth_result("spf", spf.result.as_str());
+        let verdict = crate::auth::decide(auth, &spf);
+        info!(result = spf.result.as_str(), domain = %spf.domain, action = verdict.action.as_str(), "spf");
+        self.spf = Some(spf);
+        self.auth_verdict(&verdict).await
+    }
+
+    /// Turns an authentication verdict into a refusal, a tarpit or nothing.
+    async fn auth_verdict(&self, v: &crate::auth::Verdict) -> Option<Reply> {
+        match v.action {
+            PolicyAction::Reject => Some(reply::auth_check_reject(v.check, &v.reason)),
+            PolicyAction::Tempfail => Some(reply::auth_check_tempfail(v.check, &v.reason)),
+            PolicyAction::Delay => {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                None
+            }
+            PolicyAction::Shadow => {
+                info!(check = v.check, reason = %v.reason, "shadow: authentication verdict would have been enforced");
+                None
+            }
+            PolicyAction::Accept | PolicyAction::Tag => None,
         }
     }
 
@@ -499,6 +545,77 @@ impl Driver {
             return smuggling_guard;
         }
         let body = result.unwrap_or_default();
+        // SPF/DKIM/DMARC/ARC on the message as received; then forged
+        // Authentication-Results removed and ours prepended (never touching
+        // other headers or the body, so existing signatures stay valid)
+        let mut auth_headers = String::new();
+        let mut body = body;
+        if let (Some(policy), Some(verifier)) = (self.ctx.policy.clone(), self.ctx.verifier.clone())
+        {
+            if let Some(auth) = policy.spec().auth.as_ref() {
+                let authserv_id = if auth.authserv_id.is_empty() {
+                    l.hostname.clone()
+                } else {
+                    auth.authserv_id.clone()
+                };
+                let checks = auth.checks();
+                let outcome = if checks.any() {
+                    let helo = self.session.helo.clone().unwrap_or_default();
+                    let o = verifier
+                        .message(
+                            &body,
+                            self.peer.ip(),
+                            &helo,
+                            &from,
+                            self.spf.as_ref(),
+                            checks,
+                        )
+                        .await;
+                    let m = crate::observe::metrics();
+                    if let Some((r, _)) = o.dkim_summary() {
+                        m.auth_result("dkim", r.as_str());
+                    }
+                    if let Some(d) = &o.dmarc {
+                        m.auth_result("dmarc", d.result.as_str());
+                    }
+                    if let Some(a) = &o.arc {
+                        m.auth_result("arc", a.result.as_str());
+                    }
+                    let verdict = crate::auth::decide(auth, &o);
+                    if let Some(r) = self.auth_verdict(&verdict).await {
+                        info!(from = %from, rcpts = rcpts.len(), size = rx.received, check = verdict.check, result = %r.summary(), "transaction refused by authentication policy");
+                        crate::observe::metrics().outcome(
+                            &l.name,
+                            if r.code >= 500 {
+                                "rejected"
+                            } else {
+                                "tempfail"
+                            },
+                        );
+                        self.session.tx = None;
+                        self.queue(&r);
+                        return smuggling_guard;
+                    }
+                    Some(o)
+                } else {
+                    None
+                };
+                if let std::borrow::Cow::Owned(stripped) =
+                    crate::auth::strip_forged(&body, &authserv_id)
+                {
+                    warn!(authserv_id = %authserv_id, "removed Authentication-Results claiming our authserv-id");
+                    body = stripped;
+                }
+                auth_headers.push_str(&crate::auth::authentication_results(
+                    &authserv_id,
+                    self.spf.as_ref(),
+                    outcome.as_ref(),
+                ));
+                if let Some(spf) = &self.spf {
+                    auth_headers.push_str(&crate::auth::received_spf(spf));
+                }
+            }
+        }
         let header = data::received_header(&data::TraceInfo {
             helo: self.session.helo.as_deref().unwrap_or("unknown"),
             peer: self.peer,
@@ -513,7 +630,7 @@ impl Driver {
             },
             now: std::time::SystemTime::now(),
         });
-        let wire = data::stuff(&[header.as_bytes(), &body]);
+        let wire = data::stuff(&[header.as_bytes(), auth_headers.as_bytes(), &body]);
         drop(body);
         let sent = Instant::now();
         let r = match self.backend.as_mut() {

@@ -263,6 +263,23 @@ pub fn policy_reject() -> Reply {
 pub fn helo_policy_tempfail() -> Reply {
     Reply::new(421, "4.7.0 Rate limit exceeded, closing connection")
 }
+/// A message or sender refused by SPF/DKIM/DMARC/ARC (RFC 7372 codes where
+/// one exists). `reason` is already sanitised (printable ASCII, bounded).
+pub fn auth_check_reject(check: &str, reason: &str) -> Reply {
+    let code = match check {
+        "spf" => "5.7.23",
+        "dkim" => "5.7.20",
+        _ => "5.7.1",
+    };
+    Reply::new(550, format!("{code} Rejected by {check} check: {reason}"))
+}
+pub fn auth_check_tempfail(check: &str, reason: &str) -> Reply {
+    let code = if check == "spf" { "4.7.24" } else { "4.7.5" };
+    Reply::new(
+        451,
+        format!("{code} Temporary {check} failure, try again later: {reason}"),
+    )
+}
 pub fn auth_challenge(text: &'static str) -> Reply {
     Reply::new(334, text)
 }
