@@ -73,7 +73,8 @@ EXPOSE 25 465 587 110 995 9090
 
 USER 10025:10025
 
-# Connects to each configured listener on loopback and expects a greeting.
+# GET /healthz on the metrics endpoint when `metrics:` is configured; otherwise
+# connects to each configured listener on loopback and expects a greeting.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["/usr/local/bin/mailgate", "healthcheck", "--config", "/etc/mailgate"]
 

@@ -205,10 +205,28 @@ async fn run(mut cfg: mailgate::config::Config, path: PathBuf) -> anyhow::Result
     Ok(())
 }
 
-/// Connects to each listener on loopback (0.0.0.0 → 127.0.0.1) and expects a
-/// greeting: `220` (SMTP), `+OK` (POP3), or a TLS handshake start for implicit TLS.
+/// With a metrics endpoint: `GET /healthz` must answer 200. Without: connects
+/// to each listener on loopback (0.0.0.0 → 127.0.0.1) and expects a greeting:
+/// `220` (SMTP), `+OK` (POP3); implicit-TLS listeners must accept the connection.
 async fn healthcheck(cfg: &mailgate::config::Config) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if let Some(mut addr) = cfg.metrics_bind {
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        }
+        let probe = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.ok()?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.ok()?;
+            buf.starts_with(b"HTTP/1.1 200").then_some(())
+        };
+        let ok = tokio::time::timeout(Duration::from_secs(5), probe).await.ok().flatten().is_some();
+        if !ok {
+            eprintln!("metrics endpoint {addr} /healthz is not answering 200");
+        }
+        return ok;
+    }
     let mut all = true;
     for l in &cfg.listeners {
         let mut addr = l.bind;
