@@ -2,7 +2,11 @@
 //! **demo** legacy backend that keeps mail in memory. It exists so a newcomer
 //! sees the whole path work in seconds; it is not a mail server.
 //!
-//! The demo SMTP backend is also handy as a scripted legacy server in tests.
+//! Its two faces share one in-memory [`Mailbox`]: an SMTP server that stores
+//! what it receives, and a POP3 maildrop (RFC 1939, user `demo`, any
+//! password) that serves it, so the demo shows the whole loop: send with curl
+//! over STARTTLS, fetch with curl over POP3S. Both are also handy as scripted
+//! legacy servers in tests.
 
 use crate::codec::{CodecError, Conn};
 use std::net::SocketAddr;
@@ -120,6 +124,220 @@ async fn smtp_session(tcp: TcpStream, mailbox: Arc<Mailbox>) -> Result<(), Codec
     }
 }
 
+/// Serves the demo POP3 maildrop on `listener` until the task is dropped:
+/// plaintext RFC 1939 for user `demo` with any password, over every message
+/// in the mailbox (CAPA: USER UIDL TOP PIPELINING RESP-CODES).
+pub async fn serve_pop3(listener: TcpListener, mailbox: Arc<Mailbox>) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        let _ = tcp.set_nodelay(true);
+        let mb = mailbox.clone();
+        tokio::spawn(async move {
+            let _ = pop3_session(tcp, mb).await;
+        });
+    }
+}
+
+/// The POP3 user of the demo maildrop.
+pub const DEMO_USER: &str = "demo";
+
+/// A unique id that stays the same across sessions (RFC 1939 §7 UIDL): a hash
+/// of the message, plus a counter for identical copies.
+fn uidl_of(m: &StoredMessage, seen: &mut Vec<u64>) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in m.from.bytes().chain([0]).chain(m.data.iter().copied()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let n = seen.iter().filter(|x| **x == h).count();
+    seen.push(h);
+    format!("{h:016x}-{n}")
+}
+
+/// The message as it goes on the wire: CRLF line endings, ending in CRLF.
+fn wire_form(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 2);
+    let mut prev = 0u8;
+    for &b in data {
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        prev = b;
+    }
+    if !out.is_empty() && !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// `lines` (CRLF-terminated) dot-stuffed, then the terminating `.`.
+fn stuffed(out: &mut Vec<u8>, text: &[u8]) {
+    for line in text.split_inclusive(|b| *b == b'\n') {
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+    }
+    out.extend_from_slice(b".\r\n");
+}
+
+struct Drop3 {
+    original: StoredMessage,
+    uid: String,
+    wire: Vec<u8>,
+    deleted: bool,
+}
+
+async fn pop3_session(tcp: TcpStream, mailbox: Arc<Mailbox>) -> Result<(), CodecError> {
+    let mut c = Conn::new(tcp);
+    c.queue(b"+OK demo-backend POP3 (mailgate demo backend, in-memory)\r\n");
+    let mut user: Option<String> = None;
+    let mut maildrop: Option<Vec<Drop3>> = None;
+    loop {
+        if !c.has_line() {
+            c.flush(LIMIT).await?;
+        }
+        let line = c.read_line(512, LIMIT).await?;
+        let text = String::from_utf8_lossy(&line).to_string();
+        let mut words = text.split(' ');
+        let verb = words.next().unwrap_or("").to_ascii_uppercase();
+        let arg = |w: Option<&str>| w.and_then(|a| a.parse::<usize>().ok());
+        let a1 = words.next();
+        let a2 = words.next();
+        match (verb.as_str(), maildrop.as_mut()) {
+            ("CAPA", _) => c.queue(
+                b"+OK Capability list follows\r\nUSER\r\nUIDL\r\nTOP\r\nPIPELINING\r\nRESP-CODES\r\n.\r\n",
+            ),
+            ("QUIT", None) => {
+                c.queue(b"+OK demo-backend signing off\r\n");
+                c.flush(LIMIT).await?;
+                return Ok(());
+            }
+            ("QUIT", Some(msgs)) => {
+                // UPDATE state: the deletions take effect now
+                let mut n = 0;
+                if let Ok(mut store) = mailbox.messages.lock() {
+                    for m in msgs.iter().filter(|m| m.deleted) {
+                        if let Some(i) = store.iter().position(|s| {
+                            s.from == m.original.from
+                                && s.rcpts == m.original.rcpts
+                                && s.data == m.original.data
+                        }) {
+                            store.remove(i);
+                            n += 1;
+                        }
+                    }
+                }
+                c.queue(format!("+OK demo-backend signing off ({n} messages deleted)\r\n").as_bytes());
+                c.flush(LIMIT).await?;
+                return Ok(());
+            }
+            ("NOOP", _) => c.queue(b"+OK\r\n"),
+            ("USER", None) => {
+                user = a1.map(str::to_string);
+                c.queue(b"+OK\r\n");
+            }
+            ("PASS", None) => {
+                if user.as_deref() == Some(DEMO_USER) {
+                    let mut seen = Vec::new();
+                    let msgs: Vec<Drop3> = mailbox
+                        .all()
+                        .into_iter()
+                        .map(|m| Drop3 {
+                            uid: uidl_of(&m, &mut seen),
+                            wire: wire_form(&m.data),
+                            original: m,
+                            deleted: false,
+                        })
+                        .collect();
+                    c.queue(format!("+OK [demo] maildrop has {} messages\r\n", msgs.len()).as_bytes());
+                    maildrop = Some(msgs);
+                } else {
+                    user = None;
+                    c.queue(b"-ERR [AUTH] Invalid login (the demo maildrop's user is demo)\r\n");
+                }
+            }
+            ("STAT", Some(msgs)) => {
+                let live = msgs.iter().filter(|m| !m.deleted);
+                let (n, size) = live.fold((0, 0), |(n, s), m| (n + 1, s + m.wire.len()));
+                c.queue(format!("+OK {n} {size}\r\n").as_bytes());
+            }
+            ("LIST" | "UIDL", Some(msgs)) => {
+                let uidl = verb == "UIDL";
+                let show = |i: usize, m: &Drop3| {
+                    if uidl {
+                        format!("{} {}", i + 1, m.uid)
+                    } else {
+                        format!("{} {}", i + 1, m.wire.len())
+                    }
+                };
+                match a1 {
+                    Some(_) => match arg(a1).and_then(|i| i.checked_sub(1)) {
+                        Some(i) if msgs.get(i).is_some_and(|m| !m.deleted) => {
+                            c.queue(format!("+OK {}\r\n", show(i, &msgs[i])).as_bytes())
+                        }
+                        _ => c.queue(b"-ERR no such message\r\n"),
+                    },
+                    None => {
+                        let mut out = b"+OK\r\n".to_vec();
+                        for (i, m) in msgs.iter().enumerate().filter(|(_, m)| !m.deleted) {
+                            out.extend_from_slice(show(i, m).as_bytes());
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        out.extend_from_slice(b".\r\n");
+                        c.queue(&out);
+                    }
+                }
+            }
+            ("RETR" | "TOP", Some(msgs)) => {
+                let lines = if verb == "TOP" { arg(a2) } else { None };
+                match arg(a1).and_then(|i| i.checked_sub(1)) {
+                    Some(i) if msgs.get(i).is_some_and(|m| !m.deleted) && (verb == "RETR" || lines.is_some()) => {
+                        let m = &msgs[i];
+                        let text: &[u8] = match lines {
+                            None => &m.wire,
+                            Some(n) => {
+                                // headers, the empty line, then n body lines
+                                let mut end = 0;
+                                let mut in_body = false;
+                                let mut body_lines = 0;
+                                for line in m.wire.split_inclusive(|b| *b == b'\n') {
+                                    if in_body {
+                                        if body_lines == n {
+                                            break;
+                                        }
+                                        body_lines += 1;
+                                    } else if line == b"\r\n" {
+                                        in_body = true;
+                                    }
+                                    end += line.len();
+                                }
+                                &m.wire[..end]
+                            }
+                        };
+                        let mut out = format!("+OK {} octets\r\n", m.wire.len()).into_bytes();
+                        stuffed(&mut out, text);
+                        c.write_now(&out, LIMIT).await?;
+                    }
+                    _ => c.queue(b"-ERR no such message\r\n"),
+                }
+            }
+            ("DELE", Some(msgs)) => match arg(a1).and_then(|i| i.checked_sub(1)) {
+                Some(i) if msgs.get(i).is_some_and(|m| !m.deleted) => {
+                    msgs[i].deleted = true;
+                    c.queue(format!("+OK message {} deleted\r\n", i + 1).as_bytes());
+                }
+                _ => c.queue(b"-ERR no such message\r\n"),
+            },
+            ("RSET", Some(msgs)) => {
+                msgs.iter_mut().for_each(|m| m.deleted = false);
+                c.queue(b"+OK\r\n");
+            }
+            (_, None) => c.queue(b"-ERR [AUTH] log in first\r\n"),
+            (_, Some(_)) => c.queue(b"-ERR unknown command\r\n"),
+        }
+    }
+}
+
 fn angle(s: &str) -> String {
     let s = s.trim();
     let s = s.strip_prefix('<').unwrap_or(s);
@@ -131,10 +349,19 @@ fn angle(s: &str) -> String {
 pub struct DemoPorts {
     pub smtp: u16,
     pub smtps: u16,
+    /// POP3 with STLS (TLS required before login).
+    pub pop3: u16,
+    /// POP3S (implicit TLS).
+    pub pop3s: u16,
 }
 
 /// The demo's configuration: a real config file, written next to the certificate.
-pub fn demo_config(dir: &Path, ports: DemoPorts, smtp_backend: SocketAddr) -> String {
+pub fn demo_config(
+    dir: &Path,
+    ports: DemoPorts,
+    smtp_backend: SocketAddr,
+    pop3_backend: SocketAddr,
+) -> String {
     format!(
         r#"# mailgate demo configuration (generated). The backend is the in-memory DEMO backend.
 server:
@@ -142,13 +369,18 @@ server:
 listeners:
   - {{ name: smtp, protocol: smtp, bind: "127.0.0.1:{smtp}", tls: starttls, require_tls: true, backend: demo-smtp }}
   - {{ name: smtps, protocol: smtp, bind: "127.0.0.1:{smtps}", tls: implicit, backend: demo-smtp }}
+  - {{ name: pop3, protocol: pop3, bind: "127.0.0.1:{pop3}", tls: starttls, backend: demo-pop3 }}
+  - {{ name: pop3s, protocol: pop3, bind: "127.0.0.1:{pop3s}", tls: implicit, backend: demo-pop3 }}
 tls:
   certificates: [ {{ cert: "{dir}/cert.pem", key: "{dir}/key.pem" }} ]
 backends:
   demo-smtp: {{ address: "{smtp_backend}" }}
+  demo-pop3: {{ address: "{pop3_backend}" }}
 "#,
         smtp = ports.smtp,
         smtps = ports.smtps,
+        pop3 = ports.pop3,
+        pop3s = ports.pop3s,
         dir = dir.display(),
     )
 }
@@ -162,7 +394,10 @@ pub async fn run(dir: &Path, ports: DemoPorts) -> anyhow::Result<()> {
     let smtp_sink = TcpListener::bind("127.0.0.1:0").await?;
     let smtp_addr = smtp_sink.local_addr()?;
     tokio::spawn(serve_smtp(smtp_sink, mailbox.clone()));
-    let text = demo_config(dir, ports, smtp_addr);
+    let maildrop = TcpListener::bind("127.0.0.1:0").await?;
+    let pop3_addr = maildrop.local_addr()?;
+    tokio::spawn(serve_pop3(maildrop, mailbox.clone()));
+    let text = demo_config(dir, ports, smtp_addr, pop3_addr);
     let cfg_path = dir.join("mailgate-demo.yaml");
     std::fs::write(&cfg_path, &text).with_context(|| format!("writing {}", cfg_path.display()))?;
     let config = crate::config::load(&cfg_path)?;
@@ -173,7 +408,13 @@ pub async fn run(dir: &Path, ports: DemoPorts) -> anyhow::Result<()> {
         "  SMTPS (implicit TLS)            127.0.0.1:{}",
         ports.smtps
     );
+    println!("  POP3 + STLS (TLS required)      127.0.0.1:{}", ports.pop3);
+    println!(
+        "  POP3S (implicit TLS)            127.0.0.1:{}",
+        ports.pop3s
+    );
     println!("  demo SMTP backend (plaintext)   {smtp_addr}");
+    println!("  demo POP3 maildrop (plaintext)  {pop3_addr}  user {DEMO_USER}, any password");
     println!(
         "  config {}  certificate {}",
         cfg_path.display(),
@@ -185,6 +426,13 @@ pub async fn run(dir: &Path, ports: DemoPorts) -> anyhow::Result<()> {
         "  printf 'From: alice@example.org\\r\\nTo: bob@example.net\\r\\nSubject: hello\\r\\n\\r\\nHello through mailgate.\\r\\n' | curl --ssl-reqd --cacert {} --url smtp://127.0.0.1:{} --mail-from alice@example.org --mail-rcpt bob@example.net -T -",
         cert.display(),
         ports.smtp
+    );
+    println!();
+    println!("Fetch it back over POP3S (message 1; list with a trailing / instead of /1):");
+    println!(
+        "  curl --cacert {} pop3s://{DEMO_USER}:{DEMO_USER}@127.0.0.1:{}/1",
+        cert.display(),
+        ports.pop3s
     );
     println!();
     println!("Press Ctrl-C to stop.");

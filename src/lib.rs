@@ -19,6 +19,11 @@
 //!                dot-unstuffing; re-stuffing for the backend; Received header
 //!   driver.rs    the only code that awaits: socket, backend, timeouts
 //! pop3/        the client-facing POP3 side (same shape as smtp/)
+//!   command.rs   AUTHORIZATION-state parser, SASL PLAIN, base64 (sans-IO)
+//!   reply.rs     every reply mailgate itself sends (RFC 2449/3206 codes)
+//!   session.rs   the pure AUTHORIZATION state machine: line in, `Action` out
+//!   driver.rs    the only code that awaits: socket, STLS, backend, timeouts
+//!   pipe.rs      TRANSACTION state: byte pipe, idle timer, RETR/DELE counts
 //! backend/     clients of the legacy servers
 //!   reply.rs     SMTP reply parser (sans-IO, bounded)
 //!   smtp.rs      SMTP client: greeting, EHLO/HELO, MAIL/RCPT/DATA relay, RSET, QUIT

@@ -212,16 +212,26 @@ async fn healthcheck(cfg: &mailgate::config::Config) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if let Some(mut addr) = cfg.metrics_bind {
         if addr.ip().is_unspecified() {
-            addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+            addr.set_ip(if addr.is_ipv4() {
+                [127, 0, 0, 1].into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
         }
         let probe = async {
             let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.ok()?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
             let mut buf = Vec::new();
             s.read_to_end(&mut buf).await.ok()?;
             buf.starts_with(b"HTTP/1.1 200").then_some(())
         };
-        let ok = tokio::time::timeout(Duration::from_secs(5), probe).await.ok().flatten().is_some();
+        let ok = tokio::time::timeout(Duration::from_secs(5), probe)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
         if !ok {
             eprintln!("metrics endpoint {addr} /healthz is not answering 200");
         }

@@ -519,10 +519,8 @@ async fn refuse(mut tcp: TcpStream, protocol: Protocol, action: Action) {
     let line: Vec<u8> = match (protocol, action) {
         (Protocol::Smtp, Action::Reject) => crate::smtp::reply::denied().to_bytes(),
         (Protocol::Smtp, _) => crate::smtp::reply::too_many_connections().to_bytes(),
-        (Protocol::Pop3, Action::Reject) => b"-ERR [AUTH] Access denied\r\n".to_vec(),
-        (Protocol::Pop3, _) => {
-            b"-ERR [SYS/TEMP] Too many connections, try again later\r\n".to_vec()
-        }
+        (Protocol::Pop3, Action::Reject) => crate::pop3::reply::denied().to_bytes(),
+        (Protocol::Pop3, _) => crate::pop3::reply::too_many_connections().to_bytes(),
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = tcp.write_all(&line).await;

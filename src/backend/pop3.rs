@@ -118,6 +118,7 @@ impl Pop3Backend {
     /// Connects, reads the greeting and learns the capabilities (CAPA; an
     /// RFC 1939-only server's `-ERR` means USER/PASS only).
     pub async fn connect(backend: &Backend, t: &Timeouts) -> Result<Self, BackendError> {
+        let started = std::time::Instant::now();
         let tcp = super::connect(&backend.address, t.backend_connect).await?;
         let mut b = Pop3Backend {
             conn: Conn::new(tcp),
@@ -141,6 +142,7 @@ impl Pop3Backend {
             _ => BackendCaps::rfc1939(),
         };
         remember_caps(backend, &b.caps);
+        crate::observe::metrics().backend_connected(&backend.name, started.elapsed().as_secs_f64());
         Ok(b)
     }
 

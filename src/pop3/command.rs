@@ -71,6 +71,22 @@ impl Command {
     }
 }
 
+/// The verb of a command line as a metrics label: a known POP3 verb, else
+/// `invalid` (labels must not grow with what clients send).
+pub fn metric_verb(line: &[u8]) -> &'static str {
+    const KNOWN: [&str; 17] = [
+        "CAPA", "STLS", "USER", "PASS", "AUTH", "APOP", "QUIT", "NOOP", "STAT", "LIST", "RETR",
+        "DELE", "RSET", "TOP", "UIDL", "LAST", "XTND",
+    ];
+    let end = line.iter().position(|b| *b == b' ').unwrap_or(line.len());
+    let verb = &line[..end];
+    KNOWN
+        .iter()
+        .find(|k| k.as_bytes().eq_ignore_ascii_case(verb))
+        .copied()
+        .unwrap_or("invalid")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParseError {
     /// Not a command we know.
@@ -208,7 +224,8 @@ pub fn decode_plain(b64: &str) -> Result<Plain, SaslError> {
         base64_decode(b64).ok_or(SaslError::Base64)?
     };
     let mut parts = raw.split(|b| *b == 0);
-    let (Some(z), Some(u), Some(p), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(z), Some(u), Some(p), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(SaslError::Malformed);
     };
@@ -258,7 +275,7 @@ pub fn base64_encode(data: &[u8]) -> String {
 /// at the end, no whitespace. `None` for anything else.
 pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let s = s.as_bytes();
-    if s.is_empty() || s.len() % 4 != 0 {
+    if s.is_empty() || !s.len().is_multiple_of(4) {
         return None;
     }
     let pad = s.iter().rev().take_while(|b| **b == b'=').count();
@@ -311,8 +328,14 @@ mod tests {
             ("QUIT", Command::Quit),
             ("NOOP ", Command::Noop),
             ("USER alice", Command::User("alice".into())),
-            ("user  alice@example.org ", Command::User("alice@example.org".into())),
-            ("PASS s3cret with spaces ", Command::Pass("s3cret with spaces ".into())),
+            (
+                "user  alice@example.org ",
+                Command::User("alice@example.org".into()),
+            ),
+            (
+                "PASS s3cret with spaces ",
+                Command::Pass("s3cret with spaces ".into()),
+            ),
             ("PASS pässwörd", Command::Pass("pässwörd".into())),
             (
                 "AUTH",
@@ -365,8 +388,14 @@ mod tests {
             (b"USER j\xc3\xb6rg", ParseError::Bytes),
             (b"PASS \xff\xfe", ParseError::Bytes),
             (b"AUTH PLAIN a b", ParseError::Syntax("too many arguments")),
-            (b"APOP mrose", ParseError::Syntax("APOP needs a name and a digest")),
-            (b"APOP mrose xyz", ParseError::Syntax("APOP digest must be 32 hex digits")),
+            (
+                b"APOP mrose",
+                ParseError::Syntax("APOP needs a name and a digest"),
+            ),
+            (
+                b"APOP mrose xyz",
+                ParseError::Syntax("APOP digest must be 32 hex digits"),
+            ),
         ];
         for (line, want) in bad {
             assert_eq!(
@@ -378,6 +407,14 @@ mod tests {
         }
         let long_user = format!("USER {}", "u".repeat(MAX_USER + 1));
         assert!(parse(long_user.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn metric_verbs_are_bounded() {
+        assert_eq!(metric_verb(b"retr 1"), "RETR");
+        assert_eq!(metric_verb(b"CAPA"), "CAPA");
+        assert_eq!(metric_verb(b"AGFsaWNlAHNlY3JldA=="), "invalid");
+        assert_eq!(metric_verb(b""), "invalid");
     }
 
     #[test]
@@ -406,7 +443,17 @@ mod tests {
                 assert_eq!(base64_decode(enc).unwrap(), raw.as_bytes());
             }
         }
-        for bad in ["", "Zg", "Zg=", "Z===", "Zh==", "Zm9v YmFy", "Zm9v\n", "Zm=v", "éé=="] {
+        for bad in [
+            "",
+            "Zg",
+            "Zg=",
+            "Z===",
+            "Zh==",
+            "Zm9v YmFy",
+            "Zm9v\n",
+            "Zm=v",
+            "éé==",
+        ] {
             assert_eq!(base64_decode(bad), None, "{bad}");
         }
     }

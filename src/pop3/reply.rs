@@ -179,6 +179,10 @@ pub fn apop_unavailable() -> Reply {
 pub fn login_failed_default() -> &'static str {
     "[AUTH] Authentication failed"
 }
+/// A login refused by a failed-login lock or login rate (policy, tempfail).
+pub fn login_locked() -> Reply {
+    Reply::err("[SYS/TEMP] Too many failed logins, try again later")
+}
 pub fn login_ok_default() -> &'static str {
     "Logged in"
 }
@@ -284,8 +288,12 @@ mod tests {
     #[test]
     fn relayed_is_sanitised() {
         assert_eq!(
-            Reply::relayed(false, " [AUTH] Authentication failed.\u{7}\r\n+OK fake ", "x")
-                .to_bytes(),
+            Reply::relayed(
+                false,
+                " [AUTH] Authentication failed.\u{7}\r\n+OK fake ",
+                "x"
+            )
+            .to_bytes(),
             b"-ERR [AUTH] Authentication failed.+OK fake\r\n"
         );
         assert_eq!(
@@ -302,6 +310,9 @@ mod tests {
         );
         let long = "y".repeat(1000);
         assert_eq!(Reply::relayed(false, &long, "x").text.len(), 200);
-        assert_eq!(tls_required().summary(), "-ERR [AUTH] Plaintext login is disabled: use STLS first");
+        assert_eq!(
+            tls_required().summary(),
+            "-ERR [AUTH] Plaintext login is disabled: use STLS first"
+        );
     }
 }

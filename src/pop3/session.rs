@@ -50,11 +50,7 @@ impl BackendCaps {
                 "PIPELINING" => c.pipelining = true,
                 "RESP-CODES" => c.resp_codes = true,
                 "AUTH-RESP-CODE" => c.auth_resp_code = true,
-                "SASL" => {
-                    if words.any(|m| m.eq_ignore_ascii_case("PLAIN")) {
-                        c.sasl_plain = true;
-                    }
-                }
+                "SASL" if words.any(|m| m.eq_ignore_ascii_case("PLAIN")) => c.sasl_plain = true,
                 _ => {}
             }
         }
@@ -81,9 +77,9 @@ pub enum Login {
 impl Login {
     pub fn user(&self) -> &str {
         match self {
-            Login::Password { user, .. } | Login::PlainAs { user, .. } | Login::Apop { user, .. } => {
-                user
-            }
+            Login::Password { user, .. }
+            | Login::PlainAs { user, .. }
+            | Login::Apop { user, .. } => user,
         }
     }
 }
@@ -114,6 +110,9 @@ pub enum LoginOutcome {
     Failed,
     /// The backend sent something that is not a POP3 status line.
     Invalid,
+    /// The policy refused the login before it reached the backend (failed-login
+    /// lock, login rate): `temporary` for tempfail, else reject.
+    Refused { temporary: bool },
 }
 
 #[derive(Debug, Clone)]
@@ -137,11 +136,16 @@ pub enum Action {
     /// Answer CAPA with [`Session::capa`]. `probe`: the backend may be asked
     /// for its capabilities if they are not known yet (only where a login
     /// could follow: nothing reaches the backend before TLS on a TLS-only listener).
-    Capa { probe: bool },
+    Capa {
+        probe: bool,
+    },
     /// Replay this login on the backend, then call `login_result`.
     Login(Login),
     /// Wait the failure delay, then reply, and close if `close`.
-    LoginFailed { reply: Reply, close: bool },
+    LoginFailed {
+        reply: Reply,
+        close: bool,
+    },
     /// Reply (the backend's `+OK`) and become a byte pipe to the backend.
     Pipe(Reply),
 }
@@ -366,6 +370,18 @@ impl Session {
                     close: self.failures >= self.settings.max_login_failures,
                 }
             }
+            LoginOutcome::Refused { temporary } => {
+                // counted like a wrong password: the client is guessing
+                self.failures += 1;
+                Action::LoginFailed {
+                    reply: if temporary {
+                        reply::login_locked()
+                    } else {
+                        Reply::err(reply::login_failed_default())
+                    },
+                    close: self.failures >= self.settings.max_login_failures,
+                }
+            }
             LoginOutcome::Unsupported if authzid => self.error(reply::authzid_unsupported()),
             LoginOutcome::Unsupported => self.error(reply::backend_cannot_login()),
             LoginOutcome::Unavailable => self.error(reply::backend_unavailable()),
@@ -493,7 +509,12 @@ mod tests {
             (b"BOGUS", "-ERR Unknown command\r\n"),
         ];
         for (line, want) in steps {
-            assert_eq!(wire(&s.line(line)), *want, "{}", String::from_utf8_lossy(line));
+            assert_eq!(
+                wire(&s.line(line)),
+                *want,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
         }
         // the fifth error closes
         assert_eq!(
@@ -526,7 +547,10 @@ mod tests {
             false,
             None,
         );
-        assert_eq!(wire(&s.line(b"STLS")), "-ERR STLS is not available here\r\n");
+        assert_eq!(
+            wire(&s.line(b"STLS")),
+            "-ERR STLS is not available here\r\n"
+        );
     }
 
     #[test]
@@ -599,8 +623,14 @@ mod tests {
             wire(&s.line(b"AUTH CRAM-MD5")),
             "-ERR Unsupported authentication mechanism (only PLAIN)\r\n"
         );
-        assert_eq!(wire(&s.line(b"AUTH PLAIN !!")), "-ERR Invalid base64 data\r\n");
-        assert_eq!(s.line(b"AUTH PLAIN ="), Action::Close(reply::too_many_errors()));
+        assert_eq!(
+            wire(&s.line(b"AUTH PLAIN !!")),
+            "-ERR Invalid base64 data\r\n"
+        );
+        assert_eq!(
+            s.line(b"AUTH PLAIN ="),
+            Action::Close(reply::too_many_errors())
+        );
     }
 
     #[test]
@@ -609,7 +639,9 @@ mod tests {
         s.line(b"USER alice");
         assert!(matches!(s.line(b"PASS bad"), Action::Login(_)));
         assert_eq!(
-            s.login_result(LoginOutcome::Rejected(" [AUTH] Authentication failed.".into())),
+            s.login_result(LoginOutcome::Rejected(
+                " [AUTH] Authentication failed.".into()
+            )),
             Action::LoginFailed {
                 reply: Reply::err("[AUTH] Authentication failed."),
                 close: false
@@ -629,6 +661,18 @@ mod tests {
         assert_eq!(s.last_user.as_deref(), Some("alice"));
         let mut s = Session::new(settings(), true, None);
         assert_eq!(
+            wire(&s.login_result(LoginOutcome::Refused { temporary: true })),
+            "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n"
+        );
+        assert_eq!(
+            s.login_result(LoginOutcome::Refused { temporary: false }),
+            Action::LoginFailed {
+                reply: Reply::err("[AUTH] Authentication failed"),
+                close: true
+            }
+        );
+        let mut s = Session::new(settings(), true, None);
+        assert_eq!(
             s.login_result(LoginOutcome::Accepted("Logged in.".into())),
             Action::Pipe(Reply::ok("Logged in."))
         );
@@ -641,15 +685,24 @@ mod tests {
         let line = format!("APOP mrose {digest}");
         // not enabled: refused, even with a timestamp at hand
         let mut s = Session::new(settings(), true, Some("<1.2@x>".into()));
-        assert_eq!(wire(&s.line(line.as_bytes())), "-ERR APOP is not available\r\n");
-        assert_eq!(wire(&Action::Reply(s.greeting())), "+OK gw.test POP3 mailgate ready\r\n");
+        assert_eq!(
+            wire(&s.line(line.as_bytes())),
+            "-ERR APOP is not available\r\n"
+        );
+        assert_eq!(
+            wire(&Action::Reply(s.greeting())),
+            "+OK gw.test POP3 mailgate ready\r\n"
+        );
         let on = Settings {
             apop: true,
             ..settings()
         };
         // enabled, but the backend had no timestamp
         let mut s = Session::new(on.clone(), true, None);
-        assert_eq!(wire(&s.line(line.as_bytes())), "-ERR APOP is not available\r\n");
+        assert_eq!(
+            wire(&s.line(line.as_bytes())),
+            "-ERR APOP is not available\r\n"
+        );
         // enabled: the greeting carries the backend's timestamp
         let mut s = Session::new(on.clone(), false, Some("<1.2@x>".into()));
         assert_eq!(

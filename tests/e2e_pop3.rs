@@ -1,0 +1,573 @@
+//! End to end with real software: Dovecot (plaintext POP3, RFC 1939 + CAPA)
+//! as the legacy backend, mailgate in-process on loopback in front of it, and
+//! real clients — Python poplib (STLS and POP3_SSL), curl (pop3s:// and
+//! pop3:// --ssl-reqd), openssl s_client -starttls pop3, fetchmail (STLS and
+//! implicit SSL, certificate checked). Every client must retrieve every
+//! message byte-identical to the maildir source (POP3 carries lines with
+//! CRLF, so the source's LF line ends are compared as CRLF; fetchmail hands
+//! its MDA LF lines, so its output is compared with the source as is), and
+//! UIDL through mailgate must equal UIDL direct.
+//!
+//! Needs dovecot (dovecot-core + dovecot-pop3d), python3, curl, openssl,
+//! fetchmail: `.ci/run` installs them; a missing one fails with a message.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Dovecot, stopped with SIGTERM (then SIGKILL) when dropped — also on panic.
+struct Dovecot {
+    port: u16,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        for _ in 0..40 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The messages put into alice's maildir (LF line ends, as maildirs keep them).
+fn source_messages() -> Vec<Vec<u8>> {
+    let mut big = b"From: carol@example.org\nTo: alice@example.net\nSubject: large\n\n".to_vec();
+    for i in 0..2000 {
+        big.extend_from_slice(
+            format!("line {i:05} of a message larger than one read buffer\n").as_bytes(),
+        );
+        if i % 97 == 0 {
+            big.extend_from_slice(b".starts with a dot\n");
+        }
+    }
+    vec![
+        b"From: bob@example.org\nTo: alice@example.net\nSubject: dots\n\n.leading dot\n..two dots\n.\nafter a lone dot\n".to_vec(),
+        b"From: bob@example.org\nTo: alice@example.net\nSubject: 8-bit\nContent-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: 8bit\n\n\xe4\xf6\xfc latin-1 line\n\xc3\xa4 utf-8 line\n\x7f\x01 odd bytes\n".to_vec(),
+        big,
+    ]
+}
+
+fn crlf(m: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(m.len() + m.len() / 20);
+    for &b in m {
+        if b == b'\n' {
+            out.push(b'\r');
+        }
+        out.push(b);
+    }
+    out
+}
+
+fn chmod(path: &Path, mode: &str) {
+    assert!(Command::new("chmod")
+        .arg(mode)
+        .arg(path)
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// A throwaway Dovecot on a free loopback port with user alice/secret.
+fn start_dovecot(dir: &Path) -> Dovecot {
+    let bin = common::require("dovecot");
+    let port = common::free_port();
+    // dovecot's auth process runs as user dovecot and must read these
+    chmod(dir, "0755");
+    let home = dir.join("home/alice");
+    for sub in ["new", "cur", "tmp"] {
+        std::fs::create_dir_all(home.join("Maildir").join(sub)).unwrap();
+    }
+    for (i, m) in source_messages().iter().enumerate() {
+        std::fs::write(
+            home.join(format!(
+                "Maildir/new/{}.M{i}P1.mailgate-test",
+                1_700_000_000 + i
+            )),
+            m,
+        )
+        .unwrap();
+    }
+    // mail processes run as the user's uid: give the maildir to that uid
+    let (uid, gid) = if is_root() {
+        assert!(Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(dir.join("home"))
+            .status()
+            .unwrap()
+            .success());
+        (65534, 65534)
+    } else {
+        panic!("the Dovecot end-to-end test needs root (dovecot switches users); CI runs as root");
+    };
+    let users = dir.join("users");
+    std::fs::write(
+        &users,
+        format!("alice:secret:{uid}:{gid}::{}\n", home.display()),
+    )
+    .unwrap();
+    chmod(&users, "0644");
+    let d = dir.display();
+    for sub in ["run", "state"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let conf = dir.join("dovecot.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"base_dir = {d}/run
+state_dir = {d}/state
+protocols = pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+log_path = {d}/dovecot.log
+mail_location = maildir:~/Maildir
+first_valid_uid = 1
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {d}/users
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+protocol pop3 {{
+  pop3_uidl_format = %08Xu%08Xv
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .arg("-F")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start dovecot");
+    let dovecot = Dovecot {
+        port,
+        log: dir.join("dovecot.log"),
+        child,
+    };
+    common::wait_port(port);
+    // wait_port's probe connection is logged asynchronously; let it land so
+    // later log comparisons only see what the test itself caused
+    for _ in 0..100 {
+        let log = std::fs::read_to_string(&dovecot.log).unwrap_or_default();
+        if log.contains("Disconnected") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dovecot
+}
+
+/// Like `common::run_limited`, but output goes to files, so a client that
+/// prints more than a pipe buffer cannot block (the message hex dumps do).
+fn run(cmd: &mut Command, dir: &Path) -> (bool, Vec<u8>, String) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let (out, err) = (
+        dir.join(format!("run-{n}.out")),
+        dir.join(format!("run-{n}.err")),
+    );
+    let mut child = cmd
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read =
+        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+    (
+        status.success(),
+        std::fs::read(&out).unwrap_or_default(),
+        read(&err),
+    )
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0")
+}
+
+fn gateway_yaml(dir: &Path, backend_port: u16, extra: &str) -> String {
+    format!(
+        r#"
+server: {{ hostname: gw.test, shutdown_grace: 2s }}
+listeners:
+  - {{ name: pop3, protocol: pop3, bind: "127.0.0.1:0", tls: starttls, backend: dovecot {extra} }}
+  - {{ name: pop3s, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, backend: dovecot {extra} }}
+tls:
+  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
+backends:
+  dovecot: {{ address: "127.0.0.1:{backend_port}" }}
+"#,
+        d = dir.display()
+    )
+}
+
+/// poplib client: prints the UIDL list and every message (hex), one per line.
+const POPLIB: &str = r#"
+import poplib, ssl, sys
+mode, port = sys.argv[1], int(sys.argv[2])
+ctx = ssl.create_default_context(cafile=sys.argv[3]) if len(sys.argv) > 3 else None
+if mode == "ssl":
+    p = poplib.POP3_SSL("127.0.0.1", port, context=ctx, timeout=20)
+else:
+    p = poplib.POP3("127.0.0.1", port, timeout=20)
+    if mode == "stls":
+        p.stls(context=ctx)
+p.user("alice")
+p.pass_("secret")
+count, _ = p.stat()
+print("UIDL " + ",".join(l.decode() for l in p.uidl()[1]))
+for i in range(1, count + 1):
+    resp, lines, octets = p.retr(i)
+    print("MSG " + (b"".join(l + b"\r\n" for l in lines)).hex())
+p.quit()
+"#;
+
+fn poplib(dir: &Path, mode: &str, port: u16, ca: Option<&Path>) -> (Vec<String>, Vec<Vec<u8>>) {
+    let py = common::require("python3");
+    let mut cmd = Command::new(py);
+    cmd.arg("-c").arg(POPLIB).arg(mode).arg(port.to_string());
+    if let Some(ca) = ca {
+        cmd.arg(ca);
+    }
+    let (ok, out, err) = run(&mut cmd, dir);
+    assert!(ok, "poplib {mode} failed: {err}");
+    let out = String::from_utf8(out).unwrap();
+    let mut uidl = Vec::new();
+    let mut msgs = Vec::new();
+    for l in out.lines() {
+        if let Some(u) = l.strip_prefix("UIDL ") {
+            uidl = u.split(',').map(str::to_string).collect();
+        } else if let Some(h) = l.strip_prefix("MSG ") {
+            msgs.push(unhex(h));
+        }
+    }
+    (uidl, msgs)
+}
+
+fn unhex(h: &str) -> Vec<u8> {
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn assert_same(what: &str, got: &[Vec<u8>], want: &[Vec<u8>]) {
+    assert_eq!(got.len(), want.len(), "{what}: message count");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g == w,
+            "{what}: message {} differs\n got: {:?}\nwant: {:?}",
+            i + 1,
+            String::from_utf8_lossy(&g[..g.len().min(300)]),
+            String::from_utf8_lossy(&w[..w.len().min(300)])
+        );
+    }
+}
+
+/// Runs `f` with an in-process gateway in front of `dovecot`.
+fn with_gateway<T>(
+    dir: &Path,
+    dovecot: &Dovecot,
+    extra: &str,
+    f: impl FnOnce(&mailgate::server::Gateway, &Path) -> T,
+) -> T {
+    let (ca, _) = common::dev_cert(dir);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let gw = rt.block_on(common::start(&gateway_yaml(dir, dovecot.port, extra)));
+    let r = f(&gw, &ca);
+    rt.block_on(gw.shutdown());
+    r
+}
+
+#[test]
+fn real_clients_through_mailgate_to_dovecot() {
+    let dir = tempfile::tempdir().unwrap();
+    let dovecot = start_dovecot(dir.path());
+    let want: Vec<Vec<u8>> = source_messages().iter().map(|m| crlf(m)).collect();
+    let (direct_uidl, direct) = poplib(dir.path(), "plain", dovecot.port, None);
+    assert_same("direct to dovecot", &direct, &want);
+    assert_eq!(direct_uidl.len(), want.len());
+
+    with_gateway(dir.path(), &dovecot, "", |gw, ca| {
+        let stls = gw.addr("pop3").unwrap().port();
+        let pop3s = gw.addr("pop3s").unwrap().port();
+
+        // Python poplib, STLS and implicit TLS; UIDL equals the direct one
+        for (mode, port) in [("stls", stls), ("ssl", pop3s)] {
+            let (uidl, msgs) = poplib(dir.path(), mode, port, Some(ca));
+            assert_same(&format!("poplib {mode}"), &msgs, &want);
+            assert_eq!(uidl, direct_uidl, "UIDL through mailgate ({mode})");
+        }
+
+        // curl, pop3s:// and pop3:// with --ssl-reqd
+        let curl = common::require("curl");
+        for url in [
+            format!("pop3s://127.0.0.1:{pop3s}"),
+            format!("pop3://127.0.0.1:{stls}"),
+        ] {
+            let mut got = Vec::new();
+            for i in 1..=want.len() {
+                let out = dir.path().join(format!("curl-{i}.eml"));
+                let (ok, _, err) = run(
+                    Command::new(&curl)
+                        .args(["-sS", "--ssl-reqd", "--cacert"])
+                        .arg(ca)
+                        .args(["-u", "alice:secret", "-o"])
+                        .arg(&out)
+                        .arg(format!("{url}/{i}")),
+                    dir.path(),
+                );
+                assert!(ok, "curl {url}/{i}: {err}");
+                got.push(std::fs::read(&out).unwrap());
+            }
+            assert_same(&format!("curl {url}"), &got, &want);
+        }
+
+        // openssl s_client -starttls pop3, everything pipelined after the handshake
+        let openssl = common::require("openssl");
+        let mut script = b"USER alice\r\nPASS secret\r\n".to_vec();
+        for i in 1..=want.len() {
+            script.extend_from_slice(format!("RETR {i}\r\n").as_bytes());
+        }
+        script.extend_from_slice(b"QUIT\r\n");
+        let input = dir.path().join("s_client.in");
+        std::fs::write(&input, &script).unwrap();
+        let (ok, out, err) = run(
+            Command::new(&openssl)
+                .args(["s_client", "-quiet", "-nocommands", "-verify_return_error"])
+                .args(["-starttls", "pop3", "-connect"])
+                .arg(format!("127.0.0.1:{stls}"))
+                .arg("-CAfile")
+                .arg(ca)
+                .stdin(std::fs::File::open(&input).unwrap()),
+            dir.path(),
+        );
+        assert!(ok, "openssl s_client: {err}");
+        let got = split_retr(&out);
+        assert_same("openssl s_client -starttls pop3", &got, &want);
+
+        // fetchmail, STLS and implicit SSL, certificate verified against our CA
+        let fetchmail = common::require("fetchmail");
+        for (name, port, ssl) in [("stls", stls, ""), ("ssl", pop3s, "ssl")] {
+            let got = fetch(&fetchmail, dir.path(), name, port, ssl, ca);
+            // fetchmail's MDA gets LF lines: the maildir source itself
+            let mut got = got;
+            got.sort();
+            let mut src = source_messages();
+            src.sort();
+            assert_same(&format!("fetchmail {name}"), &got, &src);
+        }
+    });
+}
+
+/// The bodies of the `+OK` multi-line answers after USER and PASS in a
+/// pipelined transcript (`+OK` USER, `+OK` PASS, then RETRs, then QUIT).
+fn split_retr(transcript: &[u8]) -> Vec<Vec<u8>> {
+    // s_client -quiet prints only application data; the strings are bytes here
+    let mut lines = transcript.split_inclusive(|b| *b == b'\n');
+    let mut status = || lines.next().map(|l| l.to_vec());
+    let mut out = Vec::new();
+    let user = status().unwrap_or_default();
+    let pass = status().unwrap_or_default();
+    assert!(
+        user.starts_with(b"+OK") && pass.starts_with(b"+OK"),
+        "login via s_client: {:?}",
+        String::from_utf8_lossy(transcript)
+    );
+    while let Some(l) = status() {
+        if !l.starts_with(b"+OK") || l.starts_with(b"+OK Logging out") {
+            break;
+        }
+        let mut body = Vec::new();
+        loop {
+            let Some(l) = status() else { return out };
+            if l == b".\r\n" {
+                break;
+            }
+            body.extend_from_slice(l.strip_prefix(b".").unwrap_or(&l));
+        }
+        out.push(body);
+    }
+    out
+}
+
+fn fetch(bin: &Path, dir: &Path, name: &str, port: u16, ssl: &str, ca: &Path) -> Vec<Vec<u8>> {
+    let out = dir.join(format!("fetchmail-{name}"));
+    std::fs::create_dir_all(&out).unwrap();
+    let rc = dir.join(format!("fetchmailrc-{name}"));
+    std::fs::write(
+        &rc,
+        format!(
+            "set no syslog\nset invisible\n\
+             poll 127.0.0.1 service {port} protocol pop3 timeout 30\n  \
+             user \"alice\" password \"secret\" is \"alice\" here\n  \
+             {ssl} sslproto tls1.2+ sslcertck sslcommonname localhost sslcertfile \"{ca}\"\n  \
+             keep fetchall no rewrite mda \"cat > {out}/msg.$$\"\n",
+            ca = ca.display(),
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    chmod(&rc, "0600");
+    let (ok, stdout, err) = run(
+        Command::new(bin)
+            .arg("-f")
+            .arg(&rc)
+            .arg("--idfile")
+            .arg(dir.join(format!("fetchids-{name}")))
+            .arg("--pidfile")
+            .arg(dir.join(format!("fetchmail-{name}.pid")))
+            .arg("-v")
+            .env("HOME", dir),
+        dir,
+    );
+    assert!(
+        ok,
+        "fetchmail {name} failed:\n{}\n{err}",
+        String::from_utf8_lossy(&stdout)
+    );
+    let mut files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+#[test]
+fn dovecot_sees_no_plaintext_login_and_failures_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let dovecot = start_dovecot(dir.path());
+    with_gateway(
+        dir.path(),
+        &dovecot,
+        ", max_login_failures: 2, login_failure_delay: 100ms",
+        |gw, ca| {
+            let stls = gw.addr("pop3").unwrap().port();
+            let pop3s = gw.addr("pop3s").unwrap().port();
+            let before = std::fs::read_to_string(&dovecot.log).unwrap_or_default();
+            // plaintext USER/PASS on the STLS listener: refused by mailgate
+            let py = common::require("python3");
+            let script = r#"
+import poplib, sys
+p = poplib.POP3("127.0.0.1", int(sys.argv[1]), timeout=20)
+for cmd in (lambda: p.user("alice"), lambda: p.pass_("secret")):
+    try:
+        cmd(); print("ACCEPTED")
+    except poplib.error_proto as e:
+        print(e.args[0].decode())
+p.quit()
+"#;
+            let (ok, out, err) = run(
+                Command::new(&py)
+                    .arg("-c")
+                    .arg(script)
+                    .arg(stls.to_string()),
+                dir.path(),
+            );
+            assert!(ok, "{err}");
+            let out = String::from_utf8(out).unwrap();
+            assert!(
+                out.lines().count() == 2 && out.lines().all(|l| l.starts_with("-ERR [AUTH]")),
+                "{out}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            let after = std::fs::read_to_string(&dovecot.log).unwrap_or_default();
+            assert_eq!(
+                before, after,
+                "dovecot must see nothing of a refused plaintext login"
+            );
+
+            // wrong password: Dovecot's own error, then closed after 2 failures
+            let script = r#"
+import poplib, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+p = poplib.POP3_SSL("127.0.0.1", int(sys.argv[1]), context=ctx, timeout=30)
+for _ in range(2):
+    p.user("alice")
+    try:
+        p.pass_("wrong"); print("ACCEPTED")
+    except poplib.error_proto as e:
+        print(e.args[0].decode())
+try:
+    p.noop(); print("STILL OPEN")
+except Exception as e:
+    print("CLOSED")
+"#;
+            let (ok, out, err) = run(
+                Command::new(&py)
+                    .arg("-c")
+                    .arg(script)
+                    .arg(pop3s.to_string())
+                    .arg(ca),
+                dir.path(),
+            );
+            assert!(ok, "{err}");
+            let out = String::from_utf8(out).unwrap();
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(
+                lines,
+                [
+                    "-ERR [AUTH] Authentication failed.",
+                    "-ERR [AUTH] Authentication failed.",
+                    "CLOSED"
+                ],
+                "{out}"
+            );
+            let log = std::fs::read_to_string(&dovecot.log).unwrap_or_default();
+            assert!(log.contains("auth failed"), "{log}");
+        },
+    );
+}

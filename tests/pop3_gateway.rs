@@ -1,0 +1,601 @@
+//! POP3 integration tests: the gateway in-process on loopback, in front of a
+//! small scripted RFC 1939-only backend (USER/PASS, no CAPA, no AUTH) written
+//! here, or the demo maildrop.
+
+mod common;
+
+use mailgate::demo::{serve_pop3, Mailbox, StoredMessage};
+use mailgate::pop3::command::base64_encode;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+// ---------------------------------------------------------------- client
+
+struct Client<S> {
+    s: S,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    fn new(s: S) -> Self {
+        Client { s, buf: Vec::new() }
+    }
+    async fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).await.unwrap();
+    }
+    /// One line including its CRLF; `None` at EOF.
+    async fn raw_line(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                return Some(self.buf.drain(..=i).collect());
+            }
+            let mut tmp = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut tmp))
+                .await
+                .expect("reply timed out")
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+    /// A status line without CRLF.
+    async fn status(&mut self) -> String {
+        let l = self
+            .raw_line()
+            .await
+            .expect("connection closed while waiting for a reply");
+        String::from_utf8_lossy(&l).trim_end().to_string()
+    }
+    async fn ok(&mut self) -> String {
+        let l = self.status().await;
+        assert!(l.starts_with("+OK"), "expected +OK, got {l:?}");
+        l
+    }
+    async fn err(&mut self) -> String {
+        let l = self.status().await;
+        assert!(l.starts_with("-ERR"), "expected -ERR, got {l:?}");
+        l
+    }
+    /// The body of a multi-line answer, dot-unstuffed, exactly as sent.
+    async fn body(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let l = self
+                .raw_line()
+                .await
+                .expect("closed inside a multi-line answer");
+            if l == b".\r\n" {
+                return out;
+            }
+            out.extend_from_slice(l.strip_prefix(b".").unwrap_or(&l));
+        }
+    }
+    /// Everything until the peer closes or `wait` passes without data.
+    async fn rest(&mut self, wait: Duration) -> (String, bool) {
+        let mut out = std::mem::take(&mut self.buf);
+        let mut tmp = [0u8; 4096];
+        let mut closed = false;
+        loop {
+            match tokio::time::timeout(wait, self.s.read(&mut tmp)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                Ok(Ok(n)) => out.extend_from_slice(&tmp[..n]),
+                Err(_) => break,
+            }
+        }
+        (String::from_utf8_lossy(&out).to_string(), closed)
+    }
+}
+
+async fn tls_wrap(s: TcpStream, ca: &Path) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(common::tls_client(ca));
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    Client::new(connector.connect(name, s).await.unwrap())
+}
+
+// ---------------------------------------------------------------- scripted backend
+
+/// Message 1 of the scripted backend, as it goes on the wire (dot-stuffed).
+const MSG1_WIRE: &[u8] = b"Subject: one\r\n\r\n..leading dot\r\n.\xe4 8-bit\r\nlast line\r\n.\r\n";
+/// The same message as the client must receive it.
+const MSG1: &[u8] = b"Subject: one\r\n\r\n.leading dot\r\n\xe4 8-bit\r\nlast line\r\n";
+const TIMESTAMP: &str = "<1896.697170952@scripted.test>";
+const APOP_DIGEST: &str = "c4c9334bac560ecc979e58001b3e22fb";
+
+/// A legacy POP3 server that knows only RFC 1939: USER/PASS and APOP for
+/// alice/secret, STAT, RETR 1, QUIT. It records connections and every line.
+struct Scripted {
+    addr: String,
+    connections: Arc<AtomicUsize>,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    async fn start() -> Scripted {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (c, ls) = (connections.clone(), lines.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(scripted_session(tcp, ls.clone()));
+            }
+        });
+        Scripted {
+            addr,
+            connections,
+            lines,
+        }
+    }
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+async fn scripted_session(tcp: TcpStream, log: Arc<Mutex<Vec<String>>>) {
+    let (r, mut w) = tcp.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let _ = w
+        .write_all(format!("+OK scripted RFC 1939 server {TIMESTAMP}\r\n").as_bytes())
+        .await;
+    let mut user = None;
+    let mut logged_in = false;
+    loop {
+        let mut line = String::new();
+        use tokio::io::AsyncBufReadExt;
+        match r.read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let line = line.trim_end().to_string();
+        log.lock().unwrap().push(line.clone());
+        let mut words = line.splitn(2, ' ');
+        let verb = words.next().unwrap_or("").to_ascii_uppercase();
+        let arg = words.next().unwrap_or("");
+        let out: Vec<u8> = match (verb.as_str(), logged_in) {
+            ("USER", false) => {
+                user = Some(arg.to_string());
+                b"+OK\r\n".to_vec()
+            }
+            ("PASS", false) => {
+                if user.as_deref() == Some("alice") && arg == "secret" {
+                    logged_in = true;
+                    b"+OK alice's maildrop has 1 message\r\n".to_vec()
+                } else {
+                    b"-ERR [AUTH] scripted: invalid password\r\n".to_vec()
+                }
+            }
+            ("APOP", false) => {
+                if arg == format!("alice {APOP_DIGEST}") {
+                    logged_in = true;
+                    b"+OK alice's maildrop has 1 message\r\n".to_vec()
+                } else {
+                    b"-ERR [AUTH] scripted: APOP failed\r\n".to_vec()
+                }
+            }
+            ("STAT", true) => format!("+OK 1 {}\r\n", MSG1.len()).into_bytes(),
+            ("RETR", true) if arg == "1" => {
+                let mut v = format!("+OK {} octets\r\n", MSG1.len()).into_bytes();
+                v.extend_from_slice(MSG1_WIRE);
+                v
+            }
+            ("QUIT", _) => {
+                let _ = w.write_all(b"+OK scripted bye\r\n").await;
+                return;
+            }
+            // CAPA, AUTH, anything else: an RFC 1939 server does not know them
+            _ => b"-ERR unknown command\r\n".to_vec(),
+        };
+        if w.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- setup
+
+struct Setup {
+    gw: mailgate::server::Gateway,
+    ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn gateway(backend: &str, extra: &str) -> Setup {
+    gateway_with(backend, extra, "").await
+}
+
+/// `top`: more top-level YAML (e.g. `policies:`).
+async fn gateway_with(backend: &str, extra: &str, top: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let yaml = format!(
+        r#"
+server: {{ hostname: gw.test, shutdown_grace: 2s }}
+listeners:
+  - {{ name: pop3, protocol: pop3, bind: "127.0.0.1:0", tls: starttls, backend: b {extra} }}
+  - {{ name: pop3s, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, backend: b {extra} }}
+  - {{ name: apop, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b {extra} }}
+tls:
+  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
+backends:
+  b: {{ address: "{backend}" }}
+{top}
+"#,
+        d = dir.path().display()
+    );
+    let gw = common::start(&yaml).await;
+    Setup { gw, ca, _dir: dir }
+}
+
+impl Setup {
+    async fn plain(&self, name: &str) -> Client<TcpStream> {
+        let s = TcpStream::connect(self.gw.addr(name).unwrap())
+            .await
+            .unwrap();
+        let mut c = Client::new(s);
+        let g = c.ok().await;
+        assert!(g.starts_with("+OK gw.test POP3"), "{g}");
+        c
+    }
+    async fn tls(
+        &self,
+        name: &str,
+    ) -> (Client<tokio_rustls::client::TlsStream<TcpStream>>, String) {
+        let s = TcpStream::connect(self.gw.addr(name).unwrap())
+            .await
+            .unwrap();
+        let mut c = tls_wrap(s, &self.ca).await;
+        let g = c.ok().await;
+        (c, g)
+    }
+}
+
+fn plain_ir(user: &str, pass: &str) -> String {
+    base64_encode(format!("\0{user}\0{pass}").as_bytes())
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn auth_plain_is_replayed_as_user_pass() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, "").await;
+
+    // initial-response form
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(format!("AUTH PLAIN {}\r\n", plain_ir("alice", "secret")).as_bytes())
+        .await;
+    assert_eq!(c.ok().await, "+OK alice's maildrop has 1 message");
+    c.send(b"RETR 1\r\n").await;
+    c.ok().await;
+    assert_eq!(c.body().await, MSG1, "byte-identical retrieval");
+    c.send(b"QUIT\r\n").await;
+    assert_eq!(c.ok().await, "+OK scripted bye");
+    assert!(c.rest(Duration::from_secs(5)).await.1, "closed after QUIT");
+
+    // continuation form, after a cancelled attempt
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"AUTH PLAIN\r\n").await;
+    assert_eq!(c.raw_line().await.unwrap(), b"+ \r\n");
+    c.send(b"*\r\n").await;
+    c.err().await;
+    c.send(b"AUTH PLAIN\r\n").await;
+    assert_eq!(c.raw_line().await.unwrap(), b"+ \r\n");
+    c.send(format!("{}\r\n", plain_ir("alice", "secret")).as_bytes())
+        .await;
+    c.ok().await;
+    c.send(b"STAT\r\n").await;
+    assert_eq!(c.ok().await, format!("+OK 1 {}", MSG1.len()));
+    c.send(b"QUIT\r\n").await;
+    c.ok().await;
+
+    let lines = be.lines();
+    assert!(
+        !lines.iter().any(|l| l.starts_with("AUTH")),
+        "the backend only knows USER/PASS: {lines:?}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| *l == "USER alice" || *l == "PASS secret")
+            .count(),
+        4,
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn stls_injection_is_discarded() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, "").await;
+    let mut c = st.plain("pop3").await;
+    // STLS and a command in one write: only STLS may be answered in plaintext
+    c.send(b"STLS\r\nCAPA\r\n").await;
+    assert_eq!(c.status().await, "+OK Begin TLS negotiation now");
+    let (rest, closed) = c.rest(Duration::from_millis(500)).await;
+    assert!(!closed && rest.is_empty(), "plaintext after +OK: {rest:?}");
+    let mut t = tls_wrap(c.s, &st.ca).await;
+    // the first answer inside TLS is to our NOOP, not to the injected CAPA
+    t.send(b"NOOP\r\n").await;
+    assert_eq!(t.status().await, "+OK");
+    t.send(b"CAPA\r\n").await;
+    t.ok().await;
+    let caps = String::from_utf8(t.body().await).unwrap();
+    assert!(
+        caps.contains("USER\r\n") && caps.contains("SASL PLAIN\r\n"),
+        "{caps}"
+    );
+    assert!(!caps.contains("STLS"), "{caps}");
+    // an RFC 1939-only backend: nothing it lacks is advertised
+    for absent in ["TOP", "UIDL", "PIPELINING", "RESP-CODES"] {
+        assert!(!caps.contains(absent), "{caps}");
+    }
+    t.send(b"STLS\r\n").await;
+    t.err().await;
+    t.send(b"USER alice\r\nPASS secret\r\nQUIT\r\n").await;
+    t.ok().await;
+    t.ok().await;
+    assert_eq!(t.ok().await, "+OK scripted bye");
+}
+
+#[tokio::test]
+async fn login_before_tls_is_refused_and_never_reaches_the_backend() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, "").await;
+    let mut c = st.plain("pop3").await;
+    c.send(b"CAPA\r\n").await;
+    c.ok().await;
+    let caps = String::from_utf8(c.body().await).unwrap();
+    assert!(caps.contains("STLS"), "{caps}");
+    assert!(!caps.contains("USER") && !caps.contains("SASL"), "{caps}");
+    for cmd in [
+        "USER alice".to_string(),
+        "PASS secret".to_string(),
+        format!("AUTH PLAIN {}", plain_ir("alice", "secret")),
+        format!("APOP alice {APOP_DIGEST}"),
+    ] {
+        c.send(format!("{cmd}\r\n").as_bytes()).await;
+        let r = c.err().await;
+        assert!(r.starts_with("-ERR [AUTH]"), "{cmd}: {r}");
+    }
+    c.send(b"QUIT\r\n").await;
+    c.ok().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        be.connections.load(Ordering::SeqCst),
+        0,
+        "the backend must not even be connected to"
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_gets_the_backends_error_and_closes_after_n() {
+    let be = Scripted::start().await;
+    let st = gateway(
+        &be.addr,
+        ", max_login_failures: 2, login_failure_delay: 300ms",
+    )
+    .await;
+    let (mut c, _) = st.tls("pop3s").await;
+    for i in 0..2 {
+        c.send(b"USER alice\r\n").await;
+        c.ok().await;
+        let t = Instant::now();
+        c.send(b"PASS wrong\r\n").await;
+        assert_eq!(c.status().await, "-ERR [AUTH] scripted: invalid password");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "failure delay: {:?}",
+            t.elapsed()
+        );
+        if i == 0 {
+            // still usable after one failure
+            c.send(b"NOOP\r\n").await;
+            c.ok().await;
+        }
+    }
+    let (rest, closed) = c.rest(Duration::from_secs(5)).await;
+    assert!(closed, "closed after the second failure (got {rest:?})");
+    assert!(!be.lines().iter().any(|l| l == "PASS secret"));
+}
+
+#[tokio::test]
+async fn backend_down_is_sys_temp() {
+    let port = common::free_port();
+    let st = gateway(&format!("127.0.0.1:{port}"), "").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS secret\r\n").await;
+    c.ok().await;
+    let r = c.err().await;
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    // CAPA still answers, conservatively
+    c.send(b"CAPA\r\n").await;
+    c.ok().await;
+    let caps = String::from_utf8(c.body().await).unwrap();
+    assert_eq!(caps, "USER\r\nSASL PLAIN\r\n");
+    c.send(b"QUIT\r\n").await;
+    c.ok().await;
+}
+
+#[tokio::test]
+async fn pipelined_login_and_commands_reach_the_backend_in_order() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, "").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nRETR 1\r\nQUIT\r\n")
+        .await;
+    c.ok().await; // USER
+    c.ok().await; // PASS (the backend's)
+    assert_eq!(c.ok().await, format!("+OK 1 {}", MSG1.len()));
+    c.ok().await;
+    assert_eq!(c.body().await, MSG1);
+    assert_eq!(c.ok().await, "+OK scripted bye");
+    assert!(c.rest(Duration::from_secs(5)).await.1);
+}
+
+#[tokio::test]
+async fn apop_carries_the_backends_timestamp() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, "").await;
+    let (mut c, greeting) = st.tls("apop").await;
+    assert!(greeting.ends_with(TIMESTAMP), "{greeting}");
+    c.send(format!("APOP alice {APOP_DIGEST}\r\n").as_bytes())
+        .await;
+    c.ok().await;
+    c.send(b"QUIT\r\n").await;
+    c.ok().await;
+    // other listeners have no timestamp and refuse APOP
+    let (mut c, greeting) = st.tls("pop3s").await;
+    assert!(!greeting.contains('<'), "{greeting}");
+    c.send(format!("APOP alice {APOP_DIGEST}\r\n").as_bytes())
+        .await;
+    c.err().await;
+}
+
+#[tokio::test]
+async fn garbage_and_overlong_lines_end_the_session() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, ", max_errors: 3").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(&[b'x'; 2000]).await;
+    c.send(b"\r\n").await;
+    assert_eq!(c.status().await, "-ERR Line too long");
+    c.send(b"\x01\x02\xff\r\n").await;
+    c.err().await;
+    c.send(b"HELO there\r\n").await;
+    assert_eq!(c.status().await, "-ERR Too many errors, closing connection");
+    assert!(c.rest(Duration::from_secs(5)).await.1);
+}
+
+#[tokio::test]
+async fn timeouts_end_the_session_with_err() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, ", timeouts: { command: 1s, idle: 1s }").await;
+    // AUTHORIZATION state: the command timeout
+    let (mut c, _) = st.tls("pop3s").await;
+    let (rest, closed) = c.rest(Duration::from_secs(5)).await;
+    assert!(
+        closed && rest == "-ERR Disconnected for inactivity\r\n",
+        "{rest:?}"
+    );
+    // TRANSACTION state (the pipe): the idle timeout
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS secret\r\n").await;
+    c.ok().await;
+    c.ok().await;
+    let t = Instant::now();
+    let (rest, closed) = c.rest(Duration::from_secs(5)).await;
+    assert!(
+        closed && rest == "-ERR Disconnected for inactivity\r\n",
+        "{rest:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test]
+async fn shutdown_tells_sessions_in_authorization_state() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, "").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"NOOP\r\n").await;
+    c.ok().await;
+    let left = st.gw.shutdown().await;
+    assert_eq!(left, 0);
+    let (rest, closed) = c.rest(Duration::from_secs(5)).await;
+    assert!(
+        closed && rest.starts_with("-ERR [SYS/TEMP] shutting down"),
+        "{rest:?}"
+    );
+}
+
+#[tokio::test]
+async fn demo_maildrop_through_the_gateway() {
+    let mailbox = Arc::new(Mailbox::default());
+    let messages: Vec<&[u8]> = vec![
+        b"From: a@example.org\r\nSubject: first\r\n\r\nbody\r\n.\r\n..two dots\r\n",
+        b"Subject: second\r\n\r\n\xc3\xa4 8-bit line\r\nno final newline",
+    ];
+    for m in &messages {
+        mailbox.messages.lock().unwrap().push(StoredMessage {
+            from: "a@example.org".into(),
+            rcpts: vec!["demo@example.net".into()],
+            data: m.to_vec(),
+        });
+    }
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(serve_pop3(l, mailbox.clone()));
+    let st = gateway(&addr, "").await;
+
+    let (mut c, _) = st.tls("pop3s").await;
+    // the first CAPA where login is allowed probes the backend once
+    c.send(b"CAPA\r\n").await;
+    c.ok().await;
+    let caps = String::from_utf8(c.body().await).unwrap();
+    assert_eq!(
+        caps,
+        "USER\r\nSASL PLAIN\r\nTOP\r\nUIDL\r\nPIPELINING\r\nRESP-CODES\r\n"
+    );
+    c.send(b"USER demo\r\nPASS anything\r\nUIDL\r\n").await;
+    c.ok().await;
+    c.ok().await;
+    c.ok().await;
+    let uidl = c.body().await;
+    assert_eq!(uidl.split(|b| *b == b'\n').count(), 3, "{uidl:?}");
+    let mut retrieved = Vec::new();
+    for i in 1..=messages.len() {
+        c.send(format!("RETR {i}\r\n").as_bytes()).await;
+        c.ok().await;
+        retrieved.push(c.body().await);
+    }
+    assert_eq!(retrieved[0], messages[0]);
+    assert_eq!(retrieved[1], [messages[1], b"\r\n"].concat());
+    c.send(b"TOP 1 0\r\n").await;
+    c.ok().await;
+    assert_eq!(
+        c.body().await,
+        b"From: a@example.org\r\nSubject: first\r\n\r\n"
+    );
+    c.send(b"DELE 1\r\nQUIT\r\n").await;
+    c.ok().await;
+    c.ok().await;
+    assert!(c.rest(Duration::from_secs(5)).await.1);
+    assert_eq!(mailbox.count(), 1);
+}
+
+#[tokio::test]
+async fn policy_locks_out_guessing_before_the_backend() {
+    let be = Scripted::start().await;
+    let top = "policies:\n  mailbox:\n    limits:\n      - { name: auth-ip, key: [ip], auth_failures: 2/15minutes, action: reject }";
+    let st = gateway_with(
+        &be.addr,
+        ", policy: mailbox, max_login_failures: 5, login_failure_delay: 10ms",
+        top,
+    )
+    .await;
+    let (mut c, _) = st.tls("pop3s").await;
+    for _ in 0..2 {
+        c.send(b"USER alice\r\nPASS wrong\r\n").await;
+        c.ok().await;
+        assert_eq!(c.status().await, "-ERR [AUTH] scripted: invalid password");
+    }
+    // locked: even the right password is refused, and never reaches the backend
+    c.send(b"USER alice\r\nPASS secret\r\n").await;
+    c.ok().await;
+    assert_eq!(c.status().await, "-ERR [AUTH] Authentication failed");
+    assert!(!be.lines().iter().any(|l| l == "PASS secret"));
+    assert_eq!(
+        be.lines().iter().filter(|l| l.starts_with("PASS")).count(),
+        2
+    );
+}
