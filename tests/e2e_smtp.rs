@@ -490,9 +490,20 @@ fn sighup_reload_keeps_or_applies() {
         }
         panic!("log never said {needle:?}");
     };
-    // wait_port used one connection already: one left under the limit
+    // use up the limit (wait_port's probe connection may or may not have counted yet)
     let mut open = greet("220");
-    greet("421");
+    let mut refused = false;
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", plain)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap_or(0);
+        if buf[..n].starts_with(b"421") {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "rate 2/minute refuses the third connection");
     // broken file: logged with its position, old policy stays
     std::fs::write(
         conf.join("30-policy.yaml"),
