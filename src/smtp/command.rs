@@ -233,10 +233,12 @@ fn clip(s: &str) -> String {
 }
 
 fn strip_keyword<'a>(s: &'a str, kw: &str) -> Option<&'a str> {
-    if s.len() >= kw.len() && s[..kw.len()].eq_ignore_ascii_case(kw) {
-        Some(s[kw.len()..].trim_start_matches(' '))
-    } else {
-        None
+    // `get`: the input may hold multi-byte characters; never slice inside one
+    match (s.get(..kw.len()), s.get(kw.len()..)) {
+        (Some(head), Some(rest)) if head.eq_ignore_ascii_case(kw) => {
+            Some(rest.trim_start_matches(' '))
+        }
+        _ => None,
     }
 }
 

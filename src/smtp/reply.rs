@@ -81,7 +81,8 @@ impl Reply {
                     .take(400)
                     .collect();
                 let text = text.trim().to_string();
-                if has_enhanced(&text, class) {
+                // RFC 3463 defines classes 2, 4 and 5 only
+                if has_enhanced(&text, class) || !matches!(class, 2 | 4 | 5) {
                     Cow::Owned(text)
                 } else if text.is_empty() {
                     Cow::Owned(default_enh.to_string())
