@@ -9,8 +9,8 @@ export PATH="$PATH:/usr/sbin:/sbin"
 N=${1:-2000}; C=${2:-20}; SIZE=${3:-10240}; IDLE=${IDLE:-1000}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build -q --release --ignore-rust-version --bin mailgate --example smtp_load
-BIN=target/release/mailgate; LOAD=target/release/examples/smtp_load
+cargo build -q --release --ignore-rust-version --bin mailgate --example loadgen
+BIN=target/release/mailgate; LOAD=target/release/examples/loadgen
 W=$(mktemp -d /tmp/mailgate-bench.XXXXXX); chmod 755 "$W"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }

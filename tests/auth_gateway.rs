@@ -165,7 +165,7 @@ async fn spf_dkim_dmarc_through_the_gateway() {
     // our headers sit above the untouched signed message
     let body_at = m.find("DKIM-Signature:").unwrap();
     assert_eq!(
-        m[body_at..].as_bytes(),
+        &m.as_bytes()[body_at..],
         &signed()[..],
         "signed message arrives byte-identical"
     );

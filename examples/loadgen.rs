@@ -1,10 +1,16 @@
-//! A small SMTP load generator for the side-by-side benchmark (`bench/smtp.sh`).
+//! The load generator for the side-by-side benchmarks (`bench/run.sh`,
+//! `bench/smtp.sh`): tokio + rustls, SMTP and POP3.
 //!
 //! ```text
-//! cargo run --release --ignore-rust-version --example smtp_load -- \
+//! cargo run --release --ignore-rust-version --example loadgen -- \
 //!     --addr 127.0.0.1:2525 --mode starttls --ca cert.pem -c 20 -n 2000 --size 10240
-//! cargo run ... --example smtp_load -- --addr 127.0.0.1:2525 --mode starttls --ca cert.pem --idle 1000 --hold 10
+//! cargo run ... --example loadgen -- --proto pop3 --addr 127.0.0.1:9995 --mode implicit \
+//!     --ca cert.pem --user bench --pass bench -c 4 -n 400 --per-conn 10
+//! cargo run ... --example loadgen -- --addr 127.0.0.1:2525 --mode starttls --ca cert.pem --idle 1000 --hold 10
 //! ```
+//! SMTP: `-n` messages, `--per-conn` messages per connection. POP3: `-n`
+//! sessions of login, `--per-conn` RETRs (cycling over the maildrop), QUIT;
+//! retrieved bytes are counted and every RETR must end in `.CRLF`.
 //! Modes: `plain`, `starttls`, `implicit`; `--resume` reuses TLS sessions. One new connection per message
 //! (the worst case for a TLS proxy). Prints msgs/s, latency percentiles and
 //! errors; `--idle N` instead opens N sessions (TLS established, EHLO done),
@@ -27,6 +33,10 @@ struct Opts {
     idle: usize,
     hold: u64,
     resume: bool,
+    proto: String,
+    per_conn: usize,
+    user: String,
+    pass: String,
 }
 
 fn parse() -> Opts {
@@ -40,6 +50,10 @@ fn parse() -> Opts {
         idle: 0,
         hold: 10,
         resume: false,
+        proto: "smtp".into(),
+        per_conn: 1,
+        user: "bench".into(),
+        pass: "bench".into(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -54,6 +68,10 @@ fn parse() -> Opts {
             "--size" => o.size = v.parse().expect("--size BYTES"),
             "--idle" => o.idle = v.parse().expect("--idle N"),
             "--hold" => o.hold = v.parse().expect("--hold SECONDS"),
+            "--proto" => o.proto = v,
+            "--per-conn" => o.per_conn = v.parse().expect("--per-conn N"),
+            "--user" => o.user = v,
+            "--pass" => o.pass = v,
             "--resume" => {
                 o.resume = true;
                 i += 1;
@@ -116,11 +134,108 @@ fn connector(ca: &Option<String>, resume: bool) -> Option<tokio_rustls::TlsConne
     Some(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
+async fn pop_line<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> std::io::Result<String> {
+    let mut line = String::new();
+    if r.read_line(&mut line).await? == 0 {
+        return Err(std::io::Error::other("closed"));
+    }
+    Ok(line)
+}
+
+async fn pop_ok<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> std::io::Result<()> {
+    let l = pop_line(r).await?;
+    if !l.starts_with("+OK") {
+        return Err(std::io::Error::other(format!(
+            "expected +OK, got {}",
+            l.trim_end()
+        )));
+    }
+    Ok(())
+}
+
+/// POP3: greeting (and STLS), ready for USER.
+async fn open_pop3(
+    o: &Opts,
+    tls: &Option<tokio_rustls::TlsConnector>,
+) -> std::io::Result<BufReader<Box<dyn Io>>> {
+    let tcp = TcpStream::connect(&o.addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let stream: Box<dyn Io> = match o.mode.as_str() {
+        "implicit" => Box::new(
+            tls.as_ref()
+                .expect("--ca needed")
+                .connect(name, tcp)
+                .await?,
+        ),
+        "starttls" => {
+            let mut r = BufReader::new(tcp);
+            pop_ok(&mut r).await?;
+            r.get_mut().write_all(b"STLS\r\n").await?;
+            pop_ok(&mut r).await?;
+            let s: Box<dyn Io> = Box::new(
+                tls.as_ref()
+                    .expect("--ca needed")
+                    .connect(name, r.into_inner())
+                    .await?,
+            );
+            return Ok(BufReader::new(s));
+        }
+        _ => Box::new(tcp),
+    };
+    let mut r = BufReader::new(stream);
+    pop_ok(&mut r).await?;
+    Ok(r)
+}
+
+/// One POP3 session: login, `per_conn` RETRs, QUIT. Returns bytes retrieved.
+async fn one_pop3(o: &Opts, tls: &Option<tokio_rustls::TlsConnector>) -> std::io::Result<usize> {
+    let mut r = open_pop3(o, tls).await?;
+    r.get_mut()
+        .write_all(format!("USER {}\r\n", o.user).as_bytes())
+        .await?;
+    pop_ok(&mut r).await?;
+    r.get_mut()
+        .write_all(format!("PASS {}\r\n", o.pass).as_bytes())
+        .await?;
+    pop_ok(&mut r).await?;
+    r.get_mut().write_all(b"STAT\r\n").await?;
+    let stat = pop_line(&mut r).await?;
+    let count: usize = stat
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if count == 0 {
+        return Err(std::io::Error::other("empty maildrop"));
+    }
+    let mut bytes = 0;
+    for i in 0..o.per_conn {
+        r.get_mut()
+            .write_all(format!("RETR {}\r\n", i % count + 1).as_bytes())
+            .await?;
+        pop_ok(&mut r).await?;
+        loop {
+            let l = pop_line(&mut r).await?;
+            bytes += l.len();
+            if l == ".\r\n" {
+                break;
+            }
+        }
+    }
+    r.get_mut().write_all(b"QUIT\r\n").await?;
+    let _ = pop_line(&mut r).await;
+    Ok(bytes)
+}
+
 /// Connects and brings the session to "EHLO answered" in the requested mode.
 async fn open(
     o: &Opts,
     tls: &Option<tokio_rustls::TlsConnector>,
 ) -> std::io::Result<BufReader<Box<dyn Io>>> {
+    if o.proto == "pop3" {
+        return open_pop3(o, tls).await;
+    }
     let tcp = TcpStream::connect(&o.addr).await?;
     tcp.set_nodelay(true)?;
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
@@ -160,24 +275,27 @@ async fn open(
     Ok(r)
 }
 
+/// One SMTP connection delivering `per_conn` messages. Returns messages acknowledged.
 async fn one_message(
     o: &Opts,
     tls: &Option<tokio_rustls::TlsConnector>,
     body: &[u8],
-) -> std::io::Result<()> {
+) -> std::io::Result<usize> {
     let mut r = open(o, tls).await?;
-    // PIPELINING: envelope in one write
-    r.get_mut()
-        .write_all(b"MAIL FROM:<load@example.org>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n")
-        .await?;
-    expect(&mut r, 250).await?;
-    expect(&mut r, 250).await?;
-    expect(&mut r, 354).await?;
-    r.get_mut().write_all(body).await?;
-    expect(&mut r, 250).await?;
+    for _ in 0..o.per_conn.max(1) {
+        // PIPELINING: envelope in one write
+        r.get_mut()
+            .write_all(b"MAIL FROM:<load@example.org>\r\nRCPT TO:<sink@example.net>\r\nDATA\r\n")
+            .await?;
+        expect(&mut r, 250).await?;
+        expect(&mut r, 250).await?;
+        expect(&mut r, 354).await?;
+        r.get_mut().write_all(body).await?;
+        expect(&mut r, 250).await?;
+    }
     r.get_mut().write_all(b"QUIT\r\n").await?;
     let _ = reply(&mut r).await;
-    Ok(())
+    Ok(o.per_conn.max(1))
 }
 
 #[tokio::main]
@@ -221,23 +339,41 @@ async fn main() {
         );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
+            let mut units = 0usize;
             while next.fetch_add(1, Ordering::Relaxed) < o.messages {
                 let t = Instant::now();
-                match tokio::time::timeout(Duration::from_secs(30), one_message(&o, &tls, &body))
-                    .await
-                {
-                    Ok(Ok(())) => lat.push(t.elapsed()),
-                    _ => {
+                let r = if o.proto == "pop3" {
+                    tokio::time::timeout(Duration::from_secs(60), one_pop3(&o, &tls))
+                        .await
+                        .map(|r| r.map(|_| 1))
+                } else {
+                    tokio::time::timeout(Duration::from_secs(60), one_message(&o, &tls, &body))
+                        .await
+                };
+                match r {
+                    Ok(Ok(n)) => {
+                        lat.push(t.elapsed());
+                        units += n;
+                    }
+                    Ok(Err(e)) => {
+                        if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                            eprintln!("error: {e}");
+                        }
+                    }
+                    Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
-            lat
+            (lat, units)
         }));
     }
     let mut lat = Vec::new();
+    let mut acked = 0;
     for t in tasks {
-        lat.extend(t.await.expect("worker"));
+        let (l, n) = t.await.expect("worker");
+        lat.extend(l);
+        acked += n;
     }
     let secs = started.elapsed().as_secs_f64();
     lat.sort();
@@ -247,9 +383,11 @@ async fn main() {
             .unwrap_or(0.0)
     };
     println!(
-        "RESULT mode={} ok={} errors={} secs={:.2} msgs_per_s={:.1} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        "RESULT proto={} mode={} ok={} acked={} errors={} secs={:.2} msgs_per_s={:.1} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2}",
+        o.proto,
         o.mode,
         lat.len(),
+        acked,
         errors.load(Ordering::Relaxed),
         secs,
         lat.len() as f64 / secs,
