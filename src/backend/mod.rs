@@ -4,6 +4,7 @@ pub mod pop3;
 pub mod probe;
 pub mod reply;
 pub mod smtp;
+pub mod stream;
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,6 @@ use bytes::BytesMut;
 use std::collections::HashMap;
 use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 /// Longest status or CAPA line accepted from a backend (RFC 2449 §4: 512).
 pub const MAX_LINE: usize = 1024;
@@ -107,7 +106,7 @@ pub async fn probe(b: &Backend, t: &Timeouts) -> Option<BackendCaps> {
 }
 
 pub struct Pop3Backend {
-    conn: Conn<TcpStream>,
+    conn: Conn<super::stream::BackendStream>,
     pub caps: BackendCaps,
     /// APOP timestamp from the greeting.
     pub timestamp: Option<String>,
@@ -120,8 +119,13 @@ impl Pop3Backend {
     pub async fn connect(backend: &Backend, t: &Timeouts) -> Result<Self, BackendError> {
         let started = std::time::Instant::now();
         let tcp = super::connect(&backend.address, t.backend_connect).await?;
+        let mut stream = super::stream::BackendStream::Plain(tcp);
+        if let Some(tls) = &backend.tls {
+            // implicit TLS (POP3S backends); STLS to backends is refused by config
+            stream = stream.upgrade(tls, t.backend_connect).await?;
+        }
         let mut b = Pop3Backend {
-            conn: Conn::new(tcp),
+            conn: Conn::new(stream),
             caps: BackendCaps::rfc1939(),
             timestamp: None,
             reply_timeout: t.backend_reply,
@@ -242,7 +246,7 @@ impl Pop3Backend {
 
     /// The connection and whatever the backend already sent after its `+OK`
     /// (which belongs to the client).
-    pub fn into_parts(mut self) -> (TcpStream, BytesMut) {
+    pub fn into_parts(mut self) -> (super::stream::BackendStream, BytesMut) {
         let left = self.conn.take_buffered();
         (self.conn.stream, left)
     }

@@ -4,18 +4,20 @@
 //! next MAIL. Only parameters the backend announced are passed on.
 
 use super::reply::{Parsed, ReplyParser, MAX_LINE};
+use super::stream::{BackendStream, BackendTlsMode};
 use super::{BackendError, ClientIdentity};
 use crate::codec::Conn;
 use crate::config::{Backend, Timeouts};
 use crate::smtp::command::{Body, MailParams};
 use crate::smtp::session::BackendCaps;
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 pub type BackendReply = (u16, Vec<String>);
 
 pub struct SmtpBackend {
-    conn: Conn<TcpStream>,
+    conn: Conn<BackendStream>,
+    /// The backend offered STARTTLS in its last EHLO.
+    starttls: bool,
     pub caps: BackendCaps,
     size_ext: bool,
     /// A MAIL was sent and its transaction not ended by DATA.
@@ -33,20 +35,32 @@ impl SmtpBackend {
         id: Option<&ClientIdentity>,
     ) -> Result<Self, BackendError> {
         let started = std::time::Instant::now();
-        let tcp = super::connect(&backend.address, t.backend_connect).await?;
+        let mut tcp = super::connect(&backend.address, t.backend_connect).await?;
+        // PROXY v2 belongs to the TCP connection: before any TLS
+        if let (true, Some(id)) = (backend.proxy_v2, id) {
+            use tokio::io::AsyncWriteExt;
+            let header = crate::transport::proxy_v2_header(id.peer, id.local);
+            tcp.write_all(&header)
+                .await
+                .map_err(|e| BackendError::Failed(format!("PROXY header: {e}")))?;
+        }
+        let mut stream = BackendStream::Plain(tcp);
+        if let Some(tls) = backend
+            .tls
+            .as_ref()
+            .filter(|t| t.mode == BackendTlsMode::Implicit)
+        {
+            stream = stream.upgrade(tls, t.backend_connect).await?;
+        }
         let mut b = SmtpBackend {
-            conn: Conn::new(tcp),
+            conn: Conn::new(stream),
+            starttls: false,
             caps: BackendCaps::default(),
             size_ext: false,
             open_tx: false,
             reply_timeout: t.backend_reply,
             data_timeout: t.backend_data,
         };
-        if let (true, Some(id)) = (backend.proxy_v2, id) {
-            let header = crate::transport::proxy_v2_header(id.peer, id.local);
-            b.conn.queue(&header);
-            b.conn.flush(t.backend_connect).await?;
-        }
         let (code, lines) = b.read_reply(t.backend_connect).await?;
         if code != 220 {
             return Err(BackendError::Unavailable(format!(
@@ -54,7 +68,32 @@ impl SmtpBackend {
                 lines.join(" ")
             )));
         }
-        let xclient = b.hello(backend).await?;
+        let mut xclient = b.hello(backend).await?;
+        if let Some(tls) = backend
+            .tls
+            .as_ref()
+            .filter(|t| t.mode == BackendTlsMode::Starttls)
+        {
+            // fail closed: a backend configured for TLS that does not offer it
+            // (or a stripped STARTTLS) never gets the session in plaintext
+            if !b.starttls {
+                return Err(BackendError::Unavailable(
+                    "backend does not offer STARTTLS".into(),
+                ));
+            }
+            let (code, lines) = b.command("STARTTLS").await?;
+            if code != 220 {
+                return Err(BackendError::Unavailable(format!(
+                    "STARTTLS {code} {}",
+                    lines.join(" ")
+                )));
+            }
+            // anything the backend sent after its 220 is not trusted (RFC 3207)
+            b.conn.discard_buffered();
+            let plain = std::mem::replace(&mut b.conn.stream, BackendStream::Detached);
+            b.conn.stream = plain.upgrade(tls, t.backend_connect).await?;
+            xclient = b.hello(backend).await?;
+        }
         if let (true, Some(id), Some(attrs)) = (backend.xclient, id, xclient) {
             b.xclient(backend, id, &attrs).await?;
         }
@@ -112,6 +151,7 @@ impl SmtpBackend {
         let mut xclient = None;
         b.caps = BackendCaps::default();
         b.size_ext = false;
+        b.starttls = false;
         let (code, lines) = b.command(&format!("EHLO {}", backend.helo_name)).await?;
         match code {
             250 => {
@@ -121,6 +161,7 @@ impl SmtpBackend {
                         Some("8BITMIME") => b.caps.eightbitmime = true,
                         Some("SMTPUTF8") => b.caps.smtputf8 = true,
                         Some("PIPELINING") => b.caps.pipelining = true,
+                        Some("STARTTLS") => b.starttls = true,
                         Some("XCLIENT") => {
                             xclient = Some(words.by_ref().map(str::to_string).collect())
                         }

@@ -176,6 +176,23 @@ pub struct BackendFile {
     pub helo_name: Option<String>,
     /// Default `[received]`; e.g. `[xclient, received]`.
     pub identity: Option<Vec<IdentityMethod>>,
+    /// TLS to the backend, for backends that can do it: `implicit` or
+    /// `starttls` (SMTP only). Default: none (plaintext).
+    pub tls: Option<BackendTlsFile>,
+    /// PEM trust anchors for the backend's certificate (default: the system bundle).
+    pub ca: Option<String>,
+    /// Accept exactly these certificates (hex SHA-256 of the DER) instead of a CA.
+    pub pin_sha256: Option<Vec<String>>,
+    /// Name to verify the certificate against (default: the host of `address`).
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendTlsFile {
+    None,
+    Implicit,
+    Starttls,
 }
 
 /// A policy block: who may do how much (DESIGN §5). Lists are checked in

@@ -60,6 +60,8 @@ pub struct Backend {
     pub helo_name: String,
     pub xclient: bool,
     pub proxy_v2: bool,
+    /// TLS to the backend, when configured.
+    pub tls: Option<Arc<crate::backend::stream::BackendTls>>,
 }
 
 #[derive(Debug, Clone)]
@@ -333,7 +335,48 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
                     ));
                 }
             }
+            let tls = match b.tls {
+                None | Some(file::BackendTlsFile::None) => None,
+                Some(mode) => {
+                    let host = b.server_name.clone().unwrap_or_else(|| {
+                        let h = b
+                            .address
+                            .rsplit_once(':')
+                            .map(|x| x.0)
+                            .unwrap_or(&b.address);
+                        h.trim_start_matches('[').trim_end_matches(']').to_string()
+                    });
+                    let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+                        .map_err(|_| {
+                            s.err(
+                                &["backends", name],
+                                format!("backends.{name}: {host:?} is not a valid TLS server name"),
+                            )
+                        })?;
+                    let ca = b.ca.as_ref().map(|c| s.resolve(c));
+                    let cfg = crate::backend::stream::client_config(
+                        ca.as_deref(),
+                        b.pin_sha256.as_deref().unwrap_or(&[]),
+                    )
+                    .map_err(|e| {
+                        s.err(
+                            &["backends", name, "tls"],
+                            format!("backends.{name}.tls: {e}"),
+                        )
+                    })?;
+                    Some(Arc::new(crate::backend::stream::BackendTls {
+                        mode: if mode == file::BackendTlsFile::Starttls {
+                            crate::backend::stream::BackendTlsMode::Starttls
+                        } else {
+                            crate::backend::stream::BackendTlsMode::Implicit
+                        },
+                        connector: tokio_rustls::TlsConnector::from(cfg),
+                        server_name,
+                    }))
+                }
+            };
             let backend = Backend {
+                tls,
                 name: name.clone(),
                 address: b.address.clone(),
                 helo_name: b.helo_name.clone().unwrap_or_else(|| hostname.clone()),
@@ -695,6 +738,15 @@ fn build_listener(
     if auth != AuthMode::None && (l.protocol != Protocol::Smtp || l.tls == TlsMode::None) {
         return Err(s.err(&[name, "auth"], format!(
             "listeners.{name}.auth applies to smtp listeners with tls: starttls or implicit (credentials only over TLS)")));
+    }
+    if l.protocol == Protocol::Pop3
+        && backend
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode == crate::backend::stream::BackendTlsMode::Starttls)
+    {
+        return Err(s.err(&[name, &l.backend], format!(
+            "listeners.{name}: backend {:?} uses tls: starttls, which is supported for SMTP backends only (use implicit)", l.backend)));
     }
     if let Some(h) = &l.hostname {
         if !valid_hostname(h) {
