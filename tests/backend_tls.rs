@@ -54,14 +54,15 @@ async fn serve(
     log: Arc<Mutex<Vec<String>>>,
     upgrade: Option<TlsAcceptor>,
 ) {
-    if !tls || mode == "implicit" {
-        if r.get_mut()
+    // a greeting on a new connection (not again after STARTTLS)
+    let greet = !tls || mode == "implicit";
+    if greet
+        && r.get_mut()
             .write_all(b"220 legacy ESMTP\r\n")
             .await
             .is_err()
-        {
-            return;
-        }
+    {
+        return;
     }
     loop {
         let mut line = String::new();
