@@ -170,6 +170,33 @@ async fn spf_dkim_dmarc_through_the_gateway() {
         "signed message arrives byte-identical"
     );
 
+    // do no harm: the message as the backend got it (our headers on top) still verifies
+    let settings = mailgate::auth::DnsSettings {
+        nameservers: vec![dns.addr],
+        ..Default::default()
+    };
+    let v = mailgate::auth::Verifier::new(&settings).unwrap();
+    let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let again = v
+        .message(
+            m.as_bytes(),
+            ip,
+            "client.football.example.com",
+            "joe@football.example.com",
+            None,
+            mailgate::auth::Checks {
+                dkim: true,
+                dmarc: false,
+                arc: false,
+            },
+        )
+        .await;
+    assert_eq!(
+        again.dkim_summary().map(|x| x.0.as_str()),
+        Some("pass"),
+        "signature survives the gateway"
+    );
+
     // tampered body: dkim=fail, tagged (SPF-aligned DMARC still passes)
     let mut tampered = signed();
     let n = tampered.len();

@@ -258,6 +258,20 @@ impl Setup {
         let g = c.ok().await;
         (c, g)
     }
+
+    /// Like `tls`, from a given loopback source address.
+    async fn tls_from(
+        &self,
+        name: &str,
+        src: &str,
+    ) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        let s = sock.connect(self.gw.addr(name).unwrap()).await.unwrap();
+        let mut c = tls_wrap(s, &self.ca).await;
+        c.ok().await;
+        c
+    }
 }
 
 fn plain_ir(user: &str, pass: &str) -> String {
@@ -598,4 +612,51 @@ async fn policy_locks_out_guessing_before_the_backend() {
         be.lines().iter().filter(|l| l.starts_with("PASS")).count(),
         2
     );
+}
+
+/// Policy acceptance 3, POP3 side: failures lock the guessing IP and the user,
+/// but the user still gets in from a network where she logged in before.
+#[tokio::test]
+async fn per_user_lock_spares_known_good_networks() {
+    let be = Scripted::start().await;
+    let top = "policies:\n  mailbox:\n    limits:\n      - { name: auth-ip, key: [ip], auth_failures: 5/15minutes, action: reject }\n      - { name: auth-user, key: [auth_user], auth_failures: 5/15minutes, action: tempfail }";
+    let st = gateway_with(
+        &be.addr,
+        ", policy: mailbox, max_login_failures: 10, login_failure_delay: 10ms",
+        top,
+    )
+    .await;
+    // alice's usual network
+    let mut home = st.tls_from("pop3s", "127.0.0.20").await;
+    home.send(b"USER alice\r\nPASS secret\r\n").await;
+    home.ok().await;
+    assert!(home.status().await.starts_with("+OK"));
+    drop(home);
+    // five wrong passwords from elsewhere
+    let mut evil = st.tls_from("pop3s", "127.0.2.66").await;
+    for _ in 0..5 {
+        evil.send(b"USER alice\r\nPASS wrong\r\n").await;
+        evil.ok().await;
+        assert!(evil.status().await.starts_with("-ERR"));
+    }
+    evil.send(b"USER alice\r\nPASS secret\r\n").await;
+    evil.ok().await;
+    assert!(
+        evil.status().await.starts_with("-ERR"),
+        "the guessing IP is locked"
+    );
+    // a fresh network: the per-user lock applies
+    let mut fresh = st.tls_from("pop3s", "127.0.1.77").await;
+    fresh.send(b"USER alice\r\nPASS secret\r\n").await;
+    fresh.ok().await;
+    assert!(
+        fresh.status().await.starts_with("-ERR"),
+        "per-user lock from a new network"
+    );
+    // her known-good network still gets in
+    let mut home = st.tls_from("pop3s", "127.0.0.20").await;
+    home.send(b"USER alice\r\nPASS secret\r\n").await;
+    home.ok().await;
+    let r = home.status().await;
+    assert!(r.starts_with("+OK"), "known-good network: {r}");
 }

@@ -405,7 +405,11 @@ impl<'a> CallLog<'a> {
         let mut l = self.lock();
         if let Some(entry) = l.iter_mut().rev().find(|e| !e.answered && e.key == key) {
             entry.answered = true;
-            self.stats.record_latency(entry.started.elapsed());
+            let d = entry.started.elapsed();
+            self.stats.record_latency(d);
+            crate::observe::metrics()
+                .dns_lookup
+                .observe(d.as_secs_f64());
         }
     }
 
@@ -419,6 +423,7 @@ impl<'a> CallLog<'a> {
     pub fn finish(&self) {
         let n = self.lock().iter().filter(|l| !l.answered).count();
         self.stats.unanswered.fetch_add(n as u64, Ordering::Relaxed);
+        crate::observe::metrics().dns_failures.inc_by(n as u64);
     }
 }
 
