@@ -22,6 +22,24 @@ pub enum CodecError {
 
 const READ_CHUNK: usize = 4096;
 
+/// Lets an idle reader wait for input before it allocates a read buffer, so
+/// thousands of idle sessions hold no read buffers (see `Conn::shrink`).
+pub trait WaitReadable {
+    fn wait_readable(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
+impl WaitReadable for tokio::net::TcpStream {
+    async fn wait_readable(&mut self) -> io::Result<()> {
+        self.readable().await
+    }
+}
+
+impl WaitReadable for tokio::io::DuplexStream {
+    async fn wait_readable(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 pub struct Conn<S> {
     pub stream: S,
     rbuf: BytesMut,
@@ -31,7 +49,7 @@ pub struct Conn<S> {
     pub bytes_out: u64,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + WaitReadable> Conn<S> {
     pub fn new(stream: S) -> Self {
         Conn {
             stream,
@@ -44,6 +62,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Reads more bytes into the buffer; `Closed` at EOF.
     pub async fn fill(&mut self) -> Result<usize, CodecError> {
+        if self.rbuf.capacity() == 0 {
+            // released while idle: allocate only once there is something to read
+            self.stream.wait_readable().await?;
+        }
         if self.rbuf.capacity() - self.rbuf.len() < 512 {
             self.rbuf.reserve(READ_CHUNK);
         }

@@ -79,6 +79,28 @@ impl ClientStream {
     }
 }
 
+impl crate::codec::WaitReadable for ClientStream {
+    async fn wait_readable(&mut self) -> io::Result<()> {
+        match self {
+            ClientStream::Plain(t) => t.readable().await,
+            ClientStream::Tls(s) => {
+                // rustls may hold decrypted bytes already: then there is no wait
+                let pending = s
+                    .get_mut()
+                    .1
+                    .process_new_packets()
+                    .map(|st| st.plaintext_bytes_to_read() > 0);
+                if matches!(pending, Ok(false)) {
+                    s.get_ref().0.readable().await
+                } else {
+                    Ok(())
+                }
+            }
+            ClientStream::Detached => Ok(()),
+        }
+    }
+}
+
 fn detached() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "stream is being upgraded")
 }

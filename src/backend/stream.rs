@@ -178,6 +178,13 @@ impl BackendStream {
     }
 }
 
+impl crate::codec::WaitReadable for BackendStream {
+    // backend connections are short-lived and busy: no idle optimisation
+    async fn wait_readable(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 fn detached() -> io::Error {
     io::Error::new(
         io::ErrorKind::NotConnected,

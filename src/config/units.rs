@@ -63,6 +63,18 @@ impl<'de> Deserialize<'de> for ByteSize {
 pub struct Secs(pub Duration);
 
 impl Secs {
+    /// The longest duration accepted: every duration ends up as a deadline
+    /// `now + d`, which must not overflow (that panics in each session).
+    pub const MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+    fn bounded(d: Duration, s: &str) -> Result<Self, String> {
+        if d > Self::MAX {
+            Err(format!("duration {s:?} is too long (at most 100 years)"))
+        } else {
+            Ok(Secs(d))
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -78,7 +90,7 @@ impl Secs {
             "d" => Duration::from_secs(n.saturating_mul(86_400)),
             other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
         };
-        Ok(Secs(d))
+        Self::bounded(d, s)
     }
 }
 
@@ -91,7 +103,7 @@ impl<'de> Deserialize<'de> for Secs {
                 f.write_str("a duration such as 30s, 5m or 250ms")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Secs, E> {
-                Ok(Secs(Duration::from_secs(v)))
+                Secs::bounded(Duration::from_secs(v), &v.to_string()).map_err(E::custom)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Secs, E> {
                 Secs::parse(v).map_err(E::custom)

@@ -206,7 +206,7 @@ fn mail(rest: &str) -> Result<Command, ParseError> {
                 p.body = Some(match v.to_ascii_uppercase().as_str() {
                     "7BIT" => Body::SevenBit,
                     "8BITMIME" => Body::EightBitMime,
-                    _ => return Err(ParseError::Parameter(format!("BODY={v}"))),
+                    _ => return Err(ParseError::Parameter(clip(param))),
                 })
             }
             ("SMTPUTF8", None) if !p.smtputf8 => p.smtputf8 = true,

@@ -520,11 +520,20 @@ impl Driver {
             match rx.feed(self.conn.rbuf_mut()) {
                 Feed::Done(r) => break r,
                 Feed::NeedMore => {
-                    // shutdown does not interrupt a running DATA (bounded by its deadline)
-                    match tokio::time::timeout(l.timeouts.data, self.conn.fill()).await {
+                    // shutdown does not interrupt a running DATA (bounded by its
+                    // deadline); the session lifetime does: `timeouts.data` is
+                    // per read, so a trickle would otherwise never end
+                    let left = self
+                        .deadline
+                        .saturating_duration_since(tokio::time::Instant::now());
+                    match tokio::time::timeout(l.timeouts.data.min(left), self.conn.fill()).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(CodecError::Closed)) => return Some(End::ClientClosed),
                         Ok(Err(e)) => return Some(End::Error(format!("read DATA: {e}"))),
+                        Err(_) if l.timeouts.data > left => {
+                            self.queue(&reply::session_too_long());
+                            return Some(End::Timeout);
+                        }
                         Err(_) => {
                             self.queue(&reply::timeout());
                             return Some(End::Timeout);

@@ -204,6 +204,9 @@ pub fn unsupported_parameter(p: &str) -> Reply {
     let p: String = p.chars().filter(|c| c.is_ascii_graphic()).collect();
     Reply::new(555, format!("5.5.4 Unsupported parameter {p}"))
 }
+pub fn non_ascii_recipient() -> Reply {
+    Reply::new(553, "5.6.7 Non-ASCII address requires SMTPUTF8")
+}
 pub fn smtputf8_unavailable() -> Reply {
     Reply::new(555, "5.5.4 SMTPUTF8 is not supported by this service")
 }

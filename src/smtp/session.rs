@@ -222,6 +222,11 @@ impl Session {
                 let Some(tx) = self.tx.as_mut() else {
                     return self.error(reply::need_mail());
                 };
+                // RFC 6531 §3.4: 8-bit addresses only in an SMTPUTF8 transaction;
+                // never pass 8-bit bytes to a backend that did not negotiate it
+                if !tx.params.smtputf8 && !to.is_ascii() {
+                    return self.error(reply::non_ascii_recipient());
+                }
                 // attempts, not acceptances: a flood of rejected RCPTs is bounded too
                 if tx.rcpt_attempts >= max {
                     return Action::Reply(reply::too_many_recipients());
