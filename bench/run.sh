@@ -10,6 +10,7 @@
 #   bash bench/run.sh                 # full run (< 10 min on 2 cores)
 #   KEYTYPE=ec bash bench/run.sh      # ECDSA P-256 instead of RSA-2048
 #   SMOKE=1 bash bench/run.sh         # seconds: tiny counts, 1 repeat
+#   IDLE_ONLY=1 HOLD=10 bash bench/run.sh   # only the idle-session memory part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -121,6 +122,7 @@ case1() {
   echo "  $name: $(grep RESULT <<<"$out" | cut -c1-150)" >&2
 }
 
+if [ "${IDLE_ONLY:-0}" != 1 ]; then
 S=(--size "$SIZE" -c "$C" -n "$N")
 echo "== SMTP: $N messages x $REPEATS, concurrency $C, $SIZE bytes, new connection per message, key $KEYTYPE" >&2
 warm=$("$LOAD" --addr 127.0.0.1:"${P[1]}" --mode starttls --ca "$CA" -c 4 -n 50 2>&1 || true)   # warm-up (counted below)
@@ -159,6 +161,7 @@ for n in "${order[@]}"; do
 done
 echo "(median [min–max] of $REPEATS; CPU = mailgate utime+stime per message or session; TLS = full handshakes unless 'resumed')"
 echo "smtp-sink counted $sink_count messages; SMTP messages acknowledged (250) to the load generator: $acked$( [ "$sink_count" = "$acked" ] && echo ' (equal)' || echo ' (MISMATCH)')"
+fi
 
 # --- idle sessions: STARTTLS done, EHLO answered, then held
 for IDLE in $IDLE_SETS; do

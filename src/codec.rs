@@ -22,6 +22,20 @@ pub enum CodecError {
 
 const READ_CHUNK: usize = 4096;
 
+/// How long writes to a client may take before the session is dropped.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Why `next_command` returned without a line.
+#[derive(Debug)]
+pub enum Idle {
+    /// The session lifetime is over.
+    SessionOver,
+    /// The process is shutting down (only noticed while waiting, never mid-line).
+    Shutdown,
+    /// Writing the queued replies failed.
+    Write(CodecError),
+}
+
 /// Lets an idle reader wait for input before it allocates a read buffer, so
 /// thousands of idle sessions hold no read buffers (see `Conn::shrink`).
 pub trait WaitReadable {
@@ -123,6 +137,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + WaitReadable> Conn<S> {
                 self.rbuf.clear();
             }
             self.fill().await?;
+        }
+    }
+
+    /// The wait for the next command line, shared by both protocols: pipelined
+    /// lines are taken at once; otherwise queued replies are written in one
+    /// go, buffers are released, and the read waits for at most `per_command`
+    /// (and the session `deadline`), giving way to a shutdown.
+    pub async fn next_command(
+        &mut self,
+        max: usize,
+        per_command: Duration,
+        deadline: tokio::time::Instant,
+        shutdown: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Result<BytesMut, CodecError>, Idle> {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(Idle::SessionOver);
+        }
+        let wait = per_command.min(deadline - now);
+        if self.has_line() {
+            return Ok(self.read_line(max, wait).await);
+        }
+        self.flush(WRITE_DEADLINE).await.map_err(Idle::Write)?;
+        self.shrink();
+        let mut shutdown = shutdown.clone();
+        if *shutdown.borrow() {
+            return Err(Idle::Shutdown);
+        }
+        tokio::select! {
+            r = self.read_line(max, wait) => Ok(r),
+            _ = shutdown.changed() => Err(Idle::Shutdown),
         }
     }
 

@@ -149,28 +149,21 @@ impl Driver {
         } else {
             l.max_command_line
         };
-        let now = tokio::time::Instant::now();
-        if now >= self.deadline {
-            self.queue(&reply::session_too_long());
-            return Err(End::Timeout);
-        }
-        let wait = l.timeouts.command.min(self.deadline - now);
-        if self.conn.has_line() {
-            return Ok(self.conn.read_line(max, wait).await);
-        }
-        self.flush().await?;
-        self.conn.shrink();
-        let mut shutdown = self.ctx.shutdown.clone();
-        if *shutdown.borrow() {
-            self.queue(&reply::shutting_down());
-            return Err(End::Shutdown);
-        }
-        tokio::select! {
-            r = self.conn.read_line(max, wait) => Ok(r),
-            _ = shutdown.changed() => {
+        match self
+            .conn
+            .next_command(max, l.timeouts.command, self.deadline, &self.ctx.shutdown)
+            .await
+        {
+            Ok(line) => Ok(line),
+            Err(crate::codec::Idle::SessionOver) => {
+                self.queue(&reply::session_too_long());
+                Err(End::Timeout)
+            }
+            Err(crate::codec::Idle::Shutdown) => {
                 self.queue(&reply::shutting_down());
                 Err(End::Shutdown)
             }
+            Err(crate::codec::Idle::Write(e)) => Err(End::Error(format!("write: {e}"))),
         }
     }
 
