@@ -11,6 +11,7 @@
 #   KEYTYPE=ec bash bench/run.sh      # ECDSA P-256 instead of RSA-2048
 #   SMOKE=1 bash bench/run.sh         # seconds: tiny counts, 1 repeat
 #   IDLE_ONLY=1 HOLD=10 bash bench/run.sh   # only the idle-session memory part
+#   CASES='4MiB' IDLE_SETS= bash bench/run.sh # only cases whose name matches
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -111,6 +112,7 @@ order=()
 # case NAME VIA(0/1) LOADGEN-ARGS...: one repeat; appends to the per-case lists
 case1() {
   local name=$1 via=$2; shift 2
+  if [ -n "${CASES:-}" ] && ! grep -qE "$CASES" <<<"$name"; then return; fi
   [[ " ${order[*]} " == *" $name "* ]] || order+=("$name")
   local c0 c1 out ok
   c0=$(cpu); out=$("$LOAD" "$@" 2>&1 || true); c1=$(cpu)
