@@ -80,4 +80,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
 
 # Exec form: mailgate is PID 1 and receives SIGTERM (graceful drain) and SIGHUP (reload).
 ENTRYPOINT ["/usr/local/bin/mailgate"]
-CMD ["run", "--config", "/etc/mailgate"]
+CMD ["--log-format", "json", "run", "--config", "/etc/mailgate"]

@@ -66,9 +66,12 @@ enum Cmd {
 fn init_logs(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("MAILGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    // colours only on a terminal: container logs and files stay plain text
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::stdout().is_terminal());
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b

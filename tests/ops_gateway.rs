@@ -299,7 +299,7 @@ async fn proxy_protocol_in_and_identity_out() {
     let seen = String::from_utf8_lossy(&log.lock().unwrap()).to_string();
     assert!(
         seen.contains(
-            "XCLIENT ADDR=203.0.113.7 PORT=4242 PROTO=ESMTP HELO=real.client.example\r\n"
+            "XCLIENT NAME=[UNAVAILABLE] ADDR=203.0.113.7 PORT=4242 PROTO=ESMTP HELO=real.client.example\r\n"
         ),
         "{seen}"
     );

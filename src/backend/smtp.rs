@@ -68,7 +68,7 @@ impl SmtpBackend {
                 lines.join(" ")
             )));
         }
-        let mut xclient = b.hello(backend).await?;
+        let mut xclient = b.hello(backend, &backend.helo_name).await?;
         if let Some(tls) = backend
             .tls
             .as_ref()
@@ -92,10 +92,14 @@ impl SmtpBackend {
             b.conn.discard_buffered();
             let plain = std::mem::replace(&mut b.conn.stream, BackendStream::Detached);
             b.conn.stream = plain.upgrade(tls, t.backend_connect).await?;
-            xclient = b.hello(backend).await?;
+            xclient = b.hello(backend, &backend.helo_name).await?;
         }
-        if let (true, Some(id), Some(attrs)) = (backend.xclient, id, xclient) {
-            b.xclient(backend, id, &attrs).await?;
+        match (backend.xclient, id, xclient) {
+            (true, Some(id), Some(attrs)) => b.xclient(backend, id, &attrs).await?,
+            (true, Some(_), None) => {
+                tracing::warn!(backend = %backend.name, "identity: xclient is configured but the backend does not offer XCLIENT")
+            }
+            _ => {}
         }
         crate::observe::metrics().backend_connected(&backend.name, started.elapsed().as_secs_f64());
         Ok(b)
@@ -113,6 +117,11 @@ impl SmtpBackend {
     ) -> Result<(), BackendError> {
         let has = |a: &str| attrs.iter().any(|x| x.eq_ignore_ascii_case(a));
         let mut line = String::from("XCLIENT");
+        // no reverse lookup here: say so, or Postfix keeps the name it found
+        // for mailgate's own address (name-based rules would then match us)
+        if has("NAME") {
+            line.push_str(" NAME=[UNAVAILABLE]");
+        }
         if has("ADDR") {
             let ip = match id.peer.ip() {
                 std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -141,18 +150,29 @@ impl SmtpBackend {
             tracing::warn!(backend = %backend.name, code, reply = %lines.join(" "), "backend refused XCLIENT; check its smtpd_authorized_xclient_hosts");
             return Ok(());
         }
-        self.hello(backend).await.map(|_| ())
+        // Postfix takes the HELO name from the EHLO that follows XCLIENT,
+        // replacing XCLIENT's HELO=: repeat the client's name there.
+        let name = id
+            .helo
+            .as_deref()
+            .filter(|h| super::xtext(h) == *h)
+            .unwrap_or(&backend.helo_name);
+        self.hello(backend, name).await.map(|_| ())
     }
 
     /// EHLO with HELO fallback; learns the extensions and returns the XCLIENT
     /// attributes if the backend offers XCLIENT.
-    async fn hello(&mut self, backend: &Backend) -> Result<Option<Vec<String>>, BackendError> {
+    async fn hello(
+        &mut self,
+        backend: &Backend,
+        name: &str,
+    ) -> Result<Option<Vec<String>>, BackendError> {
         let b = self;
         let mut xclient = None;
         b.caps = BackendCaps::default();
         b.size_ext = false;
         b.starttls = false;
-        let (code, lines) = b.command(&format!("EHLO {}", backend.helo_name)).await?;
+        let (code, lines) = b.command(&format!("EHLO {name}")).await?;
         match code {
             250 => {
                 for ext in lines.iter().skip(1) {
@@ -191,7 +211,7 @@ impl SmtpBackend {
             }
             // a truly old server: fall back to HELO (RFC 5321 §3.2)
             500..=504 | 550 => {
-                let (code, lines) = b.command(&format!("HELO {}", backend.helo_name)).await?;
+                let (code, lines) = b.command(&format!("HELO {name}")).await?;
                 if code != 250 {
                     return Err(BackendError::Unavailable(format!(
                         "HELO {code} {}",
