@@ -68,7 +68,7 @@ impl SmtpBackend {
                 lines.join(" ")
             )));
         }
-        let mut xclient = b.hello(backend, &backend.helo_name).await?;
+        let mut xclient = b.hello(&backend.helo_name).await?;
         if let Some(tls) = backend
             .tls
             .as_ref()
@@ -92,7 +92,7 @@ impl SmtpBackend {
             b.conn.discard_buffered();
             let plain = std::mem::replace(&mut b.conn.stream, BackendStream::Detached);
             b.conn.stream = plain.upgrade(tls, t.backend_connect).await?;
-            xclient = b.hello(backend, &backend.helo_name).await?;
+            xclient = b.hello(&backend.helo_name).await?;
         }
         match (backend.xclient, id, xclient) {
             (true, Some(id), Some(attrs)) => b.xclient(backend, id, &attrs).await?,
@@ -157,16 +157,12 @@ impl SmtpBackend {
             .as_deref()
             .filter(|h| super::xtext(h) == *h)
             .unwrap_or(&backend.helo_name);
-        self.hello(backend, name).await.map(|_| ())
+        self.hello(name).await.map(|_| ())
     }
 
     /// EHLO with HELO fallback; learns the extensions and returns the XCLIENT
     /// attributes if the backend offers XCLIENT.
-    async fn hello(
-        &mut self,
-        backend: &Backend,
-        name: &str,
-    ) -> Result<Option<Vec<String>>, BackendError> {
+    async fn hello(&mut self, name: &str) -> Result<Option<Vec<String>>, BackendError> {
         let b = self;
         let mut xclient = None;
         b.caps = BackendCaps::default();
