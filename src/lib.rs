@@ -9,8 +9,10 @@
 //!   units.rs     sizes ("25MiB"), durations ("5m"), CIDR networks
 //!   mod.rs       loading, merging several files, validation, `check` summary
 //! tls.rs       certificates from PEM, SNI resolver, rustls `ServerConfig`, dev certs (rcgen)
-//! transport.rs `ClientStream` (plain or TLS), STARTTLS upgrade under a deadline
-//! codec.rs     bounded line reader / whole-reply writer shared by both legs
+//! transport.rs `MaybeTls` (plain or TLS, one type across STARTTLS) = `ClientStream`;
+//!              TLS accept under a deadline; PROXY v1/v2 in, v2 header out
+//! codec.rs     bounded line reader / whole-reply writer shared by both legs; the
+//!              wait for the next command (pipelining, idle buffer release, shutdown)
 //! smtp/        the client-facing SMTP side
 //!   command.rs   command parser (sans-IO)
 //!   reply.rs     every reply mailgate itself sends, in one place
@@ -29,6 +31,7 @@
 //!   smtp.rs      SMTP client: greeting, EHLO/HELO, MAIL/RCPT/DATA relay, RSET, QUIT
 //!   pop3.rs      POP3 client: greeting, CAPA, login replay, then a byte pipe
 //!   probe.rs     periodic capability probe (what may be advertised end to end)
+//!   stream.rs    TLS to backends (implicit / STARTTLS), CA or SHA-256 pin verification
 //! auth/        SPF/DKIM/DMARC/ARC via mail-auth: bounded DNS cache, `Verifier`,
 //!              policy verdicts, Authentication-Results / Received-SPF, forged A-R removal
 //! policy/      limits per listener: deny/allow lists, rate (governor GCRA), concurrency,
@@ -36,7 +39,8 @@
 //!   mod.rs       compile from config, evaluate per stage → `Decision`
 //!   action.rs    accept / tag / tempfail / reject / delay / shadow
 //! observe/     Prometheus metrics (metrics.rs) and the /metrics /healthz /readyz endpoint (http.rs)
-//! server.rs    listeners, connection limits, session spawning, graceful shutdown
+//! server.rs    listeners, per-listener runtime snapshots (ArcSwap) and reload, connect-stage
+//!              policy, connection limits, certificate file watch, graceful shutdown
 //! demo.rs      the `demo` subcommand: an in-memory legacy backend, clearly labelled
 //! ```
 //!
