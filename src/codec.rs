@@ -251,7 +251,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + WaitReadable> Conn<S> {
 }
 
 pub fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|b| *b == needle)
+    memchr::memchr(needle, hay)
 }
 
 #[cfg(test)]

@@ -79,7 +79,7 @@ impl DataReceiver {
     /// Consumes complete lines from `buf`.
     pub fn feed(&mut self, buf: &mut BytesMut) -> Feed {
         loop {
-            let Some(i) = buf.iter().position(|b| *b == b'\n') else {
+            let Some(i) = memchr::memchr(b'\n', buf) else {
                 if buf.len() > self.max_line {
                     // keep the last byte: it may be the CR of this line's CRLF
                     let n = buf.len() - 1;
@@ -110,11 +110,12 @@ impl DataReceiver {
             if line.len() > self.max_line {
                 self.flag(Violation::LineTooLong);
             }
-            let bare = !crlf || content.contains(&b'\r');
-            if bare || content.contains(&0) {
+            let bare = !crlf || memchr::memchr(b'\r', content).is_some();
+            let nul = memchr::memchr(0, content).is_some();
+            if bare || nul {
                 self.tainted = true;
             }
-            if content.contains(&0) {
+            if nul {
                 // NUL is never valid in a message (RFC 5322 §3.5) and is a
                 // smuggling ingredient; rejected in both modes
                 self.flag(Violation::Nul);
@@ -155,14 +156,28 @@ impl DataReceiver {
 pub fn stuff(parts: &[&[u8]]) -> Vec<u8> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut out = Vec::with_capacity(total + total / 64 + 8);
+    // whole lines at a time (memchr), not byte by byte: this is the hot
+    // loop of every message (a profile showed a third of the relay's
+    // instructions here when it pushed single bytes)
     let mut bol = true;
     for part in parts {
-        for &b in part.iter() {
-            if bol && b == b'.' {
+        let mut rest: &[u8] = part;
+        while let Some(&first) = rest.first() {
+            if bol && first == b'.' {
                 out.push(b'.');
             }
-            out.push(b);
-            bol = b == b'\n';
+            match memchr::memchr(b'\n', rest) {
+                Some(i) => {
+                    out.extend_from_slice(&rest[..=i]);
+                    rest = &rest[i + 1..];
+                    bol = true;
+                }
+                None => {
+                    out.extend_from_slice(rest);
+                    rest = &[];
+                    bol = false;
+                }
+            }
         }
     }
     if !bol {
