@@ -207,6 +207,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + WaitReadable> Conn<S> {
         }
     }
 
+    /// The output buffer, for writers that render straight into it (replies).
+    pub fn output(&mut self) -> &mut Vec<u8> {
+        &mut self.wbuf
+    }
+
     pub fn queue(&mut self, bytes: &[u8]) {
         self.wbuf.extend_from_slice(bytes);
     }

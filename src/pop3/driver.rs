@@ -157,9 +157,7 @@ impl Driver {
     }
 
     fn queue(&mut self, r: &Reply) {
-        let mut v = Vec::with_capacity(64);
-        r.write_to(&mut v);
-        self.conn.queue(&v);
+        r.write_to(self.conn.output());
     }
 
     async fn flush(&mut self) -> Result<(), End> {
