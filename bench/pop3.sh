@@ -18,18 +18,10 @@ cargo build -q --release --ignore-rust-version --bin mailgate
 BIN=${MAILGATE_BIN:-${CARGO_TARGET_DIR:-target}/release/mailgate}
 LOAD=bench/pop3_load.py
 W=$(mktemp -d /tmp/mailgate-pop3-bench.XXXXXX); chmod 755 "$W"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
+. bench/lib.sh
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
 
-KEYTYPE=${KEYTYPE:-rsa:2048}
-if [ "$KEYTYPE" = ec ]; then NEWKEY=(-newkey ec -pkeyopt ec_paramgen_curve:P-256); else NEWKEY=(-newkey "$KEYTYPE"); fi
-openssl req -x509 "${NEWKEY[@]}" -nodes -days 2 -subj /CN=localhost \
-  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
-  -addext "extendedKeyUsage=serverAuth" -keyout "$W/key.pem" -out "$W/cert.pem" 2>/dev/null
+make_cert
 
 # Dovecot: plaintext POP3, user bench/bench with 10 messages of 10 KiB
 DOVE=$(free_port); PLAIN=$(free_port); STLS=$(free_port); POP3S=$(free_port)

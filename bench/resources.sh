@@ -14,13 +14,8 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo build -q --release --ignore-rust-version --bin mailgate --example loadgen
 BIN=target/release/mailgate; LOAD=target/release/examples/loadgen
 W=$(mktemp -d /tmp/mailgate-res.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; exit 1; }
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
-  -addext "subjectAltName=DNS:localhost" -addext "basicConstraints=critical,CA:FALSE" -keyout "$W/key.pem" -out "$W/cert.pem" 2>/dev/null
+. bench/lib.sh
+KEYTYPE=ec make_cert
 SINK=$(free_port); PLAIN=$(free_port); SMTPS=$(free_port)
 smtp-sink -u nobody -m 16384 127.0.0.1:"$SINK" 4096 >/dev/null 2>&1 & pids+=($!)
 cat > "$W/m.yaml" <<YAML

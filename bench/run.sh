@@ -25,17 +25,9 @@ for t in smtp-sink dovecot openssl bc python3; do command -v "$t" >/dev/null || 
 cargo build -q --release --ignore-rust-version --bin mailgate --example loadgen
 BIN=target/release/mailgate; LOAD=target/release/examples/loadgen
 W=$(mktemp -d /tmp/mailgate-bench.XXXXXX); chmod 755 "$W"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
+. bench/lib.sh
 
-KEYTYPE=${KEYTYPE:-rsa:2048}
-if [ "$KEYTYPE" = ec ]; then NEWKEY=(-newkey ec -pkeyopt ec_paramgen_curve:P-256); else NEWKEY=(-newkey "$KEYTYPE"); fi
-openssl req -x509 "${NEWKEY[@]}" -nodes -days 2 -subj /CN=localhost \
-  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
-  -addext "extendedKeyUsage=serverAuth" -keyout "$W/key.pem" -out "$W/cert.pem" 2>/dev/null
+make_cert
 CA="$W/cert.pem"
 
 # --- backends: smtp-sink (counting) and Dovecot with 10 messages of 10 KiB + one of 4 MiB
