@@ -38,6 +38,18 @@ class Smtp:
         self.s.sendall(line + b"\r\n")
         return self.reply()
 
+    def message(self, helo, sender, msg):
+        """Greeting, EHLO, one envelope and MSG (dot-terminated): the final reply code."""
+        self.reply()
+        self.cmd(b"EHLO " + helo)
+        self.cmd(b"MAIL FROM:<" + sender + b">")
+        self.cmd(b"RCPT TO:<b@sink.example>")
+        code = self.cmd(b"DATA")
+        if code == 354:
+            self.s.sendall(msg)
+            code = self.reply()
+        return code
+
 
 def result(**kv):
     print("RESULT " + " ".join(f"{k}={v}" for k, v in kv.items()), flush=True)
@@ -82,15 +94,7 @@ def dkim(port, messages, signatures, h_entries, timeout, distinct=""):
         t = time.monotonic()
         try:
             c = Smtp(int(port), float(timeout))
-            c.reply()
-            c.cmd(b"EHLO flood.example")
-            c.cmd(b"MAIL FROM:<a@flood.example>")
-            c.cmd(b"RCPT TO:<b@sink.example>")
-            code = c.cmd(b"DATA")
-            if code == 354:
-                c.s.sendall(msg)
-                code = c.reply()
-            codes[code] += 1
+            codes[c.message(b"flood.example", b"a@flood.example", msg)] += 1
             c.s.close()
         except socket.timeout:
             codes["timeout"] += 1
@@ -103,21 +107,14 @@ def dkim(port, messages, signatures, h_entries, timeout, distinct=""):
 
 def big(port, messages, size, timeout):
     line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n"
-    head = b"From: <load@example.org>\r\nTo: <sink@example.net>\r\nSubject: big\r\n\r\n"
+    head = b"From: <load@example.org>\r\nTo: <b@sink.example>\r\nSubject: big\r\n\r\n"
     msg = head + line * ((int(size) - len(head)) // len(line)) + b".\r\n"
     codes, lock = collections.Counter(), threading.Lock()
 
     def one():
         try:
             c = Smtp(int(port), float(timeout))
-            c.reply()
-            c.cmd(b"EHLO big.example")
-            c.cmd(b"MAIL FROM:<load@example.org>")
-            c.cmd(b"RCPT TO:<sink@example.net>")
-            code = c.cmd(b"DATA")
-            if code == 354:
-                c.s.sendall(msg)
-                code = c.reply()
+            code = c.message(b"big.example", b"load@example.org", msg)
             c.cmd(b"QUIT")
             c.s.close()
         except socket.timeout:

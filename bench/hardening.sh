@@ -8,7 +8,7 @@
 # (bench/hardening.py). Every client read has a timeout; every count is bounded.
 #
 #   BEFORE=/tmp/before/mailgate AFTER=target/release/mailgate bash bench/hardening.sh
-#   SMOKE=1 ...            # small counts, about a minute
+#   SMOKE=1 ...            # small counts: cases 1-5 in under a minute (full: about 3 minutes)
 #   CASES='dkim|spf' ...   # only cases whose name matches: dkim rss spf dns greeting run
 #
 # Cases: 1 dkim     CPU ms per DKIM-flood message (1,500 signatures, 300-entry h=)
@@ -16,7 +16,7 @@
 #        3 spf      RSS before / after 300 MAILs whose SPF record is ~60 KB (TCP)
 #        4 dns      DNS queries: 200 MAIL/RSET with void-lookup SPF; one 2,000-signature message
 #        5 greeting time to greeting with 300 connections on the metrics port, ulimit -n 256
-#        6 run      bench/run.sh's STARTTLS and POP3 4 MiB RETR cases (needs Dovecot, root)
+#        6 run      bench/run.sh's STARTTLS and POP3 4 MiB RETR cases (needs Dovecot, root); ~2 min per binary
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -47,7 +47,7 @@ T0=$(date +%s)
 # --- the DNS server: a real RSA-2048 public key for every DKIM selector
 openssl genrsa 2048 2>/dev/null | openssl rsa -pubout -outform DER 2>/dev/null | base64 -w0 > "$W/dkim.b64"
 target/release/examples/bench_dns --key-file "$W/dkim.b64" --count-file "$W/dns.count" --port-file "$W/dns.port" \
-  --lifetime 7200 >"$W/dns.log" 2>&1 & pids+=($!)
+  --big "$SPF_N" --void "$VOID_N" --selectors "$SIGS2K" --lifetime 7200 >"$W/dns.log" 2>&1 & pids+=($!)
 for _ in $(seq 100); do [ -s "$W/dns.port" ] && break; sleep 0.1; done
 DNS=$(cat "$W/dns.port")
 dns_count() { sleep 0.3; cat "$W/dns.count"; }
