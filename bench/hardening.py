@@ -46,7 +46,10 @@ class Smtp:
         self.cmd(b"RCPT TO:<b@sink.example>")
         code = self.cmd(b"DATA")
         if code == 354:
-            self.s.sendall(msg)
+            try:
+                self.s.sendall(msg)
+            except OSError:
+                pass  # refused mid-message: the reply may still be readable
             code = self.reply()
         return code
 
@@ -178,6 +181,7 @@ def hold(port, count, seconds):
     end, reopened, stop = time.monotonic() + float(seconds), 0, []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     while time.monotonic() < end and not stop:
+        before = reopened
         for key, _ in sel.select(timeout=0.2):
             try:
                 data = key.fileobj.recv(4096)
@@ -187,6 +191,8 @@ def hold(port, count, seconds):
                 sel.unregister(key.fileobj)
                 key.fileobj.close()
                 reopened += connect()
+        if reopened != before:
+            time.sleep(0.05)  # a bounded reconnect rate, also against a server closing at once
     print(f"HOLD DONE reopened={reopened}", flush=True)
 
 
