@@ -12,18 +12,19 @@
 #   SMOKE=1 bash bench/run.sh         # seconds: tiny counts, 1 repeat
 #   IDLE_ONLY=1 HOLD=10 bash bench/run.sh   # only the idle-session memory part
 #   CASES='4MiB' IDLE_SETS= bash bench/run.sh # only cases whose name matches
+#   MAILGATE_BIN=/path/mailgate bash bench/run.sh   # measure another mailgate binary
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
 SMOKE=${SMOKE:-0}
-if [ "$SMOKE" = 1 ]; then N=${N:-100}; C=${C:-10}; REPEATS=${REPEATS:-1}; IDLE_SETS=${IDLE_SETS:-200}; HOLD=${HOLD:-1}; POPN=${POPN:-20}
-else N=${N:-2000}; C=${C:-20}; REPEATS=${REPEATS:-3}; IDLE_SETS=${IDLE_SETS:-"1000 10000"}; HOLD=${HOLD:-60}; POPN=${POPN:-300}; fi
+if [ "$SMOKE" = 1 ]; then N=${N:-100}; C=${C:-10}; REPEATS=${REPEATS:-1}; IDLE_SETS=${IDLE_SETS-200}; HOLD=${HOLD:-1}; POPN=${POPN:-20}
+else N=${N:-2000}; C=${C:-20}; REPEATS=${REPEATS:-3}; IDLE_SETS=${IDLE_SETS-"1000 10000"}; HOLD=${HOLD:-60}; POPN=${POPN:-300}; fi
 SIZE=${SIZE:-10240}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 for t in smtp-sink dovecot openssl bc python3; do command -v "$t" >/dev/null || { echo "missing: $t (bash .ci/run installs it)" >&2; exit 1; }; done
 
 cargo build -q --release --ignore-rust-version --bin mailgate --example loadgen
-BIN=target/release/mailgate; LOAD=target/release/examples/loadgen
+BIN=${MAILGATE_BIN:-target/release/mailgate}; LOAD=target/release/examples/loadgen   # MAILGATE_BIN: another build (bench/hardening.sh)
 W=$(mktemp -d /tmp/mailgate-bench.XXXXXX); chmod 755 "$W"
 . bench/lib.sh
 
