@@ -19,6 +19,7 @@ fn rule(name: &str, key: Vec<KeyPart>, kind: Kind) -> RuleSpec {
         prefix_v4: 24,
         prefix_v6: 56,
         max_delay: Duration::from_secs(1),
+        ipv6_prefix: 64,
     }
 }
 
