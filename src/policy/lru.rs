@@ -25,7 +25,7 @@ impl Hasher for KeyHasher {
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
-            self.0 = (self.0 << 8 | self.0 >> 56) ^ u64::from(*b);
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
         }
     }
     fn write_u64(&mut self, v: u64) {
@@ -275,7 +275,7 @@ mod tests {
                     model.retain(|e| e.1 % 2 == 0);
                 }
                 _ => {
-                    let idle = |v: &u32| v % 5 == 0;
+                    let idle = |v: &u32| v.is_multiple_of(5);
                     let got = l.insert(key, step, 16, idle);
                     if let Some(p) = model.iter().position(|e| e.0 == key) {
                         model.remove(p);
