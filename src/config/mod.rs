@@ -1018,6 +1018,14 @@ policies:
         let c = load_str("p.yaml", POLICY_BASE).unwrap();
         let s = c.summary();
         assert!(s.contains("ip=IPv4 /32, IPv6 /64"), "{s}");
+        let per_address = POLICY_BASE.replace("rate: 5/minute", "rate: 5/minute, ipv6_prefix: 128");
+        let c = load_str("p.yaml", &per_address).unwrap();
+        assert!(c.summary().contains("ip=IPv4 /32, IPv6 /128"));
+        let e = err(&POLICY_BASE.replace("rate: 5/minute", "rate: 5/minute, ipv6_prefix: 129"));
+        assert!(
+            e.starts_with("bad.yaml:8:") && e.contains("ipv6_prefix"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1190,6 +1190,44 @@ mod tests {
             p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_err(),
             "IPv4 stays per address"
         );
+        let mut per_address = rule(
+            "conn",
+            vec![KeyPart::Ip],
+            Kind::Rate {
+                count: 1,
+                period: Duration::from_secs(60),
+                burst: 1,
+            },
+            Action::Tempfail,
+        );
+        per_address.ipv6_prefix = 128;
+        let (p, _) = policy(vec![per_address], vec![]);
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::1"), "mx")).is_ok());
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::2"), "mx")).is_ok());
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::2"), "mx")).is_err());
+    }
+
+    #[test]
+    fn concurrent_with_delay_never_admits_uncounted() {
+        // `check` refuses this combination; a spec built in code fails closed
+        let (p, _) = policy(
+            vec![rule(
+                "conc",
+                vec![KeyPart::Ip],
+                Kind::Concurrent(1),
+                Action::Delay,
+            )],
+            vec![],
+        );
+        let f = Facts::new(ip("127.0.0.2"), "mx");
+        let _held = p.connect(&f).unwrap();
+        assert!(matches!(
+            p.connect(&f).err(),
+            Some(Decision::Refuse {
+                action: Action::Tempfail,
+                ..
+            })
+        ));
     }
 
     #[test]
