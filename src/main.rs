@@ -73,7 +73,10 @@ fn init_logs(format: LogFormat) {
         .with_writer(std::io::stdout)
         .with_ansi(std::io::stdout().is_terminal());
     match format {
-        LogFormat::Text => b.init(),
+        // client-supplied strings in fields and messages: control characters escaped
+        LogFormat::Text => b
+            .fmt_fields(mailgate::observe::logfmt::EscapedFields)
+            .init(),
         LogFormat::Json => b
             .json()
             .flatten_event(true)

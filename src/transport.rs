@@ -182,7 +182,10 @@ pub async fn read_proxy_header(
             };
             match ProxyHeader::parse(&buf[..n], config) {
                 Ok((header, len)) => {
-                    let addrs = header.proxied_address().map(|a| (a.source, a.destination));
+                    use crate::config::units::canonical_socket as canon;
+                    let addrs = header
+                        .proxied_address()
+                        .map(|a| (canon(a.source), canon(a.destination)));
                     let mut consumed = vec![0u8; len];
                     tcp.read_exact(&mut consumed).await?;
                     return Ok(addrs);

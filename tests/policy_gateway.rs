@@ -391,3 +391,129 @@ fn shipped_policies_are_valid() {
     assert_eq!(c.listeners.len(), 5);
     assert!(c.listeners.iter().all(|l| l.policy.is_some()));
 }
+
+/// A legacy server behind `identity: [proxy_v2]`: records the address family
+/// byte of each PROXY v2 header it gets, then accepts any mail.
+async fn proxy_v2_backend(families: Arc<std::sync::Mutex<Vec<u8>>>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let families = families.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut r = tokio::io::BufReader::new(s);
+                let mut sig = [0u8; 16];
+                let peeked = tokio::time::timeout(Duration::from_millis(200), async {
+                    r.get_mut().peek(&mut sig).await
+                })
+                .await;
+                if matches!(peeked, Ok(Ok(16))) && sig[..12] == *b"\r\n\r\n\0\r\nQUIT\n" {
+                    let len = u16::from_be_bytes([sig[14], sig[15]]) as usize;
+                    let mut header = vec![0u8; 16 + len];
+                    r.read_exact(&mut header).await.unwrap();
+                    families.lock().unwrap().push(sig[13]);
+                }
+                let _ = r.get_mut().write_all(b"220 legacy ESMTP\r\n").await;
+                let mut in_data = false;
+                let mut line = String::new();
+                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    let answer: &[u8] = if in_data {
+                        if line == ".\r\n" {
+                            in_data = false;
+                            b"250 queued\r\n"
+                        } else {
+                            b""
+                        }
+                    } else if line.starts_with("DATA") {
+                        in_data = true;
+                        b"354 go\r\n"
+                    } else if line.starts_with("QUIT") {
+                        let _ = r.get_mut().write_all(b"221 bye\r\n").await;
+                        return;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    if r.get_mut().write_all(answer).await.is_err() {
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Issue 19 item 7: a client announced by the balancer once as TCP4 and once
+/// as IPv4-mapped TCP6 is one client (one concurrency slot, one deny entry),
+/// and the session (here: its PROXY v2 header to the backend) sees IPv4.
+#[tokio::test]
+async fn mapped_ipv6_from_proxy_is_the_ipv4_client() {
+    let families = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend = proxy_v2_backend(families.clone()).await;
+    let y = format!(
+        r#"
+server: {{ hostname: gw.test }}
+listeners:
+  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p, proxy_protocol: {{ trusted: ["127.0.0.0/8"], timeout: 2s }} }}
+backends:
+  b: {{ address: "{backend}", identity: [proxy_v2, received] }}
+policies:
+  p:
+    deny: ["::ffff:203.0.113.66/128"]
+    limits:
+      - {{ name: slots, key: [ip], concurrent: 1, action: tempfail }}
+"#
+    );
+    let gw = common::start(&y).await;
+    let addr = gw.addr("mx").unwrap();
+    let mut a = TcpStream::connect(addr).await.unwrap();
+    a.write_all(b"PROXY TCP4 198.51.100.7 198.51.100.1 5555 25\r\n")
+        .await
+        .unwrap();
+    assert!(reply(&mut a).await.starts_with("220"));
+    let mut b = TcpStream::connect(addr).await.unwrap();
+    b.write_all(b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:198.51.100.1 5556 25\r\n")
+        .await
+        .unwrap();
+    let r = reply(&mut b).await;
+    assert!(r.starts_with("421 4.7.0"), "same client, second slot: {r}");
+    let mut d = TcpStream::connect(addr).await.unwrap();
+    d.write_all(b"PROXY TCP4 203.0.113.66 198.51.100.1 5557 25\r\n")
+        .await
+        .unwrap();
+    let r = reply(&mut d).await;
+    assert!(r.starts_with("554 5.7.1"), "mapped deny entry: {r}");
+    drop(a);
+    // a mapped announcement delivers as the IPv4 client
+    let mut ok = None;
+    for _ in 0..50 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:198.51.100.1 5558 25\r\n")
+            .await
+            .unwrap();
+        if reply(&mut c).await.starts_with("220") {
+            ok = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = ok.expect("slot freed");
+    say(&mut c, "EHLO c.test").await;
+    assert!(say(&mut c, "MAIL FROM:<a@example.org>")
+        .await
+        .starts_with("250"));
+    assert!(say(&mut c, "RCPT TO:<b@example.net>")
+        .await
+        .starts_with("250"));
+    assert!(say(&mut c, "DATA").await.starts_with("354"));
+    assert!(say(&mut c, "Subject: t\r\n\r\nhi\r\n.")
+        .await
+        .starts_with("250"));
+    assert_eq!(
+        families.lock().unwrap().last(),
+        Some(&0x11),
+        "the backend is told TCP over IPv4"
+    );
+}

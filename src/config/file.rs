@@ -207,7 +207,8 @@ pub struct PolicyFile {
     pub allow: Vec<AllowFile>,
     #[serde(default)]
     pub limits: Vec<LimitFile>,
-    /// Keys tracked per rule before new keys share one overflow bucket.
+    /// Keys tracked per rule; past it, a new key replaces an idle (else the
+    /// least recently seen) one.
     pub max_tracked_keys: Option<usize>,
     /// How long a successful login keeps (user, network) "known good", exempt
     /// from per-user lockouts.
@@ -282,4 +283,8 @@ pub struct LimitFile {
     pub action: Option<crate::policy::action::Action>,
     /// Longest tarpit for `action: delay` (default 5s).
     pub max_delay: Option<Secs>,
+    /// The `ip` key counts IPv6 clients per network of this prefix length
+    /// (default 64: rotating addresses inside one /64 is one client; 128 =
+    /// per address). IPv4 clients are always counted per address.
+    pub ipv6_prefix: Option<u8>,
 }

@@ -600,7 +600,26 @@ fn build_policy(s: &Source, name: &str, p: &PolicyFile) -> Result<PolicySpec, Co
         if prefix_v4 > 32 || prefix_v6 > 128 {
             return Err(at("prefix_v4 must be ≤ 32 and prefix_v6 ≤ 128".into()));
         }
+        let ipv6_prefix = r.ipv6_prefix.unwrap_or(64);
+        if ipv6_prefix > 128 {
+            return Err(at_field("ipv6_prefix", "must be ≤ 128".into()));
+        }
         let action = r.action.unwrap_or(policy::action::Action::Tempfail);
+        if matches!(kind, Kind::Concurrent(_)) && action == policy::action::Action::Delay {
+            // a tarpit admits the session afterwards without a slot: no limit at all
+            let mut at = vec!["policies", name, "limits"];
+            if let Some(n) = &r.name {
+                at.push(n);
+            }
+            at.extend(["concurrent", "delay"]);
+            return Err(s.err(
+                &at,
+                format!(
+                    "policies.{name}.limits[{}] ({rname}): concurrent limits cannot use action: delay (the session would be admitted uncounted); use tempfail or reject",
+                    i + 1
+                ),
+            ));
+        }
         if matches!(
             action,
             policy::action::Action::Accept | policy::action::Action::Tag
@@ -622,6 +641,7 @@ fn build_policy(s: &Source, name: &str, p: &PolicyFile) -> Result<PolicySpec, Co
                 .map(|d| d.0)
                 .unwrap_or(Duration::from_secs(5))
                 .min(Duration::from_secs(60)),
+            ipv6_prefix,
         });
     }
     let mut allow = Vec::new();
@@ -980,6 +1000,32 @@ policies:
         assert!(err("backends:\n  a: { address: \"nowhere\" }\n").contains("host:port"));
         assert!(err("{}\n").contains("no listeners"));
         assert!(err("listeners: [\n").starts_with("bad.yaml:"));
+    }
+
+    const POLICY_BASE: &str = "backends:\n  a: { address: \"127.0.0.1:1\" }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a, policy: p }\npolicies:\n  p:\n    limits:\n      - { key: [ip], rate: 5/minute }\n";
+
+    #[test]
+    fn concurrent_with_delay_is_refused_with_position() {
+        let e = err(&format!(
+            "{POLICY_BASE}      - {{ name: slots, key: [ip], concurrent: 3, action: delay }}\n"
+        ));
+        assert!(e.starts_with("bad.yaml:9:"), "{e}");
+        assert!(e.contains("concurrent") && e.contains("delay"), "{e}");
+    }
+
+    #[test]
+    fn check_summary_says_how_ip_keys_group() {
+        let c = load_str("p.yaml", POLICY_BASE).unwrap();
+        let s = c.summary();
+        assert!(s.contains("ip=IPv4 /32, IPv6 /64"), "{s}");
+        let per_address = POLICY_BASE.replace("rate: 5/minute", "rate: 5/minute, ipv6_prefix: 128");
+        let c = load_str("p.yaml", &per_address).unwrap();
+        assert!(c.summary().contains("ip=IPv4 /32, IPv6 /128"));
+        let e = err(&POLICY_BASE.replace("rate: 5/minute", "rate: 5/minute, ipv6_prefix: 129"));
+        assert!(
+            e.starts_with("bad.yaml:8:") && e.contains("ipv6_prefix"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -113,7 +113,21 @@ impl<'de> Deserialize<'de> for Secs {
     }
 }
 
+/// The one form of an address that is matched and counted: an IPv4-mapped
+/// IPv6 address (`::ffff:192.0.2.1`, what a dual-stack socket or a TCP6 PROXY
+/// header shows for an IPv4 client) is that IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// [`canonical`] for a socket address (PROXY headers).
+pub fn canonical_socket(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(canonical(a.ip()), a.port())
+}
+
 /// An IP network such as `192.0.2.0/24` or `2001:db8::/32`; a bare address is a /32 or /128.
+/// A network inside `::ffff:0:0/96` is stored as the IPv4 network it maps
+/// (`::ffff:192.0.2.0/120` = `192.0.2.0/24`); wider IPv6 networks stay IPv6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
     pub addr: IpAddr,
@@ -140,15 +154,17 @@ impl Cidr {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("invalid prefix length in {s:?}"))?,
         };
-        Ok(Cidr { addr, prefix })
+        match canonical(addr) {
+            v4 @ IpAddr::V4(_) if addr.is_ipv6() && prefix >= 96 => Ok(Cidr {
+                addr: v4,
+                prefix: prefix - 96,
+            }),
+            _ => Ok(Cidr { addr, prefix }),
+        }
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
+        match (self.addr, canonical(ip)) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
                 let mask = u32::MAX
                     .checked_shl(32 - u32::from(self.prefix))
@@ -251,5 +267,28 @@ mod tests {
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(Cidr::parse("banana").is_err());
         assert_eq!(Cidr::parse("10.1.2.3").unwrap().prefix, 32);
+    }
+
+    #[test]
+    fn mapped_cidrs_are_ipv4() {
+        let one = Cidr::parse("::ffff:192.0.2.1/128").unwrap();
+        assert!(one.contains("192.0.2.1".parse().unwrap()));
+        assert!(one.contains("::ffff:192.0.2.1".parse().unwrap()));
+        assert!(!one.contains("192.0.2.2".parse().unwrap()));
+        assert_eq!(one.to_string(), "192.0.2.1/32");
+        let net = Cidr::parse("::ffff:192.0.2.0/120").unwrap();
+        assert_eq!(net.to_string(), "192.0.2.0/24");
+        assert!(net.contains("192.0.2.200".parse().unwrap()));
+        assert!(Cidr::parse("192.0.2.1")
+            .unwrap()
+            .contains("::ffff:192.0.2.1".parse().unwrap()));
+        // a wider IPv6 network stays IPv6: "all of IPv6" is not "all of IPv4"
+        assert!(!Cidr::parse("::/0")
+            .unwrap()
+            .contains("192.0.2.1".parse().unwrap()));
+        assert_eq!(
+            canonical("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! with `/healthz` and `/readyz`.
 
 pub mod http;
+pub mod logfmt;
 pub mod metrics;
 
 pub use metrics::metrics;

@@ -1,87 +1,89 @@
-//! Limiter state: bounded keyed GCRA buckets (governor), session counters and
+//! Limiter state: bounded keyed GCRA buckets, session counters and
 //! failed-login windows. Keys are 64-bit hashes of the composite key values
 //! (a process-random SipHash key), so memory per tracked key is small and
 //! does not depend on what a client sends.
 //!
-//! Bounds: each limiter tracks at most `max_keys` keys. Past that, after a
-//! `retain_recent` pass, new keys share one overflow bucket per rule: a flood
-//! of distinct sources is then limited as one, and while the flood lasts new,
-//! legitimate sources may be refused by that rule too. Known keys keep their
-//! own buckets. This trades precision for a hard memory bound.
+//! Bounds: each rate or failure limiter tracks at most `max_keys` keys, in
+//! least-recently-seen order ([`Lru`]). A new key past that takes the place
+//! of an idle old one (a bucket that is full again, failures that left the
+//! window), else of the least recently seen: a flood of distinct keys then
+//! costs old, quiet keys their history, but never charges or locks a new,
+//! legitimate client for what the flood did. Session counters are never
+//! evicted: they exist only while sessions hold them (bounded by connections).
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use super::lru::Lru;
+use governor::Quota;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The key all new keys share once a limiter is full.
-const OVERFLOW_KEY: u64 = u64::MAX;
-
+/// GCRA (the algorithm governor implements) per key: the state is the
+/// theoretical arrival time of the next cell, in ns since `born`.
 pub struct Bucket {
-    limiter: DefaultKeyedRateLimiter<u64>,
-    clock: DefaultClock,
+    /// One cell per this many ns.
+    per_cell: u64,
+    /// How far ahead of now the arrival time may run: `burst` cells.
+    tolerance: u64,
     max_keys: usize,
-    pub overflowed: AtomicU64,
-    /// When the last full `retain_recent` pass ran (ms since `born`): a full
-    /// limiter must not scan all its keys for every new key (that scan is
-    /// what a distinct-key flood would otherwise buy).
-    last_retain_ms: AtomicU64,
+    keys: Mutex<Lru<u64>>,
     born: Instant,
+    /// Keys dropped while their bucket was not full yet (a flood is running).
+    pub evicted_active: AtomicU64,
 }
 
 impl Bucket {
     pub fn new(quota: Quota, max_keys: usize) -> Self {
+        let per_cell = (quota.replenish_interval().as_nanos() as u64).max(1);
         Bucket {
-            limiter: RateLimiter::keyed(quota),
-            clock: DefaultClock::default(),
+            per_cell,
+            tolerance: per_cell.saturating_mul(u64::from(quota.burst_size().get())),
             max_keys,
-            overflowed: AtomicU64::new(0),
-            last_retain_ms: AtomicU64::new(0),
+            keys: Mutex::new(Lru::default()),
             born: Instant::now(),
+            evicted_active: AtomicU64::new(0),
         }
+    }
+
+    fn now(&self) -> u64 {
+        self.born.elapsed().as_nanos() as u64
     }
 
     /// Takes one cell; `Err(wait)` when the key is over its rate.
     pub fn take(&self, key: u64) -> Result<(), Duration> {
-        let key = if self.limiter.len() >= self.max_keys {
-            let now_ms = self.born.elapsed().as_millis() as u64;
-            let last = self.last_retain_ms.load(Ordering::Relaxed);
-            if now_ms.saturating_sub(last) >= 1000
-                && self
-                    .last_retain_ms
-                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                self.limiter.retain_recent();
+        let now = self.now();
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.peek(key).is_none() {
+            // a bucket whose arrival time has passed is full again: idle
+            if let Some((_, false)) = keys.insert(key, now, self.max_keys, |t| *t <= now) {
+                self.evicted_active.fetch_add(1, Ordering::Relaxed);
             }
-            if self.limiter.len() >= self.max_keys {
-                self.overflowed.fetch_add(1, Ordering::Relaxed);
-                OVERFLOW_KEY
-            } else {
-                key
-            }
-        } else {
-            key
+        }
+        let Some(tat) = keys.get_mut(key) else {
+            return Ok(());
         };
-        self.limiter
-            .check_key(&key)
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        let next = (*tat).max(now).saturating_add(self.per_cell);
+        if next - now > self.tolerance {
+            return Err(Duration::from_nanos(next - now - self.tolerance));
+        }
+        *tat = next;
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
-        self.limiter.len()
+        self.keys.lock().map(|k| k.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.limiter.is_empty()
+        self.len() == 0
     }
 
     /// Forgets keys whose bucket is full again (periodic housekeeping).
     pub fn housekeeping(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
+        let now = self.now();
+        if let Ok(mut k) = self.keys.lock() {
+            k.retain(|t| *t > now);
+        }
     }
 }
 
@@ -148,7 +150,9 @@ pub struct Failures {
     max: u32,
     window: Duration,
     max_keys: usize,
-    map: Mutex<HashMap<u64, VecDeque<Instant>>>,
+    map: Mutex<Lru<VecDeque<Instant>>>,
+    /// Keys dropped while they still had failures in the window.
+    pub evicted_active: AtomicU64,
 }
 
 impl Failures {
@@ -157,23 +161,20 @@ impl Failures {
             max,
             window,
             max_keys,
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(Lru::default()),
+            evicted_active: AtomicU64::new(0),
         }
     }
 
-    /// `Some(remaining lock time)` when the key may not try now.
+    /// `Some(remaining lock time)` when the key may not try now. Asking counts
+    /// as seeing the key: a locked source that keeps trying stays tracked.
     pub fn locked(&self, key: u64, now: Instant) -> Option<Duration> {
-        let m = self.map.lock().ok()?;
-        let q = m
-            .get(&key)
-            .or_else(|| m.get(&OVERFLOW_KEY).filter(|_| m.len() >= self.max_keys))?;
-        let recent = q
-            .iter()
-            .filter(|t| now.duration_since(**t) < self.window)
-            .count();
-        if recent as u32 >= self.max {
-            let oldest = q.iter().find(|t| now.duration_since(**t) < self.window)?;
-            Some(self.window.saturating_sub(now.duration_since(*oldest)))
+        let mut m = self.map.lock().ok()?;
+        let q = m.get_mut(key)?;
+        let mut recent = q.iter().filter(|t| now.duration_since(**t) < self.window);
+        let oldest = *recent.next()?;
+        if 1 + recent.count() as u32 >= self.max {
+            Some(self.window.saturating_sub(now.duration_since(oldest)))
         } else {
             None
         }
@@ -181,16 +182,15 @@ impl Failures {
 
     pub fn record(&self, key: u64, now: Instant) {
         let Ok(mut m) = self.map.lock() else { return };
-        if !m.contains_key(&key) && m.len() >= self.max_keys {
+        if m.get_mut(key).is_none() {
             let window = self.window;
-            m.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
+            let idle =
+                |q: &VecDeque<Instant>| q.back().is_none_or(|t| now.duration_since(*t) >= window);
+            if let Some((_, false)) = m.insert(key, VecDeque::new(), self.max_keys, idle) {
+                self.evicted_active.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        let key = if !m.contains_key(&key) && m.len() >= self.max_keys {
-            OVERFLOW_KEY
-        } else {
-            key
-        };
-        let q = m.entry(key).or_default();
+        let Some(q) = m.get_mut(key) else { return };
         q.push_back(now);
         while q.len() > self.max as usize {
             q.pop_front();
@@ -200,8 +200,7 @@ impl Failures {
     pub fn housekeeping(&self, now: Instant) {
         if let Ok(mut m) = self.map.lock() {
             let window = self.window;
-            m.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
-            m.shrink_to_fit();
+            m.retain(|q| q.back().is_some_and(|t| now.duration_since(*t) < window));
         }
     }
 
@@ -215,12 +214,13 @@ impl Failures {
 }
 
 /// (user, network) pairs that logged in successfully, with when. A per-user
-/// lock does not apply from a known-good network (lockout safety).
+/// lock does not apply from a known-good network (lockout safety). Past
+/// `max_keys`, the least recently remembered pair goes.
 pub struct KnownGood {
     /// How long entries are kept at most (a policy may trust them for less).
     ttl: Duration,
     max_keys: usize,
-    map: Mutex<HashMap<u64, Instant>>,
+    map: Mutex<Lru<Instant>>,
 }
 
 impl KnownGood {
@@ -228,32 +228,21 @@ impl KnownGood {
         KnownGood {
             ttl,
             max_keys,
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(Lru::default()),
         }
     }
 
     pub fn remember(&self, key: u64, now: Instant) {
         let Ok(mut m) = self.map.lock() else { return };
-        if m.len() >= self.max_keys && !m.contains_key(&key) {
-            let ttl = self.ttl;
-            m.retain(|_, t| now.duration_since(*t) < ttl);
-            if m.len() >= self.max_keys {
-                // drop the oldest eighth: bounded, and recent successes win
-                let mut ages: Vec<(u64, Instant)> = m.iter().map(|(k, t)| (*k, *t)).collect();
-                ages.sort_by_key(|(_, t)| *t);
-                for (k, _) in ages.iter().take(self.max_keys / 8 + 1) {
-                    m.remove(k);
-                }
-            }
-        }
-        m.insert(key, now);
+        let ttl = self.ttl;
+        m.insert(key, now, self.max_keys, |t| now.duration_since(*t) >= ttl);
     }
 
     pub fn contains(&self, key: u64, now: Instant, ttl: Duration) -> bool {
         self.map
             .lock()
             .ok()
-            .and_then(|m| m.get(&key).copied())
+            .and_then(|m| m.peek(key).copied())
             .is_some_and(|t| now.duration_since(t) < ttl.min(self.ttl))
     }
 
@@ -272,22 +261,22 @@ mod tests {
     use std::num::NonZeroU32;
 
     #[test]
-    fn bucket_limits_and_overflow() {
+    fn bucket_limits_per_key() {
         let q = Quota::per_minute(NonZeroU32::new(5).unwrap());
         let b = Bucket::new(q, 3);
         for _ in 0..5 {
             assert!(b.take(1).is_ok());
         }
-        assert!(b.take(1).is_err());
+        let wait = b.take(1).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(11) && wait <= Duration::from_secs(12),
+            "{wait:?}"
+        );
         assert!(b.take(2).is_ok(), "other keys unaffected");
         b.take(3).unwrap();
-        // full: new keys share the overflow bucket
-        for _ in 0..5 {
-            assert!(b.take(100).is_ok());
-        }
-        assert!(b.take(101).is_err(), "overflow bucket is shared");
-        assert!(b.len() <= 4);
-        assert!(b.overflowed.load(Ordering::Relaxed) >= 6);
+        b.take(4).unwrap();
+        assert_eq!(b.len(), 3);
+        assert_eq!(b.evicted_active.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -320,6 +309,44 @@ mod tests {
         );
         f.housekeeping(t0 + Duration::from_secs(120));
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn bucket_flood_evicts_least_recent_instead_of_sharing() {
+        let q = Quota::per_minute(NonZeroU32::new(1).unwrap());
+        let b = Bucket::new(q, 16);
+        for k in 0..100 {
+            assert!(b.take(k).is_ok(), "flood key {k} gets its own bucket");
+        }
+        assert!(b.len() <= 16, "bounded: {}", b.len());
+        assert!(
+            b.take(1000).is_ok(),
+            "a new key is not charged by the flood"
+        );
+        assert!(b.take(1000).is_err(), "and has its own bucket");
+        assert!(b.take(99).is_err(), "recent keys keep their state");
+    }
+
+    #[test]
+    fn auth_failures_flood_does_not_lock_out_new_users() {
+        let f = Failures::new(3, Duration::from_secs(60), 16);
+        let t0 = Instant::now();
+        for k in 0..100 {
+            for _ in 0..3 {
+                f.record(k, t0);
+            }
+        }
+        assert!(
+            f.locked(1000, t0).is_none(),
+            "a new user is not pre-charged"
+        );
+        assert!(f.len() <= 16, "bounded: {}", f.len());
+        f.record(1000, t0);
+        assert!(f.locked(1000, t0).is_none(), "one failure of three");
+        assert!(
+            f.locked(99, t0).is_some(),
+            "a recent flood key stays locked"
+        );
     }
 
     #[test]

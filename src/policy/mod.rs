@@ -9,9 +9,10 @@
 
 pub mod action;
 pub mod limits;
+pub mod lru;
 
 use crate::config::file::KeyPart;
-use crate::config::units::Cidr;
+use crate::config::units::{canonical, Cidr};
 use action::Action;
 use governor::Quota;
 use limits::{Bucket, Counter, CounterGuard, Failures, KnownGood};
@@ -127,6 +128,9 @@ pub struct RuleSpec {
     pub prefix_v4: u8,
     pub prefix_v6: u8,
     pub max_delay: Duration,
+    /// The `ip` key groups IPv6 clients by this prefix (one host often holds a
+    /// whole /64; IPv4 stays per address).
+    pub ipv6_prefix: u8,
 }
 
 impl RuleSpec {
@@ -217,7 +221,17 @@ impl PolicySpec {
         let mut order: Vec<&RuleSpec> = self.rules.iter().collect();
         order.sort_by_key(|r| r.stage());
         for (i, r) in order.iter().enumerate() {
-            let key: Vec<&str> = r.key.iter().map(|k| k.as_str()).collect();
+            let key: Vec<String> = r
+                .key
+                .iter()
+                .map(|k| match k {
+                    KeyPart::Ip => format!("ip=IPv4 /32, IPv6 /{}", r.ipv6_prefix),
+                    KeyPart::IpPrefix => {
+                        format!("ip_prefix=IPv4 /{}, IPv6 /{}", r.prefix_v4, r.prefix_v6)
+                    }
+                    k => k.as_str().to_string(),
+                })
+                .collect();
             let _ = writeln!(
                 out,
                 "    {}. [{:?}] {} key=[{}] {} action={}",
@@ -446,11 +460,7 @@ fn domain_of(addr: &str) -> &str {
 }
 
 fn mask(ip: IpAddr, v4: u8, v6: u8) -> String {
-    let ip = match ip {
-        IpAddr::V6(v) => v.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        other => other,
-    };
-    match ip {
+    match canonical(ip) {
         IpAddr::V4(a) => {
             let m = u32::MAX
                 .checked_shl(32 - u32::from(v4.min(32)))
@@ -474,7 +484,10 @@ impl Policy {
             .iter()
             .map(|k| {
                 Some(match k {
-                    KeyPart::Ip => f.ip.to_string(),
+                    KeyPart::Ip => match canonical(f.ip) {
+                        IpAddr::V6(_) if r.ipv6_prefix < 128 => mask(f.ip, 32, r.ipv6_prefix),
+                        ip => ip.to_string(),
+                    },
                     KeyPart::IpPrefix => mask(f.ip, r.prefix_v4, r.prefix_v6),
                     KeyPart::Listener => f.listener.to_string(),
                     KeyPart::Helo => f.helo?.to_ascii_lowercase(),
@@ -573,7 +586,15 @@ impl Policy {
                         guards.push(g);
                         Decision::Continue
                     }
-                    None => self.hit(rule, &values, rule.spec.max_delay),
+                    // a delay would admit the session uncounted: `check`
+                    // refuses the combination; fail closed if one gets here
+                    None => match self.hit(rule, &values, rule.spec.max_delay) {
+                        Decision::Delay(_) => Decision::Refuse {
+                            action: Action::Tempfail,
+                            rule: rule.spec.name.clone(),
+                        },
+                        d => d,
+                    },
                 },
                 _ => Decision::Continue,
             };
@@ -727,8 +748,14 @@ impl Policies {
             let mut rules = Vec::new();
             for r in &spec.rules {
                 let fp = format!(
-                    "{name}\u{1}{}\u{1}{:?}\u{1}{:?}\u{1}{}/{}\u{1}{}",
-                    r.name, r.key, r.kind, r.prefix_v4, r.prefix_v6, spec.max_tracked_keys
+                    "{name}\u{1}{}\u{1}{:?}\u{1}{:?}\u{1}{}/{}/{}\u{1}{}",
+                    r.name,
+                    r.key,
+                    r.kind,
+                    r.prefix_v4,
+                    r.prefix_v6,
+                    r.ipv6_prefix,
+                    spec.max_tracked_keys
                 );
                 live.push(fp.clone());
                 let quota = |count: u32, period: Duration, burst: u32| {
@@ -811,6 +838,7 @@ mod tests {
             prefix_v4: 24,
             prefix_v6: 56,
             max_delay: Duration::from_millis(50),
+            ipv6_prefix: 64,
         }
     }
 
@@ -1121,10 +1149,159 @@ mod tests {
         );
         for i in 0..5000u32 {
             let _ = p.connect(&Facts::new(
-                IpAddr::from(std::net::Ipv6Addr::from(u128::from(i) + 1)),
+                IpAddr::from(std::net::Ipv6Addr::from((u128::from(i) + 1) << 64)),
                 "mx",
             ));
         }
-        assert!(state.tracked_keys() <= 1001, "{}", state.tracked_keys());
+        assert!(state.tracked_keys() <= 1000, "{}", state.tracked_keys());
+    }
+
+    #[test]
+    fn ip_key_groups_ipv6_by_64() {
+        let (p, _) = policy(
+            vec![rule(
+                "conn",
+                vec![KeyPart::Ip],
+                Kind::Rate {
+                    count: 2,
+                    period: Duration::from_secs(60),
+                    burst: 2,
+                },
+                Action::Tempfail,
+            )],
+            vec![],
+        );
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::1"), "mx")).is_ok());
+        assert!(p
+            .connect(&Facts::new(ip("2001:db8:1:2:ffff::9"), "mx"))
+            .is_ok());
+        assert!(
+            p.connect(&Facts::new(ip("2001:db8:1:2::3"), "mx")).is_err(),
+            "one /64 is one client"
+        );
+        assert!(
+            p.connect(&Facts::new(ip("2001:db8:1:3::1"), "mx")).is_ok(),
+            "another /64 is another client"
+        );
+        assert!(p.connect(&Facts::new(ip("127.0.0.2"), "mx")).is_ok());
+        assert!(p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_ok());
+        assert!(p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_ok());
+        assert!(
+            p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_err(),
+            "IPv4 stays per address"
+        );
+        let mut per_address = rule(
+            "conn",
+            vec![KeyPart::Ip],
+            Kind::Rate {
+                count: 1,
+                period: Duration::from_secs(60),
+                burst: 1,
+            },
+            Action::Tempfail,
+        );
+        per_address.ipv6_prefix = 128;
+        let (p, _) = policy(vec![per_address], vec![]);
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::1"), "mx")).is_ok());
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::2"), "mx")).is_ok());
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::2"), "mx")).is_err());
+    }
+
+    #[test]
+    fn concurrent_with_delay_never_admits_uncounted() {
+        // `check` refuses this combination; a spec built in code fails closed
+        let (p, _) = policy(
+            vec![rule(
+                "conc",
+                vec![KeyPart::Ip],
+                Kind::Concurrent(1),
+                Action::Delay,
+            )],
+            vec![],
+        );
+        let f = Facts::new(ip("127.0.0.2"), "mx");
+        let _held = p.connect(&f).unwrap();
+        assert!(matches!(
+            p.connect(&f).err(),
+            Some(Decision::Refuse {
+                action: Action::Tempfail,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn mapped_addresses_match_and_count_as_ipv4() {
+        let (p, _) = policy(
+            vec![rule(
+                "conc",
+                vec![KeyPart::Ip],
+                Kind::Concurrent(1),
+                Action::Reject,
+            )],
+            vec![],
+        );
+        // the deny list is 192.0.2.0/24
+        assert!(p.denied(ip("::ffff:192.0.2.7")));
+        let held = p.connect(&Facts::new(ip("198.51.100.5"), "mx")).unwrap();
+        assert!(
+            p.connect(&Facts::new(ip("::ffff:198.51.100.5"), "mx"))
+                .is_err(),
+            "one client, announced as TCP4 and as mapped TCP6, counts once"
+        );
+        drop(held);
+        let held = p
+            .connect(&Facts::new(ip("::ffff:198.51.100.5"), "mx"))
+            .unwrap();
+        assert!(p.connect(&Facts::new(ip("198.51.100.5"), "mx")).is_err());
+        drop(held);
+        let spec = PolicySpec {
+            deny: vec![Cidr::parse("::ffff:203.0.113.1/128").unwrap()],
+            ..p.spec().clone()
+        };
+        let state = PolicyState::new();
+        let mut specs = BTreeMap::new();
+        specs.insert("p".to_string(), Arc::new(spec));
+        let q = Policies::compile(&specs, &state).get("p").unwrap();
+        assert!(
+            q.denied(ip("203.0.113.1")),
+            "mapped deny entry matches IPv4"
+        );
+        assert!(q.denied(ip("::ffff:203.0.113.1")));
+        assert!(!q.denied(ip("203.0.113.2")));
+    }
+
+    #[test]
+    fn auth_failure_flood_does_not_lock_out_a_new_user() {
+        let (p, state) = policy(
+            vec![rule(
+                "user",
+                vec![KeyPart::AuthUser],
+                Kind::AuthFailures {
+                    count: 3,
+                    window: Duration::from_secs(900),
+                },
+                Action::Tempfail,
+            )],
+            vec![],
+        );
+        let names: Vec<String> = (0..5000).map(|i| format!("flood{i}")).collect();
+        for n in &names {
+            let mut f = Facts::new(ip("127.0.0.66"), "pop3");
+            f.auth_user = Some(n);
+            for _ in 0..3 {
+                p.login_failed(&f);
+            }
+        }
+        let mut bob = Facts::new(ip("127.0.0.7"), "pop3");
+        bob.auth_user = Some("bob");
+        assert_eq!(p.login_allowed(&bob), Decision::Continue);
+        p.login_failed(&bob);
+        assert_eq!(
+            p.login_allowed(&bob),
+            Decision::Continue,
+            "bob has one failure of his own, not the flood's"
+        );
+        assert!(state.tracked_keys() <= 1000, "{}", state.tracked_keys());
     }
 }
