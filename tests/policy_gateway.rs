@@ -222,7 +222,14 @@ async fn brute_force_via_smtp_auth_is_lockout_safe() {
     let attempts = Arc::new(AtomicUsize::new(0));
     let backend = auth_backend(attempts.clone()).await;
     let limits = "      - { name: auth-ip, key: [ip], auth_failures: 5/15minutes, action: reject }\n      - { name: auth-user, key: [auth_user], auth_failures: 5/15minutes, action: tempfail }";
-    let gw = common::start(&cfg(dir.path(), &backend, limits, "")).await;
+    // the per-session cap (max_login_failures) is not what this test is about
+    let gw = common::start(&cfg(
+        dir.path(),
+        &backend,
+        limits,
+        ", max_login_failures: 10",
+    ))
+    .await;
 
     // alice logs in from her usual network first
     let mut home = tls_session(&gw, &ca, "127.0.0.20").await;
