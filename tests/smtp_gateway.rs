@@ -717,5 +717,9 @@ async fn inflight_budget_refuses_with_452() {
     c.expect(250).await;
     assert_eq!(mailbox.count(), 3);
     assert_eq!(gw.inflight.used(), 0);
-    assert!(mailgate::observe::metrics().inflight_refused.get() >= refused_before + 2);
+    let m = mailgate::observe::metrics();
+    assert!(m.inflight_refused.get() >= refused_before + 2);
+    let text = m.encode();
+    assert!(text.contains("mailgate_inflight_data_bytes "), "{text}");
+    assert!(text.contains("mailgate_inflight_data_refusals_total "));
 }

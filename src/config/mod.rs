@@ -1043,4 +1043,32 @@ policies:
             "{e}"
         );
     }
+
+    #[test]
+    fn inflight_budget_and_transaction_cap() {
+        let base = "backends:\n  a: { address: \"127.0.0.1:1\" }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a";
+        let c = load_str("d.yaml", &format!("{base} }}\n")).unwrap();
+        assert_eq!(c.max_inflight_data, 512 * 1024 * 1024);
+        assert_eq!(c.listeners[0].max_transactions, 100);
+        assert_eq!(c.listeners[0].max_login_failures, 3);
+        let c = load_str(
+            "s.yaml",
+            &format!("server: {{ max_inflight_data: 64MiB }}\n{base}, max_transactions: 7 }}\n"),
+        )
+        .unwrap();
+        assert_eq!(c.max_inflight_data, 64 * 1024 * 1024);
+        assert_eq!(c.listeners[0].max_transactions, 7);
+        assert!(c.summary().contains("max_transactions=7"));
+        let e = load_str(
+            "t.yaml",
+            &format!("server: {{ max_inflight_data: 1KiB }}\n{base} }}\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_inflight_data must be at least 1MiB"), "{e}");
+        let e = load_str("u.yaml", &format!("{base}, max_transactions: 0 }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_transactions must be between"), "{e}");
+    }
 }
