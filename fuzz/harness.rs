@@ -285,6 +285,10 @@ pub fn smtp_data(data: &[u8]) {
     // the backend's view: reading the wire back gives the same message
     let big = wire.len() + max_line + 16;
     let (back, rest, tainted) = receive(BareNewlines::Reject, big as u64, big, &wire, &mut || 0);
+    if back == Feed::Done(Err(data::Violation::HeaderTooBig)) {
+        // our own header field can take a body at the header limit over it
+        return;
+    }
     let mut expect = header.to_vec();
     expect.extend_from_slice(&body);
     assert_eq!(back, Feed::Done(Ok(expect)), "stuff/unstuff round trip");
