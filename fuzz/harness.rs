@@ -81,6 +81,8 @@ pub fn smtp_command(data: &[u8]) {
             max_recipients: 100,
             max_errors: 20,
             auth: AuthMode::Optional,
+            max_login_failures: 3,
+            max_transactions: 100,
         },
         BackendCaps {
             eightbitmime: true,
@@ -144,12 +146,12 @@ pub fn smtp_command(data: &[u8]) {
                     break;
                 }
                 Action::Authenticate(creds) => {
-                    assert!(!creds.user.bytes().any(|b| b < 0x20 || b == 0x7f));
+                    // never a control character (C0, DEL, C1) or over 255 octets
+                    assert!(creds.user.len() <= 255, "{:?}", creds.user);
+                    assert!(!creds.user.chars().any(char::is_control), "{creds:?}");
                     logins += 1;
                     let code = if logins.is_multiple_of(2) { 235 } else { 535 };
-                    let r = s.auth_result(&creds.user, Outcome::Reply(code, vec![]));
-                    check_smtp_reply(&r);
-                    break;
+                    action = s.auth_result(&creds.user, Outcome::Reply(code, vec![]));
                 }
                 Action::Relay(op) => {
                     action = s.relayed(op, Outcome::Reply(250, vec!["2.1.0 ok".into()]));
@@ -283,6 +285,10 @@ pub fn smtp_data(data: &[u8]) {
     // the backend's view: reading the wire back gives the same message
     let big = wire.len() + max_line + 16;
     let (back, rest, tainted) = receive(BareNewlines::Reject, big as u64, big, &wire, &mut || 0);
+    if back == Feed::Done(Err(data::Violation::HeaderTooBig)) {
+        // our own header field can take a body at the header limit over it
+        return;
+    }
     let mut expect = header.to_vec();
     expect.extend_from_slice(&body);
     assert_eq!(back, Feed::Done(Ok(expect)), "stuff/unstuff round trip");

@@ -39,6 +39,8 @@ pub struct SessionCtx {
     pub shutdown: watch::Receiver<bool>,
     /// The address the client connected to (from PROXY when a balancer sent one).
     pub local: SocketAddr,
+    /// Process-wide budget for message bytes in flight (`server.max_inflight_data`).
+    pub inflight: Arc<crate::smtp::inflight::Budget>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,7 @@ pub struct Gateway {
     metrics_addr: Option<SocketAddr>,
     /// Certificate files the watcher checks (updated by reload).
     cert_paths: Arc<std::sync::Mutex<Vec<(std::path::PathBuf, std::path::PathBuf)>>>,
+    pub inflight: Arc<crate::smtp::inflight::Budget>,
 }
 
 fn tls_config(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, ServerError> {
@@ -128,6 +131,7 @@ impl Gateway {
             bound.push((l.clone(), socket));
         }
         let caps = Arc::new(CapsCache::default());
+        let inflight = crate::smtp::inflight::Budget::new(config.max_inflight_data);
         let (shutdown, rx) = watch::channel(false);
         let mut smtp_backends: Vec<(Arc<crate::config::Backend>, crate::config::Timeouts)> =
             Vec::new();
@@ -197,6 +201,7 @@ impl Gateway {
                 runtime.clone(),
                 caps.clone(),
                 rx.clone(),
+                inflight.clone(),
             )));
             slots.push(Slot {
                 name: l.name.clone(),
@@ -223,6 +228,7 @@ impl Gateway {
             policy_state,
             metrics_addr,
             cert_paths,
+            inflight,
         })
     }
 
@@ -266,6 +272,7 @@ impl Gateway {
         if let Ok(mut g) = self.grace.lock() {
             *g = config.shutdown_grace;
         }
+        self.inflight.set_limit(config.max_inflight_data);
         if let Ok(mut p) = self.cert_paths.lock() {
             *p = config.certificates.clone();
         }
@@ -435,6 +442,7 @@ async fn accept_loop(
     runtime: Arc<ArcSwap<ListenerRuntime>>,
     caps: Arc<CapsCache>,
     shutdown: watch::Receiver<bool>,
+    inflight: Arc<crate::smtp::inflight::Budget>,
 ) {
     let mut stop = shutdown.clone();
     let local = socket.local_addr().ok();
@@ -471,6 +479,7 @@ async fn accept_loop(
             caps: caps.clone(),
             shutdown: shutdown.clone(),
             local: local.unwrap_or(rt.listener.bind),
+            inflight: inflight.clone(),
         };
         tokio::spawn(async move {
             connection(tcp, peer, ctx).await;

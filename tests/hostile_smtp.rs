@@ -1095,3 +1095,77 @@ backends:
     })
     .await;
 }
+
+/// Issue 11 item 1: a message whose first line starts with SP or HTAB would
+/// continue the last header mailgate prepends (`Received:` here; also
+/// `Authentication-Results:` where a policy adds it), letting the client write
+/// under our name. Refused with 550 5.6.0 on every listener, nothing relayed;
+/// the session goes on.
+#[tokio::test]
+async fn message_starting_with_whitespace_is_refused() {
+    let st = setup("").await;
+    bounded(Duration::from_secs(30), "folded first line", async {
+        async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, first: &[u8]) {
+            c.send(b"EHLO client.test\r\n").await;
+            c.expect(250).await;
+            c.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")
+                .await;
+            c.expect(250).await;
+            c.expect(250).await;
+            c.expect(354).await;
+            let mut m = first.to_vec();
+            m.extend_from_slice(b"Subject: forged\r\n\r\nbody\r\n.\r\n");
+            c.send(&m).await;
+            let t = c.expect(550).await;
+            assert!(t.starts_with("550 5.6.0"), "{t}");
+            // not a framing problem: the session continues
+            send_message(c).await;
+        }
+        let firsts: [&[u8]; 2] = [
+            b" dkim=pass header.d=bank.example\r\n",
+            b"\tby bank.example\r\n",
+        ];
+        for first in firsts {
+            let mut c = st.connect("plain").await;
+            attempt(&mut c, first).await;
+            let c = st.connect("mx").await;
+            let mut t = starttls(c, &st.ca).await;
+            attempt(&mut t, first).await;
+            let mut t = tls_wrap(st.tcp("smtps").await, &st.ca).await;
+            t.expect(220).await;
+            attempt(&mut t, first).await;
+        }
+        // only the six well-formed follow-up messages arrived
+        let all = st.mailbox.all();
+        assert_eq!(all.len(), 6);
+        assert!(all
+            .iter()
+            .all(|m| !String::from_utf8_lossy(&m.data).contains("forged")));
+    })
+    .await;
+}
+
+/// Issue 19 item 2: MAIL commands per session are capped (each can cost a
+/// backend round trip and SPF's DNS queries); the one past the cap gets 421
+/// and the connection is closed.
+#[tokio::test]
+async fn mail_commands_per_session_are_capped() {
+    let st = setup(", max_transactions: 5").await;
+    bounded(Duration::from_secs(20), "max_transactions", async {
+        let mut c = st.connect("plain").await;
+        c.send(b"EHLO client.test\r\n").await;
+        c.expect(250).await;
+        for i in 0..5 {
+            c.send(format!("MAIL FROM:<a{i}@example.org>\r\nRSET\r\n").as_bytes())
+                .await;
+            c.expect(250).await;
+            c.expect(250).await;
+        }
+        c.send(b"MAIL FROM:<a5@example.org>\r\n").await;
+        let t = c.expect(421).await;
+        assert!(t.starts_with("421 4.7.0"), "{t}");
+        assert_eq!(c.closed(Duration::from_secs(2)).await, b"");
+        st.assert_served().await;
+    })
+    .await;
+}

@@ -222,7 +222,14 @@ async fn brute_force_via_smtp_auth_is_lockout_safe() {
     let attempts = Arc::new(AtomicUsize::new(0));
     let backend = auth_backend(attempts.clone()).await;
     let limits = "      - { name: auth-ip, key: [ip], auth_failures: 5/15minutes, action: reject }\n      - { name: auth-user, key: [auth_user], auth_failures: 5/15minutes, action: tempfail }";
-    let gw = common::start(&cfg(dir.path(), &backend, limits, "")).await;
+    // the per-session cap (max_login_failures) is not what this test is about
+    let gw = common::start(&cfg(
+        dir.path(),
+        &backend,
+        limits,
+        ", max_login_failures: 10",
+    ))
+    .await;
 
     // alice logs in from her usual network first
     let mut home = tls_session(&gw, &ca, "127.0.0.20").await;
@@ -516,4 +523,66 @@ policies:
         Some(&0x11),
         "the backend is told TCP over IPv4"
     );
+}
+
+/// Issue 11 item 5: failed AUTH attempts count per session; after
+/// `max_login_failures` (default 3) the session ends with 421 4.7.0, the
+/// delay after each failure staying. User names with control characters or
+/// over 255 octets are refused locally (501 5.5.2) and never reach the backend.
+#[tokio::test]
+async fn smtp_auth_failures_and_bad_user_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let backend = auth_backend(attempts.clone()).await;
+    let limits = "      - { key: [ip], auth_failures: 100/15minutes, action: reject }";
+    // the `sub` listener pauses 10ms after each failed login
+    let gw = common::start(&cfg(dir.path(), &backend, limits, "")).await;
+
+    let mut s = tls_session(&gw, &ca, "127.0.3.1").await;
+    let started = std::time::Instant::now();
+    for i in 0..2 {
+        let r = say(&mut s, BAD).await;
+        assert!(r.starts_with("535 5.7.8"), "failure {i}: {r}");
+    }
+    let r = say(&mut s, BAD).await;
+    assert!(r.starts_with("421 4.7.0"), "third failure: {r}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(30),
+        "the delay stays for every failure"
+    );
+    let mut b = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+        .await
+        .expect("still open after 421");
+    assert!(matches!(n, Ok(0) | Err(_)), "closed after 421");
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+
+    use base64::Engine as _;
+    let b64 = |raw: &[u8]| base64::engine::general_purpose::STANDARD.encode(raw);
+    let mut s = tls_session(&gw, &ca, "127.0.3.2").await;
+    for line in [
+        format!("AUTH PLAIN {}", b64(b"\0al\x01ice\0secret")),
+        format!("AUTH PLAIN {}", b64(b"alice\x1b[2J\0alice\0secret")),
+        format!("AUTH PLAIN {}", b64("\0alice\u{85}\0secret".as_bytes())),
+        format!(
+            "AUTH PLAIN {}",
+            b64(format!("\0{}\0secret", "a".repeat(256)).as_bytes())
+        ),
+        format!("AUTH LOGIN {}", b64(b"alice\r\nRSET")),
+    ] {
+        let r = say(&mut s, &line).await;
+        assert!(r.starts_with("501 5.5.2"), "{line}: {r}");
+    }
+    let r = say(&mut s, "AUTH LOGIN").await;
+    assert!(r.starts_with("334"), "{r}");
+    let r = say(&mut s, &b64(b"\0alice")).await;
+    assert!(r.starts_with("501 5.5.2"), "{r}");
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        3,
+        "none reached the backend"
+    );
+    // the session is still usable
+    assert!(say(&mut s, GOOD).await.starts_with("235"));
 }

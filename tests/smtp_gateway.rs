@@ -626,3 +626,100 @@ async fn tls_handshake_garbage_and_silence_are_bounded() {
     c.send(b"NOOP\r\n").await;
     c.expect(250).await;
 }
+
+/// Sends a message in two halves, so that parallel messages are in flight
+/// together; the reply after its end.
+async fn send_in_halves(c: &mut Client<TcpStream>, m: &[u8]) -> (u16, String) {
+    let mut wire = mailgate::smtp::data::stuff(&[m]);
+    let tail = wire.split_off(wire.len() / 2);
+    c.send(&wire).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.send(&tail).await;
+    c.reply().await
+}
+
+/// Issue 11 item 8: a process-wide budget for message bytes in flight. With
+/// 1 MiB, of two parallel 700 KiB messages one gets 452 4.3.1 at the end of
+/// its data (read to its end, holding nothing), and a MAIL announcing
+/// SIZE=2000000 gets 452 instead of 354. The backend never sees a refused
+/// message, and every reserved byte is given back.
+#[tokio::test]
+async fn inflight_budget_refuses_with_452() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let (mailbox, addr) = demo_backend().await;
+    let y = yaml(dir.path(), &addr, "").replace(
+        "server: { hostname: gw.test, shutdown_grace: 2s }",
+        "server: { hostname: gw.test, shutdown_grace: 2s, max_inflight_data: 1MiB }",
+    );
+    let gw = common::start(&y).await;
+    let refused_before = mailgate::observe::metrics().inflight_refused.get();
+
+    let message = |tag: &str| {
+        let mut m = format!("Subject: {tag}\r\n\r\n").into_bytes();
+        let line = format!("{tag} {}\r\n", "x".repeat(96));
+        while m.len() < 700 * 1024 {
+            m.extend_from_slice(line.as_bytes());
+        }
+        m
+    };
+    let (a, b) = (message("AAA"), message("BBB"));
+    let mut ca = connect(&gw, "plain").await;
+    let mut cb = connect(&gw, "plain").await;
+    for c in [&mut ca, &mut cb] {
+        c.send(
+            b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n",
+        )
+        .await;
+        c.expect(250).await;
+        c.expect(250).await;
+        c.expect(250).await;
+        c.expect(354).await;
+    }
+    let (ra, rb) = tokio::join!(send_in_halves(&mut ca, &a), send_in_halves(&mut cb, &b));
+    let mut codes = [ra.0, rb.0];
+    codes.sort();
+    assert_eq!(codes, [250, 452], "{ra:?} {rb:?}");
+    let refused = if ra.0 == 452 { &ra.1 } else { &rb.1 };
+    assert!(refused.starts_with("452 4.3.1"), "{refused}");
+    let all = mailbox.all();
+    assert_eq!(
+        all.len(),
+        1,
+        "the refused message never reached the backend"
+    );
+    let kept = if ra.0 == 250 { &a } else { &b };
+    assert_eq!(&without_trace(&all[0].data), kept);
+    assert_eq!(gw.inflight.used(), 0, "every reservation released");
+
+    // the refused session is fine afterwards (a 452, not a framing problem)
+    let loser = if ra.0 == 452 { &mut ca } else { &mut cb };
+    let (code, _) = send_message(loser, b"Subject: small\r\n\r\nhi\r\n.\r\n").await;
+    assert_eq!(code, 250);
+
+    // SIZE above what the budget can hold: refused before 354
+    let mut c = connect(&gw, "plain").await;
+    c.send(b"EHLO client.test\r\nMAIL FROM:<a@example.org> SIZE=2000000\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        .await;
+    c.expect(250).await;
+    c.expect(250).await;
+    c.expect(250).await;
+    let t = c.expect(452).await;
+    assert!(t.starts_with("452 4.3.1"), "{t}");
+    // the transaction stays; a smaller announced size goes through after RSET
+    c.send(b"RSET\r\nMAIL FROM:<a@example.org> SIZE=1000\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        .await;
+    c.expect(250).await;
+    c.expect(250).await;
+    c.expect(250).await;
+    c.expect(354).await;
+    c.send(b"Subject: sized\r\n\r\nhi\r\n.\r\n").await;
+    c.expect(250).await;
+    assert_eq!(mailbox.count(), 3);
+    assert_eq!(gw.inflight.used(), 0);
+    let m = mailgate::observe::metrics();
+    assert!(m.inflight_refused.get() >= refused_before + 2);
+    let text = m.encode();
+    assert!(text.contains("mailgate_inflight_data_bytes "), "{text}");
+    assert!(text.contains("mailgate_inflight_data_refusals_total "));
+}

@@ -14,6 +14,10 @@ use std::time::Duration;
 
 pub type BackendReply = (u16, Vec<String>);
 
+/// How much stuffed message text is buffered before it is written (the
+/// output buffer stays within one allocation of 64 KiB).
+const STUFF_CHUNK: usize = 32 * 1024;
+
 pub struct SmtpBackend {
     conn: Conn<BackendStream>,
     /// The backend offered STARTTLS in its last EHLO.
@@ -321,9 +325,10 @@ impl SmtpBackend {
         self.command(&format!("RCPT TO:<{to}>")).await
     }
 
-    /// DATA, then the already dot-stuffed message (ending in `.CRLF`), then the
-    /// final reply. A non-354 answer to DATA is returned as the final reply.
-    pub async fn data(&mut self, wire: &[u8]) -> Result<BackendReply, BackendError> {
+    /// DATA, then the message (`parts`: CRLF-normalised, unstuffed, sent as one
+    /// text) dot-stuffed and ended with `.CRLF`, then the final reply. A
+    /// non-354 answer to DATA is returned as the final reply.
+    pub async fn data(&mut self, parts: &[&[u8]]) -> Result<BackendReply, BackendError> {
         let r = self.command("DATA").await?;
         if r.0 != 354 {
             self.open_tx = r.0 / 100 != 2;
@@ -333,7 +338,7 @@ impl SmtpBackend {
             return Ok(r);
         }
         self.open_tx = false;
-        self.conn.write_now(wire, self.data_timeout).await?;
+        self.send_stuffed(parts).await?;
         let r = self.read_reply(self.data_timeout).await?;
         if r.0 == 421 {
             return Err(BackendError::Failed(format!(
@@ -342,6 +347,28 @@ impl SmtpBackend {
             )));
         }
         Ok(r)
+    }
+
+    /// Writes `parts` dot-stuffed through the output buffer, flushing every
+    /// `STUFF_CHUNK` bytes: the message is never built a second time in
+    /// memory. `backend_data` bounds the whole write, not each piece.
+    async fn send_stuffed(&mut self, parts: &[&[u8]]) -> Result<(), BackendError> {
+        let until = tokio::time::Instant::now() + self.data_timeout;
+        let left = || until.saturating_duration_since(tokio::time::Instant::now());
+        let mut st = crate::smtp::data::Stuffer::default();
+        for part in parts {
+            let mut rest = *part;
+            while !rest.is_empty() {
+                let n = st.stuff(rest, self.conn.output(), STUFF_CHUNK);
+                rest = &rest[n..];
+                if self.conn.output().len() >= STUFF_CHUNK {
+                    self.conn.flush(left()).await?;
+                }
+            }
+        }
+        st.finish(self.conn.output());
+        self.conn.flush(left()).await?;
+        Ok(())
     }
 
     /// Polite goodbye; errors do not matter any more.

@@ -64,6 +64,9 @@ pub struct ServerFile {
     pub hostname: Option<String>,
     /// How long running transactions may take to finish after SIGTERM.
     pub shutdown_grace: Option<Secs>,
+    /// Message bytes all SMTP sessions together may hold in memory (default
+    /// 512MiB); a DATA beyond it gets `452 4.3.1`.
+    pub max_inflight_data: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -127,7 +130,7 @@ pub struct ListenerFile {
     pub max_text_line: Option<usize>,
     /// POP3: offer APOP (the backend is then contacted before login for its timestamp).
     pub apop: Option<bool>,
-    /// POP3: failed logins per session before the session is closed.
+    /// POP3 and SMTP AUTH: failed logins per session before the session is closed.
     pub max_login_failures: Option<u32>,
     /// Accept connections through a TCP load balancer that sends PROXY headers.
     pub proxy_protocol: Option<ProxyProtocolFile>,
@@ -137,6 +140,8 @@ pub struct ListenerFile {
     pub login_failure_delay: Option<Secs>,
     #[serde(default)]
     pub timeouts: TimeoutsFile,
+    /// SMTP: MAIL commands per session (default 100); the next gets `421 4.7.0` and the close.
+    pub max_transactions: Option<u32>,
 }
 
 /// Named deadlines. Defaults follow RFC 5321 §4.5.3.2 where it has a value.

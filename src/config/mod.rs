@@ -51,6 +51,8 @@ pub struct Config {
     pub dns: crate::auth::DnsSettings,
     pub shutdown_grace: Duration,
     pub sources: Vec<PathBuf>,
+    /// Budget for message bytes held by all SMTP sessions together.
+    pub max_inflight_data: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +103,7 @@ pub struct Listener {
     pub max_login_failures: u32,
     pub login_failure_delay: Duration,
     pub timeouts: Timeouts,
+    pub max_transactions: u32,
 }
 
 struct Source {
@@ -273,6 +276,7 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
     // process-wide settings: at most one file may set each
     let mut hostname: Option<(String, usize)> = None;
     let mut grace = Duration::from_secs(30);
+    let mut max_inflight_data = 512 * 1024 * 1024;
     for (i, s) in sources.iter().enumerate() {
         if let Some(server) = &s.parsed.server {
             if let Some(h) = &server.hostname {
@@ -295,6 +299,15 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
             }
             if let Some(g) = server.shutdown_grace {
                 grace = g.0;
+            }
+            if let Some(b) = server.max_inflight_data {
+                if b.0 < 1024 * 1024 {
+                    return Err(s.err(
+                        &["max_inflight_data"],
+                        "server.max_inflight_data must be at least 1MiB",
+                    ));
+                }
+                max_inflight_data = b.0;
             }
         }
     }
@@ -490,6 +503,7 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
         dns: dns.unwrap_or_default(),
         shutdown_grace: grace,
         sources: sources.iter().map(|s| s.path.clone()).collect(),
+        max_inflight_data,
     })
 }
 
@@ -866,6 +880,13 @@ fn build_listener(
             backend_data: d(t.backend_data, 600),
             idle: d(t.idle, 600),
         },
+        max_transactions: checked(
+            l.max_transactions.map(|v| v as usize),
+            100,
+            1,
+            1_000_000,
+            "max_transactions",
+        )? as u32,
     })
 }
 
@@ -904,6 +925,11 @@ impl Config {
                     out,
                     "  max_message_size={} max_recipients={} bare_newlines={:?} max_errors={}",
                     l.max_message_size, l.max_recipients, l.bare_newlines, l.max_errors
+                );
+                let _ = writeln!(
+                    out,
+                    "  max_transactions={} max_login_failures={}",
+                    l.max_transactions, l.max_login_failures
                 );
             } else {
                 let _ = writeln!(
@@ -1062,5 +1088,33 @@ policies:
             e.contains("30-dup.yaml:2:") && e.contains("10-backends.yaml"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn inflight_budget_and_transaction_cap() {
+        let base = "backends:\n  a: { address: \"127.0.0.1:1\" }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a";
+        let c = load_str("d.yaml", &format!("{base} }}\n")).unwrap();
+        assert_eq!(c.max_inflight_data, 512 * 1024 * 1024);
+        assert_eq!(c.listeners[0].max_transactions, 100);
+        assert_eq!(c.listeners[0].max_login_failures, 3);
+        let c = load_str(
+            "s.yaml",
+            &format!("server: {{ max_inflight_data: 64MiB }}\n{base}, max_transactions: 7 }}\n"),
+        )
+        .unwrap();
+        assert_eq!(c.max_inflight_data, 64 * 1024 * 1024);
+        assert_eq!(c.listeners[0].max_transactions, 7);
+        assert!(c.summary().contains("max_transactions=7"));
+        let e = load_str(
+            "t.yaml",
+            &format!("server: {{ max_inflight_data: 1KiB }}\n{base} }}\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_inflight_data must be at least 1MiB"), "{e}");
+        let e = load_str("u.yaml", &format!("{base}, max_transactions: 0 }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_transactions must be between"), "{e}");
     }
 }

@@ -89,6 +89,9 @@ pub struct Metrics {
     pub dns_lookup: Histogram,
     pub dns_failures: Counter,
     pub bytes: Family<BytesLabels, Counter>,
+    /// Message bytes held in memory by DATA (`server.max_inflight_data`).
+    pub inflight_bytes: Gauge,
+    pub inflight_refused: Counter,
 }
 
 impl Metrics {
@@ -110,6 +113,8 @@ impl Metrics {
             dns_lookup: latency(),
             dns_failures: Counter::default(),
             bytes: Family::default(),
+            inflight_bytes: Gauge::default(),
+            inflight_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "Client sessions accepted", m.sessions.clone());
@@ -178,6 +183,16 @@ impl Metrics {
             "bytes",
             "Client bytes by direction (in = from clients)",
             m.bytes.clone(),
+        );
+        registry.register(
+            "inflight_data_bytes",
+            "Message bytes held in memory by DATA (budget: server.max_inflight_data)",
+            m.inflight_bytes.clone(),
+        );
+        registry.register(
+            "inflight_data_refusals",
+            "Messages refused with 452 4.3.1 because the in-flight budget was spent",
+            m.inflight_refused.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -257,14 +257,7 @@ fn path(arg: &str, null_ok: bool) -> Result<(String, &str), ParseError> {
     if addr.len() + 2 > MAX_PATH {
         return Err(ParseError::Syntax("address too long"));
     }
-    // drop a source route: <@a,@b:user@d>
-    let addr = match addr.strip_prefix('@') {
-        Some(_) => addr
-            .split_once(':')
-            .map(|x| x.1)
-            .ok_or(ParseError::Syntax("bad source route"))?,
-        None => addr,
-    };
+    let addr = strip_source_route(addr)?;
     if addr.is_empty() {
         return if null_ok {
             Ok((String::new(), params))
@@ -286,7 +279,13 @@ fn path(arg: &str, null_ok: bool) -> Result<(String, &str), ParseError> {
         }
         return Err(ParseError::Syntax("address must be local@domain"));
     };
-    if local.is_empty() || local.len() > 64 || dom.is_empty() {
+    // an unquoted local part holds no '@' or ':' (RFC 5321 Dot-string): what
+    // is left of a route (`@b:user`) must never reach the backend
+    if local.is_empty()
+        || local.len() > 64
+        || dom.is_empty()
+        || (!local.starts_with('"') && local.contains(['@', ':']))
+    {
         return Err(ParseError::Syntax("invalid address"));
     }
     if dom.starts_with('[') {
@@ -301,6 +300,35 @@ fn path(arg: &str, null_ok: bool) -> Result<(String, &str), ParseError> {
         return Err(ParseError::Syntax("invalid domain in address"));
     }
     Ok((addr.to_string(), params))
+}
+
+/// Drops a source route (RFC 5321 §4.1.2 `A-d-l ":"`, obsolete: §C says to
+/// ignore it) completely: `<@a,@b:user@d>` and the non-standard nesting
+/// `<@a:@b:user@d>` both become `user@d`. What is left never starts with `@`,
+/// so the backend cannot be made to route through the listed hosts.
+fn strip_source_route(mut addr: &str) -> Result<&str, ParseError> {
+    while let Some(route) = addr.strip_prefix('@') {
+        let (hops, rest) = route
+            .split_once(':')
+            .ok_or(ParseError::Syntax("bad source route"))?;
+        if hops.split(',').enumerate().any(|(i, hop)| {
+            let hop = if i == 0 {
+                Some(hop)
+            } else {
+                hop.strip_prefix('@')
+            };
+            !hop.is_some_and(|h| {
+                !h.is_empty()
+                    && h.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']')
+                    })
+            })
+        }) {
+            return Err(ParseError::Syntax("bad source route"));
+        }
+        addr = rest;
+    }
+    Ok(addr)
 }
 
 /// A quoted local part may hold spaces and specials: `"john doe"@example.org`.
@@ -460,6 +488,49 @@ mod tests {
             bad(&format!("MAIL FROM:<{}@b.example>", "a".repeat(300))),
             ParseError::Syntax(_)
         ));
+    }
+
+    /// Issue 11 item 10: every level of a source route goes, and nothing
+    /// route-like is left for the backend to act on.
+    #[test]
+    fn source_routes_are_stripped_completely() {
+        for line in [
+            "RCPT TO:<@a.example,@b.example:user@d.example>",
+            "RCPT TO:<@a.example:@b.example:user@d.example>",
+            "RCPT TO:<@a.example:@b.example,@c.example:@e.example:user@d.example>",
+        ] {
+            assert_eq!(
+                ok(line),
+                Command::Rcpt {
+                    to: "user@d.example".into()
+                },
+                "{line}"
+            );
+        }
+        for line in [
+            // what one level of stripping left behind, or a route in disguise
+            "RCPT TO:<@a.example:b.example:user@d.example>",
+            "RCPT TO:<a@b.example@d.example>",
+            "RCPT TO:<@a.example,b.example:user@d.example>",
+            "RCPT TO:<@:user@d.example>",
+            "RCPT TO:<@a.example,@:user@d.example>",
+            "MAIL FROM:<@a.example:@b.example>",
+        ] {
+            assert!(matches!(bad(line), ParseError::Syntax(_)), "{line}");
+        }
+        // quoted local parts and IPv6 literals keep their specials
+        assert_eq!(
+            ok("RCPT TO:<\"a@b:c\"@d.example>"),
+            Command::Rcpt {
+                to: "\"a@b:c\"@d.example".into()
+            }
+        );
+        assert_eq!(
+            ok("RCPT TO:<@a.example:u@[IPv6:2001:db8::1]>"),
+            Command::Rcpt {
+                to: "u@[IPv6:2001:db8::1]".into()
+            }
+        );
     }
 
     #[test]

@@ -6,11 +6,24 @@
 //! look-alike (`\n.\n`, `\r.\r`, `\n.\r\n`, NUL tricks — the SMTP smuggling
 //! variants) is message content, which is then either rejected (bare CR / bare
 //! LF / NUL) or normalised to CRLF before anything reaches the backend. The
-//! stored body is dot-unstuffed; [`stuff`] re-stuffs it for the backend, after
-//! normalising, so no end-of-data look-alike can survive the hop.
+//! stored body is dot-unstuffed; [`Stuffer`] re-stuffs it for the backend, after
+//! normalising, so no end-of-data look-alike can survive the hop. The receiver
+//! also refuses what would break the headers mailgate prepends (a first line
+//! that continues them), bounds the header block, and holds the body within
+//! the process-wide in-flight budget.
 
+use super::inflight::Reservation;
 use crate::config::BareNewlines;
 use bytes::BytesMut;
+
+/// Header fields per message (RFC 5322 sets no limit; this bounds what
+/// verification and the backend must parse). More → 552 5.3.4.
+pub const MAX_HEADER_FIELDS: usize = 1000;
+/// Octets of the header block per message (including each line's CRLF).
+pub const MAX_HEADER_BYTES: usize = 1 << 20;
+
+/// Smallest growth step of the message buffer.
+const MIN_GROWTH: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Violation {
@@ -18,6 +31,13 @@ pub enum Violation {
     Nul,
     LineTooLong,
     TooBig,
+    /// The first line starts with SP or HTAB: it would continue the last
+    /// header mailgate prepends (Received:, Authentication-Results: …).
+    FoldedFirstLine,
+    /// More than `MAX_HEADER_FIELDS` fields or `MAX_HEADER_BYTES` octets.
+    HeaderTooBig,
+    /// The process-wide in-flight budget could not cover the message.
+    NoMemory,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -33,6 +53,8 @@ pub struct DataReceiver {
     max_size: u64,
     max_line: usize,
     body: Vec<u8>,
+    /// Covers `body`'s capacity when a budget applies (see `inflight`).
+    reservation: Option<Reservation>,
     /// Whether the previous line ended in CRLF (true at the start: DATA's CRLF).
     prev_crlf: bool,
     /// A partial overlong line is being skipped.
@@ -40,6 +62,10 @@ pub struct DataReceiver {
     violation: Option<Violation>,
     /// Bare CR, bare LF or NUL was seen (in either mode).
     tainted: bool,
+    /// Still in the header block (before the first empty line).
+    in_header: bool,
+    header_fields: usize,
+    header_bytes: usize,
     /// Octets received (for logs), including rejected content.
     pub received: u64,
 }
@@ -51,12 +77,30 @@ impl DataReceiver {
             max_size,
             max_line,
             body: Vec::new(),
+            reservation: None,
             prev_crlf: true,
             skipping: false,
             violation: None,
             tainted: false,
+            in_header: true,
+            header_fields: 0,
+            header_bytes: 0,
             received: 0,
         }
+    }
+
+    /// Holds the message within `r`: the buffer grows only as far as the
+    /// reservation can be grown; beyond that the message is refused
+    /// (`Violation::NoMemory`) and read on to its end holding nothing.
+    pub fn with_reservation(mut self, r: Reservation) -> Self {
+        self.reservation = Some(r);
+        self
+    }
+
+    /// The reservation covering the body handed out by `Feed::Done(Ok)`: the
+    /// caller keeps it until the message is delivered.
+    pub fn take_reservation(&mut self) -> Option<Reservation> {
+        self.reservation.take()
     }
 
     fn flag(&mut self, v: Violation) {
@@ -64,6 +108,7 @@ impl DataReceiver {
         if self.violation.is_none() {
             self.violation = Some(v);
             self.body = Vec::new();
+            self.reservation = None;
         }
     }
 
@@ -84,7 +129,11 @@ impl DataReceiver {
                     // keep the last byte: it may be the CR of this line's CRLF
                     let n = buf.len() - 1;
                     self.received += n as u64;
-                    let _ = buf.split_to(n);
+                    let dropped = buf.split_to(n);
+                    // no LF follows any CR in here: each one is bare
+                    if memchr::memchr2(b'\r', 0, &dropped).is_some() {
+                        self.tainted = true;
+                    }
                     self.skipping = true;
                     self.flag(Violation::LineTooLong);
                 }
@@ -95,6 +144,11 @@ impl DataReceiver {
             let crlf = line.len() >= 2 && line[line.len() - 2] == b'\r';
             let content = &line[..line.len() - if crlf { 2 } else { 1 }];
             if self.skipping {
+                // the discarded tail is checked like any other line: bare
+                // CR/LF or NUL in it must end the session too
+                if !crlf || memchr::memchr2(b'\r', 0, content).is_some() {
+                    self.tainted = true;
+                }
                 self.skipping = false;
                 self.prev_crlf = crlf;
                 continue;
@@ -135,55 +189,143 @@ impl DataReceiver {
             if bare {
                 // normalise: each bare CR ends a line too
                 for piece in content.split(|b| *b == b'\r') {
-                    self.body.extend_from_slice(piece);
-                    self.body.extend_from_slice(b"\r\n");
+                    self.push_line(piece);
                 }
             } else {
-                self.body.extend_from_slice(content);
-                self.body.extend_from_slice(b"\r\n");
+                self.push_line(content);
             }
             if self.body.len() as u64 > self.max_size {
                 self.flag(Violation::TooBig);
             }
         }
     }
-}
 
-/// Dot-stuffs `parts` (each a CRLF-normalised text) into the wire form sent after
-/// the backend's 354, including the final `.CRLF`. Every line starting with `.`
-/// gets another; the input is guaranteed CRLF-only, so no other sequence can
-/// end the message early at the backend.
-pub fn stuff(parts: &[&[u8]]) -> Vec<u8> {
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut out = Vec::with_capacity(total + total / 64 + 8);
-    // whole lines at a time (memchr), not byte by byte: this is the hot
-    // loop of every message (a profile showed a third of the relay's
-    // instructions here when it pushed single bytes)
-    let mut bol = true;
-    for part in parts {
-        let mut rest: &[u8] = part;
-        while let Some(&first) = rest.first() {
-            if bol && first == b'.' {
-                out.push(b'.');
+    /// Appends one line (without its CRLF) to the body, after the checks that
+    /// look at the message's structure.
+    fn push_line(&mut self, line: &[u8]) {
+        if self.violation.is_some() {
+            return;
+        }
+        let folded = matches!(line.first(), Some(b' ' | b'\t'));
+        if self.in_header {
+            if self.body.is_empty() && folded {
+                self.flag(Violation::FoldedFirstLine);
+                return;
             }
-            match memchr::memchr(b'\n', rest) {
-                Some(i) => {
-                    out.extend_from_slice(&rest[..=i]);
-                    rest = &rest[i + 1..];
-                    bol = true;
-                }
-                None => {
-                    out.extend_from_slice(rest);
-                    rest = &[];
-                    bol = false;
+            if line.is_empty() {
+                self.in_header = false;
+            } else {
+                self.header_fields += usize::from(!folded);
+                self.header_bytes += line.len() + 2;
+                if self.header_fields > MAX_HEADER_FIELDS || self.header_bytes > MAX_HEADER_BYTES {
+                    self.flag(Violation::HeaderTooBig);
+                    return;
                 }
             }
         }
+        if !self.make_room(line.len() + 2) {
+            return;
+        }
+        self.body.extend_from_slice(line);
+        self.body.extend_from_slice(b"\r\n");
     }
-    if !bol {
-        out.extend_from_slice(b"\r\n");
+
+    /// Ensures room for `n` more bytes. The buffer grows by half its size (not
+    /// doubling: a large message then holds at most 1.5× its size), never
+    /// past what the size limit needs, and only as far as the reservation
+    /// grows; `false` (message refused, memory freed) when it cannot.
+    fn make_room(&mut self, n: usize) -> bool {
+        let len = self.body.len();
+        if self.body.capacity() - len >= n {
+            return true;
+        }
+        let need = len + n;
+        let ceiling = usize::try_from(self.max_size)
+            .unwrap_or(usize::MAX)
+            .saturating_add(self.max_line)
+            .max(need);
+        let mut want = (len + len / 2).max(MIN_GROWTH).max(need).min(ceiling);
+        if let Some(r) = self.reservation.as_mut() {
+            match r.grow(need as u64, want as u64) {
+                Some(covered) => want = want.min(covered as usize),
+                None => {
+                    self.flag(Violation::NoMemory);
+                    return false;
+                }
+            }
+        }
+        self.body.reserve_exact(want - len);
+        true
     }
-    out.extend_from_slice(b".\r\n");
+}
+
+/// Dot-stuffing for the backend, a piece at a time: every line starting with
+/// `.` gets another. The input is guaranteed CRLF-only (the receiver made it
+/// so), so no other sequence can end the message early at the backend. The
+/// state carries over between calls, so a message in several parts (our
+/// headers, then the body) and in several chunks comes out as one.
+#[derive(Debug)]
+pub struct Stuffer {
+    /// At the beginning of a line.
+    bol: bool,
+}
+
+impl Default for Stuffer {
+    fn default() -> Self {
+        Stuffer { bol: true }
+    }
+}
+
+impl Stuffer {
+    /// Appends the stuffed form of whole lines of `input` to `out` until `out`
+    /// holds at least `max_out` bytes (one line may go past it); returns how
+    /// many input bytes were used.
+    pub fn stuff(&mut self, input: &[u8], out: &mut Vec<u8>, max_out: usize) -> usize {
+        // whole lines at a time (memchr), not byte by byte: this is the hot
+        // loop of every message (a profile showed a third of the relay's
+        // instructions here when it pushed single bytes)
+        let mut used = 0;
+        while used < input.len() && out.len() < max_out {
+            let rest = &input[used..];
+            if self.bol && rest[0] == b'.' {
+                out.push(b'.');
+            }
+            let n = match memchr::memchr(b'\n', rest) {
+                Some(i) => {
+                    self.bol = true;
+                    i + 1
+                }
+                None => {
+                    self.bol = false;
+                    rest.len()
+                }
+            };
+            out.extend_from_slice(&rest[..n]);
+            used += n;
+        }
+        used
+    }
+
+    /// The end of the message: a CRLF if the last line lacked one, then `.CRLF`.
+    pub fn finish(self, out: &mut Vec<u8>) {
+        if !self.bol {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+    }
+}
+
+/// Dot-stuffs `parts` (each a CRLF-normalised text) into one buffer: the wire
+/// form sent after the backend's 354, including the final `.CRLF`. The relay
+/// itself streams with [`Stuffer`] instead (no second copy of the message).
+pub fn stuff(parts: &[&[u8]]) -> Vec<u8> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(total + total / 64 + 8);
+    let mut st = Stuffer::default();
+    for part in parts {
+        st.stuff(part, &mut out, usize::MAX);
+    }
+    st.finish(&mut out);
     out
 }
 
@@ -402,6 +544,210 @@ mod tests {
         assert_eq!(stuff(&[b"a\r\n.b\r\n..\r\n"]), b"a\r\n..b\r\n...\r\n.\r\n");
         assert_eq!(stuff(&[b"H: v\r\n", b".x\r\n"]), b"H: v\r\n..x\r\n.\r\n");
         assert_eq!(stuff(&[b""]), b".\r\n");
+    }
+
+    /// A feed result without the body (readable in assertion messages).
+    fn short(f: &Feed) -> Option<Result<usize, Violation>> {
+        match f {
+            Feed::NeedMore => None,
+            Feed::Done(r) => Some(r.as_ref().map(Vec::len).map_err(|v| *v)),
+        }
+    }
+
+    /// Feeds `input` in pieces of `chunk` bytes, like the driver does.
+    fn run_chunked(r: &mut DataReceiver, input: &[u8], chunk: usize) -> Feed {
+        let mut buf = BytesMut::new();
+        for piece in input.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            if let Feed::Done(x) = r.feed(&mut buf) {
+                return Feed::Done(x);
+            }
+        }
+        Feed::NeedMore
+    }
+
+    /// Issue 11 item 1: a first line starting with SP or HTAB would become a
+    /// continuation of the last header mailgate prepends.
+    #[test]
+    fn first_line_may_not_continue_prepended_headers() {
+        for input in [
+            &b" dkim=pass header.d=bank.example\r\nSubject: x\r\n\r\nhi\r\n.\r\n"[..],
+            b"\tdkim=pass\r\n\r\nhi\r\n.\r\n",
+            b" \r\n.\r\n",
+            // a leading dot is stuffing: what is left starts with SP
+            b". x\r\n\r\nhi\r\n.\r\n",
+        ] {
+            for mode in [BareNewlines::Reject, BareNewlines::Normalize] {
+                let (f, _) = run(mode, input);
+                assert_eq!(
+                    short(&f),
+                    Some(Err(Violation::FoldedFirstLine)),
+                    "{:?}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
+        // bare-CR normalisation cannot smuggle one in either
+        let (f, _) = run(BareNewlines::Normalize, b" \rx: y\r\n\r\nhi\r\n.\r\n");
+        assert_eq!(f, Feed::Done(Err(Violation::FoldedFirstLine)));
+        // folding the client's own headers, and a message without headers, are fine
+        let (f, _) = run(
+            BareNewlines::Reject,
+            b"Subject: a\r\n\tlong subject\r\n\r\n  indented body\r\n.\r\n",
+        );
+        assert!(matches!(f, Feed::Done(Ok(_))), "{f:?}");
+        let (f, _) = run(BareNewlines::Reject, b"\r\n body\r\n.\r\n");
+        assert!(matches!(f, Feed::Done(Ok(_))), "{f:?}");
+    }
+
+    /// Issue 11 item 7 (DATA part): at most 1,000 header fields or 1 MiB of
+    /// header block; continuation lines count as bytes, body lines not at all.
+    #[test]
+    fn header_block_is_bounded() {
+        let msg = |fields: usize, body_lines: usize| {
+            let mut m = Vec::new();
+            for i in 0..fields {
+                m.extend_from_slice(format!("X-H{i}: v\r\n\tcontinued\r\n").as_bytes());
+            }
+            m.extend_from_slice(b"\r\n");
+            for _ in 0..body_lines {
+                m.extend_from_slice(b"X-Not-A-Header: body\r\n");
+            }
+            m.extend_from_slice(b".\r\n");
+            m
+        };
+        let (f, _) = run(BareNewlines::Reject, &msg(1000, 5000));
+        assert!(matches!(short(&f), Some(Ok(_))), "1000 fields are fine");
+        let (f, _) = run(BareNewlines::Reject, &msg(1001, 0));
+        assert_eq!(short(&f), Some(Err(Violation::HeaderTooBig)));
+        // over 1 MiB in a few fields (long folded values)
+        let mut m = b"Subject: big\r\n".to_vec();
+        let fold = format!(" {}\r\n", "x".repeat(900));
+        for _ in 0..1200 {
+            m.extend_from_slice(fold.as_bytes());
+        }
+        m.extend_from_slice(b"\r\nbody\r\n.\r\n");
+        let mut r = DataReceiver::new(BareNewlines::Reject, 4 << 20, 1000);
+        let mut buf = BytesMut::from(&m[..]);
+        assert_eq!(short(&r.feed(&mut buf)), Some(Err(Violation::HeaderTooBig)));
+        // the same bytes in the body are fine
+        let mut m = b"Subject: big\r\n\r\n".to_vec();
+        for _ in 0..1200 {
+            m.extend_from_slice(fold.as_bytes());
+        }
+        m.extend_from_slice(b".\r\n");
+        let mut r = DataReceiver::new(BareNewlines::Reject, 4 << 20, 1000);
+        let mut buf = BytesMut::from(&m[..]);
+        assert!(matches!(short(&r.feed(&mut buf)), Some(Ok(_))));
+    }
+
+    /// Issue 11 item 10: bare CR/LF or NUL in the skipped part of an overlong
+    /// line taints the message (the session is then closed), however the
+    /// bytes arrive.
+    #[test]
+    fn discarded_tail_of_an_overlong_line_taints() {
+        let long = "y".repeat(100);
+        let cases: Vec<Vec<u8>> = vec![
+            format!("a\r\n{long}\r{long}\r\n.\r\n").into(),
+            format!("a\r\n{long}\0{long}\r\n.\r\n").into(),
+            format!("a\r\n{long}{long}\n.\r\n").into(),
+            format!("a\r\n{long}\r\r\n.\r\n").into(),
+        ];
+        for input in &cases {
+            for chunk in [1, 7, 64, 1000] {
+                let mut r = DataReceiver::new(BareNewlines::Normalize, 1 << 20, 50);
+                let f = run_chunked(&mut r, input, chunk);
+                assert!(matches!(short(&f), Some(Err(_)) | None), "{:?}", short(&f));
+                assert!(
+                    r.tainted(),
+                    "chunk {chunk}: {:?} not tainted",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
+        // an overlong line with clean line ends is refused but not tainted
+        let clean = format!("a\r\n{long}{long}\r\n.\r\n");
+        for chunk in [1, 7, 64, 1000] {
+            let mut r = DataReceiver::new(BareNewlines::Normalize, 1 << 20, 50);
+            let f = run_chunked(&mut r, clean.as_bytes(), chunk);
+            assert_eq!(f, Feed::Done(Err(Violation::LineTooLong)));
+            assert!(!r.tainted(), "chunk {chunk}");
+        }
+    }
+
+    /// Issue 11 item 8: the body is held within a reservation; a message the
+    /// budget cannot cover is refused at its end (read on, holding nothing),
+    /// and every byte is given back.
+    #[test]
+    fn inflight_budget() {
+        let budget = super::super::inflight::Budget::new(1 << 20);
+        let line = format!("{}\r\n", "z".repeat(98));
+        let mut msg = b"Subject: big\r\n\r\n".to_vec();
+        while msg.len() < 700 * 1024 {
+            msg.extend_from_slice(line.as_bytes());
+        }
+        let rx = || {
+            DataReceiver::new(BareNewlines::Reject, 25 << 20, 1000)
+                .with_reservation(budget.reserve(0).unwrap())
+        };
+        let mut a = rx();
+        let mut buf = BytesMut::from(&msg[..]);
+        assert_eq!(a.feed(&mut buf), Feed::NeedMore);
+        let held = budget.used();
+        assert!((700 * 1024..=1 << 20).contains(&held), "{held}");
+        let mut b = rx();
+        let mut buf = BytesMut::from(&msg[..]);
+        assert_eq!(b.feed(&mut buf), Feed::NeedMore, "read on to the end");
+        assert_eq!(budget.used(), held, "the refused message holds nothing");
+        buf.extend_from_slice(b".\r\n");
+        assert_eq!(short(&b.feed(&mut buf)), Some(Err(Violation::NoMemory)));
+        let mut buf = BytesMut::from(&b".\r\n"[..]);
+        let Feed::Done(Ok(body)) = a.feed(&mut buf) else {
+            panic!()
+        };
+        assert_eq!(body, msg);
+        let r = a.take_reservation().unwrap();
+        assert!(r.bytes() >= body.capacity() as u64);
+        drop((r, body));
+        drop((a, b));
+        assert_eq!(budget.used(), 0);
+        // without a budget, growth by half: never twice the message (a
+        // little over 512 KiB is where doubling would hold 1 MiB)
+        msg.truncate(16 + 100 * 5300);
+        let mut r = DataReceiver::new(BareNewlines::Reject, 25 << 20, 1000);
+        let mut buf = BytesMut::from(&msg[..]);
+        buf.extend_from_slice(b".\r\n");
+        let Feed::Done(Ok(body)) = r.feed(&mut buf) else {
+            panic!()
+        };
+        assert!(
+            body.capacity() <= body.len() * 3 / 2 + 2048,
+            "{}",
+            body.capacity()
+        );
+    }
+
+    #[test]
+    fn stuffing_in_pieces_equals_whole() {
+        let parts: [&[u8]; 3] = [b"Received: x\r\n\ty\r\n", b"", b".a\r\nb\r\n..\r\n.\r\nend"];
+        let whole = stuff(&parts);
+        assert!(whole.ends_with(b"end\r\n.\r\n"));
+        for max_out in [1, 3, 10, 1 << 20] {
+            let mut out = Vec::new();
+            let mut st = Stuffer::default();
+            for part in parts {
+                let mut rest = part;
+                while !rest.is_empty() {
+                    let mut piece = Vec::new();
+                    let n = st.stuff(rest, &mut piece, max_out);
+                    assert!(n > 0);
+                    out.extend_from_slice(&piece);
+                    rest = &rest[n..];
+                }
+            }
+            st.finish(&mut out);
+            assert_eq!(out, whole, "max_out {max_out}");
+        }
     }
 
     #[test]

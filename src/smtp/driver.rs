@@ -89,6 +89,8 @@ impl Driver {
             max_recipients: l.max_recipients,
             max_errors: l.max_errors,
             auth: l.auth,
+            max_login_failures: l.max_login_failures,
+            max_transactions: l.max_transactions,
         };
         let mut d = Driver {
             conn: Conn::new(stream),
@@ -281,13 +283,7 @@ impl Driver {
             }
             Action::AuthChallenge(r) => self.queue(&r),
             Action::Authenticate(creds) => return self.authenticate(creds).await,
-            Action::ReadData(r) => {
-                self.queue(&r);
-                if let Err(e) = self.flush().await {
-                    return Some(e);
-                }
-                return self.data().await;
-            }
+            Action::ReadData(r) => return self.data(r).await,
         }
         None
     }
@@ -376,11 +372,12 @@ impl Driver {
                 Decision::Delay(d) => tokio::time::sleep(d).await,
                 Decision::Refuse { action, rule } => {
                     info!(user = %creds.user, rule = %rule, "login refused by policy");
-                    self.queue(&if action == PolicyAction::Reject {
-                        reply::auth_failed()
-                    } else {
-                        reply::auth_locked()
-                    });
+                    if action == PolicyAction::Reject {
+                        // looks like (and counts as) a wrong password
+                        let a = self.session.login_failed();
+                        return Box::pin(self.act(a)).await;
+                    }
+                    self.queue(&reply::auth_locked());
                     return None;
                 }
             }
@@ -390,23 +387,29 @@ impl Driver {
             Err(e) => Err(e),
         };
         let outcome = self.outcome(r);
-        let r = self.session.auth_result(&creds.user, outcome);
+        let action = self.session.auth_result(&creds.user, outcome);
+        let (code, close) = match &action {
+            Action::Reply(r) => (r.code, false),
+            Action::Close(r) => (r.code, true),
+            _ => (0, false),
+        };
+        // a close here is always the last allowed failed attempt
+        let failed = code == 535 || close;
         let mut f = self.facts();
         f.auth_user = Some(&creds.user);
-        info!(user = %creds.user, result = r.code, "auth");
+        info!(user = %creds.user, result = code, "auth");
         if let Some(p) = &self.ctx.policy {
-            match r.code {
+            match code {
                 235 => p.login_succeeded(&f),
-                535 => p.login_failed(&f),
+                _ if failed => p.login_failed(&f),
                 _ => {}
             }
         }
-        if r.code == 535 {
+        if failed {
             // slow down guessing within one session
             tokio::time::sleep(l.login_failure_delay).await;
         }
-        self.queue(&r);
-        None
+        Box::pin(self.act(action)).await
     }
 
     async fn start_tls(&mut self) -> Option<End> {
@@ -503,10 +506,27 @@ impl Driver {
         self.outcome(r)
     }
 
-    async fn data(&mut self) -> Option<End> {
+    /// DATA: `go_ahead` (354) once the in-flight budget covers what MAIL's
+    /// SIZE announced, then the message, checks, and the relay.
+    async fn data(&mut self, go_ahead: Reply) -> Option<End> {
         let l = self.ctx.listener.clone();
         let started = Instant::now();
-        let mut rx = DataReceiver::new(l.bare_newlines, self.session.size_limit(), l.max_text_line);
+        let declared = self.session.tx.as_ref().and_then(|t| t.params.size);
+        let Some(reservation) = self.ctx.inflight.reserve(declared.unwrap_or(0)) else {
+            info!(
+                size = declared,
+                "DATA refused: in-flight message budget spent"
+            );
+            crate::observe::metrics().outcome(&l.name, "tempfail");
+            self.queue(&reply::inflight_exceeded());
+            return None;
+        };
+        self.queue(&go_ahead);
+        if let Err(e) = self.flush().await {
+            return Some(e);
+        }
+        let mut rx = DataReceiver::new(l.bare_newlines, self.session.size_limit(), l.max_text_line)
+            .with_reservation(reservation);
         let result = loop {
             match rx.feed(self.conn.rbuf_mut()) {
                 Feed::Done(r) => break r,
@@ -544,6 +564,8 @@ impl Driver {
             self.queue(&r);
             return smuggling_guard;
         }
+        // held until the backend has answered: the body lives until then
+        let _reservation = rx.take_reservation();
         let body = result.unwrap_or_default();
         // SPF/DKIM/DMARC/ARC on the message as received; then forged
         // Authentication-Results removed and ours prepended (never touching
@@ -630,11 +652,14 @@ impl Driver {
             },
             now: std::time::SystemTime::now(),
         });
-        let wire = data::stuff(&[header.as_bytes(), auth_headers.as_bytes(), &body]);
-        drop(body);
+        let size = header.len() + auth_headers.len() + body.len();
         let sent = Instant::now();
         let r = match self.backend.as_mut() {
-            Some(b) => b.data(&wire).await,
+            // dot-stuffed on the way out: the message is not copied again
+            Some(b) => {
+                b.data(&[header.as_bytes(), auth_headers.as_bytes(), &body])
+                    .await
+            }
             None => Err(BackendError::Failed(
                 "connection lost during transaction".into(),
             )),
@@ -653,7 +678,7 @@ impl Driver {
                 _ => "rejected",
             },
         );
-        info!(from = %from, rcpts = rcpts.len(), size = wire.len(), backend = %r.summary(), duration_ms = started.elapsed().as_millis() as u64, "transaction");
+        info!(from = %from, rcpts = rcpts.len(), size, backend = %r.summary(), duration_ms = started.elapsed().as_millis() as u64, "transaction");
         self.queue(&r);
         smuggling_guard.or_else(|| self.lost_authenticated_backend())
     }

@@ -3,5 +3,6 @@
 pub mod command;
 pub mod data;
 pub mod driver;
+pub mod inflight;
 pub mod reply;
 pub mod session;

@@ -306,6 +306,16 @@ pub fn auth_locked() -> Reply {
         "4.7.0 Too many failed authentication attempts, try again later",
     )
 }
+pub fn too_many_auth_failures() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0 Too many failed authentication attempts, closing connection",
+    )
+}
+/// A user name with control characters or over 255 octets: never relayed.
+pub fn auth_bad_user() -> Reply {
+    Reply::new(501, "5.5.2 Invalid user name")
+}
 pub fn auth_cancelled() -> Reply {
     Reply::new(501, "5.0.0 Authentication cancelled")
 }
@@ -329,6 +339,27 @@ pub fn backend_lost_closing() -> Reply {
 }
 pub fn session_too_long() -> Reply {
     Reply::new(421, "4.4.2 Session time limit exceeded, closing connection")
+}
+/// The message's first line starts with SP/HTAB: it would continue the last
+/// header mailgate prepends.
+pub fn folded_first_line() -> Reply {
+    Reply::new(
+        550,
+        "5.6.0 Message must not start with a folded (indented) line",
+    )
+}
+pub fn header_too_big() -> Reply {
+    Reply::new(552, "5.3.4 Message header exceeds 1000 fields or 1 MiB")
+}
+/// The process-wide budget for message bytes in flight is spent.
+pub fn inflight_exceeded() -> Reply {
+    Reply::new(452, "4.3.1 Insufficient system storage, try again later")
+}
+pub fn too_many_transactions() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0 Too many transactions in one session, closing connection",
+    )
 }
 
 #[cfg(test)]

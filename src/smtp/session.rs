@@ -33,6 +33,10 @@ pub struct Settings {
     pub max_recipients: usize,
     pub max_errors: u32,
     pub auth: AuthMode,
+    /// Failed AUTH attempts per session before 421 and close.
+    pub max_login_failures: u32,
+    /// MAIL commands per session before 421 and close.
+    pub max_transactions: u32,
 }
 
 /// Login data from AUTH PLAIN or LOGIN. Never logged: Debug shows the user only.
@@ -115,6 +119,9 @@ pub struct Session {
     pub auth_user: Option<String>,
     auth_wait: Option<AuthWait>,
     errors: u32,
+    auth_failures: u32,
+    /// MAIL commands that went on to the backend (and to SPF).
+    transactions: u32,
 }
 
 impl Session {
@@ -129,6 +136,8 @@ impl Session {
             auth_user: None,
             auth_wait: None,
             errors: 0,
+            auth_failures: 0,
+            transactions: 0,
         }
     }
 
@@ -214,6 +223,12 @@ impl Session {
                 }
                 if !self.esmtp && params != MailParams::default() {
                     return self.error(reply::syntax("parameters need EHLO"));
+                }
+                // each MAIL costs a backend round trip and SPF's DNS queries:
+                // a session cannot loop MAIL/RSET for ever
+                self.transactions += 1;
+                if self.transactions > self.settings.max_transactions {
+                    return Action::Close(reply::too_many_transactions());
                 }
                 Action::Relay(BackendOp::Mail { from, params })
             }
@@ -323,13 +338,7 @@ impl Session {
                 self.auth_wait = Some(AuthWait::LoginUser);
                 Action::AuthChallenge(reply::auth_challenge("VXNlcm5hbWU6"))
             }
-            ("LOGIN", Some(ir)) => match decode(&ir.0) {
-                Some(user) => {
-                    self.auth_wait = Some(AuthWait::LoginPassword(user));
-                    Action::AuthChallenge(reply::auth_challenge("UGFzc3dvcmQ6"))
-                }
-                None => self.error(reply::auth_bad_base64()),
-            },
+            ("LOGIN", Some(ir)) => self.login_user(&ir.0),
             _ => self.error(reply::auth_mechanism()),
         }
     }
@@ -351,14 +360,40 @@ impl Session {
         ) else {
             return self.error(reply::auth_bad_base64());
         };
+        if !valid_user(user) || !valid_user(authz) {
+            return self.error(reply::auth_bad_user());
+        }
         // acting for someone else (authzid) is not relayed
         if user.is_empty() || (!authz.is_empty() && authz != user) {
-            return Action::Reply(reply::auth_failed());
+            return self.login_failed();
         }
         Action::Authenticate(Credentials {
             user: user.to_string(),
             password: Secret(pass.to_string()),
         })
+    }
+
+    /// AUTH LOGIN's user name (base64): checked before the password is asked for.
+    fn login_user(&mut self, b64: &str) -> Action {
+        match decode(b64) {
+            Some(user) if valid_user(&user) => {
+                self.auth_wait = Some(AuthWait::LoginPassword(user));
+                Action::AuthChallenge(reply::auth_challenge("UGFzc3dvcmQ6"))
+            }
+            Some(_) => self.error(reply::auth_bad_user()),
+            None => self.error(reply::auth_bad_base64()),
+        }
+    }
+
+    /// A failed login (wrong credentials, here or at the backend): `535`, or
+    /// `421` and close once `max_login_failures` is reached in this session.
+    pub fn login_failed(&mut self) -> Action {
+        self.auth_failures += 1;
+        if self.auth_failures >= self.settings.max_login_failures {
+            Action::Close(reply::too_many_auth_failures())
+        } else {
+            Action::Reply(reply::auth_failed())
+        }
     }
 
     /// Whether the next line is an AUTH response, not a command.
@@ -380,34 +415,29 @@ impl Session {
         }
         match wait {
             AuthWait::Plain => self.plain(text),
-            AuthWait::LoginUser => match decode(text) {
-                Some(user) => {
-                    self.auth_wait = Some(AuthWait::LoginPassword(user));
-                    Action::AuthChallenge(reply::auth_challenge("UGFzc3dvcmQ6"))
-                }
-                None => self.error(reply::auth_bad_base64()),
-            },
+            AuthWait::LoginUser => self.login_user(text),
             AuthWait::LoginPassword(user) => match decode(text) {
                 Some(pass) if !user.is_empty() => Action::Authenticate(Credentials {
                     user,
                     password: Secret(pass),
                 }),
-                Some(_) => Action::Reply(reply::auth_failed()),
+                Some(_) => self.login_failed(),
                 None => self.error(reply::auth_bad_base64()),
             },
         }
     }
 
     /// The backend's answer to the relayed credentials. Failures look the same
-    /// whatever the reason (no hint whether the user exists).
-    pub fn auth_result(&mut self, user: &str, outcome: Outcome) -> Reply {
+    /// whatever the reason (no hint whether the user exists) and count
+    /// towards `max_login_failures`.
+    pub fn auth_result(&mut self, user: &str, outcome: Outcome) -> Action {
         match outcome {
             Outcome::Reply(235, _) => {
                 self.auth_user = Some(user.to_string());
-                reply::auth_ok()
+                Action::Reply(reply::auth_ok())
             }
-            Outcome::Reply(code, _) if code / 100 == 5 => reply::auth_failed(),
-            _ => reply::auth_temporary(),
+            Outcome::Reply(code, _) if code / 100 == 5 => self.login_failed(),
+            _ => Action::Reply(reply::auth_temporary()),
         }
     }
 
@@ -476,6 +506,9 @@ impl Session {
                     Violation::Nul => reply::nul_in_message(),
                     Violation::LineTooLong => reply::message_line_too_long(max_line),
                     Violation::TooBig => reply::size_exceeded(),
+                    Violation::FoldedFirstLine => reply::folded_first_line(),
+                    Violation::HeaderTooBig => reply::header_too_big(),
+                    Violation::NoMemory => reply::inflight_exceeded(),
                 })
             }
         }
@@ -495,6 +528,12 @@ impl Session {
             Outcome::Failed => reply::backend_failed(),
         }
     }
+}
+
+/// A user name that may be relayed and used as a limiter key: at most 255
+/// octets, no control character (C0, DEL, C1; NUL separates PLAIN's fields).
+fn valid_user(user: &str) -> bool {
+    user.len() <= 255 && !user.chars().any(char::is_control)
 }
 
 fn decode_bytes(b64: &str) -> Option<Vec<u8>> {
@@ -521,6 +560,8 @@ mod tests {
             max_recipients: 2,
             max_errors: 20,
             auth: AuthMode::None,
+            max_login_failures: 3,
+            max_transactions: 100,
         }
     }
 
@@ -834,8 +875,7 @@ mod tests {
         assert_eq!(c.password.0, "secret");
         assert!(!format!("{c:?}").contains("secret"));
         assert_eq!(
-            s.auth_result("alice", Outcome::Reply(535, vec![]))
-                .to_bytes(),
+            reply_of(s.auth_result("alice", Outcome::Reply(535, vec![]))),
             b"535 5.7.8 Authentication credentials invalid\r\n"
         );
         assert!(s.auth_user.is_none());
@@ -843,8 +883,7 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            s.auth_result("alice", Outcome::Reply(235, vec![]))
-                .to_bytes(),
+            reply_of(s.auth_result("alice", Outcome::Reply(235, vec![]))),
             b"235 2.7.0 Authentication successful\r\n"
         );
         assert_eq!(
@@ -892,5 +931,207 @@ mod tests {
             reply_of(cmd(&mut s, "AUTH PLAIN Ym9iAGFsaWNlAHNlY3JldA==")),
             b"535 5.7.8 Authentication credentials invalid\r\n"
         );
+    }
+
+    fn b64(raw: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    }
+
+    /// Issue 11 item 5: failed AUTH attempts count per session (backend 535s
+    /// and local refusals alike); the last allowed one ends it with 421.
+    #[test]
+    fn auth_failures_end_the_session() {
+        let mut s = auth_session();
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        let Action::Authenticate(c) = cmd(&mut s, "AUTH PLAIN AGFsaWNlAHdyb25n") else {
+            panic!()
+        };
+        assert_eq!(
+            reply_of(s.auth_result(&c.user, Outcome::Reply(535, vec![]))),
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+        );
+        // a temporary backend failure is not a failed attempt
+        assert!(matches!(
+            s.auth_result(&c.user, Outcome::Unavailable),
+            Action::Reply(_)
+        ));
+        // authzid for someone else: refused locally, counted too
+        assert_eq!(
+            reply_of(cmd(&mut s, "AUTH PLAIN Ym9iAGFsaWNlAHNlY3JldA==")),
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+        );
+        let Action::Authenticate(c) = cmd(&mut s, "AUTH PLAIN AGFsaWNlAHdyb25n") else {
+            panic!()
+        };
+        let a = s.auth_result(&c.user, Outcome::Reply(535, vec![]));
+        assert_eq!(
+            a,
+            Action::Close(reply::too_many_auth_failures()),
+            "third failure"
+        );
+        assert_eq!(
+            reply_of(a),
+            b"421 4.7.0 Too many failed authentication attempts, closing connection\r\n"
+        );
+        // the limit comes from the settings
+        let mut s = Session::new(
+            Settings {
+                auth: AuthMode::Required,
+                max_login_failures: 1,
+                ..settings(true, true)
+            },
+            caps(),
+            true,
+        );
+        cmd(&mut s, "EHLO c");
+        assert!(matches!(
+            s.auth_result("x", Outcome::Reply(535, vec![])),
+            Action::Close(_)
+        ));
+    }
+
+    /// Issue 11 item 5: user names with control characters or over 255
+    /// octets never reach the backend or the limiter: 501 5.5.2 locally.
+    #[test]
+    fn user_names_are_checked() {
+        let mut s = auth_session();
+        s.settings.max_errors = 1000;
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        let bad_users: Vec<String> = vec![
+            "al\u{1}ice".into(),
+            "alice\r\nX".into(),
+            "alice\u{7f}".into(),
+            "alice\u{85}".into(),
+            "alice\u{9b}31m".into(),
+            "\u{1b}[2Jalice".into(),
+            "a".repeat(256),
+        ];
+        for user in &bad_users {
+            let plain = b64(format!("\0{user}\0secret").as_bytes());
+            assert_eq!(
+                reply_of(cmd(&mut s, &format!("AUTH PLAIN {plain}"))),
+                b"501 5.5.2 Invalid user name\r\n",
+                "PLAIN authcid {user:?}"
+            );
+            let plain = b64(format!("{user}\0alice\0secret").as_bytes());
+            assert_eq!(
+                reply_of(cmd(&mut s, &format!("AUTH PLAIN {plain}"))),
+                b"501 5.5.2 Invalid user name\r\n",
+                "PLAIN authzid {user:?}"
+            );
+            let login = b64(user.as_bytes());
+            assert_eq!(
+                reply_of(cmd(&mut s, &format!("AUTH LOGIN {login}"))),
+                b"501 5.5.2 Invalid user name\r\n",
+                "LOGIN initial {user:?}"
+            );
+            assert_eq!(reply_of(cmd(&mut s, "AUTH LOGIN")), b"334 VXNlcm5hbWU6\r\n");
+            assert_eq!(
+                reply_of(s.auth_line(login.as_bytes())),
+                b"501 5.5.2 Invalid user name\r\n",
+                "LOGIN continuation {user:?}"
+            );
+            assert!(!s.awaiting_auth_line());
+        }
+        // 255 octets (multi-byte characters count as octets) is the most
+        let ok_user = "\u{e9}".repeat(127) + "a";
+        assert_eq!(ok_user.len(), 255);
+        let Action::Authenticate(c) = cmd(
+            &mut s,
+            &format!("AUTH PLAIN {}", b64(format!("\0{ok_user}\0pw").as_bytes())),
+        ) else {
+            panic!()
+        };
+        assert_eq!(c.user, ok_user);
+        let too_long = "\u{e9}".repeat(128);
+        assert_eq!(
+            reply_of(cmd(
+                &mut s,
+                &format!("AUTH PLAIN {}", b64(format!("\0{too_long}\0pw").as_bytes()))
+            )),
+            b"501 5.5.2 Invalid user name\r\n"
+        );
+    }
+
+    /// Issue 19 item 2: MAIL commands per session are capped; the one beyond
+    /// the cap gets 421 and the session ends.
+    #[test]
+    fn max_transactions_closes() {
+        let mut s = Session::new(
+            Settings {
+                max_transactions: 3,
+                ..settings(false, false)
+            },
+            caps(),
+            false,
+        );
+        cmd(&mut s, "EHLO c");
+        for i in 0..3 {
+            let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example>") else {
+                panic!("MAIL {i}")
+            };
+            ok250(&mut s, op);
+            assert!(matches!(cmd(&mut s, "RSET"), Action::Reply(_)));
+        }
+        assert_eq!(
+            cmd(&mut s, "MAIL FROM:<a@b.example>"),
+            Action::Close(reply::too_many_transactions())
+        );
+        assert_eq!(
+            reply_of(cmd(&mut s, "MAIL FROM:<a@b.example>")),
+            b"421 4.7.0 Too many transactions in one session, closing connection\r\n"
+        );
+        // refused MAILs (before the backend) do not count
+        let mut s = Session::new(
+            Settings {
+                max_transactions: 1,
+                ..settings(false, false)
+            },
+            caps(),
+            false,
+        );
+        assert!(matches!(
+            cmd(&mut s, "MAIL FROM:<a@b.example>"),
+            Action::Reply(_)
+        ));
+        cmd(&mut s, "EHLO c");
+        assert!(matches!(
+            cmd(&mut s, "MAIL FROM:<a@b.example> SIZE=5000"),
+            Action::Reply(_)
+        ));
+        assert!(matches!(
+            cmd(&mut s, "MAIL FROM:<a@b.example>"),
+            Action::Relay(_)
+        ));
+    }
+
+    #[test]
+    fn data_structure_violations() {
+        for (v, want) in [
+            (
+                Violation::FoldedFirstLine,
+                &b"550 5.6.0 Message must not start with a folded (indented) line\r\n"[..],
+            ),
+            (
+                Violation::HeaderTooBig,
+                b"552 5.3.4 Message header exceeds 1000 fields or 1 MiB\r\n",
+            ),
+            (
+                Violation::NoMemory,
+                b"452 4.3.1 Insufficient system storage, try again later\r\n",
+            ),
+        ] {
+            let mut s = Session::new(settings(false, false), caps(), false);
+            s.tx = Some(Transaction {
+                from: "".into(),
+                params: MailParams::default(),
+                rcpts: vec!["a@b".into()],
+                rcpt_attempts: 1,
+            });
+            assert_eq!(s.data_received(&Err(v), 1000).unwrap().to_bytes(), want);
+            assert!(s.tx.is_none());
+        }
     }
 }
