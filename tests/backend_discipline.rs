@@ -55,7 +55,11 @@ async fn scripted(script: Script) -> (String, Seen) {
             let (script, log) = (script.clone(), log.clone());
             tokio::spawn(async move {
                 let mut r = BufReader::new(s);
-                if r.get_mut().write_all(b"220 legacy ESMTP\r\n").await.is_err() {
+                if r.get_mut()
+                    .write_all(b"220 legacy ESMTP\r\n")
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 loop {
@@ -256,7 +260,8 @@ async fn wrong_positive_codes_are_not_relayed() {
     assert!(fin.starts_with("451 4.4.2"), "end of DATA: {fin}");
 }
 
-const XCLIENT_EHLO: &str = "250-legacy\r\n250-XCLIENT NAME ADDR PORT PROTO HELO\r\n250 PIPELINING\r\n";
+const XCLIENT_EHLO: &str =
+    "250-legacy\r\n250-XCLIENT NAME ADDR PORT PROTO HELO\r\n250 PIPELINING\r\n";
 
 /// A backend whose XCLIENT cannot be used never sees MAIL; the client gets
 /// 451 4.7.0 at MAIL, every time.
@@ -442,14 +447,10 @@ async fn proxy_local_and_unknown_need_the_opt_in() {
             .await
             .expect("closed")
             .unwrap_or(0);
-        assert_eq!(
-            n,
-            0,
-            "{header:?}: got {:?}",
-            String::from_utf8_lossy(&buf)
-        );
+        assert_eq!(n, 0, "{header:?}: got {:?}", String::from_utf8_lossy(&buf));
     }
-    let allowed = ", proxy_protocol: { trusted: [\"127.0.0.0/8\"], timeout: 2s, allow_local: true }";
+    let allowed =
+        ", proxy_protocol: { trusted: [\"127.0.0.0/8\"], timeout: 2s, allow_local: true }";
     let gw = common::start(&config(&backend, "", allowed)).await;
     for header in [V2_LOCAL, V1_UNKNOWN] {
         let mut s = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();

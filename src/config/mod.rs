@@ -62,6 +62,8 @@ pub struct Backend {
     pub proxy_v2: bool,
     /// TLS to the backend, when configured.
     pub tls: Option<Arc<crate::backend::stream::BackendTls>>,
+    /// Relay even when XCLIENT cannot be applied (explicit opt-out).
+    pub identity_optional: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +103,8 @@ pub struct Listener {
     pub max_login_failures: u32,
     pub login_failure_delay: Duration,
     pub timeouts: Timeouts,
+    /// PROXY `LOCAL`/`UNKNOWN` (no client address) accepted from trusted peers.
+    pub proxy_allow_local: bool,
 }
 
 struct Source {
@@ -388,6 +392,7 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
                     .identity
                     .as_ref()
                     .is_some_and(|v| v.contains(&IdentityMethod::ProxyV2)),
+                identity_optional: b.identity_optional.unwrap_or(false),
             };
             backends.insert(name.clone(), (Arc::new(backend), i));
         }
@@ -846,6 +851,11 @@ fn build_listener(
             backend_data: d(t.backend_data, 600),
             idle: d(t.idle, 600),
         },
+        proxy_allow_local: l
+            .proxy_protocol
+            .as_ref()
+            .and_then(|p| p.allow_local)
+            .unwrap_or(false),
     })
 }
 

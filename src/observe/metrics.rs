@@ -89,6 +89,7 @@ pub struct Metrics {
     pub dns_lookup: Histogram,
     pub dns_failures: Counter,
     pub bytes: Family<BytesLabels, Counter>,
+    pub backend_out_of_step: Family<BackendLabels, Counter>,
 }
 
 impl Metrics {
@@ -110,6 +111,7 @@ impl Metrics {
             dns_lookup: latency(),
             dns_failures: Counter::default(),
             bytes: Family::default(),
+            backend_out_of_step: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "Client sessions accepted", m.sessions.clone());
@@ -178,6 +180,11 @@ impl Metrics {
             "bytes",
             "Client bytes by direction (in = from clients)",
             m.bytes.clone(),
+        );
+        registry.register(
+            "backend_out_of_step",
+            "Backend connections dropped because a reply came unasked or did not fit its command",
+            m.backend_out_of_step.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -286,6 +293,14 @@ impl Metrics {
 
     pub fn backend_failed(&self, backend: &str) {
         self.backend_failures
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn backend_out_of_step(&self, backend: &str) {
+        self.backend_out_of_step
             .get_or_create(&BackendLabels {
                 backend: backend.to_string(),
             })

@@ -330,6 +330,14 @@ pub fn backend_lost_closing() -> Reply {
 pub fn session_too_long() -> Reply {
     Reply::new(421, "4.4.2 Session time limit exceeded, closing connection")
 }
+/// The backend is configured to be told who the client is (XCLIENT, PROXY
+/// v2) and that could not be done: nothing is relayed (issue 11).
+pub fn identity_unavailable() -> Reply {
+    Reply::new(
+        451,
+        "4.7.0 Client identity cannot be passed to the mail server, try again later",
+    )
+}
 
 #[cfg(test)]
 mod tests {
