@@ -222,6 +222,23 @@ async fn extra_reply_after_mail_is_not_taken_for_rcpt() {
     );
 }
 
+/// An unsolicited 421 (idle timeout, shutdown: RFC 5321 §3.8) waiting
+/// before MAIL ends that connection: 451 4.4.2, the MAIL never sent there.
+#[tokio::test]
+async fn unsolicited_421_before_mail_is_a_lost_connection() {
+    let (backend, seen) = scripted(Script {
+        ehlo: "250-legacy\r\n250 PIPELINING\r\n421 4.4.2 legacy Error: timeout exceeded\r\n",
+        close_after_ehlo: true,
+        ..Script::default()
+    })
+    .await;
+    let gw = common::start(&config(&backend, "", "")).await;
+    let mut r = session(&gw).await;
+    let mail = cmd(&mut r, "MAIL FROM:<a@example.org>").await;
+    assert!(mail.starts_with("451 4.4.2"), "MAIL: {mail}");
+    assert!(!seen.lock().unwrap().iter().any(|l| l.starts_with("MAIL")));
+}
+
 /// Codes that are not valid answers at their stage never reach the client
 /// as such: 251 to MAIL, 252 to RCPT, 251 at the end of DATA.
 #[tokio::test]

@@ -272,7 +272,19 @@ impl SmtpBackend {
                 Ok(Err(e)) => return Err(e.into()),
             }
         }
+        if self.closing_notice() {
+            return Err(BackendError::Failed(format!(
+                "backend closed the connection (unsolicited 421) before {before}"
+            )));
+        }
         Err(self.out_of_step(pending, &format!("before {before}")))
+    }
+
+    /// An unsolicited 421 is the one reply a server may send unasked, when it
+    /// closes the channel (RFC 5321 §3.8): the connection ends, but it is not
+    /// a conversation out of step (an idle timeout, a shutdown).
+    fn closing_notice(&mut self) -> bool {
+        self.conn.rbuf_mut().starts_with(b"421")
     }
 
     /// Logs and counts an out-of-step backend; the error drops the connection.
@@ -401,8 +413,9 @@ impl SmtpBackend {
         self.check_in_step("the message").await?;
         self.conn.write_now(wire, self.data_timeout).await?;
         let r = self.read_reply(self.data_timeout).await?;
-        // more after the verdict: which reply answers the message is unknown
-        if self.conn.buffered() > 0 {
+        // more after the verdict (other than a closing notice): which reply
+        // answers the message is unknown
+        if self.conn.buffered() > 0 && !self.closing_notice() {
             return Err(self.out_of_step(self.conn.buffered(), "after the end of DATA reply"));
         }
         if r.0 == 421 {

@@ -453,7 +453,7 @@ impl Session {
     pub fn relayed(&mut self, op: BackendOp, outcome: Outcome) -> Action {
         let (code, lines) = match outcome {
             Outcome::Reply(code, lines) => (code, lines),
-            other => return Action::Reply(self.failed(other)),
+            other => return Action::Reply(Self::failed(other)),
         };
         let stage = match op {
             BackendOp::Mail { .. } => Stage::Mail,
@@ -486,7 +486,7 @@ impl Session {
     }
 
     /// The reply for a backend operation that got no usable answer.
-    fn failed(&mut self, outcome: Outcome) -> Reply {
+    fn failed(outcome: Outcome) -> Reply {
         match outcome {
             Outcome::Unavailable => reply::backend_unavailable(),
             Outcome::Failed => reply::backend_failed(),
@@ -533,7 +533,7 @@ impl Session {
                     reply::backend_bad_reply()
                 }
             },
-            other => self.failed(other),
+            other => Self::failed(other),
         }
     }
 }
