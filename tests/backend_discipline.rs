@@ -429,6 +429,18 @@ async fn auth_after_close_is_temporary() {
     auth_is_temporary("closed", script).await;
 }
 
+/// A LOGIN-only backend that answers the bare `AUTH LOGIN` with 235 (before
+/// any credentials) is out of step, not a login.
+#[tokio::test]
+async fn auth_login_235_before_credentials_is_temporary() {
+    let script = Script {
+        ehlo: "250-legacy\r\n250 AUTH LOGIN\r\n",
+        auth: "235 2.7.0 ok\r\n",
+        ..Script::default()
+    };
+    auth_is_temporary("235 to AUTH LOGIN", script).await;
+}
+
 /// Control for the three above: a real 535 is counted (so `failure_counted`
 /// does see the policy's counter).
 #[tokio::test]

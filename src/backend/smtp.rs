@@ -365,8 +365,22 @@ impl SmtpBackend {
     }
 
     /// Relays credentials in a mechanism the backend offers (PLAIN preferred).
-    /// The final reply is returned as is; 235 means success.
+    /// The final reply is returned as is (235 means success) when it is 235,
+    /// 4xx or 5xx; anything else (a 334 asking for more, a 250) leaves the
+    /// exchange out of step and is an error, never a login result.
     pub async fn auth(&mut self, user: &str, password: &str) -> Result<BackendReply, BackendError> {
+        let r = self.auth_exchange(user, password).await?;
+        match r.0 {
+            235 | 400..=599 => Ok(r),
+            code => Err(BackendError::Protocol(format!("AUTH answered {code}"))),
+        }
+    }
+
+    async fn auth_exchange(
+        &mut self,
+        user: &str,
+        password: &str,
+    ) -> Result<BackendReply, BackendError> {
         use base64::Engine as _;
         let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
         if self.caps.auth_plain {
@@ -382,12 +396,19 @@ impl SmtpBackend {
                 "backend offers neither AUTH PLAIN nor LOGIN".into(),
             ));
         }
-        let r = self.command("AUTH LOGIN").await?;
-        if r.0 != 334 {
+        // before the password only 334 (go on) or a refusal fit: a 235 here
+        // would be a login without credentials
+        let step = |r: BackendReply| match r.0 {
+            334 => Ok(None),
+            400..=599 => Ok(Some(r)),
+            code => Err(BackendError::Protocol(format!(
+                "AUTH LOGIN step answered {code}"
+            ))),
+        };
+        if let Some(r) = step(self.command("AUTH LOGIN").await?)? {
             return Ok(r);
         }
-        let r = self.command(&b64(user.as_bytes())).await?;
-        if r.0 != 334 {
+        if let Some(r) = step(self.command(&b64(user.as_bytes())).await?)? {
             return Ok(r);
         }
         self.command(&b64(password.as_bytes())).await
