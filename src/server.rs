@@ -498,13 +498,14 @@ async fn connection(mut tcp: TcpStream, mut peer: SocketAddr, mut ctx: SessionCt
             crate::observe::metrics().refused(&l.name, "proxy_untrusted");
             return;
         }
-        match crate::transport::read_proxy_header(&mut tcp, *deadline).await {
+        match crate::transport::read_proxy_header(&mut tcp, *deadline, l.proxy_allow_local).await {
             Ok(Some((source, destination))) => {
                 info!(listener = %l.name, balancer = %peer, client = %source, "PROXY header");
                 peer = source;
                 ctx.local = destination;
             }
-            // LOCAL: the balancer's own health check
+            // LOCAL/UNKNOWN, accepted only with `allow_local`: the
+            // balancer's own health check, run as the balancer's address
             Ok(None) => {}
             Err(e) => {
                 warn!(listener = %l.name, %peer, error = %e, "PROXY header missing or malformed; closed");

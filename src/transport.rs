@@ -155,11 +155,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
 /// Reads a PROXY protocol v1 or v2 header from a trusted load balancer and
 /// returns the real (source, destination) addresses. Only the header's bytes
 /// are consumed (they are peeked first), so a TLS ClientHello that follows in
-/// the same segment stays in the socket for the handshake. `LOCAL` headers
-/// (health checks) yield `None`.
+/// the same segment stays in the socket for the handshake. Headers without a
+/// client address (v2 `LOCAL`, v1 `UNKNOWN`, other address families) yield
+/// `None` only when `allow_local` is set, and are refused otherwise: the
+/// session would run as the balancer's own address, which the backend and
+/// the limits may trust.
 pub async fn read_proxy_header(
     tcp: &mut TcpStream,
     deadline: Duration,
+    allow_local: bool,
 ) -> io::Result<Option<(std::net::SocketAddr, std::net::SocketAddr)>> {
     use proxy_header::{ParseConfig, ProxyHeader};
     use tokio::io::AsyncReadExt;
@@ -186,6 +190,13 @@ pub async fn read_proxy_header(
                     let addrs = header
                         .proxied_address()
                         .map(|a| (canon(a.source), canon(a.destination)));
+                    if addrs.is_none() && !allow_local {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "PROXY header without a client address (LOCAL/UNKNOWN) \
+                             refused; set proxy_protocol.allow_local to accept it",
+                        ));
+                    }
                     let mut consumed = vec![0u8; len];
                     tcp.read_exact(&mut consumed).await?;
                     return Ok(addrs);
@@ -216,12 +227,83 @@ pub async fn read_proxy_header(
 }
 
 /// The PROXY v2 header sent to a backend configured with `identity: [proxy_v2]`.
-pub fn proxy_v2_header(source: std::net::SocketAddr, destination: std::net::SocketAddr) -> Vec<u8> {
+/// Both addresses must be of one family in the header: an IPv4-mapped IPv6
+/// address next to an IPv4 one is sent as IPv4, and otherwise an IPv4 address
+/// next to an IPv6 one is sent IPv4-mapped (as HAProxy does). Never a partial
+/// header: an encoding error is returned, not written.
+pub fn proxy_v2_header(
+    source: std::net::SocketAddr,
+    destination: std::net::SocketAddr,
+) -> io::Result<Vec<u8>> {
+    use std::net::{IpAddr, SocketAddr};
+    let unmapped = |a: SocketAddr| match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    };
+    let mapped = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port()),
+        IpAddr::V6(_) => a,
+    };
+    let (mut source, mut destination) = (unmapped(source), unmapped(destination));
+    if source.is_ipv4() != destination.is_ipv4() {
+        (source, destination) = (mapped(source), mapped(destination));
+    }
     let mut out = Vec::with_capacity(64);
     let h = proxy_header::ProxyHeader::with_address(proxy_header::ProxiedAddress::stream(
         source,
         destination,
     ));
-    let _ = h.encode_v2(&mut out);
-    out
+    h.encode_v2(&mut out)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("PROXY v2: {e:?}")))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proxy_v2_header;
+    use proxy_header::{ParseConfig, ProxyHeader};
+    use std::net::SocketAddr;
+
+    fn decoded(h: &[u8]) -> (SocketAddr, SocketAddr) {
+        let (p, len) = ProxyHeader::parse(h, ParseConfig::default()).expect("a whole header");
+        assert_eq!(len, h.len(), "nothing left over");
+        let a = p.proxied_address().expect("an address");
+        (a.source, a.destination)
+    }
+
+    /// Issue 11 item 4: mixed families were written as a truncated header
+    /// (the 12-byte signature only); now they are one family, whole.
+    #[test]
+    fn proxy_v2_out_mixed_families_is_whole() {
+        let v4: SocketAddr = "192.0.2.7:4242".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:25".parse().unwrap();
+        let h = proxy_v2_header(v4, v6).unwrap();
+        assert_eq!(h.len(), 16 + 36, "IPv6 addresses and ports");
+        assert_eq!(
+            decoded(&h),
+            (
+                "[::ffff:192.0.2.7]:4242".parse().unwrap(),
+                "[2001:db8::1]:25".parse().unwrap()
+            )
+        );
+        let h = proxy_v2_header(v6, v4).unwrap();
+        assert_eq!(
+            decoded(&h),
+            (
+                "[2001:db8::1]:25".parse().unwrap(),
+                "[::ffff:192.0.2.7]:4242".parse().unwrap()
+            )
+        );
+        // a dual-stack socket's mapped client next to an IPv4 address: IPv4
+        let mapped: SocketAddr = "[::ffff:198.51.100.9]:1000".parse().unwrap();
+        let h = proxy_v2_header(mapped, v4).unwrap();
+        assert_eq!(h.len(), 16 + 12);
+        assert_eq!(decoded(&h), ("198.51.100.9:1000".parse().unwrap(), v4));
+        // same families as before
+        let h = proxy_v2_header(v4, "198.51.100.1:25".parse().unwrap()).unwrap();
+        assert_eq!(decoded(&h).0, v4);
+    }
 }

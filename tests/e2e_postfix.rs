@@ -84,10 +84,14 @@ struct PostfixRun {
 
 /// Senders, one per mailgate listener: XCLIENT to a Postfix that trusts
 /// mailgate; Received header only; XCLIENT configured but Postfix does not
-/// trust mailgate (it then does not offer XCLIENT).
+/// trust mailgate (it then does not offer XCLIENT), with the explicit opt-out
+/// `identity_optional: true`.
 const VIA_XCLIENT: &str = "via-xclient";
 const VIA_RECEIVED: &str = "via-received";
 const VIA_UNTRUSTED: &str = "via-untrusted";
+/// XCLIENT configured, Postfix does not trust mailgate, no opt-out: MAIL gets
+/// 451 4.7.0 and Postfix never sees MAIL (issue 11 item 4).
+const VIA_STRICT: &str = "via-strict";
 
 /// Real Postfix, mailgate in front of it with three listeners (see the
 /// senders above), and Python smtplib delivering one message through each over
@@ -105,8 +109,10 @@ fn postfix_run() -> PostfixRun {
         (VIA_RECEIVED, common::free_port()),
         (VIA_UNTRUSTED, common::free_port()),
     ];
+    let strict = [(VIA_STRICT, common::free_port())];
     let listeners: String = ports
         .iter()
+        .chain(strict.iter())
         .map(|(name, port)| {
             format!("  - {{ name: {name}, protocol: smtp, bind: \"127.0.0.1:{port}\", tls: starttls, require_tls: true, backend: {name} }}\n")
         })
@@ -120,7 +126,8 @@ tls:
 backends:
   {VIA_XCLIENT}: {{ address: \"127.0.0.1:{x}\", identity: [xclient, received] }}
   {VIA_RECEIVED}: {{ address: \"127.0.0.1:{x}\", identity: [received] }}
-  {VIA_UNTRUSTED}: {{ address: \"127.0.0.1:{u}\", identity: [xclient, received] }}
+  {VIA_UNTRUSTED}: {{ address: \"127.0.0.1:{u}\", identity: [xclient, received], identity_optional: true }}
+  {VIA_STRICT}: {{ address: \"127.0.0.1:{u}\", identity: [xclient, received] }}
 listeners:
 {listeners}",
             x = pf.xclient_port,
@@ -139,15 +146,23 @@ listeners:
             .spawn()
             .unwrap(),
     );
-    for (_, port) in ports {
-        wait_listening(&mut gw, port, &stderr);
+    for (_, port) in ports.iter().chain(strict.iter()) {
+        wait_listening(&mut gw, *port, &stderr);
     }
 
     let py = r#"
 import json, smtplib, ssl, sys
 ca, helo, src, ports = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+strict = json.loads(sys.argv[5])
 ctx = ssl.create_default_context(cafile=ca)
 out = {}
+# first, so that its Postfix log lines are written before the deliveries'
+for name, port in strict.items():
+    with smtplib.SMTP("127.0.0.1", port, local_hostname=helo, source_address=(src, 0), timeout=30) as s:
+        s.starttls(context=ctx)
+        s.ehlo()
+        code, text = s.mail(name + "@example.org")
+        out[name] = [code, text.decode()]
 for name, port in ports.items():
     msg = ("From: %s@example.org\r\nTo: bob@test.example\r\nMessage-ID: <%s@client.example>\r\n"
            "Subject: through %s\r\n\r\nHello from %s.\r\n") % (name, name, name, name)
@@ -159,13 +174,16 @@ for name, port in ports.items():
         assert refused == {}, refused
 print(json.dumps(out))
 "#;
-    let ports_json = serde_json::to_string(
-        &ports
-            .iter()
-            .map(|(n, p)| (n.to_string(), *p))
-            .collect::<std::collections::BTreeMap<_, _>>(),
-    )
-    .unwrap();
+    let to_json = |ports: &[(&str, u16)]| {
+        serde_json::to_string(
+            &ports
+                .iter()
+                .map(|(n, p)| (n.to_string(), *p))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .unwrap()
+    };
+    let (ports_json, strict_json) = (to_json(&ports), to_json(&strict));
     let (ok, out, err) = run_limited(
         Command::new("python3")
             .arg("-c")
@@ -173,7 +191,8 @@ print(json.dumps(out))
             .arg(&ca)
             .arg(CLIENT_HELO)
             .arg(CLIENT_ADDR)
-            .arg(&ports_json),
+            .arg(&ports_json)
+            .arg(&strict_json),
         LIMIT,
     );
     assert!(
@@ -274,6 +293,33 @@ impl PostfixRun {
     fn client_port(&self, sender: &str) -> u64 {
         self.client_ports[sender].as_u64().unwrap()
     }
+}
+
+/// Issue 11 item 4: XCLIENT configured but Postfix does not trust mailgate
+/// (so it does not offer XCLIENT), no `identity_optional`: the client's MAIL
+/// gets 451 4.7.0 and Postfix never sees a MAIL command from that session
+/// (its `disconnect` lines count `mail=` only for the three deliveries).
+#[test]
+fn postfix_untrusting_xclient_gets_no_mail() {
+    let run = postfix_run();
+    let strict = &run.client_ports[VIA_STRICT];
+    assert_eq!(strict[0], 451, "MAIL through {VIA_STRICT}: {strict}");
+    assert!(
+        strict[1].as_str().is_some_and(|t| t.starts_with("4.7.0")),
+        "{strict}"
+    );
+    let mails = run
+        .maillog
+        .lines()
+        .filter(|l| l.contains("postfix/smtpd[") && l.contains(": disconnect from "))
+        .filter(|l| l.contains(" mail="))
+        .count();
+    assert_eq!(
+        mails, 3,
+        "only the three deliveries sent MAIL:\n{}",
+        run.maillog
+    );
+    assert!(!run.maillog.contains(&format!("{VIA_STRICT}@example.org")));
 }
 
 /// Acceptance 3 (address): Postfix's log shows the real client's address and

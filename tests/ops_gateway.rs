@@ -269,7 +269,7 @@ async fn metrics_and_health_endpoints() {
 }
 
 fn proxy_v2(src: &str, dst: &str) -> Vec<u8> {
-    mailgate::transport::proxy_v2_header(src.parse().unwrap(), dst.parse().unwrap())
+    mailgate::transport::proxy_v2_header(src.parse().unwrap(), dst.parse().unwrap()).unwrap()
 }
 
 #[tokio::test]

@@ -23,9 +23,14 @@ pub enum BackendError {
     /// The connection broke or a reply did not come in time.
     #[error("backend connection failed: {0}")]
     Failed(String),
-    /// The backend said something that is not valid here.
+    /// The backend said something that is not valid here (also: it wrote
+    /// before it was asked, so the conversation is out of step).
     #[error("backend protocol error: {0}")]
     Protocol(String),
+    /// The configured client identity (XCLIENT, PROXY v2) could not be
+    /// applied; the connection is not used (fail closed).
+    #[error("client identity not applied: {0}")]
+    Identity(String),
 }
 
 impl From<crate::codec::CodecError> for BackendError {

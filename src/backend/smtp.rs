@@ -20,6 +20,8 @@ const STUFF_CHUNK: usize = 32 * 1024;
 
 pub struct SmtpBackend {
     conn: Conn<BackendStream>,
+    /// The backend's configured name (logs, metrics).
+    name: String,
     /// The backend offered STARTTLS in its last EHLO.
     starttls: bool,
     pub caps: BackendCaps,
@@ -43,7 +45,10 @@ impl SmtpBackend {
         // PROXY v2 belongs to the TCP connection: before any TLS
         if let (true, Some(id)) = (backend.proxy_v2, id) {
             use tokio::io::AsyncWriteExt;
-            let header = crate::transport::proxy_v2_header(id.peer, id.local);
+            // never a partial header: the backend would read garbage, or
+            // take the connection as coming from mailgate itself
+            let header = crate::transport::proxy_v2_header(id.peer, id.local)
+                .map_err(|e| BackendError::Identity(e.to_string()))?;
             tcp.write_all(&header)
                 .await
                 .map_err(|e| BackendError::Failed(format!("PROXY header: {e}")))?;
@@ -58,6 +63,7 @@ impl SmtpBackend {
         }
         let mut b = SmtpBackend {
             conn: Conn::new(stream),
+            name: backend.name.clone(),
             starttls: false,
             caps: BackendCaps::default(),
             size_ext: false,
@@ -98,12 +104,8 @@ impl SmtpBackend {
             b.conn.stream = plain.upgrade(tls, t.backend_connect).await?;
             xclient = b.hello(&backend.helo_name).await?;
         }
-        match (backend.xclient, id, xclient) {
-            (true, Some(id), Some(attrs)) => b.xclient(backend, id, &attrs).await?,
-            (true, Some(_), None) => {
-                tracing::warn!(backend = %backend.name, "identity: xclient is configured but the backend does not offer XCLIENT")
-            }
-            _ => {}
+        if let (true, Some(id)) = (backend.xclient, id) {
+            b.xclient(backend, id, xclient.as_deref()).await?;
         }
         crate::observe::metrics().backend_connected(&backend.name, started.elapsed().as_secs_f64());
         Ok(b)
@@ -111,15 +113,31 @@ impl SmtpBackend {
 
     /// XCLIENT (Postfix): the backend then sees the client's address and HELO
     /// as if it had connected itself. It answers with a new greeting, after
-    /// which EHLO is repeated. A refusal is logged and the session goes on
-    /// (the `Received:` header still names the client).
+    /// which EHLO is repeated. `attrs`: what the backend's EHLO offered (`None`:
+    /// no XCLIENT). When it cannot be applied (not offered, no ADDR, refused)
+    /// the connection is not used, unless `identity_optional` says to go on
+    /// as mailgate's own address, which legacy servers often trust as a relay.
     async fn xclient(
         &mut self,
         backend: &Backend,
         id: &ClientIdentity,
-        attrs: &[String],
+        attrs: Option<&[String]>,
     ) -> Result<(), BackendError> {
+        let not_applied = |why: String| {
+            if backend.identity_optional {
+                tracing::warn!(backend = %backend.name, reason = %why, "XCLIENT not applied; relaying as mailgate's own address (identity_optional)");
+                Ok(())
+            } else {
+                Err(BackendError::Identity(why))
+            }
+        };
+        let Some(attrs) = attrs else {
+            return not_applied("the backend does not offer XCLIENT".into());
+        };
         let has = |a: &str| attrs.iter().any(|x| x.eq_ignore_ascii_case(a));
+        if !has("ADDR") {
+            return not_applied("the backend's XCLIENT does not take ADDR".into());
+        }
         let mut line = String::from("XCLIENT");
         // no reverse lookup here: say so, or Postfix keeps the name it found
         // for mailgate's own address (name-based rules would then match us)
@@ -151,8 +169,10 @@ impl SmtpBackend {
         }
         let (code, lines) = self.command(&line).await?;
         if code != 220 {
-            tracing::warn!(backend = %backend.name, code, reply = %lines.join(" "), "backend refused XCLIENT; check its smtpd_authorized_xclient_hosts");
-            return Ok(());
+            return not_applied(format!(
+                "backend refused XCLIENT ({code} {}); check its smtpd_authorized_xclient_hosts",
+                lines.join(" ")
+            ));
         }
         // Postfix takes the HELO name from the EHLO that follows XCLIENT,
         // replacing XCLIENT's HELO=: repeat the client's name there.
@@ -241,7 +261,63 @@ impl SmtpBackend {
         }
     }
 
+    /// Before each command: the backend must not have written anything since
+    /// its last reply. Bytes waiting (an unsolicited or extra reply) mean the
+    /// conversation is out of step: every later reply would be taken for the
+    /// answer to the wrong command, so this connection is not used again. A
+    /// close already seen is reported too (never taken as an answer).
+    async fn check_in_step(&mut self, before: &str) -> Result<(), BackendError> {
+        let mut pending = self.conn.buffered();
+        if pending == 0 {
+            // takes what the socket already holds; a zero deadline never waits
+            match tokio::time::timeout(Duration::ZERO, self.conn.fill()).await {
+                Err(_) => return Ok(()),
+                Ok(Ok(n)) => pending = n,
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+        if self.closing_notice() {
+            return Err(BackendError::Failed(format!(
+                "backend closed the connection (unsolicited 421) before {before}"
+            )));
+        }
+        Err(self.out_of_step(pending, &format!("before {before}")))
+    }
+
+    /// An unsolicited 421 is the one reply a server may send unasked, when it
+    /// closes the channel (RFC 5321 §3.8): the connection ends, but it is not
+    /// a conversation out of step (an idle timeout, a shutdown).
+    fn closing_notice(&mut self) -> bool {
+        self.conn.rbuf_mut().starts_with(b"421")
+    }
+
+    /// Logs and counts an out-of-step backend; the error drops the connection.
+    fn out_of_step(&self, bytes: usize, at: &str) -> BackendError {
+        crate::observe::metrics().backend_out_of_step(&self.name);
+        tracing::warn!(backend = %self.name, bytes, at, "backend wrote out of step (an unsolicited or extra reply); connection dropped");
+        BackendError::Protocol(format!("out of step: {bytes} unsolicited bytes {at}"))
+    }
+
+    /// The command's verb for logs (never an AUTH response: credentials).
+    fn verb(line: &str) -> &'static str {
+        const VERBS: [&str; 10] = [
+            "EHLO", "HELO", "STARTTLS", "XCLIENT", "MAIL", "RCPT", "DATA", "RSET", "AUTH", "QUIT",
+        ];
+        let first = line.split(' ').next().unwrap_or("");
+        VERBS
+            .iter()
+            .find(|v| v.eq_ignore_ascii_case(first))
+            .copied()
+            .unwrap_or("an AUTH response")
+    }
+
     async fn command(&mut self, line: &str) -> Result<BackendReply, BackendError> {
+        self.check_in_step(Self::verb(line)).await?;
+        self.exchange(line).await
+    }
+
+    /// One command and its reply, without the in-step check (QUIT).
+    async fn exchange(&mut self, line: &str) -> Result<BackendReply, BackendError> {
         self.conn.queue(line.as_bytes());
         self.conn.queue(b"\r\n");
         self.conn.flush(self.reply_timeout).await?;
@@ -293,8 +369,22 @@ impl SmtpBackend {
     }
 
     /// Relays credentials in a mechanism the backend offers (PLAIN preferred).
-    /// The final reply is returned as is; 235 means success.
+    /// The final reply is returned as is (235 means success) when it is 235,
+    /// 4xx or 5xx; anything else (a 334 asking for more, a 250) leaves the
+    /// exchange out of step and is an error, never a login result.
     pub async fn auth(&mut self, user: &str, password: &str) -> Result<BackendReply, BackendError> {
+        let r = self.auth_exchange(user, password).await?;
+        match r.0 {
+            235 | 400..=599 => Ok(r),
+            code => Err(BackendError::Protocol(format!("AUTH answered {code}"))),
+        }
+    }
+
+    async fn auth_exchange(
+        &mut self,
+        user: &str,
+        password: &str,
+    ) -> Result<BackendReply, BackendError> {
         use base64::Engine as _;
         let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
         if self.caps.auth_plain {
@@ -310,12 +400,19 @@ impl SmtpBackend {
                 "backend offers neither AUTH PLAIN nor LOGIN".into(),
             ));
         }
-        let r = self.command("AUTH LOGIN").await?;
-        if r.0 != 334 {
+        // before the password only 334 (go on) or a refusal fit: a 235 here
+        // would be a login without credentials
+        let step = |r: BackendReply| match r.0 {
+            334 => Ok(None),
+            400..=599 => Ok(Some(r)),
+            code => Err(BackendError::Protocol(format!(
+                "AUTH LOGIN step answered {code}"
+            ))),
+        };
+        if let Some(r) = step(self.command("AUTH LOGIN").await?)? {
             return Ok(r);
         }
-        let r = self.command(&b64(user.as_bytes())).await?;
-        if r.0 != 334 {
+        if let Some(r) = step(self.command(&b64(user.as_bytes())).await?)? {
             return Ok(r);
         }
         self.command(&b64(password.as_bytes())).await
@@ -338,8 +435,15 @@ impl SmtpBackend {
             return Ok(r);
         }
         self.open_tx = false;
+        // a reply already waiting after 354 would be taken for the verdict
+        self.check_in_step("the message").await?;
         self.send_stuffed(parts).await?;
         let r = self.read_reply(self.data_timeout).await?;
+        // more after the verdict (other than a closing notice): which reply
+        // answers the message is unknown
+        if self.conn.buffered() > 0 && !self.closing_notice() {
+            return Err(self.out_of_step(self.conn.buffered(), "after the end of DATA reply"));
+        }
         if r.0 == 421 {
             return Err(BackendError::Failed(format!(
                 "backend said 421 {}",
@@ -373,6 +477,6 @@ impl SmtpBackend {
 
     /// Polite goodbye; errors do not matter any more.
     pub async fn quit(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.command("QUIT")).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.exchange("QUIT")).await;
     }
 }

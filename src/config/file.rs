@@ -42,6 +42,10 @@ pub struct ProxyProtocolFile {
     pub trusted: Vec<Cidr>,
     /// How long the header may take to arrive (default 5s).
     pub timeout: Option<Secs>,
+    /// Accept `LOCAL` (v2) and `UNKNOWN` (v1) headers, which carry no client
+    /// address (balancer health checks); the session then runs as the
+    /// balancer's own address. Default false: such connections are closed.
+    pub allow_local: Option<bool>,
 }
 
 /// How the backend learns who the client is (DESIGN §3).
@@ -190,6 +194,11 @@ pub struct BackendFile {
     pub pin_sha256: Option<Vec<String>>,
     /// Name to verify the certificate against (default: the host of `address`).
     pub server_name: Option<String>,
+    /// With `identity: [xclient]`: relay anyway when the backend does not
+    /// offer XCLIENT (with ADDR) or refuses it; the backend then sees
+    /// mailgate's address. Default false: MAIL gets `451 4.7.0` and nothing
+    /// is relayed.
+    pub identity_optional: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

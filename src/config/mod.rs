@@ -64,6 +64,8 @@ pub struct Backend {
     pub proxy_v2: bool,
     /// TLS to the backend, when configured.
     pub tls: Option<Arc<crate::backend::stream::BackendTls>>,
+    /// Relay even when XCLIENT cannot be applied (explicit opt-out).
+    pub identity_optional: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +106,8 @@ pub struct Listener {
     pub login_failure_delay: Duration,
     pub timeouts: Timeouts,
     pub max_transactions: u32,
+    /// PROXY `LOCAL`/`UNKNOWN` (no client address) accepted from trusted peers.
+    pub proxy_allow_local: bool,
 }
 
 struct Source {
@@ -401,6 +405,7 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
                     .identity
                     .as_ref()
                     .is_some_and(|v| v.contains(&IdentityMethod::ProxyV2)),
+                identity_optional: b.identity_optional.unwrap_or(false),
             };
             backends.insert(name.clone(), (Arc::new(backend), i));
         }
@@ -887,6 +892,11 @@ fn build_listener(
             1_000_000,
             "max_transactions",
         )? as u32,
+        proxy_allow_local: l
+            .proxy_protocol
+            .as_ref()
+            .and_then(|p| p.allow_local)
+            .unwrap_or(false),
     })
 }
 

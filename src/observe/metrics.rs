@@ -92,6 +92,7 @@ pub struct Metrics {
     /// Message bytes held in memory by DATA (`server.max_inflight_data`).
     pub inflight_bytes: Gauge,
     pub inflight_refused: Counter,
+    pub backend_out_of_step: Family<BackendLabels, Counter>,
 }
 
 impl Metrics {
@@ -115,6 +116,7 @@ impl Metrics {
             bytes: Family::default(),
             inflight_bytes: Gauge::default(),
             inflight_refused: Counter::default(),
+            backend_out_of_step: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "Client sessions accepted", m.sessions.clone());
@@ -193,6 +195,11 @@ impl Metrics {
             "inflight_data_refusals",
             "Messages refused with 452 4.3.1 because the in-flight budget was spent",
             m.inflight_refused.clone(),
+        );
+        registry.register(
+            "backend_out_of_step",
+            "Backend connections dropped because a reply came unasked or did not fit its command",
+            m.backend_out_of_step.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -301,6 +308,14 @@ impl Metrics {
 
     pub fn backend_failed(&self, backend: &str) {
         self.backend_failures
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn backend_out_of_step(&self, backend: &str) {
+        self.backend_out_of_step
             .get_or_create(&BackendLabels {
                 backend: backend.to_string(),
             })

@@ -395,7 +395,7 @@ impl Driver {
         crate::observe::metrics().backend_failed(&self.ctx.listener.backend.name);
         self.backend = None;
         match e {
-            BackendError::Unavailable(_) => LoginOutcome::Unavailable,
+            BackendError::Unavailable(_) | BackendError::Identity(_) => LoginOutcome::Unavailable,
             BackendError::Failed(_) => LoginOutcome::Failed,
             BackendError::Protocol(_) => LoginOutcome::Invalid,
         }

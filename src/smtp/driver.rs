@@ -275,7 +275,9 @@ impl Driver {
                     }
                 }
                 let outcome = self.relay(&op).await;
-                match self.session.relayed(op, outcome) {
+                let action = self.session.relayed(op, outcome);
+                self.drop_out_of_step_backend();
+                match action {
                     Action::Reply(r) => self.queue(&r),
                     other => return Box::pin(self.act(other)).await,
                 }
@@ -462,8 +464,21 @@ impl Driver {
                     BackendError::Unavailable(_) => Outcome::Unavailable,
                     BackendError::Failed(_) => Outcome::Failed,
                     BackendError::Protocol(_) => Outcome::Invalid,
+                    BackendError::Identity(_) => Outcome::NoIdentity,
                 }
             }
+        }
+    }
+
+    /// The session found a backend reply that does not fit its command: that
+    /// connection is out of step and is dropped (no QUIT: its answer would be
+    /// misread as well).
+    fn drop_out_of_step_backend(&mut self) {
+        if self.session.take_backend_out_of_step() {
+            let name = &self.ctx.listener.backend.name;
+            warn!(backend = %name, "backend reply does not fit its command; connection dropped");
+            crate::observe::metrics().backend_out_of_step(name);
+            self.backend = None;
         }
     }
 
@@ -667,6 +682,7 @@ impl Driver {
         crate::observe::metrics().backend_replied(&l.backend.name, sent.elapsed().as_secs_f64());
         let outcome = self.outcome(r);
         let r = self.session.delivered(outcome);
+        self.drop_out_of_step_backend();
         if r.is_positive() {
             self.messages += 1;
         }

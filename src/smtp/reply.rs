@@ -361,6 +361,14 @@ pub fn too_many_transactions() -> Reply {
         "4.7.0 Too many transactions in one session, closing connection",
     )
 }
+/// The backend is configured to be told who the client is (XCLIENT, PROXY
+/// v2) and that could not be done: nothing is relayed (issue 11).
+pub fn identity_unavailable() -> Reply {
+    Reply::new(
+        451,
+        "4.7.0 Client identity cannot be passed to the mail server, try again later",
+    )
+}
 
 #[cfg(test)]
 mod tests {

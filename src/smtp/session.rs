@@ -82,6 +82,28 @@ pub enum Outcome {
     Failed,
     /// The backend sent something that is not a valid reply for this stage.
     Invalid,
+    /// The client identity the backend is configured for (XCLIENT, PROXY v2)
+    /// could not be applied; nothing was relayed.
+    NoIdentity,
+}
+
+/// What a backend's reply code means at one stage. Only these are
+/// acceptances: MAIL 250, RCPT 250/251, end of DATA 250 (RFC 5321 §4.3.2);
+/// 4xx/5xx are refusals passed on; anything else (221, 252, 354 …) means
+/// the conversation is out of step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Accepted,
+    Refused,
+    OutOfStep,
+}
+
+fn verdict(stage: Stage, code: u16) -> Verdict {
+    match (stage, code) {
+        (Stage::Mail, 250) | (Stage::Rcpt, 250 | 251) | (Stage::Data, 250) => Verdict::Accepted,
+        (_, 400..=599) => Verdict::Refused,
+        _ => Verdict::OutOfStep,
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -122,6 +144,9 @@ pub struct Session {
     auth_failures: u32,
     /// MAIL commands that went on to the backend (and to SPF).
     transactions: u32,
+    /// A backend reply did not fit its command: the driver drops that
+    /// connection (`take_backend_out_of_step`).
+    backend_out_of_step: bool,
 }
 
 impl Session {
@@ -138,6 +163,7 @@ impl Session {
             errors: 0,
             auth_failures: 0,
             transactions: 0,
+            backend_out_of_step: false,
         }
     }
 
@@ -436,7 +462,10 @@ impl Session {
                 self.auth_user = Some(user.to_string());
                 Action::Reply(reply::auth_ok())
             }
-            Outcome::Reply(code, _) if code / 100 == 5 => self.login_failed(),
+            // only 535 says "wrong credentials" (RFC 4954 §6); another 5xx
+            // (503 bad sequence, 504, 534 …) is the backend's trouble, not a
+            // guess: never counted towards a lockout
+            Outcome::Reply(535, _) => self.login_failed(),
             _ => Action::Reply(reply::auth_temporary()),
         }
     }
@@ -457,37 +486,52 @@ impl Session {
     pub fn relayed(&mut self, op: BackendOp, outcome: Outcome) -> Action {
         let (code, lines) = match outcome {
             Outcome::Reply(code, lines) => (code, lines),
-            Outcome::Unavailable => return Action::Reply(reply::backend_unavailable()),
-            Outcome::Failed => return Action::Reply(reply::backend_failed()),
-            Outcome::Invalid => return Action::Reply(reply::backend_bad_reply()),
+            other => return Action::Reply(Self::failed(other)),
         };
-        // only 2xx/4xx/5xx are valid answers to MAIL and RCPT
-        if !matches!(code / 100, 2 | 4 | 5) {
+        let stage = match op {
+            BackendOp::Mail { .. } => Stage::Mail,
+            BackendOp::Rcpt { .. } => Stage::Rcpt,
+        };
+        let v = verdict(stage, code);
+        if v == Verdict::OutOfStep {
+            self.backend_out_of_step = true;
             return Action::Reply(reply::backend_bad_reply());
         }
-        match op {
-            BackendOp::Mail { from, params } => {
-                let r = Reply::relayed(code, &lines, Stage::Mail);
-                if r.is_positive() {
+        let r = Reply::relayed(code, &lines, stage);
+        if v == Verdict::Accepted {
+            match op {
+                BackendOp::Mail { from, params } => {
                     self.tx = Some(Transaction {
                         from,
                         params,
                         rcpts: Vec::new(),
                         rcpt_attempts: 0,
-                    });
+                    })
                 }
-                Action::Reply(r)
-            }
-            BackendOp::Rcpt { to } => {
-                let r = Reply::relayed(code, &lines, Stage::Rcpt);
-                if r.is_positive() {
+                BackendOp::Rcpt { to } => {
                     if let Some(tx) = self.tx.as_mut() {
                         tx.rcpts.push(to);
                     }
                 }
-                Action::Reply(r)
             }
         }
+        Action::Reply(r)
+    }
+
+    /// The reply for a backend operation that got no usable answer.
+    fn failed(outcome: Outcome) -> Reply {
+        match outcome {
+            Outcome::Unavailable => reply::backend_unavailable(),
+            Outcome::Failed => reply::backend_failed(),
+            Outcome::NoIdentity => reply::identity_unavailable(),
+            Outcome::Invalid | Outcome::Reply(..) => reply::backend_bad_reply(),
+        }
+    }
+
+    /// True once after a backend reply that did not fit its command: that
+    /// connection is out of step and must be dropped, never reused.
+    pub fn take_backend_out_of_step(&mut self) -> bool {
+        std::mem::take(&mut self.backend_out_of_step)
     }
 
     /// The message was read. `Ok` → the driver sends it to the backend and reports
@@ -518,14 +562,14 @@ impl Session {
     pub fn delivered(&mut self, outcome: Outcome) -> Reply {
         self.tx = None;
         match outcome {
-            Outcome::Reply(code, lines)
-                if code / 100 == 2 || code / 100 == 4 || code / 100 == 5 =>
-            {
-                Reply::relayed(code, &lines, Stage::Data)
-            }
-            Outcome::Reply(..) | Outcome::Invalid => reply::backend_bad_reply(),
-            Outcome::Unavailable => reply::backend_unavailable(),
-            Outcome::Failed => reply::backend_failed(),
+            Outcome::Reply(code, lines) => match verdict(Stage::Data, code) {
+                Verdict::Accepted | Verdict::Refused => Reply::relayed(code, &lines, Stage::Data),
+                Verdict::OutOfStep => {
+                    self.backend_out_of_step = true;
+                    reply::backend_bad_reply()
+                }
+            },
+            other => Self::failed(other),
         }
     }
 }
@@ -682,6 +726,91 @@ mod tests {
         assert_eq!(
             reply_of(s.relayed(op, Outcome::Unavailable)),
             b"451 4.4.1 Mail server temporarily unavailable, try again later\r\n"
+        );
+        assert!(s.tx.is_none());
+    }
+
+    /// Issue 11 item 3: only MAIL 250, RCPT 250/251 and end-of-DATA 250 are
+    /// acceptances; 4xx/5xx pass through; any other code is 451 4.4.2 and
+    /// marks the backend connection out of step.
+    #[test]
+    fn backend_codes_fit_their_command() {
+        let mail = |code: u16| {
+            let mut s = Session::new(settings(false, false), caps(), false);
+            cmd(&mut s, "EHLO c");
+            let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example>") else {
+                panic!()
+            };
+            let r = reply_of(s.relayed(op, Outcome::Reply(code, vec!["x".into()])));
+            (
+                String::from_utf8(r).unwrap(),
+                s.tx.is_some(),
+                s.take_backend_out_of_step(),
+            )
+        };
+        assert_eq!(mail(250), ("250 2.1.0 x\r\n".into(), true, false));
+        assert_eq!(mail(550), ("550 5.0.0 x\r\n".into(), false, false));
+        assert_eq!(mail(451), ("451 4.0.0 x\r\n".into(), false, false));
+        for odd in [221, 251, 252, 235, 354, 334, 220] {
+            let (r, tx, dropped) = mail(odd);
+            assert!(r.starts_with("451 4.4.2"), "MAIL {odd}: {r}");
+            assert!(!tx && dropped, "MAIL {odd}");
+        }
+        let rcpt = |code: u16| {
+            let mut s = Session::new(settings(false, false), caps(), false);
+            cmd(&mut s, "EHLO c");
+            let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example>") else {
+                panic!()
+            };
+            ok250(&mut s, op);
+            let Action::Relay(op) = cmd(&mut s, "RCPT TO:<x@y.example>") else {
+                panic!()
+            };
+            let r = reply_of(s.relayed(op, Outcome::Reply(code, vec![])));
+            let n = s.tx.as_ref().map(|t| t.rcpts.len()).unwrap_or(9);
+            (
+                String::from_utf8(r).unwrap(),
+                n,
+                s.take_backend_out_of_step(),
+            )
+        };
+        assert_eq!(rcpt(250), ("250 2.1.5\r\n".into(), 1, false));
+        assert_eq!(rcpt(251), ("251 2.1.5\r\n".into(), 1, false));
+        assert_eq!(rcpt(554), ("554 5.0.0\r\n".into(), 0, false));
+        for odd in [221, 252, 354, 235] {
+            let (r, n, dropped) = rcpt(odd);
+            assert!(
+                r.starts_with("451 4.4.2") && n == 0 && dropped,
+                "RCPT {odd}: {r}"
+            );
+        }
+        let mut s = Session::new(settings(false, false), caps(), false);
+        for (code, want) in [(250, "250 2.0.0"), (554, "554 5.0.0"), (452, "452 4.0.0")] {
+            let r = s.delivered(Outcome::Reply(code, vec![]));
+            assert!(r.summary().starts_with(want), "DATA {code}: {r:?}");
+            assert!(!s.take_backend_out_of_step());
+        }
+        for odd in [221, 251, 252, 354, 220] {
+            let r = s.delivered(Outcome::Reply(odd, vec!["bye".into()]));
+            assert!(r.summary().starts_with("451 4.4.2"), "DATA {odd}: {r:?}");
+            assert!(s.take_backend_out_of_step(), "DATA {odd}");
+            assert!(!s.take_backend_out_of_step(), "reported once");
+        }
+    }
+
+    /// Issue 11 item 4: an identity that cannot be applied is 451 4.7.0.
+    #[test]
+    fn no_identity_is_451_470() {
+        let mut s = Session::new(settings(false, false), caps(), false);
+        cmd(&mut s, "EHLO c");
+        let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example>") else {
+            panic!()
+        };
+        let r = reply_of(s.relayed(op, Outcome::NoIdentity));
+        assert!(
+            r.starts_with(b"451 4.7.0"),
+            "{}",
+            String::from_utf8_lossy(&r)
         );
         assert!(s.tx.is_none());
     }
@@ -956,6 +1085,14 @@ mod tests {
             s.auth_result(&c.user, Outcome::Unavailable),
             Action::Reply(_)
         ));
+        // nor a 5xx other than 535 (503 bad sequence: the backend's trouble)
+        for code in [503, 504, 534, 554] {
+            assert_eq!(
+                reply_of(s.auth_result(&c.user, Outcome::Reply(code, vec![]))),
+                reply::auth_temporary().to_bytes(),
+                "backend {code}"
+            );
+        }
         // authzid for someone else: refused locally, counted too
         assert_eq!(
             reply_of(cmd(&mut s, "AUTH PLAIN Ym9iAGFsaWNlAHNlY3JldA==")),

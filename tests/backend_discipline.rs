@@ -1,0 +1,491 @@
+//! Fail closed towards odd backends (issue 11 items 3 and 4, issue 19 item 4
+//! for SMTP AUTH), gateway in-process on loopback. Each scripted backend
+//! misbehaves in one way; the client must never see a 2xx (or a 235/535) the
+//! backend did not give for that command, a configured client identity that
+//! cannot be applied stops the transaction before MAIL, and PROXY headers
+//! without a client address are not taken from balancers by default.
+
+mod common;
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What a scripted backend answers; every field is the raw bytes it writes.
+#[derive(Clone)]
+struct Script {
+    ehlo: &'static str,
+    xclient: &'static str,
+    mail: &'static str,
+    rcpt: &'static str,
+    data: &'static str,
+    end: &'static str,
+    auth: &'static str,
+    /// Close the connection right after the EHLO reply.
+    close_after_ehlo: bool,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            ehlo: "250-legacy\r\n250 PIPELINING\r\n",
+            xclient: "220 legacy ESMTP again\r\n",
+            mail: "250 2.1.0 ok\r\n",
+            rcpt: "250 2.1.5 ok\r\n",
+            data: "354 go\r\n",
+            end: "250 2.0.0 queued\r\n",
+            auth: "235 2.7.0 ok\r\n",
+            close_after_ehlo: false,
+        }
+    }
+}
+
+/// Every line the backend was sent, over all its connections.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+async fn scripted(script: Script) -> (String, Seen) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (script, log) = (script.clone(), log.clone());
+            tokio::spawn(async move {
+                let mut r = BufReader::new(s);
+                if r.get_mut()
+                    .write_all(b"220 legacy ESMTP\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                loop {
+                    let mut line = String::new();
+                    match tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+                        .await
+                    {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return,
+                    }
+                    let cmd = line.trim_end().to_string();
+                    log.lock().unwrap().push(cmd.clone());
+                    let up = cmd.to_ascii_uppercase();
+                    let verb = up.split([' ', ':']).next().unwrap_or("");
+                    let answer = match verb {
+                        "EHLO" => {
+                            let _ = r.get_mut().write_all(script.ehlo.as_bytes()).await;
+                            if script.close_after_ehlo {
+                                return;
+                            }
+                            continue;
+                        }
+                        "XCLIENT" => script.xclient,
+                        "MAIL" => script.mail,
+                        "RCPT" => script.rcpt,
+                        "AUTH" => script.auth,
+                        "DATA" => {
+                            let _ = r.get_mut().write_all(script.data.as_bytes()).await;
+                            loop {
+                                let mut d = String::new();
+                                if r.read_line(&mut d).await.unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                if d == ".\r\n" {
+                                    break;
+                                }
+                            }
+                            script.end
+                        }
+                        "QUIT" => {
+                            let _ = r.get_mut().write_all(b"221 bye\r\n").await;
+                            return;
+                        }
+                        _ => "250 2.0.0 ok\r\n",
+                    };
+                    if r.get_mut().write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn reply<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
+    let mut all = String::new();
+    loop {
+        let mut l = String::new();
+        match tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut l)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return all,
+        }
+        all.push_str(&l);
+        if l.len() < 4 || l.as_bytes()[3] != b'-' {
+            return all;
+        }
+    }
+}
+
+async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -> String {
+    let _ = r.get_mut().write_all(format!("{c}\r\n").as_bytes()).await;
+    reply(r).await
+}
+
+/// A plaintext listener `mx` in front of `backend`; `backend_extra` goes into
+/// the backend's flow mapping, `listener_extra` into the listener's.
+fn config(backend: &str, backend_extra: &str, listener_extra: &str) -> String {
+    format!(
+        "server: {{ hostname: gw.test }}\nlisteners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: none, backend: b, timeouts: {{ backend_reply: 3s, backend_connect: 3s }}{listener_extra} }}\nbackends:\n  b: {{ address: \"{backend}\"{backend_extra} }}\n"
+    )
+}
+
+async fn session(gw: &mailgate::server::Gateway) -> BufReader<TcpStream> {
+    let s = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
+    let mut r = BufReader::new(s);
+    assert!(reply(&mut r).await.starts_with("220"));
+    assert!(cmd(&mut r, "EHLO client.example").await.starts_with("250"));
+    r
+}
+
+/// MAIL, RCPT and the message; returns the client's reply to the end of DATA.
+async fn send_message(r: &mut BufReader<TcpStream>) -> String {
+    let mail = cmd(r, "MAIL FROM:<a@example.org>").await;
+    assert!(mail.starts_with("250"), "MAIL: {mail}");
+    let rcpt = cmd(r, "RCPT TO:<b@example.net>").await;
+    assert!(rcpt.starts_with("250"), "RCPT: {rcpt}");
+    assert!(cmd(r, "DATA").await.starts_with("354"));
+    cmd(r, "Subject: x\r\n\r\nhello\r\n.").await
+}
+
+/// Acceptance 2: the end of DATA answered with 221 (the backend closing) is
+/// not a delivery.
+#[tokio::test]
+async fn end_of_data_answered_221_is_not_delivered() {
+    let (backend, _) = scripted(Script {
+        end: "221 2.0.0 bye\r\n",
+        ..Script::default()
+    })
+    .await;
+    let gw = common::start(&config(&backend, "", "")).await;
+    let mut r = session(&gw).await;
+    let fin = send_message(&mut r).await;
+    assert!(fin.starts_with("451 4.4.2"), "end of DATA: {fin}");
+}
+
+/// Acceptance 2: a stale 250 written right after 354, then the real verdict
+/// 554 after the message: the stale reply is never taken as the verdict.
+#[tokio::test]
+async fn stale_250_before_554_is_not_delivered() {
+    let (backend, _) = scripted(Script {
+        data: "354 go\r\n250 2.0.0 stale\r\n",
+        end: "554 5.7.1 rejected\r\n",
+        ..Script::default()
+    })
+    .await;
+    let gw = common::start(&config(&backend, "", "")).await;
+    let mut r = session(&gw).await;
+    let fin = send_message(&mut r).await;
+    assert!(!fin.starts_with('2'), "end of DATA: {fin}");
+    assert!(fin.starts_with("451 4.4.2"), "end of DATA: {fin}");
+    // the out-of-step connection was dropped: the next message starts afresh
+    let fin = send_message(&mut r).await;
+    assert!(fin.starts_with("451 4.4.2"), "second message: {fin}");
+}
+
+/// An extra 250 after MAIL is not taken as the answer to RCPT (which the
+/// backend refuses with 554).
+#[tokio::test]
+async fn extra_reply_after_mail_is_not_taken_for_rcpt() {
+    let (backend, seen) = scripted(Script {
+        mail: "250 2.1.0 ok\r\n250 2.1.5 stale\r\n",
+        rcpt: "554 5.7.1 relay denied\r\n",
+        ..Script::default()
+    })
+    .await;
+    let gw = common::start(&config(&backend, "", "")).await;
+    let mut r = session(&gw).await;
+    assert!(cmd(&mut r, "MAIL FROM:<a@example.org>")
+        .await
+        .starts_with("250"));
+    let rcpt = cmd(&mut r, "RCPT TO:<b@example.net>").await;
+    assert!(rcpt.starts_with("451 4.4.2"), "RCPT: {rcpt}");
+    let data = cmd(&mut r, "DATA").await;
+    assert!(!data.starts_with('2') && !data.starts_with('3'), "{data}");
+    let seen = seen.lock().unwrap();
+    assert!(
+        !seen.iter().any(|l| l.starts_with("RCPT")),
+        "RCPT never sent on the out-of-step connection: {seen:?}"
+    );
+}
+
+/// An unsolicited 421 (idle timeout, shutdown: RFC 5321 §3.8) waiting
+/// before MAIL ends that connection: 451 4.4.2, the MAIL never sent there.
+#[tokio::test]
+async fn unsolicited_421_before_mail_is_a_lost_connection() {
+    let (backend, seen) = scripted(Script {
+        ehlo: "250-legacy\r\n250 PIPELINING\r\n421 4.4.2 legacy Error: timeout exceeded\r\n",
+        close_after_ehlo: true,
+        ..Script::default()
+    })
+    .await;
+    let gw = common::start(&config(&backend, "", "")).await;
+    let mut r = session(&gw).await;
+    let mail = cmd(&mut r, "MAIL FROM:<a@example.org>").await;
+    assert!(mail.starts_with("451 4.4.2"), "MAIL: {mail}");
+    assert!(!seen.lock().unwrap().iter().any(|l| l.starts_with("MAIL")));
+}
+
+/// Codes that are not valid answers at their stage never reach the client
+/// as such: 251 to MAIL, 252 to RCPT, 251 at the end of DATA.
+#[tokio::test]
+async fn wrong_positive_codes_are_not_relayed() {
+    let (backend, _) = scripted(Script {
+        mail: "251 2.1.0 odd\r\n",
+        ..Script::default()
+    })
+    .await;
+    let gw = common::start(&config(&backend, "", "")).await;
+    let mut r = session(&gw).await;
+    let mail = cmd(&mut r, "MAIL FROM:<a@example.org>").await;
+    assert!(mail.starts_with("451 4.4.2"), "MAIL: {mail}");
+
+    let (backend, _) = scripted(Script {
+        rcpt: "252 2.1.5 cannot verify\r\n",
+        ..Script::default()
+    })
+    .await;
+    let gw = common::start(&config(&backend, "", "")).await;
+    let mut r = session(&gw).await;
+    assert!(cmd(&mut r, "MAIL FROM:<a@example.org>")
+        .await
+        .starts_with("250"));
+    let rcpt = cmd(&mut r, "RCPT TO:<b@example.net>").await;
+    assert!(rcpt.starts_with("451 4.4.2"), "RCPT: {rcpt}");
+
+    let (backend, _) = scripted(Script {
+        end: "251 2.0.0 odd\r\n",
+        ..Script::default()
+    })
+    .await;
+    let gw = common::start(&config(&backend, "", "")).await;
+    let mut r = session(&gw).await;
+    let fin = send_message(&mut r).await;
+    assert!(fin.starts_with("451 4.4.2"), "end of DATA: {fin}");
+}
+
+const XCLIENT_EHLO: &str =
+    "250-legacy\r\n250-XCLIENT NAME ADDR PORT PROTO HELO\r\n250 PIPELINING\r\n";
+
+/// A backend whose XCLIENT cannot be used never sees MAIL; the client gets
+/// 451 4.7.0 at MAIL, every time.
+async fn identity_fails_closed(what: &str, script: Script) {
+    let (backend, seen) = scripted(script).await;
+    let gw = common::start(&config(&backend, ", identity: [xclient, received]", "")).await;
+    let mut r = session(&gw).await;
+    for _ in 0..2 {
+        let mail = cmd(&mut r, "MAIL FROM:<a@example.org>").await;
+        assert!(mail.starts_with("451 4.7.0"), "{what}: MAIL: {mail}");
+    }
+    let rcpt = cmd(&mut r, "RCPT TO:<b@example.net>").await;
+    assert!(rcpt.starts_with("503"), "{what}: no transaction: {rcpt}");
+    cmd(&mut r, "QUIT").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let seen = seen.lock().unwrap();
+    assert!(
+        !seen.iter().any(|l| l.starts_with("MAIL")),
+        "{what}: the backend saw MAIL: {seen:?}"
+    );
+}
+
+/// Acceptance 2 (identity): XCLIENT offered but refused.
+#[tokio::test]
+async fn xclient_refused_fails_closed() {
+    let script = Script {
+        ehlo: XCLIENT_EHLO,
+        xclient: "550 5.7.0 Error: insufficient authorization\r\n",
+        ..Script::default()
+    };
+    identity_fails_closed("refused", script).await;
+}
+
+/// Acceptance 2 (identity): XCLIENT configured, the backend does not offer it.
+#[tokio::test]
+async fn xclient_not_offered_fails_closed() {
+    identity_fails_closed("not offered", Script::default()).await;
+}
+
+/// XCLIENT offered without ADDR cannot tell the backend the address.
+#[tokio::test]
+async fn xclient_without_addr_fails_closed() {
+    let script = Script {
+        ehlo: "250-legacy\r\n250 XCLIENT NAME HELO\r\n",
+        ..Script::default()
+    };
+    identity_fails_closed("offered without ADDR", script).await;
+}
+
+/// The explicit opt-out: `identity_optional: true` relays without XCLIENT.
+#[tokio::test]
+async fn xclient_opt_out_relays_without_identity() {
+    let (backend, seen) = scripted(Script {
+        ehlo: XCLIENT_EHLO,
+        xclient: "550 5.7.0 Error: insufficient authorization\r\n",
+        ..Script::default()
+    })
+    .await;
+    let gw = common::start(&config(
+        &backend,
+        ", identity: [xclient, received], identity_optional: true",
+        "",
+    ))
+    .await;
+    let mut r = session(&gw).await;
+    let fin = send_message(&mut r).await;
+    assert!(fin.starts_with("250"), "{fin}");
+    assert!(seen.lock().unwrap().iter().any(|l| l.starts_with("MAIL")));
+}
+
+/// A TLS listener with AUTH and a one-failure lock per IP, so a counted
+/// failure shows in `login_allowed`.
+fn auth_config(dir: &std::path::Path, backend: &str) -> String {
+    format!(
+        "server: {{ hostname: gw.test }}\nlisteners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: implicit, auth: optional, backend: b, policy: p, login_failure_delay: 10ms, timeouts: {{ backend_reply: 3s, backend_connect: 3s }} }}\ntls:\n  certificates: [ {{ cert: \"{d}/cert.pem\", key: \"{d}/key.pem\" }} ]\nbackends:\n  b: {{ address: \"{backend}\" }}\npolicies:\n  p:\n    limits:\n      - {{ name: auth-ip, key: [ip], auth_failures: 1/15minutes, action: reject }}\n",
+        d = dir.display()
+    )
+}
+
+/// One AUTH PLAIN (alice/secret) over implicit TLS; the reply.
+async fn auth_once(gw: &mailgate::server::Gateway, ca: &std::path::Path) -> String {
+    let tcp = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(common::tls_client(ca))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let mut r = BufReader::new(tls);
+    assert!(reply(&mut r).await.starts_with("220"));
+    let ehlo = cmd(&mut r, "EHLO client.example").await;
+    assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
+    cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await
+}
+
+fn failure_counted(gw: &mailgate::server::Gateway) -> bool {
+    let p = gw.policy("mx").unwrap();
+    let mut f = mailgate::policy::Facts::new(IpAddr::from([127, 0, 0, 1]), "mx");
+    f.auth_user = Some("alice");
+    !matches!(p.login_allowed(&f), mailgate::policy::Decision::Continue)
+}
+
+/// Issue 19 item 4 (SMTP AUTH): whatever the backend does before AUTH, the
+/// attempt is a temporary failure: 454, never 235 or 535, nothing counted.
+async fn auth_is_temporary(what: &str, script: Script) {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let (backend, _) = scripted(script).await;
+    let gw = common::start(&auth_config(dir.path(), &backend)).await;
+    for i in 0..2 {
+        let r = auth_once(&gw, &ca).await;
+        assert!(r.starts_with("454 4.7.0"), "{what} attempt {i}: {r}");
+    }
+    assert!(!failure_counted(&gw), "{what}: a failure was counted");
+}
+
+/// A stale 235 buffered before AUTH is not a login.
+#[tokio::test]
+async fn auth_after_stale_235_is_temporary() {
+    let script = Script {
+        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n235 2.7.0 stale\r\n",
+        auth: "535 5.7.8 wrong\r\n",
+        ..Script::default()
+    };
+    auth_is_temporary("stale 235", script).await;
+}
+
+/// An idle-timeout 554 and close before AUTH is not a failed login.
+#[tokio::test]
+async fn auth_after_idle_close_is_temporary() {
+    let script = Script {
+        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n554 5.0.0 idle timeout\r\n",
+        close_after_ehlo: true,
+        ..Script::default()
+    };
+    auth_is_temporary("554 and close", script).await;
+}
+
+/// A backend that closed before AUTH is not a failed login.
+#[tokio::test]
+async fn auth_after_close_is_temporary() {
+    let script = Script {
+        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n",
+        close_after_ehlo: true,
+        ..Script::default()
+    };
+    auth_is_temporary("closed", script).await;
+}
+
+/// A LOGIN-only backend that answers the bare `AUTH LOGIN` with 235 (before
+/// any credentials) is out of step, not a login.
+#[tokio::test]
+async fn auth_login_235_before_credentials_is_temporary() {
+    let script = Script {
+        ehlo: "250-legacy\r\n250 AUTH LOGIN\r\n",
+        auth: "235 2.7.0 ok\r\n",
+        ..Script::default()
+    };
+    auth_is_temporary("235 to AUTH LOGIN", script).await;
+}
+
+/// Control for the three above: a real 535 is counted (so `failure_counted`
+/// does see the policy's counter).
+#[tokio::test]
+async fn auth_real_535_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let (backend, _) = scripted(Script {
+        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n",
+        auth: "535 5.7.8 wrong\r\n",
+        ..Script::default()
+    })
+    .await;
+    let gw = common::start(&auth_config(dir.path(), &backend)).await;
+    assert!(!failure_counted(&gw));
+    assert!(auth_once(&gw, &ca).await.starts_with("535"));
+    assert!(failure_counted(&gw), "a real 535 is counted");
+}
+
+/// Issue 11 item 4: PROXY `LOCAL` (v2) and `UNKNOWN` (v1) from a trusted
+/// balancer carry no client address: closed, unless the listener allows it.
+#[tokio::test]
+async fn proxy_local_and_unknown_need_the_opt_in() {
+    const V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+    const V1_UNKNOWN: &[u8] = b"PROXY UNKNOWN\r\n";
+    let (backend, _) = scripted(Script::default()).await;
+    let trusted = ", proxy_protocol: { trusted: [\"127.0.0.0/8\"], timeout: 2s }";
+    let gw = common::start(&config(&backend, "", trusted)).await;
+    for header in [V2_LOCAL, V1_UNKNOWN] {
+        let mut s = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
+        s.write_all(header).await.unwrap();
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .expect("closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{header:?}: got {:?}", String::from_utf8_lossy(&buf));
+    }
+    let allowed =
+        ", proxy_protocol: { trusted: [\"127.0.0.0/8\"], timeout: 2s, allow_local: true }";
+    let gw = common::start(&config(&backend, "", allowed)).await;
+    for header in [V2_LOCAL, V1_UNKNOWN] {
+        let mut s = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
+        s.write_all(header).await.unwrap();
+        let mut r = BufReader::new(s);
+        let g = reply(&mut r).await;
+        assert!(g.starts_with("220"), "{header:?} with allow_local: {g}");
+    }
+}
