@@ -151,6 +151,7 @@ const SESSION_CACHE: usize = 8192;
 
 /// A self-signed certificate for `names`, written as PEM files into `dir`
 /// (`cert.pem`, `key.pem`, mode 0600 for the key). Returns (cert, key) paths.
+/// Files already there are replaced, never written through (see [`write_fresh`]).
 pub fn write_self_signed(dir: &Path, names: &[&str]) -> Result<(PathBuf, PathBuf), TlsError> {
     let ck = rcgen::generate_simple_self_signed(
         names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
@@ -158,22 +159,30 @@ pub fn write_self_signed(dir: &Path, names: &[&str]) -> Result<(PathBuf, PathBuf
     std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).map_err(|e| file_err(&cert, e))?;
-    write_private(&key, ck.signing_key.serialize_pem().as_bytes())?;
+    write_fresh(&cert, ck.cert.pem().as_bytes(), 0o644).map_err(|e| file_err(&cert, e))?;
+    write_fresh(&key, ck.signing_key.serialize_pem().as_bytes(), 0o600)
+        .map_err(|e| file_err(&key, e))?;
     Ok((cert, key))
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+/// Writes a new file at `path`: whatever is there (a file, or a symlink
+/// someone planted) is unlinked, not opened, and the file is created with
+/// O_CREAT|O_EXCL|O_NOFOLLOW, so the write never lands anywhere but a file
+/// this call created.
+pub fn write_fresh(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| file_err(path, e))?;
-    f.write_all(data).map_err(|e| file_err(path, e))
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(data)
 }
 
 #[cfg(test)]
