@@ -473,13 +473,15 @@ const FD_OVERHEAD: u64 = 64;
 
 impl FdBudget {
     fn check(config: &Config) -> FdBudget {
-        let soft = nofile_limit();
-        let http = (soft / 32).clamp(1, crate::observe::http::MAX_CONNECTIONS as u64) as usize;
         let sessions: u64 = config
             .listeners
             .iter()
             .map(|l| l.max_connections as u64)
             .sum();
+        let wanted = sessions * 2 + crate::observe::http::MAX_CONNECTIONS as u64 + FD_OVERHEAD;
+        // the soft limit may be raised up to the hard one without privileges
+        let soft = raise_nofile_limit(wanted);
+        let http = (soft / 32).clamp(1, crate::observe::http::MAX_CONNECTIONS as u64) as usize;
         let needed = sessions * 2 + http as u64 + FD_OVERHEAD;
         if needed > soft {
             warn!(
@@ -495,7 +497,9 @@ impl FdBudget {
     }
 }
 
-fn nofile_limit() -> u64 {
+/// Raises the soft RLIMIT_NOFILE towards `wanted` (at most to the hard
+/// limit); returns the soft limit in force.
+fn raise_nofile_limit(wanted: u64) -> u64 {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -503,6 +507,21 @@ fn nofile_limit() -> u64 {
     // SAFETY: getrlimit only writes the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
         return 1024;
+    }
+    if r.rlim_cur < wanted && r.rlim_cur < r.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: wanted.min(r.rlim_max),
+            rlim_max: r.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            info!(
+                from = r.rlim_cur,
+                to = raised.rlim_cur,
+                "raised the file descriptor limit"
+            );
+            return raised.rlim_cur;
+        }
     }
     r.rlim_cur
 }
@@ -514,12 +533,16 @@ fn nofile_limit() -> u64 {
 /// -ERR) and closed, and the spare re-opened. Clients hear a proper
 /// temporary error instead of a silent stall.
 static SPARE_FD: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+/// Set while the spare is spent (it could not be re-opened at once): the
+/// accept loops try again after their next successful accept.
+static SPARE_SPENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn arm_spare_fd() {
     if let Ok(mut spare) = SPARE_FD.lock() {
         if spare.is_none() {
             *spare = std::fs::File::open("/dev/null").ok();
         }
+        SPARE_SPENT.store(spare.is_none(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -615,6 +638,9 @@ async fn accept_loop(
             },
             _ = stop.changed() => return,
         };
+        if SPARE_SPENT.load(std::sync::atomic::Ordering::Relaxed) {
+            arm_spare_fd();
+        }
         let _ = tcp.set_nodelay(true);
         let rt = runtime.load_full();
         let permit = match permits.clone().try_acquire_owned() {
