@@ -6,7 +6,13 @@
 #   docker run -d --name mailgate \
 #     -v /srv/mailgate/config:/etc/mailgate:ro \
 #     -v /srv/mailgate/certs:/etc/mailgate/certs:ro \
-#     -p 25:25 -p 465:465 -p 587:587 -p 110:110 -p 995:995 -p 9090:9090 mailgate
+#     -p 25:25 -p 465:465 -p 587:587 -p 110:110 -p 995:995 \
+#     -p 127.0.0.1:9090:9090 mailgate
+#
+# The metrics endpoint (/metrics, /healthz, /readyz) has no authentication:
+# publish it on the host's loopback only, as above (inside the container the
+# config binds 0.0.0.0:9090 so that Docker can forward to it), or not at all
+# (the HEALTHCHECK reaches it from inside the container).
 #
 # Privileged ports (< 1024) as the non-root user, either:
 #   a) listen on high ports in the config (2525, 4650, 5870, 1100, 9950) and map

@@ -385,9 +385,56 @@ backends:
     )
 }
 
+/// Makes `dir` safe to write the demo's files into: created 0700 when it is
+/// missing; an existing one must be a directory (not a symlink) owned by us
+/// that nobody else may write to (then nobody can plant links in it; read
+/// or search bits for others are removed). The default lives in /tmp, where
+/// anyone could have created it first.
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use anyhow::{bail, Context};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    let d = dir.display();
+    let m = std::fs::symlink_metadata(dir).with_context(|| format!("inspecting {d}"))?;
+    if m.file_type().is_symlink() {
+        bail!("{d} is a symbolic link; the demo only writes into a real directory (choose another with --dir)");
+    }
+    if !m.is_dir() {
+        bail!("{d} exists and is not a directory (choose another with --dir)");
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        bail!(
+            "{d} belongs to uid {}, not to us (uid {me}); refusing to write into it (choose another with --dir)",
+            m.uid()
+        );
+    }
+    if m.mode() & 0o022 != 0 {
+        bail!(
+            "{d} is writable by others (mode {:o}); refusing to write into it (chmod 700 it, or choose another with --dir)",
+            m.mode() & 0o7777
+        );
+    }
+    if m.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 700 {d}"))?;
+    }
+    Ok(())
+}
+
 /// Runs the demo until Ctrl-C.
 pub async fn run(dir: &Path, ports: DemoPorts) -> anyhow::Result<()> {
     use anyhow::Context;
+    private_dir(dir)?;
     let (cert, _key) =
         crate::tls::write_self_signed(dir, &["localhost", "127.0.0.1", "mailgate.demo"])?;
     let mailbox = Arc::new(Mailbox::default());
@@ -399,7 +446,8 @@ pub async fn run(dir: &Path, ports: DemoPorts) -> anyhow::Result<()> {
     tokio::spawn(serve_pop3(maildrop, mailbox.clone()));
     let text = demo_config(dir, ports, smtp_addr, pop3_addr);
     let cfg_path = dir.join("mailgate-demo.yaml");
-    std::fs::write(&cfg_path, &text).with_context(|| format!("writing {}", cfg_path.display()))?;
+    crate::tls::write_fresh(&cfg_path, text.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", cfg_path.display()))?;
     let config = crate::config::load(&cfg_path)?;
     let gw = crate::server::Gateway::start(&config).await?;
     println!("mailgate demo — the backend is an in-memory DEMO backend, not a mail server");

@@ -171,36 +171,28 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
-async fn run(mut cfg: mailgate::config::Config, path: PathBuf) -> anyhow::Result<()> {
+async fn run(cfg: mailgate::config::Config, path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let gw = mailgate::server::Gateway::start(&cfg).await?;
+    // handlers first: a signal that arrives while listeners come up must not
+    // meet the default action (SIGHUP would end the process)
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let gw = std::sync::Arc::new(mailgate::server::Gateway::start(&cfg).await?);
+    drop(cfg);
+    // The signal loop only hands SIGHUP on: reloading runs beside it, so a
+    // SIGTERM during a slow reload is honoured at once.
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let reloader = tokio::spawn(reload_loop(gw.clone(), path, wake.clone()));
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => {
-                // Reload: re-read every file; a broken one leaves the running
-                // configuration in place. New sessions get the new snapshot.
-                match mailgate::config::load(&path) {
-                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
-                    Ok(new) => match gw.reload(&new) {
-                        Ok(notes) => {
-                            for n in notes {
-                                tracing::warn!("{n}");
-                            }
-                            tracing::info!(files = new.sources.len(), "configuration reloaded");
-                            cfg = new;
-                        }
-                        Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
-                    },
-                }
-            }
+            _ = hup.recv() => wake.notify_one(),
         }
     }
-    tracing::info!(grace = ?cfg.shutdown_grace, "shutting down");
+    reloader.abort();
+    tracing::info!(grace = ?gw.shutdown_grace(), "shutting down");
     let left = gw.shutdown().await;
     if left > 0 {
         tracing::warn!(
@@ -209,6 +201,48 @@ async fn run(mut cfg: mailgate::config::Config, path: PathBuf) -> anyhow::Result
         );
     }
     Ok(())
+}
+
+/// One reload per wake-up; SIGHUPs during a reload coalesce into one more.
+/// Reload: re-read every file; a broken one leaves the running configuration
+/// in place. New sessions get the new snapshot.
+async fn reload_loop(
+    gw: std::sync::Arc<mailgate::server::Gateway>,
+    path: PathBuf,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+) {
+    loop {
+        wake.notified().await;
+        // Reading and parsing block: on a thread of their own, not the
+        // runtime's blocking pool (the runtime would wait for it at exit).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let p = path.clone();
+        let spawned = std::thread::Builder::new()
+            .name("reload".into())
+            .spawn(move || {
+                let _ = tx.send(mailgate::config::load(&p));
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            continue;
+        }
+        let Ok(loaded) = rx.await else { continue };
+        match loaded.map_err(|e| e.to_string()).and_then(|new| {
+            gw.reload(&new)
+                .map(|notes| (new, notes))
+                .map_err(|e| e.to_string())
+        }) {
+            Ok((new, notes)) => {
+                for n in notes {
+                    tracing::warn!("{n}");
+                }
+                tracing::info!(files = new.sources.len(), "configuration reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; keeping the running configuration")
+            }
+        }
+    }
 }
 
 /// With a metrics endpoint: `GET /healthz` must answer 200. Without: connects

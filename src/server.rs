@@ -74,6 +74,9 @@ pub struct Gateway {
     pub caps: Arc<CapsCache>,
     pub policy_state: Arc<PolicyState>,
     metrics_addr: Option<SocketAddr>,
+    /// Becomes true when the first capability probe of every SMTP backend
+    /// has answered or failed.
+    probed: watch::Receiver<bool>,
     /// Certificate files the watcher checks (updated by reload).
     cert_paths: Arc<std::sync::Mutex<Vec<(std::path::PathBuf, std::path::PathBuf)>>>,
     pub inflight: Arc<crate::smtp::inflight::Budget>,
@@ -87,20 +90,25 @@ fn tls_config(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, Serv
     })
 }
 
+/// `tls` is the shared configuration; the listener gets its own copy (its
+/// protocol's ALPN id, its own ticket key).
 fn runtime_for(
     l: &Arc<Listener>,
     tls: &Option<Arc<rustls::ServerConfig>>,
     policies: &Policies,
     verifier: &Option<Arc<crate::auth::Verifier>>,
-) -> ListenerRuntime {
+) -> Result<ListenerRuntime, ServerError> {
     let policy = l.policy.as_ref().and_then(|p| policies.get(&p.name));
     let wants_auth = policy.as_ref().is_some_and(|p| p.spec().auth.is_some());
-    ListenerRuntime {
+    Ok(ListenerRuntime {
         listener: l.clone(),
-        tls: tls.clone(),
+        tls: match tls {
+            Some(base) => Some(crate::tls::for_listener(base, l.protocol)?),
+            None => None,
+        },
         policy,
         verifier: if wants_auth { verifier.clone() } else { None },
-    }
+    })
 }
 
 /// One verifier (resolver + cache) when any policy checks SPF/DKIM/DMARC/ARC.
@@ -115,7 +123,9 @@ fn verifier_for(config: &Config) -> Result<Option<Arc<crate::auth::Verifier>>, S
 
 impl Gateway {
     /// Binds everything first (so a config that cannot bind fails before any
-    /// client is accepted), probes SMTP backends once, then starts accepting.
+    /// client is accepted), starts accepting, and probes SMTP backends in the
+    /// background: a slow backend delays nothing but its own capabilities,
+    /// which stay the conservative default until its probe answers.
     pub async fn start(config: &Config) -> Result<Gateway, ServerError> {
         let tls = tls_config(config)?;
         let verifier = verifier_for(config)?;
@@ -130,70 +140,41 @@ impl Gateway {
             })?;
             bound.push((l.clone(), socket));
         }
+        let metrics_listener = match config.metrics_bind {
+            Some(addr) => Some(crate::observe::http::bind(addr).await.map_err(|source| {
+                ServerError::Bind {
+                    name: "metrics".into(),
+                    addr,
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let mut runtimes = Vec::new();
+        for (l, _) in &bound {
+            runtimes.push(runtime_for(l, &tls, &policies, &verifier)?);
+        }
+        let fds = FdBudget::check(config);
+        arm_spare_fd();
         let caps = Arc::new(CapsCache::default());
         let inflight = crate::smtp::inflight::Budget::new(config.max_inflight_data);
         let (shutdown, rx) = watch::channel(false);
-        let mut smtp_backends: Vec<(Arc<crate::config::Backend>, crate::config::Timeouts)> =
-            Vec::new();
-        for l in config
-            .listeners
-            .iter()
-            .filter(|l| l.protocol == Protocol::Smtp)
-        {
-            if !smtp_backends.iter().any(|(b, _)| b.name == l.backend.name) {
-                smtp_backends.push((l.backend.clone(), l.timeouts.clone()));
-            }
-        }
-        for (b, t) in &smtp_backends {
-            caps.probe(b, t).await;
-        }
-        tokio::spawn(probe::refresh_loop(
-            caps.clone(),
-            smtp_backends,
-            Duration::from_secs(60),
-            rx.clone(),
-        ));
-        tokio::spawn(housekeeping(policy_state.clone(), rx.clone()));
         let mut metrics_addr = None;
-        if let Some(addr) = config.metrics_bind {
-            let listener =
-                crate::observe::http::bind(addr)
-                    .await
-                    .map_err(|source| ServerError::Bind {
-                        name: "metrics".into(),
-                        addr,
-                        source,
-                    })?;
-            let backends: Vec<String> = config
-                .backends
-                .values()
-                .map(|b| b.address.clone())
-                .collect();
-            let ready: ReadyCheck = Arc::new(move || {
-                let backends = backends.clone();
-                Box::pin(async move {
-                    for b in backends {
-                        let ok =
-                            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&b))
-                                .await;
-                        if !matches!(ok, Ok(Ok(_))) {
-                            return Err(format!("backend {b} unreachable"));
-                        }
-                    }
-                    Ok(())
-                })
-            });
+        if let Some(listener) = metrics_listener {
             metrics_addr = listener.local_addr().ok();
-            tokio::spawn(crate::observe::http::serve(listener, ready, rx.clone()));
+            tokio::spawn(crate::observe::http::serve(
+                listener,
+                ready_check(config),
+                fds.http_connections,
+                rx.clone(),
+            ));
         }
         let mut slots = Vec::new();
         let mut accept_tasks = Vec::new();
-        for (l, socket) in bound {
+        for ((l, socket), runtime) in bound.into_iter().zip(runtimes) {
             let addr = socket.local_addr().unwrap_or(l.bind);
             info!(listener = %l.name, %addr, protocol = ?l.protocol, tls = ?l.tls, backend = %l.backend.address, "listening");
-            let runtime = Arc::new(ArcSwap::from_pointee(runtime_for(
-                &l, &tls, &policies, &verifier,
-            )));
+            let runtime = Arc::new(ArcSwap::from_pointee(runtime));
             let permits = Arc::new(Semaphore::new(l.max_connections));
             accept_tasks.push(tokio::spawn(accept_loop(
                 socket,
@@ -211,6 +192,26 @@ impl Gateway {
                 max: l.max_connections as u32,
             });
         }
+        let mut smtp_backends: Vec<(Arc<crate::config::Backend>, crate::config::Timeouts)> =
+            Vec::new();
+        for l in config
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == Protocol::Smtp)
+        {
+            if !smtp_backends.iter().any(|(b, _)| b.name == l.backend.name) {
+                smtp_backends.push((l.backend.clone(), l.timeouts.clone()));
+            }
+        }
+        let (probed_tx, probed) = watch::channel(false);
+        tokio::spawn(probe::refresh_loop(
+            caps.clone(),
+            smtp_backends,
+            Duration::from_secs(60),
+            probed_tx,
+            rx.clone(),
+        ));
+        tokio::spawn(housekeeping(policy_state.clone(), rx.clone()));
         let cert_paths = Arc::new(std::sync::Mutex::new(config.certificates.clone()));
         let runtimes: Vec<_> = slots.iter().map(|s| s.runtime.clone()).collect();
         tokio::spawn(watch_certificates(
@@ -227,9 +228,18 @@ impl Gateway {
             caps,
             policy_state,
             metrics_addr,
+            probed,
             cert_paths,
             inflight,
         })
+    }
+
+    /// Resolves once the start-up capability probe of every SMTP backend has
+    /// answered (or failed): from then on EHLO advertises what the backends
+    /// really offer. Tests that check advertised extensions wait for it.
+    pub async fn backends_probed(&self) {
+        let mut p = self.probed.clone();
+        let _ = p.wait_for(|done| *done).await;
     }
 
     /// Applies a new, already validated configuration to new sessions:
@@ -243,6 +253,7 @@ impl Gateway {
         let verifier = verifier_for(config)?;
         let policies = Policies::compile(&config.policies, &self.policy_state);
         let mut notes = Vec::new();
+        let mut apply = Vec::new();
         for slot in &self.slots {
             let old = slot.runtime.load();
             match config.listeners.iter().find(|l| l.name == slot.name) {
@@ -251,8 +262,7 @@ impl Gateway {
                         && l.protocol == old.listener.protocol
                         && l.max_connections == old.listener.max_connections =>
                 {
-                    slot.runtime
-                        .store(Arc::new(runtime_for(l, &tls, &policies, &verifier)));
+                    apply.push((slot, runtime_for(l, &tls, &policies, &verifier)?));
                 }
                 Some(l) => notes.push(format!(
                     "listener {}: bind, protocol or max_connections changed; restart to apply",
@@ -263,6 +273,9 @@ impl Gateway {
                     slot.name
                 )),
             }
+        }
+        for (slot, runtime) in apply {
+            slot.runtime.store(Arc::new(runtime));
         }
         for l in &config.listeners {
             if !self.slots.iter().any(|s| s.name == l.name) {
@@ -277,6 +290,14 @@ impl Gateway {
             *p = config.certificates.clone();
         }
         Ok(notes)
+    }
+
+    /// The grace period `shutdown` gives running sessions (follows reloads).
+    pub fn shutdown_grace(&self) -> Duration {
+        self.grace
+            .lock()
+            .map(|g| *g)
+            .unwrap_or(Duration::from_secs(30))
     }
 
     /// Where `/metrics` is served, when configured.
@@ -310,16 +331,12 @@ impl Gateway {
     /// Stops accepting, tells idle sessions to go, and waits up to the grace
     /// period for running ones. Returns the number of sessions still running
     /// when the grace period ended (they are dropped with the runtime).
-    pub async fn shutdown(self) -> usize {
+    pub async fn shutdown(&self) -> usize {
         let _ = self.shutdown.send(true);
         for t in &self.accept_tasks {
             t.abort();
         }
-        let grace = self
-            .grace
-            .lock()
-            .map(|g| *g)
-            .unwrap_or(Duration::from_secs(30));
+        let grace = self.shutdown_grace();
         let deadline = tokio::time::Instant::now() + grace;
         let mut left = 0;
         for s in &self.slots {
@@ -381,13 +398,19 @@ async fn watch_certificates(
             Ok(cfg) => {
                 for rt in &runtimes {
                     let old = rt.load();
-                    if old.tls.is_some() {
-                        rt.store(Arc::new(ListenerRuntime {
+                    if old.tls.is_none() {
+                        continue;
+                    }
+                    match crate::tls::for_listener(&cfg, old.listener.protocol) {
+                        Ok(tls) => rt.store(Arc::new(ListenerRuntime {
                             listener: old.listener.clone(),
-                            tls: Some(cfg.clone()),
+                            tls: Some(tls),
                             policy: old.policy.clone(),
                             verifier: old.verifier.clone(),
-                        }));
+                        })),
+                        Err(e) => {
+                            warn!(listener = %old.listener.name, error = %e, "TLS setup failed; keeping the current certificates")
+                        }
                     }
                 }
                 info!(files = current.len(), "certificates reloaded");
@@ -399,6 +422,162 @@ async fn watch_certificates(
         last_paths = current;
         last = settled;
     }
+}
+
+/// `/readyz`: every backend accepts a TCP connection (probed at once, each
+/// for at most 2 s; the endpoint caches the result). The reason names the
+/// backends; their addresses go to the log only.
+fn ready_check(config: &Config) -> ReadyCheck {
+    let backends: Vec<(String, String)> = config
+        .backends
+        .values()
+        .map(|b| (b.name.clone(), b.address.clone()))
+        .collect();
+    Arc::new(move || {
+        let backends = backends.clone();
+        Box::pin(async move {
+            let mut probes = tokio::task::JoinSet::new();
+            for (name, address) in backends {
+                probes.spawn(async move {
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        TcpStream::connect(address.as_str()),
+                    )
+                    .await;
+                    let error = match r {
+                        Ok(Ok(_)) => return None,
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "connect timed out".to_string(),
+                    };
+                    warn!(backend = %name, %address, %error, "readiness: backend unreachable");
+                    Some(name)
+                });
+            }
+            let mut down = Vec::new();
+            while let Some(r) = probes.join_next().await {
+                if let Ok(Some(name)) = r {
+                    down.push(name);
+                }
+            }
+            if down.is_empty() {
+                return Ok(());
+            }
+            down.sort();
+            Err(format!("backend {} unreachable", down.join(", ")))
+        })
+    })
+}
+
+/// The process's file descriptor budget (RLIMIT_NOFILE) against what the
+/// configuration may use: every session holds two (client and backend).
+struct FdBudget {
+    /// The metrics endpoint's connection cap: well below the budget.
+    http_connections: usize,
+}
+
+/// Descriptors kept aside for the runtime, listeners, DNS, certificate files.
+const FD_OVERHEAD: u64 = 64;
+
+impl FdBudget {
+    fn check(config: &Config) -> FdBudget {
+        let sessions: u64 = config
+            .listeners
+            .iter()
+            .map(|l| l.max_connections as u64)
+            .sum();
+        let wanted = sessions * 2 + crate::observe::http::MAX_CONNECTIONS as u64 + FD_OVERHEAD;
+        // the soft limit may be raised up to the hard one without privileges
+        let soft = raise_nofile_limit(wanted);
+        let http = (soft / 32).clamp(1, crate::observe::http::MAX_CONNECTIONS as u64) as usize;
+        let needed = sessions * 2 + http as u64 + FD_OVERHEAD;
+        if needed > soft {
+            warn!(
+                limit = soft,
+                needed,
+                "the file descriptor limit (ulimit -n) is below what max_connections allow; \
+                 connections beyond it are turned away with a temporary error"
+            );
+        }
+        FdBudget {
+            http_connections: http,
+        }
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE towards `wanted` (at most to the hard
+/// limit); returns the soft limit in force.
+fn raise_nofile_limit(wanted: u64) -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    if r.rlim_cur < wanted && r.rlim_cur < r.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: wanted.min(r.rlim_max),
+            rlim_max: r.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            info!(
+                from = r.rlim_cur,
+                to = raised.rlim_cur,
+                "raised the file descriptor limit"
+            );
+            return raised.rlim_cur;
+        }
+    }
+    r.rlim_cur
+}
+
+/// One spare descriptor for the whole process (nginx/haproxy style). When
+/// accept fails for want of descriptors, the client stays unanswered in the
+/// backlog and the accept would fail again at once; instead the spare is
+/// closed, the waiting client accepted, told to come back later (421 /
+/// -ERR) and closed, and the spare re-opened. Clients hear a proper
+/// temporary error instead of a silent stall.
+static SPARE_FD: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+/// Set while the spare is spent (it could not be re-opened at once): the
+/// accept loops try again after their next successful accept.
+static SPARE_SPENT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn arm_spare_fd() {
+    if let Ok(mut spare) = SPARE_FD.lock() {
+        if spare.is_none() {
+            *spare = std::fs::File::open("/dev/null").ok();
+        }
+        SPARE_SPENT.store(spare.is_none(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn out_of_fds(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// Turns away one waiting client using the spare descriptor; false when
+/// there was no spare (another listener has it) or no client.
+async fn shed_one(socket: &TcpListener, rt: &ListenerRuntime) -> bool {
+    let spare = SPARE_FD.lock().ok().and_then(|mut s| s.take());
+    if spare.is_none() {
+        return false;
+    }
+    drop(spare);
+    let shed = match tokio::time::timeout(Duration::from_millis(10), socket.accept()).await {
+        Ok(Ok((tcp, peer))) => {
+            let l = &rt.listener;
+            // a new connection's send buffer is empty: this cannot block
+            let _ = tcp.try_write(&refusal(l.protocol, Action::Tempfail));
+            crate::observe::metrics().refused(&l.name, "fd_exhausted");
+            warn!(listener = %l.name, %peer, "out of file descriptors; connection turned away");
+            true
+        }
+        _ => false,
+    };
+    arm_spare_fd();
+    shed
 }
 
 async fn housekeeping(state: Arc<PolicyState>, mut stop: watch::Receiver<bool>) {
@@ -446,19 +625,30 @@ async fn accept_loop(
 ) {
     let mut stop = shutdown.clone();
     let local = socket.local_addr().ok();
+    let mut last_warn: Option<tokio::time::Instant> = None;
     loop {
         let (tcp, peer) = tokio::select! {
             r = socket.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // out of descriptors: turn the waiting client away with
+                    // the spare one, then back off briefly; other errors
+                    // (ECONNABORTED, ENOBUFS): back off instead of spinning
+                    let shed = out_of_fds(&e) && shed_one(&socket, &runtime.load()).await;
+                    if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        warn!(error = %e, "accept failed");
+                        last_warn = Some(tokio::time::Instant::now());
+                    }
+                    let pause = if shed { 10 } else { 100 };
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                     continue;
                 }
             },
             _ = stop.changed() => return,
         };
+        if SPARE_SPENT.load(std::sync::atomic::Ordering::Relaxed) {
+            arm_spare_fd();
+        }
         let _ = tcp.set_nodelay(true);
         let rt = runtime.load_full();
         let permit = match permits.clone().try_acquire_owned() {
@@ -541,15 +731,19 @@ async fn connection(mut tcp: TcpStream, mut peer: SocketAddr, mut ctx: SessionCt
 /// A one-line answer in plaintext before closing (even on implicit-TLS
 /// listeners: no handshake is spent on a connection that is turned away).
 async fn refuse(mut tcp: TcpStream, protocol: Protocol, action: Action) {
-    let line: Vec<u8> = match (protocol, action) {
-        (Protocol::Smtp, Action::Reject) => crate::smtp::reply::denied().to_bytes(),
-        (Protocol::Smtp, _) => crate::smtp::reply::too_many_connections().to_bytes(),
-        (Protocol::Pop3, Action::Reject) => crate::pop3::reply::denied().to_bytes(),
-        (Protocol::Pop3, _) => crate::pop3::reply::too_many_connections().to_bytes(),
-    };
+    let line = refusal(protocol, action);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = tcp.write_all(&line).await;
         let _ = tcp.shutdown().await;
     })
     .await;
+}
+
+fn refusal(protocol: Protocol, action: Action) -> Vec<u8> {
+    match (protocol, action) {
+        (Protocol::Smtp, Action::Reject) => crate::smtp::reply::denied().to_bytes(),
+        (Protocol::Smtp, _) => crate::smtp::reply::too_many_connections().to_bytes(),
+        (Protocol::Pop3, Action::Reject) => crate::pop3::reply::denied().to_bytes(),
+        (Protocol::Pop3, _) => crate::pop3::reply::too_many_connections().to_bytes(),
+    }
 }

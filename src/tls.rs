@@ -3,6 +3,7 @@
 //! TLS 1.2 and 1.3 only, session resumption (tickets and a session cache), and
 //! self-signed development certificates for `demo` and tests.
 
+use crate::config::Protocol;
 use rustls::crypto::aws_lc_rs;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -91,7 +92,8 @@ fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     Ok(Arc::new(ck))
 }
 
-/// Builds the server configuration shared by all TLS listeners.
+/// Builds the server configuration shared by all TLS listeners (each listener
+/// runs on its own copy from [`for_listener`]).
 pub fn server_config(pairs: &[(PathBuf, PathBuf)]) -> Result<Arc<ServerConfig>, TlsError> {
     let mut entries = Vec::new();
     for (cert, key) in pairs {
@@ -109,14 +111,47 @@ pub fn server_config(pairs: &[(PathBuf, PathBuf)]) -> Result<Arc<ServerConfig>, 
         .with_cert_resolver(Arc::new(resolver));
     // Resumption: stateless tickets (TLS 1.2 and 1.3) plus a bounded stateful cache.
     cfg.ticketer = aws_lc_rs::Ticketer::new()?;
-    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(8192);
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
     // Mail clients rarely send early data; never accept it (replay risk).
     cfg.max_early_data_size = 0;
     Ok(Arc::new(cfg))
 }
 
+/// The ALPN id of a listener's protocol. IANA registers `pop3` (RFC 2595);
+/// it has no id for SMTP, and `smtp` is the one a client would send.
+pub fn alpn_id(protocol: Protocol) -> &'static [u8] {
+    match protocol {
+        Protocol::Smtp => b"smtp",
+        Protocol::Pop3 => b"pop3",
+    }
+}
+
+/// One listener's configuration: the shared certificates, but only its own
+/// protocol in ALPN and its own ticket key and session cache.
+///
+/// ALPN: a client that offers ALPN without our protocol (a browser's `h2`,
+/// `http/1.1`) is refused with `no_application_protocol` (RFC 7301 §3.2), so
+/// a TLS session meant for another service cannot be redirected here
+/// (ALPACA); clients that offer no ALPN, as mail clients do, are unaffected.
+/// Tickets and cached sessions: a session resumes on the listener that made
+/// it and nowhere else (an SMTPS ticket does not open a POP3S session).
+pub fn for_listener(
+    base: &ServerConfig,
+    protocol: Protocol,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = base.clone();
+    cfg.alpn_protocols = vec![alpn_id(protocol).to_vec()];
+    cfg.ticketer = aws_lc_rs::Ticketer::new()?;
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    Ok(Arc::new(cfg))
+}
+
+/// Sessions kept for TLS 1.2 session-id resumption, per configuration.
+const SESSION_CACHE: usize = 8192;
+
 /// A self-signed certificate for `names`, written as PEM files into `dir`
 /// (`cert.pem`, `key.pem`, mode 0600 for the key). Returns (cert, key) paths.
+/// Files already there are replaced, never written through (see [`write_fresh`]).
 pub fn write_self_signed(dir: &Path, names: &[&str]) -> Result<(PathBuf, PathBuf), TlsError> {
     let ck = rcgen::generate_simple_self_signed(
         names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
@@ -124,22 +159,30 @@ pub fn write_self_signed(dir: &Path, names: &[&str]) -> Result<(PathBuf, PathBuf
     std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).map_err(|e| file_err(&cert, e))?;
-    write_private(&key, ck.signing_key.serialize_pem().as_bytes())?;
+    write_fresh(&cert, ck.cert.pem().as_bytes(), 0o644).map_err(|e| file_err(&cert, e))?;
+    write_fresh(&key, ck.signing_key.serialize_pem().as_bytes(), 0o600)
+        .map_err(|e| file_err(&key, e))?;
     Ok((cert, key))
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
+/// Writes a new file at `path`: whatever is there (a file, or a symlink
+/// someone planted) is unlinked, not opened, and the file is created with
+/// O_CREAT|O_EXCL|O_NOFOLLOW, so the write never lands anywhere but a file
+/// this call created.
+pub fn write_fresh(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| file_err(path, e))?;
-    f.write_all(data).map_err(|e| file_err(path, e))
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(data)
 }
 
 #[cfg(test)]

@@ -532,3 +532,175 @@ fn sighup_reload_keeps_or_applies() {
     let n = open.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("250"));
 }
+
+/// Runs `mailgate demo --dir dir` on free ports until it is up (its banner
+/// ends with "Press Ctrl-C") or exits; returns (came up, exit ok, output).
+fn run_demo(dir: &Path) -> (bool, bool, String) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("demo.out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .arg("demo")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--smtp-port", &common::free_port().to_string()])
+        .args(["--smtps-port", &common::free_port().to_string()])
+        .args(["--pop3-port", &common::free_port().to_string()])
+        .args(["--pop3s-port", &common::free_port().to_string()])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(out_dir.path().join("demo.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let text = || {
+        std::fs::read_to_string(&out).unwrap_or_default()
+            + &std::fs::read_to_string(out_dir.path().join("demo.err")).unwrap_or_default()
+    };
+    for _ in 0..400 {
+        if let Some(st) = child.try_wait().unwrap() {
+            return (false, st.success(), text());
+        }
+        if text().contains("Press Ctrl-C") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (true, false, text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("demo neither came up nor exited: {}", text());
+}
+
+/// Issue 19.8: `mailgate demo` never writes through symlinks planted in its
+/// directory, refuses a directory others can write to (or a symlink, or one
+/// owned by someone else), and still runs twice in a row in the same place.
+#[test]
+fn demo_does_not_write_through_symlinks() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let base = tempfile::tempdir().unwrap();
+    let victims = base.path().join("victims");
+    std::fs::create_dir(&victims).unwrap();
+    let plant = |dir: &Path| {
+        for f in ["cert.pem", "key.pem", "mailgate-demo.yaml"] {
+            let v = victims.join(format!(
+                "{}-{f}",
+                dir.file_name().unwrap().to_string_lossy()
+            ));
+            std::fs::write(&v, "precious\n").unwrap();
+            symlink(&v, dir.join(f)).unwrap();
+        }
+    };
+    let untouched = || {
+        for e in std::fs::read_dir(&victims).unwrap() {
+            let p = e.unwrap().path();
+            assert_eq!(
+                std::fs::read_to_string(&p).unwrap(),
+                "precious\n",
+                "{} was written through a symlink",
+                p.display()
+            );
+        }
+    };
+    // our own private directory with planted links: replaced, not followed
+    let private = base.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    plant(&private);
+    let (up, _, out) = run_demo(&private);
+    untouched();
+    assert!(up, "demo in a private directory: {out}");
+    for f in ["cert.pem", "key.pem", "mailgate-demo.yaml"] {
+        let m = std::fs::symlink_metadata(private.join(f)).unwrap();
+        assert!(m.file_type().is_file(), "{f} is a fresh file");
+    }
+    // and again: the files of the first run are replaced
+    let (up, _, out) = run_demo(&private);
+    assert!(up, "second run in the same directory: {out}");
+    // a directory others may write to is refused
+    let open = base.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    plant(&open);
+    let (up, ok, out) = run_demo(&open);
+    untouched();
+    assert!(!up && !ok, "world-writable directory accepted: {out}");
+    assert!(out.contains(&open.display().to_string()), "{out}");
+    // our own directory that others may only read (an earlier demo's): made private
+    let readable = base.path().join("readable");
+    std::fs::create_dir(&readable).unwrap();
+    std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (up, _, out) = run_demo(&readable);
+    assert!(up, "{out}");
+    let mode = std::fs::metadata(&readable).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    // a symlink as the directory is refused
+    let link = base.path().join("link");
+    symlink(&private, &link).unwrap();
+    let (up, ok, out) = run_demo(&link);
+    assert!(!up && !ok, "symlinked directory accepted: {out}");
+    // someone else's directory (only checkable as root: chown)
+    if unsafe { libc::geteuid() } == 0 {
+        let theirs = base.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
+        plant(&theirs);
+        std::os::unix::fs::lchown(&theirs, Some(65534), Some(65534)).unwrap();
+        let (up, ok, out) = run_demo(&theirs);
+        untouched();
+        assert!(
+            !up && !ok,
+            "directory owned by another user accepted: {out}"
+        );
+    }
+    // a directory that does not exist yet is created private
+    let fresh = base.path().join("new/demo");
+    let (up, _, out) = run_demo(&fresh);
+    assert!(up, "{out}");
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
+/// Issue 19.10: a reload that hangs (here: the configuration is a FIFO
+/// nobody writes to) does not hold up SIGTERM: the signal loop never parses.
+#[test]
+fn sigterm_during_a_slow_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("mailgate.yaml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .args(["run", "--config"])
+        .arg(&fifo)
+        .stdout(std::fs::File::create(dir.path().join("mailgate.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut g = Guard(child);
+    // the first read of the configuration gets its text
+    std::fs::write(
+        &fifo,
+        format!("listeners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: none, backend: b }}\nbackends:\n  b: {{ address: \"127.0.0.1:{}\" }}\nserver: {{ shutdown_grace: 1s }}\n", common::free_port()),
+    )
+    .unwrap();
+    let log = dir.path().join("mailgate.log");
+    for _ in 0..200 {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let pid = g.0.id().to_string();
+    // the reload opens the FIFO and waits for a writer that never comes
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    for _ in 0..100 {
+        if let Some(st) = g.0.try_wait().unwrap() {
+            assert!(st.success(), "exit status {st:?}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("SIGTERM was not honoured while a reload was stuck");
+}

@@ -439,3 +439,366 @@ async fn certificate_files_replaced_while_sessions_run() {
     // the session from before is still alive
     assert!(cmd(&mut running, "NOOP").await.starts_with("250"));
 }
+
+/// SMTPS and POP3S in front of the demo backends (both sides in memory).
+async fn tls_pair(dir: &std::path::Path) -> mailgate::server::Gateway {
+    let mb = Arc::new(mailgate::demo::Mailbox::default());
+    let s = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let p = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (sa, pa) = (s.local_addr().unwrap(), p.local_addr().unwrap());
+    tokio::spawn(mailgate::demo::serve_smtp(s, mb.clone()));
+    tokio::spawn(mailgate::demo::serve_pop3(p, mb));
+    common::start(&format!(
+        r#"
+server: {{ hostname: gw.test }}
+listeners:
+  - {{ name: smtps, protocol: smtp, bind: "127.0.0.1:0", tls: implicit, backend: s }}
+  - {{ name: pop3s, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, backend: p }}
+tls:
+  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
+backends:
+  s: {{ address: "{sa}" }}
+  p: {{ address: "{pa}" }}
+"#,
+        d = dir.display()
+    ))
+    .await
+}
+
+/// A TLS client session on `addr` that reads the greeting (which also takes in
+/// the server's session tickets); returns how the handshake went.
+async fn tls_greeting(
+    addr: std::net::SocketAddr,
+    client: Arc<rustls::ClientConfig>,
+) -> std::io::Result<(rustls::HandshakeKind, Option<Vec<u8>>, String)> {
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(client)
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await?;
+    let kind = tls.get_ref().1.handshake_kind().unwrap();
+    let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+    let mut r = BufReader::new(tls);
+    let greeting = line(&mut r).await;
+    Ok((kind, alpn, greeting))
+}
+
+fn with_alpn(ca: &std::path::Path, protocols: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut c = (*common::tls_client(ca)).clone();
+    c.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+    Arc::new(c)
+}
+
+/// Issue 19.11 (ALPACA): a client that wants another protocol (h2, http/1.1)
+/// is refused in the handshake; no ALPN, or the listener's own id, is fine.
+#[tokio::test]
+async fn tls_refuses_foreign_alpn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let gw = tls_pair(dir.path()).await;
+    let (smtps, pop3s) = (gw.addr("smtps").unwrap(), gw.addr("pop3s").unwrap());
+    for addr in [smtps, pop3s] {
+        let e = tls_greeting(addr, with_alpn(&ca, &[b"h2", b"http/1.1"]))
+            .await
+            .expect_err("handshake offering only HTTP must fail");
+        let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+        assert_eq!(
+            inner,
+            Some(&rustls::Error::AlertReceived(
+                rustls::AlertDescription::NoApplicationProtocol
+            )),
+            "{e}"
+        );
+    }
+    let (_, alpn, g) = tls_greeting(smtps, with_alpn(&ca, &[b"h2", b"smtp"]))
+        .await
+        .unwrap();
+    assert_eq!(alpn.as_deref(), Some(&b"smtp"[..]));
+    assert!(g.starts_with("220"), "{g}");
+    let (_, alpn, g) = tls_greeting(pop3s, with_alpn(&ca, &[b"pop3"]))
+        .await
+        .unwrap();
+    assert_eq!(alpn.as_deref(), Some(&b"pop3"[..]));
+    assert!(g.starts_with("+OK"), "{g}");
+    // the other protocol's id is foreign too
+    assert!(tls_greeting(pop3s, with_alpn(&ca, &[b"smtp"]))
+        .await
+        .is_err());
+    let (_, alpn, g) = tls_greeting(smtps, common::tls_client(&ca)).await.unwrap();
+    assert_eq!(alpn, None);
+    assert!(g.starts_with("220"), "{g}");
+}
+
+/// Issue 19.11: a session ticket from SMTPS does not resume on POP3S, but
+/// does resume on SMTPS again (one client cache per case: tickets are
+/// stored per server name, and both listeners are "localhost").
+#[tokio::test]
+async fn tls_tickets_stay_on_their_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let gw = tls_pair(dir.path()).await;
+    let (smtps, pop3s) = (gw.addr("smtps").unwrap(), gw.addr("pop3s").unwrap());
+    let client = common::tls_client(&ca);
+    let first = tls_greeting(smtps, client.clone()).await.unwrap();
+    assert_eq!(first.0, rustls::HandshakeKind::Full);
+    let again = tls_greeting(smtps, client).await.unwrap();
+    assert_eq!(again.0, rustls::HandshakeKind::Resumed, "resumes on SMTPS");
+    let client = common::tls_client(&ca);
+    tls_greeting(smtps, client.clone()).await.unwrap();
+    let cross = tls_greeting(pop3s, client).await.unwrap();
+    assert!(cross.2.starts_with("+OK"), "{}", cross.2);
+    assert_eq!(
+        cross.0,
+        rustls::HandshakeKind::Full,
+        "an SMTPS ticket must not resume on POP3S"
+    );
+}
+
+/// Issue 19.12: a backend that accepts but does not greet does not hold up
+/// the listeners: a client gets the gateway's 220 while the backend is still
+/// stalled; once the backend answers, its capabilities are advertised.
+#[tokio::test]
+async fn startup_does_not_wait_for_a_stalled_backend() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let released = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (rel, flag) = (release.clone(), released.clone());
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((s, _)) = l.accept().await {
+            if first {
+                first = false;
+                // stalled until released (or, so that a broken gateway fails
+                // the test instead of hanging it, for 10 s)
+                tokio::select! {
+                    _ = rel.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                }
+                flag.store(true, Ordering::SeqCst);
+            }
+            tokio::spawn(async move {
+                let mut r = BufReader::new(s);
+                r.get_mut().write_all(b"220 slow ESMTP\r\n").await.unwrap();
+                loop {
+                    let mut l = String::new();
+                    if r.read_line(&mut l).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let ans: &[u8] = match l.trim_end().to_ascii_uppercase().as_str() {
+                        u if u.starts_with("EHLO") => b"250-slow\r\n250 8BITMIME\r\n",
+                        "QUIT" => b"221 bye\r\n",
+                        _ => b"250 ok\r\n",
+                    };
+                    let _ = r.get_mut().write_all(ans).await;
+                }
+            });
+        }
+    });
+    let cfg = mailgate::config::load_str(
+        "t.yaml",
+        &format!(
+            "listeners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: none, backend: b, timeouts: {{ backend_reply: 60s }} }}\nbackends:\n  b: {{ address: \"{addr}\" }}\n"
+        ),
+    )
+    .unwrap();
+    let gw = tokio::time::timeout(
+        Duration::from_secs(30),
+        mailgate::server::Gateway::start(&cfg),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut r = BufReader::new(TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap());
+    assert!(line(&mut r).await.starts_with("220"));
+    assert!(
+        !released.load(Ordering::SeqCst),
+        "the client got its greeting only after the backend answered"
+    );
+    // until the probe answers: conservative
+    assert!(!cmd(&mut r, "EHLO c").await.contains("8BITMIME"));
+    release.notify_one();
+    let mut learnt = false;
+    for _ in 0..100 {
+        let mut r = BufReader::new(TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap());
+        line(&mut r).await;
+        if cmd(&mut r, "EHLO c").await.contains("8BITMIME") {
+            learnt = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(learnt, "the probe's answer is used once it arrives");
+}
+
+/// Issue 19.3: `/readyz` answers from a cached probe (a burst of requests
+/// does not become a burst of backend connections) and names backends, not
+/// their addresses.
+#[tokio::test]
+async fn readyz_is_cached_and_names_no_addresses() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let connects = Arc::new(AtomicUsize::new(0));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let n = connects.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    // POP3 backends are not capability-probed: every connect here is /readyz
+    let yaml = |backend: &str| {
+        format!(
+            "metrics: {{ bind: \"127.0.0.1:0\" }}\nlisteners:\n  - {{ name: pop-ready, protocol: pop3, bind: \"127.0.0.1:0\", tls: none, require_tls: false, backend: legacy-pop }}\nbackends:\n  legacy-pop: {{ address: \"{backend}\" }}\n"
+        )
+    };
+    let gw = common::start(&yaml(&up.to_string())).await;
+    let m = gw.metrics_addr().unwrap();
+    for _ in 0..20 {
+        assert_eq!(http_get(m, "/readyz").await, (200, "ready\n".to_string()));
+    }
+    let seen = connects.load(Ordering::SeqCst);
+    assert!(
+        seen <= 2,
+        "20 /readyz requests made {seen} backend connections"
+    );
+    let gw2 = common::start(&yaml(&dead)).await;
+    let (code, body) = http_get(gw2.metrics_addr().unwrap(), "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("legacy-pop"), "{body}");
+    let port = dead.rsplit(':').next().unwrap();
+    assert!(
+        !body.contains(port) && !body.contains("127.0.0.1"),
+        "address in the body: {body}"
+    );
+}
+
+/// Issue 19.3: connections beyond the endpoint's small cap are closed at
+/// once instead of each holding a descriptor until its read deadline.
+#[tokio::test]
+async fn metrics_connections_are_capped() {
+    let gw = common::start(
+        "metrics: { bind: \"127.0.0.1:0\" }\nlisteners:\n  - { name: pop-cap, protocol: pop3, bind: \"127.0.0.1:0\", tls: none, require_tls: false, backend: b }\nbackends:\n  b: { address: \"127.0.0.1:9\" }\n",
+    )
+    .await;
+    let m = gw.metrics_addr().unwrap();
+    let mut idle = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(m).await.unwrap();
+        idle.spawn(async move {
+            let mut b = [0u8; 16];
+            // closed by the server within the second: EOF or reset
+            let r = tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await;
+            (matches!(r, Ok(Ok(0) | Err(_))), s)
+        });
+    }
+    let mut closed = 0;
+    let mut held = Vec::new();
+    while let Some(r) = idle.join_next().await {
+        let (c, s) = r.unwrap();
+        closed += usize::from(c);
+        held.push(s);
+    }
+    assert!(
+        closed >= 24,
+        "only {closed} of 40 idle connections were closed"
+    );
+    drop(held);
+    // and the endpoint still serves once the idle ones are gone
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(http_get(m, "/healthz").await.0, 200);
+}
+
+/// The real binary with `yaml` (a `{dead}` in it becomes a closed port)
+/// under `ulimit -n fds`; killed when the guard drops. The log is `dir/mailgate.log`.
+fn low_fd_gateway(dir: &std::path::Path, fds: u32, yaml: &str) -> common::Guard {
+    let conf = dir.join("mailgate.yaml");
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    std::fs::write(&conf, yaml.replace("{dead}", &dead)).unwrap();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_mailgate"))
+        .args(["run", "--config"])
+        .arg(&conf)
+        .stdout(std::fs::File::create(dir.join("mailgate.log")).unwrap())
+        .spawn()
+        .unwrap();
+    common::Guard(child)
+}
+
+/// Issue 19.3 with the real binary under `ulimit -n 256`: 300 connections
+/// held on the metrics port do not starve the mail listener of descriptors;
+/// a new SMTP client still gets its greeting promptly.
+#[test]
+fn metrics_flood_under_low_fd_limit_keeps_smtp_greeting() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (smtp, metrics) = (common::free_port(), common::free_port());
+    let _g = low_fd_gateway(
+        dir.path(),
+        256,
+        &format!("metrics: {{ bind: \"127.0.0.1:{metrics}\" }}\nlisteners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:{smtp}\", tls: none, backend: b, max_connections: 50 }}\nbackends:\n  b: {{ address: \"{{dead}}\" }}\n"),
+    );
+    common::wait_port(smtp);
+    common::wait_port(metrics);
+    let held: Vec<_> = (0..300)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", metrics)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", smtp)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let waited = started.elapsed();
+    let log = std::fs::read_to_string(dir.path().join("mailgate.log")).unwrap_or_default();
+    assert!(
+        buf[..n].starts_with(b"220"),
+        "no greeting within 5 s while 300 connections hold the metrics port: {:?}\n{}",
+        String::from_utf8_lossy(&buf[..n]),
+        &log[log.len().saturating_sub(2000)..]
+    );
+    eprintln!("time to greeting with 300 metrics connections held: {waited:?}");
+    drop(held);
+}
+
+/// Issue 19.3, the descriptor reserve: when the process is out of
+/// descriptors (here: SMTP sessions alone under `ulimit -n 64`), a new client
+/// is not left unanswered in the backlog; it hears a temporary error.
+#[test]
+fn out_of_descriptors_clients_hear_a_temporary_error() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = common::free_port();
+    let _g = low_fd_gateway(
+        dir.path(),
+        64,
+        &format!("listeners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:{smtp}\", tls: none, backend: b, max_connections: 500 }}\nbackends:\n  b: {{ address: \"{{dead}}\" }}\n"),
+    );
+    common::wait_port(smtp);
+    let mut held = Vec::new();
+    let mut turned_away = 0;
+    for _ in 0..100 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", smtp)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 256];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        if text.starts_with("421") {
+            turned_away += 1;
+        } else {
+            assert!(
+                text.starts_with("220"),
+                "neither greeting nor 421: {text:?}"
+            );
+        }
+        held.push(s);
+    }
+    assert!(turned_away > 0, "the limit was never reached");
+}

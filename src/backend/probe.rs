@@ -1,8 +1,9 @@
 //! What each SMTP backend can carry end to end. EHLO to clients is answered by
 //! mailgate before any backend connection exists (connections are lazy), so
-//! the backend's extensions are learnt by a probe at start-up, refreshed
-//! periodically and by every real session's EHLO. Until a probe succeeds the
-//! caps are the conservative default (no 8BITMIME, no SMTPUTF8).
+//! the backend's extensions are learnt by a probe at start-up (in the
+//! background: listeners do not wait for it), refreshed periodically and by
+//! every real session's EHLO. Until a probe succeeds the caps are the
+//! conservative default (no 8BITMIME, no SMTPUTF8).
 
 use super::smtp::SmtpBackend;
 use crate::config::{Backend, Timeouts};
@@ -49,13 +50,26 @@ impl CapsCache {
     }
 }
 
-/// Probes now, then every `every` until `stop` fires.
+/// Probes now, then every `every` until `stop` fires. Runs beside the
+/// listeners (start-up does not wait for it); `probed` turns true after the
+/// first round, answered or failed.
 pub async fn refresh_loop(
     cache: Arc<CapsCache>,
     backends: Vec<(Arc<Backend>, Timeouts)>,
     every: std::time::Duration,
+    probed: tokio::sync::watch::Sender<bool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let round = async {
+        for (b, t) in &backends {
+            cache.probe(b, t).await;
+        }
+    };
+    tokio::select! {
+        _ = round => {}
+        _ = stop.changed() => return,
+    }
+    probed.send_replace(true);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

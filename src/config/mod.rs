@@ -36,7 +36,17 @@ pub enum ConfigError {
     },
     #[error("{0}: no *.yaml files found")]
     Empty(String),
+    #[error("{0}: larger than 1 MiB; configuration files that large are refused before parsing")]
+    TooLarge(String),
 }
+
+/// The largest configuration file read (real ones are a few KiB): the YAML
+/// parser's time grows faster than the text.
+pub const MAX_FILE_SIZE: usize = 1 << 20;
+/// The deepest nesting accepted (real configurations nest five or six
+/// levels); checked by [`check_nesting`] before the parser, whose time grows
+/// with the square of the depth.
+pub const MAX_NESTING: usize = 64;
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -216,13 +226,34 @@ pub fn files_of(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let mut sources = Vec::new();
     for f in files_of(path)? {
-        let text = std::fs::read_to_string(&f).map_err(|e| ConfigError::Io {
-            path: f.display().to_string(),
-            source: e,
-        })?;
+        let text = read_limited(&f)?;
         sources.push(parse_source(f, text)?);
     }
     build(&sources)
+}
+
+/// Reads at most `MAX_FILE_SIZE` bytes (plus one, to tell a larger file).
+fn read_limited(f: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let io = |e| ConfigError::Io {
+        path: f.display().to_string(),
+        source: e,
+    };
+    let mut buf = Vec::new();
+    std::fs::File::open(f)
+        .map_err(io)?
+        .take(MAX_FILE_SIZE as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(io)?;
+    if buf.len() > MAX_FILE_SIZE {
+        return Err(ConfigError::TooLarge(f.display().to_string()));
+    }
+    String::from_utf8(buf).map_err(|_| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        ))
+    })
 }
 
 /// Parses one YAML text (used by `load` and by tests that keep config inline).
@@ -230,7 +261,119 @@ pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigError> {
     build(&[parse_source(PathBuf::from(name), text.to_string())?])
 }
 
+/// A cheap scan of the nesting depth, before the YAML parser sees the text.
+/// It counts block levels (indentation steps, and `- `, `? `, `: ` indicators
+/// that open a nested node on the same line) plus flow levels (`[`, `{`
+/// outside quotes and comments), skipping block scalar (`|`, `>`) content.
+/// It may count more than the parser (a `[` inside a plain scalar), never
+/// fewer. Returns the line and column (1-based) where `MAX_NESTING` is passed.
+pub fn check_nesting(text: &str) -> Result<(), (usize, usize)> {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    let mut quote: Option<u8> = None;
+    // the indentation of the line that opened a block scalar
+    let mut block_scalar: Option<usize> = None;
+    for (n, raw) in text.split('\n').enumerate() {
+        let line = raw.as_bytes();
+        let indent = line.iter().take_while(|b| **b == b' ').count();
+        let content = &line[indent..];
+        let blank = content.iter().all(|b| b.is_ascii_whitespace());
+        if let Some(parent) = block_scalar {
+            if blank || indent > parent {
+                continue;
+            }
+            block_scalar = None;
+        }
+        let mut at = indent;
+        let mut depth = indents.len();
+        if flow == 0 && quote.is_none() {
+            if blank || content.first() == Some(&b'#') {
+                continue;
+            }
+            while indents.last().is_some_and(|top| *top >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+            depth = indents.len();
+            if depth > MAX_NESTING {
+                return Err((n + 1, indent + 1));
+            }
+            // compact nested nodes: `- - x`, `- ? x`
+            while at < line.len()
+                && matches!(line[at], b'-' | b'?' | b':')
+                && line.get(at + 1).is_none_or(|b| *b == b' ')
+            {
+                depth += 1;
+                at += 1;
+                while line.get(at) == Some(&b' ') {
+                    at += 1;
+                }
+                if depth > MAX_NESTING {
+                    return Err((n + 1, at));
+                }
+            }
+        }
+        let mut last_token_start = at;
+        let mut i = at;
+        while i < line.len() {
+            let c = line[i];
+            match quote {
+                Some(b'"') if c == b'\\' => i += 1,
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => {
+                    let prev = if i == 0 { b' ' } else { line[i - 1] };
+                    let token_start = matches!(prev, b' ' | b'\t' | b'[' | b'{' | b',' | b':');
+                    if c == b' ' || c == b'\t' {
+                        last_token_start = i + 1;
+                    }
+                    match c {
+                        b'#' if prev == b' ' || prev == b'\t' || i == 0 => break,
+                        b'"' | b'\'' if token_start => quote = Some(c),
+                        b'[' | b'{' => {
+                            flow += 1;
+                            if depth + flow > MAX_NESTING {
+                                return Err((n + 1, i + 1));
+                            }
+                        }
+                        b']' | b'}' => flow = flow.saturating_sub(1),
+                        _ => {}
+                    }
+                }
+            }
+            i += 1;
+        }
+        // `key: |`, `- >-`: the lines below are text, not structure
+        if flow == 0 && quote.is_none() {
+            let end = line[..i]
+                .iter()
+                .rposition(|b| !b.is_ascii_whitespace())
+                .map_or(0, |p| p + 1);
+            let token = &line[last_token_start.min(end)..end];
+            if matches!(token.first(), Some(b'|' | b'>'))
+                && token[1..]
+                    .iter()
+                    .all(|b| b.is_ascii_digit() || *b == b'+' || *b == b'-')
+            {
+                block_scalar = Some(indent);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn parse_source(path: PathBuf, text: String) -> Result<Source, ConfigError> {
+    if text.len() > MAX_FILE_SIZE {
+        return Err(ConfigError::TooLarge(path.display().to_string()));
+    }
+    if let Err((line, column)) = check_nesting(&text) {
+        return Err(ConfigError::At {
+            file: path.display().to_string(),
+            line,
+            column,
+            message: format!("nesting deeper than {MAX_NESTING} levels; refused before parsing"),
+        });
+    }
     let parsed: FileConfig = if text.trim().is_empty() {
         FileConfig::default()
     } else {
@@ -1126,5 +1269,52 @@ policies:
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_transactions must be between"), "{e}");
+    }
+
+    /// Issue 19.10: nesting is capped before the YAML parser sees the text
+    /// (its time grows quadratically with depth); the error names the file
+    /// and the line.
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let n = 50_000;
+        let flow = format!(
+            "backends: {{}}\nlisteners: {}{}\n",
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        let e = err(&flow);
+        assert!(e.starts_with("bad.yaml:2:") && e.contains("nest"), "{e}");
+        let block = format!("listeners:\n  {}x\n", "- ".repeat(n));
+        let e = err(&block);
+        assert!(e.starts_with("bad.yaml:2:") && e.contains("nest"), "{e}");
+        // ordinary depth is fine, brackets inside quotes and comments do not count
+        let quoted = format!(
+            "{GOOD}# {}\nserver: {{ hostname: \"{}\" }}\n",
+            "[".repeat(100),
+            "x"
+        );
+        load_str("ok.yaml", &quoted).unwrap();
+        let text = format!("a: |\n  {}\nb: '{}'\n", "[".repeat(100), "{".repeat(100));
+        assert_eq!(check_nesting(&text), Ok(()));
+        let stairs: String = (0..70)
+            .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+            .collect();
+        assert_eq!(check_nesting(&stairs).map_err(|e| e.0), Err(65));
+    }
+
+    /// Issue 19.10: a file over 1 MiB is refused before it is parsed.
+    #[test]
+    fn oversized_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("huge.yaml");
+        let mut text = GOOD.to_string();
+        while text.len() <= 1 << 20 {
+            text.push_str("# padding padding padding padding padding padding padding\n");
+        }
+        std::fs::write(&f, &text).unwrap();
+        let e = load(&f).unwrap_err().to_string();
+        assert!(e.contains("huge.yaml") && e.contains("1 MiB"), "{e}");
+        let e = load_str("inline.yaml", &text).unwrap_err().to_string();
+        assert!(e.contains("inline.yaml") && e.contains("1 MiB"), "{e}");
     }
 }

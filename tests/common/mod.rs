@@ -21,10 +21,13 @@ pub fn dev_cert(dir: &Path) -> (PathBuf, PathBuf) {
     mailgate::tls::write_self_signed(dir, &["localhost", "127.0.0.1"]).unwrap()
 }
 
-/// Loads `yaml` and starts the gateway in-process.
+/// Loads `yaml` and starts the gateway in-process, returning once the SMTP
+/// backends' capabilities are known (tests check what EHLO advertises).
 pub async fn start(yaml: &str) -> mailgate::server::Gateway {
     let cfg = mailgate::config::load_str("test.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
-    mailgate::server::Gateway::start(&cfg).await.unwrap()
+    let gw = mailgate::server::Gateway::start(&cfg).await.unwrap();
+    gw.backends_probed().await;
+    gw
 }
 
 /// A rustls client config trusting exactly `ca`.
