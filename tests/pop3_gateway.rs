@@ -766,7 +766,7 @@ fn after_login(lines: &[String]) -> Vec<String> {
 #[tokio::test]
 async fn transaction_state_answers_login_commands_and_bad_lines_locally() {
     let be = Scripted::start().await;
-    let st = gateway(&be.addr, ", max_errors: 20").await;
+    let st = gateway(&be.addr, ", max_errors: 30").await;
     let (mut c, _) = st.tls("pop3s").await;
     c.send(b"USER alice\r\nPASS secret\r\n").await;
     c.ok().await;
@@ -813,7 +813,11 @@ async fn transaction_state_answers_login_commands_and_bad_lines_locally() {
     assert_eq!(c.ok().await, "+OK scripted bye");
     assert!(c.rest(Duration::from_secs(5)).await.1);
     let lines = after_login(&be.lines());
-    assert_eq!(lines, ["STAT", "RETR 1", "QUIT"], "the backend saw {lines:?}");
+    assert_eq!(
+        lines,
+        ["STAT", "RETR 1", "QUIT"],
+        "the backend saw {lines:?}"
+    );
 }
 
 /// Pipelined commands mixing forwarded and locally answered ones: every
@@ -994,11 +998,7 @@ async fn overlong_authorization_lines_are_refused() {
 #[tokio::test]
 async fn apop_early_backend_connections_are_bounded() {
     let be = Scripted::start().await;
-    let st = gateway(
-        &be.addr,
-        ", apop_max_pending: 2, apop_prelogin_timeout: 1s",
-    )
-    .await;
+    let st = gateway(&be.addr, ", apop_max_pending: 2, apop_prelogin_timeout: 1s").await;
     let (mut a, ga) = st.tls("apop").await;
     let (_b, gb) = st.tls("apop").await;
     assert!(ga.ends_with(TIMESTAMP) && gb.ends_with(TIMESTAMP));

@@ -11,6 +11,9 @@ use std::fmt;
 pub const MAX_USER: usize = 255;
 /// Longest password mailgate passes to a backend.
 pub const MAX_PASS: usize = 255;
+/// Longest command line, CRLF included (RFC 2449 §4). SASL response lines
+/// are not commands and may be longer (RFC 5034 §4: `max_command_line`).
+pub const MAX_COMMAND_LINE: usize = 255;
 
 #[derive(Clone, PartialEq, Eq)]
 pub enum Command {

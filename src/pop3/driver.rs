@@ -14,6 +14,7 @@ use super::command;
 use super::pipe::{self, PipeEnd};
 use super::reply::{self, Reply};
 use super::session::{Action, Login, LoginOutcome, Session, Settings};
+use super::transaction::Transaction;
 use crate::backend::pop3::{self as backend, Pop3Backend};
 use crate::backend::BackendError;
 use crate::codec::{CodecError, Conn};
@@ -138,6 +139,7 @@ impl Driver {
             End::Pipe(PipeEnd::ClientClosed) => "client closed",
             End::Pipe(PipeEnd::Idle) => "idle timeout",
             End::Pipe(PipeEnd::SessionLimit) => "session limit",
+            End::Pipe(PipeEnd::TooManyErrors) => "too many errors",
             End::Pipe(PipeEnd::Error(e)) | End::Error(e) => e.as_str(),
         };
         // the user only; passwords and SASL payloads are never logged
@@ -405,14 +407,17 @@ impl Driver {
         let Some(b) = self.backend.take() else {
             return End::Error("no backend connection".into());
         };
+        let caps = b.caps.clone();
         let (tcp, from_backend) = b.into_parts();
         // commands pipelined behind the login belong to the backend now
         let to_backend = self.conn.take_buffered();
         let client = std::mem::replace(&mut self.conn.stream, ClientStream::Detached);
         let l = &self.ctx.listener;
+        let tx = Transaction::new(caps, l.max_errors, self.session.errors());
         let stats = pipe::relay(
             client,
             tcp,
+            tx,
             &to_backend,
             &from_backend,
             l.timeouts.idle,

@@ -204,6 +204,14 @@ pub fn not_logged_in() -> Reply {
 pub fn unknown_command() -> Reply {
     Reply::err("Unknown command")
 }
+/// A login or STLS command after login (TRANSACTION state): never relayed.
+pub fn already_logged_in() -> Reply {
+    Reply::err("Already logged in")
+}
+/// TOP / UIDL where the backend did not announce them.
+pub fn command_unavailable() -> Reply {
+    Reply::err("Command not supported by this mail server")
+}
 pub fn syntax(why: &str) -> Reply {
     Reply::err(format!("Syntax error: {why}"))
 }

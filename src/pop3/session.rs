@@ -193,6 +193,11 @@ impl Session {
         self.tls || !self.settings.require_tls
     }
 
+    /// Protocol errors so far (they keep counting after login).
+    pub fn errors(&self) -> u32 {
+        self.errors
+    }
+
     /// The next line is a SASL response, not a command (never log it).
     pub fn awaiting_sasl(&self) -> bool {
         self.sasl_pending
