@@ -362,9 +362,14 @@ impl Driver {
 
     async fn backend_login(&mut self, login: &Login) -> LoginOutcome {
         let l = self.ctx.listener.clone();
+        // APOP's digest covers the timestamp of the connection we greeted
+        // with: once that connection is gone, no other can carry it
+        let apop = matches!(login, Login::Apop { .. });
+        if apop && self.backend.is_none() {
+            return LoginOutcome::Failed;
+        }
         // a connection that already saw a failed login may have been closed by
-        // the backend since: then one fresh connection is tried (not for APOP,
-        // whose digest is bound to the first connection's timestamp)
+        // the backend since: then one fresh connection is tried (not for APOP)
         let retry = self.backend.is_some() && self.backend_used;
         for attempt in 0..2 {
             if self.backend.is_none() {
@@ -378,9 +383,18 @@ impl Driver {
             };
             self.backend_used = true;
             match b.login(login).await {
+                Ok(LoginOutcome::OutOfStep) => {
+                    // never a login result: a fresh connection, else temporary
+                    crate::observe::metrics().backend_failed(&l.backend.name);
+                    self.backend = None;
+                    if attempt == 0 && !apop {
+                        continue;
+                    }
+                    return LoginOutcome::OutOfStep;
+                }
                 Ok(o) => return o,
                 Err(e) => {
-                    if attempt == 0 && retry && !matches!(login, Login::Apop { .. }) {
+                    if attempt == 0 && retry && !apop {
                         debug!(error = %e, "backend connection lost; reconnecting");
                         self.backend = None;
                         continue;

@@ -110,6 +110,10 @@ pub enum LoginOutcome {
     Failed,
     /// The backend sent something that is not a POP3 status line.
     Invalid,
+    /// The backend spoke out of turn (unsolicited data) or had closed before
+    /// a login command: its next reply would not have been the answer.
+    /// Temporary, never a login result.
+    OutOfStep,
     /// The policy refused the login before it reached the backend (failed-login
     /// lock, login rate): `temporary` for tempfail, else reject.
     Refused { temporary: bool },
@@ -390,7 +394,7 @@ impl Session {
             LoginOutcome::Unsupported if authzid => self.error(reply::authzid_unsupported()),
             LoginOutcome::Unsupported => self.error(reply::backend_cannot_login()),
             LoginOutcome::Unavailable => self.error(reply::backend_unavailable()),
-            LoginOutcome::Failed => self.error(reply::backend_failed()),
+            LoginOutcome::Failed | LoginOutcome::OutOfStep => self.error(reply::backend_failed()),
             LoginOutcome::Invalid => self.error(reply::backend_bad_reply()),
         }
     }
@@ -656,6 +660,12 @@ mod tests {
             wire(&s.login_result(LoginOutcome::Unavailable)),
             "-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later\r\n"
         );
+        // out of step: temporary, and not a failed login
+        assert_eq!(
+            wire(&s.login_result(LoginOutcome::OutOfStep)),
+            "-ERR [SYS/TEMP] Connection to the mail server failed, try again later\r\n"
+        );
+        assert_eq!(s.failures, 1);
         assert_eq!(
             s.login_result(LoginOutcome::Rejected(String::new())),
             Action::LoginFailed {
