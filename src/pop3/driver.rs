@@ -173,7 +173,13 @@ impl Driver {
     /// idle between commands) and the session lifetime.
     async fn next_line(&mut self) -> Result<Result<bytes::BytesMut, CodecError>, End> {
         let l = &self.ctx.listener;
-        let max = l.max_command_line;
+        // RFC 2449 §4: 255 octets per command; a SASL response line may be
+        // longer (RFC 5034 §4), up to the listener's `max_command_line`
+        let max = if self.session.awaiting_sasl() {
+            l.max_command_line
+        } else {
+            command::MAX_COMMAND_LINE
+        };
         match self
             .conn
             .next_command(max, l.timeouts.command, self.deadline, &self.ctx.shutdown)
