@@ -998,11 +998,38 @@ async fn overlong_authorization_lines_are_refused() {
 #[tokio::test]
 async fn apop_early_backend_connections_are_bounded() {
     let be = Scripted::start().await;
-    let st = gateway(&be.addr, ", apop_max_pending: 2, apop_prelogin_timeout: 1s").await;
-    let (mut a, ga) = st.tls("apop").await;
-    let (_b, gb) = st.tls("apop").await;
-    assert!(ga.ends_with(TIMESTAMP) && gb.ends_with(TIMESTAMP));
-    let (mut c, gc) = st.tls("apop").await;
+    // its own listener name: the cap is counted per listener name in the process
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let yaml = format!(
+        r#"
+server: {{ hostname: gw.test }}
+listeners:
+  - {{ name: apop-bounded, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b, apop_max_pending: 2, apop_prelogin_timeout: 1s }}
+tls:
+  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
+backends:
+  b: {{ address: "{backend}" }}
+"#,
+        d = dir.path().display(),
+        backend = be.addr
+    );
+    let gw = common::start(&yaml).await;
+    let connect = || async {
+        let s = TcpStream::connect(gw.addr("apop-bounded").unwrap())
+            .await
+            .unwrap();
+        let mut c = tls_wrap(s, &ca).await;
+        let greeting = c.status().await;
+        (c, greeting)
+    };
+    let (mut a, ga) = connect().await;
+    let (_b, gb) = connect().await;
+    assert!(
+        ga.ends_with(TIMESTAMP) && gb.ends_with(TIMESTAMP),
+        "{ga} {gb}"
+    );
+    let (mut c, gc) = connect().await;
     assert!(gc.starts_with("-ERR [SYS/TEMP]"), "{gc}");
     assert!(c.rest(Duration::from_secs(5)).await.1, "closed");
     assert_eq!(be.connections.load(Ordering::SeqCst), 2);
@@ -1013,14 +1040,13 @@ async fn apop_early_backend_connections_are_bounded() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     tokio::time::sleep(Duration::from_millis(300)).await;
     // ... which frees their slots
-    let (mut d, gd) = st.tls("apop").await;
+    let (mut d, gd) = connect().await;
     assert!(gd.ends_with(TIMESTAMP), "{gd}");
     d.send(format!("APOP alice {APOP_DIGEST}\r\n").as_bytes())
         .await;
-    c = d;
-    c.ok().await;
+    d.ok().await;
     // logged in: the pre-login deadline no longer applies
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    c.send(b"STAT\r\n").await;
-    c.ok().await;
+    d.send(b"STAT\r\n").await;
+    d.ok().await;
 }

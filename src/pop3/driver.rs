@@ -23,7 +23,10 @@ use crate::policy::action::Action as PolicyAction;
 use crate::policy::{Decision, Facts};
 use crate::server::SessionCtx;
 use crate::transport::ClientStream;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
@@ -53,6 +56,10 @@ struct Driver {
     ctx: SessionCtx,
     peer: SocketAddr,
     backend: Option<Pop3Backend>,
+    /// Held while `backend` is the APOP greeting's connection and nobody
+    /// has logged in: counts against `apop_max_pending`, shortens the
+    /// command deadline to `apop_prelogin_timeout`.
+    early_slot: Option<EarlySlot>,
     /// The backend connection already carried a login attempt (it may have
     /// been closed by the backend since).
     backend_used: bool,
@@ -93,11 +100,25 @@ impl Driver {
             if tls.is_some() { "implicit" } else { "none" },
         );
         // APOP: the digest the client computes covers the backend's timestamp,
-        // so the backend must be reached before we greet
+        // so the backend must be reached before we greet — for at most
+        // `apop_max_pending` sessions at once: beyond that the listener is
+        // busy (-ERR [SYS/TEMP]), never silently without the APOP it offers
         let mut early_backend = None;
+        let mut early_slot = None;
         if l.apop {
+            let Some(slot) = EarlySlot::take(&l.name, l.apop_max_pending) else {
+                crate::observe::metrics().refused(&l.name, "apop_max_pending");
+                info!("APOP listener busy: apop_max_pending sessions wait for login");
+                let mut conn = Conn::new(stream);
+                reply::apop_busy().write_to(conn.output());
+                let _ = conn.flush(Duration::from_secs(5)).await;
+                return;
+            };
             match Pop3Backend::connect(&l.backend, &l.timeouts).await {
-                Ok(b) => early_backend = Some(b),
+                Ok(b) => {
+                    early_backend = Some(b);
+                    early_slot = Some(slot);
+                }
                 // greet without a timestamp; a later login retries the backend
                 Err(e) => warn!(error = %e, "backend (for the APOP timestamp)"),
             }
@@ -118,6 +139,7 @@ impl Driver {
             ctx,
             peer,
             backend: early_backend,
+            early_slot,
             backend_used: false,
             probed: false,
             tls,
@@ -180,9 +202,17 @@ impl Driver {
         } else {
             command::MAX_COMMAND_LINE
         };
+        if self.backend.is_none() {
+            self.early_slot = None;
+        }
+        let wait = if self.early_slot.is_some() {
+            l.timeouts.command.min(l.apop_prelogin_timeout)
+        } else {
+            l.timeouts.command
+        };
         match self
             .conn
-            .next_command(max, l.timeouts.command, self.deadline, &self.ctx.shutdown)
+            .next_command(max, wait, self.deadline, &self.ctx.shutdown)
             .await
         {
             Ok(line) => Ok(line),
@@ -427,6 +457,8 @@ impl Driver {
         let Some(b) = self.backend.take() else {
             return End::Error("no backend connection".into());
         };
+        // logged in: no longer a pre-login connection
+        self.early_slot = None;
         let caps = b.caps.clone();
         let (tcp, from_backend) = b.into_parts();
         // commands pipelined behind the login belong to the backend now
@@ -455,6 +487,36 @@ impl Driver {
             PipeEnd::ClientClosed if stats.quit => End::Quit,
             other => End::Pipe(other),
         }
+    }
+}
+
+/// One of an APOP listener's `apop_max_pending` pre-login backend
+/// connections; released when dropped. Counted per listener name, so a
+/// reload that changes the cap applies it to the sessions already counted.
+struct EarlySlot(Arc<AtomicUsize>);
+
+impl EarlySlot {
+    fn take(listener: &str, max: usize) -> Option<EarlySlot> {
+        static COUNTS: OnceLock<Mutex<HashMap<String, Arc<AtomicUsize>>>> = OnceLock::new();
+        let counter = {
+            let mut m = COUNTS
+                .get_or_init(Default::default)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            m.entry(listener.to_string()).or_default().clone()
+        };
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| EarlySlot(counter))
+    }
+}
+
+impl Drop for EarlySlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

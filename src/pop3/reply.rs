@@ -243,6 +243,11 @@ pub fn shutting_down() -> Reply {
 pub fn denied() -> Reply {
     Reply::err("[SYS/PERM] Access denied")
 }
+/// An APOP listener with `apop_max_pending` sessions already waiting for
+/// login (each holds a backend connection for its timestamp).
+pub fn apop_busy() -> Reply {
+    Reply::err("[SYS/TEMP] Too many connections waiting to log in, try again later")
+}
 /// Refusal beyond the listener's connection limit (server.rs).
 pub fn too_many_connections() -> Reply {
     Reply::err("[SYS/TEMP] Too many connections, try again later")
