@@ -2,7 +2,9 @@
 //! CAPA, and the login replayed in a form the backend supports — USER/PASS,
 //! SASL PLAIN when USER is missing
 //! or an authorization identity must be carried, or APOP. After `+OK` the
-//! connection is handed to the driver's byte pipe via [`Pop3Backend::into_parts`].
+//! connection is handed to the driver's pipe via [`Pop3Backend::into_parts`].
+//! Before each login command the conversation must be in step (nothing
+//! unread, not closed), or the attempt is not believed.
 //!
 //! Capabilities are learnt at every connection and kept per backend in a
 //! process-wide cache, so CAPA answers to clients (given before any backend

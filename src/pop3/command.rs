@@ -1,8 +1,7 @@
 //! POP3 command parser for the AUTHORIZATION state (RFC 1939, 2449, 2595,
 //! 5034), sans-IO, plus the SASL PLAIN decoding the session needs. Input is
-//! one line without its CRLF. After login mailgate no longer parses commands
-//! (the session is a byte pipe), so only what the gateway answers itself is
-//! understood here; transaction-state verbs are recognised only to say "not
+//! one line without its CRLF. TRANSACTION-state commands have their own
+//! parser (`transaction.rs`); here they are recognised only to say "not
 //! logged in" instead of "unknown".
 
 use std::fmt;

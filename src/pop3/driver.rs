@@ -1,6 +1,6 @@
 //! The one place that awaits for a POP3 session: it reads command lines, asks
 //! the pure [`Session`] what to do, talks to the backend, writes replies, and
-//! after login hands both connections to the byte [`pipe`](super::pipe).
+//! after login hands both connections to the [`pipe`](super::pipe).
 //! Every wait has its own deadline; replies to pipelined commands are written
 //! together, once no further command is buffered.
 //!

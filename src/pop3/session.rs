@@ -1,8 +1,8 @@
 //! The client-facing POP3 AUTHORIZATION state, sans-IO. The driver feeds it
 //! raw command lines and the outcomes of backend logins; it answers with an
 //! [`Action`]. After a successful login the session is over for this module:
-//! the driver turns the connection into a byte pipe to the backend, so the
-//! TRANSACTION and UPDATE states are exactly the backend's.
+//! the driver hands both connections to the pipe, where `transaction.rs`
+//! parses every command and the backend's answers pass unchanged.
 
 use super::command::{self, Command, ParseError, Plain, SaslError};
 use super::reply::{self, Reply};
