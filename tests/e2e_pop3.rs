@@ -549,16 +549,7 @@ try:
 except Exception as e:
     print("CLOSED")
 "#;
-            let (ok, out, err) = run(
-                Command::new(&py)
-                    .arg("-c")
-                    .arg(script)
-                    .arg(pop3s.to_string())
-                    .arg(ca),
-                dir.path(),
-            );
-            assert!(ok, "{err}");
-            let out = String::from_utf8(out).unwrap();
+            let out = python(dir.path(), script, pop3s, ca);
             let lines: Vec<&str> = out.lines().collect();
             assert_eq!(
                 lines,
@@ -573,6 +564,21 @@ except Exception as e:
             assert!(log.contains("auth failed"), "{log}");
         },
     );
+}
+
+/// Runs a Python `script` with the POP3S port and CA file as arguments; its stdout.
+fn python(dir: &Path, script: &str, port: u16, ca: &Path) -> String {
+    let py = common::require("python3");
+    let (ok, out, err) = run(
+        Command::new(&py)
+            .arg("-c")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(ca),
+        dir,
+    );
+    assert!(ok, "{err}");
+    String::from_utf8(out).unwrap()
 }
 
 /// Everything Dovecot's mail processes read from their clients after login
@@ -598,7 +604,6 @@ fn dovecot_sees_only_well_formed_transaction_commands() {
     let want: Vec<Vec<u8>> = source_messages().iter().map(|m| crlf(m)).collect();
     let out = with_gateway(dir.path(), &dovecot, ", max_errors: 20", |gw, ca| {
         let pop3s = gw.addr("pop3s").unwrap().port();
-        let py = common::require("python3");
         let script = r#"
 import poplib, ssl, sys
 ctx = ssl.create_default_context(cafile=sys.argv[2])
@@ -621,16 +626,7 @@ try:
 except Exception as e:
     print("FAILED " + repr(e))
 "#;
-        let (ok, out, err) = run(
-            Command::new(&py)
-                .arg("-c")
-                .arg(script)
-                .arg(pop3s.to_string())
-                .arg(ca),
-            dir.path(),
-        );
-        assert!(ok, "{err}");
-        String::from_utf8(out).unwrap()
+        python(dir.path(), script, pop3s, ca)
     });
     let seen = rawlog_in(dir.path());
     let text = String::from_utf8_lossy(&seen);

@@ -120,6 +120,14 @@ struct Scripted {
 
 impl Scripted {
     async fn start() -> Scripted {
+        Scripted::serve(scripted_session).await
+    }
+    /// Accepts connections, each served by `session` (with the shared line log).
+    async fn serve<F, Fut>(session: F) -> Scripted
+    where
+        F: Fn(TcpStream, Arc<Mutex<Vec<String>>>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let connections = Arc::new(AtomicUsize::new(0));
@@ -128,7 +136,7 @@ impl Scripted {
         tokio::spawn(async move {
             while let Ok((tcp, _)) = l.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(scripted_session(tcp, ls.clone()));
+                tokio::spawn(session(tcp, ls.clone()));
             }
         });
         Scripted {
@@ -677,22 +685,7 @@ enum Odd {
 /// A CAPA-capable backend (alice/secret) with one scripted misbehaviour; it
 /// records every line it receives, byte for byte (lossy UTF-8, CRLF cut).
 async fn odd_backend(kind: Odd) -> Scripted {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let (c, ls) = (connections.clone(), lines.clone());
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            c.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(odd_session(tcp, kind, ls.clone()));
-        }
-    });
-    Scripted {
-        addr,
-        connections,
-        lines,
-    }
+    Scripted::serve(move |tcp, log| odd_session(tcp, kind, log)).await
 }
 
 async fn odd_session(tcp: TcpStream, kind: Odd, log: Arc<Mutex<Vec<String>>>) {
