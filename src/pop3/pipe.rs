@@ -83,6 +83,33 @@ impl Shared {
     }
 }
 
+/// Writes the local answers due now: `None` if there were none, else
+/// `Some(close)`; a closing answer is flushed at once.
+async fn write_due<W: AsyncWrite + Unpin>(
+    cw: &mut W,
+    shared: &Mutex<Shared>,
+    bytes_out: &mut u64,
+) -> std::io::Result<Option<bool>> {
+    let mut wrote = None;
+    loop {
+        let due = shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replies
+            .take_local();
+        let Some((bytes, close)) = due else {
+            return Ok(wrote);
+        };
+        cw.write_all(&bytes).await?;
+        *bytes_out += bytes.len() as u64;
+        if close {
+            cw.flush().await?;
+            return Ok(Some(true));
+        }
+        wrote = Some(false);
+    }
+}
+
 /// Pipes until one side closes, the idle time passes without progress, or
 /// `deadline`. `to_backend` / `to_client` are bytes already read from the
 /// other side (pipelined commands, early backend output) and go first.
@@ -163,22 +190,14 @@ where
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 // local answers now due (nothing of the backend's before them)
-                let mut wrote = false;
-                loop {
-                    let due = lock().replies.take_local();
-                    let Some((bytes, close)) = due else { break };
-                    cw.write_all(&bytes).await?;
-                    down_bytes += bytes.len() as u64;
-                    wrote = true;
-                    if close {
+                match write_due(&mut cw, &shared, &mut down_bytes).await? {
+                    Some(true) => return Ok::<bool, std::io::Error>(true),
+                    Some(false) => {
                         cw.flush().await?;
-                        return Ok::<bool, std::io::Error>(true);
+                        touch();
+                        sent.notify_one();
                     }
-                }
-                if wrote {
-                    cw.flush().await?;
-                    touch();
-                    sent.notify_one();
+                    None => {}
                 }
                 let n = tokio::select! {
                     biased;
@@ -196,15 +215,8 @@ where
                         cw.write_all(&buf[at..at + k]).await?;
                         at += k;
                     }
-                    loop {
-                        let due = lock().replies.take_local();
-                        let Some((bytes, close)) = due else { break };
-                        cw.write_all(&bytes).await?;
-                        down_bytes += bytes.len() as u64;
-                        if close {
-                            cw.flush().await?;
-                            return Ok(true);
-                        }
+                    if write_due(&mut cw, &shared, &mut down_bytes).await? == Some(true) {
+                        return Ok(true);
                     }
                 }
                 // TLS buffers records until flushed
@@ -328,6 +340,43 @@ mod tests {
         assert_eq!((stats.retr, stats.dele, stats.quit), (1, 0, true));
         assert_eq!(stats.up, 14);
         assert_eq!(stats.down, body.len() as u64 + 9);
+    }
+
+    #[tokio::test]
+    async fn local_answers_stay_in_reply_order_and_never_reach_the_backend() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            relay(
+                client,
+                backend,
+                tx(),
+                b"STAT\r\nUSER bob\r\nretr 1\r\nPASS x\0\r\nQUIT\r\n",
+                b"",
+                Duration::from_secs(30),
+                Instant::now() + Duration::from_secs(60),
+                b"-ERR idle\r\n",
+                b"-ERR limit\r\n",
+            )
+            .await
+        });
+        let want_up = b"STAT\r\nRETR 1\r\nQUIT\r\n";
+        let mut got = vec![0u8; want_up.len()];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, want_up);
+        backend_peer
+            .write_all(b"+OK 1 3\r\n+OK\r\nhi\r\n.\r\n+OK bye\r\n")
+            .await
+            .unwrap();
+        drop(backend_peer);
+        let stats = task.await.unwrap();
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(
+            String::from_utf8(rest).unwrap(),
+            "+OK 1 3\r\n-ERR Already logged in\r\n+OK\r\nhi\r\n.\r\n-ERR Invalid characters in command\r\n+OK bye\r\n"
+        );
+        assert_eq!((stats.retr, stats.quit), (1, true));
     }
 
     #[tokio::test(start_paused = true)]
