@@ -95,7 +95,7 @@ pub fn smtp_command(data: &[u8]) {
     );
     let mut logins = 0u32;
     for line in lines(data) {
-        let mut action = if line.len() + 2 > MAX_COMMAND_LINE {
+        let mut action = if line.len() + 2 > pop3::command::MAX_COMMAND_LINE {
             s.line_too_long()
         } else if s.awaiting_auth_line() {
             s.auth_line(line)
@@ -410,6 +410,7 @@ fn check_pop3_reply(r: &pop3::reply::Reply) {
 /// POP3 AUTHORIZATION lines through `pop3::command::parse`, the SASL PLAIN
 /// decoder, base64, and the `pop3::session::Session` state machine.
 pub fn pop3_command(data: &[u8]) {
+    pop3_transaction(data);
     use pop3::command::{base64_decode, base64_encode, decode_plain};
     use pop3::session::{Action as P, LoginOutcome, Session as Pop3Session, Settings as P3};
     let mut s = Pop3Session::new(
@@ -459,7 +460,7 @@ pub fn pop3_command(data: &[u8]) {
         if !line.is_empty() {
             assert_eq!(base64_decode(&base64_encode(line)).as_deref(), Some(line));
         }
-        let mut action = if line.len() + 2 > MAX_COMMAND_LINE {
+        let mut action = if line.len() + 2 > pop3::command::MAX_COMMAND_LINE {
             s.line_too_long()
         } else {
             s.line(line)
@@ -509,5 +510,51 @@ pub fn pop3_command(data: &[u8]) {
                 }
             }
         }
+    }
+}
+
+/// The TRANSACTION state on raw client bytes (split once at an arbitrary
+/// point): only re-rendered, well-formed commands come out; the same bytes
+/// as a backend stream never make the reply-order tracker overrun or stall.
+fn pop3_transaction(data: &[u8]) {
+    use pop3::transaction::{Responses, Step, Transaction};
+    let caps = pop3::session::BackendCaps::from_capa(&["TOP", "UIDL"]);
+    let mut t = Transaction::new(caps, 50, 0);
+    let mut r = Responses::default();
+    let mid = data.len() / 2;
+    for part in [&data[..mid], &data[mid..]] {
+        for step in t.feed(part) {
+            match step {
+                Step::Forward { line, expect } => {
+                    assert!(line.len() <= pop3::command::MAX_COMMAND_LINE, "{line:?}");
+                    let body = line.strip_suffix("\r\n").expect("CRLF");
+                    assert!(
+                        body.bytes()
+                            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b' '),
+                        "{line:?}"
+                    );
+                    r.forwarded(expect);
+                }
+                Step::Reply(rep) => {
+                    check_pop3_reply(&rep);
+                    r.local(&rep, false);
+                }
+                Step::Close(rep) => {
+                    check_pop3_reply(&rep);
+                    r.local(&rep, true);
+                }
+            }
+        }
+    }
+    let mut at = 0;
+    while at < data.len() {
+        let k = r.split(&data[at..]);
+        assert!(k <= data.len() - at);
+        at += k;
+        let mut popped = 0;
+        while r.take_local().is_some() {
+            popped += 1;
+        }
+        assert!(k > 0 || popped > 0, "reply tracker stalled");
     }
 }

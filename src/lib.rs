@@ -25,11 +25,12 @@
 //!   reply.rs     every reply mailgate itself sends (RFC 2449/3206 codes)
 //!   session.rs   the pure AUTHORIZATION state machine: line in, `Action` out
 //!   driver.rs    the only code that awaits: socket, STLS, backend, timeouts
-//!   pipe.rs      TRANSACTION state: byte pipe, idle timer, RETR/DELE counts
+//!   transaction.rs TRANSACTION-state parser, reply order around local answers (sans-IO)
+//!   pipe.rs      TRANSACTION state I/O: parsed commands up, backend bytes down unchanged, idle timer
 //! backend/     clients of the legacy servers
 //!   reply.rs     SMTP reply parser (sans-IO, bounded)
 //!   smtp.rs      SMTP client: greeting, EHLO/HELO, MAIL/RCPT/DATA relay, RSET, QUIT
-//!   pop3.rs      POP3 client: greeting, CAPA, login replay, then a byte pipe
+//!   pop3.rs      POP3 client: greeting, CAPA, login replay (only while in step), then the pipe
 //!   probe.rs     periodic capability probe (what may be advertised end to end)
 //!   stream.rs    TLS to backends (implicit / STARTTLS), CA or SHA-256 pin verification
 //! auth/        SPF/DKIM/DMARC/ARC via mail-auth: bounded DNS cache, `Verifier`,

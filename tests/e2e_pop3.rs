@@ -121,9 +121,11 @@ fn start_dovecot(dir: &Path) -> Dovecot {
     .unwrap();
     chmod(&users, "0644");
     let d = dir.display();
-    for sub in ["run", "state"] {
+    for sub in ["run", "state", "rawlog"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }
+    // the mail process (uid 65534) writes what it reads after login here
+    chmod(&dir.join("rawlog"), "0777");
     let conf = dir.join("dovecot.conf");
     std::fs::write(
         &conf,
@@ -137,6 +139,7 @@ disable_plaintext_auth = no
 auth_mechanisms = plain
 log_path = {d}/dovecot.log
 mail_location = maildir:~/Maildir
+rawlog_dir = {d}/rawlog
 first_valid_uid = 1
 passdb {{
   driver = passwd-file
@@ -546,16 +549,7 @@ try:
 except Exception as e:
     print("CLOSED")
 "#;
-            let (ok, out, err) = run(
-                Command::new(&py)
-                    .arg("-c")
-                    .arg(script)
-                    .arg(pop3s.to_string())
-                    .arg(ca),
-                dir.path(),
-            );
-            assert!(ok, "{err}");
-            let out = String::from_utf8(out).unwrap();
+            let out = python(dir.path(), script, pop3s, ca);
             let lines: Vec<&str> = out.lines().collect();
             assert_eq!(
                 lines,
@@ -570,4 +564,87 @@ except Exception as e:
             assert!(log.contains("auth failed"), "{log}");
         },
     );
+}
+
+/// Runs a Python `script` with the POP3S port and CA file as arguments; its stdout.
+fn python(dir: &Path, script: &str, port: u16, ca: &Path) -> String {
+    let py = common::require("python3");
+    let (ok, out, err) = run(
+        Command::new(&py)
+            .arg("-c")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(ca),
+        dir,
+    );
+    assert!(ok, "{err}");
+    String::from_utf8(out).unwrap()
+}
+
+/// Everything Dovecot's mail processes read from their clients after login
+/// (its rawlog `*.in` files).
+fn rawlog_in(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir(dir.join("rawlog")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "in") {
+            all.extend_from_slice(&std::fs::read(&p).unwrap());
+        }
+    }
+    all
+}
+
+/// Issue 11 acceptance 3: after login, a second USER/PASS, NUL, bare LF and
+/// a 5,000-byte line are answered by mailgate and never reach Dovecot (its
+/// rawlog shows what its POP3 process read); retrieval stays byte-identical.
+#[test]
+fn dovecot_sees_only_well_formed_transaction_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let dovecot = start_dovecot(dir.path());
+    let want: Vec<Vec<u8>> = source_messages().iter().map(|m| crlf(m)).collect();
+    let out = with_gateway(dir.path(), &dovecot, ", max_errors: 20", |gw, ca| {
+        let pop3s = gw.addr("pop3s").unwrap().port();
+        let script = r#"
+import poplib, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+p = poplib.POP3_SSL("127.0.0.1", int(sys.argv[1]), context=ctx, timeout=20)
+p.user("alice")
+p.pass_("secret")
+try:
+    for raw in (b"USER bob\r\n", b"PASS guess\r\n", b"STAT\0\r\n", b"STAT\n",
+                b"X" * 5000 + b"\r\n", b"RETR 1 2\r\n"):
+        p.sock.sendall(raw)
+        try:
+            print("ANSWER " + p._getresp().decode())
+        except poplib.error_proto as e:
+            print("ANSWER " + e.args[0].decode())
+    count, _ = p.stat()
+    for i in range(1, count + 1):
+        resp, lines, octets = p.retr(i)
+        print("MSG " + (b"".join(l + b"\r\n" for l in lines)).hex())
+    p.quit()
+except Exception as e:
+    print("FAILED " + repr(e))
+"#;
+        python(dir.path(), script, pop3s, ca)
+    });
+    let seen = rawlog_in(dir.path());
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("STAT\r\n"), "rawlog: {text:?}");
+    for never in ["USER", "PASS", "\0", "STAT\n", "XXXX", "RETR 1 2"] {
+        assert!(!text.contains(never), "Dovecot read {never:?}: {text:?}");
+    }
+    assert!(text.contains("QUIT\r\n"), "rawlog: {text:?}");
+    let answers: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("ANSWER "))
+        .collect();
+    assert_eq!(answers.len(), 6, "{out}");
+    assert!(answers.iter().all(|a| a.starts_with("-ERR")), "{out}");
+    let msgs: Vec<Vec<u8>> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("MSG "))
+        .map(unhex)
+        .collect();
+    assert_same("poplib through mailgate", &msgs, &want);
 }

@@ -120,6 +120,14 @@ struct Scripted {
 
 impl Scripted {
     async fn start() -> Scripted {
+        Scripted::serve(scripted_session).await
+    }
+    /// Accepts connections, each served by `session` (with the shared line log).
+    async fn serve<F, Fut>(session: F) -> Scripted
+    where
+        F: Fn(TcpStream, Arc<Mutex<Vec<String>>>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let connections = Arc::new(AtomicUsize::new(0));
@@ -128,7 +136,7 @@ impl Scripted {
         tokio::spawn(async move {
             while let Ok((tcp, _)) = l.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(scripted_session(tcp, ls.clone()));
+                tokio::spawn(session(tcp, ls.clone()));
             }
         });
         Scripted {
@@ -659,4 +667,379 @@ async fn per_user_lock_spares_known_good_networks() {
     home.ok().await;
     let r = home.status().await;
     assert!(r.starts_with("+OK"), "known-good network: {r}");
+}
+
+// ---------------------------------------------------------------- hardening (issues 11, 19)
+
+/// How a [`odd_backend`] misbehaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Odd {
+    /// Behaves: CAPA with USER, UIDL and PIPELINING (no TOP).
+    Normal,
+    /// Writes a stray `+OK` right after its CAPA answer.
+    StrayOk,
+    /// After a failed login, says `-ERR Disconnected for inactivity` and closes.
+    IdleDisconnect,
+}
+
+/// A CAPA-capable backend (alice/secret) with one scripted misbehaviour; it
+/// records every line it receives, byte for byte (lossy UTF-8, CRLF cut).
+async fn odd_backend(kind: Odd) -> Scripted {
+    Scripted::serve(move |tcp, log| odd_session(tcp, kind, log)).await
+}
+
+async fn odd_session(tcp: TcpStream, kind: Odd, log: Arc<Mutex<Vec<String>>>) {
+    use tokio::io::AsyncBufReadExt;
+    let (r, mut w) = tcp.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let _ = w.write_all(b"+OK odd server ready\r\n").await;
+    let (mut user, mut logged_in) = (None, false);
+    loop {
+        let mut raw = Vec::new();
+        match r.read_until(b'\n', &mut raw).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&raw)
+            .trim_end_matches("\r\n")
+            .to_string();
+        log.lock().unwrap().push(line.clone());
+        let mut words = line.splitn(2, ' ');
+        let verb = words.next().unwrap_or("").to_ascii_uppercase();
+        let arg = words.next().unwrap_or("").to_string();
+        let out: Vec<u8> = match (verb.as_str(), logged_in) {
+            ("CAPA", _) => {
+                let mut v = b"+OK\r\nUSER\r\nUIDL\r\nPIPELINING\r\n.\r\n".to_vec();
+                if kind == Odd::StrayOk {
+                    v.extend_from_slice(b"+OK\r\n");
+                }
+                v
+            }
+            ("USER", false) => {
+                user = Some(arg);
+                b"+OK\r\n".to_vec()
+            }
+            ("PASS", false) if user.as_deref() == Some("alice") && arg == "secret" => {
+                logged_in = true;
+                b"+OK logged in\r\n".to_vec()
+            }
+            ("PASS", false) => {
+                let _ = w.write_all(b"-ERR [AUTH] odd: wrong password\r\n").await;
+                if kind == Odd::IdleDisconnect {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = w.write_all(b"-ERR Disconnected for inactivity\r\n").await;
+                    return;
+                }
+                continue;
+            }
+            ("STAT", true) => b"+OK 1 10\r\n".to_vec(),
+            ("UIDL", true) => b"+OK\r\n1 uid-one\r\n.\r\n".to_vec(),
+            ("QUIT", _) => {
+                let _ = w.write_all(b"+OK odd bye\r\n").await;
+                return;
+            }
+            _ => b"-ERR odd: unknown command\r\n".to_vec(),
+        };
+        if w.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What the backend received after the login (everything after `PASS secret`).
+fn after_login(lines: &[String]) -> Vec<String> {
+    let at = lines
+        .iter()
+        .position(|l| l == "PASS secret")
+        .expect("logged in");
+    lines[at + 1..].to_vec()
+}
+
+/// Issue 11 item 6: after login nothing unparsed reaches the backend.
+#[tokio::test]
+async fn transaction_state_answers_login_commands_and_bad_lines_locally() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, ", max_errors: 30").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS secret\r\n").await;
+    c.ok().await;
+    c.ok().await;
+    let long = format!("RETR {}\r\n", "1".repeat(5000));
+    let refused: Vec<&[u8]> = vec![
+        b"USER bob\r\n",
+        b"PASS guess\r\n",
+        b"APOP bob c4c9334bac560ecc979e58001b3e22fb\r\n",
+        b"AUTH PLAIN AGJvYgBndWVzcw==\r\n",
+        b"STLS\r\n",
+        b"STAT\0\r\n",
+        b"\0\r\n",
+        b"STAT\rRETR 1\r\n",
+        b"STAT\n",
+        long.as_bytes(),
+        b"RETR\r\n",
+        b"RETR -1\r\n",
+        b"RETR +1\r\n",
+        b"RETR 1 2\r\n",
+        b"RETR 4294967296\r\n",
+        b"DELE x\r\n",
+        b"LIST 1 2\r\n",
+        b"TOP 1\r\n",
+        b"STAT now\r\n",
+        b"XTND XMIT\r\n",
+    ];
+    for cmd in &refused {
+        c.send(cmd).await;
+        let r = c.err().await;
+        assert!(
+            !r.contains("scripted"),
+            "{:?} answered by the backend: {r}",
+            String::from_utf8_lossy(cmd)
+        );
+    }
+    // well-formed commands still flow, re-rendered
+    c.send(b"stat\r\n").await;
+    assert_eq!(c.ok().await, format!("+OK 1 {}", MSG1.len()));
+    c.send(b"retr 01\r\n").await;
+    c.ok().await;
+    assert_eq!(c.body().await, MSG1, "byte-identical retrieval");
+    c.send(b"QUIT\r\n").await;
+    assert_eq!(c.ok().await, "+OK scripted bye");
+    assert!(c.rest(Duration::from_secs(5)).await.1);
+    let lines = after_login(&be.lines());
+    assert_eq!(
+        lines,
+        ["STAT", "RETR 1", "QUIT"],
+        "the backend saw {lines:?}"
+    );
+}
+
+/// Pipelined commands mixing forwarded and locally answered ones: every
+/// reply comes in command order, the backend's bytes untouched.
+#[tokio::test]
+async fn transaction_pipelining_keeps_reply_order() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, "").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nUSER bob\r\nRETR 1\r\nCAPA\r\nRETR 1\r\nPASS x\r\nSTAT\r\nQUIT\r\n")
+        .await;
+    c.ok().await;
+    c.ok().await;
+    assert_eq!(c.ok().await, format!("+OK 1 {}", MSG1.len()));
+    c.err().await;
+    c.ok().await;
+    assert_eq!(c.body().await, MSG1);
+    c.ok().await;
+    let caps = String::from_utf8(c.body().await).unwrap();
+    assert!(!caps.contains("USER") && !caps.contains("SASL"), "{caps}");
+    c.ok().await;
+    assert_eq!(c.body().await, MSG1);
+    c.err().await;
+    assert_eq!(c.ok().await, format!("+OK 1 {}", MSG1.len()));
+    assert_eq!(c.ok().await, "+OK scripted bye");
+    assert!(c.rest(Duration::from_secs(5)).await.1);
+    assert_eq!(
+        after_login(&be.lines()),
+        ["STAT", "RETR 1", "RETR 1", "STAT", "QUIT"]
+    );
+}
+
+#[tokio::test]
+async fn transaction_errors_close_the_session() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, ", max_errors: 3").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS secret\r\n").await;
+    c.ok().await;
+    c.ok().await;
+    c.send(b"USER a\r\nUSER b\r\nUSER c\r\nUSER d\r\n").await;
+    c.err().await;
+    c.err().await;
+    assert_eq!(c.status().await, "-ERR Too many errors, closing connection");
+    assert!(c.rest(Duration::from_secs(5)).await.1);
+    assert!(after_login(&be.lines()).is_empty(), "{:?}", be.lines());
+}
+
+/// TOP and UIDL only where the backend announced them; CAPA in the
+/// TRANSACTION state is mailgate's own.
+#[tokio::test]
+async fn transaction_commands_follow_the_backends_caps() {
+    let be = odd_backend(Odd::Normal).await;
+    let st = gateway(&be.addr, "").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS secret\r\n").await;
+    c.ok().await;
+    assert_eq!(c.ok().await, "+OK logged in");
+    c.send(b"TOP 1 0\r\n").await;
+    let r = c.err().await;
+    assert!(!r.contains("odd"), "{r}");
+    c.send(b"UIDL\r\n").await;
+    c.ok().await;
+    assert_eq!(c.body().await, b"1 uid-one\r\n");
+    c.send(b"CAPA\r\n").await;
+    c.ok().await;
+    let caps = String::from_utf8(c.body().await).unwrap();
+    assert_eq!(caps, "UIDL\r\nPIPELINING\r\n");
+    c.send(b"QUIT\r\n").await;
+    c.ok().await;
+    assert_eq!(after_login(&be.lines()), ["UIDL", "QUIT"]);
+}
+
+/// Issue 19 item 4: a stray `+OK` after CAPA must not pass for the PASS reply.
+#[tokio::test]
+async fn stray_ok_after_capa_is_not_a_login() {
+    let be = odd_backend(Odd::StrayOk).await;
+    let st = gateway(&be.addr, ", max_login_failures: 1").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS wrong\r\n").await;
+    c.ok().await;
+    let r = c.status().await;
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    // a temporary error, not a failed login: the session stays open
+    c.send(b"NOOP\r\n").await;
+    assert_eq!(c.status().await, "+OK");
+    assert!(
+        !be.lines().iter().any(|l| l.starts_with("PASS")),
+        "{:?}",
+        be.lines()
+    );
+}
+
+/// Issue 19 item 4: an idle backend's parting `-ERR` is not a login result.
+#[tokio::test]
+async fn idle_backend_disconnect_is_not_a_failed_login() {
+    let be = odd_backend(Odd::IdleDisconnect).await;
+    let st = gateway(
+        &be.addr,
+        ", max_login_failures: 2, login_failure_delay: 10ms",
+    )
+    .await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS wrong\r\n").await;
+    c.ok().await;
+    assert_eq!(c.status().await, "-ERR [AUTH] odd: wrong password");
+    // the backend gives up on the connection meanwhile
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    c.send(b"USER alice\r\nPASS secret\r\n").await;
+    c.ok().await;
+    assert_eq!(c.status().await, "+OK logged in");
+    assert_eq!(be.connections.load(Ordering::SeqCst), 2);
+}
+
+/// Issue 19 item 5: user names with whitespace or controls never leave mailgate.
+#[tokio::test]
+async fn user_names_with_spaces_are_refused_locally() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, ", max_errors: 20").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    let bad_plain = [
+        plain_ir("alice x1", "secret"),
+        plain_ir("alice\u{a0}", "secret"),
+        base64_encode(b"admin x\0alice\0secret"),
+        base64_encode(b"\0ali\tce\0secret"),
+    ];
+    let mut cmds: Vec<String> = vec![
+        "USER alice STAT".into(),
+        "USER alice\tx".into(),
+        "USER alice\u{1b}[0m".into(),
+        format!("APOP alice\u{7f} {APOP_DIGEST}"),
+    ];
+    cmds.extend(bad_plain.iter().map(|ir| format!("AUTH PLAIN {ir}")));
+    for cmd in &cmds {
+        c.send(format!("{cmd}\r\n").as_bytes()).await;
+        let r = c.err().await;
+        assert!(!r.contains("scripted"), "{cmd:?}: {r}");
+        // a PASS after a refused USER has no user to go with
+        c.send(b"PASS secret\r\n").await;
+        c.err().await;
+    }
+    assert_eq!(
+        be.connections.load(Ordering::SeqCst),
+        0,
+        "nothing reached the backend: {:?}",
+        be.lines()
+    );
+}
+
+/// Issue 19 item 5: RFC 2449's 255 octets per command line also before login.
+#[tokio::test]
+async fn overlong_authorization_lines_are_refused() {
+    let be = Scripted::start().await;
+    let st = gateway(&be.addr, "").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    // 5 + 249 + 2 = 256 octets: one too many
+    let name = "a".repeat(249);
+    c.send(format!("USER {name}\r\n").as_bytes()).await;
+    assert_eq!(c.status().await, "-ERR Line too long");
+    c.send(b"PASS secret\r\n").await;
+    c.err().await;
+    // 255 octets exactly are fine
+    let name = "a".repeat(248);
+    c.send(format!("USER {name}\r\n").as_bytes()).await;
+    c.ok().await;
+    // a SASL response line may be longer (RFC 5034 §4), up to max_command_line
+    c.send(b"AUTH PLAIN\r\n").await;
+    assert_eq!(c.raw_line().await.unwrap(), b"+ \r\n");
+    let ir = plain_ir(&"b".repeat(150), &"p".repeat(150));
+    assert!(ir.len() > 255);
+    c.send(format!("{ir}\r\n").as_bytes()).await;
+    assert_eq!(c.status().await, "-ERR [AUTH] scripted: invalid password");
+    assert!(!be.lines().iter().any(|l| l.starts_with("USER aaa")));
+}
+
+/// Issue 19 item 9: silent connections to an APOP listener hold only a
+/// bounded number of backend sessions, and only briefly.
+#[tokio::test]
+async fn apop_early_backend_connections_are_bounded() {
+    let be = Scripted::start().await;
+    // its own listener name: the cap is counted per listener name in the process
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let yaml = format!(
+        r#"
+server: {{ hostname: gw.test }}
+listeners:
+  - {{ name: apop-bounded, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b, apop_max_pending: 2, apop_prelogin_timeout: 1s }}
+tls:
+  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
+backends:
+  b: {{ address: "{backend}" }}
+"#,
+        d = dir.path().display(),
+        backend = be.addr
+    );
+    let gw = common::start(&yaml).await;
+    let connect = || async {
+        let s = TcpStream::connect(gw.addr("apop-bounded").unwrap())
+            .await
+            .unwrap();
+        let mut c = tls_wrap(s, &ca).await;
+        let greeting = c.status().await;
+        (c, greeting)
+    };
+    let (mut a, ga) = connect().await;
+    let (_b, gb) = connect().await;
+    assert!(
+        ga.ends_with(TIMESTAMP) && gb.ends_with(TIMESTAMP),
+        "{ga} {gb}"
+    );
+    let (mut c, gc) = connect().await;
+    assert!(gc.starts_with("-ERR [SYS/TEMP]"), "{gc}");
+    assert!(c.rest(Duration::from_secs(5)).await.1, "closed");
+    assert_eq!(be.connections.load(Ordering::SeqCst), 2);
+    // the silent ones are closed after the pre-login deadline ...
+    let t = Instant::now();
+    let (rest, closed) = a.rest(Duration::from_secs(5)).await;
+    assert!(closed && rest.starts_with("-ERR"), "{rest:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... which frees their slots
+    let (mut d, gd) = connect().await;
+    assert!(gd.ends_with(TIMESTAMP), "{gd}");
+    d.send(format!("APOP alice {APOP_DIGEST}\r\n").as_bytes())
+        .await;
+    d.ok().await;
+    // logged in: the pre-login deadline no longer applies
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    d.send(b"STAT\r\n").await;
+    d.ok().await;
 }

@@ -2,7 +2,9 @@
 //! CAPA, and the login replayed in a form the backend supports — USER/PASS,
 //! SASL PLAIN when USER is missing
 //! or an authorization identity must be carried, or APOP. After `+OK` the
-//! connection is handed to the driver's byte pipe via [`Pop3Backend::into_parts`].
+//! connection is handed to the driver's pipe via [`Pop3Backend::into_parts`].
+//! Before each login command the conversation must be in step (nothing
+//! unread, not closed), or the attempt is not believed.
 //!
 //! Capabilities are learnt at every connection and kept per backend in a
 //! process-wide cache, so CAPA answers to clients (given before any backend
@@ -185,8 +187,9 @@ impl Pop3Backend {
         }
     }
 
-    /// Replays `login`. `Ok` carries what the backend decided; `Err` means the
-    /// connection is unusable.
+    /// Replays `login`. `Ok` carries what the backend decided (or
+    /// [`LoginOutcome::OutOfStep`]: it spoke out of turn, nothing decided);
+    /// `Err` means the connection is unusable.
     pub async fn login(&mut self, login: &Login) -> Result<LoginOutcome, BackendError> {
         let status = match login {
             Login::Password { user, pass } => {
@@ -210,22 +213,55 @@ impl Pop3Backend {
                 if self.timestamp.is_none() {
                     return Ok(LoginOutcome::Unsupported);
                 }
-                self.command(&format!("APOP {user} {digest}")).await?
+                self.login_command(&format!("APOP {user} {digest}")).await?
             }
         };
         match status {
-            Status::Ok(t) => Ok(LoginOutcome::Accepted(t)),
-            Status::Err(t) => Ok(LoginOutcome::Rejected(t)),
-            Status::Continue => Err(BackendError::Protocol("unexpected `+` to login".into())),
+            Some(Status::Ok(t)) => Ok(LoginOutcome::Accepted(t)),
+            Some(Status::Err(t)) => Ok(LoginOutcome::Rejected(t)),
+            None => Ok(LoginOutcome::OutOfStep),
+            Some(Status::Continue) => Err(BackendError::Protocol("unexpected `+` to login".into())),
         }
     }
 
-    async fn user_pass(&mut self, user: &str, pass: &str) -> Result<Status, BackendError> {
+    /// Whether the conversation is in step: nothing unread from the backend
+    /// and the connection not closed. A stray reply (or an idle backend's
+    /// parting `-ERR`) would otherwise be read as the answer to the next
+    /// login command, and every later answer as that of the one after.
+    async fn in_step(&mut self) -> bool {
+        if self.conn.buffered() > 0 {
+            tracing::warn!("POP3 backend sent data nobody asked for: out of step");
+            return false;
+        }
+        // polled once: anything already arrived, or EOF, shows now
+        match tokio::time::timeout(Duration::ZERO, self.conn.fill()).await {
+            Err(_) => true,
+            Ok(Ok(_)) => {
+                tracing::warn!("POP3 backend sent data nobody asked for: out of step");
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "POP3 backend connection gone before login");
+                false
+            }
+        }
+    }
+
+    /// A login command, sent only while the conversation is in step (`None`
+    /// otherwise: nothing was sent).
+    async fn login_command(&mut self, line: &str) -> Result<Option<Status>, BackendError> {
+        if !self.in_step().await {
+            return Ok(None);
+        }
+        self.command(line).await.map(Some)
+    }
+
+    async fn user_pass(&mut self, user: &str, pass: &str) -> Result<Option<Status>, BackendError> {
         // Not pipelined even where PIPELINING is announced: Dovecot 2.3 answers
         // a USER+PASS burst ~40 ms late (measured on loopback), while the
         // extra round trip costs ~0.1 ms.
-        match self.command(&format!("USER {user}")).await? {
-            Status::Ok(_) => self.command(&format!("PASS {pass}")).await,
+        match self.login_command(&format!("USER {user}")).await? {
+            Some(Status::Ok(_)) => self.login_command(&format!("PASS {pass}")).await,
             other => Ok(other),
         }
     }
@@ -235,11 +271,11 @@ impl Pop3Backend {
         authzid: &str,
         user: &str,
         pass: &str,
-    ) -> Result<Status, BackendError> {
+    ) -> Result<Option<Status>, BackendError> {
         let ir = base64_encode(format!("{authzid}\0{user}\0{pass}").as_bytes());
         // initial response (RFC 5034 §4); a server that still asks gets it again
-        match self.command(&format!("AUTH PLAIN {ir}")).await? {
-            Status::Continue => self.command(&ir).await,
+        match self.login_command(&format!("AUTH PLAIN {ir}")).await? {
+            Some(Status::Continue) => self.login_command(&ir).await,
             other => Ok(other),
         }
     }

@@ -146,6 +146,13 @@ pub struct ListenerFile {
     pub timeouts: TimeoutsFile,
     /// SMTP: MAIL commands per session (default 100); the next gets `421 4.7.0` and the close.
     pub max_transactions: Option<u32>,
+    /// POP3 with `apop: true`: sessions that may hold a backend connection
+    /// before login (for its greeting timestamp) at the same time; beyond it
+    /// new connections get `-ERR [SYS/TEMP]` and are closed (default 50).
+    pub apop_max_pending: Option<usize>,
+    /// POP3 with `apop: true`: while a session holds such a connection, each
+    /// command before login must come within this time (default 10s).
+    pub apop_prelogin_timeout: Option<Secs>,
 }
 
 /// Named deadlines. Defaults follow RFC 5321 §4.5.3.2 where it has a value.

@@ -118,6 +118,10 @@ pub struct Listener {
     pub max_transactions: u32,
     /// PROXY `LOCAL`/`UNKNOWN` (no client address) accepted from trusted peers.
     pub proxy_allow_local: bool,
+    /// APOP listeners: sessions holding a backend connection before login.
+    pub apop_max_pending: usize,
+    /// APOP listeners: the command deadline while such a connection is held.
+    pub apop_prelogin_timeout: Duration,
 }
 
 struct Source {
@@ -971,6 +975,12 @@ fn build_listener(
     let t = &l.timeouts;
     let d = |v: Option<units::Secs>, def: u64| v.map(|s| s.0).unwrap_or(Duration::from_secs(def));
     let max_message_size = l.max_message_size.map(|b| b.0).unwrap_or(25 * 1024 * 1024);
+    if l.apop_prelogin_timeout.is_some_and(|t| t.0.is_zero()) {
+        return Err(s.err(
+            &[name, "apop_prelogin_timeout"],
+            format!("listeners.{name}.apop_prelogin_timeout must be more than 0s"),
+        ));
+    }
     if max_message_size < 1024 {
         return Err(s.err(
             &[name, "max_message_size"],
@@ -1040,6 +1050,8 @@ fn build_listener(
             .as_ref()
             .and_then(|p| p.allow_local)
             .unwrap_or(false),
+        apop_max_pending: checked(l.apop_max_pending, 50, 1, 100_000, "apop_max_pending")?,
+        apop_prelogin_timeout: d(l.apop_prelogin_timeout, 10),
     })
 }
 
@@ -1090,6 +1102,13 @@ impl Config {
                     "  apop={} max_login_failures={} login_failure_delay={:?}",
                     l.apop, l.max_login_failures, l.login_failure_delay
                 );
+                if l.apop {
+                    let _ = writeln!(
+                        out,
+                        "  apop_max_pending={} apop_prelogin_timeout={:?}",
+                        l.apop_max_pending, l.apop_prelogin_timeout
+                    );
+                }
             }
             if let Some(p) = &l.policy {
                 let _ = writeln!(out, "  policy {} (evaluation order):", p.name);

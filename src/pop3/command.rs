@@ -1,8 +1,7 @@
 //! POP3 command parser for the AUTHORIZATION state (RFC 1939, 2449, 2595,
 //! 5034), sans-IO, plus the SASL PLAIN decoding the session needs. Input is
-//! one line without its CRLF. After login mailgate no longer parses commands
-//! (the session is a byte pipe), so only what the gateway answers itself is
-//! understood here; transaction-state verbs are recognised only to say "not
+//! one line without its CRLF. TRANSACTION-state commands have their own
+//! parser (`transaction.rs`); here they are recognised only to say "not
 //! logged in" instead of "unknown".
 
 use std::fmt;
@@ -11,6 +10,9 @@ use std::fmt;
 pub const MAX_USER: usize = 255;
 /// Longest password mailgate passes to a backend.
 pub const MAX_PASS: usize = 255;
+/// Longest command line, CRLF included (RFC 2449 §4). SASL response lines
+/// are not commands and may be longer (RFC 5034 §4: `max_command_line`).
+pub const MAX_COMMAND_LINE: usize = 255;
 
 #[derive(Clone, PartialEq, Eq)]
 pub enum Command {
@@ -138,6 +140,10 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
             if user.is_empty() {
                 return Err(ParseError::Syntax("USER needs a name"));
             }
+            // one name, one limiter key: `USER alice STAT` is not alice
+            if user.contains(' ') {
+                return Err(ParseError::Syntax("spaces in user name"));
+            }
             if user.len() > MAX_USER {
                 return Err(ParseError::Syntax("user name too long"));
             }
@@ -236,13 +242,22 @@ pub fn decode_plain(b64: &str) -> Result<Plain, SaslError> {
         }
         Ok(s.to_string())
     };
+    // names carry no whitespace at all (U+00A0 and friends included):
+    // `alice x1` must not be a second limiter key for alice
+    let name = |b: &[u8]| -> Result<String, SaslError> {
+        let n = s(b, MAX_USER)?;
+        if n.chars().any(char::is_whitespace) {
+            return Err(SaslError::Malformed);
+        }
+        Ok(n)
+    };
     let plain = Plain {
-        authzid: s(z, MAX_USER)?,
-        user: s(u, MAX_USER)?,
+        authzid: name(z)?,
+        user: name(u)?,
         pass: s(p, MAX_PASS)?,
     };
-    // the user goes into `USER name`: no spaces at its ends, and not empty
-    if plain.user.is_empty() || plain.user.trim() != plain.user || plain.pass.is_empty() {
+    // the user goes into `USER name`: not empty
+    if plain.user.is_empty() || plain.pass.is_empty() {
         return Err(SaslError::Malformed);
     }
     Ok(plain)
@@ -383,6 +398,16 @@ mod tests {
             (b"USER  ", ParseError::Syntax("USER needs a name")),
             (b"PASS", ParseError::Syntax("PASS needs a password")),
             (b"PASS ", ParseError::Syntax("PASS needs a password")),
+            (
+                b"USER alice STAT",
+                ParseError::Syntax("spaces in user name"),
+            ),
+            (b"USER a\tb", ParseError::Bytes),
+            (b"USER a\x1b[0m", ParseError::Bytes),
+            (
+                b"APOP al\x7fice c4c9334bac560ecc979e58001b3e22fb",
+                ParseError::Bytes,
+            ),
             (b"USER a\0b", ParseError::Bytes),
             (b"USER a\rPASS b", ParseError::Bytes),
             (b"USER j\xc3\xb6rg", ParseError::Bytes),
@@ -469,6 +494,13 @@ mod tests {
             }
         );
         let with_authz = base64_encode(b"admin\0alice\0pw");
+        // passwords may hold spaces
+        assert_eq!(
+            decode_plain(&base64_encode(b"\0alice\0s3 cr3t"))
+                .unwrap()
+                .pass,
+            "s3 cr3t"
+        );
         assert_eq!(decode_plain(&with_authz).unwrap().authzid, "admin");
         for (raw, want) in [
             (&b"alice\0secret"[..], SaslError::Malformed),
@@ -478,6 +510,10 @@ mod tests {
             (b"\0al\rice\0secret", SaslError::Malformed),
             (b"\0 alice\0secret", SaslError::Malformed),
             (b"\0\xff\0secret", SaslError::Malformed),
+            (b"\0alice x1\0secret", SaslError::Malformed),
+            (b"admin x\0alice\0secret", SaslError::Malformed),
+            (b"\0alice\xc2\xa0\0secret", SaslError::Malformed),
+            (b"\0alice\xc2\x85\0secret", SaslError::Malformed),
         ] {
             assert_eq!(decode_plain(&base64_encode(raw)), Err(want));
         }

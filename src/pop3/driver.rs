@@ -1,6 +1,6 @@
 //! The one place that awaits for a POP3 session: it reads command lines, asks
 //! the pure [`Session`] what to do, talks to the backend, writes replies, and
-//! after login hands both connections to the byte [`pipe`](super::pipe).
+//! after login hands both connections to the [`pipe`](super::pipe).
 //! Every wait has its own deadline; replies to pipelined commands are written
 //! together, once no further command is buffered.
 //!
@@ -14,6 +14,7 @@ use super::command;
 use super::pipe::{self, PipeEnd};
 use super::reply::{self, Reply};
 use super::session::{Action, Login, LoginOutcome, Session, Settings};
+use super::transaction::Transaction;
 use crate::backend::pop3::{self as backend, Pop3Backend};
 use crate::backend::BackendError;
 use crate::codec::{CodecError, Conn};
@@ -22,7 +23,10 @@ use crate::policy::action::Action as PolicyAction;
 use crate::policy::{Decision, Facts};
 use crate::server::SessionCtx;
 use crate::transport::ClientStream;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
@@ -52,6 +56,10 @@ struct Driver {
     ctx: SessionCtx,
     peer: SocketAddr,
     backend: Option<Pop3Backend>,
+    /// Held while `backend` is the APOP greeting's connection and nobody
+    /// has logged in: counts against `apop_max_pending`, shortens the
+    /// command deadline to `apop_prelogin_timeout`.
+    early_slot: Option<EarlySlot>,
     /// The backend connection already carried a login attempt (it may have
     /// been closed by the backend since).
     backend_used: bool,
@@ -92,11 +100,25 @@ impl Driver {
             if tls.is_some() { "implicit" } else { "none" },
         );
         // APOP: the digest the client computes covers the backend's timestamp,
-        // so the backend must be reached before we greet
+        // so the backend must be reached before we greet — for at most
+        // `apop_max_pending` sessions at once: beyond that the listener is
+        // busy (-ERR [SYS/TEMP]), never silently without the APOP it offers
         let mut early_backend = None;
+        let mut early_slot = None;
         if l.apop {
+            let Some(slot) = EarlySlot::take(&l.name, l.apop_max_pending) else {
+                crate::observe::metrics().refused(&l.name, "apop_max_pending");
+                info!("APOP listener busy: apop_max_pending sessions wait for login");
+                let mut conn = Conn::new(stream);
+                reply::apop_busy().write_to(conn.output());
+                let _ = conn.flush(Duration::from_secs(5)).await;
+                return;
+            };
             match Pop3Backend::connect(&l.backend, &l.timeouts).await {
-                Ok(b) => early_backend = Some(b),
+                Ok(b) => {
+                    early_backend = Some(b);
+                    early_slot = Some(slot);
+                }
                 // greet without a timestamp; a later login retries the backend
                 Err(e) => warn!(error = %e, "backend (for the APOP timestamp)"),
             }
@@ -117,6 +139,7 @@ impl Driver {
             ctx,
             peer,
             backend: early_backend,
+            early_slot,
             backend_used: false,
             probed: false,
             tls,
@@ -138,6 +161,7 @@ impl Driver {
             End::Pipe(PipeEnd::ClientClosed) => "client closed",
             End::Pipe(PipeEnd::Idle) => "idle timeout",
             End::Pipe(PipeEnd::SessionLimit) => "session limit",
+            End::Pipe(PipeEnd::TooManyErrors) => "too many errors",
             End::Pipe(PipeEnd::Error(e)) | End::Error(e) => e.as_str(),
         };
         // the user only; passwords and SASL payloads are never logged
@@ -171,10 +195,24 @@ impl Driver {
     /// idle between commands) and the session lifetime.
     async fn next_line(&mut self) -> Result<Result<bytes::BytesMut, CodecError>, End> {
         let l = &self.ctx.listener;
-        let max = l.max_command_line;
+        // RFC 2449 §4: 255 octets per command; a SASL response line may be
+        // longer (RFC 5034 §4), up to the listener's `max_command_line`
+        let max = if self.session.awaiting_sasl() {
+            l.max_command_line
+        } else {
+            command::MAX_COMMAND_LINE
+        };
+        if self.backend.is_none() {
+            self.early_slot = None;
+        }
+        let wait = if self.early_slot.is_some() {
+            l.timeouts.command.min(l.apop_prelogin_timeout)
+        } else {
+            l.timeouts.command
+        };
         match self
             .conn
-            .next_command(max, l.timeouts.command, self.deadline, &self.ctx.shutdown)
+            .next_command(max, wait, self.deadline, &self.ctx.shutdown)
             .await
         {
             Ok(line) => Ok(line),
@@ -360,9 +398,14 @@ impl Driver {
 
     async fn backend_login(&mut self, login: &Login) -> LoginOutcome {
         let l = self.ctx.listener.clone();
+        // APOP's digest covers the timestamp of the connection we greeted
+        // with: once that connection is gone, no other can carry it
+        let apop = matches!(login, Login::Apop { .. });
+        if apop && self.backend.is_none() {
+            return LoginOutcome::Failed;
+        }
         // a connection that already saw a failed login may have been closed by
-        // the backend since: then one fresh connection is tried (not for APOP,
-        // whose digest is bound to the first connection's timestamp)
+        // the backend since: then one fresh connection is tried (not for APOP)
         let retry = self.backend.is_some() && self.backend_used;
         for attempt in 0..2 {
             if self.backend.is_none() {
@@ -376,9 +419,18 @@ impl Driver {
             };
             self.backend_used = true;
             match b.login(login).await {
+                Ok(LoginOutcome::OutOfStep) => {
+                    // never a login result: a fresh connection, else temporary
+                    crate::observe::metrics().backend_failed(&l.backend.name);
+                    self.backend = None;
+                    if attempt == 0 && !apop {
+                        continue;
+                    }
+                    return LoginOutcome::OutOfStep;
+                }
                 Ok(o) => return o,
                 Err(e) => {
-                    if attempt == 0 && retry && !matches!(login, Login::Apop { .. }) {
+                    if attempt == 0 && retry && !apop {
                         debug!(error = %e, "backend connection lost; reconnecting");
                         self.backend = None;
                         continue;
@@ -405,14 +457,19 @@ impl Driver {
         let Some(b) = self.backend.take() else {
             return End::Error("no backend connection".into());
         };
+        // logged in: no longer a pre-login connection
+        self.early_slot = None;
+        let caps = b.caps.clone();
         let (tcp, from_backend) = b.into_parts();
         // commands pipelined behind the login belong to the backend now
         let to_backend = self.conn.take_buffered();
         let client = std::mem::replace(&mut self.conn.stream, ClientStream::Detached);
         let l = &self.ctx.listener;
+        let tx = Transaction::new(caps, l.max_errors, self.session.errors());
         let stats = pipe::relay(
             client,
             tcp,
+            tx,
             &to_backend,
             &from_backend,
             l.timeouts.idle,
@@ -430,6 +487,36 @@ impl Driver {
             PipeEnd::ClientClosed if stats.quit => End::Quit,
             other => End::Pipe(other),
         }
+    }
+}
+
+/// One of an APOP listener's `apop_max_pending` pre-login backend
+/// connections; released when dropped. Counted per listener name, so a
+/// reload that changes the cap applies it to the sessions already counted.
+struct EarlySlot(Arc<AtomicUsize>);
+
+impl EarlySlot {
+    fn take(listener: &str, max: usize) -> Option<EarlySlot> {
+        static COUNTS: OnceLock<Mutex<HashMap<String, Arc<AtomicUsize>>>> = OnceLock::new();
+        let counter = {
+            let mut m = COUNTS
+                .get_or_init(Default::default)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            m.entry(listener.to_string()).or_default().clone()
+        };
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| EarlySlot(counter))
+    }
+}
+
+impl Drop for EarlySlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

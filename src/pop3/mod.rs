@@ -4,9 +4,11 @@
 //! - `reply.rs`   every reply mailgate itself sends
 //! - `session.rs` the pure AUTHORIZATION-state machine: line in, `Action` out
 //! - `driver.rs`  the only code that awaits: socket, TLS, backend, timeouts
-//! - `pipe.rs`    the driver's TRANSACTION state: a byte pipe with an idle timer
+//! - `transaction.rs` TRANSACTION-state command parser and reply order (sans-IO)
+//! - `pipe.rs`    the driver's TRANSACTION state: the awaiting part, idle timer
 pub mod command;
 pub mod driver;
 pub mod pipe;
 pub mod reply;
 pub mod session;
+pub mod transaction;

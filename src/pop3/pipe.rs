@@ -1,15 +1,20 @@
-//! The TRANSACTION state: after a successful login the client and backend
-//! connections are joined byte for byte (multi-line answers, dot-stuffing and
-//! 8-bit data pass unchanged). Part of the driver's I/O; generic over the
+//! The TRANSACTION state's I/O: client lines go through the sans-IO
+//! [`Transaction`] (only well-formed, re-rendered commands reach the backend;
+//! the rest is answered here), backend bytes go to the client unchanged
+//! (multi-line answers, dot-stuffing and 8-bit data pass as they are), with
+//! [`Responses`] keeping local answers in reply order. Generic over the
 //! streams so it is tested with in-memory pipes.
 //!
 //! Each direction runs on its own so a pipelining client and a streaming
 //! backend never wait on each other; one idle timer covers both (any progress
 //! in either direction resets it), plus the session's absolute deadline.
 
+use super::transaction::{Responses, Step, Transaction};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// How long the backend may take to finish its answers after the client
@@ -17,6 +22,9 @@ use tokio::time::Instant;
 const DRAIN: Duration = Duration::from_secs(5);
 /// Writes of mailgate's own last words.
 const GOODBYE: Duration = Duration::from_secs(5);
+/// Replies owed to a pipelining client before its next read is waited for
+/// (bounds the reply-order queue).
+const MAX_OUTSTANDING: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PipeEnd {
@@ -28,6 +36,8 @@ pub enum PipeEnd {
     Idle,
     /// The session lifetime ran out.
     SessionLimit,
+    /// `max_errors` reached in the TRANSACTION state.
+    TooManyErrors,
     Error(String),
 }
 
@@ -37,47 +47,66 @@ pub struct PipeStats {
     pub up: u64,
     /// Bytes to the client.
     pub down: u64,
-    /// RETR / DELE / QUIT command lines seen from the client.
+    /// RETR / DELE / QUIT commands forwarded.
     pub retr: u32,
     pub dele: u32,
     pub quit: bool,
     pub end: PipeEnd,
 }
 
-/// Counts command verbs at line starts in the client's byte stream: cheap,
-/// and enough for the session log line (commands sent, not their success).
-#[derive(Default)]
-struct Scanner {
-    head: [u8; 5],
-    len: usize,
-    retr: u32,
-    dele: u32,
-    quit: bool,
+/// Both halves' view of the conversation. Locked only between awaits (both
+/// halves run in one task, so the lock is never contended), never across one.
+struct Shared {
+    tx: Transaction,
+    replies: Responses,
 }
 
-impl Scanner {
-    fn feed(&mut self, data: &[u8]) {
-        for &b in data {
-            if b == b'\n' {
-                if self.len == 4 && &self.head[..4] == b"QUIT" {
-                    self.quit = true;
+impl Shared {
+    /// Client bytes in: the commands to forward (rendered, in one buffer) and
+    /// whether the session closes after the answers queued.
+    fn client_bytes(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
+        for step in self.tx.feed(data) {
+            match step {
+                Step::Forward { line, expect } => {
+                    // queued before the write: the answer cannot come earlier
+                    self.replies.forwarded(expect);
+                    out.extend_from_slice(line.as_bytes());
                 }
-                self.len = 0;
-                continue;
-            }
-            if b == b'\r' || self.len >= 5 {
-                continue;
-            }
-            self.head[self.len] = b.to_ascii_uppercase();
-            self.len += 1;
-            if self.len == 5 {
-                match &self.head {
-                    b"RETR " => self.retr += 1,
-                    b"DELE " => self.dele += 1,
-                    _ => {}
+                Step::Reply(r) => self.replies.local(&r, false),
+                Step::Close(r) => {
+                    self.replies.local(&r, true);
+                    return true;
                 }
             }
         }
+        false
+    }
+}
+
+/// Writes the local answers due now: `None` if there were none, else
+/// `Some(close)`; a closing answer is flushed at once.
+async fn write_due<W: AsyncWrite + Unpin>(
+    cw: &mut W,
+    shared: &Mutex<Shared>,
+    bytes_out: &mut u64,
+) -> std::io::Result<Option<bool>> {
+    let mut wrote = None;
+    loop {
+        let due = shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replies
+            .take_local();
+        let Some((bytes, close)) = due else {
+            return Ok(wrote);
+        };
+        cw.write_all(&bytes).await?;
+        *bytes_out += bytes.len() as u64;
+        if close {
+            cw.flush().await?;
+            return Ok(Some(true));
+        }
+        wrote = Some(false);
     }
 }
 
@@ -89,6 +118,7 @@ impl Scanner {
 pub async fn relay<C, B>(
     client: C,
     backend: B,
+    tx: Transaction,
     to_backend: &[u8],
     to_client: &[u8],
     idle: Duration,
@@ -108,32 +138,47 @@ where
     let touch = || {
         activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     };
-    let mut scanner = Scanner::default();
+    let shared = Mutex::new(Shared {
+        tx,
+        replies: Responses::default(),
+    });
+    let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+    // up → down: a local answer was queued; down → up: replies went out
+    let queued = Notify::new();
+    let sent = Notify::new();
     let mut up_bytes = to_backend.len() as u64;
     let mut down_bytes = 0u64;
-    scanner.feed(to_backend);
 
     let end = {
         let up = async {
-            if !to_backend.is_empty() {
-                bw.write_all(to_backend).await?;
-                bw.flush().await?;
-            }
             let mut buf = vec![0u8; 4096];
+            let mut out = Vec::new();
+            let mut data: &[u8] = to_backend;
             loop {
+                out.clear();
+                let close = lock().client_bytes(data, &mut out);
+                queued.notify_one();
+                if !out.is_empty() {
+                    bw.write_all(&out).await?;
+                    bw.flush().await?;
+                    touch();
+                }
+                if close {
+                    return Ok::<bool, std::io::Error>(true);
+                }
+                while lock().replies.len() >= MAX_OUTSTANDING {
+                    sent.notified().await;
+                }
                 let n = cr.read(&mut buf).await?;
                 if n == 0 {
                     // let the backend see EOF (it ends the session without UPDATE
                     // unless QUIT came first, RFC 1939 §6)
                     let _ = bw.shutdown().await;
-                    return Ok::<(), std::io::Error>(());
+                    return Ok(false);
                 }
                 touch();
                 up_bytes += n as u64;
-                scanner.feed(&buf[..n]);
-                bw.write_all(&buf[..n]).await?;
-                bw.flush().await?;
-                touch();
+                data = &buf[..n];
             }
         };
         let down = async {
@@ -144,16 +189,41 @@ where
             }
             let mut buf = vec![0u8; 16 * 1024];
             loop {
-                let n = br.read(&mut buf).await?;
+                // local answers now due (nothing of the backend's before them)
+                match write_due(&mut cw, &shared, &mut down_bytes).await? {
+                    Some(true) => return Ok::<bool, std::io::Error>(true),
+                    Some(false) => {
+                        cw.flush().await?;
+                        touch();
+                        sent.notify_one();
+                    }
+                    None => {}
+                }
+                let n = tokio::select! {
+                    biased;
+                    r = br.read(&mut buf) => r?,
+                    _ = queued.notified() => continue,
+                };
                 if n == 0 {
-                    return Ok::<(), std::io::Error>(());
+                    return Ok(false);
                 }
                 touch();
-                cw.write_all(&buf[..n]).await?;
+                let mut at = 0;
+                while at < n {
+                    let k = lock().replies.split(&buf[at..n]);
+                    if k > 0 {
+                        cw.write_all(&buf[at..at + k]).await?;
+                        at += k;
+                    }
+                    if write_due(&mut cw, &shared, &mut down_bytes).await? == Some(true) {
+                        return Ok(true);
+                    }
+                }
                 // TLS buffers records until flushed
                 cw.flush().await?;
                 down_bytes += n as u64;
                 touch();
+                sent.notify_one();
             }
         };
         let watchdog = async {
@@ -173,18 +243,24 @@ where
         tokio::pin!(up, down, watchdog);
         tokio::select! {
             r = &mut up => match r {
-                Ok(()) => {
-                    // the backend's last answers (QUIT's +OK) still go out
+                Ok(closing) => {
+                    // the backend's last answers (QUIT's +OK, or those before
+                    // the too-many-errors reply) still go out
                     tokio::select! {
                         _ = &mut down => {}
                         _ = tokio::time::sleep(DRAIN) => {}
                     }
-                    PipeEnd::ClientClosed
+                    if closing {
+                        PipeEnd::TooManyErrors
+                    } else {
+                        PipeEnd::ClientClosed
+                    }
                 }
                 Err(e) => PipeEnd::Error(format!("client→backend: {e}")),
             },
             r = &mut down => match r {
-                Ok(()) => PipeEnd::BackendClosed,
+                Ok(true) => PipeEnd::TooManyErrors,
+                Ok(false) => PipeEnd::BackendClosed,
                 Err(e) => PipeEnd::Error(format!("backend→client: {e}")),
             },
             e = &mut watchdog => e,
@@ -204,12 +280,13 @@ where
         let _ = cw.shutdown().await;
     })
     .await;
+    let tx = shared.into_inner().unwrap_or_else(|e| e.into_inner()).tx;
     PipeStats {
         up: up_bytes,
         down: down_bytes,
-        retr: scanner.retr,
-        dele: scanner.dele,
-        quit: scanner.quit,
+        retr: tx.retr,
+        dele: tx.dele,
+        quit: tx.quit,
         end,
     }
 }
@@ -217,15 +294,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pop3::session::BackendCaps;
     use tokio::io::duplex;
 
-    #[test]
-    fn scanner_counts_verbs() {
-        let mut s = Scanner::default();
-        s.feed(b"STAT\r\nRETR 1\r\nre");
-        s.feed(b"tr 2\r\nDELE 1\r\nRETRX\r\nLIST\r\nTOP 1 0\r\nQUI");
-        s.feed(b"T\r\n");
-        assert_eq!((s.retr, s.dele, s.quit), (2, 1, true));
+    fn tx() -> Transaction {
+        Transaction::new(BackendCaps::rfc1939(), 10, 0)
     }
 
     #[tokio::test]
@@ -236,6 +309,7 @@ mod tests {
             relay(
                 client,
                 backend,
+                tx(),
                 b"RETR 1\r\n",
                 b"",
                 Duration::from_secs(30),
@@ -268,6 +342,43 @@ mod tests {
         assert_eq!(stats.down, body.len() as u64 + 9);
     }
 
+    #[tokio::test]
+    async fn local_answers_stay_in_reply_order_and_never_reach_the_backend() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            relay(
+                client,
+                backend,
+                tx(),
+                b"STAT\r\nUSER bob\r\nretr 1\r\nPASS x\0\r\nQUIT\r\n",
+                b"",
+                Duration::from_secs(30),
+                Instant::now() + Duration::from_secs(60),
+                b"-ERR idle\r\n",
+                b"-ERR limit\r\n",
+            )
+            .await
+        });
+        let want_up = b"STAT\r\nRETR 1\r\nQUIT\r\n";
+        let mut got = vec![0u8; want_up.len()];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, want_up);
+        backend_peer
+            .write_all(b"+OK 1 3\r\n+OK\r\nhi\r\n.\r\n+OK bye\r\n")
+            .await
+            .unwrap();
+        drop(backend_peer);
+        let stats = task.await.unwrap();
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(
+            String::from_utf8(rest).unwrap(),
+            "+OK 1 3\r\n-ERR Already logged in\r\n+OK\r\nhi\r\n.\r\n-ERR Invalid characters in command\r\n+OK bye\r\n"
+        );
+        assert_eq!((stats.retr, stats.quit), (1, true));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_tells_the_client() {
         let (client, mut client_peer) = duplex(1 << 16);
@@ -275,6 +386,7 @@ mod tests {
         let stats = relay(
             client,
             backend,
+            tx(),
             b"",
             b"+OK early\r\n",
             Duration::from_secs(30),
@@ -305,6 +417,7 @@ mod tests {
         let stats = relay(
             client,
             backend,
+            tx(),
             b"",
             b"",
             Duration::from_secs(30),

@@ -204,6 +204,14 @@ pub fn not_logged_in() -> Reply {
 pub fn unknown_command() -> Reply {
     Reply::err("Unknown command")
 }
+/// A login or STLS command after login (TRANSACTION state): never relayed.
+pub fn already_logged_in() -> Reply {
+    Reply::err("Already logged in")
+}
+/// TOP / UIDL where the backend did not announce them.
+pub fn command_unavailable() -> Reply {
+    Reply::err("Command not supported by this mail server")
+}
 pub fn syntax(why: &str) -> Reply {
     Reply::err(format!("Syntax error: {why}"))
 }
@@ -234,6 +242,11 @@ pub fn shutting_down() -> Reply {
 /// Refusal of a connection from a denied network (server.rs).
 pub fn denied() -> Reply {
     Reply::err("[SYS/PERM] Access denied")
+}
+/// An APOP listener with `apop_max_pending` sessions already waiting for
+/// login (each holds a backend connection for its timestamp).
+pub fn apop_busy() -> Reply {
+    Reply::err("[SYS/TEMP] Too many connections waiting to log in, try again later")
 }
 /// Refusal beyond the listener's connection limit (server.rs).
 pub fn too_many_connections() -> Reply {

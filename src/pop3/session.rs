@@ -1,8 +1,8 @@
 //! The client-facing POP3 AUTHORIZATION state, sans-IO. The driver feeds it
 //! raw command lines and the outcomes of backend logins; it answers with an
 //! [`Action`]. After a successful login the session is over for this module:
-//! the driver turns the connection into a byte pipe to the backend, so the
-//! TRANSACTION and UPDATE states are exactly the backend's.
+//! the driver hands both connections to the pipe, where `transaction.rs`
+//! parses every command and the backend's answers pass unchanged.
 
 use super::command::{self, Command, ParseError, Plain, SaslError};
 use super::reply::{self, Reply};
@@ -110,6 +110,10 @@ pub enum LoginOutcome {
     Failed,
     /// The backend sent something that is not a POP3 status line.
     Invalid,
+    /// The backend spoke out of turn (unsolicited data) or had closed before
+    /// a login command: its next reply would not have been the answer.
+    /// Temporary, never a login result.
+    OutOfStep,
     /// The policy refused the login before it reached the backend (failed-login
     /// lock, login rate): `temporary` for tempfail, else reject.
     Refused { temporary: bool },
@@ -191,6 +195,11 @@ impl Session {
     /// Login commands are accepted now (TLS is active or not required).
     pub fn login_allowed(&self) -> bool {
         self.tls || !self.settings.require_tls
+    }
+
+    /// Protocol errors so far (they keep counting after login).
+    pub fn errors(&self) -> u32 {
+        self.errors
     }
 
     /// The next line is a SASL response, not a command (never log it).
@@ -385,7 +394,7 @@ impl Session {
             LoginOutcome::Unsupported if authzid => self.error(reply::authzid_unsupported()),
             LoginOutcome::Unsupported => self.error(reply::backend_cannot_login()),
             LoginOutcome::Unavailable => self.error(reply::backend_unavailable()),
-            LoginOutcome::Failed => self.error(reply::backend_failed()),
+            LoginOutcome::Failed | LoginOutcome::OutOfStep => self.error(reply::backend_failed()),
             LoginOutcome::Invalid => self.error(reply::backend_bad_reply()),
         }
     }
@@ -651,6 +660,12 @@ mod tests {
             wire(&s.login_result(LoginOutcome::Unavailable)),
             "-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later\r\n"
         );
+        // out of step: temporary, and not a failed login
+        assert_eq!(
+            wire(&s.login_result(LoginOutcome::OutOfStep)),
+            "-ERR [SYS/TEMP] Connection to the mail server failed, try again later\r\n"
+        );
+        assert_eq!(s.failures, 1);
         assert_eq!(
             s.login_result(LoginOutcome::Rejected(String::new())),
             Action::LoginFailed {
