@@ -680,8 +680,13 @@ async fn accept_loop(
 
 /// One accepted connection: PROXY header (from trusted balancers only), the
 /// policy's connect stage with the real client address, then the protocol.
-async fn connection(mut tcp: TcpStream, mut peer: SocketAddr, mut ctx: SessionCtx) {
+async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
     let l = ctx.listener.clone();
+    // a dual-stack `[::]` socket reports IPv4 clients as ::ffff:a.b.c.d: one
+    // client is one address in logs, limits and headers, whatever the socket
+    use crate::config::units::canonical_socket;
+    let mut peer = canonical_socket(peer);
+    ctx.local = canonical_socket(ctx.local);
     if let Some((trusted, deadline)) = &l.proxy_trusted {
         if !trusted.iter().any(|n| n.contains(peer.ip())) {
             warn!(listener = %l.name, %peer, "connection from an untrusted peer on a PROXY protocol listener closed");
