@@ -32,7 +32,7 @@ pub mod verify;
 
 pub use cache::DnsStats;
 pub use dns::{DnsFile, DnsSettings};
-pub use headers::{authentication_results, received_spf, strip_forged};
+pub use headers::{authentication_results, authserv_id, received_spf, strip_forged};
 pub use policy::{
     decide, decisions, ArcActions, AuthPolicy, DkimActions, DmarcActions, SpfActions, Verdict,
 };

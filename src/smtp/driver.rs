@@ -550,14 +550,11 @@ impl Driver {
         // other headers or the body, so existing signatures stay valid)
         let mut auth_headers = String::new();
         let mut body = body;
-        if let (Some(policy), Some(verifier)) = (self.ctx.policy.clone(), self.ctx.verifier.clone())
-        {
-            if let Some(auth) = policy.spec().auth.as_ref() {
-                let authserv_id = if auth.authserv_id.is_empty() {
-                    l.hostname.clone()
-                } else {
-                    auth.authserv_id.clone()
-                };
+        let policy = self.ctx.policy.clone();
+        let auth = policy.as_ref().and_then(|p| p.spec().auth.as_ref());
+        let authserv_id = crate::auth::authserv_id(auth, &l.hostname).to_string();
+        if let (Some(auth), Some(verifier)) = (auth, self.ctx.verifier.clone()) {
+            {
                 let checks = auth.checks();
                 let outcome = if checks.any() {
                     let helo = self.session.helo.clone().unwrap_or_default();
@@ -600,12 +597,6 @@ impl Driver {
                 } else {
                     None
                 };
-                if let std::borrow::Cow::Owned(stripped) =
-                    crate::auth::strip_forged(&body, &authserv_id)
-                {
-                    warn!(authserv_id = %authserv_id, "removed Authentication-Results claiming our authserv-id");
-                    body = stripped;
-                }
                 auth_headers.push_str(&crate::auth::authentication_results(
                     &authserv_id,
                     self.spf.as_ref(),
@@ -615,6 +606,11 @@ impl Driver {
                     auth_headers.push_str(&crate::auth::received_spf(spf));
                 }
             }
+        }
+        // on every listener, checks or not: the backend may trust our id
+        if let std::borrow::Cow::Owned(stripped) = crate::auth::strip_forged(&body, &authserv_id) {
+            warn!(authserv_id = %authserv_id, "removed Authentication-Results claiming our authserv-id");
+            body = stripped;
         }
         let header = data::received_header(&data::TraceInfo {
             helo: self.session.helo.as_deref().unwrap_or("unknown"),
