@@ -49,6 +49,8 @@ struct Driver {
     messages: u32,
     /// SPF result of the current transaction (for DMARC and the A-R header).
     spf: Option<crate::auth::SpfOutcome>,
+    /// DNS queries of this session's checks.
+    dns_budget: crate::auth::DnsBudget,
 }
 
 impl Driver {
@@ -101,6 +103,7 @@ impl Driver {
             tls,
             messages: 0,
             spf: None,
+            dns_budget: crate::auth::DnsBudget::new(),
         };
         let end = d.serve().await;
         crate::observe::metrics().bytes(&l.name, d.conn.bytes_in, d.conn.bytes_out);
@@ -321,15 +324,22 @@ impl Driver {
     /// `Some(reply)` refuses the MAIL.
     async fn check_spf(&mut self, from: &str) -> Option<Reply> {
         self.spf = None;
+        self.dns_budget.new_message();
         let (policy, verifier) = (self.ctx.policy.clone()?, self.ctx.verifier.clone()?);
         let auth = policy.spec().auth.as_ref()?;
         if !auth.wants_spf() {
             return None;
         }
         let helo = self.session.helo.clone().unwrap_or_default();
-        let spf = verifier
-            .spf(self.peer.ip(), &helo, &self.ctx.listener.hostname, from)
-            .await;
+        let spf = crate::auth::worker::spf(
+            verifier,
+            self.dns_budget.clone(),
+            self.peer.ip(),
+            helo,
+            self.ctx.listener.hostname.clone(),
+            from.to_string(),
+        )
+        .await;
         crate::observe::metrics().auth_result("spf", spf.result.as_str());
         let verdict = crate::auth::decide(auth, &spf);
         info!(result = spf.result.as_str(), domain = %spf.domain, action = verdict.action.as_str(), "spf");
@@ -554,57 +564,57 @@ impl Driver {
         let auth = policy.as_ref().and_then(|p| p.spec().auth.as_ref());
         let authserv_id = crate::auth::authserv_id(auth, &l.hostname).to_string();
         if let (Some(auth), Some(verifier)) = (auth, self.ctx.verifier.clone()) {
-            {
-                let checks = auth.checks();
-                let outcome = if checks.any() {
-                    let helo = self.session.helo.clone().unwrap_or_default();
-                    let o = verifier
-                        .message(
-                            &body,
-                            self.peer.ip(),
-                            &helo,
-                            &from,
-                            self.spf.as_ref(),
-                            checks,
-                        )
-                        .await;
-                    let m = crate::observe::metrics();
-                    if let Some((r, _)) = o.dkim_summary() {
-                        m.auth_result("dkim", r.as_str());
-                    }
-                    if let Some(d) = &o.dmarc {
-                        m.auth_result("dmarc", d.result.as_str());
-                    }
-                    if let Some(a) = &o.arc {
-                        m.auth_result("arc", a.result.as_str());
-                    }
-                    let verdict = crate::auth::decide(auth, &o);
-                    if let Some(r) = self.auth_verdict(&verdict).await {
-                        info!(from = %from, rcpts = rcpts.len(), size = rx.received, check = verdict.check, result = %r.summary(), "transaction refused by authentication policy");
-                        crate::observe::metrics().outcome(
-                            &l.name,
-                            if r.code >= 500 {
-                                "rejected"
-                            } else {
-                                "tempfail"
-                            },
-                        );
-                        self.session.tx = None;
-                        self.queue(&r);
-                        return smuggling_guard;
-                    }
-                    Some(o)
-                } else {
-                    None
-                };
-                auth_headers.push_str(&crate::auth::authentication_results(
-                    &authserv_id,
-                    self.spf.as_ref(),
-                    outcome.as_ref(),
-                ));
-                if let Some(spf) = &self.spf {
-                    auth_headers.push_str(&crate::auth::received_spf(spf));
+            let checks = auth.checks();
+            let outcome = if checks.any() {
+                let helo = self.session.helo.clone().unwrap_or_default();
+                let (b, o) = crate::auth::worker::message(
+                    verifier,
+                    self.dns_budget.clone(),
+                    std::mem::take(&mut body),
+                    self.peer.ip(),
+                    helo,
+                    from.clone(),
+                    self.spf.clone(),
+                    checks,
+                )
+                .await;
+                body = b;
+                let m = crate::observe::metrics();
+                if let Some((r, _)) = o.dkim_summary() {
+                    m.auth_result("dkim", r.as_str());
                 }
+                if let Some(d) = &o.dmarc {
+                    m.auth_result("dmarc", d.result.as_str());
+                }
+                if let Some(a) = &o.arc {
+                    m.auth_result("arc", a.result.as_str());
+                }
+                let verdict = crate::auth::decide(auth, &o);
+                if let Some(r) = self.auth_verdict(&verdict).await {
+                    info!(from = %from, rcpts = rcpts.len(), size = rx.received, check = verdict.check, result = %r.summary(), "transaction refused by authentication policy");
+                    crate::observe::metrics().outcome(
+                        &l.name,
+                        if r.code >= 500 {
+                            "rejected"
+                        } else {
+                            "tempfail"
+                        },
+                    );
+                    self.session.tx = None;
+                    self.queue(&r);
+                    return smuggling_guard;
+                }
+                Some(o)
+            } else {
+                None
+            };
+            auth_headers.push_str(&crate::auth::authentication_results(
+                &authserv_id,
+                self.spf.as_ref(),
+                outcome.as_ref(),
+            ));
+            if let Some(spf) = &self.spf {
+                auth_headers.push_str(&crate::auth::received_spf(spf));
             }
         }
         // on every listener, checks or not: the backend may trust our id
