@@ -207,12 +207,17 @@ pub fn strip_forged<'a>(raw: &'a [u8], authserv_id: &str) -> Cow<'a, [u8]> {
             remove.push(start..pos);
         }
     }
-    if remove.is_empty() {
+    without(raw, remove)
+}
+
+/// `raw` without the (ordered, disjoint) `ranges`; borrowed when there are none.
+pub(crate) fn without(raw: &[u8], ranges: Vec<Range<usize>>) -> Cow<'_, [u8]> {
+    if ranges.is_empty() {
         return Cow::Borrowed(raw);
     }
     let mut out = Vec::with_capacity(raw.len());
     let mut at = 0;
-    for r in remove {
+    for r in ranges {
         out.extend_from_slice(&raw[at..r.start]);
         at = r.end;
     }

@@ -809,20 +809,8 @@ impl<'a> Plan<'a> {
                 )
             })
         };
-        let message = if drop.is_empty() {
-            Cow::Borrowed(raw)
-        } else {
-            let mut out = Vec::with_capacity(raw.len());
-            let mut at = 0;
-            for r in drop {
-                out.extend_from_slice(&raw[at..r.start]);
-                at = r.end;
-            }
-            out.extend_from_slice(&raw[at..]);
-            Cow::Owned(out)
-        };
         Plan {
-            message,
+            message: super::headers::without(raw, drop),
             dkim_skipped,
             arc_sets,
             arc_refused,
