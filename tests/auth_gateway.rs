@@ -391,28 +391,34 @@ async fn oversized_spf_record_is_permerror_and_not_cached() {
 /// DNS server sees a handful of queries, not 1 + 10 × 11.
 #[tokio::test]
 async fn spf_void_lookup_limit() {
+    spf_void_lookup_limit_in("void.example").await;
+    // negative answers without SOA are not cached by mail-auth: still voids
+    spf_void_lookup_limit_in("nosoa.void.example").await;
+}
+
+async fn spf_void_lookup_limit_in(zone_name: &str) {
     let mut z = zone();
-    let mechs: Vec<String> = (1..=10).map(|k| format!("mx:m{k}.void.example")).collect();
-    z.add_txt("void.example", &format!("v=spf1 {} -all", mechs.join(" ")));
+    let mechs: Vec<String> = (1..=10).map(|k| format!("mx:m{k}.{zone_name}")).collect();
+    z.add_txt(zone_name, &format!("v=spf1 {} -all", mechs.join(" ")));
     for k in 1..=10 {
         for j in 1..=10 {
             z.push(
-                &format!("m{k}.void.example"),
+                &format!("m{k}.{zone_name}"),
                 dns::Entry::Rec(
                     dns::Type::Mx,
-                    dns::Value::Mx(j, format!("h{j}.m{k}.void.example")),
+                    dns::Value::Mx(j, format!("h{j}.m{k}.{zone_name}")),
                 ),
             );
         }
     }
     let dns = TestDns::start(z).await;
     let gw = start(&dns.addr.to_string(), POLICY).await;
-    let (mail, fin) = send(&gw, "u@void.example", &signed()).await;
+    let (mail, fin) = send(&gw, &format!("u@{zone_name}"), &signed()).await;
     assert!(mail.starts_with("250"), "{mail}");
     assert!(fin.unwrap().starts_with("250"));
     let ar = our_ar(&arrived(&gw));
     assert!(ar.contains("spf=permerror"), "{ar}");
-    let n = queries_for(&dns, "void.example");
+    let n = queries_for(&dns, zone_name);
     assert!(n <= 6, "{n} queries: {:?}", dns.queries());
 }
 
@@ -605,4 +611,69 @@ async fn verification_does_not_stall_the_io_runtime() {
         gap * 3 < took,
         "the I/O runtime stalled {gap:?} of {took:?}"
     );
+}
+
+/// Issue 19 item 1: a DMARC record with an unbounded list of report
+/// addresses is refused (permerror) and not cached, like an oversized SPF record.
+#[tokio::test]
+async fn oversized_dmarc_record_is_permerror_and_not_cached() {
+    let mut z = zone();
+    let rua: Vec<String> = (0..40)
+        .map(|i| format!("mailto:r{i}@reports.example"))
+        .collect();
+    z.add_txt(
+        "_dmarc.bigdmarc.example",
+        &format!("v=DMARC1; p=reject; rua={}", rua.join(",")),
+    );
+    let dns = TestDns::start(z).await;
+    let gw = start(&dns.addr.to_string(), POLICY).await;
+    let msg = crlf("From: x@bigdmarc.example\nSubject: hi\n\nbody\n");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (_, fin) = send(&gw, "joe@football.example.com", &msg).await;
+        let fin = fin.unwrap();
+        assert!(fin.starts_with("250"), "{fin}");
+        let ar = our_ar(&arrived(&gw));
+        assert!(ar.contains("dmarc=permerror"), "{ar}");
+        seen.push(queries_for(&dns, "_dmarc.bigdmarc.example"));
+    }
+    assert!(seen[0] > 0 && seen[1] > seen[0], "not cached: {seen:?}");
+}
+
+/// Issue 19 item 2: the per-transaction budget (`dns: max_queries_per_message`)
+/// ends an SPF evaluation that needs more queries in `permerror`.
+#[tokio::test]
+async fn dns_queries_per_message_are_capped() {
+    let mut z = zone();
+    let mechs: Vec<String> = (1..=8).map(|k| format!("a:x{k}.costly.example")).collect();
+    z.add_txt(
+        "costly.example",
+        &format!("v=spf1 {} -all", mechs.join(" ")),
+    );
+    for k in 1..=8u8 {
+        z.add_a(
+            &format!("x{k}.costly.example"),
+            std::net::Ipv4Addr::new(192, 0, 2, k),
+        );
+    }
+    let dns = TestDns::start(z).await;
+    let v = mailgate::auth::Verifier::new(&mailgate::auth::DnsSettings {
+        nameservers: vec![dns.addr],
+        timeout: Duration::from_secs(1),
+        attempts: 1,
+        max_queries_per_message: 4,
+        ..Default::default()
+    })
+    .unwrap();
+    let o = v
+        .spf(
+            "127.0.0.1".parse().unwrap(),
+            "h.example",
+            "gw.test",
+            "u@costly.example",
+        )
+        .await;
+    assert_eq!(o.result, mailgate::auth::AuthResult::PermError, "{o:?}");
+    assert!(o.reason.unwrap().contains("limit of the message"));
+    assert_eq!(queries_for(&dns, "costly.example"), 4);
 }
