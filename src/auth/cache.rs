@@ -1160,6 +1160,130 @@ mod tests {
         );
     }
 
+    const LIMITS: QueryLimits = QueryLimits {
+        per_session: 5,
+        per_message: 3,
+    };
+
+    /// The gate, sans DNS: what mail-auth's lookups look like from the cache.
+    #[test]
+    fn gate_counts_void_lookups() {
+        let stats = DnsStats::default();
+        let shared = SharedCaches::new(100);
+        let budget = DnsBudget::new();
+        let unlimited = QueryLimits {
+            per_session: 100,
+            per_message: 100,
+        };
+        let log = CallLog::gated(&stats, &budget, unlimited, true);
+        let caches = CallCaches::new(Some(&shared), &log);
+        let (a, txt) = (caches.ipv4().unwrap(), caches.txt().unwrap());
+        let nx = || {
+            Err(Negative {
+                code: mail_auth::hickory_resolver::proto::op::ResponseCode::NXDomain,
+            })
+        };
+        // TXT voids (include/redirect/exp targets) never count
+        assert!(txt.get::<str>("exp.example.").is_none());
+        txt.insert(
+            "exp.example.".into(),
+            TxtRecord::Error(mail_auth::Error::Dns(DnsError::RecordNotFound(
+                mail_auth::hickory_resolver::proto::op::ResponseCode::NXDomain,
+            ))),
+            later(60),
+        );
+        // 1: a negative answer with SOA (stored)
+        assert!(a.get::<str>("v1.example.").is_none());
+        a.insert("v1.example.".into(), nx(), later(60));
+        // 2: a query without stored answer, after which the check went on
+        assert!(a.get::<str>("v2.example.").is_none());
+        assert!(a.get::<str>("ok.example.").is_none(), "v2 settled as void");
+        a.insert(
+            "ok.example.".into(),
+            Ok(RecordSet {
+                records: std::sync::Arc::new([Ipv4Addr::LOCALHOST]),
+                dnssec_status: Default::default(),
+            }),
+            later(60),
+        );
+        assert_eq!(log.tripped(), None, "two voids are allowed");
+        // 3: a cached negative answer
+        assert!(a.get::<str>("v1.example.").is_some());
+        assert_eq!(log.tripped(), Some(Trip::VoidLimit));
+        // from now on nothing goes to DNS
+        let before = stats.queries.load(Ordering::Relaxed);
+        assert!(
+            a.get::<str>("new.example.").is_some(),
+            "denied, answered locally"
+        );
+        assert!(txt.get::<str>("new.example.").is_some());
+        assert_eq!(stats.queries.load(Ordering::Relaxed), before);
+    }
+
+    #[test]
+    fn gate_charges_session_and_message_budgets() {
+        let stats = DnsStats::default();
+        let budget = DnsBudget::new();
+        let log = CallLog::gated(&stats, &budget, LIMITS, false);
+        let caches = CallCaches::new(None, &log);
+        let txt = caches.txt().unwrap();
+        for i in 0..3 {
+            assert!(txt.get::<str>(&format!("q{i}.example.")).is_none());
+        }
+        assert!(
+            txt.get::<str>("q3.example.").is_some(),
+            "4th query of the message denied"
+        );
+        assert_eq!(log.tripped(), Some(Trip::MessageBudget));
+        assert!(log.was_denied("q3.example."));
+        // next transaction: two more, then the session is spent
+        budget.new_message();
+        let log = CallLog::gated(&stats, &budget, LIMITS, false);
+        let caches = CallCaches::new(None, &log);
+        let txt = caches.txt().unwrap();
+        assert!(txt.get::<str>("r0.example.").is_none());
+        assert!(txt.get::<str>("r1.example.").is_none());
+        assert!(txt.get::<str>("r2.example.").is_some());
+        assert_eq!(log.tripped(), Some(Trip::SessionBudget));
+        assert!(Trip::SessionBudget.is_temporary() && !Trip::MessageBudget.is_temporary());
+        assert_eq!(budget.session_queries(), 5);
+    }
+
+    #[test]
+    fn oversized_records_are_refused_and_not_cached() {
+        use mail_auth::dns::TxtRecordParser;
+        use mail_auth::spf::SpfRecord;
+        let stats = DnsStats::default();
+        let shared = SharedCaches::new(100);
+        let budget = DnsBudget::new();
+        let limits = QueryLimits {
+            per_session: 100,
+            per_message: 100,
+        };
+        let terms: Vec<String> = (0..101).map(|i| format!("ip4:10.0.0.{i}")).collect();
+        let big = SpfRecord::parse(format!("v=spf1 {} -all", terms.join(" ")).as_bytes()).unwrap();
+        let log = CallLog::gated(&stats, &budget, limits, true);
+        let caches = CallCaches::new(Some(&shared), &log);
+        let txt = caches.txt().unwrap();
+        assert!(txt.get::<str>("big.example.").is_none());
+        txt.insert(
+            "big.example.".into(),
+            TxtRecord::Spf(std::sync::Arc::new(big)),
+            later(600),
+        );
+        assert!(matches!(log.tripped(), Some(Trip::Oversized(why)) if why.contains("102 terms")));
+        assert!(shared.is_empty());
+        // a record under the limits is cached
+        let small = SpfRecord::parse(b"v=spf1 ip4:10.0.0.1 -all").unwrap();
+        txt.insert(
+            "small.example.".into(),
+            TxtRecord::Spf(std::sync::Arc::new(small)),
+            later(600),
+        );
+        assert_eq!(shared.len(), 1);
+        assert!(shared.bytes() > 0 && shared.bytes() < 1024);
+    }
+
     #[test]
     fn call_log_pairs_misses_with_answers() {
         let stats = DnsStats::default();
