@@ -560,61 +560,69 @@ impl Driver {
         // other headers or the body, so existing signatures stay valid)
         let mut auth_headers = String::new();
         let mut body = body;
-        let policy = self.ctx.policy.clone();
-        let auth = policy.as_ref().and_then(|p| p.spec().auth.as_ref());
-        let authserv_id = crate::auth::authserv_id(auth, &l.hostname).to_string();
-        if let (Some(auth), Some(verifier)) = (auth, self.ctx.verifier.clone()) {
-            let checks = auth.checks();
-            let outcome = if checks.any() {
-                let helo = self.session.helo.clone().unwrap_or_default();
-                let (b, o) = crate::auth::worker::message(
-                    verifier,
-                    self.dns_budget.clone(),
-                    std::mem::take(&mut body),
-                    self.peer.ip(),
-                    helo,
-                    from.clone(),
-                    self.spf.clone(),
-                    checks,
-                )
-                .await;
-                body = b;
-                let m = crate::observe::metrics();
-                if let Some((r, _)) = o.dkim_summary() {
-                    m.auth_result("dkim", r.as_str());
+        let authserv_id = crate::auth::authserv_id(
+            self.ctx
+                .policy
+                .as_ref()
+                .and_then(|p| p.spec().auth.as_ref()),
+            &l.hostname,
+        )
+        .to_string();
+        if let (Some(policy), Some(verifier)) = (self.ctx.policy.clone(), self.ctx.verifier.clone())
+        {
+            if let Some(auth) = policy.spec().auth.as_ref() {
+                let checks = auth.checks();
+                let outcome = if checks.any() {
+                    let helo = self.session.helo.clone().unwrap_or_default();
+                    let (b, o) = crate::auth::worker::message(
+                        verifier,
+                        self.dns_budget.clone(),
+                        std::mem::take(&mut body),
+                        self.peer.ip(),
+                        helo,
+                        from.clone(),
+                        self.spf.clone(),
+                        checks,
+                    )
+                    .await;
+                    body = b;
+                    let m = crate::observe::metrics();
+                    if let Some((r, _)) = o.dkim_summary() {
+                        m.auth_result("dkim", r.as_str());
+                    }
+                    if let Some(d) = &o.dmarc {
+                        m.auth_result("dmarc", d.result.as_str());
+                    }
+                    if let Some(a) = &o.arc {
+                        m.auth_result("arc", a.result.as_str());
+                    }
+                    let verdict = crate::auth::decide(auth, &o);
+                    if let Some(r) = self.auth_verdict(&verdict).await {
+                        info!(from = %from, rcpts = rcpts.len(), size = rx.received, check = verdict.check, result = %r.summary(), "transaction refused by authentication policy");
+                        crate::observe::metrics().outcome(
+                            &l.name,
+                            if r.code >= 500 {
+                                "rejected"
+                            } else {
+                                "tempfail"
+                            },
+                        );
+                        self.session.tx = None;
+                        self.queue(&r);
+                        return smuggling_guard;
+                    }
+                    Some(o)
+                } else {
+                    None
+                };
+                auth_headers.push_str(&crate::auth::authentication_results(
+                    &authserv_id,
+                    self.spf.as_ref(),
+                    outcome.as_ref(),
+                ));
+                if let Some(spf) = &self.spf {
+                    auth_headers.push_str(&crate::auth::received_spf(spf));
                 }
-                if let Some(d) = &o.dmarc {
-                    m.auth_result("dmarc", d.result.as_str());
-                }
-                if let Some(a) = &o.arc {
-                    m.auth_result("arc", a.result.as_str());
-                }
-                let verdict = crate::auth::decide(auth, &o);
-                if let Some(r) = self.auth_verdict(&verdict).await {
-                    info!(from = %from, rcpts = rcpts.len(), size = rx.received, check = verdict.check, result = %r.summary(), "transaction refused by authentication policy");
-                    crate::observe::metrics().outcome(
-                        &l.name,
-                        if r.code >= 500 {
-                            "rejected"
-                        } else {
-                            "tempfail"
-                        },
-                    );
-                    self.session.tx = None;
-                    self.queue(&r);
-                    return smuggling_guard;
-                }
-                Some(o)
-            } else {
-                None
-            };
-            auth_headers.push_str(&crate::auth::authentication_results(
-                &authserv_id,
-                self.spf.as_ref(),
-                outcome.as_ref(),
-            ));
-            if let Some(spf) = &self.spf {
-                auth_headers.push_str(&crate::auth::received_spf(spf));
             }
         }
         // on every listener, checks or not: the backend may trust our id
