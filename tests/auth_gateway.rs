@@ -485,6 +485,18 @@ fn flood_msg(n: usize, h: &str, same_key: bool) -> Vec<u8> {
     m.into_bytes()
 }
 
+async fn all_checks(v: &mailgate::auth::Verifier, raw: &[u8]) -> mailgate::auth::MessageOutcome {
+    v.message(
+        raw,
+        "127.0.0.1".parse().unwrap(),
+        "client.football.example.com",
+        "joe@football.example.com",
+        None,
+        mailgate::auth::Checks::all(),
+    )
+    .await
+}
+
 fn flood_verifier(dns: &TestDns) -> mailgate::auth::Verifier {
     mailgate::auth::Verifier::new(&mailgate::auth::DnsSettings {
         nameservers: vec![dns.addr],
@@ -503,16 +515,7 @@ async fn dkim_signature_flood_makes_bounded_key_queries() {
     let dns = TestDns::start(zone()).await;
     let v = flood_verifier(&dns);
     let raw = flood_msg(2000, "from:to:subject", false);
-    let o = v
-        .message(
-            &raw,
-            "127.0.0.1".parse().unwrap(),
-            "client.football.example.com",
-            "joe@football.example.com",
-            None,
-            mailgate::auth::Checks::all(),
-        )
-        .await;
+    let o = all_checks(&v, &raw).await;
     let keys = queries_for(&dns, "._domainkey.football.example.com");
     assert!(keys <= 10, "{keys} key queries");
     let sigs = o.dkim.unwrap();
@@ -531,16 +534,7 @@ async fn dkim_signatures_with_long_h_lists_are_not_verified() {
     let h = h.join(":");
     let raw = flood_msg(1500, &h, true);
     let t = Instant::now();
-    let o = v
-        .message(
-            &raw,
-            "127.0.0.1".parse().unwrap(),
-            "client.football.example.com",
-            "joe@football.example.com",
-            None,
-            mailgate::auth::Checks::all(),
-        )
-        .await;
+    let o = all_checks(&v, &raw).await;
     eprintln!(
         "1,500 signatures × 300 h= entries: message checks took {:?} (debug build)",
         t.elapsed()

@@ -248,6 +248,22 @@ pub struct DkimSignature {
     pub reason: Option<String>,
 }
 
+impl DkimSignature {
+    /// A result that stands for no particular signature (signatures not
+    /// verified, a check that did not finish): no tags, only a reason.
+    pub fn unattributed(result: AuthResult, reason: String) -> DkimSignature {
+        DkimSignature {
+            result,
+            domain: String::new(),
+            selector: String::new(),
+            auid: String::new(),
+            algorithm: "",
+            b_prefix: String::new(),
+            reason: Some(reason),
+        }
+    }
+}
+
 /// The ARC chain validation result (RFC 8617 §5.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArcOutcome {
@@ -785,17 +801,10 @@ impl<'a> Plan<'a> {
             }
         }
         if not_checked > 0 {
-            dkim_skipped.push(DkimSignature {
-                result: AuthResult::Neutral,
-                domain: String::new(),
-                selector: String::new(),
-                auid: String::new(),
-                algorithm: "",
-                b_prefix: String::new(),
-                reason: Some(format!(
-                    "{not_checked} more signatures not verified (limit {MAX_DKIM_SIGNATURES})"
-                )),
-            });
+            dkim_skipped.push(DkimSignature::unattributed(
+                AuthResult::Neutral,
+                format!("{not_checked} more signatures not verified (limit {MAX_DKIM_SIGNATURES})"),
+            ));
         }
         let arc_sets = seals.max(ams).max(aar);
         let arc_refused = if arc_sets > MAX_ARC_SETS {
@@ -1019,15 +1028,8 @@ fn dkim_signature(o: &DkimOutput<'_>) -> DkimSignature {
         DkimResult::TempError(e) => (AuthResult::TempError, Some(dkim_reason(e))),
         DkimResult::None => (AuthResult::None, None),
     };
-    let mut s = DkimSignature {
-        result,
-        domain: String::new(),
-        selector: String::new(),
-        auid: String::new(),
-        algorithm: "",
-        b_prefix: String::new(),
-        reason,
-    };
+    let mut s = DkimSignature::unattributed(result, String::new());
+    s.reason = reason;
     if let Some(sig) = o.signature() {
         s.domain = sig.d.clone();
         s.selector = sig.s.clone();

@@ -131,17 +131,8 @@ pub async fn message(
 /// Every requested check with the same result and reason.
 fn lost_outcome(ip: IpAddr, want: Checks, result: AuthResult, why: &str) -> MessageOutcome {
     MessageOutcome {
-        dkim: (want.dkim || want.dmarc).then(|| {
-            vec![DkimSignature {
-                result,
-                domain: String::new(),
-                selector: String::new(),
-                auid: String::new(),
-                algorithm: "",
-                b_prefix: String::new(),
-                reason: Some(why.into()),
-            }]
-        }),
+        dkim: (want.dkim || want.dmarc)
+            .then(|| vec![DkimSignature::unattributed(result, why.into())]),
         arc: want.arc.then(|| ArcOutcome {
             result: if result == AuthResult::PermError {
                 AuthResult::Fail
