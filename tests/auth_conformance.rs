@@ -47,6 +47,7 @@ fn settings(addr: SocketAddr, cache: usize) -> DnsSettings {
         timeout: Duration::from_millis(400),
         attempts: 1,
         cache_entries: cache,
+        ..Default::default()
     }
 }
 
@@ -809,6 +810,7 @@ async fn dns_down_is_temperror_within_the_timeout() {
             timeout: Duration::from_millis(300),
             attempts: 2,
             cache_entries: 100,
+            ..Default::default()
         };
         let bound = s.check_deadline() + Duration::from_millis(300);
         let v = Verifier::new(&s).unwrap();

@@ -322,3 +322,352 @@ async fn latency_checks_on_vs_off() {
         a[15].saturating_sub(b[15])
     );
 }
+
+/// Issue 11 item 2: forged Authentication-Results claiming our authserv-id
+/// (here the listener host name, no auth settings at all) are removed on
+/// every SMTP listener, including the forms lax parsers read as ours.
+#[tokio::test]
+async fn forged_authentication_results_removed_without_auth_settings() {
+    let dns = TestDns::start(zone()).await;
+    let gw = start(&dns.addr.to_string(), "    limits: []\n").await;
+    let msg = crlf("Authentication-Results: gw.test; dkim=pass header.d=bank.example\nAuthentication-Results: (a\\) gw.test; dkim=pass header.d=bank.example\nARC-Authentication-Results: i=1; ((x) gw.test; dkim=pass header.d=bank.example\nAuthentication-Results: mx.other.example; dkim=pass header.d=other.example\nFrom: joe@football.example.com\nSubject: forged\n\nbody\n");
+    let (_, fin) = send(&gw, "joe@football.example.com", &msg).await;
+    assert!(fin.unwrap().starts_with("250"));
+    let m = arrived(&gw);
+    assert!(!m.contains("bank.example"), "forgeries gone: {m}");
+    assert!(
+        m.contains(
+            "Authentication-Results: mx.other.example; dkim=pass header.d=other.example\r\n"
+        ),
+        "foreign kept: {m}"
+    );
+}
+
+/// Queries the test DNS server saw for names ending in `suffix`.
+fn queries_for(dns: &TestDns, suffix: &str) -> usize {
+    dns.queries()
+        .iter()
+        .filter(|(n, _)| n.ends_with(suffix))
+        .count()
+}
+
+/// Issue 19 item 1: a 60 KB SPF record (over TCP) is permerror and is not
+/// cached: the second MAIL asks DNS again instead of reusing ~30k parsed terms.
+#[tokio::test]
+async fn oversized_spf_record_is_permerror_and_not_cached() {
+    let mut z = zone();
+    let mut rec = String::from("v=spf1");
+    'outer: for a in 1..=255u32 {
+        for b in 1..=255u32 {
+            rec.push_str(&format!(" ip4:10.9.{a}.{b}"));
+            if rec.len() > 60_000 {
+                break 'outer;
+            }
+        }
+    }
+    rec.push_str(" -all");
+    z.add_txt("big.example", &rec);
+    let dns = TestDns::start(z).await;
+    let gw = start(&dns.addr.to_string(), POLICY).await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (mail, fin) = send(&gw, "u@big.example", &signed()).await;
+        assert!(mail.starts_with("250"), "{mail}");
+        assert!(fin.unwrap().starts_with("250"));
+        let ar = our_ar(&arrived(&gw));
+        assert!(ar.contains("spf=permerror"), "{ar}");
+        // (UDP is truncated, so each lookup is a UDP and a TCP query)
+        seen.push(queries_for(&dns, "big.example"));
+    }
+    assert!(
+        seen[0] > 0 && seen[1] > seen[0],
+        "not cached: {seen:?} {:?}",
+        dns.queries()
+    );
+}
+
+/// Issue 19 item 2: RFC 7208 §4.6.4 void lookups. `mx:` hosts whose
+/// exchanges do not exist: permerror after the third void lookup, and the
+/// DNS server sees a handful of queries, not 1 + 10 × 11.
+#[tokio::test]
+async fn spf_void_lookup_limit() {
+    spf_void_lookup_limit_in("void.example").await;
+    // negative answers without SOA are not cached by mail-auth: still voids
+    spf_void_lookup_limit_in("nosoa.void.example").await;
+}
+
+async fn spf_void_lookup_limit_in(zone_name: &str) {
+    let mut z = zone();
+    let mechs: Vec<String> = (1..=10).map(|k| format!("mx:m{k}.{zone_name}")).collect();
+    z.add_txt(zone_name, &format!("v=spf1 {} -all", mechs.join(" ")));
+    for k in 1..=10 {
+        for j in 1..=10 {
+            z.push(
+                &format!("m{k}.{zone_name}"),
+                dns::Entry::Rec(
+                    dns::Type::Mx,
+                    dns::Value::Mx(j, format!("h{j}.m{k}.{zone_name}")),
+                ),
+            );
+        }
+    }
+    let dns = TestDns::start(z).await;
+    let gw = start(&dns.addr.to_string(), POLICY).await;
+    let (mail, fin) = send(&gw, &format!("u@{zone_name}"), &signed()).await;
+    assert!(mail.starts_with("250"), "{mail}");
+    assert!(fin.unwrap().starts_with("250"));
+    let ar = our_ar(&arrived(&gw));
+    assert!(ar.contains("spf=permerror"), "{ar}");
+    let n = queries_for(&dns, zone_name);
+    assert!(n <= 6, "{n} queries: {:?}", dns.queries());
+}
+
+/// Issue 19 item 2: MAIL/RSET in a loop with a new sender domain each time
+/// (each record: 10 `a:` mechanisms that resolve) stays under the per-session
+/// query budget; once it is spent, MAIL gets the policy's temperror action.
+#[tokio::test]
+async fn dns_queries_per_session_are_capped() {
+    let mut z = zone();
+    for n in 0..200 {
+        let d = format!("e{n}.many.example");
+        let mechs: Vec<String> = (1..=10).map(|k| format!("a:x{k}.{d}")).collect();
+        z.add_txt(&d, &format!("v=spf1 {} -all", mechs.join(" ")));
+        for k in 1..=10u8 {
+            z.add_a(&format!("x{k}.{d}"), std::net::Ipv4Addr::new(192, 0, 2, k));
+        }
+    }
+    let dns = TestDns::start(z).await;
+    let gw = start(&dns.addr.to_string(), POLICY).await;
+    let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
+    let mut r = BufReader::new(s);
+    reply(&mut r).await;
+    cmd(&mut r, "EHLO client.football.example.com").await;
+    let mut tempfailed = 0;
+    for n in 0..200 {
+        let mail = cmd(&mut r, &format!("MAIL FROM:<u@e{n}.many.example>")).await;
+        if mail.starts_with("421") || mail.is_empty() {
+            break; // a transaction limit of the session may end it first
+        }
+        if mail.starts_with("451") {
+            tempfailed += 1;
+        }
+        cmd(&mut r, "RSET").await;
+    }
+    let n = queries_for(&dns, "many.example");
+    eprintln!("DNS queries for 200 MAIL/RSET pairs: {n}");
+    assert!(n <= 500, "{n} queries in one session");
+    assert!(tempfailed > 0, "budget spent → temperror → tempfail");
+}
+
+/// A DKIM-Signature for the body of [`signed`] (valid `bh=`), selector `s`,
+/// signing `h`.
+fn flood_sig(s: &str, h: &str) -> String {
+    // `b=` of the dkimpy test message: the right length for the key, so a
+    // verifier gets as far as hashing the signed fields
+    format!("DKIM-Signature: v=1; a=rsa-sha256; c=simple/simple; d=football.example.com;\r\n s={s}; h={h};\r\n bh=4bLNXImK9drULnmePzZNEBleUanJCX5PIsDIFoH4KTQ=;\r\n b=icKcLSEZYXJ95flvWE8FT6hl5iqd8MC/LEKYH0QjsqYy6MO/4pgVNCZH\r\n l/RAXAuADxE/40Fg7uTlxwwD1hjN2Ple6J//cJfslBdDOq6zTVbne1dqtl\r\n NOat7iamJ1AfRqyG+ja7a2AZsrpUuJ7VA6O+0zRYPqpwMEkEFIzI9i/Xk=\r\n")
+}
+
+/// `n` signatures; distinct selectors (`s0`, `s1`, … without keys) or all
+/// `test` (the published key: every signature would be hashed and checked).
+fn flood_msg(n: usize, h: &str, same_key: bool) -> Vec<u8> {
+    let mut m = String::new();
+    for i in 0..n {
+        let s = if same_key {
+            "test".to_string()
+        } else {
+            format!("s{i}")
+        };
+        m.push_str(&flood_sig(&s, h));
+    }
+    let signed = String::from_utf8(signed()).unwrap();
+    let body_from = signed.find("From:").unwrap();
+    m.push_str(&signed[body_from..]);
+    m.into_bytes()
+}
+
+async fn all_checks(v: &mailgate::auth::Verifier, raw: &[u8]) -> mailgate::auth::MessageOutcome {
+    v.message(
+        raw,
+        "127.0.0.1".parse().unwrap(),
+        "client.football.example.com",
+        "joe@football.example.com",
+        None,
+        mailgate::auth::Checks::all(),
+    )
+    .await
+}
+
+fn flood_verifier(dns: &TestDns) -> mailgate::auth::Verifier {
+    mailgate::auth::Verifier::new(&mailgate::auth::DnsSettings {
+        nameservers: vec![dns.addr],
+        timeout: Duration::from_secs(1),
+        attempts: 1,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// Issue 19 item 2 / issue 11 item 7: 2,000 DKIM-Signature fields with
+/// distinct selectors make at most 10 key queries, and the rest are reported
+/// as not verified.
+#[tokio::test]
+async fn dkim_signature_flood_makes_bounded_key_queries() {
+    let dns = TestDns::start(zone()).await;
+    let v = flood_verifier(&dns);
+    let raw = flood_msg(2000, "from:to:subject", false);
+    let o = all_checks(&v, &raw).await;
+    let keys = queries_for(&dns, "._domainkey.football.example.com");
+    assert!(keys <= 10, "{keys} key queries");
+    let sigs = o.dkim.unwrap();
+    assert!(sigs.len() <= 11, "{} results", sigs.len());
+}
+
+/// Issue 11 item 7: 1,500 signatures with 300-entry h= lists: no signature
+/// is verified (too many signed fields), so no key is fetched and nothing is
+/// hashed per signature; the result count is bounded.
+#[tokio::test]
+async fn dkim_signatures_with_long_h_lists_are_not_verified() {
+    let dns = TestDns::start(zone()).await;
+    let v = flood_verifier(&dns);
+    // distinct names that match no field: each one is a scan of the whole header
+    let h: Vec<String> = (0..300).map(|i| format!("x{i}")).collect();
+    let h = h.join(":");
+    let raw = flood_msg(1500, &h, true);
+    let t = Instant::now();
+    let o = all_checks(&v, &raw).await;
+    eprintln!(
+        "1,500 signatures × 300 h= entries: message checks took {:?} (debug build)",
+        t.elapsed()
+    );
+    assert_eq!(queries_for(&dns, "._domainkey.football.example.com"), 0);
+    let sigs = o.dkim.unwrap();
+    assert!(sigs.len() <= 11, "{} results", sigs.len());
+    assert!(sigs
+        .iter()
+        .all(|s| s.result != mailgate::auth::AuthResult::Pass));
+}
+
+/// Issue 11 item 7: verification runs off the I/O threads. On a
+/// single-threaded runtime (this test's), a session task that hashed an
+/// 8 MB body itself would stall every other task for as long; a ticker on
+/// the same runtime must keep ticking while the checks run.
+#[tokio::test(flavor = "current_thread")]
+async fn verification_does_not_stall_the_io_runtime() {
+    let dns = TestDns::start(zone()).await;
+    let gw = start(&dns.addr.to_string(), POLICY).await;
+    let mut msg = String::new();
+    for c in ["simple/simple", "relaxed/relaxed"] {
+        msg.push_str(&format!("DKIM-Signature: v=1; a=rsa-sha256; c={c}; d=football.example.com;\r\n s=test; h=from; bh=AAAA; b=AAAA\r\n"));
+    }
+    msg.push_str("From: joe@football.example.com\r\nSubject: big\r\n\r\n");
+    let line = format!("{}\r\n", "x ".repeat(499));
+    while msg.len() < 8_000_000 {
+        msg.push_str(&line);
+    }
+    let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
+    let mut r = BufReader::new(s);
+    reply(&mut r).await;
+    cmd(&mut r, "EHLO client.football.example.com").await;
+    cmd(&mut r, "MAIL FROM:<joe@football.example.com>").await;
+    cmd(&mut r, "RCPT TO:<suzie@shopping.example.net>").await;
+    cmd(&mut r, "DATA").await;
+    let wire = mailgate::smtp::data::stuff(&[msg.as_bytes()]);
+    r.get_mut()
+        .write_all(&wire[..wire.len() - 5])
+        .await
+        .unwrap();
+    let max_gap = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let ticker = {
+        let max_gap = max_gap.clone();
+        tokio::spawn(async move {
+            let mut last = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let gap = last.elapsed();
+                let mut m = max_gap.lock().unwrap();
+                *m = (*m).max(gap);
+                last = Instant::now();
+            }
+        })
+    };
+    let t = Instant::now();
+    r.get_mut()
+        .write_all(&wire[wire.len() - 5..])
+        .await
+        .unwrap();
+    let fin = reply(&mut r).await;
+    let took = t.elapsed();
+    ticker.abort();
+    assert!(fin.starts_with("250"), "{fin}");
+    let gap = *max_gap.lock().unwrap();
+    eprintln!("end of DATA → reply {took:?}, longest stall of the I/O runtime {gap:?}");
+    assert!(
+        gap * 3 < took,
+        "the I/O runtime stalled {gap:?} of {took:?}"
+    );
+}
+
+/// Issue 19 item 1: a DMARC record with an unbounded list of report
+/// addresses is refused (permerror) and not cached, like an oversized SPF record.
+#[tokio::test]
+async fn oversized_dmarc_record_is_permerror_and_not_cached() {
+    let mut z = zone();
+    let rua: Vec<String> = (0..40)
+        .map(|i| format!("mailto:r{i}@reports.example"))
+        .collect();
+    z.add_txt(
+        "_dmarc.bigdmarc.example",
+        &format!("v=DMARC1; p=reject; rua={}", rua.join(",")),
+    );
+    let dns = TestDns::start(z).await;
+    let gw = start(&dns.addr.to_string(), POLICY).await;
+    let msg = crlf("From: x@bigdmarc.example\nSubject: hi\n\nbody\n");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (_, fin) = send(&gw, "joe@football.example.com", &msg).await;
+        let fin = fin.unwrap();
+        assert!(fin.starts_with("250"), "{fin}");
+        let ar = our_ar(&arrived(&gw));
+        assert!(ar.contains("dmarc=permerror"), "{ar}");
+        seen.push(queries_for(&dns, "_dmarc.bigdmarc.example"));
+    }
+    assert!(seen[0] > 0 && seen[1] > seen[0], "not cached: {seen:?}");
+}
+
+/// Issue 19 item 2: the per-transaction budget (`dns: max_queries_per_message`)
+/// ends an SPF evaluation that needs more queries in `permerror`.
+#[tokio::test]
+async fn dns_queries_per_message_are_capped() {
+    let mut z = zone();
+    let mechs: Vec<String> = (1..=8).map(|k| format!("a:x{k}.costly.example")).collect();
+    z.add_txt(
+        "costly.example",
+        &format!("v=spf1 {} -all", mechs.join(" ")),
+    );
+    for k in 1..=8u8 {
+        z.add_a(
+            &format!("x{k}.costly.example"),
+            std::net::Ipv4Addr::new(192, 0, 2, k),
+        );
+    }
+    let dns = TestDns::start(z).await;
+    let v = mailgate::auth::Verifier::new(&mailgate::auth::DnsSettings {
+        nameservers: vec![dns.addr],
+        timeout: Duration::from_secs(1),
+        attempts: 1,
+        max_queries_per_message: 4,
+        ..Default::default()
+    })
+    .unwrap();
+    let o = v
+        .spf(
+            "127.0.0.1".parse().unwrap(),
+            "h.example",
+            "gw.test",
+            "u@costly.example",
+        )
+        .await;
+    assert_eq!(o.result, mailgate::auth::AuthResult::PermError, "{o:?}");
+    assert!(o.reason.unwrap().contains("limit of the message"));
+    assert_eq!(queries_for(&dns, "costly.example"), 4);
+}

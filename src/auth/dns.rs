@@ -6,7 +6,15 @@
 //!   timeout: 5s          # per query attempt
 //!   attempts: 2          # tries per query
 //!   cache_size: 10000    # cached answers in total; 0 disables the cache
+//!   cache_memory: 16MiB  # and at most this much memory (estimated) for them
+//!   max_queries_per_session: 500   # DNS queries all checks of one SMTP session may make
+//!   max_queries_per_message: 150   # … and of one transaction (SPF at MAIL + message checks)
 //! ```
+//!
+//! A check that would exceed a query budget makes no further query: it ends
+//! in `temperror` when the session's budget is spent (a new session may
+//! succeed) and in `permerror` when the transaction's is (the same message
+//! would spend it again); the policy's action for that result applies.
 //!
 //! mail-auth always queries fully qualified names (trailing dot), so search
 //! domains and `ndots` from resolv.conf never apply. hickory's own response
@@ -15,7 +23,7 @@
 //! only one an operator has to think about.
 
 use super::AuthError;
-use crate::config::units::Secs;
+use crate::config::units::{ByteSize, Secs};
 use mail_auth::hickory_resolver::config::{
     NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
@@ -30,6 +38,15 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_ATTEMPTS: usize = 2;
 /// Default total number of cached answers.
 pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
+/// Default bound of the cache's (estimated) memory.
+pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
+/// Default DNS queries per SMTP session (all checks of all its transactions).
+pub const DEFAULT_QUERIES_PER_SESSION: u32 = 500;
+/// Default DNS queries per transaction: SPF at MAIL FROM plus the message
+/// checks. SPF alone may need 1 + 10 mechanisms × (1 + 10 MX hosts) + `exp=`
+/// (RFC 7208 §4.6.4), the message checks at most 10 keys, 10 ARC sets and a
+/// DMARC walk; real mail needs a handful.
+pub const DEFAULT_QUERIES_PER_MESSAGE: u32 = 150;
 
 /// Validated DNS settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +59,12 @@ pub struct DnsSettings {
     pub attempts: usize,
     /// Total number of cached answers over all record types; 0 disables caching.
     pub cache_entries: usize,
+    /// Bound of the cache's estimated memory in bytes.
+    pub cache_bytes: usize,
+    /// DNS queries one SMTP session may make.
+    pub max_queries_per_session: u32,
+    /// DNS queries one transaction may make.
+    pub max_queries_per_message: u32,
 }
 
 impl Default for DnsSettings {
@@ -51,6 +74,9 @@ impl Default for DnsSettings {
             timeout: DEFAULT_TIMEOUT,
             attempts: DEFAULT_ATTEMPTS,
             cache_entries: DEFAULT_CACHE_ENTRIES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            max_queries_per_session: DEFAULT_QUERIES_PER_SESSION,
+            max_queries_per_message: DEFAULT_QUERIES_PER_MESSAGE,
         }
     }
 }
@@ -85,6 +111,16 @@ impl DnsSettings {
         }
         if self.nameservers.iter().any(|s| s.port() == 0) {
             return Err(AuthError::Config("a nameserver port must not be 0".into()));
+        }
+        if self.max_queries_per_session == 0 || self.max_queries_per_message == 0 {
+            return Err(AuthError::Config(
+                "max_queries_per_session and max_queries_per_message must be at least 1".into(),
+            ));
+        }
+        if self.cache_entries > 0 && self.cache_bytes < 64 << 10 {
+            return Err(AuthError::Config(
+                "cache_memory must be at least 64KiB (or set cache_size: 0)".into(),
+            ));
         }
         Ok(())
     }
@@ -134,6 +170,13 @@ pub struct DnsFile {
     pub timeout: Option<Secs>,
     pub attempts: Option<usize>,
     pub cache_size: Option<usize>,
+    /// Memory bound of the DNS cache ("16MiB"), estimated from the parsed records.
+    pub cache_memory: Option<ByteSize>,
+    /// DNS queries all checks of one SMTP session may make (default 500).
+    pub max_queries_per_session: Option<u32>,
+    /// DNS queries one transaction may make: SPF at MAIL FROM plus the
+    /// message checks (default 150).
+    pub max_queries_per_message: Option<u32>,
 }
 
 impl DnsFile {
@@ -148,6 +191,15 @@ impl DnsFile {
             timeout: self.timeout.map(|s| s.0).unwrap_or(DEFAULT_TIMEOUT),
             attempts: self.attempts.unwrap_or(DEFAULT_ATTEMPTS),
             cache_entries: self.cache_size.unwrap_or(DEFAULT_CACHE_ENTRIES),
+            cache_bytes: self.cache_memory.map_or(DEFAULT_CACHE_BYTES, |b| {
+                usize::try_from(b.0).unwrap_or(usize::MAX)
+            }),
+            max_queries_per_session: self
+                .max_queries_per_session
+                .unwrap_or(DEFAULT_QUERIES_PER_SESSION),
+            max_queries_per_message: self
+                .max_queries_per_message
+                .unwrap_or(DEFAULT_QUERIES_PER_MESSAGE),
         };
         settings.validate()?;
         Ok(settings)
@@ -185,7 +237,7 @@ mod tests {
     #[test]
     fn parses_the_documented_shape() {
         let f = file(
-            "nameservers: [\"127.0.0.1:5353\", \"::1\", \"[::1]:54\"]\ntimeout: 2s\nattempts: 3\ncache_size: 50\n",
+            "nameservers: [\"127.0.0.1:5353\", \"::1\", \"[::1]:54\"]\ntimeout: 2s\nattempts: 3\ncache_size: 50\ncache_memory: 1MiB\nmax_queries_per_session: 40\nmax_queries_per_message: 20\n",
         )
         .unwrap();
         let s = f.to_settings().unwrap();
@@ -200,6 +252,11 @@ mod tests {
         assert_eq!(s.timeout, Duration::from_secs(2));
         assert_eq!(s.attempts, 3);
         assert_eq!(s.cache_entries, 50);
+        assert_eq!(s.cache_bytes, 1 << 20);
+        assert_eq!(
+            (s.max_queries_per_session, s.max_queries_per_message),
+            (40, 20)
+        );
         assert_eq!(s.check_deadline(), Duration::from_millis(12250));
     }
 
@@ -214,6 +271,11 @@ mod tests {
             .is_err());
         assert!(file("attempts: 0").unwrap().to_settings().is_err());
         assert!(file("timeout: 0s").unwrap().to_settings().is_err());
+        assert!(file("max_queries_per_message: 0")
+            .unwrap()
+            .to_settings()
+            .is_err());
+        assert!(file("cache_memory: 1KiB").unwrap().to_settings().is_err());
         assert!(file("nameservers: [\"127.0.0.1:0\"]")
             .unwrap()
             .to_settings()

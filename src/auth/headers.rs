@@ -157,10 +157,26 @@ pub fn received_spf(spf: &SpfOutcome) -> String {
     h
 }
 
+/// Our authserv-id: the policy's `authserv_id`, else the listener host name
+/// (which defaults to `server.hostname`).
+pub fn authserv_id<'a>(policy: Option<&'a super::AuthPolicy>, hostname: &'a str) -> &'a str {
+    match policy {
+        Some(p) if !p.authserv_id.is_empty() => &p.authserv_id,
+        _ => hostname,
+    }
+}
+
 /// Removes every `Authentication-Results` and `ARC-Authentication-Results`
-/// field whose authserv-id is ours (compared case-insensitively, after
-/// optional CFWS, a trailing root dot ignored), including its continuation
-/// lines. Borrowed when nothing had to go.
+/// field that claims our authserv-id, including its continuation lines.
+/// Borrowed when nothing had to go.
+///
+/// A field claims it when its authserv-id, read after RFC 8601 CFWS
+/// (nested comments, quoted-pairs, folding), equals ours case-insensitively
+/// (a trailing root dot ignored). A field that cannot be read that way (an
+/// unclosed comment or quote, non-ASCII or control bytes around the id, no
+/// `;` after it) is removed when its value merely contains our id: lax
+/// parsers downstream read such forms as ours (`(a\) id;`, `((x) id;`,
+/// `NBSP id;`), so keeping them would let a client forge our results.
 pub fn strip_forged<'a>(raw: &'a [u8], authserv_id: &str) -> Cow<'a, [u8]> {
     let ours = authserv_id.trim().trim_end_matches('.');
     if ours.is_empty() {
@@ -170,10 +186,7 @@ pub fn strip_forged<'a>(raw: &'a [u8], authserv_id: &str) -> Cow<'a, [u8]> {
     let mut field: Option<usize> = None;
     let mut pos = 0;
     while pos < raw.len() {
-        let end = raw[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(raw.len(), |i| pos + i + 1);
+        let end = memchr::memchr(b'\n', &raw[pos..]).map_or(raw.len(), |i| pos + i + 1);
         let line = &raw[pos..end];
         if line == b"\r\n" || line == b"\n" {
             break; // end of the header section; the body is never looked at
@@ -194,12 +207,17 @@ pub fn strip_forged<'a>(raw: &'a [u8], authserv_id: &str) -> Cow<'a, [u8]> {
             remove.push(start..pos);
         }
     }
-    if remove.is_empty() {
+    without(raw, remove)
+}
+
+/// `raw` without the (ordered, disjoint) `ranges`; borrowed when there are none.
+pub(crate) fn without(raw: &[u8], ranges: Vec<Range<usize>>) -> Cow<'_, [u8]> {
+    if ranges.is_empty() {
         return Cow::Borrowed(raw);
     }
     let mut out = Vec::with_capacity(raw.len());
     let mut at = 0;
-    for r in remove {
+    for r in ranges {
         out.extend_from_slice(&raw[at..r.start]);
         at = r.end;
     }
@@ -208,15 +226,15 @@ pub fn strip_forged<'a>(raw: &'a [u8], authserv_id: &str) -> Cow<'a, [u8]> {
 }
 
 /// Whether one complete header field (with its folded lines) is an A-R or
-/// ARC-A-R field naming `ours` as authserv-id.
+/// ARC-A-R field claiming `ours` (see [`strip_forged`]).
 fn claims(field: &[u8], ours: &str) -> bool {
-    let Some(colon) = field.iter().position(|&b| b == b':') else {
+    let Some(colon) = memchr::memchr(b':', field) else {
         return false;
     };
     let name = trim_end_wsp(&field[..colon]);
     let value = &field[colon + 1..];
     let id = if name.eq_ignore_ascii_case(b"Authentication-Results") {
-        authserv_id(value)
+        ar_authserv_id(value)
     } else if name.eq_ignore_ascii_case(b"ARC-Authentication-Results") {
         arc_authserv_id(value)
     } else {
@@ -227,8 +245,22 @@ fn claims(field: &[u8], ours: &str) -> bool {
             let id = id.strip_suffix(b".").unwrap_or(&id);
             id.eq_ignore_ascii_case(ours.as_bytes())
         }
-        None => false,
+        None => contains_ignore_case(value, ours.as_bytes()),
     }
+}
+
+/// Case-insensitive search for `needle` in `hay` with line breaks removed
+/// (an id folded across lines still counts).
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    let unfolded: Vec<u8> = hay
+        .iter()
+        .copied()
+        .filter(|b| !matches!(b, b'\r' | b'\n'))
+        .collect();
+    !needle.is_empty()
+        && unfolded
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 fn trim_end_wsp(s: &[u8]) -> &[u8] {
@@ -239,89 +271,109 @@ fn trim_end_wsp(s: &[u8]) -> &[u8] {
     &s[..n]
 }
 
-/// Skips whitespace, line breaks (folding) and RFC 5322 comments.
-fn skip_cfws(v: &[u8], mut i: usize) -> usize {
+/// Skips whitespace, line breaks (folding) and RFC 5322 comments (nested,
+/// with quoted-pairs). `None` when a comment is not closed: the field cannot
+/// be read, and [`claims`] falls back to searching it.
+fn skip_cfws(v: &[u8], mut i: usize) -> Option<usize> {
     loop {
         while i < v.len() && matches!(v[i], b' ' | b'\t' | b'\r' | b'\n') {
             i += 1;
         }
-        if i < v.len() && v[i] == b'(' {
-            let mut depth = 0usize;
-            while i < v.len() {
-                match v[i] {
-                    b'\\' => i += 1,
-                    b'(' => depth += 1,
-                    b')' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            i += 1;
-                            break;
-                        }
-                    }
-                    _ => {}
-                }
-                i += 1;
-            }
-            continue;
+        if v.get(i) != Some(&b'(') {
+            return Some(i);
         }
-        return i;
+        let mut depth = 0usize;
+        loop {
+            match v.get(i)? {
+                b'\\' => i += 1,
+                b'(' => depth += 1,
+                b')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        i += 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
     }
 }
 
-/// RFC 2045 token characters: what an unquoted authserv-id may contain.
+/// RFC 2045 token characters (what a `pvalue` we write may contain unquoted).
 fn is_token_char(b: u8) -> bool {
     b > b' ' && b < 0x7f && !b"()<>@,;:\\\"/[]?=".contains(&b) || b >= 0x80
 }
 
-/// Reads a `value` (token or quoted-string) at `i`; None if there is none.
-fn read_value(v: &[u8], i: usize) -> Option<Vec<u8>> {
+/// Reads the authserv-id `value` (RFC 2045 token or quoted-string) at `i`;
+/// returns it and the index after it. Only ASCII is accepted: a non-ASCII
+/// byte next to the id (NBSP and other Unicode spaces) makes the field
+/// unreadable rather than part of a foreign-looking id.
+fn read_value(v: &[u8], i: usize) -> Option<(Vec<u8>, usize)> {
     if v.get(i) == Some(&b'"') {
         let mut out = Vec::new();
         let mut j = i + 1;
         while j < v.len() {
             match v[j] {
-                b'"' => return Some(out),
+                b'"' => return Some((out, j + 1)),
                 b'\\' if j + 1 < v.len() => {
                     out.push(v[j + 1]);
                     j += 2;
                     continue;
                 }
                 b'\r' | b'\n' => {}
+                b if b >= 0x80 || (b < b' ' && b != b'\t') => return None,
                 b => out.push(b),
             }
             j += 1;
         }
         None
     } else {
-        let n = v[i..].iter().take_while(|&&b| is_token_char(b)).count();
-        (n > 0).then(|| v[i..i + n].to_vec())
+        let n = v[i..]
+            .iter()
+            .take_while(|&&b| b.is_ascii() && is_token_char(b))
+            .count();
+        (n > 0).then(|| (v[i..i + n].to_vec(), i + n))
     }
 }
 
-fn authserv_id(value: &[u8]) -> Option<Vec<u8>> {
-    read_value(value, skip_cfws(value, 0))
+/// `[CFWS] authserv-id [CFWS authres-version] [CFWS] (";" / end)` (RFC 8601
+/// §2.2); `None` when the value does not have that shape.
+fn authserv_id_at(v: &[u8], i: usize) -> Option<Vec<u8>> {
+    let (id, mut i) = read_value(v, skip_cfws(v, i)?)?;
+    i = skip_cfws(v, i)?;
+    let digits = v[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits > 0 {
+        i = skip_cfws(v, i + digits)?;
+    }
+    (i == v.len() || v[i] == b';').then_some(id)
+}
+
+fn ar_authserv_id(value: &[u8]) -> Option<Vec<u8>> {
+    authserv_id_at(value, 0)
 }
 
 /// `ARC-Authentication-Results: i=<n>; <authserv-id> ...` (RFC 8617 §4.1.1).
 fn arc_authserv_id(v: &[u8]) -> Option<Vec<u8>> {
-    let mut i = skip_cfws(v, 0);
+    let mut i = skip_cfws(v, 0)?;
     if !matches!(v.get(i), Some(b'i' | b'I')) {
         return None;
     }
-    i = skip_cfws(v, i + 1);
+    i = skip_cfws(v, i + 1)?;
     if v.get(i) != Some(&b'=') {
         return None;
     }
-    i = skip_cfws(v, i + 1);
+    i = skip_cfws(v, i + 1)?;
     let digits = v[i..].iter().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 {
         return None;
     }
-    i = skip_cfws(v, i + digits);
+    i = skip_cfws(v, i + digits)?;
     if v.get(i) != Some(&b';') {
         return None;
     }
-    read_value(v, skip_cfws(v, i + 1))
+    authserv_id_at(v, i + 1)
 }
 
 /// A `pvalue` that is a token when it can be, a quoted-string otherwise.
@@ -607,14 +659,71 @@ Authentication-Results: mx.example.org; this is the body\r\n"
         assert!(matches!(strip_forged(MSG, ""), Cow::Borrowed(_)));
     }
 
+    /// Issue 11 item 2: forms that lax downstream parsers read as our
+    /// authserv-id must go; foreign ids (even ones mentioning ours later in
+    /// the field) must stay.
+    #[test]
+    fn strip_forged_cfws_non_ascii_and_unparsable_forms() {
+        let forged: &[&[u8]] = &[
+            b"Authentication-Results: (a\\) gw.test; dkim=pass header.d=bank.example\r\n",
+            b"Authentication-Results: ((x) gw.test; dkim=pass header.d=bank.example\r\n",
+            b"Authentication-Results: (c) (d (e)) GW.TEST; dkim=pass\r\n",
+            b"Authentication-Results: \xc2\xa0gw.test; dkim=pass\r\n",
+            b"Authentication-Results: gw.test\xc2\xa0; dkim=pass\r\n",
+            b"Authentication-Results:\xe2\x80\x83gw.test\xe3\x80\x80; dkim=pass\r\n",
+            b"Authentication-Results: \x0bgw.test; dkim=pass\r\n",
+            b"Authentication-Results: gw.test\r\n",
+            b"Authentication-Results: gw.test (unclosed; dkim=pass\r\n",
+            b"Authentication-Results: \"gw.test; dkim=pass\r\n",
+            b"Authentication-Results: <gw.test>; dkim=pass\r\n",
+            b"Authentication-Results: gw.test, other; dkim=pass\r\n",
+            b"Authentication-Results: =gw.test; dkim=pass\r\n",
+            b"Authentication-Results:\r\n gw.test;\r\n dkim=pass\r\n",
+            b"ARC-Authentication-Results: i=1; (x\\) gw.test; arc=pass\r\n",
+            b"ARC-Authentication-Results: i=1;\xc2\xa0gw.test; arc=pass\r\n",
+            b"ARC-Authentication-Results: i=x; gw.test; arc=pass\r\n",
+            b"ARC-Authentication-Results: gw.test; arc=pass\r\n",
+        ];
+        let kept: &[&[u8]] = &[
+            b"Authentication-Results: other.example; dkim=pass header.d=gw.test\r\n",
+            b"Authentication-Results: (gw.test) other.example; spf=pass\r\n",
+            b"Authentication-Results: gw.test.evil; spf=pass\r\n",
+            b"Authentication-Results: xgw.test; spf=pass\r\n",
+            b"Authentication-Results: other.example 1; none\r\n",
+            b"Authentication-Results: \"other example\"; spf=pass smtp.helo=gw.test\r\n",
+            b"ARC-Authentication-Results: i=2; relay.example; spf=pass smtp.helo=gw.test\r\n",
+            b"X-Authentication-Results: (a\\) gw.test; dkim=pass\r\n",
+            b"Comment: Authentication-Results: gw.test; dkim=pass\r\n",
+        ];
+        for f in forged {
+            let mut m = f.to_vec();
+            m.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n");
+            assert_eq!(
+                &*strip_forged(&m, "gw.test"),
+                b"Subject: x\r\n\r\nbody\r\n",
+                "not removed: {:?}",
+                String::from_utf8_lossy(f)
+            );
+        }
+        for k in kept {
+            let mut m = k.to_vec();
+            m.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n");
+            assert!(
+                matches!(strip_forged(&m, "gw.test"), Cow::Borrowed(_)),
+                "removed: {:?}",
+                String::from_utf8_lossy(k)
+            );
+        }
+    }
+
     #[test]
     fn authserv_id_parsing() {
         assert_eq!(
-            authserv_id(b" (c (nested) \\) ) x.example 1; none").as_deref(),
+            ar_authserv_id(b" (c (nested) \\) ) x.example 1; none").as_deref(),
             Some(&b"x.example"[..])
         );
         assert_eq!(
-            authserv_id(b" \"q\\\"x\"; none").as_deref(),
+            ar_authserv_id(b" \"q\\\"x\"; none").as_deref(),
             Some(&b"q\"x"[..])
         );
         assert_eq!(

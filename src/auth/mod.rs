@@ -14,31 +14,35 @@
 //! policy.rs   serde shapes of the policy block (`spf:`, `dkim:`, `dmarc:`,
 //!             `arc:`), pure `decide()` → `Verdict`
 //! headers.rs  pure header writers and `strip_forged()`
+//! worker.rs   the check runtime: the SMTP driver's checks run off the I/O threads
 //! ```
 //!
 //! Pipeline the SMTP driver is expected to run (the order matters):
-//! 1. MAIL FROM: [`Verifier::spf`] → [`decide`] (reject/tempfail before RCPT).
-//! 2. After DATA, on the message exactly as received: [`Verifier::message`]
-//!    → [`decide`].
-//! 3. [`strip_forged`] on the same bytes, then prepend
-//!    [`authentication_results`] and [`received_spf`]. Verification must run
-//!    before stripping so that ARC sees the chain as it arrived.
+//! 1. MAIL FROM: [`DnsBudget::new_message`], [`worker::spf`] → [`decide`]
+//!    (reject/tempfail before RCPT).
+//! 2. After DATA, on the message exactly as received: [`worker::message`]
+//!    → [`decide`]. One [`DnsBudget`] per session bounds the DNS queries.
+//! 3. [`strip_forged`] on the same bytes (on every listener, checks or not),
+//!    then prepend [`authentication_results`] and [`received_spf`].
+//!    Verification must run before stripping so that ARC sees the chain as
+//!    it arrived.
 
 pub mod cache;
 pub mod dns;
 pub mod headers;
 pub mod policy;
 pub mod verify;
+pub mod worker;
 
-pub use cache::DnsStats;
+pub use cache::{DnsBudget, DnsStats, QueryLimits, Trip};
 pub use dns::{DnsFile, DnsSettings};
-pub use headers::{authentication_results, received_spf, strip_forged};
+pub use headers::{authentication_results, authserv_id, received_spf, strip_forged};
 pub use policy::{
     decide, decisions, ArcActions, AuthPolicy, DkimActions, DmarcActions, SpfActions, Verdict,
 };
 pub use verify::{
     ArcOutcome, AuthResult, Checks, DkimSignature, DmarcOutcome, DmarcPolicy, MessageOutcome,
-    SpfIdentity, SpfOutcome, Verifier,
+    SpfIdentity, SpfOutcome, Verifier, MAX_ARC_SETS, MAX_DKIM_SIGNATURES, MAX_SIGNED_FIELDS,
 };
 
 /// Errors of this module. Verification itself never fails: DNS trouble,

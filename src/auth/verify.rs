@@ -20,8 +20,24 @@
 //!   task down with it.
 //! * **Every check is bounded** by [`DnsSettings::check_deadline`]; a check cut
 //!   off there is `temperror`.
+//! * **DNS work is bounded** by the gate of `cache.rs`: per-session and
+//!   per-transaction query budgets ([`DnsBudget`]), the RFC 7208 §4.6.4 void
+//!   lookup limit, and oversized records. A check the gate cut short ends in
+//!   `temperror` (session budget) or `permerror` (everything else), logged.
+//! * **Verification work is bounded** before mail-auth sees the message: at
+//!   most [`MAX_DKIM_SIGNATURES`] DKIM signatures are verified (later ones are
+//!   reported as one `neutral` "not verified" result), a signature signing
+//!   more than [`MAX_SIGNED_FIELDS`] fields is `permerror` without being
+//!   verified, and an ARC chain of more than [`MAX_ARC_SETS`] sets (or with an
+//!   ARC-Message-Signature over the field limit) is `fail` without being
+//!   validated. mail-auth hashes and canonicalises per signature, so this is
+//!   what bounds the CPU of one message; the dropped signature fields are
+//!   removed from the copy mail-auth parses.
 
-use super::cache::{CallCaches, CallLog, CheckKind, DnsStats, DnsStatsSnapshot, SharedCaches};
+use super::cache::{
+    CallCaches, CallLog, CheckKind, DnsBudget, DnsStats, DnsStatsSnapshot, QueryLimits,
+    SharedCaches, Trip,
+};
 use super::dns::DnsSettings;
 use super::AuthError;
 use base64::Engine as _;
@@ -33,6 +49,7 @@ use mail_auth::{
     AuthenticatedMessage, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, Parameters,
     SpfOutput, SpfResult,
 };
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
@@ -40,6 +57,13 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+/// DKIM signatures verified per message; later ones are reported, not verified.
+pub const MAX_DKIM_SIGNATURES: usize = 10;
+/// ARC sets validated per message; a longer chain is `fail`.
+pub const MAX_ARC_SETS: usize = 10;
+/// `h=` entries a DKIM or ARC message signature may have to be verified.
+pub const MAX_SIGNED_FIELDS: usize = 64;
 
 /// A result token as written in `Authentication-Results` (RFC 8601 §2.7).
 /// SPF uses all of them; DKIM, ARC and DMARC a subset.
@@ -133,6 +157,55 @@ pub struct SpfOutcome {
     pub reason: Option<String>,
 }
 
+impl SpfOutcome {
+    /// The identity of an SPF check, before any result (`none`). `sender`
+    /// is the reverse-path without angle brackets; empty means the null
+    /// sender, for which the HELO identity is checked (§2.4). A sender
+    /// without local part (`@d`) or without `@` is evaluated as
+    /// `postmaster@<domain>` (§4.3).
+    pub fn unchecked(ip: IpAddr, helo: &str, our_hostname: &str, sender: &str) -> SpfOutcome {
+        let helo = helo.trim();
+        let mail_from = sender.trim();
+        let mail_from = mail_from
+            .strip_prefix('<')
+            .and_then(|s| s.strip_suffix('>'))
+            .unwrap_or(mail_from);
+        let (identity, evaluated_sender, domain) = if mail_from.is_empty() {
+            (
+                SpfIdentity::Helo,
+                format!("postmaster@{helo}"),
+                helo.to_string(),
+            )
+        } else {
+            match mail_from.rsplit_once('@') {
+                Some(("", d)) => (
+                    SpfIdentity::MailFrom,
+                    format!("postmaster@{d}"),
+                    d.to_string(),
+                ),
+                Some((_, d)) => (SpfIdentity::MailFrom, mail_from.to_string(), d.to_string()),
+                None => (
+                    SpfIdentity::MailFrom,
+                    format!("postmaster@{mail_from}"),
+                    mail_from.to_string(),
+                ),
+            }
+        };
+        SpfOutcome {
+            result: AuthResult::None,
+            identity,
+            domain,
+            mail_from: mail_from.to_string(),
+            sender: evaluated_sender,
+            helo: helo.to_string(),
+            ip,
+            receiver: our_hostname.to_string(),
+            explanation: None,
+            reason: None,
+        }
+    }
+}
+
 /// Which message checks to run. DMARC needs DKIM, so `dmarc` implies `dkim`
 /// (the DKIM results are then reported too). SPF is a separate call at MAIL
 /// FROM; DMARC needs its outcome, so a policy naming `dmarc:` needs SPF run.
@@ -173,6 +246,22 @@ pub struct DkimSignature {
     /// several signatures of one domain apart.
     pub b_prefix: String,
     pub reason: Option<String>,
+}
+
+impl DkimSignature {
+    /// A result that stands for no particular signature (signatures not
+    /// verified, a check that did not finish): no tags, only a reason.
+    pub fn unattributed(result: AuthResult, reason: String) -> DkimSignature {
+        DkimSignature {
+            result,
+            domain: String::new(),
+            selector: String::new(),
+            auid: String::new(),
+            algorithm: "",
+            b_prefix: String::new(),
+            reason: Some(reason),
+        }
+    }
 }
 
 /// The ARC chain validation result (RFC 8617 §5.2).
@@ -256,6 +345,7 @@ pub struct Verifier {
     caches: Option<SharedCaches>,
     stats: DnsStats,
     deadline: Duration,
+    limits: QueryLimits,
 }
 
 impl fmt::Debug for Verifier {
@@ -273,10 +363,20 @@ impl Verifier {
     pub fn new(settings: &DnsSettings) -> Result<Verifier, AuthError> {
         Ok(Verifier {
             auth: settings.authenticator()?,
-            caches: (settings.cache_entries > 0).then(|| SharedCaches::new(settings.cache_entries)),
+            caches: (settings.cache_entries > 0)
+                .then(|| SharedCaches::with_bytes(settings.cache_entries, settings.cache_bytes)),
             stats: DnsStats::default(),
             deadline: settings.check_deadline(),
+            limits: QueryLimits {
+                per_session: settings.max_queries_per_session,
+                per_message: settings.max_queries_per_message,
+            },
         })
+    }
+
+    /// The bound of one check (see [`DnsSettings::check_deadline`]).
+    pub fn deadline(&self) -> Duration {
+        self.deadline
     }
 
     /// DNS and check counters for the metrics endpoint.
@@ -301,46 +401,25 @@ impl Verifier {
         our_hostname: &str,
         sender: &str,
     ) -> SpfOutcome {
+        self.spf_within(&DnsBudget::new(), ip, helo, our_hostname, sender)
+            .await
+    }
+
+    /// [`Self::spf`], charging the DNS queries to `budget` (one per SMTP
+    /// session; [`DnsBudget::new_message`] at each MAIL).
+    pub async fn spf_within(
+        &self,
+        budget: &DnsBudget,
+        ip: IpAddr,
+        helo: &str,
+        our_hostname: &str,
+        sender: &str,
+    ) -> SpfOutcome {
         let started = Instant::now();
-        let helo = helo.trim();
-        let mail_from = sender.trim();
-        let mail_from = mail_from
-            .strip_prefix('<')
-            .and_then(|s| s.strip_suffix('>'))
-            .unwrap_or(mail_from);
-        let (identity, evaluated_sender, domain) = if mail_from.is_empty() {
-            (
-                SpfIdentity::Helo,
-                format!("postmaster@{helo}"),
-                helo.to_string(),
-            )
-        } else {
-            match mail_from.rsplit_once('@') {
-                Some(("", d)) => (
-                    SpfIdentity::MailFrom,
-                    format!("postmaster@{d}"),
-                    d.to_string(),
-                ),
-                Some((_, d)) => (SpfIdentity::MailFrom, mail_from.to_string(), d.to_string()),
-                None => (
-                    SpfIdentity::MailFrom,
-                    format!("postmaster@{mail_from}"),
-                    mail_from.to_string(),
-                ),
-            }
-        };
-        let mut out = SpfOutcome {
-            result: AuthResult::None,
-            identity,
-            domain,
-            mail_from: mail_from.to_string(),
-            sender: evaluated_sender,
-            helo: helo.to_string(),
-            ip,
-            receiver: our_hostname.to_string(),
-            explanation: None,
-            reason: None,
-        };
+        let mut out = SpfOutcome::unchecked(ip, helo, our_hostname, sender);
+        let identity = out.identity;
+        let helo = out.helo.clone();
+        let helo = helo.as_str();
 
         // RFC 7208 §4.3: a malformed or single-label <domain> is "none". This
         // is the address-literal HELO case; no DNS query is made for it.
@@ -355,7 +434,7 @@ impl Verifier {
             return out;
         }
 
-        let log = CallLog::new(&self.stats);
+        let log = CallLog::gated(&self.stats, budget, self.limits, true);
         let caches = CallCaches::new(self.caches.as_ref(), &log);
         let params = match identity {
             SpfIdentity::Helo => SpfParameters::helo(ip, helo, our_hostname),
@@ -382,6 +461,13 @@ impl Verifier {
                 out.result = AuthResult::TempError;
                 out.reason = Some(format!("DNS gave no answer within {:?}", self.deadline));
             }
+        }
+        log.settle_spf(deadline_hit || out.result == AuthResult::TempError);
+        if let Some(trip) = log.tripped() {
+            out.result = trip_result(&trip);
+            out.reason = Some(trip.reason(self.limits));
+            out.explanation = None;
+            tracing::warn!(domain = %sanitize(&out.domain, 255), result = out.result.as_str(), reason = %trip.reason(self.limits), "SPF cut short by a DNS limit");
         }
         if out.result == AuthResult::TempError && !deadline_hit {
             // A query that hickory refused (or that cannot exist) is a
@@ -423,6 +509,22 @@ impl Verifier {
         spf: Option<&SpfOutcome>,
         want: Checks,
     ) -> MessageOutcome {
+        self.message_within(&DnsBudget::new(), raw, ip, helo, sender, spf, want)
+            .await
+    }
+
+    /// [`Self::message`], charging the DNS queries to `budget`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn message_within(
+        &self,
+        budget: &DnsBudget,
+        raw: &[u8],
+        ip: IpAddr,
+        helo: &str,
+        sender: &str,
+        spf: Option<&SpfOutcome>,
+        want: Checks,
+    ) -> MessageOutcome {
         let deadline = tokio::time::Instant::now() + self.deadline;
         let mut out = MessageOutcome {
             dkim: None,
@@ -435,8 +537,10 @@ impl Verifier {
         }
         // One lookup log for all message checks; it must outlive the DKIM
         // outputs, which DMARC borrows together with the cache.
-        let log = CallLog::new(&self.stats);
+        let log = CallLog::gated(&self.stats, budget, self.limits, false);
         let caches = CallCaches::new(self.caches.as_ref(), &log);
+        let plan = Plan::of(raw);
+        let raw: &[u8] = &plan.message;
         let parsed =
             std::panic::catch_unwind(|| AuthenticatedMessage::parse(raw)).unwrap_or_else(|_| {
                 tracing::error!("message parser panicked");
@@ -496,6 +600,20 @@ impl Verifier {
                         true,
                     ),
                 };
+            let mut sigs: Vec<DkimSignature> = sigs;
+            if let Some(trip) = log.tripped() {
+                for (sig, o) in sigs.iter_mut().zip(&dkim_outputs) {
+                    let denied = o.signature().is_some_and(|h| {
+                        log.was_denied(&format!("{}._domainkey.{}.", h.s, h.d).to_lowercase())
+                    });
+                    if sig.result == AuthResult::TempError && denied {
+                        sig.result = trip_result(&trip);
+                        sig.reason = Some(trip.reason(self.limits));
+                    }
+                }
+                tracing::warn!(reason = %trip.reason(self.limits), "DKIM cut short by a DNS limit");
+            }
+            sigs.extend(plan.dkim_skipped.iter().cloned());
             let temp = sigs
                 .iter()
                 .any(|s: &DkimSignature| s.result == AuthResult::TempError);
@@ -504,7 +622,13 @@ impl Verifier {
             out.dkim = Some(sigs);
         }
 
-        if want.arc {
+        if let (true, Some(why)) = (want.arc, &plan.arc_refused) {
+            out.arc = Some(ArcOutcome {
+                result: AuthResult::Fail,
+                instances: plan.arc_sets,
+                reason: Some(why.clone()),
+            });
+        } else if want.arc {
             let started = Instant::now();
             let instances = msg.arc_seals().len();
             let run = self
@@ -536,6 +660,15 @@ impl Verifier {
                         true,
                     ),
                 };
+            let mut arc = arc;
+            if let (Some(trip), AuthResult::TempError) = (log.tripped(), arc.result) {
+                arc.result = match trip_result(&trip) {
+                    AuthResult::PermError => AuthResult::Fail,
+                    r => r,
+                };
+                arc.reason = Some(trip.reason(self.limits));
+                tracing::warn!(reason = %trip.reason(self.limits), "ARC cut short by a DNS limit");
+            }
             self.stats.record_check(
                 CheckKind::Arc,
                 started.elapsed(),
@@ -562,6 +695,7 @@ impl Verifier {
                     (SpfOutput::new(d.clone()), d)
                 }
             };
+            let tripped_before = log.tripped();
             let params = DmarcParameters::new(&msg, &dkim_outputs, &mail_from_domain, &spf_output);
             let run = self
                 .auth
@@ -581,6 +715,17 @@ impl Verifier {
                         true,
                     ),
                 };
+            let mut dmarc = dmarc;
+            if let Some(trip) = log.tripped() {
+                let new_here = tripped_before.is_none();
+                if dmarc.result == AuthResult::TempError
+                    || (new_here && matches!(trip, Trip::Oversized(_)))
+                {
+                    dmarc.result = trip_result(&trip);
+                    dmarc.reason = Some(trip.reason(self.limits));
+                    tracing::warn!(reason = %trip.reason(self.limits), "DMARC cut short by a DNS limit");
+                }
+            }
             self.stats.record_check(
                 CheckKind::Dmarc,
                 started.elapsed(),
@@ -591,6 +736,154 @@ impl Verifier {
         }
         log.finish();
         out
+    }
+}
+
+/// The result of a check the DNS gate cut short.
+fn trip_result(t: &Trip) -> AuthResult {
+    if t.is_temporary() {
+        AuthResult::TempError
+    } else {
+        AuthResult::PermError
+    }
+}
+
+/// What of a message is verified (see the module comment): the copy handed
+/// to mail-auth, borrowed unless signature fields had to be dropped, and the
+/// results of the signatures that are not verified.
+struct Plan<'a> {
+    message: Cow<'a, [u8]>,
+    dkim_skipped: Vec<DkimSignature>,
+    arc_sets: usize,
+    /// Why the ARC chain is not validated.
+    arc_refused: Option<String>,
+}
+
+impl<'a> Plan<'a> {
+    fn of(raw: &'a [u8]) -> Plan<'a> {
+        let mut drop: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut dkim_skipped = Vec::new();
+        let (mut dkim_seen, mut not_checked) = (0usize, 0usize);
+        let (mut seals, mut ams, mut aar) = (0usize, 0usize, 0usize);
+        let mut ams_too_long = None;
+        for (range, name, value) in header_fields(raw) {
+            if name.eq_ignore_ascii_case(b"DKIM-Signature") {
+                dkim_seen += 1;
+                let tags = Tags::parse(value);
+                if dkim_seen > MAX_DKIM_SIGNATURES {
+                    not_checked += 1;
+                    drop.push(range);
+                } else if tags.signed_fields > MAX_SIGNED_FIELDS {
+                    dkim_skipped.push(DkimSignature {
+                        result: AuthResult::PermError,
+                        domain: tags.d,
+                        selector: tags.s,
+                        auid: String::new(),
+                        algorithm: "",
+                        b_prefix: tags.b_prefix,
+                        reason: Some(format!(
+                            "signs {} header fields (limit {MAX_SIGNED_FIELDS}): not verified",
+                            tags.signed_fields
+                        )),
+                    });
+                    drop.push(range);
+                }
+            } else if name.eq_ignore_ascii_case(b"ARC-Seal") {
+                seals += 1;
+            } else if name.eq_ignore_ascii_case(b"ARC-Message-Signature") {
+                ams += 1;
+                let n = Tags::parse(value).signed_fields;
+                if n > MAX_SIGNED_FIELDS {
+                    ams_too_long = Some(n);
+                }
+            } else if name.eq_ignore_ascii_case(b"ARC-Authentication-Results") {
+                aar += 1;
+            }
+        }
+        if not_checked > 0 {
+            dkim_skipped.push(DkimSignature::unattributed(
+                AuthResult::Neutral,
+                format!("{not_checked} more signatures not verified (limit {MAX_DKIM_SIGNATURES})"),
+            ));
+        }
+        let arc_sets = seals.max(ams).max(aar);
+        let arc_refused = if arc_sets > MAX_ARC_SETS {
+            Some(format!(
+                "{arc_sets} ARC sets (limit {MAX_ARC_SETS}): not validated"
+            ))
+        } else {
+            ams_too_long.map(|n| {
+                format!(
+                    "ARC-Message-Signature signs {n} header fields (limit {MAX_SIGNED_FIELDS}): not validated"
+                )
+            })
+        };
+        Plan {
+            message: super::headers::without(raw, drop),
+            dkim_skipped,
+            arc_sets,
+            arc_refused,
+        }
+    }
+}
+
+/// The header fields of a message: (byte range with folded lines, name, value).
+fn header_fields(raw: &[u8]) -> impl Iterator<Item = (std::ops::Range<usize>, &[u8], &[u8])> {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        if pos >= raw.len() || raw[pos..].starts_with(b"\r\n") || raw[pos] == b'\n' {
+            return None;
+        }
+        let start = pos;
+        loop {
+            pos = memchr::memchr(b'\n', &raw[pos..]).map_or(raw.len(), |i| pos + i + 1);
+            if !matches!(raw.get(pos), Some(b' ' | b'\t')) {
+                break;
+            }
+        }
+        let field = &raw[start..pos];
+        let (name, value) = match memchr::memchr(b':', field) {
+            Some(c) => (&field[..c], &field[c + 1..]),
+            None => (field, &field[field.len()..]),
+        };
+        let name = name.trim_ascii_end();
+        Some((start..pos, name, value))
+    })
+}
+
+/// The few tags of a DKIM-Signature / ARC-Message-Signature that are
+/// reported without verifying it; sanitised and bounded.
+#[derive(Default)]
+struct Tags {
+    d: String,
+    s: String,
+    b_prefix: String,
+    signed_fields: usize,
+}
+
+impl Tags {
+    fn parse(value: &[u8]) -> Tags {
+        let mut t = Tags::default();
+        for tag in value.split(|&b| b == b';') {
+            let Some(eq) = tag.iter().position(|&b| b == b'=') else {
+                continue;
+            };
+            let name = tag[..eq].trim_ascii();
+            let v: Vec<u8> = tag[eq + 1..]
+                .iter()
+                .copied()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect();
+            let text = |v: &[u8], max| sanitize(&String::from_utf8_lossy(v), max);
+            match name {
+                b"d" => t.d = text(&v, 255),
+                b"s" => t.s = text(&v, 255),
+                b"b" => t.b_prefix = text(v.get(..8).unwrap_or(&v), 8),
+                b"h" => t.signed_fields = v.split(|&b| b == b':').count(),
+                _ => {}
+            }
+        }
+        t
     }
 }
 
@@ -735,15 +1028,8 @@ fn dkim_signature(o: &DkimOutput<'_>) -> DkimSignature {
         DkimResult::TempError(e) => (AuthResult::TempError, Some(dkim_reason(e))),
         DkimResult::None => (AuthResult::None, None),
     };
-    let mut s = DkimSignature {
-        result,
-        domain: String::new(),
-        selector: String::new(),
-        auid: String::new(),
-        algorithm: "",
-        b_prefix: String::new(),
-        reason,
-    };
+    let mut s = DkimSignature::unattributed(result, String::new());
+    s.reason = reason;
     if let Some(sig) = o.signature() {
         s.domain = sig.d.clone();
         s.selector = sig.s.clone();
@@ -925,6 +1211,7 @@ mod tests {
             timeout: Duration::from_millis(200),
             attempts: 1,
             cache_entries: 16,
+            ..Default::default()
         })
         .unwrap()
     }

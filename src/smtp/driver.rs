@@ -49,6 +49,8 @@ struct Driver {
     messages: u32,
     /// SPF result of the current transaction (for DMARC and the A-R header).
     spf: Option<crate::auth::SpfOutcome>,
+    /// DNS queries of this session's checks.
+    dns_budget: crate::auth::DnsBudget,
 }
 
 impl Driver {
@@ -103,6 +105,7 @@ impl Driver {
             tls,
             messages: 0,
             spf: None,
+            dns_budget: crate::auth::DnsBudget::new(),
         };
         let end = d.serve().await;
         crate::observe::metrics().bytes(&l.name, d.conn.bytes_in, d.conn.bytes_out);
@@ -319,15 +322,22 @@ impl Driver {
     /// `Some(reply)` refuses the MAIL.
     async fn check_spf(&mut self, from: &str) -> Option<Reply> {
         self.spf = None;
+        self.dns_budget.new_message();
         let (policy, verifier) = (self.ctx.policy.clone()?, self.ctx.verifier.clone()?);
         let auth = policy.spec().auth.as_ref()?;
         if !auth.wants_spf() {
             return None;
         }
         let helo = self.session.helo.clone().unwrap_or_default();
-        let spf = verifier
-            .spf(self.peer.ip(), &helo, &self.ctx.listener.hostname, from)
-            .await;
+        let spf = crate::auth::worker::spf(
+            verifier,
+            self.dns_budget.clone(),
+            self.peer.ip(),
+            helo,
+            self.ctx.listener.hostname.clone(),
+            from.to_string(),
+        )
+        .await;
         crate::observe::metrics().auth_result("spf", spf.result.as_str());
         let verdict = crate::auth::decide(auth, &spf);
         info!(result = spf.result.as_str(), domain = %spf.domain, action = verdict.action.as_str(), "spf");
@@ -587,27 +597,32 @@ impl Driver {
         // other headers or the body, so existing signatures stay valid)
         let mut auth_headers = String::new();
         let mut body = body;
+        let authserv_id = crate::auth::authserv_id(
+            self.ctx
+                .policy
+                .as_ref()
+                .and_then(|p| p.spec().auth.as_ref()),
+            &l.hostname,
+        )
+        .to_string();
         if let (Some(policy), Some(verifier)) = (self.ctx.policy.clone(), self.ctx.verifier.clone())
         {
             if let Some(auth) = policy.spec().auth.as_ref() {
-                let authserv_id = if auth.authserv_id.is_empty() {
-                    l.hostname.clone()
-                } else {
-                    auth.authserv_id.clone()
-                };
                 let checks = auth.checks();
                 let outcome = if checks.any() {
                     let helo = self.session.helo.clone().unwrap_or_default();
-                    let o = verifier
-                        .message(
-                            &body,
-                            self.peer.ip(),
-                            &helo,
-                            &from,
-                            self.spf.as_ref(),
-                            checks,
-                        )
-                        .await;
+                    let (b, o) = crate::auth::worker::message(
+                        verifier,
+                        self.dns_budget.clone(),
+                        std::mem::take(&mut body),
+                        self.peer.ip(),
+                        helo,
+                        from.clone(),
+                        self.spf.clone(),
+                        checks,
+                    )
+                    .await;
+                    body = b;
                     let m = crate::observe::metrics();
                     if let Some((r, _)) = o.dkim_summary() {
                         m.auth_result("dkim", r.as_str());
@@ -637,12 +652,6 @@ impl Driver {
                 } else {
                     None
                 };
-                if let std::borrow::Cow::Owned(stripped) =
-                    crate::auth::strip_forged(&body, &authserv_id)
-                {
-                    warn!(authserv_id = %authserv_id, "removed Authentication-Results claiming our authserv-id");
-                    body = stripped;
-                }
                 auth_headers.push_str(&crate::auth::authentication_results(
                     &authserv_id,
                     self.spf.as_ref(),
@@ -652,6 +661,11 @@ impl Driver {
                     auth_headers.push_str(&crate::auth::received_spf(spf));
                 }
             }
+        }
+        // on every listener, checks or not: the backend may trust our id
+        if let std::borrow::Cow::Owned(stripped) = crate::auth::strip_forged(&body, &authserv_id) {
+            warn!(authserv_id = %authserv_id, "removed Authentication-Results claiming our authserv-id");
+            body = stripped;
         }
         let header = data::received_header(&data::TraceInfo {
             helo: self.session.helo.as_deref().unwrap_or("unknown"),

@@ -451,8 +451,10 @@ impl RequestHandler for Handler {
                 .sum::<usize>();
         let udp = request.protocol() == hickory_server::net::xfer::Protocol::Udp;
         // Negative answers carry an SOA (RFC 2308) like a real authoritative
-        // server's, so that resolvers and mail-auth may cache them.
-        let soa: Vec<Record> = if records.is_empty() {
+        // server's, so that resolvers and mail-auth may cache them; names
+        // with a `nosoa` label get none (uncacheable, as some servers answer).
+        let soa_less = qname.split('.').any(|l| l.eq_ignore_ascii_case("nosoa"));
+        let soa: Vec<Record> = if records.is_empty() && !soa_less {
             let apex = qname
                 .trim_end_matches('.')
                 .rsplit('.')
