@@ -59,7 +59,7 @@ def result(**kv):
 
 
 def codes_str(codes):
-    return ",".join(f"{c}:{n}" for c, n in sorted(codes.items())) or "-"
+    return ",".join(f"{c}:{n}" for c, n in sorted(codes.items(), key=lambda kv: str(kv[0]))) or "-"
 
 
 def fold(text):
