@@ -58,20 +58,82 @@ impl Drop for Guard {
     }
 }
 
-/// Fails with a clear message when a tool the test needs is missing.
-pub fn require(tool: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
-        "/usr/sbin",
-        "/sbin",
-        "/usr/bin",
-    ]) {
-        let p = Path::new(dir).join(tool);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("{tool} is not installed: run `bash .ci/run` (it installs the end-to-end tools) or apt-get install it");
+/// Where `tool` is installed (PATH, then the sbin directories), if it is.
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
+        .map(|dir| Path::new(dir).join(tool))
+        .find(|p| p.is_file())
 }
+
+/// The path of a tool a test has already checked with [`require_or_skip!`].
+pub fn tool(tool: &str) -> PathBuf {
+    find_tool(tool).unwrap_or_else(|| panic!("{tool} is not installed"))
+}
+
+/// Whether every end-to-end test must run: `MAILGATE_E2E=require`, which
+/// `.ci/run` sets, so that CI never skips one silently.
+pub fn e2e_required() -> bool {
+    std::env::var("MAILGATE_E2E").is_ok_and(|v| v == "require")
+}
+
+/// Says that the running test cannot run here and why: one
+/// `SKIPPED: <test>: <why>` line on stderr, shown by a plain `cargo test`
+/// (the caller then returns), or,
+/// under `MAILGATE_E2E=require`, a failure.
+pub fn skip(why: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("?");
+    if e2e_required() {
+        panic!("{test}: {why}, and MAILGATE_E2E=require: run `bash .ci/run` (it installs the end-to-end tools) or apt-get install it");
+    }
+    // straight to the stderr descriptor: libtest captures `eprintln!` of a
+    // passing test, and a skip must show in a plain `cargo test`
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+}
+
+/// `Some(path)` of `tool`, or `None` after [`skip`] said it is not installed.
+pub fn require(tool: &str) -> Option<PathBuf> {
+    let found = find_tool(tool);
+    if found.is_none() {
+        skip(&format!("{tool} not installed"));
+    }
+    found
+}
+
+/// `true` when the test runs as root; otherwise [`skip`]s (`why`: what needs it).
+pub fn require_root(why: &str) -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        skip(&format!("{why} needs root"));
+    }
+    root
+}
+
+/// At the top of an end-to-end test: returns from it (after one `SKIPPED:`
+/// line) unless every tool named is installed; `root: "why"` also needs root.
+/// Under `MAILGATE_E2E=require` a missing tool fails the test instead.
+#[allow(unused_macros)]
+macro_rules! require_or_skip {
+    (root: $why:expr $(, $tool:expr)* $(,)?) => {
+        if !$crate::common::require_root($why) {
+            return;
+        }
+        $crate::common::require_or_skip!($($tool),*);
+    };
+    ($($tool:expr),* $(,)?) => {
+        $(
+            if $crate::common::require($tool).is_none() {
+                return;
+            }
+        )*
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use require_or_skip;
 
 /// Waits until something accepts TCP connections on `port`.
 pub fn wait_port(port: u16) {
@@ -119,7 +181,7 @@ pub struct Sink {
 
 impl Sink {
     pub fn start(dir: &Path) -> Sink {
-        let bin = require("smtp-sink");
+        let bin = tool("smtp-sink");
         std::fs::create_dir_all(dir).unwrap();
         // smtp-sink (running as nobody) writes the dump files
         Command::new("chmod").arg("0777").arg(dir).status().unwrap();
