@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-const SHARED: &str = "../shared/testdata";
+const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
 
 fn crlf(s: &str) -> Vec<u8> {
     s.replace("\r\n", "\n").replace('\n', "\r\n").into_bytes()
@@ -20,7 +20,7 @@ fn crlf(s: &str) -> Vec<u8> {
 fn zone() -> Zone {
     let mut z = Zone::new();
     z.add_txt("football.example.com", "v=spf1 ip4:127.0.0.0/8 -all");
-    let key = std::fs::read_to_string(format!("{SHARED}/dkim/dkimpy/test.txt")).unwrap();
+    let key = std::fs::read_to_string(format!("{DATA}/dkim/dkimpy/test.txt")).unwrap();
     z.add_txt("test._domainkey.football.example.com", key.trim());
     z.add_txt("_dmarc.football.example.com", "v=DMARC1; p=reject");
     z.add_txt("other.example", "v=spf1 ip4:127.0.0.0/8 -all");
@@ -110,7 +110,7 @@ async fn send(gw: &Gw, from: &str, msg: &[u8]) -> (String, Option<String>) {
 }
 
 fn signed() -> Vec<u8> {
-    crlf(&std::fs::read_to_string(format!("{SHARED}/dkim/dkimpy/rfc6376.signed.rsa.msg")).unwrap())
+    crlf(&std::fs::read_to_string(format!("{DATA}/dkim/dkimpy/rfc6376.signed.rsa.msg")).unwrap())
 }
 
 /// Our Authentication-Results header with its continuation lines.

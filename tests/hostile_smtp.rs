@@ -954,6 +954,12 @@ struct Probes {
     cases: Vec<Probe>,
 }
 
+/// The injection probes (see tests/data/smtp-protocol/PROVENANCE.md).
+const INJECTION: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/smtp-protocol/starttls-injection.json"
+);
+
 #[derive(serde::Deserialize)]
 struct Probe {
     id: String,
@@ -962,7 +968,7 @@ struct Probe {
     send: String,
 }
 
-/// The STARTTLS injection probes of ../shared/testdata (SMTP cases): the bytes
+/// The STARTTLS injection probes of tests/data/smtp-protocol (SMTP cases): the bytes
 /// after STARTTLS in the same write are never answered, in plaintext or inside
 /// TLS, and TLS starts with no HELO and no transaction.
 #[tokio::test]
@@ -970,8 +976,7 @@ async fn starttls_injection_probes() {
     let st = setup("").await;
     bounded(Duration::from_secs(30), "injection probes", async {
         let text =
-            std::fs::read_to_string("../shared/testdata/smtp-protocol/starttls-injection.json")
-                .expect("../shared/testdata/smtp-protocol/starttls-injection.json");
+            std::fs::read_to_string(INJECTION).unwrap_or_else(|e| panic!("{INJECTION}: {e}"));
         let probes: Probes = serde_json::from_str(&text).unwrap();
         let smtp: Vec<&Probe> = probes
             .cases
@@ -1057,8 +1062,7 @@ backends:
     .await;
     bounded(Duration::from_secs(30), "POP3 probes", async {
         let text =
-            std::fs::read_to_string("../shared/testdata/smtp-protocol/starttls-injection.json")
-                .expect("../shared/testdata/smtp-protocol/starttls-injection.json");
+            std::fs::read_to_string(INJECTION).unwrap_or_else(|e| panic!("{INJECTION}: {e}"));
         let probes: Probes = serde_json::from_str(&text).unwrap();
         let pop3: Vec<&Probe> = probes
             .cases

@@ -1,6 +1,6 @@
 //! Odd and hostile legacy servers, from the "Why TLS is better without
-//! STARTTLS" fake-mail-server cases (../shared/testdata/smtp-protocol/
-//! nostarttls-fake-mail-server). mailgate is the *client* of these backends.
+//! STARTTLS" fake-mail-server cases (tests/data/smtp-protocol/
+//! nostarttls-fake-mail-server, see its PROVENANCE.md). mailgate is the *client* of these backends.
 //! For every case: mailgate fails closed (4xx / -ERR), never reports a success
 //! the backend did not give, and never sends credentials to a backend that is
 //! not in a state to expect them.
@@ -20,7 +20,10 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-const ROOT: &str = "../shared/testdata/smtp-protocol/nostarttls-fake-mail-server";
+const ROOT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/smtp-protocol/nostarttls-fake-mail-server"
+);
 
 /// The few RON fields the fake servers use, read by hand.
 #[derive(Debug, Default)]

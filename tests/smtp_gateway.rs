@@ -330,15 +330,16 @@ async fn require_tls_refuses_mail_before_starttls() {
     assert_eq!(code, 250);
 }
 
-/// The 13 end-of-data variants of SMTP smuggling (../shared/testdata), in
+/// The 13 end-of-data variants of SMTP smuggling (tests/data/smtp-smuggling), in
 /// plaintext and after STARTTLS, in both bare-newline modes: at most one
 /// message reaches the backend, the smuggled commands are never answered.
 #[tokio::test]
 async fn smuggling_variants_never_smuggle() {
-    let tsv = std::fs::read_to_string("../shared/testdata/smtp-smuggling/eod-sequences.tsv")
-        .expect(
-            "../shared/testdata/smtp-smuggling/eod-sequences.tsv (the shared conformance data)",
-        );
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/smtp-smuggling/eod-sequences.tsv"
+    );
+    let tsv = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let mut variants = Vec::new();
     for line in tsv.lines().skip(1) {
         let cols: Vec<&str> = line.split('\t').collect();

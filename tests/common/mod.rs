@@ -2,18 +2,101 @@
 //! 127.0.0.1 and every child process is killed by a Drop guard.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A port that was free a moment ago (for servers we cannot bind to port 0).
+/// A port for a server that cannot be bound to port 0 by us (smtp-sink,
+/// Dovecot, Postfix) or for a backend that must be down.
+///
+/// Binding port 0 and handing the number on is a race: the probe listener is
+/// dropped, and the kernel gives the same number to the next `bind(…:0)` (a
+/// gateway or another test's `free_port` in the same test binary) before the
+/// server it was meant for binds it; the two tests then talk to one server
+/// (that is how `e2e_smtp::sighup_reload_keeps_or_applies` met another test's
+/// gateway and its `421`). So the ports come from below the kernel's
+/// ephemeral range (`ip_local_port_range`), which it never hands out by
+/// itself, for `bind(…:0)` or for outgoing connections; each at most once
+/// per process; free when checked; the start is spread by process id so that
+/// test binaries running side by side do not walk the same numbers.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (lo, hi) = unassigned_ports();
+    let span = u32::from(hi - lo);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = lo + ((start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {lo}..{hi}");
+}
+
+/// Ports the kernel does not assign on its own: below the ephemeral range
+/// (from 10000, clear of well-known services), or above it if it starts low.
+fn unassigned_ports() -> (u16, u16) {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = range.split_whitespace().map(|p| p.parse::<u16>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(lo), _) if lo > 12_000 => (10_000, lo),
+        (_, Some(hi)) if hi < 63_000 => (hi + 1, 65_535),
+        _ => panic!("ip_local_port_range {range:?} leaves no ports for test servers"),
+    }
+}
+
+/// The bound addresses a `mailgate run` child reports in its log (its stdout,
+/// `--log-format json` or text): its `listening` lines by listener name, and
+/// `metrics` for the metrics endpoint. Waits until every one of `names` is
+/// there. Taken from the child's own log, these are its sockets (start it with
+/// `bind: 127.0.0.1:0`), not whatever answers on a number, and no probe
+/// connection is made that a connection-rate policy would count.
+pub fn listening(log: &Path, names: &[&str]) -> std::collections::HashMap<String, SocketAddr> {
+    let start = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let found: std::collections::HashMap<String, SocketAddr> =
+            text.lines().filter_map(listening_line).collect();
+        if names.iter().all(|n| found.contains_key(*n)) {
+            return found;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} never said it listens on all of {names:?}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (name, address) of one `listening` log line, JSON or text.
+fn listening_line(line: &str) -> Option<(String, SocketAddr)> {
+    let (message, listener, addr) = if line.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let field = |k: &str| v[k].as_str().map(str::to_string);
+        (field("message")?, field("listener"), field("addr")?)
+    } else {
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+                .map(str::to_string)
+        };
+        let message = ["metrics endpoint listening", "listening"]
+            .into_iter()
+            .find(|m| line.contains(&format!(": {m} ")))?;
+        (message.to_string(), field("listener"), field("addr")?)
+    };
+    let name = match message.as_str() {
+        "listening" => listener?,
+        "metrics endpoint listening" => "metrics".to_string(),
+        _ => return None,
+    };
+    Some((name, addr.parse().ok()?))
 }
 
 /// A self-signed certificate for localhost / 127.0.0.1 in `dir` (cert.pem, key.pem).
@@ -58,20 +141,82 @@ impl Drop for Guard {
     }
 }
 
-/// Fails with a clear message when a tool the test needs is missing.
-pub fn require(tool: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
-        "/usr/sbin",
-        "/sbin",
-        "/usr/bin",
-    ]) {
-        let p = Path::new(dir).join(tool);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("{tool} is not installed: run `bash .ci/run` (it installs the end-to-end tools) or apt-get install it");
+/// Where `tool` is installed (PATH, then the sbin directories), if it is.
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
+        .map(|dir| Path::new(dir).join(tool))
+        .find(|p| p.is_file())
 }
+
+/// The path of a tool a test has already checked with [`require_or_skip!`].
+pub fn tool(tool: &str) -> PathBuf {
+    find_tool(tool).unwrap_or_else(|| panic!("{tool} is not installed"))
+}
+
+/// Whether every end-to-end test must run: `MAILGATE_E2E=require`, which
+/// `.ci/run` sets, so that CI never skips one silently.
+pub fn e2e_required() -> bool {
+    std::env::var("MAILGATE_E2E").is_ok_and(|v| v == "require")
+}
+
+/// Says that the running test cannot run here and why: one
+/// `SKIPPED: <test>: <why>` line on stderr, shown by a plain `cargo test`
+/// (the caller then returns), or,
+/// under `MAILGATE_E2E=require`, a failure.
+pub fn skip(why: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("?");
+    if e2e_required() {
+        panic!("{test}: {why}, and MAILGATE_E2E=require: run `bash .ci/run` (it installs the end-to-end tools) or apt-get install it");
+    }
+    // straight to the stderr descriptor: libtest captures `eprintln!` of a
+    // passing test, and a skip must show in a plain `cargo test`
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+}
+
+/// `Some(path)` of `tool`, or `None` after [`skip`] said it is not installed.
+pub fn require(tool: &str) -> Option<PathBuf> {
+    let found = find_tool(tool);
+    if found.is_none() {
+        skip(&format!("{tool} not installed"));
+    }
+    found
+}
+
+/// `true` when the test runs as root; otherwise [`skip`]s (`why`: what needs it).
+pub fn require_root(why: &str) -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        skip(&format!("{why} needs root"));
+    }
+    root
+}
+
+/// At the top of an end-to-end test: returns from it (after one `SKIPPED:`
+/// line) unless every tool named is installed; `root: "why"` also needs root.
+/// Under `MAILGATE_E2E=require` a missing tool fails the test instead.
+#[allow(unused_macros)]
+macro_rules! require_or_skip {
+    (root: $why:expr $(, $tool:expr)* $(,)?) => {
+        if !$crate::common::require_root($why) {
+            return;
+        }
+        $crate::common::require_or_skip!($($tool),*);
+    };
+    ($($tool:expr),* $(,)?) => {
+        $(
+            if $crate::common::require($tool).is_none() {
+                return;
+            }
+        )*
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use require_or_skip;
 
 /// Waits until something accepts TCP connections on `port`.
 pub fn wait_port(port: u16) {
@@ -119,7 +264,7 @@ pub struct Sink {
 
 impl Sink {
     pub fn start(dir: &Path) -> Sink {
-        let bin = require("smtp-sink");
+        let bin = tool("smtp-sink");
         std::fs::create_dir_all(dir).unwrap();
         // smtp-sink (running as nobody) writes the dump files
         Command::new("chmod").arg("0777").arg(dir).status().unwrap();

@@ -3,7 +3,7 @@
 //! that the zone rules of the pyspf test driver (`testspf.py`) can be copied
 //! exactly, timeouts included (a timeout is simply no reply).
 //!
-//! Zone rules (from `../shared/testdata/spf/PROVENANCE.md` and `testspf.py`):
+//! Zone rules (from `tests/data/spf/PROVENANCE.md` and `testspf.py`):
 //! * entries of a name are scanned in order; a `TIMEOUT` item times the name
 //!   out unless a record of the queried type was seen before it;
 //! * `NONE` values are dropped (but a `TXT: NONE` still stops the SPF→TXT copy);

@@ -87,8 +87,7 @@ impl Postfix {
     /// both smtpd ports accept connections.
     pub fn start(dir: &Path) -> Postfix {
         require_root("a Postfix instance");
-        let postfix = crate::common::require("postfix");
-        crate::common::require("postconf");
+        let postfix = crate::common::tool("postfix");
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
         assert!(
             passwd.lines().any(|l| l.starts_with("postfix:")),
