@@ -1,7 +1,9 @@
 //! The client-facing SMTP state machine, sans-IO. The driver feeds it parsed
-//! commands and the outcomes of backend operations; it answers with an
-//! [`Action`]. It never awaits and owns no sockets, so every rule below is
-//! unit-tested with plain values.
+//! commands and outcomes — of backend operations, policy rules, logins,
+//! SPF/DKIM/DMARC/ARC verdicts, the DATA read — and it answers with an
+//! [`Action`]: every reply mailgate sends is chosen here, none in the driver.
+//! It never awaits and owns no sockets, so every rule below is unit-tested
+//! with plain values.
 
 use super::command::{Body, Command, MailParams, ParseError, Secret};
 use super::data::Violation;
@@ -129,13 +131,18 @@ pub enum Action {
     Then(Reply, Box<Action>),
     /// Reply 220, discard buffered input, run the TLS handshake, then `tls_started`.
     StartTls(Reply),
-    /// Perform this on the backend, then call `relayed`.
+    /// Run the policy rules of its stage (a refusal: `policy_refused`) and,
+    /// for MAIL, SPF (`spf_checked`); then perform this on the backend and
+    /// call `relayed`.
     Relay(BackendOp),
-    /// Reply 354 and read the message, then call `data_received`.
+    /// Reply 354 (unless the in-flight budget is spent: `inflight_refused`)
+    /// and read the message, then call `data_received`, `message_verdict`
+    /// and, after the relay, `delivered`.
     ReadData(Reply),
     /// Reply 334 and read one raw line (an AUTH response), then call `auth_line`.
     AuthChallenge(Reply),
-    /// Check the login policy, relay the credentials, then call `auth_result`.
+    /// Check the login policy (a refusal: `login_refused`), relay the
+    /// credentials, then call `auth_result`.
     Authenticate(Credentials),
 }
 
