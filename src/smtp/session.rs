@@ -616,8 +616,8 @@ impl Session {
     }
 
     /// A policy rule refused the command of `stage` (HELO/EHLO, MAIL, RCPT)
-    /// with `action` (`reject` or `tempfail`). A rate-limited HELO ends the
-    /// session: a client that greets that often does nothing else.
+    /// with `action` (`reject` or `tempfail`). A tempfail at HELO/EHLO ends
+    /// the session with 421; elsewhere refusals leave it open.
     pub fn policy_refused(&mut self, stage: PolicyStage, action: PolicyAction) -> Action {
         match (stage, action) {
             (_, PolicyAction::Reject) => Action::Reply(reply::policy_reject()),
