@@ -131,9 +131,13 @@ pub fn smtp_command(data: &[u8]) {
                     check_smtp_reply(&r);
                     break;
                 }
-                Action::Close(r) => {
+                Action::Close(r, _) => {
                     check_smtp_reply(&r);
                     return;
+                }
+                Action::Then(r, next) => {
+                    check_smtp_reply(&r);
+                    action = *next;
                 }
                 Action::StartTls(r) => {
                     assert_eq!(r.code, 220);
@@ -151,7 +155,9 @@ pub fn smtp_command(data: &[u8]) {
                     assert!(!creds.user.chars().any(char::is_control), "{creds:?}");
                     logins += 1;
                     let code = if logins.is_multiple_of(2) { 235 } else { 535 };
-                    action = s.auth_result(&creds.user, Outcome::Reply(code, vec![]));
+                    action = s
+                        .auth_result(&creds.user, Outcome::Reply(code, vec![]))
+                        .into_action();
                 }
                 Action::Relay(op) => {
                     action = s.relayed(op, Outcome::Reply(250, vec!["2.1.0 ok".into()]));
@@ -159,11 +165,10 @@ pub fn smtp_command(data: &[u8]) {
                 Action::ReadData(r) => {
                     assert_eq!(r.code, 354);
                     assert!(s.tx.as_ref().is_some_and(|t| !t.rcpts.is_empty()));
-                    assert!(s.data_received(&Ok(Vec::new()), 1000).is_none());
-                    let r = s.delivered(Outcome::Reply(250, vec!["queued".into()]));
-                    check_smtp_reply(&r);
+                    assert!(s.data_received(&Ok(Vec::new()), 1000, false).is_none());
+                    let end = s.delivered(Outcome::Reply(250, vec!["queued".into()]));
                     assert!(s.tx.is_none());
-                    break;
+                    action = end.action;
                 }
             }
         }

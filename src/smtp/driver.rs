@@ -1,12 +1,19 @@
 //! The one place that awaits for an SMTP session: it reads commands, asks the
-//! pure [`Session`] what to do, talks to the backend, and writes replies. Every
-//! wait has its own deadline; replies to pipelined commands are written
+//! pure [`Session`] what to do, talks to the backend, and writes replies. It
+//! decides no reply itself: policy decisions, authentication verdicts, login
+//! and backend outcomes go to the session, whose [`Action`] it carries out.
+//! Every wait has its own deadline; replies to pipelined commands are written
 //! together, once no further command is buffered.
 
 use super::command;
 use super::data::{self, DataReceiver, Feed};
-use super::reply::{self, Reply};
-use super::session::{Action, BackendOp, Outcome, Session, Settings};
+use super::inflight::Reservation;
+use super::reply::Reply;
+use super::session::{
+    Action, BackendOp, Checked, Credentials, DataEnd, Ending, LoginResult, Outcome, Session,
+    Settings, TxOutcome,
+};
+use crate::auth::Verdict as AuthVerdict;
 use crate::backend::smtp::SmtpBackend;
 use crate::backend::BackendError;
 use crate::codec::{CodecError, Conn};
@@ -35,6 +42,18 @@ enum End {
     Timeout,
     Shutdown,
     Error(String),
+}
+
+/// A message read in DATA, on its way through the checks to the backend.
+struct Message {
+    from: String,
+    rcpts: Vec<String>,
+    body: Vec<u8>,
+    /// Octets the client sent for it (for the log).
+    received: u64,
+    /// Held until the backend has answered: the body lives until then.
+    _reservation: Option<Reservation>,
+    started: Instant,
 }
 
 struct Driver {
@@ -159,11 +178,11 @@ impl Driver {
         {
             Ok(line) => Ok(line),
             Err(crate::codec::Idle::SessionOver) => {
-                self.queue(&reply::session_too_long());
+                self.queue(&self.session.session_over());
                 Err(End::Timeout)
             }
             Err(crate::codec::Idle::Shutdown) => {
-                self.queue(&reply::shutting_down());
+                self.queue(&self.session.shutting_down());
                 Err(End::Shutdown)
             }
             Err(crate::codec::Idle::Write(e)) => Err(End::Error(format!("write: {e}"))),
@@ -199,26 +218,22 @@ impl Driver {
                             crate::observe::metrics().command(&self.ctx.listener.name, "invalid")
                         }
                     }
-                    if let Ok(command::Command::Ehlo(h) | command::Command::Helo(h)) = &cmd {
-                        let mut f = self.facts();
-                        f.helo = Some(h);
-                        match self.policy(Stage::Helo, &f).await {
-                            None => {}
-                            Some(PolicyAction::Reject) => {
-                                self.queue(&reply::policy_reject());
-                                continue;
-                            }
-                            Some(_) => {
-                                self.queue(&reply::helo_policy_tempfail());
-                                return End::Error("HELO rate limit".into());
-                            }
+                    let refused = match &cmd {
+                        Ok(command::Command::Ehlo(h) | command::Command::Helo(h)) => {
+                            let mut f = self.facts();
+                            f.helo = Some(h);
+                            self.policy(Stage::Helo, &f).await
                         }
+                        _ => None,
+                    };
+                    match refused {
+                        Some(a) => self.session.policy_refused(Stage::Helo, a),
+                        None => self.session.command(cmd),
                     }
-                    self.session.command(cmd)
                 }
                 Err(CodecError::TooLong(_)) => self.session.line_too_long(),
                 Err(CodecError::Timeout) => {
-                    self.queue(&reply::timeout());
+                    self.queue(&self.session.timed_out());
                     return End::Timeout;
                 }
                 Err(CodecError::Closed) => return End::ClientClosed,
@@ -233,13 +248,17 @@ impl Driver {
     async fn act(&mut self, action: Action) -> Option<End> {
         match action {
             Action::Reply(r) => self.queue(&r),
-            Action::Close(r) => {
+            Action::Close(r, ending) => {
                 self.queue(&r);
-                return Some(if r.code == 221 {
-                    End::Quit
-                } else {
-                    End::Error(r.summary())
+                return Some(match ending {
+                    Ending::Quit => End::Quit,
+                    Ending::Refused => End::Error(r.summary()),
+                    Ending::Because(why) => End::Error(why.into()),
                 });
+            }
+            Action::Then(r, next) => {
+                self.queue(&r);
+                return Box::pin(self.act(*next)).await;
             }
             Action::StartTls(r) => {
                 self.queue(&r);
@@ -260,31 +279,19 @@ impl Driver {
                         Stage::Rcpt
                     }
                 };
-                match self.policy(stage, &f).await {
-                    None => {}
-                    Some(PolicyAction::Reject) => {
-                        self.queue(&reply::policy_reject());
-                        return None;
-                    }
-                    Some(_) => {
-                        self.queue(&reply::policy_tempfail());
-                        return None;
-                    }
+                if let Some(a) = self.policy(stage, &f).await {
+                    let a = self.session.policy_refused(stage, a);
+                    return Box::pin(self.act(a)).await;
                 }
                 if let BackendOp::Mail { from, .. } = &op {
-                    if let Some(r) = self.check_spf(from).await {
-                        self.queue(&r);
-                        return None;
+                    if let Some(a) = self.check_spf(from).await {
+                        return Box::pin(self.act(a)).await;
                     }
                 }
                 let outcome = self.relay(&op).await;
                 let action = self.session.relayed(op, outcome);
                 self.drop_out_of_step_backend();
-                match action {
-                    Action::Reply(r) => self.queue(&r),
-                    other => return Box::pin(self.act(other)).await,
-                }
-                return self.lost_authenticated_backend();
+                return Box::pin(self.act(action)).await;
             }
             Action::AuthChallenge(r) => self.queue(&r),
             Action::Authenticate(creds) => return self.authenticate(creds).await,
@@ -319,8 +326,8 @@ impl Driver {
     }
 
     /// SPF at MAIL FROM when the policy names it (or DMARC, which needs it).
-    /// `Some(reply)` refuses the MAIL.
-    async fn check_spf(&mut self, from: &str) -> Option<Reply> {
+    /// `Some(action)` refuses the MAIL.
+    async fn check_spf(&mut self, from: &str) -> Option<Action> {
         self.spf = None;
         self.dns_budget.new_message();
         let (policy, verifier) = (self.ctx.policy.clone()?, self.ctx.verifier.clone()?);
@@ -342,39 +349,28 @@ impl Driver {
         let verdict = crate::auth::decide(auth, &spf);
         info!(result = spf.result.as_str(), domain = %spf.domain, action = verdict.action.as_str(), "spf");
         self.spf = Some(spf);
-        self.auth_verdict(&verdict).await
+        let checked = self.session.spf_checked(&verdict);
+        self.refusal(checked, &verdict).await
     }
 
-    /// Turns an authentication verdict into a refusal, a tarpit or nothing.
-    async fn auth_verdict(&self, v: &crate::auth::Verdict) -> Option<Reply> {
-        match v.action {
-            PolicyAction::Reject => Some(reply::auth_check_reject(v.check, &v.reason)),
-            PolicyAction::Tempfail => Some(reply::auth_check_tempfail(v.check, &v.reason)),
-            PolicyAction::Delay => {
-                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    /// Carries out what the session made of an authentication verdict: a
+    /// tarpit, a shadow log line, or the refusal handed back.
+    async fn refusal<R>(&self, checked: Checked<R>, v: &AuthVerdict) -> Option<R> {
+        match checked {
+            Checked::Pass => None,
+            Checked::Delay(d) => {
+                tokio::time::sleep(d).await;
                 None
             }
-            PolicyAction::Shadow => {
+            Checked::Shadow => {
                 info!(check = v.check, reason = %v.reason, "shadow: authentication verdict would have been enforced");
                 None
             }
-            PolicyAction::Accept | PolicyAction::Tag => None,
+            Checked::Refused(r) => Some(r),
         }
     }
 
-    /// An authenticated session cannot continue on a new, unauthenticated
-    /// backend connection (we keep no passwords): close it after the reply.
-    fn lost_authenticated_backend(&mut self) -> Option<End> {
-        if self.session.auth_user.is_some() && self.backend.is_none() {
-            self.queue(&reply::backend_lost_closing());
-            return Some(End::Error(
-                "backend lost in an authenticated session".into(),
-            ));
-        }
-        None
-    }
-
-    async fn authenticate(&mut self, creds: super::session::Credentials) -> Option<End> {
+    async fn authenticate(&mut self, creds: Credentials) -> Option<End> {
         let l = self.ctx.listener.clone();
         let mut f = self.facts();
         f.auth_user = Some(&creds.user);
@@ -384,13 +380,8 @@ impl Driver {
                 Decision::Delay(d) => tokio::time::sleep(d).await,
                 Decision::Refuse { action, rule } => {
                     info!(user = %creds.user, rule = %rule, "login refused by policy");
-                    if action == PolicyAction::Reject {
-                        // looks like (and counts as) a wrong password
-                        let a = self.session.login_failed();
-                        return Box::pin(self.act(a)).await;
-                    }
-                    self.queue(&reply::auth_locked());
-                    return None;
+                    let a = self.session.login_refused(action);
+                    return Box::pin(self.act(a)).await;
                 }
             }
         }
@@ -399,31 +390,25 @@ impl Driver {
             Err(e) => Err(e),
         };
         let outcome = self.outcome(r);
-        let action = self.session.auth_result(&creds.user, outcome);
-        let (code, close) = match &action {
-            Action::Reply(r) => (r.code, false),
-            Action::Close(r) => (r.code, true),
-            _ => (0, false),
-        };
-        // a close here is always the last allowed failed attempt
-        let failed = code == 535 || close;
+        let result = self.session.auth_result(&creds.user, outcome);
         let mut f = self.facts();
         f.auth_user = Some(&creds.user);
-        info!(user = %creds.user, result = code, "auth");
         if let Some(p) = &self.ctx.policy {
-            match code {
-                235 => p.login_succeeded(&f),
-                _ if failed => p.login_failed(&f),
-                _ => {}
+            match &result {
+                LoginResult::Succeeded(_) => p.login_succeeded(&f),
+                LoginResult::Failed(_) => p.login_failed(&f),
+                LoginResult::Undecided(_) => {}
             }
         }
+        let failed = matches!(result, LoginResult::Failed(_));
+        let action = result.into_action();
+        info!(user = %creds.user, result = action.reply().map_or(0, |r| r.code), "auth");
         if failed {
             // slow down guessing within one session
             tokio::time::sleep(l.login_failure_delay).await;
         }
         Box::pin(self.act(action)).await
     }
-
     async fn start_tls(&mut self) -> Option<End> {
         // CVE-2011-0411: anything the client sent after STARTTLS in plaintext is
         // forgotten, never read as a command inside TLS
@@ -531,9 +516,24 @@ impl Driver {
         self.outcome(r)
     }
 
-    /// DATA: `go_ahead` (354) once the in-flight budget covers what MAIL's
-    /// SIZE announced, then the message, checks, and the relay.
+    /// DATA: the message (`read_message`), its checks (`verify`), the relay
+    /// (`deliver`). Each step ends the DATA early with what the session
+    /// decided, or with the end of the session.
     async fn data(&mut self, go_ahead: Reply) -> Option<End> {
+        let mut msg = match self.read_message(go_ahead).await {
+            Ok(m) => m,
+            Err(end) => return end,
+        };
+        let auth_headers = match self.verify(&mut msg).await {
+            Ok(h) => h,
+            Err(end) => return end,
+        };
+        self.deliver(msg, auth_headers).await
+    }
+
+    /// `go_ahead` (354) once the in-flight budget covers what MAIL's SIZE
+    /// announced, then the message up to CRLF.CRLF.
+    async fn read_message(&mut self, go_ahead: Reply) -> Result<Message, Option<End>> {
         let l = self.ctx.listener.clone();
         let started = Instant::now();
         let declared = self.session.tx.as_ref().and_then(|t| t.params.size);
@@ -542,14 +542,11 @@ impl Driver {
                 size = declared,
                 "DATA refused: in-flight message budget spent"
             );
-            crate::observe::metrics().outcome(&l.name, "tempfail");
-            self.queue(&reply::inflight_exceeded());
-            return None;
+            let end = self.session.inflight_refused();
+            return Err(self.finish(end).await);
         };
         self.queue(&go_ahead);
-        if let Err(e) = self.flush().await {
-            return Some(e);
-        }
+        self.flush().await.map_err(Some)?;
         let mut rx = DataReceiver::new(l.bare_newlines, self.session.size_limit(), l.max_text_line)
             .with_reservation(reservation);
         let result = loop {
@@ -564,15 +561,15 @@ impl Driver {
                         .saturating_duration_since(tokio::time::Instant::now());
                     match tokio::time::timeout(l.timeouts.data.min(left), self.conn.fill()).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(CodecError::Closed)) => return Some(End::ClientClosed),
-                        Ok(Err(e)) => return Some(End::Error(format!("read DATA: {e}"))),
+                        Ok(Err(CodecError::Closed)) => return Err(Some(End::ClientClosed)),
+                        Ok(Err(e)) => return Err(Some(End::Error(format!("read DATA: {e}")))),
                         Err(_) if l.timeouts.data > left => {
-                            self.queue(&reply::session_too_long());
-                            return Some(End::Timeout);
+                            self.queue(&self.session.session_over());
+                            return Err(Some(End::Timeout));
                         }
                         Err(_) => {
-                            self.queue(&reply::timeout());
-                            return Some(End::Timeout);
+                            self.queue(&self.session.timed_out());
+                            return Err(Some(End::Timeout));
                         }
                     }
                 }
@@ -580,29 +577,35 @@ impl Driver {
         };
         let tx = self.session.tx.clone();
         let (from, rcpts) = tx.map(|t| (t.from, t.rcpts)).unwrap_or_default();
-        let smuggling_guard = rx.tainted().then(|| {
-            End::Error("bare line endings in message: session closed (smuggling guard)".into())
-        });
-        if let Some(r) = self.session.data_received(&result, l.max_text_line) {
-            info!(from = %from, rcpts = rcpts.len(), size = rx.received, result = %r.summary(), duration_ms = started.elapsed().as_millis() as u64, "transaction rejected");
-            crate::observe::metrics().outcome(&l.name, "rejected");
-            self.queue(&r);
-            return smuggling_guard;
+        if let Some(end) = self
+            .session
+            .data_received(&result, l.max_text_line, rx.tainted())
+        {
+            info!(from = %from, rcpts = rcpts.len(), size = rx.received, result = %summary(&end.action), duration_ms = started.elapsed().as_millis() as u64, "transaction rejected");
+            return Err(self.finish(end).await);
         }
-        // held until the backend has answered: the body lives until then
-        let _reservation = rx.take_reservation();
-        let body = result.unwrap_or_default();
-        // SPF/DKIM/DMARC/ARC on the message as received; then forged
-        // Authentication-Results removed and ours prepended (never touching
-        // other headers or the body, so existing signatures stay valid)
+        Ok(Message {
+            from,
+            rcpts,
+            body: result.unwrap_or_default(),
+            received: rx.received,
+            _reservation: rx.take_reservation(),
+            started,
+        })
+    }
+
+    /// SPF/DKIM/DMARC/ARC on the message as received (the verdict may refuse
+    /// it); then forged Authentication-Results removed. Returns our header
+    /// fields to prepend (never touching other headers or the body, so
+    /// existing signatures stay valid).
+    async fn verify(&mut self, msg: &mut Message) -> Result<String, Option<End>> {
         let mut auth_headers = String::new();
-        let mut body = body;
         let authserv_id = crate::auth::authserv_id(
             self.ctx
                 .policy
                 .as_ref()
                 .and_then(|p| p.spec().auth.as_ref()),
-            &l.hostname,
+            &self.ctx.listener.hostname,
         )
         .to_string();
         if let (Some(policy), Some(verifier)) = (self.ctx.policy.clone(), self.ctx.verifier.clone())
@@ -614,15 +617,15 @@ impl Driver {
                     let (b, o) = crate::auth::worker::message(
                         verifier,
                         self.dns_budget.clone(),
-                        std::mem::take(&mut body),
+                        std::mem::take(&mut msg.body),
                         self.peer.ip(),
                         helo,
-                        from.clone(),
+                        msg.from.clone(),
                         self.spf.clone(),
                         checks,
                     )
                     .await;
-                    body = b;
+                    msg.body = b;
                     let m = crate::observe::metrics();
                     if let Some((r, _)) = o.dkim_summary() {
                         m.auth_result("dkim", r.as_str());
@@ -634,19 +637,10 @@ impl Driver {
                         m.auth_result("arc", a.result.as_str());
                     }
                     let verdict = crate::auth::decide(auth, &o);
-                    if let Some(r) = self.auth_verdict(&verdict).await {
-                        info!(from = %from, rcpts = rcpts.len(), size = rx.received, check = verdict.check, result = %r.summary(), "transaction refused by authentication policy");
-                        crate::observe::metrics().outcome(
-                            &l.name,
-                            if r.code >= 500 {
-                                "rejected"
-                            } else {
-                                "tempfail"
-                            },
-                        );
-                        self.session.tx = None;
-                        self.queue(&r);
-                        return smuggling_guard;
+                    let checked = self.session.message_verdict(&verdict);
+                    if let Some(end) = self.refusal(checked, &verdict).await {
+                        info!(from = %msg.from, rcpts = msg.rcpts.len(), size = msg.received, check = verdict.check, result = %summary(&end.action), "transaction refused by authentication policy");
+                        return Err(self.finish(end).await);
                     }
                     Some(o)
                 } else {
@@ -663,10 +657,19 @@ impl Driver {
             }
         }
         // on every listener, checks or not: the backend may trust our id
-        if let std::borrow::Cow::Owned(stripped) = crate::auth::strip_forged(&body, &authserv_id) {
+        if let std::borrow::Cow::Owned(stripped) =
+            crate::auth::strip_forged(&msg.body, &authserv_id)
+        {
             warn!(authserv_id = %authserv_id, "removed Authentication-Results claiming our authserv-id");
-            body = stripped;
+            msg.body = stripped;
         }
+        Ok(auth_headers)
+    }
+
+    /// Our Received header, then `auth_headers`, then the message, to the
+    /// backend; its answer goes to the session.
+    async fn deliver(&mut self, msg: Message, auth_headers: String) -> Option<End> {
+        let l = self.ctx.listener.clone();
         let header = data::received_header(&data::TraceInfo {
             helo: self.session.helo.as_deref().unwrap_or("unknown"),
             peer: self.peer,
@@ -674,19 +677,19 @@ impl Driver {
             session_id: &self.id,
             esmtp: self.session.esmtp,
             tls: self.tls.as_ref().map(|(v, c)| (v.as_str(), c.as_str())),
-            rcpt: if rcpts.len() == 1 {
-                Some(rcpts[0].as_str())
+            rcpt: if msg.rcpts.len() == 1 {
+                Some(msg.rcpts[0].as_str())
             } else {
                 None
             },
             now: std::time::SystemTime::now(),
         });
-        let size = header.len() + auth_headers.len() + body.len();
+        let size = header.len() + auth_headers.len() + msg.body.len();
         let sent = Instant::now();
         let r = match self.backend.as_mut() {
             // dot-stuffed on the way out: the message is not copied again
             Some(b) => {
-                b.data(&[header.as_bytes(), auth_headers.as_bytes(), &body])
+                b.data(&[header.as_bytes(), auth_headers.as_bytes(), &msg.body])
                     .await
             }
             None => Err(BackendError::Failed(
@@ -695,21 +698,24 @@ impl Driver {
         };
         crate::observe::metrics().backend_replied(&l.backend.name, sent.elapsed().as_secs_f64());
         let outcome = self.outcome(r);
-        let r = self.session.delivered(outcome);
+        let end = self.session.delivered(outcome);
         self.drop_out_of_step_backend();
-        if r.is_positive() {
+        info!(from = %msg.from, rcpts = msg.rcpts.len(), size, backend = %summary(&end.action), duration_ms = msg.started.elapsed().as_millis() as u64, "transaction");
+        // the body (and its in-flight reservation) is held until here
+        self.finish(end).await
+    }
+
+    /// Counts how a DATA ended and carries out the session's action.
+    async fn finish(&mut self, end: DataEnd) -> Option<End> {
+        if end.outcome == TxOutcome::Accepted {
             self.messages += 1;
         }
-        crate::observe::metrics().outcome(
-            &l.name,
-            match r.code / 100 {
-                2 => "accepted",
-                4 => "tempfail",
-                _ => "rejected",
-            },
-        );
-        info!(from = %from, rcpts = rcpts.len(), size, backend = %r.summary(), duration_ms = started.elapsed().as_millis() as u64, "transaction");
-        self.queue(&r);
-        smuggling_guard.or_else(|| self.lost_authenticated_backend())
+        crate::observe::metrics().outcome(&self.ctx.listener.name, end.outcome.as_str());
+        Box::pin(self.act(end.action)).await
     }
+}
+
+/// The first reply of an action, for logs.
+fn summary(a: &Action) -> String {
+    a.reply().map(Reply::summary).unwrap_or_default()
 }

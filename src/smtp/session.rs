@@ -1,13 +1,27 @@
 //! The client-facing SMTP state machine, sans-IO. The driver feeds it parsed
-//! commands and the outcomes of backend operations; it answers with an
-//! [`Action`]. It never awaits and owns no sockets, so every rule below is
-//! unit-tested with plain values.
+//! commands and outcomes — of backend operations, policy rules, logins,
+//! SPF/DKIM/DMARC/ARC verdicts, the DATA read — and it answers with an
+//! [`Action`]: every reply mailgate sends is chosen here, none in the driver.
+//! It never awaits and owns no sockets, so every rule below is unit-tested
+//! with plain values.
 
 use super::command::{Body, Command, MailParams, ParseError, Secret};
 use super::data::Violation;
 use super::reply::{self, Reply, Stage};
+use crate::auth::Verdict as AuthVerdict;
 use crate::config::AuthMode;
+use crate::policy::action::Action as PolicyAction;
+use crate::policy::Stage as PolicyStage;
 use base64::Engine as _;
+use std::time::Duration;
+
+/// The tarpit for an authentication verdict of `delay` (SPF at MAIL, the
+/// message's checks at the end of DATA).
+const AUTH_DELAY: Duration = Duration::from_secs(5);
+
+/// Why the session ended after a message with bare line endings (normalised,
+/// `bare_newlines: normalize`): whatever followed them is not trusted.
+const SMUGGLING: &str = "bare line endings in message: session closed (smuggling guard)";
 
 /// What the backend can carry end to end (from its EHLO), which bounds what
 /// we advertise and pass on.
@@ -71,7 +85,8 @@ pub enum BackendOp {
     Rcpt { to: String },
 }
 
-/// The result of a backend operation.
+/// The result of a backend operation. Every outcome but `Reply` leaves the
+/// driver without a backend connection (it drops a connection that failed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The backend answered (code, text lines).
@@ -110,17 +125,132 @@ fn verdict(stage: Stage, code: u16) -> Verdict {
 pub enum Action {
     Reply(Reply),
     /// Reply, then close the connection.
-    Close(Reply),
+    Close(Reply, Ending),
+    /// Reply, then carry on with the next action (a reply the session cannot
+    /// go on after: the close follows it).
+    Then(Reply, Box<Action>),
     /// Reply 220, discard buffered input, run the TLS handshake, then `tls_started`.
     StartTls(Reply),
-    /// Perform this on the backend, then call `relayed`.
+    /// Run the policy rules of its stage (a refusal: `policy_refused`) and,
+    /// for MAIL, SPF (`spf_checked`); then perform this on the backend and
+    /// call `relayed`.
     Relay(BackendOp),
-    /// Reply 354 and read the message, then call `data_received`.
+    /// Reply 354 (unless the in-flight budget is spent: `inflight_refused`)
+    /// and read the message, then call `data_received`, `message_verdict`
+    /// and, after the relay, `delivered`.
     ReadData(Reply),
     /// Reply 334 and read one raw line (an AUTH response), then call `auth_line`.
     AuthChallenge(Reply),
-    /// Check the login policy, relay the credentials, then call `auth_result`.
+    /// Check the login policy (a refusal: `login_refused`), relay the
+    /// credentials, then call `auth_result`.
     Authenticate(Credentials),
+}
+
+impl Action {
+    /// The first reply this action sends, if any (for logs).
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            Action::Reply(r)
+            | Action::Close(r, _)
+            | Action::Then(r, _)
+            | Action::StartTls(r)
+            | Action::ReadData(r)
+            | Action::AuthChallenge(r) => Some(r),
+            Action::Relay(_) | Action::Authenticate(_) => None,
+        }
+    }
+}
+
+/// Why the connection closes after a [`Action::Close`] reply: what the
+/// session-end log says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The client said QUIT.
+    Quit,
+    /// A limit or a refusal: the log shows the reply.
+    Refused,
+    /// The log gives this reason instead of the reply.
+    Because(&'static str),
+}
+
+/// What an authentication verdict means: go on (perhaps after a tarpit, or
+/// with a log line for `shadow`), or the refusal `R` instead.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Checked<R> {
+    Pass,
+    /// Go on after this tarpit.
+    Delay(Duration),
+    /// Go on; the verdict would have refused (shadow mode: log it).
+    Shadow,
+    Refused(R),
+}
+
+impl<R> Checked<R> {
+    fn map<S>(self, f: impl FnOnce(R) -> S) -> Checked<S> {
+        match self {
+            Checked::Pass => Checked::Pass,
+            Checked::Delay(d) => Checked::Delay(d),
+            Checked::Shadow => Checked::Shadow,
+            Checked::Refused(r) => Checked::Refused(f(r)),
+        }
+    }
+}
+
+/// How a transaction counts in `transactions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxOutcome {
+    Accepted,
+    Tempfail,
+    Rejected,
+}
+
+impl TxOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxOutcome::Accepted => "accepted",
+            TxOutcome::Tempfail => "tempfail",
+            TxOutcome::Rejected => "rejected",
+        }
+    }
+
+    /// By the class of the reply that ends the transaction.
+    fn of(r: &Reply) -> TxOutcome {
+        if r.is_positive() {
+            TxOutcome::Accepted
+        } else if r.is_transient() {
+            TxOutcome::Tempfail
+        } else {
+            TxOutcome::Rejected
+        }
+    }
+}
+
+/// How a DATA command ends: what to do, and how the transaction counts.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DataEnd {
+    pub action: Action,
+    pub outcome: TxOutcome,
+}
+
+/// The session's answer to a login relayed to the backend, and how the login
+/// policy counts it (rates, failed-login lockouts).
+#[derive(Debug, PartialEq, Eq)]
+pub enum LoginResult {
+    /// 235: the session is authenticated.
+    Succeeded(Action),
+    /// Wrong credentials (535; 421 and close at the session's limit): the
+    /// driver waits the failure delay before it acts.
+    Failed(Action),
+    /// Neither: the backend's trouble (454), not counted.
+    Undecided(Action),
+}
+
+impl LoginResult {
+    pub fn into_action(self) -> Action {
+        match self {
+            LoginResult::Succeeded(a) | LoginResult::Failed(a) | LoginResult::Undecided(a) => a,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -147,6 +277,9 @@ pub struct Session {
     /// A backend reply did not fit its command: the driver drops that
     /// connection (`take_backend_out_of_step`).
     backend_out_of_step: bool,
+    /// The message being relayed had bare line endings (normalised): the
+    /// session closes after its answer.
+    smuggled: bool,
 }
 
 impl Session {
@@ -164,6 +297,7 @@ impl Session {
             auth_failures: 0,
             transactions: 0,
             backend_out_of_step: false,
+            smuggled: false,
         }
     }
 
@@ -182,7 +316,7 @@ impl Session {
     fn error(&mut self, r: Reply) -> Action {
         self.errors += 1;
         if self.errors >= self.settings.max_errors {
-            Action::Close(reply::too_many_errors())
+            Action::Close(reply::too_many_errors(), Ending::Refused)
         } else {
             Action::Reply(r)
         }
@@ -254,7 +388,7 @@ impl Session {
                 // a session cannot loop MAIL/RSET for ever
                 self.transactions += 1;
                 if self.transactions > self.settings.max_transactions {
-                    return Action::Close(reply::too_many_transactions());
+                    return Action::Close(reply::too_many_transactions(), Ending::Refused);
                 }
                 Action::Relay(BackendOp::Mail { from, params })
             }
@@ -292,7 +426,7 @@ impl Session {
                 Action::Reply(reply::ok())
             }
             Command::Noop => Action::Reply(reply::ok()),
-            Command::Quit => Action::Close(reply::bye()),
+            Command::Quit => Action::Close(reply::bye(), Ending::Quit),
             Command::Help => Action::Reply(reply::help()),
             Command::Vrfy => Action::Reply(reply::vrfy_disabled()),
             Command::Expn => Action::Reply(reply::expn_disabled()),
@@ -416,7 +550,7 @@ impl Session {
     pub fn login_failed(&mut self) -> Action {
         self.auth_failures += 1;
         if self.auth_failures >= self.settings.max_login_failures {
-            Action::Close(reply::too_many_auth_failures())
+            Action::Close(reply::too_many_auth_failures(), Ending::Refused)
         } else {
             Action::Reply(reply::auth_failed())
         }
@@ -456,18 +590,86 @@ impl Session {
     /// The backend's answer to the relayed credentials. Failures look the same
     /// whatever the reason (no hint whether the user exists) and count
     /// towards `max_login_failures`.
-    pub fn auth_result(&mut self, user: &str, outcome: Outcome) -> Action {
+    pub fn auth_result(&mut self, user: &str, outcome: Outcome) -> LoginResult {
         match outcome {
             Outcome::Reply(235, _) => {
                 self.auth_user = Some(user.to_string());
-                Action::Reply(reply::auth_ok())
+                LoginResult::Succeeded(Action::Reply(reply::auth_ok()))
             }
             // only 535 says "wrong credentials" (RFC 4954 §6); another 5xx
             // (503 bad sequence, 504, 534 …) is the backend's trouble, not a
             // guess: never counted towards a lockout
-            Outcome::Reply(535, _) => self.login_failed(),
-            _ => Action::Reply(reply::auth_temporary()),
+            Outcome::Reply(535, _) => LoginResult::Failed(self.login_failed()),
+            _ => LoginResult::Undecided(Action::Reply(reply::auth_temporary())),
         }
+    }
+
+    /// The login policy refused the login before it reached the backend:
+    /// `reject` looks like (and counts as) a wrong password; a tempfail
+    /// (failed-login lock, login rate) is 454.
+    pub fn login_refused(&mut self, action: PolicyAction) -> Action {
+        if action == PolicyAction::Reject {
+            self.login_failed()
+        } else {
+            Action::Reply(reply::auth_locked())
+        }
+    }
+
+    /// A policy rule refused the command of `stage` (HELO/EHLO, MAIL, RCPT)
+    /// with `action` (`reject` or `tempfail`). A tempfail at HELO/EHLO ends
+    /// the session with 421; elsewhere refusals leave it open.
+    pub fn policy_refused(&mut self, stage: PolicyStage, action: PolicyAction) -> Action {
+        match (stage, action) {
+            (_, PolicyAction::Reject) => Action::Reply(reply::policy_reject()),
+            (PolicyStage::Helo, _) => Action::Close(
+                reply::helo_policy_tempfail(),
+                Ending::Because("HELO rate limit"),
+            ),
+            _ => Action::Reply(reply::policy_tempfail()),
+        }
+    }
+
+    /// The SPF verdict at MAIL FROM: a refusal answers the MAIL, which is
+    /// then not relayed.
+    pub fn spf_checked(&mut self, v: &AuthVerdict) -> Checked<Action> {
+        checked(v).map(Action::Reply)
+    }
+
+    /// The verdict of the message's checks (SPF/DKIM/DMARC/ARC) at the end of
+    /// DATA: a refusal ends the transaction, nothing is relayed.
+    pub fn message_verdict(&mut self, v: &AuthVerdict) -> Checked<DataEnd> {
+        checked(v).map(|r| {
+            self.tx = None;
+            DataEnd {
+                outcome: TxOutcome::of(&r),
+                action: self.message_answer(r, false),
+            }
+        })
+    }
+
+    /// DATA while the process-wide budget for message bytes in flight cannot
+    /// cover what MAIL's SIZE announced: 452, the transaction stays (the
+    /// client may try DATA again).
+    pub fn inflight_refused(&mut self) -> DataEnd {
+        DataEnd {
+            action: Action::Reply(reply::inflight_exceeded()),
+            outcome: TxOutcome::Tempfail,
+        }
+    }
+
+    /// No command within `timeouts.command` (or DATA line within `timeouts.data`).
+    pub fn timed_out(&self) -> Reply {
+        reply::timeout()
+    }
+
+    /// The session's lifetime (`timeouts.session`) is over.
+    pub fn session_over(&self) -> Reply {
+        reply::session_too_long()
+    }
+
+    /// The gateway shuts down while the session waits for a command.
+    pub fn shutting_down(&self) -> Reply {
+        reply::shutting_down()
     }
 
     /// The TLS handshake after STARTTLS succeeded: forget everything the client
@@ -486,7 +688,7 @@ impl Session {
     pub fn relayed(&mut self, op: BackendOp, outcome: Outcome) -> Action {
         let (code, lines) = match outcome {
             Outcome::Reply(code, lines) => (code, lines),
-            other => return Action::Reply(Self::failed(other)),
+            other => return self.answer(Self::failed(other), true),
         };
         let stage = match op {
             BackendOp::Mail { .. } => Stage::Mail,
@@ -495,7 +697,7 @@ impl Session {
         let v = verdict(stage, code);
         if v == Verdict::OutOfStep {
             self.backend_out_of_step = true;
-            return Action::Reply(reply::backend_bad_reply());
+            return self.answer(reply::backend_bad_reply(), true);
         }
         let r = Reply::relayed(code, &lines, stage);
         if v == Verdict::Accepted {
@@ -518,6 +720,33 @@ impl Session {
         Action::Reply(r)
     }
 
+    /// `r` answers a relayed command. When the backend connection went with
+    /// it (`lost`), an authenticated session cannot go on over a new,
+    /// unauthenticated one (we keep no passwords): 421 and close after `r`.
+    fn answer(&self, r: Reply, lost: bool) -> Action {
+        if lost && self.auth_user.is_some() {
+            Action::Then(
+                r,
+                Box::new(Action::Close(
+                    reply::backend_lost_closing(),
+                    Ending::Because("backend lost in an authenticated session"),
+                )),
+            )
+        } else {
+            Action::Reply(r)
+        }
+    }
+
+    /// `r` ends a message: after one with bare line endings the session
+    /// closes (smuggling guard), else as [`Self::answer`].
+    fn message_answer(&mut self, r: Reply, lost: bool) -> Action {
+        if std::mem::take(&mut self.smuggled) {
+            Action::Close(r, Ending::Because(SMUGGLING))
+        } else {
+            self.answer(r, lost)
+        }
+    }
+
     /// The reply for a backend operation that got no usable answer.
     fn failed(outcome: Outcome) -> Reply {
         match outcome {
@@ -534,43 +763,67 @@ impl Session {
         std::mem::take(&mut self.backend_out_of_step)
     }
 
-    /// The message was read. `Ok` → the driver sends it to the backend and reports
-    /// with `delivered`; a violation → the reply right away, transaction over.
+    /// The message was read; `tainted`: it had bare line endings, normalised
+    /// (`bare_newlines: normalize`), and the session closes after its answer.
+    /// `None` → the driver checks it (`message_verdict`), sends it to the
+    /// backend and reports with `delivered`; a violation → this, right away,
+    /// transaction over.
     pub fn data_received(
         &mut self,
         result: &Result<Vec<u8>, Violation>,
         max_line: usize,
-    ) -> Option<Reply> {
-        match result {
-            Ok(_) => None,
-            Err(v) => {
-                self.tx = None;
-                Some(match v {
-                    Violation::BareNewline => reply::bare_newline(),
-                    Violation::Nul => reply::nul_in_message(),
-                    Violation::LineTooLong => reply::message_line_too_long(max_line),
-                    Violation::TooBig => reply::size_exceeded(),
-                    Violation::FoldedFirstLine => reply::folded_first_line(),
-                    Violation::HeaderTooBig => reply::header_too_big(),
-                    Violation::NoMemory => reply::inflight_exceeded(),
-                })
-            }
-        }
+        tainted: bool,
+    ) -> Option<DataEnd> {
+        self.smuggled = tainted;
+        let v = result.as_ref().err()?;
+        self.tx = None;
+        let r = match v {
+            Violation::BareNewline => reply::bare_newline(),
+            Violation::Nul => reply::nul_in_message(),
+            Violation::LineTooLong => reply::message_line_too_long(max_line),
+            Violation::TooBig => reply::size_exceeded(),
+            Violation::FoldedFirstLine => reply::folded_first_line(),
+            Violation::HeaderTooBig => reply::header_too_big(),
+            Violation::NoMemory => reply::inflight_exceeded(),
+        };
+        Some(DataEnd {
+            action: self.message_answer(r, false),
+            // every violation counts as rejected, the 452 of NoMemory too
+            outcome: TxOutcome::Rejected,
+        })
     }
 
     /// The backend's final answer to the message. Only a real 250 becomes a 250.
-    pub fn delivered(&mut self, outcome: Outcome) -> Reply {
+    pub fn delivered(&mut self, outcome: Outcome) -> DataEnd {
         self.tx = None;
-        match outcome {
+        let (r, lost) = match outcome {
             Outcome::Reply(code, lines) => match verdict(Stage::Data, code) {
-                Verdict::Accepted | Verdict::Refused => Reply::relayed(code, &lines, Stage::Data),
+                Verdict::Accepted | Verdict::Refused => {
+                    (Reply::relayed(code, &lines, Stage::Data), false)
+                }
                 Verdict::OutOfStep => {
                     self.backend_out_of_step = true;
-                    reply::backend_bad_reply()
+                    (reply::backend_bad_reply(), true)
                 }
             },
-            other => Self::failed(other),
+            other => (Self::failed(other), true),
+        };
+        DataEnd {
+            outcome: TxOutcome::of(&r),
+            action: self.message_answer(r, lost),
         }
+    }
+}
+
+/// What an authentication verdict's action means; a refusal with its reply
+/// (RFC 7372 codes where one exists).
+fn checked(v: &AuthVerdict) -> Checked<Reply> {
+    match v.action {
+        PolicyAction::Reject => Checked::Refused(reply::auth_check_reject(v.check, &v.reason)),
+        PolicyAction::Tempfail => Checked::Refused(reply::auth_check_tempfail(v.check, &v.reason)),
+        PolicyAction::Delay => Checked::Delay(AUTH_DELAY),
+        PolicyAction::Shadow => Checked::Shadow,
+        PolicyAction::Accept | PolicyAction::Tag => Checked::Pass,
     }
 }
 
@@ -627,10 +880,11 @@ mod tests {
     fn reply_of(a: Action) -> Vec<u8> {
         match a {
             Action::Reply(r)
-            | Action::Close(r)
+            | Action::Close(r, _)
             | Action::StartTls(r)
             | Action::ReadData(r)
             | Action::AuthChallenge(r) => r.to_bytes(),
+            Action::Then(r, next) => [r.to_bytes(), reply_of(*next)].concat(),
             Action::Relay(op) => panic!("unexpected relay {op:?}"),
             Action::Authenticate(c) => panic!("unexpected authenticate {c:?}"),
         }
@@ -699,9 +953,12 @@ mod tests {
             b"452 4.5.3 Too many recipients\r\n"
         );
         assert!(matches!(cmd(&mut s, "DATA"), Action::ReadData(_)));
-        assert!(s.data_received(&Ok(b"x\r\n".to_vec()), 1000).is_none());
-        let r = s.delivered(Outcome::Reply(250, vec!["2.0.0 queued as 1".into()]));
-        assert_eq!(r.to_bytes(), b"250 2.0.0 queued as 1\r\n");
+        assert!(s
+            .data_received(&Ok(b"x\r\n".to_vec()), 1000, false)
+            .is_none());
+        let end = s.delivered(Outcome::Reply(250, vec!["2.0.0 queued as 1".into()]));
+        assert_eq!(end.outcome, TxOutcome::Accepted);
+        assert_eq!(reply_of(end.action), b"250 2.0.0 queued as 1\r\n");
         assert!(s.tx.is_none());
     }
 
@@ -715,8 +972,9 @@ mod tests {
             Outcome::Reply(451, vec!["later".into()]),
         ] {
             let mut s = Session::new(settings(false, false), caps(), false);
-            let r = s.delivered(outcome.clone());
-            assert!(r.code >= 400, "{outcome:?} gave {r:?}");
+            let end = s.delivered(outcome.clone());
+            assert_eq!(end.outcome, TxOutcome::Tempfail, "{outcome:?} gave {end:?}");
+            assert!(reply_of(end.action).starts_with(b"451 "), "{outcome:?}");
         }
         let mut s = Session::new(settings(false, false), caps(), false);
         cmd(&mut s, "HELO c");
@@ -786,13 +1044,14 @@ mod tests {
         }
         let mut s = Session::new(settings(false, false), caps(), false);
         for (code, want) in [(250, "250 2.0.0"), (554, "554 5.0.0"), (452, "452 4.0.0")] {
-            let r = s.delivered(Outcome::Reply(code, vec![]));
-            assert!(r.summary().starts_with(want), "DATA {code}: {r:?}");
+            let r = String::from_utf8(reply_of(s.delivered(Outcome::Reply(code, vec![])).action))
+                .unwrap();
+            assert!(r.starts_with(want), "DATA {code}: {r:?}");
             assert!(!s.take_backend_out_of_step());
         }
         for odd in [221, 251, 252, 354, 220] {
-            let r = s.delivered(Outcome::Reply(odd, vec!["bye".into()]));
-            assert!(r.summary().starts_with("451 4.4.2"), "DATA {odd}: {r:?}");
+            let r = reply_of(s.delivered(Outcome::Reply(odd, vec!["bye".into()])).action);
+            assert!(r.starts_with(b"451 4.4.2"), "DATA {odd}: {r:?}");
             assert!(s.take_backend_out_of_step(), "DATA {odd}");
             assert!(!s.take_backend_out_of_step(), "reported once");
         }
@@ -940,7 +1199,7 @@ mod tests {
             reply_of(cmd(&mut s, "BDAT 10 LAST")),
             b"502 5.5.1 BDAT is not supported, use DATA\r\n"
         );
-        assert!(matches!(cmd(&mut s, "QUIT"), Action::Close(_)));
+        assert!(matches!(cmd(&mut s, "QUIT"), Action::Close(..)));
         for _ in 0..3 {
             assert!(matches!(cmd(&mut s, "BOGUS"), Action::Reply(_)));
         }
@@ -959,9 +1218,12 @@ mod tests {
             rcpts: vec!["a@b".into()],
             rcpt_attempts: 1,
         });
-        let r = s.data_received(&Err(Violation::BareNewline), 1000).unwrap();
+        let r = s
+            .data_received(&Err(Violation::BareNewline), 1000, false)
+            .unwrap();
+        assert_eq!(r.outcome, TxOutcome::Rejected);
         assert_eq!(
-            r.to_bytes(),
+            reply_of(r.action),
             b"550 5.6.0 Message contains bare CR or LF; lines must end with CRLF\r\n"
         );
         assert!(s.tx.is_none());
@@ -1004,7 +1266,10 @@ mod tests {
         assert_eq!(c.password.0, "secret");
         assert!(!format!("{c:?}").contains("secret"));
         assert_eq!(
-            reply_of(s.auth_result("alice", Outcome::Reply(535, vec![]))),
+            reply_of(
+                s.auth_result("alice", Outcome::Reply(535, vec![]))
+                    .into_action()
+            ),
             b"535 5.7.8 Authentication credentials invalid\r\n"
         );
         assert!(s.auth_user.is_none());
@@ -1012,7 +1277,10 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            reply_of(s.auth_result("alice", Outcome::Reply(235, vec![]))),
+            reply_of(
+                s.auth_result("alice", Outcome::Reply(235, vec![]))
+                    .into_action()
+            ),
             b"235 2.7.0 Authentication successful\r\n"
         );
         assert_eq!(
@@ -1077,18 +1345,24 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            reply_of(s.auth_result(&c.user, Outcome::Reply(535, vec![]))),
+            reply_of(
+                s.auth_result(&c.user, Outcome::Reply(535, vec![]))
+                    .into_action()
+            ),
             b"535 5.7.8 Authentication credentials invalid\r\n"
         );
         // a temporary backend failure is not a failed attempt
         assert!(matches!(
             s.auth_result(&c.user, Outcome::Unavailable),
-            Action::Reply(_)
+            LoginResult::Undecided(Action::Reply(_))
         ));
         // nor a 5xx other than 535 (503 bad sequence: the backend's trouble)
         for code in [503, 504, 534, 554] {
             assert_eq!(
-                reply_of(s.auth_result(&c.user, Outcome::Reply(code, vec![]))),
+                reply_of(
+                    s.auth_result(&c.user, Outcome::Reply(code, vec![]))
+                        .into_action()
+                ),
                 reply::auth_temporary().to_bytes(),
                 "backend {code}"
             );
@@ -1101,10 +1375,12 @@ mod tests {
         let Action::Authenticate(c) = cmd(&mut s, "AUTH PLAIN AGFsaWNlAHdyb25n") else {
             panic!()
         };
-        let a = s.auth_result(&c.user, Outcome::Reply(535, vec![]));
+        let a = s
+            .auth_result(&c.user, Outcome::Reply(535, vec![]))
+            .into_action();
         assert_eq!(
             a,
-            Action::Close(reply::too_many_auth_failures()),
+            Action::Close(reply::too_many_auth_failures(), Ending::Refused),
             "third failure"
         );
         assert_eq!(
@@ -1124,7 +1400,7 @@ mod tests {
         cmd(&mut s, "EHLO c");
         assert!(matches!(
             s.auth_result("x", Outcome::Reply(535, vec![])),
-            Action::Close(_)
+            LoginResult::Failed(Action::Close(..))
         ));
     }
 
@@ -1214,7 +1490,7 @@ mod tests {
         }
         assert_eq!(
             cmd(&mut s, "MAIL FROM:<a@b.example>"),
-            Action::Close(reply::too_many_transactions())
+            Action::Close(reply::too_many_transactions(), Ending::Refused)
         );
         assert_eq!(
             reply_of(cmd(&mut s, "MAIL FROM:<a@b.example>")),
@@ -1267,8 +1543,368 @@ mod tests {
                 rcpts: vec!["a@b".into()],
                 rcpt_attempts: 1,
             });
-            assert_eq!(s.data_received(&Err(v), 1000).unwrap().to_bytes(), want);
+            let end = s.data_received(&Err(v), 1000, false).unwrap();
+            assert_eq!(reply_of(end.action), want);
             assert!(s.tx.is_none());
         }
+    }
+
+    fn verdict_of(action: PolicyAction, check: &'static str, reason: &str) -> AuthVerdict {
+        AuthVerdict {
+            action,
+            check,
+            reason: reason.into(),
+        }
+    }
+
+    /// A session in a transaction with one accepted recipient.
+    fn in_transaction(s: &mut Session) {
+        cmd(s, "EHLO c");
+        let Action::Relay(op) = cmd(s, "MAIL FROM:<a@b.example>") else {
+            panic!("MAIL")
+        };
+        ok250(s, op);
+        let Action::Relay(op) = cmd(s, "RCPT TO:<x@y.example>") else {
+            panic!("RCPT")
+        };
+        ok250(s, op);
+    }
+
+    /// An authenticated session (over TLS, AUTH PLAIN accepted by the backend).
+    fn logged_in() -> Session {
+        let mut s = auth_session();
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        let Action::Authenticate(c) = cmd(&mut s, "AUTH PLAIN AGFsaWNlAHNlY3JldA==") else {
+            panic!()
+        };
+        assert!(matches!(
+            s.auth_result(&c.user, Outcome::Reply(235, vec![])),
+            LoginResult::Succeeded(Action::Reply(_))
+        ));
+        s
+    }
+
+    /// Issue 12 item 3: the SPF verdict at MAIL FROM becomes its reply here,
+    /// not in the driver: `fail: reject` is 550 5.7.23 (RFC 7372).
+    #[test]
+    fn spf_verdicts_at_mail() {
+        let mut s = Session::new(settings(false, false), caps(), false);
+        let v = verdict_of(PolicyAction::Reject, "spf", "192.0.2.1 is not allowed");
+        let Checked::Refused(a) = s.spf_checked(&v) else {
+            panic!("refused")
+        };
+        assert_eq!(
+            reply_of(a),
+            b"550 5.7.23 Rejected by spf check: 192.0.2.1 is not allowed\r\n"
+        );
+        let v = verdict_of(PolicyAction::Tempfail, "spf", "DNS timeout");
+        let Checked::Refused(a) = s.spf_checked(&v) else {
+            panic!("refused")
+        };
+        assert_eq!(
+            reply_of(a),
+            b"451 4.7.24 Temporary spf failure, try again later: DNS timeout\r\n"
+        );
+        let v = |action| verdict_of(action, "spf", "x");
+        assert_eq!(
+            s.spf_checked(&v(PolicyAction::Delay)),
+            Checked::Delay(Duration::from_secs(5))
+        );
+        assert_eq!(s.spf_checked(&v(PolicyAction::Shadow)), Checked::Shadow);
+        assert_eq!(s.spf_checked(&v(PolicyAction::Tag)), Checked::Pass);
+        assert_eq!(s.spf_checked(&v(PolicyAction::Accept)), Checked::Pass);
+    }
+
+    /// Issue 12 item 3: policy refusals at HELO/EHLO, MAIL and RCPT. A
+    /// rate-limited HELO closes the session with 421; a rejected one does not.
+    #[test]
+    fn policy_refusals() {
+        let mut s = Session::new(settings(false, false), caps(), false);
+        let a = s.policy_refused(PolicyStage::Helo, PolicyAction::Tempfail);
+        assert_eq!(
+            a,
+            Action::Close(
+                reply::helo_policy_tempfail(),
+                Ending::Because("HELO rate limit")
+            )
+        );
+        assert_eq!(
+            reply_of(a),
+            b"421 4.7.0 Rate limit exceeded, closing connection\r\n"
+        );
+        assert_eq!(
+            s.policy_refused(PolicyStage::Helo, PolicyAction::Reject),
+            Action::Reply(reply::policy_reject())
+        );
+        assert_eq!(
+            reply_of(s.policy_refused(PolicyStage::Helo, PolicyAction::Reject)),
+            b"550 5.7.1 Refused by local policy\r\n"
+        );
+        for stage in [PolicyStage::Mail, PolicyStage::Rcpt] {
+            assert_eq!(
+                reply_of(s.policy_refused(stage, PolicyAction::Tempfail)),
+                b"451 4.7.1 Rate limit exceeded, try again later\r\n",
+                "{stage:?}"
+            );
+            assert_eq!(
+                reply_of(s.policy_refused(stage, PolicyAction::Reject)),
+                b"550 5.7.1 Refused by local policy\r\n",
+                "{stage:?}"
+            );
+        }
+        // refusals are not protocol errors: they never add up to a 421
+        for _ in 0..50 {
+            assert!(matches!(
+                s.policy_refused(PolicyStage::Mail, PolicyAction::Reject),
+                Action::Reply(_)
+            ));
+        }
+    }
+
+    /// Issue 12 item 3: a login the policy locks out is 454 and not counted
+    /// as a failed attempt; a policy `reject` looks like (and counts as) a
+    /// wrong password, up to the 421 at the session's limit.
+    #[test]
+    fn login_refused_by_policy() {
+        let mut s = auth_session();
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        for _ in 0..5 {
+            assert_eq!(
+                reply_of(s.login_refused(PolicyAction::Tempfail)),
+                b"454 4.7.0 Too many failed authentication attempts, try again later\r\n"
+            );
+        }
+        assert_eq!(
+            reply_of(s.login_refused(PolicyAction::Reject)),
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+        );
+        assert_eq!(
+            reply_of(s.login_refused(PolicyAction::Reject)),
+            b"535 5.7.8 Authentication credentials invalid\r\n"
+        );
+        assert_eq!(
+            s.login_refused(PolicyAction::Reject),
+            Action::Close(reply::too_many_auth_failures(), Ending::Refused),
+            "third counted failure"
+        );
+        // how backend answers count for the login policy
+        assert!(matches!(
+            s.auth_result("a", Outcome::Reply(535, vec![])),
+            LoginResult::Failed(_)
+        ));
+        assert!(matches!(
+            s.auth_result("a", Outcome::Failed),
+            LoginResult::Undecided(_)
+        ));
+        assert!(matches!(
+            s.auth_result("a", Outcome::Reply(235, vec![])),
+            LoginResult::Succeeded(_)
+        ));
+    }
+
+    /// Issue 12 item 3: a backend connection lost at MAIL, RCPT or the end of
+    /// DATA is 451 4.4.2; the session goes on (a new connection next time).
+    #[test]
+    fn backend_lost_is_451() {
+        let mut s = Session::new(settings(false, false), caps(), false);
+        cmd(&mut s, "EHLO c");
+        let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example>") else {
+            panic!()
+        };
+        assert_eq!(
+            s.relayed(op, Outcome::Failed),
+            Action::Reply(reply::backend_failed())
+        );
+        assert_eq!(
+            reply::backend_failed().to_bytes(),
+            b"451 4.4.2 Connection to mail server lost, try again later\r\n"
+        );
+        in_transaction(&mut s);
+        assert!(s.data_received(&Ok(Vec::new()), 1000, false).is_none());
+        let end = s.delivered(Outcome::Failed);
+        assert_eq!(
+            end,
+            DataEnd {
+                action: Action::Reply(reply::backend_failed()),
+                outcome: TxOutcome::Tempfail,
+            }
+        );
+        assert!(s.tx.is_none());
+    }
+
+    /// Issue 12 item 3: in an authenticated session the same loss is 451 and
+    /// then 421 and close: a new backend connection would not be
+    /// authenticated (we keep no passwords). A refusal by a backend that is
+    /// still there is not a loss.
+    #[test]
+    fn authenticated_backend_lost_closes() {
+        let closing = |first: Reply| {
+            Action::Then(
+                first,
+                Box::new(Action::Close(
+                    reply::backend_lost_closing(),
+                    Ending::Because("backend lost in an authenticated session"),
+                )),
+            )
+        };
+        let mut s = logged_in();
+        let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example>") else {
+            panic!()
+        };
+        let a = s.relayed(op, Outcome::Failed);
+        assert_eq!(a, closing(reply::backend_failed()));
+        assert_eq!(
+            reply_of(a),
+            b"451 4.4.2 Connection to mail server lost, try again later\r\n\
+              421 4.4.2 Connection to mail server lost, closing connection\r\n"
+        );
+        // out of step: that connection is dropped as well
+        let mut s = logged_in();
+        let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example>") else {
+            panic!()
+        };
+        assert_eq!(
+            s.relayed(op, Outcome::Reply(221, vec![])),
+            closing(reply::backend_bad_reply())
+        );
+        // at the end of DATA
+        let mut s = logged_in();
+        in_transaction(&mut s);
+        assert!(s.data_received(&Ok(Vec::new()), 1000, false).is_none());
+        let end = s.delivered(Outcome::Unavailable);
+        assert_eq!(end.action, closing(reply::backend_unavailable()));
+        assert_eq!(end.outcome, TxOutcome::Tempfail);
+        // the backend refused, its connection is still there
+        let mut s = logged_in();
+        let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example>") else {
+            panic!()
+        };
+        assert!(matches!(
+            s.relayed(op, Outcome::Reply(451, vec![])),
+            Action::Reply(_)
+        ));
+        in_transaction(&mut s);
+        let end = s.delivered(Outcome::Reply(554, vec!["no".into()]));
+        assert_eq!(reply_of(end.action), b"554 5.0.0 no\r\n");
+        assert_eq!(end.outcome, TxOutcome::Rejected);
+    }
+
+    /// Issue 12 item 3: the message's verdict at the end of DATA. DMARC
+    /// `reject` is 550 and ends the transaction (counted as rejected); a
+    /// tempfail is 451 (counted as tempfail); others let it through.
+    #[test]
+    fn message_verdicts() {
+        let mut s = Session::new(settings(false, false), caps(), false);
+        in_transaction(&mut s);
+        assert!(s.data_received(&Ok(Vec::new()), 1000, false).is_none());
+        let v = verdict_of(PolicyAction::Reject, "dmarc", "example.org p=reject");
+        let Checked::Refused(end) = s.message_verdict(&v) else {
+            panic!("refused")
+        };
+        assert_eq!(end.outcome, TxOutcome::Rejected);
+        assert_eq!(
+            reply_of(end.action),
+            b"550 5.7.1 Rejected by dmarc check: example.org p=reject\r\n"
+        );
+        assert!(s.tx.is_none(), "transaction over");
+        in_transaction(&mut s);
+        let v = verdict_of(PolicyAction::Tempfail, "dkim", "key lookup failed");
+        let Checked::Refused(end) = s.message_verdict(&v) else {
+            panic!("refused")
+        };
+        assert_eq!(end.outcome, TxOutcome::Tempfail);
+        assert_eq!(
+            reply_of(end.action),
+            b"451 4.7.5 Temporary dkim failure, try again later: key lookup failed\r\n"
+        );
+        let v = verdict_of(PolicyAction::Reject, "dkim", "bad signature");
+        let Checked::Refused(end) = s.message_verdict(&v) else {
+            panic!("refused")
+        };
+        assert!(reply_of(end.action).starts_with(b"550 5.7.20 "));
+        in_transaction(&mut s);
+        for (action, want) in [
+            (PolicyAction::Accept, Checked::Pass),
+            (PolicyAction::Tag, Checked::Pass),
+            (PolicyAction::Shadow, Checked::Shadow),
+            (PolicyAction::Delay, Checked::Delay(Duration::from_secs(5))),
+        ] {
+            let v = verdict_of(action, "dmarc", "x");
+            assert_eq!(s.message_verdict(&v), want, "{action:?}");
+            assert!(s.tx.is_some(), "{action:?}: transaction goes on");
+        }
+    }
+
+    /// Issue 12 item 3: DATA while the in-flight budget is spent: 452 4.3.1,
+    /// counted as tempfail, and the transaction stays for another DATA.
+    #[test]
+    fn inflight_budget_spent_is_452() {
+        let mut s = Session::new(settings(false, false), caps(), false);
+        in_transaction(&mut s);
+        assert!(matches!(cmd(&mut s, "DATA"), Action::ReadData(_)));
+        let end = s.inflight_refused();
+        assert_eq!(end.outcome, TxOutcome::Tempfail);
+        assert_eq!(
+            reply_of(end.action),
+            b"452 4.3.1 Insufficient system storage, try again later\r\n"
+        );
+        assert!(s.tx.is_some());
+        assert!(matches!(cmd(&mut s, "DATA"), Action::ReadData(_)));
+    }
+
+    /// A message with bare line endings (normalised) gets its answer, then
+    /// the session closes: after a violation, a refusal or the delivery.
+    #[test]
+    fn smuggling_guard_closes_after_the_answer() {
+        let guard = Ending::Because(SMUGGLING);
+        let mut s = Session::new(settings(false, false), caps(), false);
+        in_transaction(&mut s);
+        let end = s
+            .data_received(&Err(Violation::TooBig), 1000, true)
+            .unwrap();
+        assert_eq!(end.action, Action::Close(reply::size_exceeded(), guard));
+        in_transaction(&mut s);
+        assert!(s.data_received(&Ok(Vec::new()), 1000, true).is_none());
+        let end = s.delivered(Outcome::Reply(250, vec!["queued".into()]));
+        assert_eq!(end.outcome, TxOutcome::Accepted);
+        assert!(matches!(end.action, Action::Close(_, g) if g == guard));
+        // the next message without bare line endings does not close
+        in_transaction(&mut s);
+        assert!(s.data_received(&Ok(Vec::new()), 1000, false).is_none());
+        let end = s.delivered(Outcome::Reply(250, vec!["queued".into()]));
+        assert!(matches!(end.action, Action::Reply(_)));
+        in_transaction(&mut s);
+        assert!(s.data_received(&Ok(Vec::new()), 1000, true).is_none());
+        let v = verdict_of(PolicyAction::Reject, "dmarc", "p=reject");
+        let Checked::Refused(end) = s.message_verdict(&v) else {
+            panic!()
+        };
+        assert!(matches!(end.action, Action::Close(_, g) if g == guard));
+    }
+
+    /// QUIT ends the session as a quit; the other closes as refusals. The
+    /// replies for the driver's own events come from here as well.
+    #[test]
+    fn endings_and_idle_replies() {
+        let mut s = Session::new(settings(false, false), caps(), false);
+        assert_eq!(
+            cmd(&mut s, "QUIT"),
+            Action::Close(reply::bye(), Ending::Quit)
+        );
+        assert_eq!(reply_of(cmd(&mut s, "QUIT")), b"221 2.0.0 Bye\r\n");
+        assert_eq!(
+            s.timed_out().to_bytes(),
+            b"421 4.4.2 Timeout exceeded, closing connection\r\n"
+        );
+        assert_eq!(
+            s.session_over().to_bytes(),
+            b"421 4.4.2 Session time limit exceeded, closing connection\r\n"
+        );
+        assert_eq!(
+            s.shutting_down().to_bytes(),
+            b"421 4.3.2 Service shutting down, try again later\r\n"
+        );
     }
 }
