@@ -531,13 +531,19 @@ impl Driver {
         self.outcome(r)
     }
 
-    /// DATA: `go_ahead` (354) once the in-flight budget covers what MAIL's
-    /// SIZE announced, then the message, checks, and the relay.
+    /// DATA: `go_ahead` (354) if what MAIL's SIZE announced fits the
+    /// in-flight budget now, then the message (memory reserved as it
+    /// arrives), checks, and the relay.
     async fn data(&mut self, go_ahead: Reply) -> Option<End> {
         let l = self.ctx.listener.clone();
         let started = Instant::now();
         let declared = self.session.tx.as_ref().and_then(|t| t.params.size);
-        let Some(reservation) = self.ctx.inflight.reserve(declared.unwrap_or(0)) else {
+        let reservation = if self.ctx.inflight.fits(declared.unwrap_or(0)) {
+            self.ctx.inflight.reserve(0)
+        } else {
+            None
+        };
+        let Some(reservation) = reservation else {
             info!(
                 size = declared,
                 "DATA refused: in-flight message budget spent"
