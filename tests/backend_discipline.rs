@@ -441,6 +441,49 @@ async fn auth_login_235_before_credentials_is_temporary() {
     auth_is_temporary("235 to AUTH LOGIN", script).await;
 }
 
+/// A legacy backend that answers a wrong password with 554 (not 535): never
+/// charged to the policy's lockout (it may be backend trouble), but slowed by
+/// `login_failure_delay` and counted towards the session's
+/// `max_login_failures`, so guessing stays slow and bounded.
+#[tokio::test]
+async fn auth_other_5xx_is_slowed_and_bounded_per_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let (backend, _) = scripted(Script {
+        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n",
+        auth: "554 5.7.1 no\r\n",
+        ..Script::default()
+    })
+    .await;
+    let y = auth_config(dir.path(), &backend).replace(
+        "login_failure_delay: 10ms",
+        "login_failure_delay: 300ms, max_login_failures: 2",
+    );
+    let gw = common::start(&y).await;
+    let tcp = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(common::tls_client(&ca))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let mut r = BufReader::new(tls);
+    assert!(reply(&mut r).await.starts_with("220"));
+    cmd(&mut r, "EHLO client.example").await;
+    let t = std::time::Instant::now();
+    let first = cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+    assert!(first.starts_with("454 4.7.0"), "{first}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    let second = cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+    assert!(second.starts_with("421 4.7.0"), "{second}");
+    assert!(!failure_counted(&gw), "never charged to the lockout");
+}
+
 /// Control for the three above: a real 535 is counted (so `failure_counted`
 /// does see the policy's counter).
 #[tokio::test]

@@ -399,21 +399,26 @@ impl Driver {
             Err(e) => Err(e),
         };
         let outcome = self.outcome(r);
-        let action = self.session.auth_result(&creds.user, outcome);
-        let (code, close) = match &action {
-            Action::Reply(r) => (r.code, false),
-            Action::Close(r) => (r.code, true),
-            _ => (0, false),
+        // only a 535 is charged to the policy's lockout; any 5xx (a legacy
+        // server's 554 for a wrong password too) is slowed down here and
+        // counted by the session
+        let backend_code = match &outcome {
+            Outcome::Reply(code, _) => *code,
+            _ => 0,
         };
-        // a close here is always the last allowed failed attempt
-        let failed = code == 535 || close;
+        let action = self.session.auth_result(&creds.user, outcome);
+        let code = match &action {
+            Action::Reply(r) | Action::Close(r) => r.code,
+            _ => 0,
+        };
+        let failed = (500..600).contains(&backend_code);
         let mut f = self.facts();
         f.auth_user = Some(&creds.user);
         info!(user = %creds.user, result = code, "auth");
         if let Some(p) = &self.ctx.policy {
             match code {
                 235 => p.login_succeeded(&f),
-                _ if failed => p.login_failed(&f),
+                _ if backend_code == 535 => p.login_failed(&f),
                 _ => {}
             }
         }

@@ -463,9 +463,21 @@ impl Session {
                 Action::Reply(reply::auth_ok())
             }
             // only 535 says "wrong credentials" (RFC 4954 §6); another 5xx
-            // (503 bad sequence, 504, 534 …) is the backend's trouble, not a
-            // guess: never counted towards a lockout
+            // (503 bad sequence, 504, 534 …) may be the backend's trouble, so
+            // the driver never charges it to the policy's lockout. But a
+            // legacy server may answer every wrong password so (554, 500):
+            // it counts towards this session's limits, or guessing would be
+            // unbounded
             Outcome::Reply(535, _) => self.login_failed(),
+            Outcome::Reply(500..=599, _) => {
+                self.auth_failures += 1;
+                match self.error(reply::auth_temporary()) {
+                    Action::Reply(_) if self.auth_failures >= self.settings.max_login_failures => {
+                        Action::Close(reply::too_many_auth_failures())
+                    }
+                    a => a,
+                }
+            }
             _ => Action::Reply(reply::auth_temporary()),
         }
     }
@@ -1062,6 +1074,42 @@ mod tests {
         );
     }
 
+    /// A backend 5xx other than 535 (a legacy server answering a wrong
+    /// password with 554, 500 or 504) is not charged to the policy's lockout
+    /// (it may be the backend's trouble), but it counts towards this
+    /// session's `max_login_failures` and `max_errors`: guessing against such
+    /// a server stays bounded per session.
+    #[test]
+    fn backend_5xx_other_than_535_counts_per_session() {
+        let mut s = auth_session();
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        for code in [554, 504] {
+            assert_eq!(
+                reply_of(s.auth_result("alice", Outcome::Reply(code, vec![]))),
+                reply::auth_temporary().to_bytes(),
+                "backend {code}"
+            );
+        }
+        assert_eq!(
+            s.auth_result("alice", Outcome::Reply(500, vec![])),
+            Action::Close(reply::too_many_auth_failures()),
+            "third 5xx ends the session"
+        );
+        assert_eq!(s.errors, 3);
+        // a 4xx is still the backend's trouble, never counted
+        let mut s = auth_session();
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        for _ in 0..5 {
+            assert_eq!(
+                reply_of(s.auth_result("alice", Outcome::Reply(454, vec![]))),
+                reply::auth_temporary().to_bytes()
+            );
+        }
+        assert_eq!(s.errors, 0);
+    }
+
     fn b64(raw: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(raw)
     }
@@ -1085,14 +1133,6 @@ mod tests {
             s.auth_result(&c.user, Outcome::Unavailable),
             Action::Reply(_)
         ));
-        // nor a 5xx other than 535 (503 bad sequence: the backend's trouble)
-        for code in [503, 504, 534, 554] {
-            assert_eq!(
-                reply_of(s.auth_result(&c.user, Outcome::Reply(code, vec![]))),
-                reply::auth_temporary().to_bytes(),
-                "backend {code}"
-            );
-        }
         // authzid for someone else: refused locally, counted too
         assert_eq!(
             reply_of(cmd(&mut s, "AUTH PLAIN Ym9iAGFsaWNlAHNlY3JldA==")),
