@@ -387,6 +387,10 @@ impl SmtpBackend {
     ) -> Result<BackendReply, BackendError> {
         use base64::Engine as _;
         let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        // a NUL would add a field to PLAIN's message (the session refuses it)
+        if user.contains('\0') || password.contains('\0') {
+            return Err(BackendError::Protocol("NUL in credentials".into()));
+        }
         if self.caps.auth_plain {
             let mut raw = Vec::with_capacity(user.len() + password.len() + 2);
             raw.push(0);

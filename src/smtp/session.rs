@@ -443,6 +443,8 @@ impl Session {
             AuthWait::Plain => self.plain(text),
             AuthWait::LoginUser => self.login_user(text),
             AuthWait::LoginPassword(user) => match decode(text) {
+                // relayed as PLAIN, where a NUL would start another field
+                Some(pass) if pass.contains('\0') => self.login_failed(),
                 Some(pass) if !user.is_empty() => Action::Authenticate(Credentials {
                     user,
                     password: Secret(pass),
@@ -587,9 +589,10 @@ impl Session {
 }
 
 /// A user name that may be relayed and used as a limiter key: at most 255
-/// octets, no control character (C0, DEL, C1; NUL separates PLAIN's fields).
+/// octets, no control character (C0, DEL, C1; NUL separates PLAIN's fields)
+/// and no whitespace (as POP3: `alice` and `alice ` would be two keys).
 fn valid_user(user: &str) -> bool {
-    user.len() <= 255 && !user.chars().any(char::is_control)
+    user.len() <= 255 && !user.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 fn decode_bytes(b64: &str) -> Option<Vec<u8>> {
@@ -1108,6 +1111,38 @@ mod tests {
             );
         }
         assert_eq!(s.errors, 0);
+    }
+
+    /// User names with whitespace are refused as POP3 does (`alice` and
+    /// `alice ` would be two limiter keys); a password holding NUL would be
+    /// re-encoded as a PLAIN message with an extra field: refused locally
+    /// and counted as a failure.
+    #[test]
+    fn auth_user_whitespace_and_nul_password_refused() {
+        let mut s = auth_session();
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        for user in ["alice ", " alice", "al ice", "al\tice"] {
+            let ir = b64(format!("\0{user}\0secret").as_bytes());
+            assert_eq!(
+                reply_of(cmd(&mut s, &format!("AUTH PLAIN {ir}"))),
+                reply::auth_bad_user().to_bytes(),
+                "{user:?}"
+            );
+            assert!(matches!(
+                cmd(&mut s, &format!("AUTH LOGIN {}", b64(user.as_bytes()))),
+                Action::Reply(r) if r == reply::auth_bad_user()
+            ));
+        }
+        assert!(matches!(
+            cmd(&mut s, &format!("AUTH LOGIN {}", b64(b"alice"))),
+            Action::AuthChallenge(_)
+        ));
+        assert_eq!(
+            reply_of(s.auth_line(b64(b"sec\0ret").as_bytes())),
+            reply::auth_failed().to_bytes()
+        );
+        assert_eq!(s.auth_failures, 1);
     }
 
     fn b64(raw: &[u8]) -> String {
