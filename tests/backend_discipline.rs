@@ -484,6 +484,19 @@ async fn auth_other_5xx_is_slowed_and_bounded_per_session() {
     assert!(!failure_counted(&gw), "never charged to the lockout");
 }
 
+/// Issue 19 item 4: bytes buffered behind a 235 mean the conversation is
+/// out of step (the 235 may answer something else): a temporary failure,
+/// never a login, never known-good.
+#[tokio::test]
+async fn auth_235_with_trailing_bytes_is_temporary() {
+    let script = Script {
+        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n",
+        auth: "235 2.7.0 ok\r\n535 5.7.8 wrong\r\n",
+        ..Script::default()
+    };
+    auth_is_temporary("235 and more", script).await;
+}
+
 /// Control for the three above: a real 535 is counted (so `failure_counted`
 /// does see the policy's counter).
 #[tokio::test]

@@ -680,6 +680,8 @@ enum Odd {
     StrayOk,
     /// After a failed login, says `-ERR Disconnected for inactivity` and closes.
     IdleDisconnect,
+    /// Answers a good PASS with `+OK logged in` and one more `+OK`.
+    ExtraAfterPass,
 }
 
 /// A CAPA-capable backend (alice/secret) with one scripted misbehaviour; it
@@ -721,7 +723,11 @@ async fn odd_session(tcp: TcpStream, kind: Odd, log: Arc<Mutex<Vec<String>>>) {
             }
             ("PASS", false) if user.as_deref() == Some("alice") && arg == "secret" => {
                 logged_in = true;
-                b"+OK logged in\r\n".to_vec()
+                if kind == Odd::ExtraAfterPass {
+                    b"+OK logged in\r\n+OK\r\n".to_vec()
+                } else {
+                    b"+OK logged in\r\n".to_vec()
+                }
             }
             ("PASS", false) => {
                 let _ = w.write_all(b"-ERR [AUTH] odd: wrong password\r\n").await;
@@ -902,6 +908,23 @@ async fn stray_ok_after_capa_is_not_a_login() {
         "{:?}",
         be.lines()
     );
+}
+
+/// Issue 19 item 4: bytes buffered behind the `+OK` to PASS mean the
+/// conversation is out of step (that `+OK` may have been USER's real reply):
+/// temporary, never a login.
+#[tokio::test]
+async fn extra_reply_after_pass_is_not_a_login() {
+    let be = odd_backend(Odd::ExtraAfterPass).await;
+    let st = gateway(&be.addr, ", max_login_failures: 1").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS secret\r\n").await;
+    c.ok().await;
+    let r = c.status().await;
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    // not a failed login either: the session stays open
+    c.send(b"NOOP\r\n").await;
+    assert_eq!(c.status().await, "+OK");
 }
 
 /// Issue 19 item 4: an idle backend's parting `-ERR` is not a login result.

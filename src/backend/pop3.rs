@@ -217,6 +217,12 @@ impl Pop3Backend {
             }
         };
         match status {
+            // more behind the `+OK` (as after the end of SMTP DATA): it may
+            // have been the answer to an earlier command, so it is no login
+            Some(Status::Ok(_)) if self.conn.buffered() > 0 => {
+                tracing::warn!("POP3 backend sent more after its login reply: out of step");
+                Ok(LoginOutcome::OutOfStep)
+            }
             Some(Status::Ok(t)) => Ok(LoginOutcome::Accepted(t)),
             Some(Status::Err(t)) => Ok(LoginOutcome::Rejected(t)),
             None => Ok(LoginOutcome::OutOfStep),

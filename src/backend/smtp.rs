@@ -375,6 +375,16 @@ impl SmtpBackend {
     pub async fn auth(&mut self, user: &str, password: &str) -> Result<BackendReply, BackendError> {
         let r = self.auth_exchange(user, password).await?;
         match r.0 {
+            // more after the 235 (as after the end of DATA): which command
+            // it answers is unknown, so it is no login
+            235 if self.conn.buffered() > 0 => {
+                if self.closing_notice() {
+                    return Err(BackendError::Failed(
+                        "backend closed the connection (421) after AUTH".into(),
+                    ));
+                }
+                Err(self.out_of_step(self.conn.buffered(), "after the AUTH reply"))
+            }
             235 | 400..=599 => Ok(r),
             code => Err(BackendError::Protocol(format!("AUTH answered {code}"))),
         }
