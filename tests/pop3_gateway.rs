@@ -1066,3 +1066,53 @@ backends:
     d.send(b"STAT\r\n").await;
     d.ok().await;
 }
+
+/// Issue 19 item 9: the pre-login deadline of an APOP session is absolute
+/// (greeting + `apop_prelogin_timeout`): free NOOPs every few hundred ms do
+/// not keep the early backend connection, and its slot, for the session.
+#[tokio::test]
+async fn apop_prelogin_deadline_is_absolute() {
+    let be = Scripted::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let yaml = format!(
+        r#"
+server: {{ hostname: gw.test }}
+listeners:
+  - {{ name: apop-absolute, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b, apop_max_pending: 1, apop_prelogin_timeout: 1s }}
+tls:
+  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
+backends:
+  b: {{ address: "{backend}" }}
+"#,
+        d = dir.path().display(),
+        backend = be.addr
+    );
+    let gw = common::start(&yaml).await;
+    let connect = || async {
+        let s = TcpStream::connect(gw.addr("apop-absolute").unwrap())
+            .await
+            .unwrap();
+        let mut c = tls_wrap(s, &ca).await;
+        let greeting = c.status().await;
+        (c, greeting)
+    };
+    let (mut a, ga) = connect().await;
+    assert!(ga.ends_with(TIMESTAMP), "{ga}");
+    let t = Instant::now();
+    let last = loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.send(b"NOOP\r\n").await;
+        let r = a.status().await;
+        if !r.starts_with("+OK") || t.elapsed() > Duration::from_secs(4) {
+            break r;
+        }
+    };
+    assert!(last.starts_with("-ERR"), "{last}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(a.rest(Duration::from_secs(5)).await.1, "closed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // the slot is free again
+    let (_b, gb) = connect().await;
+    assert!(gb.ends_with(TIMESTAMP), "{gb}");
+}
