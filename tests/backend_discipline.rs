@@ -358,8 +358,11 @@ fn auth_config(dir: &std::path::Path, backend: &str) -> String {
     )
 }
 
-/// One AUTH PLAIN (alice/secret) over implicit TLS; the reply.
-async fn auth_once(gw: &mailgate::server::Gateway, ca: &std::path::Path) -> String {
+/// A session over implicit TLS, after an EHLO that offered AUTH PLAIN.
+async fn auth_session(
+    gw: &mailgate::server::Gateway,
+    ca: &std::path::Path,
+) -> BufReader<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(common::tls_client(ca))
         .connect(
@@ -372,6 +375,12 @@ async fn auth_once(gw: &mailgate::server::Gateway, ca: &std::path::Path) -> Stri
     assert!(reply(&mut r).await.starts_with("220"));
     let ehlo = cmd(&mut r, "EHLO client.example").await;
     assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
+    r
+}
+
+/// One AUTH PLAIN (alice/secret) over implicit TLS; the reply.
+async fn auth_once(gw: &mailgate::server::Gateway, ca: &std::path::Path) -> String {
+    let mut r = auth_session(gw, ca).await;
     cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await
 }
 
@@ -460,17 +469,7 @@ async fn auth_other_5xx_is_slowed_and_bounded_per_session() {
         "login_failure_delay: 300ms, max_login_failures: 2",
     );
     let gw = common::start(&y).await;
-    let tcp = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(common::tls_client(&ca))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let mut r = BufReader::new(tls);
-    assert!(reply(&mut r).await.starts_with("220"));
-    cmd(&mut r, "EHLO client.example").await;
+    let mut r = auth_session(&gw, &ca).await;
     let t = std::time::Instant::now();
     let first = cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
     assert!(first.starts_with("454 4.7.0"), "{first}");

@@ -1009,36 +1009,57 @@ async fn overlong_authorization_lines_are_refused() {
     assert!(!be.lines().iter().any(|l| l.starts_with("USER aaa")));
 }
 
-/// Issue 19 item 9: silent connections to an APOP listener hold only a
-/// bounded number of backend sessions, and only briefly.
-#[tokio::test]
-async fn apop_early_backend_connections_are_bounded() {
-    let be = Scripted::start().await;
-    // its own listener name: the cap is counted per listener name in the process
-    let dir = tempfile::tempdir().unwrap();
-    let (ca, _) = common::dev_cert(dir.path());
-    let yaml = format!(
-        r#"
+/// An APOP listener of its own (the cap is counted per listener name in the
+/// process) with `apop_prelogin_timeout: 1s`.
+struct ApopListener {
+    gw: mailgate::server::Gateway,
+    name: &'static str,
+    ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ApopListener {
+    async fn start(name: &'static str, backend: &str, max_pending: usize) -> ApopListener {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = common::dev_cert(dir.path());
+        let yaml = format!(
+            r#"
 server: {{ hostname: gw.test }}
 listeners:
-  - {{ name: apop-bounded, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b, apop_max_pending: 2, apop_prelogin_timeout: 1s }}
+  - {{ name: {name}, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b, apop_max_pending: {max_pending}, apop_prelogin_timeout: 1s }}
 tls:
   certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
 backends:
   b: {{ address: "{backend}" }}
 "#,
-        d = dir.path().display(),
-        backend = be.addr
-    );
-    let gw = common::start(&yaml).await;
-    let connect = || async {
-        let s = TcpStream::connect(gw.addr("apop-bounded").unwrap())
+            d = dir.path().display(),
+        );
+        ApopListener {
+            gw: common::start(&yaml).await,
+            name,
+            ca,
+            _dir: dir,
+        }
+    }
+
+    /// A client over TLS and the greeting it got.
+    async fn connect(&self) -> (Client<tokio_rustls::client::TlsStream<TcpStream>>, String) {
+        let s = TcpStream::connect(self.gw.addr(self.name).unwrap())
             .await
             .unwrap();
-        let mut c = tls_wrap(s, &ca).await;
+        let mut c = tls_wrap(s, &self.ca).await;
         let greeting = c.status().await;
         (c, greeting)
-    };
+    }
+}
+
+/// Issue 19 item 9: silent connections to an APOP listener hold only a
+/// bounded number of backend sessions, and only briefly.
+#[tokio::test]
+async fn apop_early_backend_connections_are_bounded() {
+    let be = Scripted::start().await;
+    let l = ApopListener::start("apop-bounded", &be.addr, 2).await;
+    let connect = || l.connect();
     let (mut a, ga) = connect().await;
     let (_b, gb) = connect().await;
     assert!(
@@ -1073,30 +1094,8 @@ backends:
 #[tokio::test]
 async fn apop_prelogin_deadline_is_absolute() {
     let be = Scripted::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (ca, _) = common::dev_cert(dir.path());
-    let yaml = format!(
-        r#"
-server: {{ hostname: gw.test }}
-listeners:
-  - {{ name: apop-absolute, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b, apop_max_pending: 1, apop_prelogin_timeout: 1s }}
-tls:
-  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
-backends:
-  b: {{ address: "{backend}" }}
-"#,
-        d = dir.path().display(),
-        backend = be.addr
-    );
-    let gw = common::start(&yaml).await;
-    let connect = || async {
-        let s = TcpStream::connect(gw.addr("apop-absolute").unwrap())
-            .await
-            .unwrap();
-        let mut c = tls_wrap(s, &ca).await;
-        let greeting = c.status().await;
-        (c, greeting)
-    };
+    let l = ApopListener::start("apop-absolute", &be.addr, 1).await;
+    let connect = || l.connect();
     let (mut a, ga) = connect().await;
     assert!(ga.ends_with(TIMESTAMP), "{ga}");
     let t = Instant::now();

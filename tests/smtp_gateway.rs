@@ -638,12 +638,8 @@ async fn send_in_halves(c: &mut Client<TcpStream>, m: &[u8]) -> (u16, String) {
     c.reply().await
 }
 
-/// A SIZE announced in MAIL is checked against the in-flight budget at DATA
-/// but not reserved: memory is taken as bytes arrive. Otherwise a few
-/// sessions announcing big messages and then trickling hold the whole budget
-/// without sending anything, and everyone else gets 452.
-#[tokio::test]
-async fn announced_size_is_not_reserved_before_the_data() {
+/// The demo backend behind a gateway with `max_inflight_data: 1MiB`.
+async fn budget_gateway() -> (tempfile::TempDir, Arc<Mailbox>, mailgate::server::Gateway) {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
     let (mailbox, addr) = demo_backend().await;
@@ -652,6 +648,16 @@ async fn announced_size_is_not_reserved_before_the_data() {
         "server: { hostname: gw.test, shutdown_grace: 2s, max_inflight_data: 1MiB }",
     );
     let gw = common::start(&y).await;
+    (dir, mailbox, gw)
+}
+
+/// A SIZE announced in MAIL is checked against the in-flight budget at DATA
+/// but not reserved: memory is taken as bytes arrive. Otherwise a few
+/// sessions announcing big messages and then trickling hold the whole budget
+/// without sending anything, and everyone else gets 452.
+#[tokio::test]
+async fn announced_size_is_not_reserved_before_the_data() {
+    let (_dir, mailbox, gw) = budget_gateway().await;
     let announce = b"EHLO client.test\r\nMAIL FROM:<a@example.org> SIZE=900000\r\nRCPT TO:<b@example.net>\r\nDATA\r\n";
     let mut idle = connect(&gw, "plain").await;
     idle.send(announce).await;
@@ -684,14 +690,7 @@ async fn announced_size_is_not_reserved_before_the_data() {
 /// message, and every reserved byte is given back.
 #[tokio::test]
 async fn inflight_budget_refuses_with_452() {
-    let dir = tempfile::tempdir().unwrap();
-    common::dev_cert(dir.path());
-    let (mailbox, addr) = demo_backend().await;
-    let y = yaml(dir.path(), &addr, "").replace(
-        "server: { hostname: gw.test, shutdown_grace: 2s }",
-        "server: { hostname: gw.test, shutdown_grace: 2s, max_inflight_data: 1MiB }",
-    );
-    let gw = common::start(&y).await;
+    let (_dir, mailbox, gw) = budget_gateway().await;
     let refused_before = mailgate::observe::metrics().inflight_refused.get();
 
     let message = |tag: &str| {
