@@ -269,7 +269,8 @@ impl SmtpBackend {
     async fn check_in_step(&mut self, before: &str) -> Result<(), BackendError> {
         let mut pending = self.conn.buffered();
         if pending == 0 {
-            // takes what the socket already holds; a zero deadline never waits
+            // takes what the socket already holds; a zero deadline never
+            // waits, but yields once: the runtime polls the socket first
             match tokio::time::timeout(Duration::ZERO, self.conn.fill()).await {
                 Err(_) => return Ok(()),
                 Ok(Ok(n)) => pending = n,
