@@ -358,8 +358,11 @@ fn auth_config(dir: &std::path::Path, backend: &str) -> String {
     )
 }
 
-/// One AUTH PLAIN (alice/secret) over implicit TLS; the reply.
-async fn auth_once(gw: &mailgate::server::Gateway, ca: &std::path::Path) -> String {
+/// A session over implicit TLS, after an EHLO that offered AUTH PLAIN.
+async fn auth_session(
+    gw: &mailgate::server::Gateway,
+    ca: &std::path::Path,
+) -> BufReader<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(common::tls_client(ca))
         .connect(
@@ -372,6 +375,12 @@ async fn auth_once(gw: &mailgate::server::Gateway, ca: &std::path::Path) -> Stri
     assert!(reply(&mut r).await.starts_with("220"));
     let ehlo = cmd(&mut r, "EHLO client.example").await;
     assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
+    r
+}
+
+/// One AUTH PLAIN (alice/secret) over implicit TLS; the reply.
+async fn auth_once(gw: &mailgate::server::Gateway, ca: &std::path::Path) -> String {
+    let mut r = auth_session(gw, ca).await;
     cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await
 }
 
@@ -439,6 +448,52 @@ async fn auth_login_235_before_credentials_is_temporary() {
         ..Script::default()
     };
     auth_is_temporary("235 to AUTH LOGIN", script).await;
+}
+
+/// A legacy backend that answers a wrong password with 554 (not 535): never
+/// charged to the policy's lockout (it may be backend trouble), but slowed by
+/// `login_failure_delay` and counted towards the session's
+/// `max_login_failures`, so guessing stays slow and bounded.
+#[tokio::test]
+async fn auth_other_5xx_is_slowed_and_bounded_per_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let (backend, _) = scripted(Script {
+        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n",
+        auth: "554 5.7.1 no\r\n",
+        ..Script::default()
+    })
+    .await;
+    let y = auth_config(dir.path(), &backend).replace(
+        "login_failure_delay: 10ms",
+        "login_failure_delay: 300ms, max_login_failures: 2",
+    );
+    let gw = common::start(&y).await;
+    let mut r = auth_session(&gw, &ca).await;
+    let t = std::time::Instant::now();
+    let first = cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+    assert!(first.starts_with("454 4.7.0"), "{first}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    let second = cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+    assert!(second.starts_with("421 4.7.0"), "{second}");
+    assert!(!failure_counted(&gw), "never charged to the lockout");
+}
+
+/// Issue 19 item 4: bytes buffered behind a 235 mean the conversation is
+/// out of step (the 235 may answer something else): a temporary failure,
+/// never a login, never known-good.
+#[tokio::test]
+async fn auth_235_with_trailing_bytes_is_temporary() {
+    let script = Script {
+        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n",
+        auth: "235 2.7.0 ok\r\n535 5.7.8 wrong\r\n",
+        ..Script::default()
+    };
+    auth_is_temporary("235 and more", script).await;
 }
 
 /// Control for the three above: a real 535 is counted (so `failure_counted`

@@ -680,6 +680,8 @@ enum Odd {
     StrayOk,
     /// After a failed login, says `-ERR Disconnected for inactivity` and closes.
     IdleDisconnect,
+    /// Answers a good PASS with `+OK logged in` and one more `+OK`.
+    ExtraAfterPass,
 }
 
 /// A CAPA-capable backend (alice/secret) with one scripted misbehaviour; it
@@ -721,7 +723,11 @@ async fn odd_session(tcp: TcpStream, kind: Odd, log: Arc<Mutex<Vec<String>>>) {
             }
             ("PASS", false) if user.as_deref() == Some("alice") && arg == "secret" => {
                 logged_in = true;
-                b"+OK logged in\r\n".to_vec()
+                if kind == Odd::ExtraAfterPass {
+                    b"+OK logged in\r\n+OK\r\n".to_vec()
+                } else {
+                    b"+OK logged in\r\n".to_vec()
+                }
             }
             ("PASS", false) => {
                 let _ = w.write_all(b"-ERR [AUTH] odd: wrong password\r\n").await;
@@ -904,6 +910,23 @@ async fn stray_ok_after_capa_is_not_a_login() {
     );
 }
 
+/// Issue 19 item 4: bytes buffered behind the `+OK` to PASS mean the
+/// conversation is out of step (that `+OK` may have been USER's real reply):
+/// temporary, never a login.
+#[tokio::test]
+async fn extra_reply_after_pass_is_not_a_login() {
+    let be = odd_backend(Odd::ExtraAfterPass).await;
+    let st = gateway(&be.addr, ", max_login_failures: 1").await;
+    let (mut c, _) = st.tls("pop3s").await;
+    c.send(b"USER alice\r\nPASS secret\r\n").await;
+    c.ok().await;
+    let r = c.status().await;
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    // not a failed login either: the session stays open
+    c.send(b"NOOP\r\n").await;
+    assert_eq!(c.status().await, "+OK");
+}
+
 /// Issue 19 item 4: an idle backend's parting `-ERR` is not a login result.
 #[tokio::test]
 async fn idle_backend_disconnect_is_not_a_failed_login() {
@@ -986,36 +1009,57 @@ async fn overlong_authorization_lines_are_refused() {
     assert!(!be.lines().iter().any(|l| l.starts_with("USER aaa")));
 }
 
-/// Issue 19 item 9: silent connections to an APOP listener hold only a
-/// bounded number of backend sessions, and only briefly.
-#[tokio::test]
-async fn apop_early_backend_connections_are_bounded() {
-    let be = Scripted::start().await;
-    // its own listener name: the cap is counted per listener name in the process
-    let dir = tempfile::tempdir().unwrap();
-    let (ca, _) = common::dev_cert(dir.path());
-    let yaml = format!(
-        r#"
+/// An APOP listener of its own (the cap is counted per listener name in the
+/// process) with `apop_prelogin_timeout: 1s`.
+struct ApopListener {
+    gw: mailgate::server::Gateway,
+    name: &'static str,
+    ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ApopListener {
+    async fn start(name: &'static str, backend: &str, max_pending: usize) -> ApopListener {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = common::dev_cert(dir.path());
+        let yaml = format!(
+            r#"
 server: {{ hostname: gw.test }}
 listeners:
-  - {{ name: apop-bounded, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b, apop_max_pending: 2, apop_prelogin_timeout: 1s }}
+  - {{ name: {name}, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b, apop_max_pending: {max_pending}, apop_prelogin_timeout: 1s }}
 tls:
   certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
 backends:
   b: {{ address: "{backend}" }}
 "#,
-        d = dir.path().display(),
-        backend = be.addr
-    );
-    let gw = common::start(&yaml).await;
-    let connect = || async {
-        let s = TcpStream::connect(gw.addr("apop-bounded").unwrap())
+            d = dir.path().display(),
+        );
+        ApopListener {
+            gw: common::start(&yaml).await,
+            name,
+            ca,
+            _dir: dir,
+        }
+    }
+
+    /// A client over TLS and the greeting it got.
+    async fn connect(&self) -> (Client<tokio_rustls::client::TlsStream<TcpStream>>, String) {
+        let s = TcpStream::connect(self.gw.addr(self.name).unwrap())
             .await
             .unwrap();
-        let mut c = tls_wrap(s, &ca).await;
+        let mut c = tls_wrap(s, &self.ca).await;
         let greeting = c.status().await;
         (c, greeting)
-    };
+    }
+}
+
+/// Issue 19 item 9: silent connections to an APOP listener hold only a
+/// bounded number of backend sessions, and only briefly.
+#[tokio::test]
+async fn apop_early_backend_connections_are_bounded() {
+    let be = Scripted::start().await;
+    let l = ApopListener::start("apop-bounded", &be.addr, 2).await;
+    let connect = || l.connect();
     let (mut a, ga) = connect().await;
     let (_b, gb) = connect().await;
     assert!(
@@ -1042,4 +1086,32 @@ backends:
     tokio::time::sleep(Duration::from_millis(1500)).await;
     d.send(b"STAT\r\n").await;
     d.ok().await;
+}
+
+/// Issue 19 item 9: the pre-login deadline of an APOP session is absolute
+/// (greeting + `apop_prelogin_timeout`): free NOOPs every few hundred ms do
+/// not keep the early backend connection, and its slot, for the session.
+#[tokio::test]
+async fn apop_prelogin_deadline_is_absolute() {
+    let be = Scripted::start().await;
+    let l = ApopListener::start("apop-absolute", &be.addr, 1).await;
+    let connect = || l.connect();
+    let (mut a, ga) = connect().await;
+    assert!(ga.ends_with(TIMESTAMP), "{ga}");
+    let t = Instant::now();
+    let last = loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.send(b"NOOP\r\n").await;
+        let r = a.status().await;
+        if !r.starts_with("+OK") || t.elapsed() > Duration::from_secs(4) {
+            break r;
+        }
+    };
+    assert!(last.starts_with("-ERR"), "{last}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(a.rest(Duration::from_secs(5)).await.1, "closed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // the slot is free again
+    let (_b, gb) = connect().await;
+    assert!(gb.ends_with(TIMESTAMP), "{gb}");
 }

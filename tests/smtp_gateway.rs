@@ -639,13 +639,8 @@ async fn send_in_halves(c: &mut Client<TcpStream>, m: &[u8]) -> (u16, String) {
     c.reply().await
 }
 
-/// Issue 11 item 8: a process-wide budget for message bytes in flight. With
-/// 1 MiB, of two parallel 700 KiB messages one gets 452 4.3.1 at the end of
-/// its data (read to its end, holding nothing), and a MAIL announcing
-/// SIZE=2000000 gets 452 instead of 354. The backend never sees a refused
-/// message, and every reserved byte is given back.
-#[tokio::test]
-async fn inflight_budget_refuses_with_452() {
+/// The demo backend behind a gateway with `max_inflight_data: 1MiB`.
+async fn budget_gateway() -> (tempfile::TempDir, Arc<Mailbox>, mailgate::server::Gateway) {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
     let (mailbox, addr) = demo_backend().await;
@@ -654,6 +649,49 @@ async fn inflight_budget_refuses_with_452() {
         "server: { hostname: gw.test, shutdown_grace: 2s, max_inflight_data: 1MiB }",
     );
     let gw = common::start(&y).await;
+    (dir, mailbox, gw)
+}
+
+/// A SIZE announced in MAIL is checked against the in-flight budget at DATA
+/// but not reserved: memory is taken as bytes arrive. Otherwise a few
+/// sessions announcing big messages and then trickling hold the whole budget
+/// without sending anything, and everyone else gets 452.
+#[tokio::test]
+async fn announced_size_is_not_reserved_before_the_data() {
+    let (_dir, mailbox, gw) = budget_gateway().await;
+    let announce = b"EHLO client.test\r\nMAIL FROM:<a@example.org> SIZE=900000\r\nRCPT TO:<b@example.net>\r\nDATA\r\n";
+    let mut idle = connect(&gw, "plain").await;
+    idle.send(announce).await;
+    idle.expect(250).await;
+    idle.expect(250).await;
+    idle.expect(250).await;
+    idle.expect(354).await;
+    assert!(
+        gw.inflight.used() < 100_000,
+        "nothing sent yet, {} bytes held",
+        gw.inflight.used()
+    );
+    // a second session announcing as much still gets its 354 and delivers
+    let mut c = connect(&gw, "plain").await;
+    c.send(announce).await;
+    c.expect(250).await;
+    c.expect(250).await;
+    c.expect(250).await;
+    c.expect(354).await;
+    c.send(b"Subject: sized\r\n\r\nhi\r\n.\r\n").await;
+    c.expect(250).await;
+    assert_eq!(mailbox.count(), 1);
+    drop(idle);
+}
+
+/// Issue 11 item 8: a process-wide budget for message bytes in flight. With
+/// 1 MiB, of two parallel 700 KiB messages one gets 452 4.3.1 at the end of
+/// its data (read to its end, holding nothing), and a MAIL announcing
+/// SIZE=2000000 gets 452 instead of 354. The backend never sees a refused
+/// message, and every reserved byte is given back.
+#[tokio::test]
+async fn inflight_budget_refuses_with_452() {
+    let (_dir, mailbox, gw) = budget_gateway().await;
     let refused_before = mailgate::observe::metrics().inflight_refused.get();
 
     let message = |tag: &str| {

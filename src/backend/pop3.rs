@@ -217,6 +217,12 @@ impl Pop3Backend {
             }
         };
         match status {
+            // more behind the `+OK` (as after the end of SMTP DATA): it may
+            // have been the answer to an earlier command, so it is no login
+            Some(Status::Ok(_)) if self.conn.buffered() > 0 => {
+                tracing::warn!("POP3 backend sent more after its login reply: out of step");
+                Ok(LoginOutcome::OutOfStep)
+            }
             Some(Status::Ok(t)) => Ok(LoginOutcome::Accepted(t)),
             Some(Status::Err(t)) => Ok(LoginOutcome::Rejected(t)),
             None => Ok(LoginOutcome::OutOfStep),
@@ -233,7 +239,9 @@ impl Pop3Backend {
             tracing::warn!("POP3 backend sent data nobody asked for: out of step");
             return false;
         }
-        // polled once: anything already arrived, or EOF, shows now
+        // anything already arrived, or EOF, shows now: a zero deadline
+        // yields once, and the runtime polls the socket before the timer
+        // fires (see the test `stray_bytes_that_arrived_while_busy_are_seen`)
         match tokio::time::timeout(Duration::ZERO, self.conn.fill()).await {
             Err(_) => true,
             Ok(Ok(_)) => {
@@ -314,6 +322,46 @@ mod tests {
         for bad in [&b""[..], b"OK", b"+OKAY", b"-ERROR x", b"220 smtp"] {
             assert!(parse_status(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Nit 13 (regression guard): bytes that reached the socket while the
+    /// task was busy (the reactor had no turn since) are still seen before a
+    /// login command: the zero-deadline read yields once to the runtime,
+    /// whose park polls the socket before the timer fires. A poll-once check
+    /// would miss them and send USER into an out-of-step conversation.
+    #[tokio::test]
+    async fn stray_bytes_that_arrived_while_busy_are_seen() {
+        use std::io::{Read as _, Write as _};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            wait.recv().unwrap();
+            s.write_all(b"-ERR Disconnected for inactivity\r\n")
+                .unwrap();
+            let mut seen = Vec::new();
+            let _ = s.read_to_end(&mut seen);
+            seen
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut b = Pop3Backend {
+            conn: Conn::new(super::super::stream::BackendStream::Plain(tcp)),
+            caps: BackendCaps::rfc1939(),
+            timestamp: None,
+            reply_timeout: Duration::from_secs(5),
+        };
+        assert!(b.in_step().await, "nothing sent yet");
+        go.send(()).unwrap();
+        // blocking on purpose: the reactor gets no turn meanwhile
+        std::thread::sleep(Duration::from_millis(100));
+        let login = Login::Password {
+            user: "alice".into(),
+            pass: "secret".into(),
+        };
+        assert!(matches!(b.login(&login).await, Ok(LoginOutcome::OutOfStep)));
+        drop(b);
+        assert!(server.join().unwrap().is_empty(), "no USER was sent");
     }
 
     #[test]

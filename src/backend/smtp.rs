@@ -269,7 +269,8 @@ impl SmtpBackend {
     async fn check_in_step(&mut self, before: &str) -> Result<(), BackendError> {
         let mut pending = self.conn.buffered();
         if pending == 0 {
-            // takes what the socket already holds; a zero deadline never waits
+            // takes what the socket already holds; a zero deadline never
+            // waits, but yields once: the runtime polls the socket first
             match tokio::time::timeout(Duration::ZERO, self.conn.fill()).await {
                 Err(_) => return Ok(()),
                 Ok(Ok(n)) => pending = n,
@@ -375,6 +376,16 @@ impl SmtpBackend {
     pub async fn auth(&mut self, user: &str, password: &str) -> Result<BackendReply, BackendError> {
         let r = self.auth_exchange(user, password).await?;
         match r.0 {
+            // more after the 235 (as after the end of DATA): which command
+            // it answers is unknown, so it is no login
+            235 if self.conn.buffered() > 0 => {
+                if self.closing_notice() {
+                    return Err(BackendError::Failed(
+                        "backend closed the connection (421) after AUTH".into(),
+                    ));
+                }
+                Err(self.out_of_step(self.conn.buffered(), "after the AUTH reply"))
+            }
             235 | 400..=599 => Ok(r),
             code => Err(BackendError::Protocol(format!("AUTH answered {code}"))),
         }
@@ -387,6 +398,10 @@ impl SmtpBackend {
     ) -> Result<BackendReply, BackendError> {
         use base64::Engine as _;
         let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        // a NUL would add a field to PLAIN's message (the session refuses it)
+        if user.contains('\0') || password.contains('\0') {
+            return Err(BackendError::Protocol("NUL in credentials".into()));
+        }
         if self.caps.auth_plain {
             let mut raw = Vec::with_capacity(user.len() + password.len() + 2);
             raw.push(0);

@@ -57,9 +57,11 @@ struct Driver {
     peer: SocketAddr,
     backend: Option<Pop3Backend>,
     /// Held while `backend` is the APOP greeting's connection and nobody
-    /// has logged in: counts against `apop_max_pending`, shortens the
-    /// command deadline to `apop_prelogin_timeout`.
+    /// has logged in: counts against `apop_max_pending`, until `early_until`.
     early_slot: Option<EarlySlot>,
+    /// Greeting + `apop_prelogin_timeout`: absolute, so that free commands
+    /// (NOOP, CAPA) cannot keep the early connection and its slot.
+    early_until: tokio::time::Instant,
     /// The backend connection already carried a login attempt (it may have
     /// been closed by the backend since).
     backend_used: bool,
@@ -140,6 +142,7 @@ impl Driver {
             peer,
             backend: early_backend,
             early_slot,
+            early_until: tokio::time::Instant::now() + l.apop_prelogin_timeout,
             backend_used: false,
             probed: false,
             tls,
@@ -206,7 +209,15 @@ impl Driver {
             self.early_slot = None;
         }
         let wait = if self.early_slot.is_some() {
-            l.timeouts.command.min(l.apop_prelogin_timeout)
+            let left = self
+                .early_until
+                .saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                // the early connection and its slot go with the session
+                self.queue(&reply::timeout());
+                return Err(End::Timeout);
+            }
+            l.timeouts.command.min(left)
         } else {
             l.timeouts.command
         };

@@ -265,19 +265,29 @@ fn path(arg: &str, null_ok: bool) -> Result<(String, &str), ParseError> {
             Err(ParseError::Syntax("empty recipient"))
         };
     }
-    if addr
-        .bytes()
-        .any(|b| b <= b' ' || matches!(b, b'<' | b'>' | b'(' | b')' | b',' | b';' | b'\\'))
-        && !quoted_local(addr)
-    {
-        return Err(ParseError::Syntax("invalid characters in address"));
-    }
-    let Some((local, dom)) = addr.rsplit_once('@') else {
-        // RFC 5321 §4.5.1: <postmaster> without a domain must be accepted
-        if !null_ok && addr.eq_ignore_ascii_case("postmaster") {
-            return Ok((addr.to_string(), params));
+    let special =
+        |b: u8| b <= b' ' || matches!(b, b'<' | b'>' | b'(' | b')' | b',' | b';' | b'\\' | b'"');
+    let (local, dom) = if addr.starts_with('"') {
+        // a quoted local part may hold spaces and specials; it ends at its
+        // closing quote, which must be right before the domain's `@`
+        let (local, dom) =
+            quoted_local(addr).ok_or(ParseError::Syntax("invalid quoted local part"))?;
+        if dom.bytes().any(special) {
+            return Err(ParseError::Syntax("invalid characters in address"));
         }
-        return Err(ParseError::Syntax("address must be local@domain"));
+        (local, dom)
+    } else {
+        if addr.bytes().any(special) {
+            return Err(ParseError::Syntax("invalid characters in address"));
+        }
+        let Some(split) = addr.rsplit_once('@') else {
+            // RFC 5321 §4.5.1: <postmaster> without a domain must be accepted
+            if !null_ok && addr.eq_ignore_ascii_case("postmaster") {
+                return Ok((addr.to_string(), params));
+            }
+            return Err(ParseError::Syntax("address must be local@domain"));
+        };
+        split
     };
     // an unquoted local part holds no '@' or ':' (RFC 5321 Dot-string): what
     // is left of a route (`@b:user`) must never reach the backend
@@ -331,19 +341,27 @@ fn strip_source_route(mut addr: &str) -> Result<&str, ParseError> {
     Ok(addr)
 }
 
-/// A quoted local part may hold spaces and specials: `"john doe"@example.org`.
-fn quoted_local(addr: &str) -> bool {
-    let Some(rest) = addr.strip_prefix('"') else {
-        return false;
-    };
-    let Some(close) = rest.rfind("\"@") else {
-        return false;
-    };
-    let (q, dom) = (&rest[..close], &rest[close + 2..]);
-    !q.bytes().any(|b| b < b' ')
-        && !dom
-            .bytes()
-            .any(|b| b <= b' ' || matches!(b, b'<' | b'>' | b'\\' | b'"'))
+/// Splits `"quoted"@domain`, reading the RFC 5321 Quoted-string from the
+/// left: qtextSMTP (printable ASCII but `"` and `\\`, or UTF-8 for SMTPUTF8)
+/// and quoted-pairSMTP (`\\` + printable ASCII). The closing quote must be
+/// followed by the `@` of the domain: `"x"@evil"@good` is refused, never split
+/// where a lax backend would split it differently.
+fn quoted_local(addr: &str) -> Option<(&str, &str)> {
+    let b = addr.as_bytes();
+    let mut i = 1;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let (local, rest) = addr.split_at(i + 1);
+                return rest.strip_prefix('@').map(|dom| (local, dom));
+            }
+            b'\\' if b.get(i + 1).is_some_and(|c| (b' '..=b'~').contains(c)) => i += 2,
+            b'\\' => return None,
+            c if (b' '..=b'~').contains(&c) || c >= 0x80 => i += 1,
+            _ => return None,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -531,6 +549,42 @@ mod tests {
                 to: "u@[IPv6:2001:db8::1]".into()
             }
         );
+    }
+
+    /// A quoted local part is read from the left (RFC 5321 Quoted-string:
+    /// qtextSMTP / quoted-pairSMTP): its closing quote is the one right before
+    /// the `@` of the domain. A second quoted section, a stray quote or
+    /// backslash elsewhere would let a lax backend find another domain than
+    /// ours (`"x"@evil"@good` ends in good for `rsplit`, in evil for others).
+    #[test]
+    fn quoted_local_parts_are_read_from_the_left() {
+        for (line, to) in [
+            (
+                r#"RCPT TO:<"john doe"@d.example>"#,
+                r#""john doe"@d.example"#,
+            ),
+            (r#"RCPT TO:<"a\"b"@d.example>"#, r#""a\"b"@d.example"#),
+            (r#"RCPT TO:<"a\\"@d.example>"#, r#""a\\"@d.example"#),
+            (r#"RCPT TO:<"a@b"@d.example>"#, r#""a@b"@d.example"#),
+        ] {
+            assert_eq!(ok(line), Command::Rcpt { to: to.into() }, "{line}");
+        }
+        for line in [
+            r#"RCPT TO:<"x"@evil.example"@good.example>"#,
+            r#"RCPT TO:<"x"@evil.example"x"@good.example>"#,
+            r#"RCPT TO:<"x"y"@good.example>"#,
+            r#"RCPT TO:<"x"y@good.example>"#,
+            r#"RCPT TO:<x"y"@good.example>"#,
+            r#"RCPT TO:<x"@good.example>"#,
+            r#"RCPT TO:<"unterminated@good.example>"#,
+            r#"RCPT TO:<"a\"@good.example>"#,
+            "RCPT TO:<\"a\\\u{e9}\"@good.example>",
+            "RCPT TO:<\"a\tb\"@good.example>",
+            r#"RCPT TO:<"x"@good.example\>"#,
+            r#"MAIL FROM:<"x"@evil.example"@good.example>"#,
+        ] {
+            assert!(matches!(bad(line), ParseError::Syntax(_)), "{line:?}");
+        }
     }
 
     #[test]

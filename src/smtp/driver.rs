@@ -397,10 +397,11 @@ impl Driver {
             match &result {
                 LoginResult::Succeeded(_) => p.login_succeeded(&f),
                 LoginResult::Failed(_) => p.login_failed(&f),
-                LoginResult::Undecided(_) => {}
+                LoginResult::Refused(_) | LoginResult::Undecided(_) => {}
             }
         }
-        let failed = matches!(result, LoginResult::Failed(_));
+        // a 535 is charged to the policy above; any 5xx is slowed down
+        let failed = matches!(result, LoginResult::Failed(_) | LoginResult::Refused(_));
         let action = result.into_action();
         info!(user = %creds.user, result = action.reply().map_or(0, |r| r.code), "auth");
         if failed {
@@ -531,13 +532,19 @@ impl Driver {
         self.deliver(msg, auth_headers).await
     }
 
-    /// `go_ahead` (354) once the in-flight budget covers what MAIL's SIZE
-    /// announced, then the message up to CRLF.CRLF.
+    /// `go_ahead` (354) if what MAIL's SIZE announced fits the in-flight
+    /// budget now (nothing is reserved for it: memory is reserved as the
+    /// message arrives), then the message up to CRLF.CRLF.
     async fn read_message(&mut self, go_ahead: Reply) -> Result<Message, Option<End>> {
         let l = self.ctx.listener.clone();
         let started = Instant::now();
         let declared = self.session.tx.as_ref().and_then(|t| t.params.size);
-        let Some(reservation) = self.ctx.inflight.reserve(declared.unwrap_or(0)) else {
+        let reservation = if self.ctx.inflight.fits(declared.unwrap_or(0)) {
+            self.ctx.inflight.reserve(0)
+        } else {
+            None
+        };
+        let Some(reservation) = reservation else {
             info!(
                 size = declared,
                 "DATA refused: in-flight message budget spent"

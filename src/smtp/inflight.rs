@@ -47,6 +47,18 @@ impl Budget {
         Some(r)
     }
 
+    /// Whether `bytes` more would fit now, reserving nothing (a refusal is
+    /// counted). DATA checks a SIZE announced in MAIL with this: reserving it
+    /// before any byte arrives would let a client that announces big messages
+    /// and then trickles hold the whole budget without sending anything.
+    pub fn fits(&self, bytes: u64) -> bool {
+        let fits = self.used().saturating_add(bytes) <= self.limit.load(Ordering::Relaxed);
+        if !fits {
+            crate::observe::metrics().inflight_refused.inc();
+        }
+        fits
+    }
+
     /// Takes between `min` and `max` bytes: as much of `max` as is left, or
     /// nothing (and a refusal counted) when not even `min` is left.
     fn take(&self, min: u64, max: u64) -> Option<u64> {
@@ -146,5 +158,16 @@ mod tests {
         assert_eq!(c.bytes(), 80);
         drop(c);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn fits_reserves_nothing() {
+        let b = Budget::new(100);
+        assert!(b.fits(100));
+        assert_eq!(b.used(), 0);
+        let _a = b.reserve(30).unwrap();
+        assert!(b.fits(70));
+        assert!(!b.fits(71));
+        assert_eq!(b.used(), 30);
     }
 }

@@ -241,6 +241,12 @@ pub enum LoginResult {
     /// Wrong credentials (535; 421 and close at the session's limit): the
     /// driver waits the failure delay before it acts.
     Failed(Action),
+    /// A 5xx other than 535 (503, 504, 554 …): possibly the backend's own
+    /// trouble, so never charged to the policy's lockout; but a legacy server
+    /// may answer every wrong password so, so it is slowed down like a
+    /// failure and counted towards this session's limits (454; 421 and close
+    /// at the limit).
+    Refused(Action),
     /// Neither: the backend's trouble (454), not counted.
     Undecided(Action),
 }
@@ -248,7 +254,10 @@ pub enum LoginResult {
 impl LoginResult {
     pub fn into_action(self) -> Action {
         match self {
-            LoginResult::Succeeded(a) | LoginResult::Failed(a) | LoginResult::Undecided(a) => a,
+            LoginResult::Succeeded(a)
+            | LoginResult::Failed(a)
+            | LoginResult::Refused(a)
+            | LoginResult::Undecided(a) => a,
         }
     }
 }
@@ -577,6 +586,8 @@ impl Session {
             AuthWait::Plain => self.plain(text),
             AuthWait::LoginUser => self.login_user(text),
             AuthWait::LoginPassword(user) => match decode(text) {
+                // relayed as PLAIN, where a NUL would start another field
+                Some(pass) if pass.contains('\0') => self.login_failed(),
                 Some(pass) if !user.is_empty() => Action::Authenticate(Credentials {
                     user,
                     password: Secret(pass),
@@ -597,9 +608,18 @@ impl Session {
                 LoginResult::Succeeded(Action::Reply(reply::auth_ok()))
             }
             // only 535 says "wrong credentials" (RFC 4954 §6); another 5xx
-            // (503 bad sequence, 504, 534 …) is the backend's trouble, not a
-            // guess: never counted towards a lockout
+            // (503 bad sequence, 504, 534 …) may be the backend's trouble:
+            // `Refused`, see there
             Outcome::Reply(535, _) => LoginResult::Failed(self.login_failed()),
+            Outcome::Reply(500..=599, _) => {
+                self.auth_failures += 1;
+                LoginResult::Refused(match self.error(reply::auth_temporary()) {
+                    Action::Reply(_) if self.auth_failures >= self.settings.max_login_failures => {
+                        Action::Close(reply::too_many_auth_failures(), Ending::Refused)
+                    }
+                    a => a,
+                })
+            }
             _ => LoginResult::Undecided(Action::Reply(reply::auth_temporary())),
         }
     }
@@ -828,9 +848,10 @@ fn checked(v: &AuthVerdict) -> Checked<Reply> {
 }
 
 /// A user name that may be relayed and used as a limiter key: at most 255
-/// octets, no control character (C0, DEL, C1; NUL separates PLAIN's fields).
+/// octets, no control character (C0, DEL, C1; NUL separates PLAIN's fields)
+/// and no whitespace (as POP3: `alice` and `alice ` would be two keys).
 fn valid_user(user: &str) -> bool {
-    user.len() <= 255 && !user.chars().any(char::is_control)
+    user.len() <= 255 && !user.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 fn decode_bytes(b64: &str) -> Option<Vec<u8>> {
@@ -1330,6 +1351,85 @@ mod tests {
         );
     }
 
+    /// A backend 5xx other than 535 (a legacy server answering a wrong
+    /// password with 554, 500 or 504) is not charged to the policy's lockout
+    /// (it may be the backend's trouble), but it counts towards this
+    /// session's `max_login_failures` and `max_errors`: guessing against such
+    /// a server stays bounded per session.
+    #[test]
+    fn backend_5xx_other_than_535_counts_per_session() {
+        let mut s = auth_session();
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        for code in [554, 504] {
+            let r = s.auth_result("alice", Outcome::Reply(code, vec![]));
+            assert!(
+                matches!(r, LoginResult::Refused(_)),
+                "backend {code}: {r:?}"
+            );
+            assert_eq!(
+                reply_of(r.into_action()),
+                reply::auth_temporary().to_bytes(),
+                "backend {code}"
+            );
+        }
+        assert_eq!(
+            s.auth_result("alice", Outcome::Reply(500, vec![])),
+            LoginResult::Refused(Action::Close(
+                reply::too_many_auth_failures(),
+                Ending::Refused
+            )),
+            "third 5xx ends the session"
+        );
+        assert_eq!(s.errors, 3);
+        // a 4xx is still the backend's trouble, never counted
+        let mut s = auth_session();
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        for _ in 0..5 {
+            assert_eq!(
+                reply_of(
+                    s.auth_result("alice", Outcome::Reply(454, vec![]))
+                        .into_action()
+                ),
+                reply::auth_temporary().to_bytes()
+            );
+        }
+        assert_eq!(s.errors, 0);
+    }
+
+    /// User names with whitespace are refused as POP3 does (`alice` and
+    /// `alice ` would be two limiter keys); a password holding NUL would be
+    /// re-encoded as a PLAIN message with an extra field: refused locally
+    /// and counted as a failure.
+    #[test]
+    fn auth_user_whitespace_and_nul_password_refused() {
+        let mut s = auth_session();
+        s.tls_started();
+        cmd(&mut s, "EHLO c");
+        for user in ["alice ", " alice", "al ice", "al\tice"] {
+            let ir = b64(format!("\0{user}\0secret").as_bytes());
+            assert_eq!(
+                reply_of(cmd(&mut s, &format!("AUTH PLAIN {ir}"))),
+                reply::auth_bad_user().to_bytes(),
+                "{user:?}"
+            );
+            assert!(matches!(
+                cmd(&mut s, &format!("AUTH LOGIN {}", b64(user.as_bytes()))),
+                Action::Reply(r) if r == reply::auth_bad_user()
+            ));
+        }
+        assert!(matches!(
+            cmd(&mut s, &format!("AUTH LOGIN {}", b64(b"alice"))),
+            Action::AuthChallenge(_)
+        ));
+        assert_eq!(
+            reply_of(s.auth_line(b64(b"sec\0ret").as_bytes())),
+            reply::auth_failed().to_bytes()
+        );
+        assert_eq!(s.auth_failures, 1);
+    }
+
     fn b64(raw: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(raw)
     }
@@ -1356,17 +1456,6 @@ mod tests {
             s.auth_result(&c.user, Outcome::Unavailable),
             LoginResult::Undecided(Action::Reply(_))
         ));
-        // nor a 5xx other than 535 (503 bad sequence: the backend's trouble)
-        for code in [503, 504, 534, 554] {
-            assert_eq!(
-                reply_of(
-                    s.auth_result(&c.user, Outcome::Reply(code, vec![]))
-                        .into_action()
-                ),
-                reply::auth_temporary().to_bytes(),
-                "backend {code}"
-            );
-        }
         // authzid for someone else: refused locally, counted too
         assert_eq!(
             reply_of(cmd(&mut s, "AUTH PLAIN Ym9iAGFsaWNlAHNlY3JldA==")),
