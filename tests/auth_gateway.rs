@@ -671,3 +671,50 @@ async fn dns_queries_per_message_are_capped() {
     assert!(o.reason.unwrap().contains("limit of the message"));
     assert_eq!(queries_for(&dns, "costly.example"), 4);
 }
+
+/// Issue 11 item 7 (review): mail-auth reads tag names case-insensitively
+/// and ignoring whitespace, and a later `h=` replaces an earlier one. An
+/// `H=` (or ` h =`, or a second `h=`) with 300 entries must meet the same
+/// 64-entry cap as `h=`: not verified, no key fetched.
+#[tokio::test]
+async fn h_tag_cap_holds_for_any_spelling_of_h() {
+    let dns = TestDns::start(zone()).await;
+    let v = flood_verifier(&dns);
+    let long: Vec<String> = (0..300).map(|i| format!("x{i}")).collect();
+    let long = long.join(":");
+    for spelled in [
+        format!("H={long}"),
+        format!("\r\n h\r\n =\r\n {long}"),
+        format!("h=from; h={long}"),
+        format!("h=from; H={long}"),
+    ] {
+        let sig = flood_sig("test", "from").replace("h=from", &spelled);
+        let ams = sig.replacen("DKIM-Signature: v=1;", "ARC-Message-Signature: i=1;", 1);
+        let mut raw = sig.repeat(3).into_bytes();
+        raw.extend_from_slice(ams.as_bytes());
+        raw.extend_from_slice(&flood_msg(0, "", true));
+        let o = all_checks(&v, &raw).await;
+        assert_eq!(
+            queries_for(&dns, "._domainkey.football.example.com"),
+            0,
+            "{:.20?}: a signature over the cap was verified",
+            spelled
+        );
+        let sigs = o.dkim.unwrap();
+        assert!(
+            sigs.len() == 3
+                && sigs
+                    .iter()
+                    .all(|s| s.result == mailgate::auth::AuthResult::PermError
+                        && s.reason.as_deref().unwrap_or("").contains("signs 300")),
+            "{:.20?}: {sigs:?}",
+            spelled
+        );
+        let arc = o.arc.unwrap();
+        assert!(
+            arc.reason.as_deref().unwrap_or("").contains("signs 300"),
+            "{:.20?}: {arc:?}",
+            spelled
+        );
+    }
+}

@@ -767,37 +767,41 @@ impl<'a> Plan<'a> {
         let (mut seals, mut ams, mut aar) = (0usize, 0usize, 0usize);
         let mut ams_too_long = None;
         for (range, name, value) in header_fields(raw) {
-            if name.eq_ignore_ascii_case(b"DKIM-Signature") {
-                dkim_seen += 1;
-                let tags = Tags::parse(value);
-                if dkim_seen > MAX_DKIM_SIGNATURES {
-                    not_checked += 1;
-                    drop.push(range);
-                } else if tags.signed_fields > MAX_SIGNED_FIELDS {
-                    dkim_skipped.push(DkimSignature {
-                        result: AuthResult::PermError,
-                        domain: tags.d,
-                        selector: tags.s,
-                        auid: String::new(),
-                        algorithm: "",
-                        b_prefix: tags.b_prefix,
-                        reason: Some(format!(
-                            "signs {} header fields (limit {MAX_SIGNED_FIELDS}): not verified",
-                            tags.signed_fields
-                        )),
-                    });
-                    drop.push(range);
+            match FieldKind::of(name) {
+                Some(FieldKind::DkimSignature) => {
+                    dkim_seen += 1;
+                    if dkim_seen > MAX_DKIM_SIGNATURES {
+                        not_checked += 1;
+                        drop.push(range);
+                        continue;
+                    }
+                    let tags = Tags::dkim(value);
+                    if tags.signed_fields > MAX_SIGNED_FIELDS {
+                        dkim_skipped.push(DkimSignature {
+                            result: AuthResult::PermError,
+                            domain: tags.d,
+                            selector: tags.s,
+                            auid: String::new(),
+                            algorithm: "",
+                            b_prefix: tags.b_prefix,
+                            reason: Some(format!(
+                                "signs {} header fields (limit {MAX_SIGNED_FIELDS}): not verified",
+                                tags.signed_fields
+                            )),
+                        });
+                        drop.push(range);
+                    }
                 }
-            } else if name.eq_ignore_ascii_case(b"ARC-Seal") {
-                seals += 1;
-            } else if name.eq_ignore_ascii_case(b"ARC-Message-Signature") {
-                ams += 1;
-                let n = Tags::parse(value).signed_fields;
-                if n > MAX_SIGNED_FIELDS {
-                    ams_too_long = Some(n);
+                Some(FieldKind::ArcSeal) => seals += 1,
+                Some(FieldKind::ArcMessageSignature) => {
+                    ams += 1;
+                    let n = Tags::arc(value).signed_fields;
+                    if n > MAX_SIGNED_FIELDS {
+                        ams_too_long = Some(n);
+                    }
                 }
-            } else if name.eq_ignore_ascii_case(b"ARC-Authentication-Results") {
-                aar += 1;
+                Some(FieldKind::ArcAuthenticationResults) => aar += 1,
+                None => {}
             }
         }
         if not_checked > 0 {
@@ -851,8 +855,56 @@ fn header_fields(raw: &[u8]) -> impl Iterator<Item = (std::ops::Range<usize>, &[
     })
 }
 
+/// The header fields mail-auth verifies, recognised by name as mail-auth's
+/// header parser does (`headers/parse.rs` `classify_name`): ASCII case and
+/// whitespace (folding) inside the name ignored, only letters, digits and
+/// `-` allowed, and every name beginning with `ARC-Seal` is an ARC-Seal. A
+/// field this scan missed would be verified without the caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FieldKind {
+    DkimSignature,
+    ArcSeal,
+    ArcMessageSignature,
+    ArcAuthenticationResults,
+}
+
+impl FieldKind {
+    fn of(name: &[u8]) -> Option<FieldKind> {
+        // the longest name below has 26 characters; longer names keep
+        // their first 32 (enough for the `ARC-Seal` prefix)
+        let mut token = [0u8; 32];
+        let (mut len, mut longer) = (0, false);
+        for &b in name {
+            match b {
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' if len < token.len() => {
+                    token[len] = b.to_ascii_lowercase();
+                    len += 1;
+                }
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' => longer = true,
+                _ => return None,
+            }
+        }
+        let token = &token[..len];
+        if longer {
+            return token.starts_with(b"arc-seal").then_some(FieldKind::ArcSeal);
+        }
+        match token {
+            b"dkim-signature" => Some(FieldKind::DkimSignature),
+            b"arc-message-signature" => Some(FieldKind::ArcMessageSignature),
+            b"arc-authentication-results" => Some(FieldKind::ArcAuthenticationResults),
+            t if t.starts_with(b"arc-seal") => Some(FieldKind::ArcSeal),
+            _ => None,
+        }
+    }
+}
+
 /// The few tags of a DKIM-Signature / ARC-Message-Signature that are
-/// reported without verifying it; sanitised and bounded.
+/// reported without verifying it; sanitised and bounded. Read with
+/// mail-auth's own tag parser, so that `signed_fields` is the `h=` list
+/// mail-auth would hash (tag names in any case and with folding white
+/// space, the last of duplicate tags). A signature mail-auth cannot parse
+/// is never verified, so it counts no signed fields.
 #[derive(Default)]
 struct Tags {
     d: String,
@@ -862,28 +914,27 @@ struct Tags {
 }
 
 impl Tags {
-    fn parse(value: &[u8]) -> Tags {
-        let mut t = Tags::default();
-        for tag in value.split(|&b| b == b';') {
-            let Some(eq) = tag.iter().position(|&b| b == b'=') else {
-                continue;
-            };
-            let name = tag[..eq].trim_ascii();
-            let v: Vec<u8> = tag[eq + 1..]
-                .iter()
-                .copied()
-                .filter(|b| !b.is_ascii_whitespace())
-                .collect();
-            let text = |v: &[u8], max| sanitize(&String::from_utf8_lossy(v), max);
-            match name {
-                b"d" => t.d = text(&v, 255),
-                b"s" => t.s = text(&v, 255),
-                b"b" => t.b_prefix = text(v.get(..8).unwrap_or(&v), 8),
-                b"h" => t.signed_fields = v.split(|&b| b == b':').count(),
-                _ => {}
-            }
+    fn dkim(value: &[u8]) -> Tags {
+        match mail_auth::dkim::Signature::parse(value) {
+            Ok(sig) => Tags::of(&sig.d, &sig.s, &sig.b, sig.h.len()),
+            Err(_) => Tags::default(),
         }
-        t
+    }
+
+    fn arc(value: &[u8]) -> Tags {
+        match mail_auth::arc::Signature::parse(value) {
+            Ok(sig) => Tags::of(&sig.d, &sig.s, &sig.b, sig.h.len()),
+            Err(_) => Tags::default(),
+        }
+    }
+
+    fn of(d: &str, s: &str, b: &[u8], signed_fields: usize) -> Tags {
+        Tags {
+            d: sanitize(d, 255),
+            s: sanitize(s, 255),
+            b_prefix: base64::engine::general_purpose::STANDARD.encode(b.get(..6).unwrap_or(b)),
+            signed_fields,
+        }
     }
 }
 
@@ -1165,6 +1216,57 @@ mod tests {
         // what %{H} makes of an address-literal or quoted HELO
         assert!(check_domain("%5B192.168.218.40%5D.", true).is_err());
         assert!(check_domain("JUMPIN'%20JUPITER.", true).is_err());
+    }
+
+    #[test]
+    fn signature_fields_are_recognised_as_mail_auth_does() {
+        use FieldKind::*;
+        for (name, kind) in [
+            (&b"DKIM-Signature"[..], Some(DkimSignature)),
+            (b"dkim-SIGNATURE \t", Some(DkimSignature)),
+            (b"DKIM-Signature\r\n ", Some(DkimSignature)),
+            (b"ARC-Seal", Some(ArcSeal)),
+            (b"arc-seal-2", Some(ArcSeal)),
+            (
+                b"ARC-SEALxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                Some(ArcSeal),
+            ),
+            (b"Arc-Message-Signature", Some(ArcMessageSignature)),
+            (
+                b"ARC-Authentication-Results",
+                Some(ArcAuthenticationResults),
+            ),
+            (b"DKIM-Signature2", None),
+            (b"DKIM_Signature", None),
+            (b"X-DKIM-Signature", None),
+            (b"ARC-Seal.", None),
+        ] {
+            assert_eq!(
+                FieldKind::of(name),
+                kind,
+                "{}",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
+
+    #[test]
+    fn signed_fields_counted_as_mail_auth_reads_h() {
+        let sig =
+            |h: &str| format!("v=1; a=rsa-sha256; d=example.com; s=s; {h}; bh=AAAA; b=AAAA\r\n");
+        for (tags, n) in [
+            ("h=from:to", 2),
+            ("H=from:to:subject", 3),
+            ("\r\n h\r\n =\r\n from : to", 2),
+            ("h=from; H=a:b:c:d", 4),
+            ("h=a:b:c; h=from", 1),
+            ("h=a::b:", 2),
+        ] {
+            assert_eq!(Tags::dkim(sig(tags).as_bytes()).signed_fields, n, "{tags}");
+            let ams = sig(tags).replace("v=1", "i=1");
+            assert_eq!(Tags::arc(ams.as_bytes()).signed_fields, n, "{tags}");
+        }
+        assert_eq!(Tags::dkim(b"v=1; garbage").signed_fields, 0);
     }
 
     #[test]
