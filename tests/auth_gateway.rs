@@ -718,3 +718,43 @@ async fn h_tag_cap_holds_for_any_spelling_of_h() {
         );
     }
 }
+
+/// Review of issue 19 item 2 (fail closed): once the session's DNS budget is
+/// spent, a check the policy asks for cannot be completed, and MAIL gets a
+/// tempfail even though the policy says nothing about `temperror` (whose
+/// default, accept, is for genuine DNS trouble). Before: 250, an SPF/DMARC
+/// bypass for whoever spends the budget first.
+#[tokio::test]
+async fn spent_dns_budget_tempfails_whatever_temperror_says() {
+    let mut z = zone();
+    for n in 0..60 {
+        let d = format!("e{n}.many.example");
+        let mechs: Vec<String> = (1..=10).map(|k| format!("a:x{k}.{d}")).collect();
+        z.add_txt(&d, &format!("v=spf1 {} ~all", mechs.join(" ")));
+        for k in 1..=10u8 {
+            z.add_a(&format!("x{k}.{d}"), std::net::Ipv4Addr::new(192, 0, 2, k));
+        }
+    }
+    let dns = TestDns::start(z).await;
+    let policy = "    authserv_id: gw.test\n    spf: { fail: reject }\n";
+    let gw = start(&dns.addr.to_string(), policy).await;
+    let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
+    let mut r = BufReader::new(s);
+    reply(&mut r).await;
+    cmd(&mut r, "EHLO client.football.example.com").await;
+    let mut refused = None;
+    for n in 0..60 {
+        let mail = cmd(&mut r, &format!("MAIL FROM:<u@e{n}.many.example>")).await;
+        if !mail.starts_with("250") {
+            refused = Some((n, mail));
+            break;
+        }
+        cmd(&mut r, "RSET").await;
+    }
+    let (n, mail) = refused.expect("every MAIL accepted: the spent budget let SPF through");
+    assert!(n > 10, "refused too early ({n}): {mail}");
+    assert!(
+        mail.starts_with("451 4.7.") && mail.contains("not checked"),
+        "{mail}"
+    );
+}

@@ -481,6 +481,7 @@ mod tests {
             receiver: "mx.example.org".into(),
             explanation: None,
             reason: None,
+            not_checked: None,
         }
     }
 
@@ -521,6 +522,7 @@ mod tests {
                 reason: None,
             }),
             remote_ip: "2001:db8::1".parse().unwrap(),
+            not_checked: None,
         };
         let h = authentication_results(
             "mx.example.org",
@@ -554,6 +556,7 @@ mod tests {
             arc: None,
             dmarc: None,
             remote_ip: "192.0.2.1".parse().unwrap(),
+            not_checked: None,
         };
         assert_eq!(
             authentication_results("mx", None, Some(&unsigned)),

@@ -42,7 +42,8 @@ pub use policy::{
 };
 pub use verify::{
     ArcOutcome, AuthResult, Checks, DkimSignature, DmarcOutcome, DmarcPolicy, MessageOutcome,
-    SpfIdentity, SpfOutcome, Verifier, MAX_ARC_SETS, MAX_DKIM_SIGNATURES, MAX_SIGNED_FIELDS,
+    NotChecked, SpfIdentity, SpfOutcome, Verifier, MAX_ARC_SETS, MAX_DKIM_SIGNATURES,
+    MAX_SIGNED_FIELDS,
 };
 
 /// Errors of this module. Verification itself never fails: DNS trouble,

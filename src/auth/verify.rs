@@ -23,7 +23,8 @@
 //! * **DNS work is bounded** by the gate of `cache.rs`: per-session and
 //!   per-transaction query budgets ([`DnsBudget`]), the RFC 7208 §4.6.4 void
 //!   lookup limit, and oversized records. A check the gate cut short ends in
-//!   `temperror` (session budget) or `permerror` (everything else), logged.
+//!   `temperror` marked [`NotChecked`] (session budget: the policy answers
+//!   with a tempfail) or `permerror` (everything else), logged.
 //! * **Verification work is bounded** before mail-auth sees the message: at
 //!   most [`MAX_DKIM_SIGNATURES`] DKIM signatures are verified (later ones are
 //!   reported as one `neutral` "not verified" result), a signature signing
@@ -155,6 +156,23 @@ pub struct SpfOutcome {
     /// Why, when the result is ours rather than the library's, or a detail
     /// worth logging. Sanitised; safe in an SMTP reply.
     pub reason: Option<String>,
+    /// Set when mailgate itself could not complete the check (see
+    /// [`NotChecked`]); the result is then `temperror`.
+    pub not_checked: Option<NotChecked>,
+}
+
+/// A check that mailgate itself could not complete: the session's DNS query
+/// budget was spent, or the check runtime was over capacity or too late.
+/// Unlike a `temperror` from DNS, this is not the sender's domain's trouble
+/// and no `temperror:` action applies: [`decide`](super::decide) answers
+/// with a tempfail whatever the policy says (fail closed; a new session
+/// starts with a new budget).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotChecked {
+    /// "spf", "dkim", "arc" or "dmarc".
+    pub check: &'static str,
+    /// Sanitised, reply-safe text.
+    pub reason: String,
 }
 
 impl SpfOutcome {
@@ -202,6 +220,7 @@ impl SpfOutcome {
             receiver: our_hostname.to_string(),
             explanation: None,
             reason: None,
+            not_checked: None,
         }
     }
 }
@@ -314,6 +333,8 @@ pub struct MessageOutcome {
     pub dmarc: Option<DmarcOutcome>,
     /// The client address, for `arc=… smtp.remote-ip=`.
     pub remote_ip: IpAddr,
+    /// The first requested check that mailgate could not complete.
+    pub not_checked: Option<NotChecked>,
 }
 
 impl MessageOutcome {
@@ -467,9 +488,10 @@ impl Verifier {
             out.result = trip_result(&trip);
             out.reason = Some(trip.reason(self.limits));
             out.explanation = None;
+            out.not_checked = cut_short("spf", &trip, self.limits);
             tracing::warn!(domain = %sanitize(&out.domain, 255), result = out.result.as_str(), reason = %trip.reason(self.limits), "SPF cut short by a DNS limit");
         }
-        if out.result == AuthResult::TempError && !deadline_hit {
+        if out.result == AuthResult::TempError && !deadline_hit && out.not_checked.is_none() {
             // A query that hickory refused (or that cannot exist) is a
             // permanent problem of the SPF record, not a DNS outage.
             if let Some(name) = log.last_unanswered().and_then(|l| l.name) {
@@ -531,9 +553,18 @@ impl Verifier {
             arc: None,
             dmarc: None,
             remote_ip: ip,
+            not_checked: None,
         };
         if !want.any() {
             return out;
+        }
+        // DMARC without the SPF result it needs is not completed either
+        // (a policy with `dmarc:` is refused at MAIL FROM already).
+        if let (true, Some(n)) = (want.dmarc, spf.and_then(|s| s.not_checked.as_ref())) {
+            out.not_checked = Some(NotChecked {
+                check: "dmarc",
+                reason: format!("SPF not checked: {}", n.reason),
+            });
         }
         // One lookup log for all message checks; it must outlive the DKIM
         // outputs, which DMARC borrows together with the cache.
@@ -609,6 +640,9 @@ impl Verifier {
                     if sig.result == AuthResult::TempError && denied {
                         sig.result = trip_result(&trip);
                         sig.reason = Some(trip.reason(self.limits));
+                        if out.not_checked.is_none() {
+                            out.not_checked = cut_short("dkim", &trip, self.limits);
+                        }
                     }
                 }
                 tracing::warn!(reason = %trip.reason(self.limits), "DKIM cut short by a DNS limit");
@@ -667,6 +701,9 @@ impl Verifier {
                     r => r,
                 };
                 arc.reason = Some(trip.reason(self.limits));
+                if out.not_checked.is_none() {
+                    out.not_checked = cut_short("arc", &trip, self.limits);
+                }
                 tracing::warn!(reason = %trip.reason(self.limits), "ARC cut short by a DNS limit");
             }
             self.stats.record_check(
@@ -723,6 +760,9 @@ impl Verifier {
                 {
                     dmarc.result = trip_result(&trip);
                     dmarc.reason = Some(trip.reason(self.limits));
+                    if out.not_checked.is_none() {
+                        out.not_checked = cut_short("dmarc", &trip, self.limits);
+                    }
                     tracing::warn!(reason = %trip.reason(self.limits), "DMARC cut short by a DNS limit");
                 }
             }
@@ -737,6 +777,15 @@ impl Verifier {
         log.finish();
         out
     }
+}
+
+/// A check the DNS gate cut short for a reason of the session (its budget),
+/// not of the records: not completed, see [`NotChecked`].
+fn cut_short(check: &'static str, t: &Trip, limits: QueryLimits) -> Option<NotChecked> {
+    t.is_temporary().then(|| NotChecked {
+        check,
+        reason: t.reason(limits),
+    })
 }
 
 /// The result of a check the DNS gate cut short.
@@ -1295,6 +1344,7 @@ mod tests {
             arc: None,
             dmarc: None,
             remote_ip: "192.0.2.1".parse().unwrap(),
+            not_checked: None,
         };
         assert_eq!(m.dkim_summary().unwrap().0, AuthResult::Pass);
         m.dkim = Some(vec![sig(AuthResult::Neutral), sig(AuthResult::Fail)]);
