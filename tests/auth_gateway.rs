@@ -89,7 +89,14 @@ async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -
 
 /// Returns (reply to MAIL, final reply or None when MAIL was refused).
 async fn send(gw: &Gw, from: &str, msg: &[u8]) -> (String, Option<String>) {
-    let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
+    send_to(gw, "mx", from, msg).await
+}
+
+/// [`send`] through the listener named `listener`.
+async fn send_to(gw: &Gw, listener: &str, from: &str, msg: &[u8]) -> (String, Option<String>) {
+    let s = TcpStream::connect(gw.gw.addr(listener).unwrap())
+        .await
+        .unwrap();
     let mut r = BufReader::new(s);
     reply(&mut r).await;
     cmd(&mut r, "EHLO client.football.example.com").await;
@@ -757,4 +764,69 @@ async fn spent_dns_budget_tempfails_whatever_temperror_says() {
         mail.starts_with("451 4.7.") && mail.contains("not checked"),
         "{mail}"
     );
+}
+
+/// Review of issue 19 (forged A-R removal): every listener strips every
+/// authserv-id the configuration uses (all policies' `authserv_id`,
+/// `server.hostname`, every listener's host name), not only its own: a
+/// second listener in front of the same backend must not let a forged
+/// `mx.example.org; dmarc=pass` through when that is the MX policy's id.
+#[tokio::test]
+async fn every_listener_strips_every_configured_authserv_id() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let mailbox = Arc::new(Mailbox::default());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    tokio::spawn(serve_smtp(l, mailbox.clone()));
+    let y = format!(
+        r#"
+server: {{ hostname: gw.test }}
+listeners:
+  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p }}
+  - {{ name: sub, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, hostname: sub.test }}
+  - {{ name: other, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, hostname: other.test, policy: q }}
+backends:
+  b: {{ address: "{backend}" }}
+policies:
+  p: {{ authserv_id: mx.example.org }}
+  q: {{ authserv_id: Q.Example.Org. }}
+"#
+    );
+    let gw = Gw {
+        gw: common::start(&y).await,
+        mailbox,
+        _dir: dir,
+    };
+    let msg = crlf(
+        "Authentication-Results: mx.example.org; dmarc=pass header.from=bank.example\n\
+         Authentication-Results: GW.TEST; spf=pass\n\
+         Authentication-Results: sub.test; dkim=pass\n\
+         ARC-Authentication-Results: i=1; other.test; dkim=pass\n\
+         Authentication-Results: q.example.org; dkim=pass\n\
+         Authentication-Results: elsewhere.example; dkim=pass\n\
+         From: a@bank.example\nSubject: hi\n\nbody\n",
+    );
+    for listener in ["mx", "sub", "other"] {
+        let (_, fin) = send_to(&gw, listener, "a@bank.example", &msg).await;
+        assert!(fin.unwrap().starts_with("250"));
+        let got = arrived(&gw);
+        for forged in [
+            "mx.example.org; dmarc=pass",
+            "GW.TEST; spf",
+            "sub.test; dkim",
+            "other.test; dkim",
+            "q.example.org; dkim",
+        ] {
+            assert!(!got.contains(forged), "{listener}: {forged} kept:\n{got}");
+        }
+        assert!(
+            got.contains("Authentication-Results: elsewhere.example; dkim=pass"),
+            "{got}"
+        );
+        assert!(
+            got.ends_with("From: a@bank.example\r\nSubject: hi\r\n\r\nbody\r\n"),
+            "{got}"
+        );
+    }
 }

@@ -662,10 +662,14 @@ impl Driver {
                 }
             }
         }
-        // on every listener, checks or not: the backend may trust our id
-        if let std::borrow::Cow::Owned(stripped) = crate::auth::strip_forged(&body, &authserv_id) {
-            warn!(authserv_id = %authserv_id, "removed Authentication-Results claiming our authserv-id");
-            body = stripped;
+        // on every listener, checks or not, every id of the configuration:
+        // the backend may trust any of them (in place: no copy of the message)
+        let forged = crate::auth::strip_forged(&mut body, &l.authserv_ids);
+        if forged > 0 {
+            warn!(
+                forged,
+                "removed Authentication-Results claiming one of our authserv-ids"
+            );
         }
         let header = data::received_header(&data::TraceInfo {
             helo: self.session.helo.as_deref().unwrap_or("unknown"),
