@@ -830,3 +830,72 @@ policies:
         );
     }
 }
+
+/// Review of issue 19 (in-flight budget): when verification must drop
+/// signature fields it copies the header block (never the body), and that
+/// copy is reserved from `server.max_inflight_data` like the message
+/// itself: no room → `452 4.3.1`. Before: the copy (of the whole message)
+/// was made outside the budget and the message accepted.
+#[tokio::test]
+async fn verification_copy_counts_against_the_inflight_budget() {
+    let dns = TestDns::start(zone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let mailbox = Arc::new(Mailbox::default());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    tokio::spawn(serve_smtp(l, mailbox.clone()));
+    let y = format!(
+        r#"
+server: {{ hostname: gw.test, max_inflight_data: 1MiB }}
+dns: {{ nameservers: ["{}"], timeout: 1s, attempts: 1 }}
+listeners:
+  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p, max_message_size: 700KiB }}
+backends:
+  b: {{ address: "{backend}" }}
+policies:
+  p:
+{POLICY}
+"#,
+        dns.addr
+    );
+    let gw = Gw {
+        gw: common::start(&y).await,
+        mailbox,
+        _dir: dir,
+    };
+    // 600 KB of header fields, then 10 or 11 signatures (the 11th is dropped)
+    let filler = format!("X-Filler: {}\r\n", "f".repeat(650)).repeat(900);
+    for (sigs, expect) in [(10, "250"), (11, "452 4.3.1")] {
+        let mut msg = filler.clone().into_bytes();
+        msg.extend_from_slice(&flood_msg(sigs, "from", false));
+        let (mail, fin) = send(&gw, "joe@football.example.com", &msg).await;
+        assert!(mail.starts_with("250"), "{mail}");
+        let fin = fin.unwrap();
+        assert!(fin.starts_with(expect), "{sigs} signatures: {fin}");
+    }
+}
+
+/// The verification copy holds only the kept header fields; the body is
+/// read where it lies, so a valid signature next to a dropped one still
+/// verifies (body hash and signed fields intact).
+#[tokio::test]
+async fn valid_signature_verifies_next_to_a_dropped_one() {
+    let dns = TestDns::start(zone()).await;
+    let v = flood_verifier(&dns);
+    let long: Vec<String> = (0..100).map(|i| format!("x{i}")).collect();
+    let mut raw = flood_sig("nokey", &long.join(":")).into_bytes();
+    raw.extend_from_slice(&signed());
+    assert!(mailgate::auth::verification_copy_len(&raw) > 0);
+    let o = all_checks(&v, &raw).await;
+    let sigs = o.dkim.unwrap();
+    assert!(
+        sigs.iter()
+            .any(|s| s.result == mailgate::auth::AuthResult::Pass),
+        "{sigs:?}"
+    );
+    assert!(sigs
+        .iter()
+        .any(|s| s.result == mailgate::auth::AuthResult::PermError));
+    assert_eq!(o.dmarc.unwrap().result, mailgate::auth::AuthResult::Pass);
+}

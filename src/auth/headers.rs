@@ -20,7 +20,6 @@
 //! signed a forged A-R field of ours, which RFC 8601 §5 tells us to remove anyway.
 
 use super::verify::{sanitize, AuthResult, MessageOutcome, SpfIdentity, SpfOutcome};
-use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::ops::Range;
@@ -230,21 +229,6 @@ pub(crate) fn remove_ranges(raw: &mut Vec<u8>, ranges: &[Range<usize>]) {
         to += next - r.end;
     }
     raw.truncate(to);
-}
-
-/// `raw` without the (ordered, disjoint) `ranges`; borrowed when there are none.
-pub(crate) fn without(raw: &[u8], ranges: Vec<Range<usize>>) -> Cow<'_, [u8]> {
-    if ranges.is_empty() {
-        return Cow::Borrowed(raw);
-    }
-    let mut out = Vec::with_capacity(raw.len());
-    let mut at = 0;
-    for r in ranges {
-        out.extend_from_slice(&raw[at..r.start]);
-        at = r.end;
-    }
-    out.extend_from_slice(&raw[at..]);
-    Cow::Owned(out)
 }
 
 /// Whether one complete header field (with its folded lines) is an A-R or

@@ -33,7 +33,8 @@
 //!   ARC-Message-Signature over the field limit) is `fail` without being
 //!   validated. mail-auth hashes and canonicalises per signature, so this is
 //!   what bounds the CPU of one message; the dropped signature fields are
-//!   removed from the copy mail-auth parses.
+//!   removed from a copy of the header block mail-auth parses (the body is
+//!   never copied; [`verification_copy_len`] says what the copy costs).
 
 use super::cache::{
     CallCaches, CallLog, CheckKind, DnsBudget, DnsStats, DnsStatsSnapshot, QueryLimits,
@@ -50,7 +51,6 @@ use mail_auth::{
     AuthenticatedMessage, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, Parameters,
     SpfOutput, SpfResult,
 };
-use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
@@ -571,12 +571,19 @@ impl Verifier {
         let log = CallLog::gated(&self.stats, budget, self.limits, false);
         let caches = CallCaches::new(self.caches.as_ref(), &log);
         let plan = Plan::of(raw);
-        let raw: &[u8] = &plan.message;
-        let parsed =
-            std::panic::catch_unwind(|| AuthenticatedMessage::parse(raw)).unwrap_or_else(|_| {
-                tracing::error!("message parser panicked");
-                None
-            });
+        let kept = plan.kept_headers(raw);
+        let parsed = std::panic::catch_unwind(|| match &kept {
+            // the kept header fields, then the body where it lies: the
+            // message from the blank line on (never copied)
+            Some(h) => {
+                AuthenticatedMessage::parse_with_opts(&raw[plan.header_end..], Some(h), true)
+            }
+            None => AuthenticatedMessage::parse(raw),
+        })
+        .unwrap_or_else(|_| {
+            tracing::error!("message parser panicked");
+            None
+        });
         let Some(msg) = parsed else {
             // No header at all: nothing is signed and there is no From.
             let why = Some("message has no parsable header".to_string());
@@ -797,25 +804,61 @@ fn trip_result(t: &Trip) -> AuthResult {
     }
 }
 
-/// What of a message is verified (see the module comment): the copy handed
-/// to mail-auth, borrowed unless signature fields had to be dropped, and the
-/// results of the signatures that are not verified.
-struct Plan<'a> {
-    message: Cow<'a, [u8]>,
+/// The bytes [`Verifier::message`] copies from `raw`: the header block
+/// without the signature fields it does not verify, when there are such
+/// fields (0 otherwise; the body is never copied). The SMTP driver reserves
+/// them from its in-flight budget before the checks run.
+pub fn verification_copy_len(raw: &[u8]) -> usize {
+    Plan::of(raw).copy_len()
+}
+
+/// What of a message is verified (see the module comment): the header
+/// fields mail-auth must not see, and the results of the signatures that
+/// are not verified.
+struct Plan {
+    /// Byte ranges of the dropped fields, in order.
+    drop: Vec<std::ops::Range<usize>>,
+    /// Where the header fields end (the blank line, or the end of `raw`).
+    header_end: usize,
     dkim_skipped: Vec<DkimSignature>,
     arc_sets: usize,
     /// Why the ARC chain is not validated.
     arc_refused: Option<String>,
 }
 
-impl<'a> Plan<'a> {
-    fn of(raw: &'a [u8]) -> Plan<'a> {
+impl Plan {
+    /// Size of [`Self::kept_headers`].
+    fn copy_len(&self) -> usize {
+        if self.drop.is_empty() {
+            return 0;
+        }
+        self.header_end - self.drop.iter().map(|r| r.len()).sum::<usize>()
+    }
+
+    /// The header fields without the dropped ones; `None` when none is dropped.
+    fn kept_headers(&self, raw: &[u8]) -> Option<Vec<u8>> {
+        if self.drop.is_empty() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.copy_len());
+        let mut at = 0;
+        for r in &self.drop {
+            out.extend_from_slice(&raw[at..r.start]);
+            at = r.end;
+        }
+        out.extend_from_slice(&raw[at..self.header_end]);
+        Some(out)
+    }
+
+    fn of(raw: &[u8]) -> Plan {
         let mut drop: Vec<std::ops::Range<usize>> = Vec::new();
         let mut dkim_skipped = Vec::new();
         let (mut dkim_seen, mut not_checked) = (0usize, 0usize);
         let (mut seals, mut ams, mut aar) = (0usize, 0usize, 0usize);
         let mut ams_too_long = None;
+        let mut header_end = 0;
         for (range, name, value) in header_fields(raw) {
+            header_end = range.end;
             match FieldKind::of(name) {
                 Some(FieldKind::DkimSignature) => {
                     dkim_seen += 1;
@@ -872,7 +915,8 @@ impl<'a> Plan<'a> {
             })
         };
         Plan {
-            message: super::headers::without(raw, drop),
+            drop,
+            header_end,
             dkim_skipped,
             arc_sets,
             arc_refused,

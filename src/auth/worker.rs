@@ -152,7 +152,9 @@ impl Lost {
 }
 
 /// [`Verifier::message_within`] off the I/O threads. The message is lent to
-/// the check and handed back (copied only if the check was abandoned).
+/// the check and handed back, never copied: when the check is abandoned
+/// while it still holds the message, the message is given up (empty) and
+/// the outcome is [`NotChecked`], which the policy always tempfails.
 #[allow(clippy::too_many_arguments)]
 pub async fn message(
     verifier: Arc<Verifier>,
@@ -173,12 +175,16 @@ pub async fn message(
             .await
     };
     let outcome = run(limit, check).await;
-    let raw = Arc::try_unwrap(raw).unwrap_or_else(|shared| shared.to_vec());
-    let outcome = outcome.unwrap_or_else(|lost| {
-        tracing::warn!(reason = lost.result().1, "message checks lost");
-        lost_outcome(ip, want, &lost)
-    });
-    (raw, outcome)
+    // a check that ended has dropped its share; an abandoned one may not yet
+    let (raw, lost) = match (Arc::try_unwrap(raw), outcome) {
+        (Ok(raw), Ok(o)) => return (raw, o),
+        (Ok(raw), Err(lost)) => (raw, lost),
+        (Err(_), Err(lost @ (Lost::Busy | Lost::Late))) => (Vec::new(), lost),
+        // never seen: still shared after the check ended; refused, not copied
+        (Err(_), _) => (Vec::new(), Lost::Late),
+    };
+    tracing::warn!(reason = lost.result().1, "message checks lost");
+    (raw, lost_outcome(ip, want, &lost))
 }
 
 /// The name a lost set of message checks is reported under.

@@ -610,6 +610,19 @@ impl Driver {
             if let Some(auth) = policy.spec().auth.as_ref() {
                 let checks = auth.checks();
                 let outcome = if checks.any() {
+                    // the header copy verification makes when it must drop
+                    // signature fields counts against the in-flight budget
+                    let copy = crate::auth::verification_copy_len(&body) as u64;
+                    let _copy = match (copy > 0).then(|| self.ctx.inflight.reserve(copy)) {
+                        Some(None) => {
+                            info!(from = %from, size = rx.received, copy, "transaction refused: in-flight budget spent (verification copy)");
+                            crate::observe::metrics().outcome(&l.name, "tempfail");
+                            self.session.tx = None;
+                            self.queue(&reply::inflight_exceeded());
+                            return smuggling_guard;
+                        }
+                        r => r.flatten(),
+                    };
                     let helo = self.session.helo.clone().unwrap_or_default();
                     let (b, o) = crate::auth::worker::message(
                         verifier,
