@@ -35,14 +35,9 @@ struct Gw {
 }
 
 async fn start(dns: &str, auth: &str) -> Gw {
-    let dir = tempfile::tempdir().unwrap();
-    common::dev_cert(dir.path());
-    let mailbox = Arc::new(Mailbox::default());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
-    tokio::spawn(serve_smtp(l, mailbox.clone()));
-    let y = format!(
-        r#"
+    start_with(|backend| {
+        format!(
+            r#"
 server: {{ hostname: gw.test }}
 dns: {{ nameservers: ["{dns}"], timeout: 1s, attempts: 1 }}
 listeners:
@@ -53,8 +48,21 @@ policies:
   p:
 {auth}
 "#
-    );
-    let gw = common::start(&y).await;
+        )
+    })
+    .await
+}
+
+/// The gateway with the configuration `yaml(backend address)`, in front of
+/// a demo backend.
+async fn start_with(yaml: impl FnOnce(std::net::SocketAddr) -> String) -> Gw {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let mailbox = Arc::new(Mailbox::default());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    tokio::spawn(serve_smtp(l, mailbox.clone()));
+    let gw = common::start(&yaml(backend)).await;
     Gw {
         gw,
         mailbox,
@@ -429,21 +437,27 @@ async fn spf_void_lookup_limit_in(zone_name: &str) {
     assert!(n <= 6, "{n} queries: {:?}", dns.queries());
 }
 
+/// [`zone`] plus `e0.many.example` … : SPF records of 10 `a:` mechanisms
+/// that resolve (11 queries each), ending in `all`.
+fn many_domains(count: usize, all: &str) -> Zone {
+    let mut z = zone();
+    for n in 0..count {
+        let d = format!("e{n}.many.example");
+        let mechs: Vec<String> = (1..=10).map(|k| format!("a:x{k}.{d}")).collect();
+        z.add_txt(&d, &format!("v=spf1 {} {all}", mechs.join(" ")));
+        for k in 1..=10u8 {
+            z.add_a(&format!("x{k}.{d}"), std::net::Ipv4Addr::new(192, 0, 2, k));
+        }
+    }
+    z
+}
+
 /// Issue 19 item 2: MAIL/RSET in a loop with a new sender domain each time
 /// (each record: 10 `a:` mechanisms that resolve) stays under the per-session
 /// query budget; once it is spent, MAIL gets the policy's temperror action.
 #[tokio::test]
 async fn dns_queries_per_session_are_capped() {
-    let mut z = zone();
-    for n in 0..200 {
-        let d = format!("e{n}.many.example");
-        let mechs: Vec<String> = (1..=10).map(|k| format!("a:x{k}.{d}")).collect();
-        z.add_txt(&d, &format!("v=spf1 {} -all", mechs.join(" ")));
-        for k in 1..=10u8 {
-            z.add_a(&format!("x{k}.{d}"), std::net::Ipv4Addr::new(192, 0, 2, k));
-        }
-    }
-    let dns = TestDns::start(z).await;
+    let dns = TestDns::start(many_domains(200, "-all")).await;
     let gw = start(&dns.addr.to_string(), POLICY).await;
     let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
     let mut r = BufReader::new(s);
@@ -733,16 +747,7 @@ async fn h_tag_cap_holds_for_any_spelling_of_h() {
 /// bypass for whoever spends the budget first.
 #[tokio::test]
 async fn spent_dns_budget_tempfails_whatever_temperror_says() {
-    let mut z = zone();
-    for n in 0..60 {
-        let d = format!("e{n}.many.example");
-        let mechs: Vec<String> = (1..=10).map(|k| format!("a:x{k}.{d}")).collect();
-        z.add_txt(&d, &format!("v=spf1 {} ~all", mechs.join(" ")));
-        for k in 1..=10u8 {
-            z.add_a(&format!("x{k}.{d}"), std::net::Ipv4Addr::new(192, 0, 2, k));
-        }
-    }
-    let dns = TestDns::start(z).await;
+    let dns = TestDns::start(many_domains(60, "~all")).await;
     let policy = "    authserv_id: gw.test\n    spf: { fail: reject }\n";
     let gw = start(&dns.addr.to_string(), policy).await;
     let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
@@ -773,13 +778,8 @@ async fn spent_dns_budget_tempfails_whatever_temperror_says() {
 /// `mx.example.org; dmarc=pass` through when that is the MX policy's id.
 #[tokio::test]
 async fn every_listener_strips_every_configured_authserv_id() {
-    let dir = tempfile::tempdir().unwrap();
-    common::dev_cert(dir.path());
-    let mailbox = Arc::new(Mailbox::default());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
-    tokio::spawn(serve_smtp(l, mailbox.clone()));
-    let y = format!(
+    let gw = start_with(|backend| {
+        format!(
         r#"
 server: {{ hostname: gw.test }}
 listeners:
@@ -792,12 +792,9 @@ policies:
   p: {{ authserv_id: mx.example.org }}
   q: {{ authserv_id: Q.Example.Org. }}
 "#
-    );
-    let gw = Gw {
-        gw: common::start(&y).await,
-        mailbox,
-        _dir: dir,
-    };
+        )
+    })
+    .await;
     let msg = crlf(
         "Authentication-Results: mx.example.org; dmarc=pass header.from=bank.example\n\
          Authentication-Results: GW.TEST; spf=pass\n\
@@ -839,13 +836,8 @@ policies:
 #[tokio::test]
 async fn verification_copy_counts_against_the_inflight_budget() {
     let dns = TestDns::start(zone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    common::dev_cert(dir.path());
-    let mailbox = Arc::new(Mailbox::default());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
-    tokio::spawn(serve_smtp(l, mailbox.clone()));
-    let y = format!(
+    let gw = start_with(|backend| {
+        format!(
         r#"
 server: {{ hostname: gw.test, max_inflight_data: 1MiB }}
 dns: {{ nameservers: ["{}"], timeout: 1s, attempts: 1 }}
@@ -858,12 +850,9 @@ policies:
 {POLICY}
 "#,
         dns.addr
-    );
-    let gw = Gw {
-        gw: common::start(&y).await,
-        mailbox,
-        _dir: dir,
-    };
+        )
+    })
+    .await;
     // 600 KB of header fields, then 10 or 11 signatures (the 11th is dropped)
     let filler = format!("X-Filler: {}\r\n", "f".repeat(650)).repeat(900);
     for (sigs, expect) in [(10, "250"), (11, "452 4.3.1")] {
