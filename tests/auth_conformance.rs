@@ -601,6 +601,7 @@ async fn dmarc_tree_walk() {
             receiver: RECEIVER.into(),
             explanation: None,
             reason: None,
+            not_checked: None,
         });
         let sender = mail_from.map(|d| format!("bounce@{d}")).unwrap_or_default();
         let o = v

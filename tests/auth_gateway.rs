@@ -35,14 +35,9 @@ struct Gw {
 }
 
 async fn start(dns: &str, auth: &str) -> Gw {
-    let dir = tempfile::tempdir().unwrap();
-    common::dev_cert(dir.path());
-    let mailbox = Arc::new(Mailbox::default());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
-    tokio::spawn(serve_smtp(l, mailbox.clone()));
-    let y = format!(
-        r#"
+    start_with(|backend| {
+        format!(
+            r#"
 server: {{ hostname: gw.test }}
 dns: {{ nameservers: ["{dns}"], timeout: 1s, attempts: 1 }}
 listeners:
@@ -53,8 +48,21 @@ policies:
   p:
 {auth}
 "#
-    );
-    let gw = common::start(&y).await;
+        )
+    })
+    .await
+}
+
+/// The gateway with the configuration `yaml(backend address)`, in front of
+/// a demo backend.
+async fn start_with(yaml: impl FnOnce(std::net::SocketAddr) -> String) -> Gw {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let mailbox = Arc::new(Mailbox::default());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    tokio::spawn(serve_smtp(l, mailbox.clone()));
+    let gw = common::start(&yaml(backend)).await;
     Gw {
         gw,
         mailbox,
@@ -89,7 +97,14 @@ async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -
 
 /// Returns (reply to MAIL, final reply or None when MAIL was refused).
 async fn send(gw: &Gw, from: &str, msg: &[u8]) -> (String, Option<String>) {
-    let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
+    send_to(gw, "mx", from, msg).await
+}
+
+/// [`send`] through the listener named `listener`.
+async fn send_to(gw: &Gw, listener: &str, from: &str, msg: &[u8]) -> (String, Option<String>) {
+    let s = TcpStream::connect(gw.gw.addr(listener).unwrap())
+        .await
+        .unwrap();
     let mut r = BufReader::new(s);
     reply(&mut r).await;
     cmd(&mut r, "EHLO client.football.example.com").await;
@@ -422,21 +437,27 @@ async fn spf_void_lookup_limit_in(zone_name: &str) {
     assert!(n <= 6, "{n} queries: {:?}", dns.queries());
 }
 
+/// [`zone`] plus `e0.many.example` … : SPF records of 10 `a:` mechanisms
+/// that resolve (11 queries each), ending in `all`.
+fn many_domains(count: usize, all: &str) -> Zone {
+    let mut z = zone();
+    for n in 0..count {
+        let d = format!("e{n}.many.example");
+        let mechs: Vec<String> = (1..=10).map(|k| format!("a:x{k}.{d}")).collect();
+        z.add_txt(&d, &format!("v=spf1 {} {all}", mechs.join(" ")));
+        for k in 1..=10u8 {
+            z.add_a(&format!("x{k}.{d}"), std::net::Ipv4Addr::new(192, 0, 2, k));
+        }
+    }
+    z
+}
+
 /// Issue 19 item 2: MAIL/RSET in a loop with a new sender domain each time
 /// (each record: 10 `a:` mechanisms that resolve) stays under the per-session
 /// query budget; once it is spent, MAIL gets the policy's temperror action.
 #[tokio::test]
 async fn dns_queries_per_session_are_capped() {
-    let mut z = zone();
-    for n in 0..200 {
-        let d = format!("e{n}.many.example");
-        let mechs: Vec<String> = (1..=10).map(|k| format!("a:x{k}.{d}")).collect();
-        z.add_txt(&d, &format!("v=spf1 {} -all", mechs.join(" ")));
-        for k in 1..=10u8 {
-            z.add_a(&format!("x{k}.{d}"), std::net::Ipv4Addr::new(192, 0, 2, k));
-        }
-    }
-    let dns = TestDns::start(z).await;
+    let dns = TestDns::start(many_domains(200, "-all")).await;
     let gw = start(&dns.addr.to_string(), POLICY).await;
     let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
     let mut r = BufReader::new(s);
@@ -670,4 +691,200 @@ async fn dns_queries_per_message_are_capped() {
     assert_eq!(o.result, mailgate::auth::AuthResult::PermError, "{o:?}");
     assert!(o.reason.unwrap().contains("limit of the message"));
     assert_eq!(queries_for(&dns, "costly.example"), 4);
+}
+
+/// Issue 11 item 7 (review): mail-auth reads tag names case-insensitively
+/// and ignoring whitespace, and a later `h=` replaces an earlier one. An
+/// `H=` (or ` h =`, or a second `h=`) with 300 entries must meet the same
+/// 64-entry cap as `h=`: not verified, no key fetched.
+#[tokio::test]
+async fn h_tag_cap_holds_for_any_spelling_of_h() {
+    let dns = TestDns::start(zone()).await;
+    let v = flood_verifier(&dns);
+    let long: Vec<String> = (0..300).map(|i| format!("x{i}")).collect();
+    let long = long.join(":");
+    for spelled in [
+        format!("H={long}"),
+        format!("\r\n h\r\n =\r\n {long}"),
+        format!("h=from; h={long}"),
+        format!("h=from; H={long}"),
+    ] {
+        let sig = flood_sig("test", "from").replace("h=from", &spelled);
+        let ams = sig.replacen("DKIM-Signature: v=1;", "ARC-Message-Signature: i=1;", 1);
+        let mut raw = sig.repeat(3).into_bytes();
+        raw.extend_from_slice(ams.as_bytes());
+        raw.extend_from_slice(&flood_msg(0, "", true));
+        let o = all_checks(&v, &raw).await;
+        assert_eq!(
+            queries_for(&dns, "._domainkey.football.example.com"),
+            0,
+            "{:.20?}: a signature over the cap was verified",
+            spelled
+        );
+        let sigs = o.dkim.unwrap();
+        assert!(
+            sigs.len() == 3
+                && sigs
+                    .iter()
+                    .all(|s| s.result == mailgate::auth::AuthResult::PermError
+                        && s.reason.as_deref().unwrap_or("").contains("signs 300")),
+            "{:.20?}: {sigs:?}",
+            spelled
+        );
+        let arc = o.arc.unwrap();
+        assert!(
+            arc.reason.as_deref().unwrap_or("").contains("signs 300"),
+            "{:.20?}: {arc:?}",
+            spelled
+        );
+    }
+}
+
+/// Review of issue 19 item 2 (fail closed): once the session's DNS budget is
+/// spent, a check the policy asks for cannot be completed, and MAIL gets a
+/// tempfail even though the policy says nothing about `temperror` (whose
+/// default, accept, is for genuine DNS trouble). Before: 250, an SPF/DMARC
+/// bypass for whoever spends the budget first.
+#[tokio::test]
+async fn spent_dns_budget_tempfails_whatever_temperror_says() {
+    let dns = TestDns::start(many_domains(60, "~all")).await;
+    let policy = "    authserv_id: gw.test\n    spf: { fail: reject }\n";
+    let gw = start(&dns.addr.to_string(), policy).await;
+    let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
+    let mut r = BufReader::new(s);
+    reply(&mut r).await;
+    cmd(&mut r, "EHLO client.football.example.com").await;
+    let mut refused = None;
+    for n in 0..60 {
+        let mail = cmd(&mut r, &format!("MAIL FROM:<u@e{n}.many.example>")).await;
+        if !mail.starts_with("250") {
+            refused = Some((n, mail));
+            break;
+        }
+        cmd(&mut r, "RSET").await;
+    }
+    let (n, mail) = refused.expect("every MAIL accepted: the spent budget let SPF through");
+    assert!(n > 10, "refused too early ({n}): {mail}");
+    assert!(
+        mail.starts_with("451 4.7.") && mail.contains("not checked"),
+        "{mail}"
+    );
+}
+
+/// Review of issue 19 (forged A-R removal): every listener strips every
+/// authserv-id the configuration uses (all policies' `authserv_id`,
+/// `server.hostname`, every listener's host name), not only its own: a
+/// second listener in front of the same backend must not let a forged
+/// `mx.example.org; dmarc=pass` through when that is the MX policy's id.
+#[tokio::test]
+async fn every_listener_strips_every_configured_authserv_id() {
+    let gw = start_with(|backend| {
+        format!(
+        r#"
+server: {{ hostname: gw.test }}
+listeners:
+  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p }}
+  - {{ name: sub, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, hostname: sub.test }}
+  - {{ name: other, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, hostname: other.test, policy: q }}
+backends:
+  b: {{ address: "{backend}" }}
+policies:
+  p: {{ authserv_id: mx.example.org }}
+  q: {{ authserv_id: Q.Example.Org. }}
+"#
+        )
+    })
+    .await;
+    let msg = crlf(
+        "Authentication-Results: mx.example.org; dmarc=pass header.from=bank.example\n\
+         Authentication-Results: GW.TEST; spf=pass\n\
+         Authentication-Results: sub.test; dkim=pass\n\
+         ARC-Authentication-Results: i=1; other.test; dkim=pass\n\
+         Authentication-Results: q.example.org; dkim=pass\n\
+         Authentication-Results: elsewhere.example; dkim=pass\n\
+         From: a@bank.example\nSubject: hi\n\nbody\n",
+    );
+    for listener in ["mx", "sub", "other"] {
+        let (_, fin) = send_to(&gw, listener, "a@bank.example", &msg).await;
+        assert!(fin.unwrap().starts_with("250"));
+        let got = arrived(&gw);
+        for forged in [
+            "mx.example.org; dmarc=pass",
+            "GW.TEST; spf",
+            "sub.test; dkim",
+            "other.test; dkim",
+            "q.example.org; dkim",
+        ] {
+            assert!(!got.contains(forged), "{listener}: {forged} kept:\n{got}");
+        }
+        assert!(
+            got.contains("Authentication-Results: elsewhere.example; dkim=pass"),
+            "{got}"
+        );
+        assert!(
+            got.ends_with("From: a@bank.example\r\nSubject: hi\r\n\r\nbody\r\n"),
+            "{got}"
+        );
+    }
+}
+
+/// Review of issue 19 (in-flight budget): when verification must drop
+/// signature fields it copies the header block (never the body), and that
+/// copy is reserved from `server.max_inflight_data` like the message
+/// itself: no room → `452 4.3.1`. Before: the copy (of the whole message)
+/// was made outside the budget and the message accepted.
+#[tokio::test]
+async fn verification_copy_counts_against_the_inflight_budget() {
+    let dns = TestDns::start(zone()).await;
+    let gw = start_with(|backend| {
+        format!(
+        r#"
+server: {{ hostname: gw.test, max_inflight_data: 1MiB }}
+dns: {{ nameservers: ["{}"], timeout: 1s, attempts: 1 }}
+listeners:
+  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p, max_message_size: 700KiB }}
+backends:
+  b: {{ address: "{backend}" }}
+policies:
+  p:
+{POLICY}
+"#,
+        dns.addr
+        )
+    })
+    .await;
+    // 600 KB of header fields, then 10 or 11 signatures (the 11th is dropped)
+    let filler = format!("X-Filler: {}\r\n", "f".repeat(650)).repeat(900);
+    for (sigs, expect) in [(10, "250"), (11, "452 4.3.1")] {
+        let mut msg = filler.clone().into_bytes();
+        msg.extend_from_slice(&flood_msg(sigs, "from", false));
+        let (mail, fin) = send(&gw, "joe@football.example.com", &msg).await;
+        assert!(mail.starts_with("250"), "{mail}");
+        let fin = fin.unwrap();
+        assert!(fin.starts_with(expect), "{sigs} signatures: {fin}");
+    }
+}
+
+/// The verification copy holds only the kept header fields; the body is
+/// read where it lies, so a valid signature next to a dropped one still
+/// verifies (body hash and signed fields intact).
+#[tokio::test]
+async fn valid_signature_verifies_next_to_a_dropped_one() {
+    let dns = TestDns::start(zone()).await;
+    let v = flood_verifier(&dns);
+    let long: Vec<String> = (0..100).map(|i| format!("x{i}")).collect();
+    let mut raw = flood_sig("nokey", &long.join(":")).into_bytes();
+    raw.extend_from_slice(&signed());
+    assert!(mailgate::auth::verification_copy_len(&raw) > 0);
+    let o = all_checks(&v, &raw).await;
+    let sigs = o.dkim.unwrap();
+    assert!(
+        sigs.iter()
+            .any(|s| s.result == mailgate::auth::AuthResult::Pass),
+        "{sigs:?}"
+    );
+    assert!(sigs
+        .iter()
+        .any(|s| s.result == mailgate::auth::AuthResult::PermError));
+    assert_eq!(o.dmarc.unwrap().result, mailgate::auth::AuthResult::Pass);
 }

@@ -20,7 +20,6 @@
 //! signed a forged A-R field of ours, which RFC 8601 §5 tells us to remove anyway.
 
 use super::verify::{sanitize, AuthResult, MessageOutcome, SpfIdentity, SpfOutcome};
-use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::ops::Range;
@@ -166,21 +165,27 @@ pub fn authserv_id<'a>(policy: Option<&'a super::AuthPolicy>, hostname: &'a str)
     }
 }
 
-/// Removes every `Authentication-Results` and `ARC-Authentication-Results`
-/// field that claims our authserv-id, including its continuation lines.
-/// Borrowed when nothing had to go.
+/// Removes, in place, every `Authentication-Results` and
+/// `ARC-Authentication-Results` field that claims one of our authserv-ids
+/// (every id the configuration uses: see `Config::authserv_ids`),
+/// including its continuation lines. Returns how many fields went. The
+/// message is not copied: later bytes move up over the removed fields.
 ///
-/// A field claims it when its authserv-id, read after RFC 8601 CFWS
-/// (nested comments, quoted-pairs, folding), equals ours case-insensitively
+/// A field claims an id when its authserv-id, read after RFC 8601 CFWS
+/// (nested comments, quoted-pairs, folding), equals it case-insensitively
 /// (a trailing root dot ignored). A field that cannot be read that way (an
 /// unclosed comment or quote, non-ASCII or control bytes around the id, no
-/// `;` after it) is removed when its value merely contains our id: lax
+/// `;` after it) is removed when its value merely contains an id: lax
 /// parsers downstream read such forms as ours (`(a\) id;`, `((x) id;`,
 /// `NBSP id;`), so keeping them would let a client forge our results.
-pub fn strip_forged<'a>(raw: &'a [u8], authserv_id: &str) -> Cow<'a, [u8]> {
-    let ours = authserv_id.trim().trim_end_matches('.');
+pub fn strip_forged<S: AsRef<str>>(raw: &mut Vec<u8>, authserv_ids: &[S]) -> usize {
+    let ours: Vec<&str> = authserv_ids
+        .iter()
+        .map(|id| id.as_ref().trim().trim_end_matches('.'))
+        .filter(|id| !id.is_empty())
+        .collect();
     if ours.is_empty() {
-        return Cow::Borrowed(raw);
+        return 0;
     }
     let mut remove: Vec<Range<usize>> = Vec::new();
     let mut field: Option<usize> = None;
@@ -194,7 +199,7 @@ pub fn strip_forged<'a>(raw: &'a [u8], authserv_id: &str) -> Cow<'a, [u8]> {
         let continuation = matches!(line.first(), Some(b' ' | b'\t'));
         if !continuation {
             if let Some(start) = field.take() {
-                if claims(&raw[start..pos], ours) {
+                if claims(&raw[start..pos], &ours) {
                     remove.push(start..pos);
                 }
             }
@@ -203,31 +208,32 @@ pub fn strip_forged<'a>(raw: &'a [u8], authserv_id: &str) -> Cow<'a, [u8]> {
         pos = end;
     }
     if let Some(start) = field {
-        if claims(&raw[start..pos], ours) {
+        if claims(&raw[start..pos], &ours) {
             remove.push(start..pos);
         }
     }
-    without(raw, remove)
+    remove_ranges(raw, &remove);
+    remove.len()
 }
 
-/// `raw` without the (ordered, disjoint) `ranges`; borrowed when there are none.
-pub(crate) fn without(raw: &[u8], ranges: Vec<Range<usize>>) -> Cow<'_, [u8]> {
-    if ranges.is_empty() {
-        return Cow::Borrowed(raw);
+/// Removes the (ordered, disjoint) `ranges` from `raw` in one pass, without
+/// allocating: each kept stretch moves up once.
+pub(crate) fn remove_ranges(raw: &mut Vec<u8>, ranges: &[Range<usize>]) {
+    let Some(first) = ranges.first() else {
+        return;
+    };
+    let mut to = first.start;
+    for (i, r) in ranges.iter().enumerate() {
+        let next = ranges.get(i + 1).map_or(raw.len(), |n| n.start);
+        raw.copy_within(r.end..next, to);
+        to += next - r.end;
     }
-    let mut out = Vec::with_capacity(raw.len());
-    let mut at = 0;
-    for r in ranges {
-        out.extend_from_slice(&raw[at..r.start]);
-        at = r.end;
-    }
-    out.extend_from_slice(&raw[at..]);
-    Cow::Owned(out)
+    raw.truncate(to);
 }
 
 /// Whether one complete header field (with its folded lines) is an A-R or
-/// ARC-A-R field claiming `ours` (see [`strip_forged`]).
-fn claims(field: &[u8], ours: &str) -> bool {
+/// ARC-A-R field claiming one of `ours` (see [`strip_forged`]).
+fn claims(field: &[u8], ours: &[&str]) -> bool {
     let Some(colon) = memchr::memchr(b':', field) else {
         return false;
     };
@@ -243,9 +249,11 @@ fn claims(field: &[u8], ours: &str) -> bool {
     match id {
         Some(id) => {
             let id = id.strip_suffix(b".").unwrap_or(&id);
-            id.eq_ignore_ascii_case(ours.as_bytes())
+            ours.iter().any(|o| id.eq_ignore_ascii_case(o.as_bytes()))
         }
-        None => contains_ignore_case(value, ours.as_bytes()),
+        None => ours
+            .iter()
+            .any(|o| contains_ignore_case(value, o.as_bytes())),
     }
 }
 
@@ -481,6 +489,7 @@ mod tests {
             receiver: "mx.example.org".into(),
             explanation: None,
             reason: None,
+            not_checked: None,
         }
     }
 
@@ -521,6 +530,7 @@ mod tests {
                 reason: None,
             }),
             remote_ip: "2001:db8::1".parse().unwrap(),
+            not_checked: None,
         };
         let h = authentication_results(
             "mx.example.org",
@@ -554,6 +564,7 @@ mod tests {
             arc: None,
             dmarc: None,
             remote_ip: "192.0.2.1".parse().unwrap(),
+            not_checked: None,
         };
         assert_eq!(
             authentication_results("mx", None, Some(&unsigned)),
@@ -615,9 +626,17 @@ Subject: hi\r\n\
 \r\n\
 Authentication-Results: mx.example.org; this is the body\r\n";
 
+    /// [`strip_forged`] on a copy of `m` for one id: (result, fields removed).
+    fn strip(m: &[u8], id: &str) -> (Vec<u8>, usize) {
+        let mut m = m.to_vec();
+        let n = strip_forged(&mut m, &[id]);
+        (m, n)
+    }
+
     #[test]
     fn strip_forged_removes_only_ours() {
-        let out = strip_forged(MSG, "mx.example.org");
+        let (out, n) = strip(MSG, "mx.example.org");
+        assert_eq!(n, 5);
         let out = std::str::from_utf8(&out).unwrap();
         assert_eq!(
             out,
@@ -633,16 +652,38 @@ Authentication-Results: mx.example.org; this is the body\r\n"
         );
     }
 
+    /// Review of issue 19: every id of the configuration goes, on every listener.
+    #[test]
+    fn strip_forged_removes_every_id_of_the_set() {
+        let mut m = MSG.to_vec();
+        let ids = [
+            "other.example.net",
+            " MX.example.org. ",
+            "relay.example.net",
+        ];
+        assert_eq!(strip_forged(&mut m, &ids), 7);
+        assert_eq!(
+            std::str::from_utf8(&m).unwrap(),
+            "Received: from x by y; Tue, 1 Jan 2030 00:00:00 +0000\r\n\
+Authentication-Results: mx.example.org.evil; spf=pass\r\n\
+Authentication-Results: mx.example.orgx; spf=pass\r\n\
+X-Authentication-Results: mx.example.org; spf=pass\r\n\
+Subject: hi\r\n\
+\r\n\
+Authentication-Results: mx.example.org; this is the body\r\n"
+        );
+        let mut v = b"0123456789".to_vec();
+        remove_ranges(&mut v, &[0..2, 3..4, 8..10]);
+        assert_eq!(v, b"24567");
+    }
+
     #[test]
     fn strip_forged_borrows_when_clean_and_handles_edges() {
         let clean = b"Subject: x\r\nAuthentication-Results: other.example; none\r\n\r\nbody";
-        assert!(matches!(
-            strip_forged(clean, "mx.example.org"),
-            Cow::Borrowed(_)
-        ));
+        assert_eq!(strip(clean, "mx.example.org"), (clean.to_vec(), 0));
         // last header without body, bare LF line ends
         let m = b"Subject: x\nAuthentication-Results: mx.example.org; none";
-        assert_eq!(&*strip_forged(m, "mx.example.org"), b"Subject: x\n");
+        assert_eq!(strip(m, "mx.example.org").0, b"Subject: x\n");
         // garbage must not panic
         for m in [
             &b""[..],
@@ -654,9 +695,10 @@ Authentication-Results: mx.example.org; this is the body\r\n"
             b"ARC-Authentication-Results: i=1",
             b" \r\n\r\n",
         ] {
-            let _ = strip_forged(m, "mx.example.org");
+            let _ = strip(m, "mx.example.org");
         }
-        assert!(matches!(strip_forged(MSG, ""), Cow::Borrowed(_)));
+        assert_eq!(strip(MSG, ""), (MSG.to_vec(), 0));
+        assert_eq!(strip_forged(&mut MSG.to_vec(), &[" ", "."]), 0);
     }
 
     /// Issue 11 item 2: forms that lax downstream parsers read as our
@@ -699,7 +741,7 @@ Authentication-Results: mx.example.org; this is the body\r\n"
             let mut m = f.to_vec();
             m.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n");
             assert_eq!(
-                &*strip_forged(&m, "gw.test"),
+                strip(&m, "gw.test").0,
                 b"Subject: x\r\n\r\nbody\r\n",
                 "not removed: {:?}",
                 String::from_utf8_lossy(f)
@@ -709,7 +751,7 @@ Authentication-Results: mx.example.org; this is the body\r\n"
             let mut m = k.to_vec();
             m.extend_from_slice(b"Subject: x\r\n\r\nbody\r\n");
             assert!(
-                matches!(strip_forged(&m, "gw.test"), Cow::Borrowed(_)),
+                strip(&m, "gw.test").1 == 0,
                 "removed: {:?}",
                 String::from_utf8_lossy(k)
             );

@@ -41,8 +41,9 @@ pub use policy::{
     decide, decisions, ArcActions, AuthPolicy, DkimActions, DmarcActions, SpfActions, Verdict,
 };
 pub use verify::{
-    ArcOutcome, AuthResult, Checks, DkimSignature, DmarcOutcome, DmarcPolicy, MessageOutcome,
-    SpfIdentity, SpfOutcome, Verifier, MAX_ARC_SETS, MAX_DKIM_SIGNATURES, MAX_SIGNED_FIELDS,
+    verification_copy_len, ArcOutcome, AuthResult, Checks, DkimSignature, DmarcOutcome,
+    DmarcPolicy, MessageOutcome, NotChecked, SpfIdentity, SpfOutcome, Verifier, MAX_ARC_SETS,
+    MAX_DKIM_SIGNATURES, MAX_SIGNED_FIELDS,
 };
 
 /// Errors of this module. Verification itself never fails: DNS trouble,

@@ -20,7 +20,9 @@
 //! reject > tempfail > delay > tag > shadow > accept. `shadow` ranks above
 //! `accept` only so that it reaches the log; it never refuses anything.
 
-use super::verify::{AuthResult, Checks, DmarcPolicy, MessageOutcome, SpfIdentity, SpfOutcome};
+use super::verify::{
+    AuthResult, Checks, DmarcPolicy, MessageOutcome, NotChecked, SpfIdentity, SpfOutcome,
+};
 use super::AuthError;
 use crate::policy::action::Action;
 use serde::Deserialize;
@@ -191,8 +193,25 @@ fn clean(s: &str) -> String {
     super::verify::sanitize(s, 100)
 }
 
+/// The verdict on a check mailgate could not complete: tempfail, whatever
+/// the `temperror:` keys say (fail closed; see [`NotChecked`]).
+fn not_checked(n: &NotChecked) -> Vec<Verdict> {
+    vec![Verdict {
+        action: Action::Tempfail,
+        check: n.check,
+        reason: format!(
+            "{} not checked: {}",
+            n.check.to_uppercase(),
+            clean(&n.reason)
+        ),
+    }]
+}
+
 impl Decidable for SpfOutcome {
     fn verdicts(&self, policy: &AuthPolicy) -> Vec<Verdict> {
+        if let (true, Some(n)) = (policy.wants_spf(), &self.not_checked) {
+            return not_checked(n);
+        }
         let Some(a) = &policy.spf else {
             return Vec::new();
         };
@@ -235,6 +254,11 @@ impl Decidable for SpfOutcome {
 
 impl Decidable for MessageOutcome {
     fn verdicts(&self, policy: &AuthPolicy) -> Vec<Verdict> {
+        // Results next to an unfinished check are not final either (a DMARC
+        // fail may only lack the signature that was not checked).
+        if let Some(n) = &self.not_checked {
+            return not_checked(n);
+        }
         let mut out = Vec::new();
         if let (Some(a), Some((result, sig))) = (&policy.dkim, self.dkim_summary()) {
             let action = match result {
@@ -341,6 +365,7 @@ mod tests {
             receiver: "mx.example.org".into(),
             explanation: None,
             reason: None,
+            not_checked: None,
         }
     }
 
@@ -373,7 +398,38 @@ mod tests {
                 reason: None,
             }),
             remote_ip: "192.0.2.1".parse().unwrap(),
+            not_checked: None,
         }
+    }
+
+    #[test]
+    fn not_checked_is_a_tempfail_whatever_temperror_says() {
+        let n = NotChecked {
+            check: "spf",
+            reason: "DNS query limit of the session reached (500 queries)".into(),
+        };
+        let mut o = spf(AuthResult::TempError);
+        o.not_checked = Some(n.clone());
+        // `temperror: accept` and a DMARC-only policy (which needs SPF) alike
+        for p in [
+            "authserv_id: mx\nspf: { temperror: accept }\n",
+            "authserv_id: mx\ndmarc: { enforce: true }\n",
+        ] {
+            let v = decide(&policy(p), &o);
+            assert_eq!(v.action, Action::Tempfail, "{p}: {v:?}");
+            assert!(
+                v.reason.starts_with("SPF not checked: DNS query limit"),
+                "{v:?}"
+            );
+        }
+        // a DMARC reject next to an unfinished DKIM check is not final
+        let mut m = msg(
+            &[AuthResult::TempError],
+            Some((AuthResult::Fail, DmarcPolicy::Reject)),
+        );
+        m.not_checked = Some(NotChecked { check: "dkim", ..n });
+        let v = decide(&policy("authserv_id: mx\ndmarc: { enforce: true }\n"), &m);
+        assert_eq!((v.action, v.check), (Action::Tempfail, "dkim"), "{v:?}");
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //! * **DNS work is bounded** by the gate of `cache.rs`: per-session and
 //!   per-transaction query budgets ([`DnsBudget`]), the RFC 7208 §4.6.4 void
 //!   lookup limit, and oversized records. A check the gate cut short ends in
-//!   `temperror` (session budget) or `permerror` (everything else), logged.
+//!   `temperror` marked [`NotChecked`] (session budget: the policy answers
+//!   with a tempfail) or `permerror` (everything else), logged.
 //! * **Verification work is bounded** before mail-auth sees the message: at
 //!   most [`MAX_DKIM_SIGNATURES`] DKIM signatures are verified (later ones are
 //!   reported as one `neutral` "not verified" result), a signature signing
@@ -32,7 +33,8 @@
 //!   ARC-Message-Signature over the field limit) is `fail` without being
 //!   validated. mail-auth hashes and canonicalises per signature, so this is
 //!   what bounds the CPU of one message; the dropped signature fields are
-//!   removed from the copy mail-auth parses.
+//!   removed from a copy of the header block mail-auth parses (the body is
+//!   never copied; [`verification_copy_len`] says what the copy costs).
 
 use super::cache::{
     CallCaches, CallLog, CheckKind, DnsBudget, DnsStats, DnsStatsSnapshot, QueryLimits,
@@ -49,7 +51,6 @@ use mail_auth::{
     AuthenticatedMessage, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, Parameters,
     SpfOutput, SpfResult,
 };
-use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
@@ -155,6 +156,23 @@ pub struct SpfOutcome {
     /// Why, when the result is ours rather than the library's, or a detail
     /// worth logging. Sanitised; safe in an SMTP reply.
     pub reason: Option<String>,
+    /// Set when mailgate itself could not complete the check (see
+    /// [`NotChecked`]); the result is then `temperror`.
+    pub not_checked: Option<NotChecked>,
+}
+
+/// A check that mailgate itself could not complete: the session's DNS query
+/// budget was spent, or the check runtime was over capacity or too late.
+/// Unlike a `temperror` from DNS, this is not the sender's domain's trouble
+/// and no `temperror:` action applies: [`decide`](super::decide) answers
+/// with a tempfail whatever the policy says (fail closed; a new session
+/// starts with a new budget).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotChecked {
+    /// "spf", "dkim", "arc" or "dmarc".
+    pub check: &'static str,
+    /// Sanitised, reply-safe text.
+    pub reason: String,
 }
 
 impl SpfOutcome {
@@ -202,6 +220,7 @@ impl SpfOutcome {
             receiver: our_hostname.to_string(),
             explanation: None,
             reason: None,
+            not_checked: None,
         }
     }
 }
@@ -314,6 +333,8 @@ pub struct MessageOutcome {
     pub dmarc: Option<DmarcOutcome>,
     /// The client address, for `arc=… smtp.remote-ip=`.
     pub remote_ip: IpAddr,
+    /// The first requested check that mailgate could not complete.
+    pub not_checked: Option<NotChecked>,
 }
 
 impl MessageOutcome {
@@ -467,9 +488,10 @@ impl Verifier {
             out.result = trip_result(&trip);
             out.reason = Some(trip.reason(self.limits));
             out.explanation = None;
+            out.not_checked = cut_short("spf", &trip, self.limits);
             tracing::warn!(domain = %sanitize(&out.domain, 255), result = out.result.as_str(), reason = %trip.reason(self.limits), "SPF cut short by a DNS limit");
         }
-        if out.result == AuthResult::TempError && !deadline_hit {
+        if out.result == AuthResult::TempError && !deadline_hit && out.not_checked.is_none() {
             // A query that hickory refused (or that cannot exist) is a
             // permanent problem of the SPF record, not a DNS outage.
             if let Some(name) = log.last_unanswered().and_then(|l| l.name) {
@@ -531,21 +553,37 @@ impl Verifier {
             arc: None,
             dmarc: None,
             remote_ip: ip,
+            not_checked: None,
         };
         if !want.any() {
             return out;
+        }
+        // DMARC without the SPF result it needs is not completed either
+        // (a policy with `dmarc:` is refused at MAIL FROM already).
+        if let (true, Some(n)) = (want.dmarc, spf.and_then(|s| s.not_checked.as_ref())) {
+            out.not_checked = Some(NotChecked {
+                check: "dmarc",
+                reason: format!("SPF not checked: {}", n.reason),
+            });
         }
         // One lookup log for all message checks; it must outlive the DKIM
         // outputs, which DMARC borrows together with the cache.
         let log = CallLog::gated(&self.stats, budget, self.limits, false);
         let caches = CallCaches::new(self.caches.as_ref(), &log);
         let plan = Plan::of(raw);
-        let raw: &[u8] = &plan.message;
-        let parsed =
-            std::panic::catch_unwind(|| AuthenticatedMessage::parse(raw)).unwrap_or_else(|_| {
-                tracing::error!("message parser panicked");
-                None
-            });
+        let kept = plan.kept_headers(raw);
+        let parsed = std::panic::catch_unwind(|| match &kept {
+            // the kept header fields, then the body where it lies: the
+            // message from the blank line on (never copied)
+            Some(h) => {
+                AuthenticatedMessage::parse_with_opts(&raw[plan.header_end..], Some(h), true)
+            }
+            None => AuthenticatedMessage::parse(raw),
+        })
+        .unwrap_or_else(|_| {
+            tracing::error!("message parser panicked");
+            None
+        });
         let Some(msg) = parsed else {
             // No header at all: nothing is signed and there is no From.
             let why = Some("message has no parsable header".to_string());
@@ -609,6 +647,9 @@ impl Verifier {
                     if sig.result == AuthResult::TempError && denied {
                         sig.result = trip_result(&trip);
                         sig.reason = Some(trip.reason(self.limits));
+                        if out.not_checked.is_none() {
+                            out.not_checked = cut_short("dkim", &trip, self.limits);
+                        }
                     }
                 }
                 tracing::warn!(reason = %trip.reason(self.limits), "DKIM cut short by a DNS limit");
@@ -667,6 +708,9 @@ impl Verifier {
                     r => r,
                 };
                 arc.reason = Some(trip.reason(self.limits));
+                if out.not_checked.is_none() {
+                    out.not_checked = cut_short("arc", &trip, self.limits);
+                }
                 tracing::warn!(reason = %trip.reason(self.limits), "ARC cut short by a DNS limit");
             }
             self.stats.record_check(
@@ -723,6 +767,9 @@ impl Verifier {
                 {
                     dmarc.result = trip_result(&trip);
                     dmarc.reason = Some(trip.reason(self.limits));
+                    if out.not_checked.is_none() {
+                        out.not_checked = cut_short("dmarc", &trip, self.limits);
+                    }
                     tracing::warn!(reason = %trip.reason(self.limits), "DMARC cut short by a DNS limit");
                 }
             }
@@ -739,6 +786,15 @@ impl Verifier {
     }
 }
 
+/// A check the DNS gate cut short for a reason of the session (its budget),
+/// not of the records: not completed, see [`NotChecked`].
+fn cut_short(check: &'static str, t: &Trip, limits: QueryLimits) -> Option<NotChecked> {
+    t.is_temporary().then(|| NotChecked {
+        check,
+        reason: t.reason(limits),
+    })
+}
+
 /// The result of a check the DNS gate cut short.
 fn trip_result(t: &Trip) -> AuthResult {
     if t.is_temporary() {
@@ -748,56 +804,96 @@ fn trip_result(t: &Trip) -> AuthResult {
     }
 }
 
-/// What of a message is verified (see the module comment): the copy handed
-/// to mail-auth, borrowed unless signature fields had to be dropped, and the
-/// results of the signatures that are not verified.
-struct Plan<'a> {
-    message: Cow<'a, [u8]>,
+/// The bytes [`Verifier::message`] copies from `raw`: the header block
+/// without the signature fields it does not verify, when there are such
+/// fields (0 otherwise; the body is never copied). The SMTP driver reserves
+/// them from its in-flight budget before the checks run.
+pub fn verification_copy_len(raw: &[u8]) -> usize {
+    Plan::of(raw).copy_len()
+}
+
+/// What of a message is verified (see the module comment): the header
+/// fields mail-auth must not see, and the results of the signatures that
+/// are not verified.
+struct Plan {
+    /// Byte ranges of the dropped fields, in order.
+    drop: Vec<std::ops::Range<usize>>,
+    /// Where the header fields end (the blank line, or the end of `raw`).
+    header_end: usize,
     dkim_skipped: Vec<DkimSignature>,
     arc_sets: usize,
     /// Why the ARC chain is not validated.
     arc_refused: Option<String>,
 }
 
-impl<'a> Plan<'a> {
-    fn of(raw: &'a [u8]) -> Plan<'a> {
+impl Plan {
+    /// Size of [`Self::kept_headers`].
+    fn copy_len(&self) -> usize {
+        if self.drop.is_empty() {
+            return 0;
+        }
+        self.header_end - self.drop.iter().map(|r| r.len()).sum::<usize>()
+    }
+
+    /// The header fields without the dropped ones; `None` when none is dropped.
+    fn kept_headers(&self, raw: &[u8]) -> Option<Vec<u8>> {
+        if self.drop.is_empty() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.copy_len());
+        let mut at = 0;
+        for r in &self.drop {
+            out.extend_from_slice(&raw[at..r.start]);
+            at = r.end;
+        }
+        out.extend_from_slice(&raw[at..self.header_end]);
+        Some(out)
+    }
+
+    fn of(raw: &[u8]) -> Plan {
         let mut drop: Vec<std::ops::Range<usize>> = Vec::new();
         let mut dkim_skipped = Vec::new();
         let (mut dkim_seen, mut not_checked) = (0usize, 0usize);
         let (mut seals, mut ams, mut aar) = (0usize, 0usize, 0usize);
         let mut ams_too_long = None;
+        let mut header_end = 0;
         for (range, name, value) in header_fields(raw) {
-            if name.eq_ignore_ascii_case(b"DKIM-Signature") {
-                dkim_seen += 1;
-                let tags = Tags::parse(value);
-                if dkim_seen > MAX_DKIM_SIGNATURES {
-                    not_checked += 1;
-                    drop.push(range);
-                } else if tags.signed_fields > MAX_SIGNED_FIELDS {
-                    dkim_skipped.push(DkimSignature {
-                        result: AuthResult::PermError,
-                        domain: tags.d,
-                        selector: tags.s,
-                        auid: String::new(),
-                        algorithm: "",
-                        b_prefix: tags.b_prefix,
-                        reason: Some(format!(
-                            "signs {} header fields (limit {MAX_SIGNED_FIELDS}): not verified",
-                            tags.signed_fields
-                        )),
-                    });
-                    drop.push(range);
+            header_end = range.end;
+            match FieldKind::of(name) {
+                Some(FieldKind::DkimSignature) => {
+                    dkim_seen += 1;
+                    if dkim_seen > MAX_DKIM_SIGNATURES {
+                        not_checked += 1;
+                        drop.push(range);
+                        continue;
+                    }
+                    let tags = Tags::dkim(value);
+                    if tags.signed_fields > MAX_SIGNED_FIELDS {
+                        dkim_skipped.push(DkimSignature {
+                            result: AuthResult::PermError,
+                            domain: tags.d,
+                            selector: tags.s,
+                            auid: String::new(),
+                            algorithm: "",
+                            b_prefix: tags.b_prefix,
+                            reason: Some(format!(
+                                "signs {} header fields (limit {MAX_SIGNED_FIELDS}): not verified",
+                                tags.signed_fields
+                            )),
+                        });
+                        drop.push(range);
+                    }
                 }
-            } else if name.eq_ignore_ascii_case(b"ARC-Seal") {
-                seals += 1;
-            } else if name.eq_ignore_ascii_case(b"ARC-Message-Signature") {
-                ams += 1;
-                let n = Tags::parse(value).signed_fields;
-                if n > MAX_SIGNED_FIELDS {
-                    ams_too_long = Some(n);
+                Some(FieldKind::ArcSeal) => seals += 1,
+                Some(FieldKind::ArcMessageSignature) => {
+                    ams += 1;
+                    let n = Tags::arc(value).signed_fields;
+                    if n > MAX_SIGNED_FIELDS {
+                        ams_too_long = Some(n);
+                    }
                 }
-            } else if name.eq_ignore_ascii_case(b"ARC-Authentication-Results") {
-                aar += 1;
+                Some(FieldKind::ArcAuthenticationResults) => aar += 1,
+                None => {}
             }
         }
         if not_checked > 0 {
@@ -819,7 +915,8 @@ impl<'a> Plan<'a> {
             })
         };
         Plan {
-            message: super::headers::without(raw, drop),
+            drop,
+            header_end,
             dkim_skipped,
             arc_sets,
             arc_refused,
@@ -851,8 +948,56 @@ fn header_fields(raw: &[u8]) -> impl Iterator<Item = (std::ops::Range<usize>, &[
     })
 }
 
+/// The header fields mail-auth verifies, recognised by name as mail-auth's
+/// header parser does (`headers/parse.rs` `classify_name`): ASCII case and
+/// whitespace (folding) inside the name ignored, only letters, digits and
+/// `-` allowed, and every name beginning with `ARC-Seal` is an ARC-Seal. A
+/// field this scan missed would be verified without the caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FieldKind {
+    DkimSignature,
+    ArcSeal,
+    ArcMessageSignature,
+    ArcAuthenticationResults,
+}
+
+impl FieldKind {
+    fn of(name: &[u8]) -> Option<FieldKind> {
+        // the longest name below has 26 characters; longer names keep
+        // their first 32 (enough for the `ARC-Seal` prefix)
+        let mut token = [0u8; 32];
+        let (mut len, mut longer) = (0, false);
+        for &b in name {
+            match b {
+                b' ' | b'\t' | b'\r' | b'\n' => {}
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' if len < token.len() => {
+                    token[len] = b.to_ascii_lowercase();
+                    len += 1;
+                }
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' => longer = true,
+                _ => return None,
+            }
+        }
+        let token = &token[..len];
+        if longer {
+            return token.starts_with(b"arc-seal").then_some(FieldKind::ArcSeal);
+        }
+        match token {
+            b"dkim-signature" => Some(FieldKind::DkimSignature),
+            b"arc-message-signature" => Some(FieldKind::ArcMessageSignature),
+            b"arc-authentication-results" => Some(FieldKind::ArcAuthenticationResults),
+            t if t.starts_with(b"arc-seal") => Some(FieldKind::ArcSeal),
+            _ => None,
+        }
+    }
+}
+
 /// The few tags of a DKIM-Signature / ARC-Message-Signature that are
-/// reported without verifying it; sanitised and bounded.
+/// reported without verifying it; sanitised and bounded. Read with
+/// mail-auth's own tag parser, so that `signed_fields` is the `h=` list
+/// mail-auth would hash (tag names in any case and with folding white
+/// space, the last of duplicate tags). A signature mail-auth cannot parse
+/// is never verified, so it counts no signed fields.
 #[derive(Default)]
 struct Tags {
     d: String,
@@ -862,28 +1007,27 @@ struct Tags {
 }
 
 impl Tags {
-    fn parse(value: &[u8]) -> Tags {
-        let mut t = Tags::default();
-        for tag in value.split(|&b| b == b';') {
-            let Some(eq) = tag.iter().position(|&b| b == b'=') else {
-                continue;
-            };
-            let name = tag[..eq].trim_ascii();
-            let v: Vec<u8> = tag[eq + 1..]
-                .iter()
-                .copied()
-                .filter(|b| !b.is_ascii_whitespace())
-                .collect();
-            let text = |v: &[u8], max| sanitize(&String::from_utf8_lossy(v), max);
-            match name {
-                b"d" => t.d = text(&v, 255),
-                b"s" => t.s = text(&v, 255),
-                b"b" => t.b_prefix = text(v.get(..8).unwrap_or(&v), 8),
-                b"h" => t.signed_fields = v.split(|&b| b == b':').count(),
-                _ => {}
-            }
+    fn dkim(value: &[u8]) -> Tags {
+        match mail_auth::dkim::Signature::parse(value) {
+            Ok(sig) => Tags::of(&sig.d, &sig.s, &sig.b, sig.h.len()),
+            Err(_) => Tags::default(),
         }
-        t
+    }
+
+    fn arc(value: &[u8]) -> Tags {
+        match mail_auth::arc::Signature::parse(value) {
+            Ok(sig) => Tags::of(&sig.d, &sig.s, &sig.b, sig.h.len()),
+            Err(_) => Tags::default(),
+        }
+    }
+
+    fn of(d: &str, s: &str, b: &[u8], signed_fields: usize) -> Tags {
+        Tags {
+            d: sanitize(d, 255),
+            s: sanitize(s, 255),
+            b_prefix: base64::engine::general_purpose::STANDARD.encode(b.get(..6).unwrap_or(b)),
+            signed_fields,
+        }
     }
 }
 
@@ -1168,6 +1312,57 @@ mod tests {
     }
 
     #[test]
+    fn signature_fields_are_recognised_as_mail_auth_does() {
+        use FieldKind::*;
+        for (name, kind) in [
+            (&b"DKIM-Signature"[..], Some(DkimSignature)),
+            (b"dkim-SIGNATURE \t", Some(DkimSignature)),
+            (b"DKIM-Signature\r\n ", Some(DkimSignature)),
+            (b"ARC-Seal", Some(ArcSeal)),
+            (b"arc-seal-2", Some(ArcSeal)),
+            (
+                b"ARC-SEALxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+                Some(ArcSeal),
+            ),
+            (b"Arc-Message-Signature", Some(ArcMessageSignature)),
+            (
+                b"ARC-Authentication-Results",
+                Some(ArcAuthenticationResults),
+            ),
+            (b"DKIM-Signature2", None),
+            (b"DKIM_Signature", None),
+            (b"X-DKIM-Signature", None),
+            (b"ARC-Seal.", None),
+        ] {
+            assert_eq!(
+                FieldKind::of(name),
+                kind,
+                "{}",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
+
+    #[test]
+    fn signed_fields_counted_as_mail_auth_reads_h() {
+        let sig =
+            |h: &str| format!("v=1; a=rsa-sha256; d=example.com; s=s; {h}; bh=AAAA; b=AAAA\r\n");
+        for (tags, n) in [
+            ("h=from:to", 2),
+            ("H=from:to:subject", 3),
+            ("\r\n h\r\n =\r\n from : to", 2),
+            ("h=from; H=a:b:c:d", 4),
+            ("h=a:b:c; h=from", 1),
+            ("h=a::b:", 2),
+        ] {
+            assert_eq!(Tags::dkim(sig(tags).as_bytes()).signed_fields, n, "{tags}");
+            let ams = sig(tags).replace("v=1", "i=1");
+            assert_eq!(Tags::arc(ams.as_bytes()).signed_fields, n, "{tags}");
+        }
+        assert_eq!(Tags::dkim(b"v=1; garbage").signed_fields, 0);
+    }
+
+    #[test]
     fn sanitize_keeps_replies_safe() {
         assert_eq!(sanitize("a\r\nb\tc é", 100), "a??b?c ?");
         assert_eq!(sanitize("abcdef", 3), "abc");
@@ -1193,6 +1388,7 @@ mod tests {
             arc: None,
             dmarc: None,
             remote_ip: "192.0.2.1".parse().unwrap(),
+            not_checked: None,
         };
         assert_eq!(m.dkim_summary().unwrap().0, AuthResult::Pass);
         m.dkim = Some(vec![sig(AuthResult::Neutral), sig(AuthResult::Fail)]);

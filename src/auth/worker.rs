@@ -10,28 +10,42 @@
 //! result. What one check may cost is bounded in `verify.rs` (signatures,
 //! ARC sets, `h=` entries) and `cache.rs` (DNS queries).
 //!
-//! A check that does not come back within its deadline plus a queueing
-//! allowance (the runtime is busy) is abandoned as `temperror`.
+//! The queue in front of the runtime is bounded: at most
+//! [`SLOTS_PER_THREAD`] checks per thread are admitted; a check that gets no
+//! slot within [`SLOT_WAIT`] is not run. A check that does not come back
+//! within its deadline plus a queueing allowance (the runtime is busy) is
+//! abandoned. Either way the check was not completed by mailgate, which
+//! the policy answers with a tempfail ([`NotChecked`]), never with the
+//! `temperror:` action meant for DNS trouble.
 
 use super::cache::DnsBudget;
 use super::verify::{
     ArcOutcome, AuthResult, Checks, DkimSignature, DmarcOutcome, DmarcPolicy, MessageOutcome,
-    SpfOutcome, Verifier,
+    NotChecked, SpfOutcome, Verifier,
 };
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// Time a check may wait for a thread of the check runtime, on top of its deadline.
 const QUEUE_ALLOWANCE: Duration = Duration::from_secs(5);
+/// Checks admitted to the check runtime at once, per thread: enough to
+/// overlap DNS waits, few enough that an admitted check is not starved.
+pub const SLOTS_PER_THREAD: usize = 8;
+/// How long a check waits for a slot before it is refused as not checked.
+pub const SLOT_WAIT: Duration = Duration::from_secs(2);
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 4))
+}
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        let threads = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 4));
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
+            .worker_threads(threads())
             .thread_name("mailgate-auth")
             .enable_all()
             .build()
@@ -39,8 +53,17 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// The bounded queue in front of [`runtime`].
+fn slots() -> &'static Arc<Semaphore> {
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    SLOTS.get_or_init(|| Arc::new(Semaphore::new(threads() * SLOTS_PER_THREAD)))
+}
+
 /// Why a check did not return a result.
+#[derive(Debug)]
 enum Lost {
+    /// No slot of the check runtime within [`SLOT_WAIT`].
+    Busy,
     Late,
     Panicked,
 }
@@ -50,7 +73,24 @@ async fn run<T: Send + 'static>(
     limit: Duration,
     check: impl Future<Output = T> + Send + 'static,
 ) -> Result<T, Lost> {
-    let handle = runtime().spawn(check);
+    run_in(slots(), limit, check).await
+}
+
+/// [`run`] with the admission of `slots`.
+async fn run_in<T: Send + 'static>(
+    slots: &Arc<Semaphore>,
+    limit: Duration,
+    check: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Lost> {
+    let Ok(Ok(slot)) = tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned()).await else {
+        crate::observe::metrics().auth_result("check_runtime", "busy");
+        return Err(Lost::Busy);
+    };
+    // the slot is freed when the check ends or is aborted (its future dropped)
+    let handle = runtime().spawn(async move {
+        let _slot = slot;
+        check.await
+    });
     let abort = handle.abort_handle();
     match tokio::time::timeout(limit, handle).await {
         Ok(Ok(v)) => Ok(v),
@@ -83,6 +123,7 @@ pub async fn spf(
             let mut o = SpfOutcome::unchecked(ip, &helo, &our_hostname, &sender);
             o.result = result;
             o.reason = Some(why.into());
+            o.not_checked = lost.not_checked("spf");
             o
         }
     }
@@ -91,14 +132,29 @@ pub async fn spf(
 impl Lost {
     fn result(&self) -> (AuthResult, &'static str) {
         match self {
+            Lost::Busy => (AuthResult::TempError, "check runtime over capacity"),
             Lost::Late => (AuthResult::TempError, "verification did not finish in time"),
             Lost::Panicked => (AuthResult::PermError, "internal error while verifying"),
+        }
+    }
+
+    /// Busy and late checks were not completed by mailgate; a panic is a
+    /// result (`permerror`: the same message would panic again).
+    fn not_checked(&self, check: &'static str) -> Option<NotChecked> {
+        match self {
+            Lost::Busy | Lost::Late => Some(NotChecked {
+                check,
+                reason: self.result().1.into(),
+            }),
+            Lost::Panicked => None,
         }
     }
 }
 
 /// [`Verifier::message_within`] off the I/O threads. The message is lent to
-/// the check and handed back (copied only if the check was abandoned).
+/// the check and handed back, never copied: when the check is abandoned
+/// while it still holds the message, the message is given up (empty) and
+/// the outcome is [`NotChecked`], which the policy always tempfails.
 #[allow(clippy::too_many_arguments)]
 pub async fn message(
     verifier: Arc<Verifier>,
@@ -119,17 +175,32 @@ pub async fn message(
             .await
     };
     let outcome = run(limit, check).await;
-    let raw = Arc::try_unwrap(raw).unwrap_or_else(|shared| shared.to_vec());
-    let outcome = outcome.unwrap_or_else(|lost| {
-        let (result, why) = lost.result();
-        tracing::warn!(reason = why, "message checks lost");
-        lost_outcome(ip, want, result, why)
-    });
-    (raw, outcome)
+    // a check that ended has dropped its share; an abandoned one may not yet
+    let (raw, lost) = match (Arc::try_unwrap(raw), outcome) {
+        (Ok(raw), Ok(o)) => return (raw, o),
+        (Ok(raw), Err(lost)) => (raw, lost),
+        (Err(_), Err(lost @ (Lost::Busy | Lost::Late))) => (Vec::new(), lost),
+        // never seen: still shared after the check ended; refused, not copied
+        (Err(_), _) => (Vec::new(), Lost::Late),
+    };
+    tracing::warn!(reason = lost.result().1, "message checks lost");
+    (raw, lost_outcome(ip, want, &lost))
+}
+
+/// The name a lost set of message checks is reported under.
+fn first_check(want: Checks) -> &'static str {
+    if want.dmarc {
+        "dmarc"
+    } else if want.dkim {
+        "dkim"
+    } else {
+        "arc"
+    }
 }
 
 /// Every requested check with the same result and reason.
-fn lost_outcome(ip: IpAddr, want: Checks, result: AuthResult, why: &str) -> MessageOutcome {
+fn lost_outcome(ip: IpAddr, want: Checks, lost: &Lost) -> MessageOutcome {
+    let (result, why) = lost.result();
     MessageOutcome {
         dkim: (want.dkim || want.dmarc)
             .then(|| vec![DkimSignature::unattributed(result, why.into())]),
@@ -151,6 +222,7 @@ fn lost_outcome(ip: IpAddr, want: Checks, result: AuthResult, why: &str) -> Mess
             reason: Some(why.into()),
         }),
         remote_ip: ip,
+        not_checked: lost.not_checked(first_check(want)),
     }
 }
 
@@ -168,5 +240,56 @@ mod tests {
         // a check that never ends is abandoned at the limit
         let late = run(Duration::from_millis(50), std::future::pending::<()>()).await;
         assert!(matches!(late, Err(Lost::Late)));
+    }
+
+    /// A check abandoned as late was not completed: tempfail, even for a
+    /// policy without `temperror` keys (their default, accept, would let
+    /// whoever keeps the check runtime busy past DMARC).
+    #[test]
+    fn a_late_check_tempfails_whatever_temperror_says() {
+        let policy: crate::auth::AuthPolicy = serde_yaml::from_str(
+            "authserv_id: mx.example\nspf: { fail: reject }\ndkim: { fail: tag }\ndmarc: { enforce: true }\n",
+        )
+        .unwrap();
+        let ip = "192.0.2.1".parse().unwrap();
+        for lost in [Lost::Late, Lost::Busy] {
+            let o = lost_outcome(ip, policy.checks(), &lost);
+            let v = crate::auth::decide(&policy, &o);
+            assert_eq!(v.action, crate::policy::action::Action::Tempfail, "{v:?}");
+            assert!(v.reason.starts_with("DMARC not checked: "), "{v:?}");
+        }
+        // a panic is a result (permerror), judged by the policy's keys
+        let o = lost_outcome(ip, policy.checks(), &Lost::Panicked);
+        assert!(o.not_checked.is_none());
+    }
+
+    /// The queue in front of the check runtime is bounded: with every slot
+    /// taken a check is refused after [`SLOT_WAIT`], and an abandoned
+    /// check gives its slot back.
+    #[tokio::test]
+    async fn check_runtime_admission_is_bounded() {
+        let slots = Arc::new(Semaphore::new(1));
+        let late = run_in(
+            &slots,
+            Duration::from_millis(50),
+            std::future::pending::<()>(),
+        )
+        .await;
+        assert!(matches!(late, Err(Lost::Late)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            slots.available_permits(),
+            1,
+            "the aborted check's slot is free"
+        );
+        let held = slots.clone().acquire_owned().await.unwrap();
+        let started = std::time::Instant::now();
+        let busy = run_in(&slots, Duration::from_secs(5), async {}).await;
+        assert!(matches!(busy, Err(Lost::Busy)), "{busy:?}");
+        assert!(started.elapsed() >= SLOT_WAIT);
+        drop(held);
+        assert!(run_in(&slots, Duration::from_secs(5), async {})
+            .await
+            .is_ok());
     }
 }

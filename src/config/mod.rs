@@ -122,6 +122,12 @@ pub struct Listener {
     pub apop_max_pending: usize,
     /// APOP listeners: the command deadline while such a connection is held.
     pub apop_prelogin_timeout: Duration,
+    /// Every authserv-id of the configuration (all policies' `authserv_id`,
+    /// `server.hostname`, every listener's host name), lower case: the
+    /// `Authentication-Results` claiming any of them are removed from
+    /// incoming mail on every SMTP listener, since a backend behind several
+    /// listeners may trust each of them.
+    pub authserv_ids: Arc<[String]>,
 }
 
 struct Source {
@@ -670,6 +676,13 @@ fn build(sources: &[Source]) -> Result<Config, ConfigError> {
         let s = &sources[0];
         return Err(s.err(&[], "no listeners defined (listeners: [...])"));
     }
+    let ids = authserv_ids(&hostname, &listeners, policies.values().map(|p| &*p.0));
+    for l in &mut listeners {
+        // just built: not shared yet
+        if let Some(l) = Arc::get_mut(l) {
+            l.authserv_ids = ids.clone();
+        }
+    }
     Ok(Config {
         listeners,
         certificates,
@@ -1076,7 +1089,25 @@ fn build_listener(
             .unwrap_or(false),
         apop_max_pending: checked(l.apop_max_pending, 50, 1, 100_000, "apop_max_pending")?,
         apop_prelogin_timeout: d(l.apop_prelogin_timeout, 10),
+        authserv_ids: Arc::from([]),
     })
+}
+
+/// The set for [`Listener::authserv_ids`], sorted, without duplicates.
+fn authserv_ids<'a>(
+    hostname: &str,
+    listeners: &[Arc<Listener>],
+    policies: impl Iterator<Item = &'a PolicySpec>,
+) -> Arc<[String]> {
+    let mut ids: Vec<String> = std::iter::once(hostname)
+        .chain(listeners.iter().map(|l| l.hostname.as_str()))
+        .chain(policies.filter_map(|p| p.auth.as_ref().map(|a| a.authserv_id.as_str())))
+        .map(|id| id.trim().trim_end_matches('.').to_ascii_lowercase())
+        .filter(|id| !id.is_empty())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids.into()
 }
 
 /// The JSON Schema of the configuration format (`mailgate schema`).

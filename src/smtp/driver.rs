@@ -620,6 +620,17 @@ impl Driver {
             if let Some(auth) = policy.spec().auth.as_ref() {
                 let checks = auth.checks();
                 let outcome = if checks.any() {
+                    // the header copy verification makes when it must drop
+                    // signature fields counts against the in-flight budget
+                    let copy = crate::auth::verification_copy_len(&msg.body) as u64;
+                    let _copy = match (copy > 0).then(|| self.ctx.inflight.reserve(copy)) {
+                        Some(None) => {
+                            info!(from = %msg.from, size = msg.received, copy, "transaction refused: in-flight budget spent (verification copy)");
+                            let end = self.session.verification_copy_refused();
+                            return Err(self.finish(end).await);
+                        }
+                        r => r.flatten(),
+                    };
                     let helo = self.session.helo.clone().unwrap_or_default();
                     let (b, o) = crate::auth::worker::message(
                         verifier,
@@ -663,12 +674,14 @@ impl Driver {
                 }
             }
         }
-        // on every listener, checks or not: the backend may trust our id
-        if let std::borrow::Cow::Owned(stripped) =
-            crate::auth::strip_forged(&msg.body, &authserv_id)
-        {
-            warn!(authserv_id = %authserv_id, "removed Authentication-Results claiming our authserv-id");
-            msg.body = stripped;
+        // on every listener, checks or not, every id of the configuration:
+        // the backend may trust any of them (in place: no copy of the message)
+        let forged = crate::auth::strip_forged(&mut msg.body, &l.authserv_ids);
+        if forged > 0 {
+            warn!(
+                forged,
+                "removed Authentication-Results claiming one of our authserv-ids"
+            );
         }
         Ok(auth_headers)
     }

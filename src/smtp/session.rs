@@ -677,6 +677,17 @@ impl Session {
         }
     }
 
+    /// The end of DATA when the header copy verification needs (signature
+    /// fields dropped, see `auth::verification_copy_len`) does not fit the
+    /// in-flight budget: 452, the transaction ends, nothing is relayed.
+    pub fn verification_copy_refused(&mut self) -> DataEnd {
+        self.tx = None;
+        DataEnd {
+            outcome: TxOutcome::Tempfail,
+            action: self.message_answer(reply::inflight_exceeded(), false),
+        }
+    }
+
     /// No command within `timeouts.command` (or DATA line within `timeouts.data`).
     pub fn timed_out(&self) -> Reply {
         reply::timeout()
@@ -1941,6 +1952,15 @@ mod tests {
         );
         assert!(s.tx.is_some());
         assert!(matches!(cmd(&mut s, "DATA"), Action::ReadData(_)));
+        // at the end of DATA (the verification copy did not fit): the
+        // transaction is over, nothing relayed
+        let end = s.verification_copy_refused();
+        assert_eq!(end.outcome, TxOutcome::Tempfail);
+        assert_eq!(
+            reply_of(end.action),
+            b"452 4.3.1 Insufficient system storage, try again later\r\n"
+        );
+        assert!(s.tx.is_none());
     }
 
     /// A message with bare line endings (normalised) gets its answer, then
