@@ -2,7 +2,7 @@
 //! typo is an error with its line and column instead of a silently ignored key.
 //! Field names here are the operator contract: extend, never rename.
 
-use super::units::{ByteSize, Cidr, Secs};
+use super::units::{ByteSize, Cidr, Rate, Secs};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -286,16 +286,16 @@ pub struct LimitFile {
     pub name: Option<String>,
     pub key: Vec<KeyPart>,
     /// Events at the stage where the key is known ("20/minute", "5/15minutes").
-    pub rate: Option<String>,
+    pub rate: Option<Rate>,
     pub burst: Option<u32>,
     /// Simultaneous sessions.
     pub concurrent: Option<u32>,
     /// Messages (counted at MAIL).
-    pub messages: Option<String>,
+    pub messages: Option<Rate>,
     /// Recipients (counted at each RCPT).
-    pub recipients: Option<String>,
+    pub recipients: Option<Rate>,
     /// Failed logins (SMTP AUTH, POP3 USER/PASS/AUTH/APOP) before login attempts are refused.
-    pub auth_failures: Option<String>,
+    pub auth_failures: Option<Rate>,
     /// Recipients in one message.
     pub recipients_per_message: Option<u32>,
     pub prefix_v4: Option<u8>,

@@ -684,38 +684,36 @@ fn build_policy(s: &Source, name: &str, p: &PolicyFile) -> Result<PolicySpec, Co
             return Err(at_field("key", "must name at least one of ip, ip_prefix, helo, sender, sender_domain, rcpt, rcpt_domain, auth_user, listener".into()));
         }
         let burst_of = |count: u32| r.burst.unwrap_or(count);
-        let rate = |field: &str, v: &str| policy::parse_rate(v).map_err(|e| at_field(field, e));
         let mut kinds = Vec::new();
-        if let Some(v) = &r.rate {
-            let (count, period) = rate("rate", v)?;
+        if let Some(v) = r.rate {
             kinds.push(Kind::Rate {
-                count,
-                period,
-                burst: burst_of(count),
+                count: v.count,
+                period: v.period,
+                burst: burst_of(v.count),
             });
         }
         if let Some(n) = r.concurrent {
             kinds.push(Kind::Concurrent(n));
         }
-        if let Some(v) = &r.messages {
-            let (count, period) = rate("messages", v)?;
+        if let Some(v) = r.messages {
             kinds.push(Kind::Messages {
-                count,
-                period,
-                burst: burst_of(count),
+                count: v.count,
+                period: v.period,
+                burst: burst_of(v.count),
             });
         }
-        if let Some(v) = &r.recipients {
-            let (count, period) = rate("recipients", v)?;
+        if let Some(v) = r.recipients {
             kinds.push(Kind::Recipients {
-                count,
-                period,
-                burst: burst_of(count),
+                count: v.count,
+                period: v.period,
+                burst: burst_of(v.count),
             });
         }
-        if let Some(v) = &r.auth_failures {
-            let (count, window) = rate("auth_failures", v)?;
-            kinds.push(Kind::AuthFailures { count, window });
+        if let Some(v) = r.auth_failures {
+            kinds.push(Kind::AuthFailures {
+                count: v.count,
+                window: v.period,
+            });
         }
         if let Some(n) = r.recipients_per_message {
             kinds.push(Kind::RecipientsPerMessage(n));
@@ -1222,6 +1220,41 @@ policies:
         let e = err(&POLICY_BASE.replace("rate: 5/minute", "rate: 5/minute, ipv6_prefix: 129"));
         assert!(
             e.starts_with("bad.yaml:8:") && e.contains("ipv6_prefix"),
+            "{e}"
+        );
+    }
+
+    /// Issue 12.6: rates are typed values, located like every other value,
+    /// and their periods are bounded as durations are (a period beyond what
+    /// the limiter holds in u64 nanoseconds panicked when policies compiled).
+    #[test]
+    fn rates_are_typed_and_bounded() {
+        let c = load_str(
+            "r.yaml",
+            &POLICY_BASE.replace("rate: 5/minute", "auth_failures: 5/1hour"),
+        )
+        .unwrap();
+        let rule = &c.policies["p"].rules[0];
+        assert_eq!(
+            rule.kind,
+            Kind::AuthFailures {
+                count: 5,
+                window: Duration::from_secs(3600)
+            }
+        );
+        for bad in ["5/fortnight", "0/minute", "5", "5/0s"] {
+            let e = err(&POLICY_BASE.replace("5/minute", bad));
+            assert!(e.starts_with("bad.yaml:8:28:"), "{bad}: {e}");
+        }
+        let text = POLICY_BASE.replace("5/minute", "1/300000days");
+        let loaded = load_str("huge.yaml", &text);
+        if let Ok(c) = &loaded {
+            // what the server does with a loaded configuration
+            crate::policy::Policies::compile(&c.policies, &crate::policy::PolicyState::new());
+        }
+        let e = loaded.unwrap_err().to_string();
+        assert!(
+            e.starts_with("huge.yaml:8:28:") && e.contains("too long"),
             "{e}"
         );
     }

@@ -247,44 +247,6 @@ impl PolicySpec {
     }
 }
 
-/// Parses `20/minute`, `5/15minutes`, `500/hour`, `10/2s` → (count, period).
-pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
-    let (n, per) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?}: expected COUNT/PERIOD, e.g. 20/minute"))?;
-    let count: u32 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: count must be a positive number"))?;
-    if count == 0 {
-        return Err(format!("{s:?}: count must be at least 1"));
-    }
-    let per = per.trim();
-    let split = per.find(|c: char| !c.is_ascii_digit()).unwrap_or(per.len());
-    let mult: u64 = if split == 0 {
-        1
-    } else {
-        per[..split]
-            .parse()
-            .map_err(|_| format!("{s:?}: bad period"))?
-    };
-    let unit = match per[split..].trim() {
-        "s" | "sec" | "second" | "seconds" => 1,
-        "m" | "min" | "minute" | "minutes" => 60,
-        "h" | "hour" | "hours" => 3600,
-        "d" | "day" | "days" => 86_400,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown period unit {other:?} (second, minute, hour, day)"
-            ))
-        }
-    };
-    if mult == 0 {
-        return Err(format!("{s:?}: period must be positive"));
-    }
-    Ok((count, Duration::from_secs(mult.saturating_mul(unit))))
-}
-
 /// Long-lived limiter state shared by all compiled policies (survives reloads).
 pub struct PolicyState {
     hasher: std::collections::hash_map::RandomState,
@@ -860,25 +822,6 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
-    }
-
-    #[test]
-    fn rates() {
-        assert_eq!(
-            parse_rate("20/minute").unwrap(),
-            (20, Duration::from_secs(60))
-        );
-        assert_eq!(
-            parse_rate("5/15minutes").unwrap(),
-            (5, Duration::from_secs(900))
-        );
-        assert_eq!(
-            parse_rate("500/hour").unwrap(),
-            (500, Duration::from_secs(3600))
-        );
-        assert!(parse_rate("0/hour").is_err());
-        assert!(parse_rate("5/fortnight").is_err());
-        assert!(parse_rate("5").is_err());
     }
 
     #[test]
