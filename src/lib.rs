@@ -6,8 +6,10 @@
 //! ```text
 //! config/      YAML files → validated `Config` (errors carry file:line:column)
 //!   file.rs      the serde shapes of one YAML file (unknown fields are errors)
-//!   units.rs     sizes ("25MiB"), durations ("5m"), CIDR networks
-//!   mod.rs       loading, merging several files, validation, `check` summary
+//!   units.rs     sizes ("25MiB"), durations ("5m") and rates ("20/minute", one unit table), CIDR networks
+//!   load.rs      files of a path, size/nesting caps, parsing, merging several files
+//!   listener.rs, backend.rs, policy.rs  each section → its validated type
+//!   summary.rs   the `check` output
 //! tls.rs       certificates from PEM, SNI resolver, rustls `ServerConfig`, dev certs (rcgen)
 //! transport.rs `MaybeTls` (plain or TLS, one type across STARTTLS) = `ClientStream`;
 //!              TLS accept under a deadline; PROXY v1/v2 in, v2 header out
