@@ -38,8 +38,10 @@
 //! auth/        SPF/DKIM/DMARC/ARC via mail-auth: bounded DNS cache, `Verifier`,
 //!              policy verdicts, Authentication-Results / Received-SPF, forged A-R removal
 //! policy/      limits per listener: deny/allow lists, rate (governor GCRA), concurrency,
-//!   limits.rs    brute-force windows with known-good networks; state survives reloads
-//!   mod.rs       compile from config, evaluate per stage → `Decision`
+//!   spec.rs      validated rules: what each counts, the stage it runs at, `check` text
+//!   state.rs     limiter state that survives reloads; compiling specs against it
+//!   evaluate.rs  per-stage decisions of a compiled policy → `Decision`
+//!   limits.rs    brute-force windows with known-good networks; buckets, counters
 //!   action.rs    accept / tag / tempfail / reject / delay / shadow
 //! observe/     Prometheus metrics (metrics.rs) and the /metrics /healthz /readyz endpoint (http.rs)
 //! server.rs    listeners, per-listener runtime snapshots (ArcSwap) and reload, connect-stage
