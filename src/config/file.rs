@@ -301,7 +301,7 @@ pub struct LimitFile {
     pub prefix_v4: Option<u8>,
     pub prefix_v6: Option<u8>,
     /// Default `tempfail`.
-    pub action: Option<crate::policy::action::Action>,
+    pub action: Option<crate::policy::PolicyAction>,
     /// Longest tarpit for `action: delay` (default 5s).
     pub max_delay: Option<Secs>,
     /// The `ip` key counts IPv6 clients per network of this prefix length

@@ -121,8 +121,8 @@ pub(super) fn build_policy(
         if ipv6_prefix > 128 {
             return Err(at_field("ipv6_prefix", "must be ≤ 128".into()));
         }
-        let action = r.action.unwrap_or(policy::action::Action::Tempfail);
-        if matches!(kind, Kind::Concurrent(_)) && action == policy::action::Action::Delay {
+        let action = r.action.unwrap_or(policy::PolicyAction::Tempfail);
+        if matches!(kind, Kind::Concurrent(_)) && action == policy::PolicyAction::Delay {
             // a tarpit admits the session afterwards without a slot: no limit at all
             let mut at = vec!["policies", name, "limits"];
             if let Some(n) = &r.name {
@@ -139,7 +139,7 @@ pub(super) fn build_policy(
         }
         if matches!(
             action,
-            policy::action::Action::Accept | policy::action::Action::Tag
+            policy::PolicyAction::Accept | policy::PolicyAction::Tag
         ) {
             return Err(at_field(
                 "action",

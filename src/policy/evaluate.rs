@@ -3,9 +3,9 @@
 //! per-message caps, and the login bracket (failure locks, known-good
 //! networks). Each hit is logged and counted; the result is a [`Decision`].
 
-use super::action::Action;
+use super::action::PolicyAction;
 use super::limits::{Bucket, Counter, CounterGuard, Failures};
-use super::spec::{PolicySpec, RuleSpec, Stage};
+use super::spec::{PolicySpec, PolicyStage, RuleSpec};
 use super::state::{PolicyState, RuleHits};
 use crate::config::file::KeyPart;
 use crate::config::units::canonical;
@@ -24,7 +24,7 @@ pub(super) enum Limiter {
 
 pub(super) struct Rule {
     pub(super) spec: RuleSpec,
-    pub(super) stage: Stage,
+    pub(super) stage: PolicyStage,
     pub(super) limiter: Limiter,
     pub(super) hits: Arc<RuleHits>,
 }
@@ -71,7 +71,7 @@ pub enum Decision {
     Delay(Duration),
     /// Refuse the command (`action` is `Tempfail` or `Reject`).
     Refuse {
-        action: Action,
+        action: PolicyAction,
         rule: String,
     },
 }
@@ -152,8 +152,12 @@ impl Policy {
     fn hit(&self, rule: &Rule, values: &[String], wait: Duration) -> Decision {
         let key = Self::describe_key(&rule.spec, values);
         let action = rule.spec.action;
-        crate::observe::metrics().policy_hit(&self.name, &rule.spec.name, action == Action::Shadow);
-        if action == Action::Shadow {
+        crate::observe::metrics().policy_hit(
+            &self.name,
+            &rule.spec.name,
+            action == PolicyAction::Shadow,
+        );
+        if action == PolicyAction::Shadow {
             rule.hits.shadow.fetch_add(1, Ordering::Relaxed);
             info!(policy = %self.name, rule = %rule.spec.name, key = %key, "shadow: limit would have been enforced");
             return Decision::Continue;
@@ -161,12 +165,12 @@ impl Policy {
         rule.hits.enforced.fetch_add(1, Ordering::Relaxed);
         warn!(policy = %self.name, rule = %rule.spec.name, key = %key, action = action.as_str(), "policy limit hit");
         match action {
-            Action::Delay => Decision::Delay(wait.min(rule.spec.max_delay)),
-            Action::Tempfail | Action::Reject => Decision::Refuse {
+            PolicyAction::Delay => Decision::Delay(wait.min(rule.spec.max_delay)),
+            PolicyAction::Tempfail | PolicyAction::Reject => Decision::Refuse {
                 action,
                 rule: rule.spec.name.clone(),
             },
-            Action::Accept | Action::Tag | Action::Shadow => Decision::Continue,
+            PolicyAction::Accept | PolicyAction::Tag | PolicyAction::Shadow => Decision::Continue,
         }
     }
 
@@ -188,13 +192,17 @@ impl Policy {
         if self.denied(f.ip) {
             warn!(policy = %self.name, ip = %f.ip, "denied by policy");
             return Err(Decision::Refuse {
-                action: Action::Reject,
+                action: PolicyAction::Reject,
                 rule: "deny".into(),
             });
         }
         let mut guards = Vec::new();
         let mut decision = Decision::Continue;
-        for rule in self.rules.iter().filter(|r| r.stage == Stage::Connect) {
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| r.stage == PolicyStage::Connect)
+        {
             if self.skipped(&rule.spec, f.ip) {
                 continue;
             }
@@ -217,7 +225,7 @@ impl Policy {
                     // refuses the combination; fail closed if one gets here
                     None => match self.hit(rule, &values, rule.spec.max_delay) {
                         Decision::Delay(_) => Decision::Refuse {
-                            action: Action::Tempfail,
+                            action: PolicyAction::Tempfail,
                             rule: rule.spec.name.clone(),
                         },
                         d => d,
@@ -241,7 +249,7 @@ impl Policy {
     }
 
     /// HELO, MAIL and RCPT stages (and `rate` rules keyed by auth_user at login).
-    pub fn check(&self, stage: Stage, f: &Facts) -> Decision {
+    pub fn check(&self, stage: PolicyStage, f: &Facts) -> Decision {
         let mut decision = Decision::Continue;
         for rule in self.rules.iter().filter(|r| r.stage == stage) {
             if self.skipped(&rule.spec, f.ip) {
@@ -281,7 +289,7 @@ impl Policy {
     /// recently logged in successfully, so an attacker cannot lock a user out.
     pub fn login_allowed(&self, f: &Facts) -> Decision {
         let now = Instant::now();
-        let mut decision = self.check(Stage::Login, f);
+        let mut decision = self.check(PolicyStage::Login, f);
         if matches!(decision, Decision::Refuse { .. }) {
             return decision;
         }
@@ -374,7 +382,7 @@ mod tests {
                     period: Duration::from_secs(60),
                     burst: 5,
                 },
-                Action::Tempfail,
+                PolicyAction::Tempfail,
             )],
             vec![],
         );
@@ -386,7 +394,7 @@ mod tests {
         assert_eq!(
             p.connect(&f).err(),
             Some(Decision::Refuse {
-                action: Action::Tempfail,
+                action: PolicyAction::Tempfail,
                 rule: "conn".into()
             })
         );
@@ -409,7 +417,7 @@ mod tests {
                 "conc",
                 vec![KeyPart::Ip],
                 Kind::Concurrent(2),
-                Action::Reject,
+                PolicyAction::Reject,
             )],
             allow,
         );
@@ -434,7 +442,7 @@ mod tests {
                     period: Duration::from_secs(60),
                     burst: 1,
                 },
-                Action::Shadow,
+                PolicyAction::Shadow,
             )],
             vec![],
         );
@@ -457,13 +465,13 @@ mod tests {
                         period: Duration::from_secs(3600),
                         burst: 2,
                     },
-                    Action::Tempfail,
+                    PolicyAction::Tempfail,
                 ),
                 rule(
                     "rpm",
                     vec![KeyPart::Ip],
                     Kind::RecipientsPerMessage(2),
-                    Action::Reject,
+                    PolicyAction::Reject,
                 ),
                 rule(
                     "slow",
@@ -473,35 +481,35 @@ mod tests {
                         period: Duration::from_secs(3600),
                         burst: 1,
                     },
-                    Action::Delay,
+                    PolicyAction::Delay,
                 ),
             ],
             vec![],
         );
         let mut f = Facts::new(ip("127.0.0.2"), "mx");
         f.sender = Some("a@Example.org");
-        assert_eq!(p.check(Stage::Mail, &f), Decision::Continue);
+        assert_eq!(p.check(PolicyStage::Mail, &f), Decision::Continue);
         f.sender = Some("b@example.ORG");
-        assert_eq!(p.check(Stage::Mail, &f), Decision::Continue);
+        assert_eq!(p.check(PolicyStage::Mail, &f), Decision::Continue);
         assert!(matches!(
-            p.check(Stage::Mail, &f),
+            p.check(PolicyStage::Mail, &f),
             Decision::Refuse {
-                action: Action::Tempfail,
+                action: PolicyAction::Tempfail,
                 ..
             }
         ));
         f.rcpt = Some("x@y.example");
-        assert_eq!(p.check(Stage::Rcpt, &f), Decision::Continue);
+        assert_eq!(p.check(PolicyStage::Rcpt, &f), Decision::Continue);
         assert_eq!(
-            p.check(Stage::Rcpt, &f),
+            p.check(PolicyStage::Rcpt, &f),
             Decision::Delay(Duration::from_millis(50))
         );
         f.rcpts_in_message = 2;
         f.rcpt = Some("z@y.example");
         assert!(matches!(
-            p.check(Stage::Rcpt, &f),
+            p.check(PolicyStage::Rcpt, &f),
             Decision::Refuse {
-                action: Action::Reject,
+                action: PolicyAction::Reject,
                 ..
             }
         ));
@@ -518,7 +526,7 @@ mod tests {
                         count: 5,
                         window: Duration::from_secs(900),
                     },
-                    Action::Reject,
+                    PolicyAction::Reject,
                 ),
                 rule(
                     "user",
@@ -527,7 +535,7 @@ mod tests {
                         count: 10,
                         window: Duration::from_secs(900),
                     },
-                    Action::Tempfail,
+                    PolicyAction::Tempfail,
                 ),
             ],
             vec![],
@@ -547,7 +555,7 @@ mod tests {
             matches!(
                 p.login_allowed(&evil),
                 Decision::Refuse {
-                    action: Action::Reject,
+                    action: PolicyAction::Reject,
                     ..
                 }
             ),
@@ -580,7 +588,7 @@ mod tests {
                     period: Duration::from_secs(60),
                     burst: 2,
                 },
-                Action::Tempfail,
+                PolicyAction::Tempfail,
             )],
             vec![],
         );
@@ -611,7 +619,7 @@ mod tests {
                 period: Duration::from_secs(60),
                 burst: 1,
             },
-            Action::Tempfail,
+            PolicyAction::Tempfail,
         );
         per_address.ipv6_prefix = 128;
         let (p, _) = policy(vec![per_address], vec![]);
@@ -628,7 +636,7 @@ mod tests {
                 "conc",
                 vec![KeyPart::Ip],
                 Kind::Concurrent(1),
-                Action::Delay,
+                PolicyAction::Delay,
             )],
             vec![],
         );
@@ -637,7 +645,7 @@ mod tests {
         assert!(matches!(
             p.connect(&f).err(),
             Some(Decision::Refuse {
-                action: Action::Tempfail,
+                action: PolicyAction::Tempfail,
                 ..
             })
         ));
@@ -650,7 +658,7 @@ mod tests {
                 "conc",
                 vec![KeyPart::Ip],
                 Kind::Concurrent(1),
-                Action::Reject,
+                PolicyAction::Reject,
             )],
             vec![],
         );

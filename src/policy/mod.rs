@@ -23,14 +23,18 @@ pub mod lru;
 mod spec;
 mod state;
 
+pub use action::PolicyAction;
 pub use evaluate::{ConnectPermit, Decision, Facts, Policy};
-pub use spec::{AllowSpec, Kind, PolicySpec, RuleSpec, Stage};
+/// The old name, still imported by `src/smtp/driver.rs` (reworked in
+/// parallel); new code names [`PolicyStage`], distinct from `smtp::reply::Stage`.
+pub use spec::PolicyStage as Stage;
+pub use spec::{AllowSpec, Kind, PolicySpec, PolicyStage, RuleSpec};
 pub use state::{Policies, PolicyState, RuleHits};
 
 /// Rules and compiled policies shared by the unit tests of the files above.
 #[cfg(test)]
 mod fixtures {
-    pub use super::action::Action;
+    pub use super::action::PolicyAction;
     pub use super::{
         AllowSpec, Decision, Facts, Kind, Policies, Policy, PolicySpec, PolicyState, RuleSpec,
     };
@@ -41,7 +45,7 @@ mod fixtures {
     pub use std::sync::Arc;
     pub use std::time::Duration;
 
-    pub fn rule(name: &str, key: Vec<KeyPart>, kind: Kind, action: Action) -> RuleSpec {
+    pub fn rule(name: &str, key: Vec<KeyPart>, kind: Kind, action: PolicyAction) -> RuleSpec {
         RuleSpec {
             name: name.into(),
             key,

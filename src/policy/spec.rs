@@ -1,8 +1,8 @@
 //! Validated policy data, as `config` builds it from YAML: the rules with what
-//! they count ([`Kind`]) and where they are evaluated ([`Stage`]), allow lists,
+//! they count ([`Kind`]) and where they are evaluated ([`PolicyStage`]), allow lists,
 //! and the description `mailgate check` prints.
 
-use super::action::Action;
+use super::action::PolicyAction;
 use crate::config::file::KeyPart;
 use crate::config::units::Cidr;
 use std::fmt::Write as _;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 /// When in a session a rule is evaluated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Stage {
+pub enum PolicyStage {
     Connect,
     Helo,
     Login,
@@ -20,13 +20,13 @@ pub enum Stage {
 
 impl KeyPart {
     /// The earliest stage at which this key part has a value.
-    pub fn stage(self) -> Stage {
+    pub fn stage(self) -> PolicyStage {
         match self {
-            KeyPart::Ip | KeyPart::IpPrefix | KeyPart::Listener => Stage::Connect,
-            KeyPart::Helo => Stage::Helo,
-            KeyPart::AuthUser => Stage::Login,
-            KeyPart::Sender | KeyPart::SenderDomain => Stage::Mail,
-            KeyPart::Rcpt | KeyPart::RcptDomain => Stage::Rcpt,
+            KeyPart::Ip | KeyPart::IpPrefix | KeyPart::Listener => PolicyStage::Connect,
+            KeyPart::Helo => PolicyStage::Helo,
+            KeyPart::AuthUser => PolicyStage::Login,
+            KeyPart::Sender | KeyPart::SenderDomain => PolicyStage::Mail,
+            KeyPart::Rcpt | KeyPart::RcptDomain => PolicyStage::Rcpt,
         }
     }
 
@@ -106,7 +106,7 @@ pub struct RuleSpec {
     pub name: String,
     pub key: Vec<KeyPart>,
     pub kind: Kind,
-    pub action: Action,
+    pub action: PolicyAction,
     pub prefix_v4: u8,
     pub prefix_v6: u8,
     pub max_delay: Duration,
@@ -117,19 +117,19 @@ pub struct RuleSpec {
 
 impl RuleSpec {
     /// Where the rule is evaluated.
-    pub fn stage(&self) -> Stage {
+    pub fn stage(&self) -> PolicyStage {
         let key_stage = self
             .key
             .iter()
             .map(|k| k.stage())
             .max()
-            .unwrap_or(Stage::Connect);
+            .unwrap_or(PolicyStage::Connect);
         match self.kind {
             Kind::Rate { .. } => key_stage,
-            Kind::Concurrent(_) => Stage::Connect,
-            Kind::Messages { .. } => Stage::Mail,
-            Kind::Recipients { .. } | Kind::RecipientsPerMessage(_) => Stage::Rcpt,
-            Kind::AuthFailures { .. } => Stage::Login,
+            Kind::Concurrent(_) => PolicyStage::Connect,
+            Kind::Messages { .. } => PolicyStage::Mail,
+            Kind::Recipients { .. } | Kind::RecipientsPerMessage(_) => PolicyStage::Rcpt,
+            Kind::AuthFailures { .. } => PolicyStage::Login,
         }
     }
 }

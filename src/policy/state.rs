@@ -230,7 +230,7 @@ mod tests {
                 period: Duration::from_secs(60),
                 burst: 2,
             },
-            Action::Tempfail,
+            PolicyAction::Tempfail,
         );
         let state = PolicyState::new();
         let mk = |r: RuleSpec| {
@@ -276,7 +276,7 @@ mod tests {
                     period: Duration::from_secs(60),
                     burst: 10,
                 },
-                Action::Tempfail,
+                PolicyAction::Tempfail,
             )],
             vec![],
         );
@@ -299,7 +299,7 @@ mod tests {
                     count: 3,
                     window: Duration::from_secs(900),
                 },
-                Action::Tempfail,
+                PolicyAction::Tempfail,
             )],
             vec![],
         );
