@@ -3,7 +3,7 @@
 
 use super::file::{BackendFile, BackendTlsFile, IdentityMethod};
 use super::load::{valid_hostname, Source};
-use super::ConfigError;
+use super::{defaults, ConfigError};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -98,6 +98,6 @@ pub(super) fn build_backend(
             .identity
             .as_ref()
             .is_some_and(|v| v.contains(&IdentityMethod::ProxyV2)),
-        identity_optional: b.identity_optional.unwrap_or(false),
+        identity_optional: b.identity_optional.unwrap_or(defaults::IDENTITY_OPTIONAL),
     })
 }

@@ -2,6 +2,7 @@
 //! policy they name, per-session limits and [`Timeouts`].
 
 use super::backend::Backend;
+use super::defaults::{self, timeouts as deft};
 use super::file::ListenerFile;
 use super::load::{valid_hostname, Source};
 use super::{units, AuthMode, BareNewlines, ConfigError, Protocol, TlsMode};
@@ -105,7 +106,7 @@ pub(super) fn build_listener(
             )
         })?),
     };
-    let auth = l.auth.unwrap_or(AuthMode::None);
+    let auth = l.auth.unwrap_or(defaults::AUTH);
     if auth != AuthMode::None && (l.protocol != Protocol::Smtp || l.tls == TlsMode::None) {
         return Err(s.err(&[name, "auth"], format!(
             "listeners.{name}.auth applies to smtp listeners with tls: starttls or implicit (credentials only over TLS)")));
@@ -158,8 +159,11 @@ pub(super) fn build_listener(
         }
     };
     let t = &l.timeouts;
-    let d = |v: Option<units::Secs>, def: u64| v.map(|s| s.0).unwrap_or(Duration::from_secs(def));
-    let max_message_size = l.max_message_size.map(|b| b.0).unwrap_or(25 * 1024 * 1024);
+    let d = |v: Option<units::Secs>, def: Duration| v.map(|s| s.0).unwrap_or(def);
+    let max_message_size = l
+        .max_message_size
+        .map(|b| b.0)
+        .unwrap_or(defaults::MAX_MESSAGE_SIZE);
     if l.apop_prelogin_timeout.is_some_and(|t| t.0.is_zero()) {
         return Err(s.err(
             &[name, "apop_prelogin_timeout"],
@@ -184,27 +188,51 @@ pub(super) fn build_listener(
         proxy_trusted: l.proxy_protocol.as_ref().map(|p| {
             (
                 p.trusted.clone(),
-                p.timeout.map(|t| t.0).unwrap_or(Duration::from_secs(5)),
+                p.timeout.map(|t| t.0).unwrap_or(defaults::PROXY_TIMEOUT),
             )
         }),
         hostname: l.hostname.clone().unwrap_or_else(|| hostname.to_string()),
-        max_connections: checked(l.max_connections, 1000, 1, 1_000_000, "max_connections")?,
+        max_connections: checked(
+            l.max_connections,
+            defaults::MAX_CONNECTIONS,
+            1,
+            1_000_000,
+            "max_connections",
+        )?,
         max_message_size,
-        max_recipients: checked(l.max_recipients, 100, 1, 100_000, "max_recipients")?,
+        max_recipients: checked(
+            l.max_recipients,
+            defaults::MAX_RECIPIENTS,
+            1,
+            100_000,
+            "max_recipients",
+        )?,
         max_errors: checked(
             l.max_errors.map(|v| v as usize),
-            10,
+            defaults::MAX_ERRORS as usize,
             1,
             10_000,
             "max_errors",
         )? as u32,
-        bare_newlines: l.bare_newlines.unwrap_or(BareNewlines::Reject),
-        max_command_line: checked(l.max_command_line, 512, 512, 65536, "max_command_line")?,
-        max_text_line: checked(l.max_text_line, 1000, 1000, 1_048_576, "max_text_line")?,
-        apop: l.apop.unwrap_or(false),
+        bare_newlines: l.bare_newlines.unwrap_or(defaults::BARE_NEWLINES),
+        max_command_line: checked(
+            l.max_command_line,
+            defaults::MAX_COMMAND_LINE,
+            512,
+            65536,
+            "max_command_line",
+        )?,
+        max_text_line: checked(
+            l.max_text_line,
+            defaults::MAX_TEXT_LINE,
+            1000,
+            1_048_576,
+            "max_text_line",
+        )?,
+        apop: l.apop.unwrap_or(defaults::APOP),
         max_login_failures: checked(
             l.max_login_failures.map(|v| v as usize),
-            3,
+            defaults::MAX_LOGIN_FAILURES as usize,
             1,
             100,
             "max_login_failures",
@@ -212,20 +240,20 @@ pub(super) fn build_listener(
         login_failure_delay: l
             .login_failure_delay
             .map(|s| s.0)
-            .unwrap_or(Duration::from_secs(2)),
+            .unwrap_or(defaults::LOGIN_FAILURE_DELAY),
         timeouts: Timeouts {
-            tls_handshake: d(t.tls_handshake, 10),
-            command: d(t.command, 300),
-            data: d(t.data, 180),
-            session: d(t.session, 3600),
-            backend_connect: d(t.backend_connect, 10),
-            backend_reply: d(t.backend_reply, 300),
-            backend_data: d(t.backend_data, 600),
-            idle: d(t.idle, 600),
+            tls_handshake: d(t.tls_handshake, deft::TLS_HANDSHAKE),
+            command: d(t.command, deft::COMMAND),
+            data: d(t.data, deft::DATA),
+            session: d(t.session, deft::SESSION),
+            backend_connect: d(t.backend_connect, deft::BACKEND_CONNECT),
+            backend_reply: d(t.backend_reply, deft::BACKEND_REPLY),
+            backend_data: d(t.backend_data, deft::BACKEND_DATA),
+            idle: d(t.idle, deft::IDLE),
         },
         max_transactions: checked(
             l.max_transactions.map(|v| v as usize),
-            100,
+            defaults::MAX_TRANSACTIONS as usize,
             1,
             1_000_000,
             "max_transactions",
@@ -234,9 +262,15 @@ pub(super) fn build_listener(
             .proxy_protocol
             .as_ref()
             .and_then(|p| p.allow_local)
-            .unwrap_or(false),
-        apop_max_pending: checked(l.apop_max_pending, 50, 1, 100_000, "apop_max_pending")?,
-        apop_prelogin_timeout: d(l.apop_prelogin_timeout, 10),
+            .unwrap_or(defaults::PROXY_ALLOW_LOCAL),
+        apop_max_pending: checked(
+            l.apop_max_pending,
+            defaults::APOP_MAX_PENDING,
+            1,
+            100_000,
+            "apop_max_pending",
+        )?,
+        apop_prelogin_timeout: d(l.apop_prelogin_timeout, defaults::APOP_PRELOGIN_TIMEOUT),
     })
 }
 

@@ -7,13 +7,12 @@ use super::backend::{build_backend, Backend};
 use super::file::FileConfig;
 use super::listener::{build_listener, Listener};
 use super::policy::build_policy;
-use super::{Config, ConfigError, TlsMode};
+use super::{defaults, Config, ConfigError, TlsMode};
 use crate::policy::PolicySpec;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The largest configuration file read (real ones are a few KiB): the YAML
 /// parser's time grows faster than the text.
@@ -331,8 +330,8 @@ pub(super) fn valid_hostname(s: &str) -> bool {
 pub(super) fn build(sources: &[Source]) -> Result<Config, ConfigError> {
     // process-wide settings: at most one file may set each
     let mut hostname: Option<(String, usize)> = None;
-    let mut grace = Duration::from_secs(30);
-    let mut max_inflight_data = 512 * 1024 * 1024;
+    let mut grace = defaults::SHUTDOWN_GRACE;
+    let mut max_inflight_data = defaults::MAX_INFLIGHT_DATA;
     for (i, s) in sources.iter().enumerate() {
         if let Some(server) = &s.parsed.server {
             if let Some(h) = &server.hostname {

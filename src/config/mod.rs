@@ -9,6 +9,7 @@
 //!
 //! ```text
 //! file.rs     the serde shapes of one YAML file (the operator contract)
+//! defaults.rs every default value, used by the build code, schema and README test
 //! units.rs    sizes, durations, rates, CIDR networks
 //! load.rs     files of a path, size/nesting caps, parsing, merging → Config
 //! backend.rs  backends: → Backend
@@ -18,6 +19,7 @@
 //! ```
 
 mod backend;
+pub mod defaults;
 pub mod file;
 mod listener;
 mod load;
@@ -77,7 +79,9 @@ pub struct Config {
 /// The JSON Schema of the configuration format (`mailgate schema`).
 pub fn json_schema() -> String {
     let schema = schemars::schema_for!(FileConfig);
-    serde_json::to_string_pretty(&schema).unwrap_or_default()
+    let mut v = serde_json::to_value(&schema).unwrap_or_default();
+    defaults::annotate(&mut v);
+    serde_json::to_string_pretty(&v).unwrap_or_default()
 }
 
 /// YAML shared by the unit tests of the files below.

@@ -4,7 +4,7 @@
 
 use super::file::{AllowFile, PolicyFile};
 use super::load::Source;
-use super::ConfigError;
+use super::{defaults, ConfigError};
 use crate::policy::{self, AllowSpec, Kind, PolicySpec, RuleSpec};
 use std::time::Duration;
 
@@ -112,16 +112,16 @@ pub(super) fn build_policy(
                 format!("{} is not known where this limit is counted", k.as_str()),
             ));
         }
-        let prefix_v4 = r.prefix_v4.unwrap_or(24);
-        let prefix_v6 = r.prefix_v6.unwrap_or(56);
+        let prefix_v4 = r.prefix_v4.unwrap_or(defaults::PREFIX_V4);
+        let prefix_v6 = r.prefix_v6.unwrap_or(defaults::PREFIX_V6);
         if prefix_v4 > 32 || prefix_v6 > 128 {
             return Err(at("prefix_v4 must be ≤ 32 and prefix_v6 ≤ 128".into()));
         }
-        let ipv6_prefix = r.ipv6_prefix.unwrap_or(64);
+        let ipv6_prefix = r.ipv6_prefix.unwrap_or(defaults::IPV6_PREFIX);
         if ipv6_prefix > 128 {
             return Err(at_field("ipv6_prefix", "must be ≤ 128".into()));
         }
-        let action = r.action.unwrap_or(policy::PolicyAction::Tempfail);
+        let action = r.action.unwrap_or(defaults::ACTION);
         if matches!(kind, Kind::Concurrent(_)) && action == policy::PolicyAction::Delay {
             // a tarpit admits the session afterwards without a slot: no limit at all
             let mut at = vec!["policies", name, "limits"];
@@ -156,7 +156,7 @@ pub(super) fn build_policy(
             max_delay: r
                 .max_delay
                 .map(|d| d.0)
-                .unwrap_or(Duration::from_secs(5))
+                .unwrap_or(defaults::MAX_DELAY)
                 .min(Duration::from_secs(60)),
             ipv6_prefix,
         });
@@ -215,11 +215,11 @@ pub(super) fn build_policy(
         deny: p.deny.clone(),
         allow,
         rules,
-        max_tracked_keys: p.max_tracked_keys.unwrap_or(100_000).clamp(16, 10_000_000),
-        known_good: p
-            .known_good
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(30 * 86_400)),
+        max_tracked_keys: p
+            .max_tracked_keys
+            .unwrap_or(defaults::MAX_TRACKED_KEYS)
+            .clamp(16, 10_000_000),
+        known_good: p.known_good.map(|d| d.0).unwrap_or(defaults::KNOWN_GOOD),
     })
 }
 

@@ -22,7 +22,7 @@ pub enum PolicyAction {
 }
 
 impl PolicyAction {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             PolicyAction::Accept => "accept",
             PolicyAction::Tag => "tag",

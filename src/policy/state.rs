@@ -6,6 +6,7 @@
 use super::evaluate::{Limiter, Policy, Rule};
 use super::limits::{Bucket, Counter, Failures, KnownGood};
 use super::spec::{Kind, PolicySpec};
+use crate::config::defaults;
 use governor::Quota;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -39,7 +40,7 @@ impl PolicyState {
             counters: Default::default(),
             failures: Default::default(),
             hits: Default::default(),
-            known_good: KnownGood::new(Duration::from_secs(30 * 86_400), 100_000),
+            known_good: KnownGood::new(defaults::KNOWN_GOOD, defaults::MAX_TRACKED_KEYS),
         })
     }
 
