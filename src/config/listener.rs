@@ -337,5 +337,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_transactions must be between"), "{e}");
+        // a budget smaller than a message the listener accepts: said by `check`
+        let c = load_str(
+            "v.yaml",
+            &format!(
+                "server: {{ max_inflight_data: 10MiB }}\n{base}, max_message_size: 20MiB }}\n"
+            ),
+        )
+        .unwrap();
+        assert!(c
+            .summary()
+            .contains("warning: max_message_size is larger than server.max_inflight_data"));
     }
 }

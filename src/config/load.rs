@@ -179,6 +179,8 @@ pub fn check_nesting(text: &str) -> Result<(), (usize, usize)> {
     let mut indents: Vec<usize> = Vec::new();
     let mut flow = 0usize;
     let mut quote: Option<u8> = None;
+    // brackets seen inside what the scan takes for quoted text
+    let mut quoted_brackets = 0usize;
     // the indentation of the line that opened a block scalar
     let mut block_scalar: Option<usize> = None;
     for (n, raw) in text.split('\n').enumerate() {
@@ -222,30 +224,52 @@ pub fn check_nesting(text: &str) -> Result<(), (usize, usize)> {
             }
         }
         let mut last_token_start = at;
+        // a quote opens a quoted scalar only where a scalar may start (line
+        // start, after `[`, `{`, `,`, or `: `): `k: a 'q` is a plain scalar,
+        // and mistaking it for a quote would hide what follows from the count
+        let mut scalar_start = quote.is_none();
         let mut i = at;
         while i < line.len() {
             let c = line[i];
+            // brackets count inside quotes too: a mistaken quote state can
+            // then only refuse a harmless file, never let a deep one through
+            let bracket_open = matches!(c, b'[' | b'{') && quote.is_some();
+            if bracket_open && depth + flow + quoted_brackets + 1 > MAX_NESTING {
+                return Err((n + 1, i + 1));
+            }
             match quote {
                 Some(b'"') if c == b'\\' => i += 1,
-                Some(q) if c == q => quote = None,
-                Some(_) => {}
+                Some(q) if c == q => {
+                    quote = None;
+                    scalar_start = false;
+                }
+                Some(_) => match c {
+                    b'[' | b'{' => quoted_brackets += 1,
+                    b']' | b'}' => quoted_brackets = quoted_brackets.saturating_sub(1),
+                    _ => {}
+                },
                 None => {
                     let prev = if i == 0 { b' ' } else { line[i - 1] };
-                    let token_start = matches!(prev, b' ' | b'\t' | b'[' | b'{' | b',' | b':');
                     if c == b' ' || c == b'\t' {
                         last_token_start = i + 1;
+                        if prev == b':' {
+                            scalar_start = true;
+                        }
                     }
                     match c {
                         b'#' if prev == b' ' || prev == b'\t' || i == 0 => break,
-                        b'"' | b'\'' if token_start => quote = Some(c),
+                        b'"' | b'\'' if scalar_start => quote = Some(c),
                         b'[' | b'{' => {
                             flow += 1;
-                            if depth + flow > MAX_NESTING {
+                            if depth + flow + quoted_brackets > MAX_NESTING {
                                 return Err((n + 1, i + 1));
                             }
                         }
                         b']' | b'}' => flow = flow.saturating_sub(1),
                         _ => {}
+                    }
+                    if c != b' ' && c != b'\t' {
+                        scalar_start = matches!(c, b'[' | b'{' | b',');
                     }
                 }
             }
@@ -554,14 +578,15 @@ mod tests {
         let block = format!("listeners:\n  {}x\n", "- ".repeat(n));
         let e = err(&block);
         assert!(e.starts_with("bad.yaml:2:") && e.contains("nest"), "{e}");
-        // ordinary depth is fine, brackets inside quotes and comments do not count
+        // ordinary depth is fine, brackets inside comments and block scalars
+        // do not count (inside quotes they do: see the test above)
         let quoted = format!(
             "{GOOD}# {}\nserver: {{ hostname: \"{}\" }}\n",
             "[".repeat(100),
             "x"
         );
         load_str("ok.yaml", &quoted).unwrap();
-        let text = format!("a: |\n  {}\nb: '{}'\n", "[".repeat(100), "{".repeat(100));
+        let text = format!("a: |\n  {}\nb: '{}'\n", "[".repeat(100), "{".repeat(30));
         assert_eq!(check_nesting(&text), Ok(()));
         let stairs: String = (0..70)
             .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
@@ -583,5 +608,18 @@ mod tests {
         assert!(e.contains("huge.yaml") && e.contains("1 MiB"), "{e}");
         let e = load_str("inline.yaml", &text).unwrap_err().to_string();
         assert!(e.contains("inline.yaml") && e.contains("1 MiB"), "{e}");
+    }
+
+    #[test]
+    fn quote_inside_a_plain_scalar_does_not_hide_nesting() {
+        // `a 'q` is a plain scalar (YAML opens quotes only where a scalar
+        // starts): the deep sequence on the next line is real structure
+        let deep = format!("k: a 'q\nz: {}{} # '\n", "[".repeat(200), "]".repeat(200));
+        assert_eq!(check_nesting(&deep).map_err(|(l, _)| l), Err(2));
+        // quotes where scalars start still hide brackets from the flow count,
+        // but never more than MAX_NESTING of them
+        assert!(check_nesting("k: 'it''s [x'\nl: \"a [b\"\nm: [\"[\", '{']\n").is_ok());
+        let hidden = format!("k: '{}'\n", "[".repeat(MAX_NESTING + 1));
+        assert!(check_nesting(&hidden).is_err());
     }
 }

@@ -12,6 +12,15 @@ impl Config {
         for s in &self.sources {
             let _ = writeln!(out, "  file {}", s.display());
         }
+        let _ = writeln!(
+            out,
+            "server max_inflight_data={} dns: cache {} entries / {} bytes, max_queries_per_session={} max_queries_per_message={}",
+            self.max_inflight_data,
+            self.dns.cache_entries,
+            self.dns.cache_bytes,
+            self.dns.max_queries_per_session,
+            self.dns.max_queries_per_message
+        );
         for l in &self.listeners {
             let proto = match l.protocol {
                 Protocol::Smtp => "smtp",
@@ -28,12 +37,51 @@ impl Config {
                 l.name, proto, l.bind, tls, l.require_tls, l.backend.name, l.backend.address,
                 l.policy.as_ref().map(|p| p.name.as_str()).unwrap_or("-"), l.max_connections
             );
+            let b = &l.backend;
+            let mut identity: Vec<&str> = Vec::new();
+            if b.xclient {
+                identity.push("xclient");
+            }
+            if b.proxy_v2 {
+                identity.push("proxy_v2");
+            }
+            identity.push("received");
+            let _ = writeln!(
+                out,
+                "  identity=[{}]{}",
+                identity.join(", "),
+                if b.identity_optional && b.xclient {
+                    " identity_optional=true (relays without XCLIENT when it cannot be applied)"
+                } else {
+                    ""
+                }
+            );
+            if let Some((trusted, _)) = &l.proxy_trusted {
+                let _ = writeln!(
+                    out,
+                    "  proxy_protocol: {} trusted network(s), allow_local={}{}",
+                    trusted.len(),
+                    l.proxy_allow_local,
+                    if l.proxy_allow_local {
+                        " (LOCAL/UNKNOWN headers run as the balancer's address)"
+                    } else {
+                        ""
+                    }
+                );
+            }
             if l.protocol == Protocol::Smtp {
                 let _ = writeln!(
                     out,
                     "  max_message_size={} max_recipients={} bare_newlines={:?} max_errors={}",
                     l.max_message_size, l.max_recipients, l.bare_newlines, l.max_errors
                 );
+                if l.max_message_size > self.max_inflight_data {
+                    let _ = writeln!(
+                        out,
+                        "  warning: max_message_size is larger than server.max_inflight_data: \
+                         larger messages always get 452 4.3.1"
+                    );
+                }
                 let _ = writeln!(
                     out,
                     "  max_transactions={} max_login_failures={}",
@@ -91,5 +139,23 @@ mod tests {
             e.starts_with("bad.yaml:8:") && e.contains("ipv6_prefix"),
             "{e}"
         );
+    }
+
+    /// The fail-open opt-outs and the process-wide bounds are visible in `check`.
+    #[test]
+    fn summary_names_opt_outs_and_bounds() {
+        let c = load_str(
+            "o.yaml",
+            "backends:\n  a: { address: \"127.0.0.1:1\", identity: [xclient], identity_optional: true }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a, proxy_protocol: { trusted: [\"10.0.0.0/8\"], allow_local: true } }\n",
+        )
+        .unwrap();
+        let s = c.summary();
+        assert!(
+            s.contains("identity=[xclient, received] identity_optional=true"),
+            "{s}"
+        );
+        assert!(s.contains("allow_local=true"), "{s}");
+        assert!(s.contains("max_inflight_data=536870912"), "{s}");
+        assert!(s.contains("max_queries_per_session=500"), "{s}");
     }
 }
