@@ -150,10 +150,10 @@ pub struct ListenerFile {
     pub max_transactions: Option<u32>,
     /// POP3 with `apop: true`: sessions that may hold a backend connection
     /// before login (for its greeting timestamp) at the same time; beyond it
-    /// new connections get `-ERR [SYS/TEMP]` and are closed.
+    /// new connections get `-ERR [SYS/TEMP]` and are closed (default 50).
     pub apop_max_pending: Option<usize>,
-    /// POP3 with `apop: true`: while a session holds such a connection, each
-    /// command before login must come within this time.
+    /// POP3 with `apop: true`: while a session holds such a connection, the
+    /// login must come within this time of the greeting (default 10s).
     pub apop_prelogin_timeout: Option<Secs>,
 }
 
