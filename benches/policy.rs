@@ -4,8 +4,8 @@
 //! floods (connect rate, failed logins). Prints figures; asserts nothing.
 
 use mailgate::config::file::KeyPart;
-use mailgate::policy::action::Action;
-use mailgate::policy::{Facts, Kind, Policies, PolicySpec, PolicyState, RuleSpec, Stage};
+use mailgate::policy::PolicyAction;
+use mailgate::policy::{Facts, Kind, Policies, PolicySpec, PolicyStage, PolicyState, RuleSpec};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ fn rule(name: &str, key: Vec<KeyPart>, kind: Kind) -> RuleSpec {
         name: name.into(),
         key,
         kind,
-        action: Action::Shadow,
+        action: PolicyAction::Shadow,
         prefix_v4: 24,
         prefix_v6: 56,
         max_delay: Duration::from_secs(1),
@@ -81,9 +81,9 @@ fn per_op(p: &mailgate::policy::Policy, n: usize) -> (f64, f64) {
         );
         f.helo = Some("client.example");
         f.sender = Some(&senders[i % 1000]);
-        std::hint::black_box(p.check(Stage::Mail, &f));
+        std::hint::black_box(p.check(PolicyStage::Mail, &f));
         f.rcpt = Some(&rcpts[(i * 7) % 1000]);
-        std::hint::black_box(p.check(Stage::Rcpt, &f));
+        std::hint::black_box(p.check(PolicyStage::Rcpt, &f));
     }
     (
         (cpu_ns() - c0) as f64 / n as f64,

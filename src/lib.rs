@@ -6,8 +6,10 @@
 //! ```text
 //! config/      YAML files → validated `Config` (errors carry file:line:column)
 //!   file.rs      the serde shapes of one YAML file (unknown fields are errors)
-//!   units.rs     sizes ("25MiB"), durations ("5m"), CIDR networks
-//!   mod.rs       loading, merging several files, validation, `check` summary
+//!   units.rs     sizes ("25MiB"), durations ("5m") and rates ("20/minute", one unit table), CIDR networks
+//!   load.rs      files of a path, size/nesting caps, parsing, merging several files
+//!   listener.rs, backend.rs, policy.rs  each section → its validated type
+//!   summary.rs   the `check` output
 //! tls.rs       certificates from PEM, SNI resolver, rustls `ServerConfig`, dev certs (rcgen)
 //! transport.rs `MaybeTls` (plain or TLS, one type across STARTTLS) = `ClientStream`;
 //!              TLS accept under a deadline; PROXY v1/v2 in, v2 header out
@@ -36,8 +38,10 @@
 //! auth/        SPF/DKIM/DMARC/ARC via mail-auth: bounded DNS cache, `Verifier`,
 //!              policy verdicts, Authentication-Results / Received-SPF, forged A-R removal
 //! policy/      limits per listener: deny/allow lists, rate (governor GCRA), concurrency,
-//!   limits.rs    brute-force windows with known-good networks; state survives reloads
-//!   mod.rs       compile from config, evaluate per stage → `Decision`
+//!   spec.rs      validated rules: what each counts, the stage it runs at, `check` text
+//!   state.rs     limiter state that survives reloads; compiling specs against it
+//!   evaluate.rs  per-stage decisions of a compiled policy → `Decision`
+//!   limits.rs    brute-force windows with known-good networks; buckets, counters
 //!   action.rs    accept / tag / tempfail / reject / delay / shadow
 //! observe/     Prometheus metrics (metrics.rs) and the /metrics /healthz /readyz endpoint (http.rs)
 //! server.rs    listeners, per-listener runtime snapshots (ArcSwap) and reload, connect-stage

@@ -7,7 +7,7 @@
 use crate::backend::probe::{self, CapsCache};
 use crate::config::{Config, Listener, Protocol};
 use crate::observe::http::ReadyCheck;
-use crate::policy::action::Action;
+use crate::policy::PolicyAction;
 use crate::policy::{ConnectPermit, Decision, Facts, Policies, Policy, PolicyState};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -569,7 +569,7 @@ async fn shed_one(socket: &TcpListener, rt: &ListenerRuntime) -> bool {
         Ok(Ok((tcp, peer))) => {
             let l = &rt.listener;
             // a new connection's send buffer is empty: this cannot block
-            let _ = tcp.try_write(&refusal(l.protocol, Action::Tempfail));
+            let _ = tcp.try_write(&refusal(l.protocol, PolicyAction::Tempfail));
             crate::observe::metrics().refused(&l.name, "fd_exhausted");
             warn!(listener = %l.name, %peer, "out of file descriptors; connection turned away");
             true
@@ -657,7 +657,7 @@ async fn accept_loop(
                 let l = &rt.listener;
                 warn!(listener = %l.name, %peer, limit = l.max_connections, "connection limit reached");
                 crate::observe::metrics().refused(&l.name, "max_connections");
-                tokio::spawn(refuse(tcp, l.protocol, Action::Tempfail));
+                tokio::spawn(refuse(tcp, l.protocol, PolicyAction::Tempfail));
                 continue;
             }
         };
@@ -735,7 +735,7 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
 
 /// A one-line answer in plaintext before closing (even on implicit-TLS
 /// listeners: no handshake is spent on a connection that is turned away).
-async fn refuse(mut tcp: TcpStream, protocol: Protocol, action: Action) {
+async fn refuse(mut tcp: TcpStream, protocol: Protocol, action: PolicyAction) {
     let line = refusal(protocol, action);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = tcp.write_all(&line).await;
@@ -744,11 +744,11 @@ async fn refuse(mut tcp: TcpStream, protocol: Protocol, action: Action) {
     .await;
 }
 
-fn refusal(protocol: Protocol, action: Action) -> Vec<u8> {
+fn refusal(protocol: Protocol, action: PolicyAction) -> Vec<u8> {
     match (protocol, action) {
-        (Protocol::Smtp, Action::Reject) => crate::smtp::reply::denied().to_bytes(),
+        (Protocol::Smtp, PolicyAction::Reject) => crate::smtp::reply::denied().to_bytes(),
         (Protocol::Smtp, _) => crate::smtp::reply::too_many_connections().to_bytes(),
-        (Protocol::Pop3, Action::Reject) => crate::pop3::reply::denied().to_bytes(),
+        (Protocol::Pop3, PolicyAction::Reject) => crate::pop3::reply::denied().to_bytes(),
         (Protocol::Pop3, _) => crate::pop3::reply::too_many_connections().to_bytes(),
     }
 }

@@ -24,20 +24,20 @@ use super::verify::{
     AuthResult, Checks, DmarcPolicy, MessageOutcome, NotChecked, SpfIdentity, SpfOutcome,
 };
 use super::AuthError;
-use crate::policy::action::Action;
+use crate::policy::PolicyAction;
 use serde::Deserialize;
 
 /// `spf:` — one action per RFC 7208 result.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpfActions {
-    pub pass: Option<Action>,
-    pub fail: Option<Action>,
-    pub softfail: Option<Action>,
-    pub neutral: Option<Action>,
-    pub none: Option<Action>,
-    pub temperror: Option<Action>,
-    pub permerror: Option<Action>,
+    pub pass: Option<PolicyAction>,
+    pub fail: Option<PolicyAction>,
+    pub softfail: Option<PolicyAction>,
+    pub neutral: Option<PolicyAction>,
+    pub none: Option<PolicyAction>,
+    pub temperror: Option<PolicyAction>,
+    pub permerror: Option<PolicyAction>,
 }
 
 /// `dkim:` — applied to the best signature of the message (see
@@ -45,12 +45,12 @@ pub struct SpfActions {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DkimActions {
-    pub pass: Option<Action>,
-    pub fail: Option<Action>,
-    pub neutral: Option<Action>,
-    pub none: Option<Action>,
-    pub temperror: Option<Action>,
-    pub permerror: Option<Action>,
+    pub pass: Option<PolicyAction>,
+    pub fail: Option<PolicyAction>,
+    pub neutral: Option<PolicyAction>,
+    pub none: Option<PolicyAction>,
+    pub temperror: Option<PolicyAction>,
+    pub permerror: Option<PolicyAction>,
 }
 
 /// `dmarc:` — `quarantine` / `reject` / `none` apply to a DMARC `fail`
@@ -62,23 +62,23 @@ pub struct DmarcActions {
     #[serde(default)]
     pub enforce: bool,
     /// Failing message, policy `quarantine` (default with enforce: `tag`).
-    pub quarantine: Option<Action>,
+    pub quarantine: Option<PolicyAction>,
     /// Failing message, policy `reject` (default with enforce: `reject`).
-    pub reject: Option<Action>,
+    pub reject: Option<PolicyAction>,
     /// Failing message, policy `none`.
-    pub none: Option<Action>,
-    pub temperror: Option<Action>,
-    pub permerror: Option<Action>,
+    pub none: Option<PolicyAction>,
+    pub temperror: Option<PolicyAction>,
+    pub permerror: Option<PolicyAction>,
 }
 
 /// `arc:` — the chain validation result (reported; sealing is not done).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ArcActions {
-    pub pass: Option<Action>,
-    pub fail: Option<Action>,
-    pub none: Option<Action>,
-    pub temperror: Option<Action>,
+    pub pass: Option<PolicyAction>,
+    pub fail: Option<PolicyAction>,
+    pub none: Option<PolicyAction>,
+    pub temperror: Option<PolicyAction>,
 }
 
 /// The authentication part of one policy block.
@@ -140,7 +140,7 @@ fn is_token(s: &str) -> bool {
 /// (printable ASCII, no line breaks, bounded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
-    pub action: Action,
+    pub action: PolicyAction,
     /// "spf", "dkim", "dmarc", "arc", or "" for the default accept.
     pub check: &'static str,
     pub reason: String,
@@ -149,21 +149,21 @@ pub struct Verdict {
 impl Verdict {
     fn accept() -> Self {
         Verdict {
-            action: Action::Accept,
+            action: PolicyAction::Accept,
             check: "",
             reason: String::new(),
         }
     }
 }
 
-fn strength(a: Action) -> u8 {
+fn strength(a: PolicyAction) -> u8 {
     match a {
-        Action::Reject => 5,
-        Action::Tempfail => 4,
-        Action::Delay => 3,
-        Action::Tag => 2,
-        Action::Shadow => 1,
-        Action::Accept => 0,
+        PolicyAction::Reject => 5,
+        PolicyAction::Tempfail => 4,
+        PolicyAction::Delay => 3,
+        PolicyAction::Tag => 2,
+        PolicyAction::Shadow => 1,
+        PolicyAction::Accept => 0,
     }
 }
 
@@ -291,8 +291,10 @@ impl Decidable for MessageOutcome {
         if let (Some(a), Some(d)) = (&policy.dmarc, &self.dmarc) {
             let configured = match d.result {
                 AuthResult::Fail => match d.policy {
-                    DmarcPolicy::Reject => a.reject.or(a.enforce.then_some(Action::Reject)),
-                    DmarcPolicy::Quarantine => a.quarantine.or(a.enforce.then_some(Action::Tag)),
+                    DmarcPolicy::Reject => a.reject.or(a.enforce.then_some(PolicyAction::Reject)),
+                    DmarcPolicy::Quarantine => {
+                        a.quarantine.or(a.enforce.then_some(PolicyAction::Tag))
+                    }
                     DmarcPolicy::None => a.none,
                 },
                 AuthResult::TempError => a.temperror,
@@ -301,8 +303,8 @@ impl Decidable for MessageOutcome {
             };
             // Report-only mode never refuses, whatever the keys say.
             let action = configured.map(|act| {
-                if !a.enforce && strength(act) > strength(Action::Tag) {
-                    Action::Tag
+                if !a.enforce && strength(act) > strength(PolicyAction::Tag) {
+                    PolicyAction::Tag
                 } else {
                     act
                 }
@@ -438,27 +440,33 @@ mod tests {
             "authserv_id: mx.example.org\nspf: { fail: reject, softfail: tag, neutral: tag, none: accept, temperror: tempfail, permerror: shadow }",
         );
         let d = decide(&p, &spf(AuthResult::Fail));
-        assert_eq!((d.action, d.check), (Action::Reject, "spf"));
+        assert_eq!((d.action, d.check), (PolicyAction::Reject, "spf"));
         assert_eq!(
             d.reason,
             "SPF fail: sender domain example.com does not designate 192.0.2.1 as permitted sender"
         );
         assert_eq!(
             decide(&p, &spf(AuthResult::TempError)).action,
-            Action::Tempfail
+            PolicyAction::Tempfail
         );
-        assert_eq!(decide(&p, &spf(AuthResult::SoftFail)).action, Action::Tag);
+        assert_eq!(
+            decide(&p, &spf(AuthResult::SoftFail)).action,
+            PolicyAction::Tag
+        );
         assert_eq!(
             decide(&p, &spf(AuthResult::PermError)).action,
-            Action::Shadow
+            PolicyAction::Shadow
         );
-        assert_eq!(decide(&p, &spf(AuthResult::None)).action, Action::Accept);
+        assert_eq!(
+            decide(&p, &spf(AuthResult::None)).action,
+            PolicyAction::Accept
+        );
         // unnamed result → accept, no check named
         assert_eq!(decide(&p, &spf(AuthResult::Pass)), Verdict::accept());
         // no spf block → nothing
         assert_eq!(
             decide(&AuthPolicy::default(), &spf(AuthResult::Fail)).action,
-            Action::Accept
+            PolicyAction::Accept
         );
     }
 
@@ -478,31 +486,34 @@ mod tests {
         let enforce = policy("authserv_id: mx\ndmarc: { enforce: true }");
         let fail_reject = msg(&[], Some((AuthResult::Fail, DmarcPolicy::Reject)));
         let d = decide(&enforce, &fail_reject);
-        assert_eq!((d.action, d.check), (Action::Reject, "dmarc"));
+        assert_eq!((d.action, d.check), (PolicyAction::Reject, "dmarc"));
         assert_eq!(
             d.reason,
             "DMARC policy reject of example.com: no aligned SPF or DKIM pass"
         );
         let fail_q = msg(&[], Some((AuthResult::Fail, DmarcPolicy::Quarantine)));
-        assert_eq!(decide(&enforce, &fail_q).action, Action::Tag);
+        assert_eq!(decide(&enforce, &fail_q).action, PolicyAction::Tag);
         let fail_none = msg(&[], Some((AuthResult::Fail, DmarcPolicy::None)));
-        assert_eq!(decide(&enforce, &fail_none).action, Action::Accept);
+        assert_eq!(decide(&enforce, &fail_none).action, PolicyAction::Accept);
         let pass = msg(
             &[AuthResult::Pass],
             Some((AuthResult::Pass, DmarcPolicy::Reject)),
         );
-        assert_eq!(decide(&enforce, &pass).action, Action::Accept);
+        assert_eq!(decide(&enforce, &pass).action, PolicyAction::Accept);
 
         let custom = policy("authserv_id: mx\ndmarc: { enforce: true, quarantine: tempfail, reject: tag, temperror: tempfail }");
-        assert_eq!(decide(&custom, &fail_q).action, Action::Tempfail);
-        assert_eq!(decide(&custom, &fail_reject).action, Action::Tag);
+        assert_eq!(decide(&custom, &fail_q).action, PolicyAction::Tempfail);
+        assert_eq!(decide(&custom, &fail_reject).action, PolicyAction::Tag);
         let temp = msg(&[], Some((AuthResult::TempError, DmarcPolicy::None)));
-        assert_eq!(decide(&custom, &temp).action, Action::Tempfail);
+        assert_eq!(decide(&custom, &temp).action, PolicyAction::Tempfail);
 
         let report_only = policy("authserv_id: mx\ndmarc: { enforce: false, reject: reject }");
-        assert_eq!(decide(&report_only, &fail_reject).action, Action::Tag);
+        assert_eq!(decide(&report_only, &fail_reject).action, PolicyAction::Tag);
         let report_default = policy("authserv_id: mx\ndmarc: {}");
-        assert_eq!(decide(&report_default, &fail_reject).action, Action::Accept);
+        assert_eq!(
+            decide(&report_default, &fail_reject).action,
+            PolicyAction::Accept
+        );
     }
 
     #[test]
@@ -518,9 +529,9 @@ mod tests {
         assert_eq!(
             all.iter().map(|v| (v.check, v.action)).collect::<Vec<_>>(),
             vec![
-                ("dmarc", Action::Reject),
-                ("arc", Action::Tempfail),
-                ("dkim", Action::Tag)
+                ("dmarc", PolicyAction::Reject),
+                ("arc", PolicyAction::Tempfail),
+                ("dkim", PolicyAction::Tag)
             ]
         );
         assert_eq!(decide(&p, &m).check, "dmarc");
@@ -532,7 +543,7 @@ mod tests {
         let v = decisions(&p, &m);
         assert_eq!(
             v.last().map(|v| (v.check, v.action)),
-            Some(("dkim", Action::Shadow))
+            Some(("dkim", PolicyAction::Shadow))
         );
     }
 

@@ -1,8 +1,10 @@
 //! The serde shapes of one YAML file. Every struct denies unknown fields, so a
 //! typo is an error with its line and column instead of a silently ignored key.
 //! Field names here are the operator contract: extend, never rename.
+//! Defaults are not restated here: they live in `defaults.rs`, which the
+//! schema (`mailgate schema`, each field's `default`) and README follow.
 
-use super::units::{ByteSize, Cidr, Secs};
+use super::units::{ByteSize, Cidr, Rate, Secs};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -40,11 +42,11 @@ pub struct MetricsFile {
 #[serde(deny_unknown_fields)]
 pub struct ProxyProtocolFile {
     pub trusted: Vec<Cidr>,
-    /// How long the header may take to arrive (default 5s).
+    /// How long the header may take to arrive.
     pub timeout: Option<Secs>,
     /// Accept `LOCAL` (v2) and `UNKNOWN` (v1) headers, which carry no client
     /// address (balancer health checks); the session then runs as the
-    /// balancer's own address. Default false: such connections are closed.
+    /// balancer's own address. When false, such connections are closed.
     pub allow_local: Option<bool>,
 }
 
@@ -68,8 +70,8 @@ pub struct ServerFile {
     pub hostname: Option<String>,
     /// How long running transactions may take to finish after SIGTERM.
     pub shutdown_grace: Option<Secs>,
-    /// Message bytes all SMTP sessions together may hold in memory (default
-    /// 512MiB); a DATA beyond it gets `452 4.3.1`.
+    /// Message bytes all SMTP sessions together may hold in memory; a DATA
+    /// beyond it gets `452 4.3.1`.
     pub max_inflight_data: Option<ByteSize>,
 }
 
@@ -92,7 +94,7 @@ pub enum TlsMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BareNewlines {
-    /// Reject the message with 550 5.6.0 (default).
+    /// Reject the message with 550 5.6.0.
     Reject,
     /// Turn each bare CR or LF into CRLF before the message goes anywhere.
     Normalize,
@@ -126,7 +128,7 @@ pub struct ListenerFile {
     pub max_recipients: Option<usize>,
     /// Protocol errors tolerated per session before 421 and close.
     pub max_errors: Option<u32>,
-    /// SMTP: `reject` (default) or `normalize` bare CR / bare LF in messages.
+    /// SMTP: `reject` or `normalize` bare CR / bare LF in messages.
     pub bare_newlines: Option<BareNewlines>,
     /// Longest command line including CRLF (RFC 5321: 512).
     pub max_command_line: Option<usize>,
@@ -138,13 +140,13 @@ pub struct ListenerFile {
     pub max_login_failures: Option<u32>,
     /// Accept connections through a TCP load balancer that sends PROXY headers.
     pub proxy_protocol: Option<ProxyProtocolFile>,
-    /// SMTP: `none` (default), `optional` or `required` AUTH (PLAIN, LOGIN; only over TLS).
+    /// SMTP: `none`, `optional` or `required` AUTH (PLAIN, LOGIN; only over TLS).
     pub auth: Option<AuthMode>,
     /// POP3 and SMTP AUTH: pause after each failed login.
     pub login_failure_delay: Option<Secs>,
     #[serde(default)]
     pub timeouts: TimeoutsFile,
-    /// SMTP: MAIL commands per session (default 100); the next gets `421 4.7.0` and the close.
+    /// SMTP: MAIL commands per session; the next gets `421 4.7.0` and the close.
     pub max_transactions: Option<u32>,
     /// POP3 with `apop: true`: sessions that may hold a backend connection
     /// before login (for its greeting timestamp) at the same time; beyond it
@@ -203,8 +205,8 @@ pub struct BackendFile {
     pub server_name: Option<String>,
     /// With `identity: [xclient]`: relay anyway when the backend does not
     /// offer XCLIENT (with ADDR) or refuses it; the backend then sees
-    /// mailgate's address. Default false: MAIL gets `451 4.7.0` and nothing
-    /// is relayed.
+    /// mailgate's address. When false, MAIL gets `451 4.7.0` and nothing is
+    /// relayed.
     pub identity_optional: Option<bool>,
 }
 
@@ -286,26 +288,25 @@ pub struct LimitFile {
     pub name: Option<String>,
     pub key: Vec<KeyPart>,
     /// Events at the stage where the key is known ("20/minute", "5/15minutes").
-    pub rate: Option<String>,
+    pub rate: Option<Rate>,
     pub burst: Option<u32>,
     /// Simultaneous sessions.
     pub concurrent: Option<u32>,
     /// Messages (counted at MAIL).
-    pub messages: Option<String>,
+    pub messages: Option<Rate>,
     /// Recipients (counted at each RCPT).
-    pub recipients: Option<String>,
+    pub recipients: Option<Rate>,
     /// Failed logins (SMTP AUTH, POP3 USER/PASS/AUTH/APOP) before login attempts are refused.
-    pub auth_failures: Option<String>,
+    pub auth_failures: Option<Rate>,
     /// Recipients in one message.
     pub recipients_per_message: Option<u32>,
     pub prefix_v4: Option<u8>,
     pub prefix_v6: Option<u8>,
-    /// Default `tempfail`.
-    pub action: Option<crate::policy::action::Action>,
-    /// Longest tarpit for `action: delay` (default 5s).
+    pub action: Option<crate::policy::PolicyAction>,
+    /// Longest tarpit for `action: delay` (at most 60s).
     pub max_delay: Option<Secs>,
     /// The `ip` key counts IPv6 clients per network of this prefix length
-    /// (default 64: rotating addresses inside one /64 is one client; 128 =
-    /// per address). IPv4 clients are always counted per address.
+    /// (64: rotating addresses inside one /64 is one client; 128 = per
+    /// address). IPv4 clients are always counted per address.
     pub ipv6_prefix: Option<u8>,
 }

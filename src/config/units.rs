@@ -58,39 +58,68 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// A duration written as `300ms`, `30s`, `5m`, `1h` or a bare number of seconds.
+/// The one unit table of durations and rate periods: a duration (`30s`,
+/// `1hour`) and a rate's period (`5/15minutes`, `20/m`) accept the same
+/// spellings, because both are read by [`parse_time`].
+const TIME_UNITS: &[(&[&str], u64)] = &[
+    (&["ms"], 1),
+    (&["s", "sec", "second", "seconds"], 1000),
+    (&["m", "min", "minute", "minutes"], 60_000),
+    (&["h", "hour", "hours"], 3_600_000),
+    (&["d", "day", "days"], 86_400_000),
+];
+
+/// `NUMBER [UNIT]` or `UNIT` (one of it): `30s`, `15 minutes`, `hour`; a bare
+/// number is seconds. At most [`Secs::MAX`].
+fn parse_time(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let unit = unit.trim();
+    let n: u64 = match num {
+        "" if !unit.is_empty() => 1,
+        "" => return Err(format!("invalid duration {s:?}: expected e.g. 30s or 5m")),
+        // more digits than u64 holds: longer than any bound anyway
+        num => num.parse().unwrap_or(u64::MAX),
+    };
+    let millis = match unit {
+        "" => 1000,
+        unit => TIME_UNITS
+            .iter()
+            .find(|(names, _)| names.contains(&unit))
+            .map(|(_, ms)| *ms)
+            .ok_or_else(|| {
+                format!("invalid duration unit {unit:?} in {s:?} (ms, s, m, h, d or second, minute, hour, day)")
+            })?,
+    };
+    let d = Duration::from_millis(n.saturating_mul(millis));
+    if d > Secs::MAX {
+        return Err(format!("duration {s:?} is too long (at most 100 years)"));
+    }
+    Ok(d)
+}
+
+/// The unit names of [`TIME_UNITS`] as a regex alternation, for the schema.
+fn time_unit_pattern() -> String {
+    let names: Vec<&str> = TIME_UNITS
+        .iter()
+        .flat_map(|(n, _)| n.iter().copied())
+        .collect();
+    format!("(?:{})", names.join("|"))
+}
+
+/// A duration written as `300ms`, `30s`, `5m`, `1h`, `1hour` or a bare number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Secs(pub Duration);
 
 impl Secs {
     /// The longest duration accepted: every duration ends up as a deadline
-    /// `now + d`, which must not overflow (that panics in each session).
+    /// `now + d`, which must not overflow (that panics in each session). Rate
+    /// periods share it (the limiter holds them in nanoseconds as a u64).
     pub const MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
 
-    fn bounded(d: Duration, s: &str) -> Result<Self, String> {
-        if d > Self::MAX {
-            Err(format!("duration {s:?} is too long (at most 100 years)"))
-        } else {
-            Ok(Secs(d))
-        }
-    }
-
     pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s or 5m"))?;
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "" | "s" => Duration::from_secs(n),
-            "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "d" => Duration::from_secs(n.saturating_mul(86_400)),
-            other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
-        };
-        Self::bounded(d, s)
+        parse_time(s).map(Secs)
     }
 }
 
@@ -103,13 +132,58 @@ impl<'de> Deserialize<'de> for Secs {
                 f.write_str("a duration such as 30s, 5m or 250ms")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Secs, E> {
-                Secs::bounded(Duration::from_secs(v), &v.to_string()).map_err(E::custom)
+                Secs::parse(&v.to_string()).map_err(E::custom)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Secs, E> {
                 Secs::parse(v).map_err(E::custom)
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// A rate or a window: `COUNT/PERIOD` such as `20/minute`, `5/15minutes`,
+/// `500/1hour`, `10/2s`. The period is a duration ([`Secs`] spellings; a bare
+/// unit is one of it) of more than zero; the count is at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl Rate {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (n, per) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected COUNT/PERIOD, e.g. 20/minute"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: count must be a positive number"))?;
+        if count == 0 {
+            return Err(format!("{s:?}: count must be at least 1"));
+        }
+        let period = parse_time(per).map_err(|e| format!("{s:?}: bad period: {e}"))?;
+        if period.is_zero() {
+            return Err(format!("{s:?}: period must be positive"));
+        }
+        Ok(Rate { count, period })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Rate;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a rate such as 20/minute or 5/15minutes")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Rate, E> {
+                Rate::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -215,13 +289,32 @@ string_schema!(
     "^[0-9]+ ?([kK]|KB|kB|KiB|M|MB|MiB|G|GB|GiB|B)?$",
     "a size: bytes, or with a unit such as 25MiB"
 );
-string_schema!(
-    Secs,
-    "Duration",
-    ["string", "integer"],
-    "^[0-9]+(ms|s|m|min|h|d)?$",
-    "a duration such as 30s, 5m, 250ms, 30d (bare number = seconds)"
-);
+impl schemars::JsonSchema for Secs {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let u = time_unit_pattern();
+        schemars::json_schema!({
+            "type": ["string", "integer"],
+            "pattern": format!("^ *(?:[0-9]+ *{u}?|{u}) *$"),
+            "description": "a duration such as 30s, 5m, 250ms, 1hour, 30d (bare number = seconds)"
+        })
+    }
+}
+impl schemars::JsonSchema for Rate {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Rate".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let u = time_unit_pattern();
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": format!("^ *[0-9]+ */ *(?:[0-9]+ *{u}?|{u}) *$"),
+            "description": "COUNT/PERIOD such as 20/minute, 5/15minutes, 500/1hour (the period is a duration)"
+        })
+    }
+}
 string_schema!(
     Cidr,
     "Network",
@@ -251,6 +344,55 @@ mod tests {
         assert_eq!(Secs::parse("7").unwrap().0, Duration::from_secs(7));
         assert_eq!(Secs::parse("2d").unwrap().0, Duration::from_secs(172_800));
         assert!(Secs::parse("5 weeks").is_err());
+    }
+
+    /// Issue 12.6: durations and rate periods share one unit table, so
+    /// `1hour` is a duration as `5/1hour` is a rate, and `5/15m` a rate as
+    /// `15m` is a duration.
+    #[test]
+    fn durations_and_rates_share_their_units() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(Secs::parse("1hour").unwrap().0, hour);
+        assert_eq!(Secs::parse("1 h").unwrap().0, hour);
+        assert_eq!(
+            Secs::parse("15minutes").unwrap().0,
+            Duration::from_secs(900)
+        );
+        assert_eq!(
+            Secs::parse("2 days").unwrap().0,
+            Duration::from_secs(172_800)
+        );
+        let rate = |s: &str| Rate::parse(s).map(|r| (r.count, r.period));
+        assert_eq!(rate("5/1hour"), Ok((5, hour)));
+        assert_eq!(rate("5/hour"), Ok((5, hour)));
+        assert_eq!(rate("5/1h"), Ok((5, hour)));
+        assert_eq!(rate("20/minute"), Ok((20, Duration::from_secs(60))));
+        assert_eq!(rate("5/15minutes"), Ok((5, Duration::from_secs(900))));
+        assert_eq!(rate("5/15m"), Ok((5, Duration::from_secs(900))));
+        assert_eq!(rate("500/hour"), Ok((500, hour)));
+        assert_eq!(rate("1000/day"), Ok((1000, Duration::from_secs(86_400))));
+        assert_eq!(rate("10/2s"), Ok((10, Duration::from_secs(2))));
+        assert_eq!(rate(" 5 / 15 minutes "), Ok((5, Duration::from_secs(900))));
+        for (names, _) in TIME_UNITS {
+            for n in *names {
+                let d = Secs::parse(&format!("3{n}")).unwrap().0;
+                assert_eq!(rate(&format!("7/3{n}")), Ok((7, d)), "{n}");
+            }
+        }
+        for bad in [
+            "0/hour",
+            "5/fortnight",
+            "5",
+            "x/minute",
+            "5/0s",
+            "5/",
+            "/minute",
+            "5/36600days",
+        ] {
+            assert!(Rate::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Secs::parse("").is_err());
+        assert!(Secs::parse("36600d").is_err());
     }
 
     #[test]

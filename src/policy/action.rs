@@ -5,7 +5,8 @@ use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum Action {
+#[schemars(rename = "Action")]
+pub enum PolicyAction {
     /// Do nothing (the default for verdicts a policy does not mention).
     Accept,
     /// Only record the result (Authentication-Results header).
@@ -20,20 +21,25 @@ pub enum Action {
     Shadow,
 }
 
-impl Action {
-    pub fn as_str(self) -> &'static str {
+impl PolicyAction {
+    pub const fn as_str(self) -> &'static str {
         match self {
-            Action::Accept => "accept",
-            Action::Tag => "tag",
-            Action::Tempfail => "tempfail",
-            Action::Reject => "reject",
-            Action::Delay => "delay",
-            Action::Shadow => "shadow",
+            PolicyAction::Accept => "accept",
+            PolicyAction::Tag => "tag",
+            PolicyAction::Tempfail => "tempfail",
+            PolicyAction::Reject => "reject",
+            PolicyAction::Delay => "delay",
+            PolicyAction::Shadow => "shadow",
         }
     }
 
     /// Whether this action refuses the command it applies to.
     pub fn refuses(self) -> bool {
-        matches!(self, Action::Tempfail | Action::Reject)
+        matches!(self, PolicyAction::Tempfail | PolicyAction::Reject)
     }
 }
+
+/// The old name, still imported by `src/smtp/driver.rs` and
+/// `src/pop3/driver.rs` (reworked in parallel) and `tests/auth_conformance.rs`;
+/// new code names [`PolicyAction`], distinct from the sessions' `Action`s.
+pub use PolicyAction as Action;

@@ -676,7 +676,7 @@ impl Driver {
         }
         // on every listener, checks or not, every id of the configuration:
         // the backend may trust any of them (in place: no copy of the message)
-        let forged = crate::auth::strip_forged(&mut msg.body, &l.authserv_ids);
+        let forged = crate::auth::strip_forged(&mut msg.body, &self.ctx.listener.authserv_ids);
         if forged > 0 {
             warn!(
                 forged,

@@ -1,0 +1,103 @@
+//! `backends:` entries → [`Backend`]: the address, EHLO name, how the client's
+//! identity is passed on, and TLS to the backend.
+
+use super::file::{BackendFile, BackendTlsFile, IdentityMethod};
+use super::load::{valid_hostname, Source};
+use super::{defaults, ConfigError};
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    pub address: String,
+    pub helo_name: String,
+    pub xclient: bool,
+    pub proxy_v2: bool,
+    /// TLS to the backend, when configured.
+    pub tls: Option<Arc<crate::backend::stream::BackendTls>>,
+    /// Relay even when XCLIENT cannot be applied (explicit opt-out).
+    pub identity_optional: bool,
+}
+
+/// One `backends:` entry → a [`Backend`]; `hostname` is the default EHLO name.
+pub(super) fn build_backend(
+    s: &Source,
+    name: &str,
+    b: &BackendFile,
+    hostname: &str,
+) -> Result<Backend, ConfigError> {
+    if !b.address.contains(':')
+        || b.address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+    {
+        return Err(s.err(
+            &["backends", name, &b.address],
+            format!("backends.{name}.address {:?} must be host:port", b.address),
+        ));
+    }
+    if let Some(h) = &b.helo_name {
+        if !valid_hostname(h) {
+            return Err(s.err(
+                &[name, h],
+                format!("backends.{name}.helo_name {h:?} is not a valid host name"),
+            ));
+        }
+    }
+    let tls = match b.tls {
+        None | Some(BackendTlsFile::None) => None,
+        Some(mode) => {
+            let host = b.server_name.clone().unwrap_or_else(|| {
+                let h = b
+                    .address
+                    .rsplit_once(':')
+                    .map(|x| x.0)
+                    .unwrap_or(&b.address);
+                h.trim_start_matches('[').trim_end_matches(']').to_string()
+            });
+            let server_name =
+                rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+                    s.err(
+                        &["backends", name],
+                        format!("backends.{name}: {host:?} is not a valid TLS server name"),
+                    )
+                })?;
+            let ca = b.ca.as_ref().map(|c| s.resolve(c));
+            let cfg = crate::backend::stream::client_config(
+                ca.as_deref(),
+                b.pin_sha256.as_deref().unwrap_or(&[]),
+            )
+            .map_err(|e| {
+                s.err(
+                    &["backends", name, "tls"],
+                    format!("backends.{name}.tls: {e}"),
+                )
+            })?;
+            Some(Arc::new(crate::backend::stream::BackendTls {
+                mode: if mode == BackendTlsFile::Starttls {
+                    crate::backend::stream::BackendTlsMode::Starttls
+                } else {
+                    crate::backend::stream::BackendTlsMode::Implicit
+                },
+                connector: tokio_rustls::TlsConnector::from(cfg),
+                server_name,
+            }))
+        }
+    };
+    Ok(Backend {
+        tls,
+        name: name.to_string(),
+        address: b.address.clone(),
+        helo_name: b.helo_name.clone().unwrap_or_else(|| hostname.to_string()),
+        xclient: b
+            .identity
+            .as_ref()
+            .is_some_and(|v| v.contains(&IdentityMethod::Xclient)),
+        proxy_v2: b
+            .identity
+            .as_ref()
+            .is_some_and(|v| v.contains(&IdentityMethod::ProxyV2)),
+        identity_optional: b.identity_optional.unwrap_or(defaults::IDENTITY_OPTIONAL),
+    })
+}

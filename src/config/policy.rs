@@ -1,0 +1,274 @@
+//! `policies:` blocks → [`PolicySpec`]: limit rules checked (one counting
+//! field, keys known where the rule is counted, actions a limit may take),
+//! allow lists naming real rules, and the mail-authentication settings.
+
+use super::file::{AllowFile, PolicyFile};
+use super::load::Source;
+use super::{defaults, ConfigError};
+use crate::policy::{self, AllowSpec, Kind, PolicySpec, RuleSpec};
+use std::time::Duration;
+
+pub(super) fn build_policy(
+    s: &Source,
+    name: &str,
+    p: &PolicyFile,
+) -> Result<PolicySpec, ConfigError> {
+    let mut rules: Vec<RuleSpec> = Vec::new();
+    for (i, r) in p.limits.iter().enumerate() {
+        let rname = r.name.clone().unwrap_or_else(|| format!("rule-{}", i + 1));
+        let at = |msg: String| {
+            s.err_key(
+                "policies",
+                name,
+                format!("policies.{name}.limits[{}] ({rname}): {msg}", i + 1),
+            )
+        };
+        let at_field = |field: &str, msg: String| {
+            let e = s.err(
+                &["policies", name, "limits", field],
+                format!("policies.{name}.limits[{}] ({rname}).{field}: {msg}", i + 1),
+            );
+            e
+        };
+        if rules.iter().any(|o| o.name == rname) {
+            return Err(at(format!("rule name {rname:?} is used twice")));
+        }
+        if r.key.is_empty() {
+            return Err(at_field("key", "must name at least one of ip, ip_prefix, helo, sender, sender_domain, rcpt, rcpt_domain, auth_user, listener".into()));
+        }
+        let burst_of = |count: u32| r.burst.unwrap_or(count);
+        let mut kinds = Vec::new();
+        if let Some(v) = r.rate {
+            kinds.push(Kind::Rate {
+                count: v.count,
+                period: v.period,
+                burst: burst_of(v.count),
+            });
+        }
+        if let Some(n) = r.concurrent {
+            kinds.push(Kind::Concurrent(n));
+        }
+        if let Some(v) = r.messages {
+            kinds.push(Kind::Messages {
+                count: v.count,
+                period: v.period,
+                burst: burst_of(v.count),
+            });
+        }
+        if let Some(v) = r.recipients {
+            kinds.push(Kind::Recipients {
+                count: v.count,
+                period: v.period,
+                burst: burst_of(v.count),
+            });
+        }
+        if let Some(v) = r.auth_failures {
+            kinds.push(Kind::AuthFailures {
+                count: v.count,
+                window: v.period,
+            });
+        }
+        if let Some(n) = r.recipients_per_message {
+            kinds.push(Kind::RecipientsPerMessage(n));
+        }
+        if kinds.len() != 1 {
+            return Err(at("set exactly one of rate, concurrent, messages, recipients, auth_failures, recipients_per_message".into()));
+        }
+        let kind = kinds.remove(0);
+        if r.burst == Some(0) {
+            return Err(at_field("burst", "must be at least 1".into()));
+        }
+        if matches!(kind, Kind::Concurrent(0) | Kind::RecipientsPerMessage(0)) {
+            return Err(at("the limit must be at least 1".into()));
+        }
+        use super::file::KeyPart as K;
+        let allowed: &[K] = match kind {
+            Kind::Concurrent(_) => &[K::Ip, K::IpPrefix, K::Listener],
+            Kind::AuthFailures { .. } => &[K::Ip, K::IpPrefix, K::AuthUser, K::Listener],
+            Kind::Messages { .. } => &[
+                K::Ip,
+                K::IpPrefix,
+                K::Listener,
+                K::Helo,
+                K::AuthUser,
+                K::Sender,
+                K::SenderDomain,
+            ],
+            _ => &[
+                K::Ip,
+                K::IpPrefix,
+                K::Listener,
+                K::Helo,
+                K::AuthUser,
+                K::Sender,
+                K::SenderDomain,
+                K::Rcpt,
+                K::RcptDomain,
+            ],
+        };
+        if let Some(k) = r.key.iter().find(|k| !allowed.contains(k)) {
+            return Err(at_field(
+                "key",
+                format!("{} is not known where this limit is counted", k.as_str()),
+            ));
+        }
+        let prefix_v4 = r.prefix_v4.unwrap_or(defaults::PREFIX_V4);
+        let prefix_v6 = r.prefix_v6.unwrap_or(defaults::PREFIX_V6);
+        if prefix_v4 > 32 || prefix_v6 > 128 {
+            return Err(at("prefix_v4 must be ≤ 32 and prefix_v6 ≤ 128".into()));
+        }
+        let ipv6_prefix = r.ipv6_prefix.unwrap_or(defaults::IPV6_PREFIX);
+        if ipv6_prefix > 128 {
+            return Err(at_field("ipv6_prefix", "must be ≤ 128".into()));
+        }
+        let action = r.action.unwrap_or(defaults::ACTION);
+        if matches!(kind, Kind::Concurrent(_)) && action == policy::PolicyAction::Delay {
+            // a tarpit admits the session afterwards without a slot: no limit at all
+            let mut at = vec!["policies", name, "limits"];
+            if let Some(n) = &r.name {
+                at.push(n);
+            }
+            at.extend(["concurrent", "delay"]);
+            return Err(s.err(
+                &at,
+                format!(
+                    "policies.{name}.limits[{}] ({rname}): concurrent limits cannot use action: delay (the session would be admitted uncounted); use tempfail or reject",
+                    i + 1
+                ),
+            ));
+        }
+        if matches!(
+            action,
+            policy::PolicyAction::Accept | policy::PolicyAction::Tag
+        ) {
+            return Err(at_field(
+                "action",
+                "a limit's action is tempfail, reject, delay or shadow".into(),
+            ));
+        }
+        rules.push(RuleSpec {
+            name: rname,
+            key: r.key.clone(),
+            kind,
+            action,
+            prefix_v4,
+            prefix_v6,
+            max_delay: r
+                .max_delay
+                .map(|d| d.0)
+                .unwrap_or(defaults::MAX_DELAY)
+                .min(Duration::from_secs(60)),
+            ipv6_prefix,
+        });
+    }
+    let mut allow = Vec::new();
+    for a in &p.allow {
+        allow.push(match a {
+            AllowFile::Network(n) => AllowSpec {
+                networks: vec![*n],
+                skip: vec![],
+            },
+            AllowFile::Entry(e) => {
+                if let Some(bad) = e.skip.iter().find(|n| !rules.iter().any(|r| &r.name == *n)) {
+                    return Err(s.err(
+                        &["policies", name, "allow", bad],
+                        format!("policies.{name}.allow: no limit named {bad:?}"),
+                    ));
+                }
+                AllowSpec {
+                    networks: e.networks.clone(),
+                    skip: e.skip.clone(),
+                }
+            }
+        });
+    }
+    let auth = if p.spf.is_some()
+        || p.dkim.is_some()
+        || p.dmarc.is_some()
+        || p.arc.is_some()
+        || p.authserv_id.is_some()
+    {
+        let a = crate::auth::AuthPolicy {
+            authserv_id: p.authserv_id.clone().unwrap_or_default(),
+            spf: p.spf.clone(),
+            dkim: p.dkim.clone(),
+            dmarc: p.dmarc.clone(),
+            arc: p.arc.clone(),
+        };
+        Some(a)
+    } else {
+        None
+    };
+    if let Some(a) = &auth {
+        if !a.authserv_id.is_empty() {
+            a.validate().map_err(|e| {
+                s.err(
+                    &["policies", name, "authserv_id"],
+                    format!("policies.{name}: {e}"),
+                )
+            })?;
+        }
+    }
+    Ok(PolicySpec {
+        name: name.to_string(),
+        auth,
+        deny: p.deny.clone(),
+        allow,
+        rules,
+        max_tracked_keys: p
+            .max_tracked_keys
+            .unwrap_or(defaults::MAX_TRACKED_KEYS)
+            .clamp(16, 10_000_000),
+        known_good: p.known_good.map(|d| d.0).unwrap_or(defaults::KNOWN_GOOD),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::fixtures::*;
+
+    #[test]
+    fn concurrent_with_delay_is_refused_with_position() {
+        let e = err(&format!(
+            "{POLICY_BASE}      - {{ name: slots, key: [ip], concurrent: 3, action: delay }}\n"
+        ));
+        assert!(e.starts_with("bad.yaml:9:"), "{e}");
+        assert!(e.contains("concurrent") && e.contains("delay"), "{e}");
+    }
+
+    /// Issue 12.6: rates are typed values, located like every other value,
+    /// and their periods are bounded as durations are (a period beyond what
+    /// the limiter holds in u64 nanoseconds panicked when policies compiled).
+    #[test]
+    fn rates_are_typed_and_bounded() {
+        let c = load_str(
+            "r.yaml",
+            &POLICY_BASE.replace("rate: 5/minute", "auth_failures: 5/1hour"),
+        )
+        .unwrap();
+        let rule = &c.policies["p"].rules[0];
+        assert_eq!(
+            rule.kind,
+            Kind::AuthFailures {
+                count: 5,
+                window: Duration::from_secs(3600)
+            }
+        );
+        for bad in ["5/fortnight", "0/minute", "5", "5/0s"] {
+            let e = err(&POLICY_BASE.replace("5/minute", bad));
+            assert!(e.starts_with("bad.yaml:8:28:"), "{bad}: {e}");
+        }
+        let text = POLICY_BASE.replace("5/minute", "1/300000days");
+        let loaded = load_str("huge.yaml", &text);
+        if let Ok(c) = &loaded {
+            // what the server does with a loaded configuration
+            crate::policy::Policies::compile(&c.policies, &crate::policy::PolicyState::new());
+        }
+        let e = loaded.unwrap_err().to_string();
+        assert!(
+            e.starts_with("huge.yaml:8:28:") && e.contains("too long"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,694 @@
+//! A compiled [`Policy`] deciding, stage by stage, what a session may do:
+//! connect (deny list, rates, session slots), HELO/MAIL/RCPT rates and
+//! per-message caps, and the login bracket (failure locks, known-good
+//! networks). Each hit is logged and counted; the result is a [`Decision`].
+
+use super::action::PolicyAction;
+use super::limits::{Bucket, Counter, CounterGuard, Failures};
+use super::spec::{PolicySpec, PolicyStage, RuleSpec};
+use super::state::{PolicyState, RuleHits};
+use crate::config::file::KeyPart;
+use crate::config::units::canonical;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+pub(super) enum Limiter {
+    Bucket(Arc<Bucket>),
+    Counter(Arc<Counter>, u32),
+    Failures(Arc<Failures>),
+    PerMessage(u32),
+}
+
+pub(super) struct Rule {
+    pub(super) spec: RuleSpec,
+    pub(super) stage: PolicyStage,
+    pub(super) limiter: Limiter,
+    pub(super) hits: Arc<RuleHits>,
+}
+
+/// A compiled policy, as a session sees it.
+pub struct Policy {
+    pub name: String,
+    pub(super) spec: PolicySpec,
+    pub(super) rules: Vec<Rule>,
+    pub(super) state: Arc<PolicyState>,
+}
+
+/// What the client sent so far, as far as the rules care.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub ip: IpAddr,
+    pub listener: &'a str,
+    pub helo: Option<&'a str>,
+    pub sender: Option<&'a str>,
+    pub rcpt: Option<&'a str>,
+    pub auth_user: Option<&'a str>,
+    /// Recipients already accepted in the current message.
+    pub rcpts_in_message: usize,
+}
+
+impl<'a> Facts<'a> {
+    pub fn new(ip: IpAddr, listener: &'a str) -> Self {
+        Facts {
+            ip,
+            listener,
+            helo: None,
+            sender: None,
+            rcpt: None,
+            auth_user: None,
+            rcpts_in_message: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Continue,
+    /// Tarpit: wait this long, then continue.
+    Delay(Duration),
+    /// Refuse the command (`action` is `Tempfail` or `Reject`).
+    Refuse {
+        action: PolicyAction,
+        rule: String,
+    },
+}
+
+/// Session slots held while a session runs.
+pub struct ConnectPermit {
+    _guards: Vec<CounterGuard>,
+    pub delay: Duration,
+}
+
+fn domain_of(addr: &str) -> &str {
+    addr.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
+}
+
+fn mask(ip: IpAddr, v4: u8, v6: u8) -> String {
+    match canonical(ip) {
+        IpAddr::V4(a) => {
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(v4.min(32)))
+                .unwrap_or(0);
+            format!("{}/{v4}", std::net::Ipv4Addr::from(u32::from(a) & m))
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(v6.min(128)))
+                .unwrap_or(0);
+            format!("{}/{v6}", std::net::Ipv6Addr::from(u128::from(a) & m))
+        }
+    }
+}
+
+impl Policy {
+    /// The value of each key part, or `None` when one is not known (the rule
+    /// then does not apply).
+    fn key_values(&self, r: &RuleSpec, f: &Facts) -> Option<Vec<String>> {
+        r.key
+            .iter()
+            .map(|k| {
+                Some(match k {
+                    KeyPart::Ip => match canonical(f.ip) {
+                        IpAddr::V6(_) if r.ipv6_prefix < 128 => mask(f.ip, 32, r.ipv6_prefix),
+                        ip => ip.to_string(),
+                    },
+                    KeyPart::IpPrefix => mask(f.ip, r.prefix_v4, r.prefix_v6),
+                    KeyPart::Listener => f.listener.to_string(),
+                    KeyPart::Helo => f.helo?.to_ascii_lowercase(),
+                    KeyPart::Sender => f.sender?.to_ascii_lowercase(),
+                    KeyPart::SenderDomain => domain_of(f.sender?).to_ascii_lowercase(),
+                    KeyPart::Rcpt => f.rcpt?.to_ascii_lowercase(),
+                    KeyPart::RcptDomain => domain_of(f.rcpt?).to_ascii_lowercase(),
+                    KeyPart::AuthUser => f.auth_user?.to_ascii_lowercase(),
+                })
+            })
+            .collect()
+    }
+
+    fn skipped(&self, r: &RuleSpec, ip: IpAddr) -> bool {
+        self.spec.allow.iter().any(|a| {
+            a.networks.iter().any(|n| n.contains(ip))
+                && (a.skip.is_empty() || a.skip.contains(&r.name))
+        })
+    }
+
+    pub fn denied(&self, ip: IpAddr) -> bool {
+        self.spec.deny.iter().any(|n| n.contains(ip))
+    }
+
+    fn describe_key(r: &RuleSpec, values: &[String]) -> String {
+        r.key
+            .iter()
+            .zip(values)
+            .map(|(k, v)| format!("{}={v}", k.as_str()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Records a hit and turns the rule's action into a decision.
+    fn hit(&self, rule: &Rule, values: &[String], wait: Duration) -> Decision {
+        let key = Self::describe_key(&rule.spec, values);
+        let action = rule.spec.action;
+        crate::observe::metrics().policy_hit(
+            &self.name,
+            &rule.spec.name,
+            action == PolicyAction::Shadow,
+        );
+        if action == PolicyAction::Shadow {
+            rule.hits.shadow.fetch_add(1, Ordering::Relaxed);
+            info!(policy = %self.name, rule = %rule.spec.name, key = %key, "shadow: limit would have been enforced");
+            return Decision::Continue;
+        }
+        rule.hits.enforced.fetch_add(1, Ordering::Relaxed);
+        warn!(policy = %self.name, rule = %rule.spec.name, key = %key, action = action.as_str(), "policy limit hit");
+        match action {
+            PolicyAction::Delay => Decision::Delay(wait.min(rule.spec.max_delay)),
+            PolicyAction::Tempfail | PolicyAction::Reject => Decision::Refuse {
+                action,
+                rule: rule.spec.name.clone(),
+            },
+            PolicyAction::Accept | PolicyAction::Tag | PolicyAction::Shadow => Decision::Continue,
+        }
+    }
+
+    fn combine(acc: Decision, d: Decision) -> Decision {
+        match (acc, d) {
+            (r @ Decision::Refuse { .. }, _) => r,
+            (_, r @ Decision::Refuse { .. }) => r,
+            (Decision::Delay(a), Decision::Delay(b)) => Decision::Delay(a.max(b)),
+            (Decision::Delay(a), Decision::Continue) | (Decision::Continue, Decision::Delay(a)) => {
+                Decision::Delay(a)
+            }
+            (Decision::Continue, Decision::Continue) => Decision::Continue,
+        }
+    }
+
+    /// Connect stage: deny list, connection rates and session counts. The
+    /// permit must live as long as the session.
+    pub fn connect(&self, f: &Facts) -> Result<ConnectPermit, Decision> {
+        if self.denied(f.ip) {
+            warn!(policy = %self.name, ip = %f.ip, "denied by policy");
+            return Err(Decision::Refuse {
+                action: PolicyAction::Reject,
+                rule: "deny".into(),
+            });
+        }
+        let mut guards = Vec::new();
+        let mut decision = Decision::Continue;
+        for rule in self
+            .rules
+            .iter()
+            .filter(|r| r.stage == PolicyStage::Connect)
+        {
+            if self.skipped(&rule.spec, f.ip) {
+                continue;
+            }
+            let Some(values) = self.key_values(&rule.spec, f) else {
+                continue;
+            };
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            let key = self.state.hash(&refs);
+            let d = match &rule.limiter {
+                Limiter::Bucket(b) => match b.take(key) {
+                    Ok(()) => Decision::Continue,
+                    Err(wait) => self.hit(rule, &values, wait),
+                },
+                Limiter::Counter(c, max) => match c.acquire(key, *max) {
+                    Some(g) => {
+                        guards.push(g);
+                        Decision::Continue
+                    }
+                    // a delay would admit the session uncounted: `check`
+                    // refuses the combination; fail closed if one gets here
+                    None => match self.hit(rule, &values, rule.spec.max_delay) {
+                        Decision::Delay(_) => Decision::Refuse {
+                            action: PolicyAction::Tempfail,
+                            rule: rule.spec.name.clone(),
+                        },
+                        d => d,
+                    },
+                },
+                _ => Decision::Continue,
+            };
+            decision = Self::combine(decision, d);
+            if matches!(decision, Decision::Refuse { .. }) {
+                return Err(decision);
+            }
+        }
+        Ok(ConnectPermit {
+            _guards: guards,
+            delay: if let Decision::Delay(d) = decision {
+                d
+            } else {
+                Duration::ZERO
+            },
+        })
+    }
+
+    /// HELO, MAIL and RCPT stages (and `rate` rules keyed by auth_user at login).
+    pub fn check(&self, stage: PolicyStage, f: &Facts) -> Decision {
+        let mut decision = Decision::Continue;
+        for rule in self.rules.iter().filter(|r| r.stage == stage) {
+            if self.skipped(&rule.spec, f.ip) {
+                continue;
+            }
+            let Some(values) = self.key_values(&rule.spec, f) else {
+                continue;
+            };
+            let d = match &rule.limiter {
+                Limiter::Bucket(b) => {
+                    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+                    match b.take(self.state.hash(&refs)) {
+                        Ok(()) => Decision::Continue,
+                        Err(wait) => self.hit(rule, &values, wait),
+                    }
+                }
+                Limiter::PerMessage(max) if f.rcpts_in_message >= *max as usize => {
+                    self.hit(rule, &values, Duration::ZERO)
+                }
+                _ => Decision::Continue,
+            };
+            decision = Self::combine(decision, d);
+            if matches!(decision, Decision::Refuse { .. }) {
+                break;
+            }
+        }
+        decision
+    }
+
+    fn known_good_key(&self, f: &Facts) -> Option<u64> {
+        let user = f.auth_user?.to_ascii_lowercase();
+        Some(self.state.hash(&["known-good", &user, &mask(f.ip, 24, 56)]))
+    }
+
+    /// Before a login is relayed: failed-login locks (and login rates). A lock
+    /// keyed by user alone is not applied from a network where that user
+    /// recently logged in successfully, so an attacker cannot lock a user out.
+    pub fn login_allowed(&self, f: &Facts) -> Decision {
+        let now = Instant::now();
+        let mut decision = self.check(PolicyStage::Login, f);
+        if matches!(decision, Decision::Refuse { .. }) {
+            return decision;
+        }
+        for rule in &self.rules {
+            let Limiter::Failures(fails) = &rule.limiter else {
+                continue;
+            };
+            if self.skipped(&rule.spec, f.ip) {
+                continue;
+            }
+            let Some(values) = self.key_values(&rule.spec, f) else {
+                continue;
+            };
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            let Some(wait) = fails.locked(self.state.hash(&refs), now) else {
+                continue;
+            };
+            let per_user_only = rule.spec.key.contains(&KeyPart::AuthUser)
+                && !rule
+                    .spec
+                    .key
+                    .iter()
+                    .any(|k| matches!(k, KeyPart::Ip | KeyPart::IpPrefix));
+            if per_user_only
+                && self
+                    .known_good_key(f)
+                    .is_some_and(|k| self.state.known_good.contains(k, now, self.spec.known_good))
+            {
+                info!(policy = %self.name, rule = %rule.spec.name, "per-user lock not applied: known-good network");
+                continue;
+            }
+            decision = Self::combine(decision, self.hit(rule, &values, wait));
+            if matches!(decision, Decision::Refuse { .. }) {
+                break;
+            }
+        }
+        decision
+    }
+
+    pub fn login_failed(&self, f: &Facts) {
+        let now = Instant::now();
+        for rule in &self.rules {
+            if let Limiter::Failures(fails) = &rule.limiter {
+                if let Some(values) = self.key_values(&rule.spec, f) {
+                    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+                    fails.record(self.state.hash(&refs), now);
+                }
+            }
+        }
+    }
+
+    pub fn login_succeeded(&self, f: &Facts) {
+        if let Some(k) = self.known_good_key(f) {
+            self.state.known_good.remember(k, Instant::now());
+        }
+    }
+
+    /// (rule name, enforced hits, shadow hits), for metrics.
+    pub fn hits(&self) -> Vec<(String, u64, u64)> {
+        self.rules
+            .iter()
+            .map(|r| {
+                (
+                    r.spec.name.clone(),
+                    r.hits.enforced.load(Ordering::Relaxed),
+                    r.hits.shadow.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    pub fn spec(&self) -> &PolicySpec {
+        &self.spec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::fixtures::*;
+
+    #[test]
+    fn connection_rate_per_ip() {
+        let (p, _) = policy(
+            vec![rule(
+                "conn",
+                vec![KeyPart::Ip],
+                Kind::Rate {
+                    count: 5,
+                    period: Duration::from_secs(60),
+                    burst: 5,
+                },
+                PolicyAction::Tempfail,
+            )],
+            vec![],
+        );
+        let f = Facts::new(ip("127.0.0.2"), "mx");
+        let mut permits = Vec::new();
+        for _ in 0..5 {
+            permits.push(p.connect(&f).unwrap());
+        }
+        assert_eq!(
+            p.connect(&f).err(),
+            Some(Decision::Refuse {
+                action: PolicyAction::Tempfail,
+                rule: "conn".into()
+            })
+        );
+        assert!(p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_ok());
+        assert!(
+            p.connect(&Facts::new(ip("192.0.2.9"), "mx")).is_err(),
+            "deny list"
+        );
+        assert_eq!(p.hits()[0].1, 1);
+    }
+
+    #[test]
+    fn concurrency_and_allow() {
+        let allow = vec![AllowSpec {
+            networks: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            skip: vec!["conc".into()],
+        }];
+        let (p, _) = policy(
+            vec![rule(
+                "conc",
+                vec![KeyPart::Ip],
+                Kind::Concurrent(2),
+                PolicyAction::Reject,
+            )],
+            allow,
+        );
+        let f = Facts::new(ip("127.0.0.2"), "mx");
+        let a = p.connect(&f).unwrap();
+        let _b = p.connect(&f).unwrap();
+        assert!(p.connect(&f).is_err());
+        drop(a);
+        assert!(p.connect(&f).is_ok());
+        let g = Facts::new(ip("10.1.2.3"), "mx");
+        let _held: Vec<_> = (0..5).map(|_| p.connect(&g).unwrap()).collect();
+    }
+
+    #[test]
+    fn shadow_counts_but_never_refuses() {
+        let (p, _) = policy(
+            vec![rule(
+                "s",
+                vec![KeyPart::Ip],
+                Kind::Rate {
+                    count: 1,
+                    period: Duration::from_secs(60),
+                    burst: 1,
+                },
+                PolicyAction::Shadow,
+            )],
+            vec![],
+        );
+        let f = Facts::new(ip("127.0.0.2"), "mx");
+        for _ in 0..4 {
+            assert!(p.connect(&f).is_ok());
+        }
+        assert_eq!(p.hits()[0], ("s".to_string(), 0, 3));
+    }
+
+    #[test]
+    fn mail_and_rcpt_stages() {
+        let (p, _) = policy(
+            vec![
+                rule(
+                    "dom",
+                    vec![KeyPart::SenderDomain],
+                    Kind::Messages {
+                        count: 2,
+                        period: Duration::from_secs(3600),
+                        burst: 2,
+                    },
+                    PolicyAction::Tempfail,
+                ),
+                rule(
+                    "rpm",
+                    vec![KeyPart::Ip],
+                    Kind::RecipientsPerMessage(2),
+                    PolicyAction::Reject,
+                ),
+                rule(
+                    "slow",
+                    vec![KeyPart::Rcpt],
+                    Kind::Recipients {
+                        count: 1,
+                        period: Duration::from_secs(3600),
+                        burst: 1,
+                    },
+                    PolicyAction::Delay,
+                ),
+            ],
+            vec![],
+        );
+        let mut f = Facts::new(ip("127.0.0.2"), "mx");
+        f.sender = Some("a@Example.org");
+        assert_eq!(p.check(PolicyStage::Mail, &f), Decision::Continue);
+        f.sender = Some("b@example.ORG");
+        assert_eq!(p.check(PolicyStage::Mail, &f), Decision::Continue);
+        assert!(matches!(
+            p.check(PolicyStage::Mail, &f),
+            Decision::Refuse {
+                action: PolicyAction::Tempfail,
+                ..
+            }
+        ));
+        f.rcpt = Some("x@y.example");
+        assert_eq!(p.check(PolicyStage::Rcpt, &f), Decision::Continue);
+        assert_eq!(
+            p.check(PolicyStage::Rcpt, &f),
+            Decision::Delay(Duration::from_millis(50))
+        );
+        f.rcpts_in_message = 2;
+        f.rcpt = Some("z@y.example");
+        assert!(matches!(
+            p.check(PolicyStage::Rcpt, &f),
+            Decision::Refuse {
+                action: PolicyAction::Reject,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn brute_force_is_lockout_safe() {
+        let (p, _) = policy(
+            vec![
+                rule(
+                    "ip",
+                    vec![KeyPart::Ip],
+                    Kind::AuthFailures {
+                        count: 5,
+                        window: Duration::from_secs(900),
+                    },
+                    PolicyAction::Reject,
+                ),
+                rule(
+                    "user",
+                    vec![KeyPart::AuthUser],
+                    Kind::AuthFailures {
+                        count: 10,
+                        window: Duration::from_secs(900),
+                    },
+                    PolicyAction::Tempfail,
+                ),
+            ],
+            vec![],
+        );
+        let mut home = Facts::new(ip("127.0.0.5"), "pop3");
+        home.auth_user = Some("alice");
+        assert_eq!(p.login_allowed(&home), Decision::Continue);
+        p.login_succeeded(&home);
+        // an attacker elsewhere guesses alice's password
+        let mut evil = Facts::new(ip("127.1.0.9"), "pop3");
+        evil.auth_user = Some("alice");
+        for _ in 0..5 {
+            assert_eq!(p.login_allowed(&evil), Decision::Continue);
+            p.login_failed(&evil);
+        }
+        assert!(
+            matches!(
+                p.login_allowed(&evil),
+                Decision::Refuse {
+                    action: PolicyAction::Reject,
+                    ..
+                }
+            ),
+            "per-IP lock"
+        );
+        // more failures from many IPs lock the user...
+        for i in 0..10 {
+            let mut other = Facts::new(IpAddr::from([127, 2, 0, i as u8]), "pop3");
+            other.auth_user = Some("alice");
+            p.login_failed(&other);
+        }
+        let mut fresh = Facts::new(ip("127.3.0.1"), "pop3");
+        fresh.auth_user = Some("alice");
+        assert!(
+            matches!(p.login_allowed(&fresh), Decision::Refuse { .. }),
+            "per-user lock elsewhere"
+        );
+        // ...but not from her known-good network
+        assert_eq!(p.login_allowed(&home), Decision::Continue);
+    }
+
+    #[test]
+    fn ip_key_groups_ipv6_by_64() {
+        let (p, _) = policy(
+            vec![rule(
+                "conn",
+                vec![KeyPart::Ip],
+                Kind::Rate {
+                    count: 2,
+                    period: Duration::from_secs(60),
+                    burst: 2,
+                },
+                PolicyAction::Tempfail,
+            )],
+            vec![],
+        );
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::1"), "mx")).is_ok());
+        assert!(p
+            .connect(&Facts::new(ip("2001:db8:1:2:ffff::9"), "mx"))
+            .is_ok());
+        assert!(
+            p.connect(&Facts::new(ip("2001:db8:1:2::3"), "mx")).is_err(),
+            "one /64 is one client"
+        );
+        assert!(
+            p.connect(&Facts::new(ip("2001:db8:1:3::1"), "mx")).is_ok(),
+            "another /64 is another client"
+        );
+        assert!(p.connect(&Facts::new(ip("127.0.0.2"), "mx")).is_ok());
+        assert!(p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_ok());
+        assert!(p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_ok());
+        assert!(
+            p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_err(),
+            "IPv4 stays per address"
+        );
+        let mut per_address = rule(
+            "conn",
+            vec![KeyPart::Ip],
+            Kind::Rate {
+                count: 1,
+                period: Duration::from_secs(60),
+                burst: 1,
+            },
+            PolicyAction::Tempfail,
+        );
+        per_address.ipv6_prefix = 128;
+        let (p, _) = policy(vec![per_address], vec![]);
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::1"), "mx")).is_ok());
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::2"), "mx")).is_ok());
+        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::2"), "mx")).is_err());
+    }
+
+    #[test]
+    fn concurrent_with_delay_never_admits_uncounted() {
+        // `check` refuses this combination; a spec built in code fails closed
+        let (p, _) = policy(
+            vec![rule(
+                "conc",
+                vec![KeyPart::Ip],
+                Kind::Concurrent(1),
+                PolicyAction::Delay,
+            )],
+            vec![],
+        );
+        let f = Facts::new(ip("127.0.0.2"), "mx");
+        let _held = p.connect(&f).unwrap();
+        assert!(matches!(
+            p.connect(&f).err(),
+            Some(Decision::Refuse {
+                action: PolicyAction::Tempfail,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn mapped_addresses_match_and_count_as_ipv4() {
+        let (p, _) = policy(
+            vec![rule(
+                "conc",
+                vec![KeyPart::Ip],
+                Kind::Concurrent(1),
+                PolicyAction::Reject,
+            )],
+            vec![],
+        );
+        // the deny list is 192.0.2.0/24
+        assert!(p.denied(ip("::ffff:192.0.2.7")));
+        let held = p.connect(&Facts::new(ip("198.51.100.5"), "mx")).unwrap();
+        assert!(
+            p.connect(&Facts::new(ip("::ffff:198.51.100.5"), "mx"))
+                .is_err(),
+            "one client, announced as TCP4 and as mapped TCP6, counts once"
+        );
+        drop(held);
+        let held = p
+            .connect(&Facts::new(ip("::ffff:198.51.100.5"), "mx"))
+            .unwrap();
+        assert!(p.connect(&Facts::new(ip("198.51.100.5"), "mx")).is_err());
+        drop(held);
+        let spec = PolicySpec {
+            deny: vec![Cidr::parse("::ffff:203.0.113.1/128").unwrap()],
+            ..p.spec().clone()
+        };
+        let state = PolicyState::new();
+        let mut specs = BTreeMap::new();
+        specs.insert("p".to_string(), Arc::new(spec));
+        let q = Policies::compile(&specs, &state).get("p").unwrap();
+        assert!(
+            q.denied(ip("203.0.113.1")),
+            "mapped deny entry matches IPv4"
+        );
+        assert!(q.denied(ip("::ffff:203.0.113.1")));
+        assert!(!q.denied(ip("203.0.113.2")));
+    }
+}
