@@ -10,6 +10,7 @@
 //!   load.rs      files of a path, size/nesting caps, parsing, merging several files
 //!   listener.rs, backend.rs, policy.rs  each section → its validated type
 //!   summary.rs   the `check` output
+//!   defaults.rs  every default value, in one place (also published in the schema)
 //! tls.rs       certificates from PEM, SNI resolver, rustls `ServerConfig`, dev certs (rcgen)
 //! transport.rs `MaybeTls` (plain or TLS, one type across STARTTLS) = `ClientStream`;
 //!              TLS accept under a deadline; PROXY v1/v2 in, v2 header out
@@ -18,9 +19,11 @@
 //! smtp/        the client-facing SMTP side
 //!   command.rs   command parser (sans-IO)
 //!   reply.rs     every reply mailgate itself sends, in one place
-//!   session.rs   the pure SMTP state machine: command in, `Action` out
-//!   data.rs      DATA receiver: ends only on CRLF.CRLF, bare CR/LF/NUL guard,
-//!                dot-unstuffing; re-stuffing for the backend; Received header
+//!   session.rs   the pure SMTP state machine: command or outcome in, `Action` out;
+//!                every reply decision (policy, login, verdicts, backend replies)
+//!   data.rs      DATA receiver: ends only on CRLF.CRLF, bare CR/LF/NUL guard, header
+//!                bounds, dot-unstuffing; streaming re-stuffing for the backend; Received
+//!   inflight.rs  the process-wide budget for message bytes in memory (max_inflight_data)
 //!   driver.rs    the only code that awaits: socket, backend, timeouts
 //! pop3/        the client-facing POP3 side (same shape as smtp/)
 //!   command.rs   AUTHORIZATION-state parser, SASL PLAIN, base64 (sans-IO)
@@ -35,15 +38,19 @@
 //!   pop3.rs      POP3 client: greeting, CAPA, login replay (only while in step), then the pipe
 //!   probe.rs     periodic capability probe (what may be advertised end to end)
 //!   stream.rs    TLS to backends (implicit / STARTTLS), CA or SHA-256 pin verification
-//! auth/        SPF/DKIM/DMARC/ARC via mail-auth: bounded DNS cache, `Verifier`,
-//!              policy verdicts, Authentication-Results / Received-SPF, forged A-R removal
-//! policy/      limits per listener: deny/allow lists, rate (governor GCRA), concurrency,
+//! auth/        SPF/DKIM/DMARC/ARC via mail-auth: DNS cache bounded in bytes, query
+//!              budgets and void-lookup limit, `Verifier` (signature caps), policy verdicts,
+//!              Authentication-Results / Received-SPF, forged A-R removal; `worker.rs`
+//!              runs checks on a small bounded runtime of their own, off the I/O threads
+//! policy/      limits per listener: deny/allow lists, rate (GCRA over governor's `Quota`), concurrency,
 //!   spec.rs      validated rules: what each counts, the stage it runs at, `check` text
 //!   state.rs     limiter state that survives reloads; compiling specs against it
 //!   evaluate.rs  per-stage decisions of a compiled policy → `Decision`
 //!   limits.rs    brute-force windows with known-good networks; buckets, counters
+//!   lru.rs       bounded keyed state: least-recently-seen order, idle keys evicted first
 //!   action.rs    accept / tag / tempfail / reject / delay / shadow
-//! observe/     Prometheus metrics (metrics.rs) and the /metrics /healthz /readyz endpoint (http.rs)
+//! observe/     Prometheus metrics (metrics.rs), the /metrics /healthz /readyz endpoint
+//!              (http.rs: capped, cached readiness), text-log escaping of client strings (logfmt.rs)
 //! server.rs    listeners, per-listener runtime snapshots (ArcSwap) and reload, connect-stage
 //!              policy, connection limits, certificate file watch, graceful shutdown
 //! demo.rs      the `demo` subcommand: an in-memory legacy backend, clearly labelled

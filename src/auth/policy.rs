@@ -197,7 +197,7 @@ fn clean(s: &str) -> String {
 /// the `temperror:` keys say (fail closed; see [`NotChecked`]).
 fn not_checked(n: &NotChecked) -> Vec<Verdict> {
     vec![Verdict {
-        action: Action::Tempfail,
+        action: PolicyAction::Tempfail,
         check: n.check,
         reason: format!(
             "{} not checked: {}",
@@ -418,7 +418,7 @@ mod tests {
             "authserv_id: mx\ndmarc: { enforce: true }\n",
         ] {
             let v = decide(&policy(p), &o);
-            assert_eq!(v.action, Action::Tempfail, "{p}: {v:?}");
+            assert_eq!(v.action, PolicyAction::Tempfail, "{p}: {v:?}");
             assert!(
                 v.reason.starts_with("SPF not checked: DNS query limit"),
                 "{v:?}"
@@ -431,7 +431,7 @@ mod tests {
         );
         m.not_checked = Some(NotChecked { check: "dkim", ..n });
         let v = decide(&policy("authserv_id: mx\ndmarc: { enforce: true }\n"), &m);
-        assert_eq!((v.action, v.check), (Action::Tempfail, "dkim"), "{v:?}");
+        assert_eq!((v.action, v.check), (PolicyAction::Tempfail, "dkim"), "{v:?}");
     }
 
     #[test]
