@@ -19,8 +19,9 @@
 #      them: -p 25:2525 -p 465:4650 ...; or
 #   b) use the file capability set below: the binary carries
 #      cap_net_bind_service=+ep, set with setcap in the builder stage. BuildKit
-#      (the default builder since Docker 23) keeps the security.capability xattr
-#      on COPY --from; the legacy builder drops it (then use a). Do not run with
+#      (the default builder since Docker 23) and buildah (CI, .ci/image.sh)
+#      keep the security.capability xattr on COPY --from; the legacy builder
+#      drops it (then use a). Do not run with
 #      --cap-drop=ALL unless you also --cap-add=NET_BIND_SERVICE: a binary with
 #      file capabilities outside the bounding set fails to exec (EPERM).
 #      (Docker >= 20.10 also sets net.ipv4.ip_unprivileged_port_start=0 in

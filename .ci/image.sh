@@ -210,7 +210,7 @@ make_builder() {
     # way the host does.
     cp -a /usr/local/share/ca-certificates/. "$mnt/usr/local/share/ca-certificates/"
     "${B[@]}" umount "$ctr" >/dev/null
-    "${limit[@]}" 60 "${B[@]}" run "$ctr" -- update-ca-certificates >/dev/null
+    "${limit[@]}" 60 "${B[@]}" run "$ctr" -- update-ca-certificates >"$WORK/ca.log" 2>&1 || { cat "$WORK/ca.log" >&2; return 1; }
     "${B[@]}" config --env CARGO_HOME=/usr/local/cargo \
         --env PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         --label org.opencontainers.image.description="Rust $host_rust on $SUITE minbase (mailgate CI)" "$ctr"
@@ -300,7 +300,8 @@ run_image() {
     sink_pid=$!
     wait_port "$sink_port" "$sink_pid" || { echo "smtp-sink did not start" >&2; return 1; }
 
-    # The config the image mounts at /etc/mailgate, readable by its user only.
+    # The config and certificates the image mounts at /etc/mailgate,
+    # readable by its user only.
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
         -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
         -keyout "$e2e/conf/certs/mail.key" -out "$e2e/conf/certs/mail.pem" 2>/dev/null
@@ -324,9 +325,13 @@ EOF
         echo "note: the security.capability xattr did not survive this build (listen on high ports, see the Dockerfile header)"
     "${B[@]}" umount "$ctr" >/dev/null
 
-    # Both mounts, as the Dockerfile header's `docker run` has them (the image
-    # declares both as volumes).
-    local mounts=(-v "$e2e/conf:/etc/mailgate:ro" -v "$e2e/conf/certs:/etc/mailgate/certs:ro")
+    # One mount holding certs/ too. buildah 1.28's chroot isolation mounts
+    # nested volumes in no fixed order: with the image's VOLUMEs (or a second
+    # -v for certs/) the config or the certificates came out hidden, differently
+    # from run to run. So this throwaway container drops the VOLUME entries
+    # (the image keeps them).
+    "${B[@]}" config --volume /etc/mailgate- --volume /etc/mailgate/certs- "$ctr"
+    local mounts=(-v "$e2e/conf:/etc/mailgate:ro")
     "${limit[@]}" 120 "${B[@]}" run --user "$user" "${mounts[@]}" "$ctr" -- "${entrypoint[@]}" "${cmd[@]}" \
         >"$e2e/mailgate.log" 2>&1 &
     run_pid=$!
