@@ -19,14 +19,24 @@
 #      them: -p 25:2525 -p 465:4650 ...; or
 #   b) use the file capability set below: the binary carries
 #      cap_net_bind_service=+ep, set with setcap in the builder stage. BuildKit
-#      (the default builder since Docker 23) keeps the security.capability xattr
-#      on COPY --from; the legacy builder drops it (then use a). Do not run with
+#      (the default builder since Docker 23) and buildah (CI, .ci/image.sh)
+#      keep the security.capability xattr on COPY --from; the legacy builder
+#      drops it (then use a). Do not run with
 #      --cap-drop=ALL unless you also --cap-add=NET_BIND_SERVICE: a binary with
 #      file capabilities outside the bounding set fails to exec (EPERM).
 #      (Docker >= 20.10 also sets net.ipv4.ip_unprivileged_port_start=0 in
 #      non-host network namespaces, which makes low ports work on its own.)
+#
+# Base images are build arguments so that a build without Docker Hub can use
+# local ones (CI: .ci/image.sh makes both from the Debian mirror and builds
+# with buildah):
+#   buildah build --build-arg RUST_IMAGE=localhost/rust:1.95-bookworm \
+#     --build-arg RUNTIME_IMAGE=localhost/debian:bookworm-slim -t mailgate .
 
-FROM rust:1.95-bookworm AS builder
+ARG RUST_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+FROM ${RUST_IMAGE} AS builder
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -37,10 +47,12 @@ RUN apt-get update \
 WORKDIR /build
 
 # Dependency layer: build the dependency graph against a stub main so that
-# source-only changes do not rebuild every crate.
+# source-only changes do not rebuild every crate. cargo refuses a manifest
+# whose explicit targets ([[bench]] policy) have no file, hence benches/.
 # --ignore-rust-version: mail-parser (via mail-auth) declares rust-version 1.98
 # but builds on 1.95; cargo has no config key for this.
 COPY Cargo.toml Cargo.lock ./
+COPY benches/ benches/
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && cargo build --release --locked --ignore-rust-version --bin mailgate \
@@ -57,7 +69,7 @@ RUN find src -name '*.rs' -exec touch {} + \
     && getcap /usr/local/bin/mailgate
 
 
-FROM debian:bookworm-slim
+FROM ${RUNTIME_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
