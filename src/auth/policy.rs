@@ -431,7 +431,11 @@ mod tests {
         );
         m.not_checked = Some(NotChecked { check: "dkim", ..n });
         let v = decide(&policy("authserv_id: mx\ndmarc: { enforce: true }\n"), &m);
-        assert_eq!((v.action, v.check), (PolicyAction::Tempfail, "dkim"), "{v:?}");
+        assert_eq!(
+            (v.action, v.check),
+            (PolicyAction::Tempfail, "dkim"),
+            "{v:?}"
+        );
     }
 
     #[test]
