@@ -181,6 +181,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + WaitReadable> Conn<S> {
         self.rbuf.len()
     }
 
+    /// Bytes the peer sent that nobody asked for yet: what is buffered, or
+    /// else what the socket already holds (`Closed` if it hung up). Never
+    /// waits: a zero deadline yields once, and the runtime polls the socket
+    /// before the timer fires, so bytes that arrived while this task was busy
+    /// are seen (test `stray_bytes_that_arrived_while_busy_are_seen`). The
+    /// in-step rule of both backend clients: `0` means in step.
+    pub async fn unsolicited(&mut self) -> Result<usize, CodecError> {
+        if !self.rbuf.is_empty() {
+            return Ok(self.rbuf.len());
+        }
+        match tokio::time::timeout(Duration::ZERO, self.fill()).await {
+            Err(_) => Ok(0),
+            Ok(r) => r,
+        }
+    }
+
     pub fn rbuf_mut(&mut self) -> &mut BytesMut {
         &mut self.rbuf
     }

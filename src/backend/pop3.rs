@@ -235,20 +235,13 @@ impl Pop3Backend {
     /// parting `-ERR`) would otherwise be read as the answer to the next
     /// login command, and every later answer as that of the one after.
     async fn in_step(&mut self) -> bool {
-        if self.conn.buffered() > 0 {
-            tracing::warn!("POP3 backend sent data nobody asked for: out of step");
-            return false;
-        }
-        // anything already arrived, or EOF, shows now: a zero deadline
-        // yields once, and the runtime polls the socket before the timer
-        // fires (see the test `stray_bytes_that_arrived_while_busy_are_seen`)
-        match tokio::time::timeout(Duration::ZERO, self.conn.fill()).await {
-            Err(_) => true,
-            Ok(Ok(_)) => {
+        match self.conn.unsolicited().await {
+            Ok(0) => true,
+            Ok(_) => {
                 tracing::warn!("POP3 backend sent data nobody asked for: out of step");
                 false
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::debug!(error = %e, "POP3 backend connection gone before login");
                 false
             }

@@ -267,15 +267,9 @@ impl SmtpBackend {
     /// answer to the wrong command, so this connection is not used again. A
     /// close already seen is reported too (never taken as an answer).
     async fn check_in_step(&mut self, before: &str) -> Result<(), BackendError> {
-        let mut pending = self.conn.buffered();
+        let pending = self.conn.unsolicited().await?;
         if pending == 0 {
-            // takes what the socket already holds; a zero deadline never
-            // waits, but yields once: the runtime polls the socket first
-            match tokio::time::timeout(Duration::ZERO, self.conn.fill()).await {
-                Err(_) => return Ok(()),
-                Ok(Ok(n)) => pending = n,
-                Ok(Err(e)) => return Err(e.into()),
-            }
+            return Ok(());
         }
         if self.closing_notice() {
             return Err(BackendError::Failed(format!(

@@ -38,8 +38,3 @@ impl PolicyAction {
         matches!(self, PolicyAction::Tempfail | PolicyAction::Reject)
     }
 }
-
-/// The old name, still imported by `src/smtp/driver.rs` and
-/// `src/pop3/driver.rs` (reworked in parallel) and `tests/auth_conformance.rs`;
-/// new code names [`PolicyAction`], distinct from the sessions' `Action`s.
-pub use PolicyAction as Action;

@@ -25,11 +25,16 @@ mod state;
 
 pub use action::PolicyAction;
 pub use evaluate::{ConnectPermit, Decision, Facts, Policy};
-/// The old name, still imported by `src/smtp/driver.rs` (reworked in
-/// parallel); new code names [`PolicyStage`], distinct from `smtp::reply::Stage`.
-pub use spec::PolicyStage as Stage;
 pub use spec::{AllowSpec, Kind, PolicySpec, PolicyStage, RuleSpec};
 pub use state::{Policies, PolicyState, RuleHits};
+
+/// A login name (SMTP AUTH, POP3 SASL) that may be relayed and used as a
+/// limiter key: at most 255 octets, no control character (C0, DEL, C1; NUL
+/// separates PLAIN's fields) and no whitespace (`alice` and `alice ` would be
+/// two keys for one backend user). One rule for every protocol.
+pub fn valid_login_name(name: &str) -> bool {
+    name.len() <= 255 && !name.chars().any(|c| c.is_control() || c.is_whitespace())
+}
 
 /// Rules and compiled policies shared by the unit tests of the files above.
 #[cfg(test)]

@@ -245,11 +245,11 @@ pub fn decode_plain(b64: &str) -> Result<Plain, SaslError> {
     // names carry no whitespace at all (U+00A0 and friends included):
     // `alice x1` must not be a second limiter key for alice
     let name = |b: &[u8]| -> Result<String, SaslError> {
-        let n = s(b, MAX_USER)?;
-        if n.chars().any(char::is_whitespace) {
+        let n = std::str::from_utf8(b).map_err(|_| SaslError::Malformed)?;
+        if !crate::policy::valid_login_name(n) {
             return Err(SaslError::Malformed);
         }
-        Ok(n)
+        Ok(n.to_string())
     };
     let plain = Plain {
         authzid: name(z)?,

@@ -18,8 +18,8 @@ use crate::backend::smtp::SmtpBackend;
 use crate::backend::BackendError;
 use crate::codec::{CodecError, Conn};
 use crate::config::TlsMode;
-use crate::policy::action::Action as PolicyAction;
-use crate::policy::{Decision, Facts, Stage};
+use crate::policy::PolicyAction;
+use crate::policy::{Decision, Facts, PolicyStage};
 use crate::server::SessionCtx;
 use crate::transport::ClientStream;
 use std::net::SocketAddr;
@@ -222,12 +222,12 @@ impl Driver {
                         Ok(command::Command::Ehlo(h) | command::Command::Helo(h)) => {
                             let mut f = self.facts();
                             f.helo = Some(h);
-                            self.policy(Stage::Helo, &f).await
+                            self.policy(PolicyStage::Helo, &f).await
                         }
                         _ => None,
                     };
                     match refused {
-                        Some(a) => self.session.policy_refused(Stage::Helo, a),
+                        Some(a) => self.session.policy_refused(PolicyStage::Helo, a),
                         None => self.session.command(cmd),
                     }
                 }
@@ -272,11 +272,11 @@ impl Driver {
                 let stage = match &op {
                     BackendOp::Mail { from, .. } => {
                         f.sender = Some(from);
-                        Stage::Mail
+                        PolicyStage::Mail
                     }
                     BackendOp::Rcpt { to } => {
                         f.rcpt = Some(to);
-                        Stage::Rcpt
+                        PolicyStage::Rcpt
                     }
                 };
                 if let Some(a) = self.policy(stage, &f).await {
@@ -313,7 +313,7 @@ impl Driver {
     }
 
     /// Runs the policy's rules for `stage`; `Some(action)` refuses the command.
-    async fn policy(&self, stage: Stage, f: &Facts<'_>) -> Option<PolicyAction> {
+    async fn policy(&self, stage: PolicyStage, f: &Facts<'_>) -> Option<PolicyAction> {
         let p = self.ctx.policy.as_ref()?;
         match p.check(stage, f) {
             Decision::Continue => None,

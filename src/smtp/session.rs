@@ -10,8 +10,9 @@ use super::data::Violation;
 use super::reply::{self, Reply, Stage};
 use crate::auth::Verdict as AuthVerdict;
 use crate::config::AuthMode;
-use crate::policy::action::Action as PolicyAction;
-use crate::policy::Stage as PolicyStage;
+use crate::policy::valid_login_name;
+use crate::policy::PolicyAction;
+use crate::policy::PolicyStage;
 use base64::Engine as _;
 use std::time::Duration;
 
@@ -529,7 +530,7 @@ impl Session {
         ) else {
             return self.error(reply::auth_bad_base64());
         };
-        if !valid_user(user) || !valid_user(authz) {
+        if !valid_login_name(user) || !valid_login_name(authz) {
             return self.error(reply::auth_bad_user());
         }
         // acting for someone else (authzid) is not relayed
@@ -545,7 +546,7 @@ impl Session {
     /// AUTH LOGIN's user name (base64): checked before the password is asked for.
     fn login_user(&mut self, b64: &str) -> Action {
         match decode(b64) {
-            Some(user) if valid_user(&user) => {
+            Some(user) if valid_login_name(&user) => {
                 self.auth_wait = Some(AuthWait::LoginPassword(user));
                 Action::AuthChallenge(reply::auth_challenge("UGFzc3dvcmQ6"))
             }
@@ -856,13 +857,6 @@ fn checked(v: &AuthVerdict) -> Checked<Reply> {
         PolicyAction::Shadow => Checked::Shadow,
         PolicyAction::Accept | PolicyAction::Tag => Checked::Pass,
     }
-}
-
-/// A user name that may be relayed and used as a limiter key: at most 255
-/// octets, no control character (C0, DEL, C1; NUL separates PLAIN's fields)
-/// and no whitespace (as POP3: `alice` and `alice ` would be two keys).
-fn valid_user(user: &str) -> bool {
-    user.len() <= 255 && !user.chars().any(|c| c.is_control() || c.is_whitespace())
 }
 
 fn decode_bytes(b64: &str) -> Option<Vec<u8>> {
