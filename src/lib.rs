@@ -42,6 +42,8 @@
 //!              budgets and void-lookup limit, `Verifier` (signature caps), policy verdicts,
 //!              Authentication-Results / Received-SPF, forged A-R removal; `worker.rs`
 //!              runs checks on a small bounded runtime of their own, off the I/O threads
+//! sign/        DKIM signing of submitted mail (mail-auth): key files and keygen (key.rs),
+//!              which keys sign or a refusal (decide.rs, pure), the signature fields (signer.rs)
 //! policy/      limits per listener: deny/allow lists, rate (GCRA over governor's `Quota`), concurrency,
 //!   spec.rs      validated rules: what each counts, the stage it runs at, `check` text
 //!   state.rs     limiter state that survives reloads; compiling specs against it
@@ -69,6 +71,7 @@ pub mod observe;
 pub mod policy;
 pub mod pop3;
 pub mod server;
+pub mod sign;
 pub mod smtp;
 pub mod tls;
 pub mod transport;
