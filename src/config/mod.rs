@@ -15,11 +15,13 @@
 //! backend.rs  backends: → Backend
 //! listener.rs listeners: → Listener, Timeouts
 //! policy.rs   policies: → policy::PolicySpec
+//! dkim_sign.rs a policy's dkim_sign: → sign::SignPolicy (keys loaded from their files)
 //! summary.rs  the `mailgate check` output
 //! ```
 
 mod backend;
 pub mod defaults;
+pub mod dkim_sign;
 pub mod file;
 mod listener;
 mod load;

@@ -72,6 +72,7 @@ mod fixtures {
             max_tracked_keys: 1000,
             known_good: Duration::from_secs(3600),
             auth: None,
+            dkim_sign: None,
         };
         let state = PolicyState::new();
         let mut specs = BTreeMap::new();

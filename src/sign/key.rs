@@ -75,6 +75,25 @@ impl SignKey {
     }
 }
 
+/// A selector (RFC 6376 §3.1: a sub-domain): dot-separated labels of
+/// letters, digits, `-` and `_`, none starting or ending with `-`.
+pub fn valid_selector(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// A signing domain: as a selector, with at least two labels.
+pub fn valid_domain(d: &str) -> bool {
+    valid_selector(d.trim_end_matches('.')) && d.trim_end_matches('.').contains('.')
+}
+
 /// Loads the key file at `path` to sign as `domain`/`selector`.
 pub fn load_key(domain: &str, selector: &str, path: &Path) -> Result<Arc<SignKey>, SignError> {
     let shown = path.display().to_string();
@@ -98,7 +117,7 @@ pub fn load_key(domain: &str, selector: &str, path: &Path) -> Result<Arc<SignKey
         .map_err(io)?;
     let (key, algorithm, dns_record) = parse_pem(&pem).map_err(bad)?;
     Ok(Arc::new(SignKey {
-        domain: domain.to_ascii_lowercase(),
+        domain: domain.trim_end_matches('.').to_ascii_lowercase(),
         selector: selector.to_string(),
         path: path.to_path_buf(),
         algorithm,
@@ -230,7 +249,9 @@ pub fn generate(rsa_bits: Option<usize>) -> Result<NewKey, SignError> {
             doc.as_ref().to_vec()
         }
         None => {
-            let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(
+            // PKCS #8 v1 (no public key inside), as `openssl genpkey` writes
+            // it: OpenSSL 3.0 does not read the v2 form
+            let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8v1(
                 &aws_lc_rs::rand::SystemRandom::new(),
             )
             .map_err(|_| failed("Ed25519"))?;
@@ -282,6 +303,38 @@ pub fn write_new(path: &Path, pem: &str) -> Result<(), SignError> {
             path: shown,
             source,
         })
+}
+
+/// `mailgate dkim keygen`: a new key for `domain`/`selector` written to
+/// `out` (see [`write_new`]); returns what to tell the operator: the DNS
+/// record to publish and the `keys:` entry. Nothing of the private key.
+pub fn keygen(
+    domain: &str,
+    selector: &str,
+    rsa_bits: Option<usize>,
+    out: &Path,
+) -> Result<String, SignError> {
+    let bad = |reason: String| SignError::Key {
+        path: out.display().to_string(),
+        reason,
+    };
+    if !valid_domain(domain) {
+        return Err(bad(format!("{domain:?} is not a domain name")));
+    }
+    if !valid_selector(selector) {
+        return Err(bad(format!(
+            "{selector:?} is not a selector (DNS labels: letters, digits, '-', '_')"
+        )));
+    }
+    let new = generate(rsa_bits)?;
+    write_new(out, &new.pem)?;
+    Ok(format!(
+        "wrote {} ({}, mode 0600)\n\nPublish this DNS record:\n\n{}\n\nand name the key in a policy's dkim_sign block:\n\n        - {{ domain: {domain}, selector: {selector}, key: {} }}\n",
+        out.display(),
+        new.algorithm,
+        zone_entry(domain, selector, &new.dns_record),
+        out.display()
+    ))
 }
 
 /// The zone-file line(s) for `record` at `<selector>._domainkey.<domain>`:
@@ -384,6 +437,38 @@ mod tests {
         );
         let e = load_key("a.example", "s", &big).unwrap_err().to_string();
         assert!(e.contains("big.pem: 65537 bytes"), "{e}");
+    }
+
+    #[test]
+    fn keygen_writes_the_key_and_says_what_to_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("example.org.ed.pem");
+        let said = keygen("example.org", "ed", None, &out).unwrap();
+        let key = load_key("example.org", "ed", &out).unwrap();
+        assert!(
+            said.contains(&format!(
+                "ed._domainkey.example.org. IN TXT ( \"{}\" )",
+                key.dns_record
+            )),
+            "{said}"
+        );
+        assert!(
+            said.contains("- { domain: example.org, selector: ed, key: "),
+            "{said}"
+        );
+        assert!(!said.contains("PRIVATE"), "{said}");
+        let e = keygen("example.org", "ed", None, &out).unwrap_err();
+        assert!(matches!(e, SignError::Exists(_)), "{e}");
+        for (d, s) in [
+            ("example", "s"),
+            ("example.org", "a/b"),
+            ("../x.org", "s"),
+            ("example.org", "-s"),
+        ] {
+            let e = keygen(d, s, None, &dir.path().join("x.pem")).unwrap_err();
+            assert!(e.to_string().contains("is not a"), "{d} {s}: {e}");
+        }
+        assert!(!dir.path().join("x.pem").exists());
     }
 
     #[test]

@@ -21,7 +21,10 @@ pub mod key;
 pub mod signer;
 
 pub use decide::{author_domain, decide, Decision, NotSigned};
-pub use key::{generate, load_key, KeyAlgorithm, NewKey, SignKey};
+pub use key::{
+    generate, keygen, load_key, valid_domain, valid_selector, zone_entry, KeyAlgorithm, NewKey,
+    SignKey,
+};
 pub use signer::{sign, MAX_SIGNED_FIELDS};
 
 use mail_auth::dkim::Canonicalization;
@@ -42,7 +45,7 @@ pub enum UnknownDomain {
 }
 
 impl UnknownDomain {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             UnknownDomain::Reject => "reject",
             UnknownDomain::Pass => "pass",

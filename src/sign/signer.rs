@@ -49,9 +49,10 @@ pub const SIGNED: &[&str] = &[
 /// Signed once more than present (once when absent): none can be added.
 pub const OVER_SIGNED: &[&str] = &["From", "To", "Subject", "Date"];
 
-/// `h=` entries of one signature, at most: mailgate's verifier (and others)
-/// leave signatures over more fields unverified (`auth/verify.rs`).
-pub const MAX_SIGNED_FIELDS: usize = crate::auth::MAX_SIGNED_FIELDS;
+/// `h=` entries of one signature, at most: mailgate's own verifier leaves
+/// signatures over more fields unverified (`MAX_SIGNED_FIELDS` in
+/// `auth/verify.rs`, the same number), and so may others.
+pub const MAX_SIGNED_FIELDS: usize = 64;
 
 /// A [`SignKey`] lent to one signer: mail-auth's signer owns its key, ours
 /// are shared by every session of the configuration snapshot.
