@@ -187,6 +187,41 @@ pub async fn message(
     (raw, lost_outcome(ip, want, &lost))
 }
 
+/// How long signing one message may take (hashing its body once per key).
+pub const SIGN_LIMIT: Duration = Duration::from_secs(30);
+
+/// [`crate::sign::sign`] off the I/O threads, admitted like a check: over
+/// `prefix` (our header fields) and `raw` (the message), which is lent and
+/// handed back as in [`message`]. When the signing could not run, the
+/// result is [`SignError::NotRun`](crate::sign::SignError::NotRun), which
+/// the session answers with a tempfail: the message never leaves unsigned
+/// by accident.
+pub async fn sign(
+    policy: Arc<crate::sign::SignPolicy>,
+    keys: Vec<Arc<crate::sign::SignKey>>,
+    prefix: String,
+    raw: Vec<u8>,
+) -> (Vec<u8>, Result<String, crate::sign::SignError>) {
+    let raw = Arc::new(raw);
+    let lent = raw.clone();
+    let job = async move { crate::sign::sign(&policy, &keys, &[prefix.as_bytes(), &lent]) };
+    let outcome = run(SIGN_LIMIT + QUEUE_ALLOWANCE, job).await;
+    let why = |lost: &Lost| {
+        crate::sign::SignError::NotRun(match lost {
+            Lost::Busy => "check runtime over capacity",
+            Lost::Late => "signing did not finish in time",
+            Lost::Panicked => "internal error while signing",
+        })
+    };
+    match (Arc::try_unwrap(raw), outcome) {
+        (Ok(raw), Ok(r)) => (raw, r),
+        (Ok(raw), Err(lost)) => (raw, Err(why(&lost))),
+        // abandoned while it still held the message: given up, not copied
+        (Err(_), Err(lost)) => (Vec::new(), Err(why(&lost))),
+        (Err(_), Ok(_)) => (Vec::new(), Err(why(&Lost::Late))),
+    }
+}
+
 /// The name a lost set of message checks is reported under.
 fn first_check(want: Checks) -> &'static str {
     if want.dmarc {

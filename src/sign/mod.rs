@@ -112,6 +112,36 @@ impl SignPolicy {
     }
 }
 
+/// Why `dkim_sign` does not let a message go on (the session's reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `unknown_domain: reject` and the message is not one we sign.
+    UnknownDomain,
+    /// More header fields to sign than [`MAX_SIGNED_FIELDS`].
+    TooManyFields(usize),
+    /// The signing could not run or failed: try again later.
+    NotSigned,
+}
+
+impl Refusal {
+    /// The `reason` label of `dkim_sign_refusals_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::UnknownDomain => "unknown_domain",
+            Refusal::TooManyFields(_) => "too_many_fields",
+            Refusal::NotSigned => "not_signed",
+        }
+    }
+
+    /// The refusal for a signing that returned `e`.
+    pub fn of(e: &SignError) -> Refusal {
+        match e {
+            SignError::TooManyFields(n) => Refusal::TooManyFields(*n),
+            _ => Refusal::NotSigned,
+        }
+    }
+}
+
 /// Errors of key files, key generation and signing. Never carries key material.
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
@@ -133,4 +163,7 @@ pub enum SignError {
     /// The crypto library refused (not expected with a key that loaded).
     #[error("signing failed: {0}")]
     Failed(String),
+    /// The signing could not run (the check runtime was busy or too late).
+    #[error("not signed: {0}")]
+    NotRun(&'static str),
 }
