@@ -139,8 +139,13 @@ fn parse_pem(pem: &[u8]) -> Result<(DkimKey, KeyAlgorithm, String), String> {
         PrivateKeyDer::Pkcs1(der) => rsa(der.secret_pkcs1_der(), false),
         PrivateKeyDer::Pkcs8(der) => {
             let bytes = der.secret_pkcs8_der();
-            if aws_lc_rs::rsa::KeyPair::from_pkcs8(bytes).is_ok() {
-                return rsa(bytes, true);
+            match aws_lc_rs::rsa::KeyPair::from_pkcs8(bytes) {
+                Ok(_) => return rsa(bytes, true),
+                // an RSA key aws-lc refuses (too small ones are not parsed at all)
+                Err(e) if e.description_() != "WrongAlgorithm" => {
+                    return Err(format!("RSA key refused ({e}); DKIM keys are RSA of at least {MIN_RSA_BITS} bits or Ed25519"));
+                }
+                Err(_) => {}
             }
             match aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(bytes) {
                 Ok(pair) => {
@@ -155,8 +160,7 @@ fn parse_pem(pem: &[u8]) -> Result<(DkimKey, KeyAlgorithm, String), String> {
                     ))
                 }
                 Err(_) => Err(format!(
-                    "not an RSA or Ed25519 private key{}; DKIM keys are RSA (at least {MIN_RSA_BITS} bits) or Ed25519",
-                    rsa_refusal(bytes, true)
+                    "not an RSA or Ed25519 private key; DKIM keys are RSA (at least {MIN_RSA_BITS} bits) or Ed25519"
                 )),
             }
         }
@@ -164,20 +168,6 @@ fn parse_pem(pem: &[u8]) -> Result<(DkimKey, KeyAlgorithm, String), String> {
             "an EC (SEC1) key; DKIM keys are RSA (at least {MIN_RSA_BITS} bits) or Ed25519"
         )),
         _ => Err("an unknown kind of private key".into()),
-    }
-}
-
-/// Why aws-lc refuses `der` as an RSA key, when it looks like one (too
-/// small keys are refused, not parsed: there is no size to report).
-fn rsa_refusal(der: &[u8], pkcs8: bool) -> String {
-    let r = if pkcs8 {
-        aws_lc_rs::rsa::KeyPair::from_pkcs8(der).err()
-    } else {
-        aws_lc_rs::rsa::KeyPair::from_der(der).err()
-    };
-    match r {
-        Some(e) if e.description_() != "WrongAlgorithm" => format!(" (RSA: {e})"),
-        _ => String::new(),
     }
 }
 
