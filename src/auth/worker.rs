@@ -298,6 +298,41 @@ mod tests {
         assert!(o.not_checked.is_none());
     }
 
+    /// Signing borrows the message and hands it back unchanged with the
+    /// signature fields.
+    #[tokio::test]
+    async fn signing_hands_the_message_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        let new = crate::sign::generate(None).unwrap();
+        crate::sign::key::write_new(&path, &new.pem).unwrap();
+        let key = crate::sign::load_key("example.org", "s", &path).unwrap();
+        let policy = Arc::new(crate::sign::SignPolicy {
+            keys: vec![key],
+            unknown_domain: crate::sign::UnknownDomain::Reject,
+            match_envelope_sender: false,
+            canonicalization: (
+                mail_auth::dkim::Canonicalization::Relaxed,
+                mail_auth::dkim::Canonicalization::Relaxed,
+            ),
+            expiry: None,
+        });
+        let raw = b"From: a@example.org\r\n\r\nbody\r\n".to_vec();
+        let (back, r) = sign(
+            policy.clone(),
+            policy.keys.clone(),
+            "Received: by gw\r\n".into(),
+            raw.clone(),
+        )
+        .await;
+        assert_eq!(back, raw);
+        let fields = r.unwrap();
+        assert!(
+            fields.starts_with("DKIM-Signature: v=1; a=ed25519-sha256; s=s; d=example.org;"),
+            "{fields}"
+        );
+    }
+
     /// The queue in front of the check runtime is bounded: with every slot
     /// taken a check is refused after [`SLOT_WAIT`], and an abandoned
     /// check gives its slot back.
