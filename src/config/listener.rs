@@ -352,8 +352,14 @@ mod tests {
             ),
         )
         .unwrap();
+        let host = crate::config::warnings::Host {
+            memory: None,
+            certificates: vec![],
+            now: std::time::SystemTime::now(),
+        };
+        let ws = crate::config::warnings::of(&c, &host);
         assert!(c
-            .summary()
-            .contains("warning: max_message_size is larger than server.max_inflight_data"));
+            .check_output(&ws)
+            .contains("warning: message-size-over-inflight: listener mx: max_message_size"));
     }
 }

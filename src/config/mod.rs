@@ -16,6 +16,7 @@
 //! listener.rs listeners: → Listener, Timeouts
 //! policy.rs   policies: → policy::PolicySpec
 //! summary.rs  the `mailgate check` output
+//! warnings.rs valid but risky settings `check` warns about (`--strict` fails on them)
 //! ```
 
 mod backend;
@@ -26,6 +27,7 @@ mod load;
 mod policy;
 mod summary;
 pub mod units;
+pub mod warnings;
 
 use crate::policy::PolicySpec;
 pub use backend::Backend;
