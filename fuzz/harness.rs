@@ -476,7 +476,7 @@ pub fn pop3_command(data: &[u8]) {
                     check_pop3_reply(&r);
                     break;
                 }
-                P::Close(r) => {
+                P::Close(r, _) => {
                     check_pop3_reply(&r);
                     return;
                 }
@@ -499,14 +499,8 @@ pub fn pop3_command(data: &[u8]) {
                         4 => LoginOutcome::Failed,
                         5 => LoginOutcome::Invalid,
                         _ => LoginOutcome::Accepted("+OK hi\r\nthere".into()),
-                    });
-                }
-                P::LoginFailed { reply, close } => {
-                    check_pop3_reply(&reply);
-                    if close {
-                        return;
-                    }
-                    break;
+                    })
+                    .into_action();
                 }
                 P::Pipe(r) => {
                     check_pop3_reply(&r);
