@@ -13,8 +13,7 @@
 
 use super::command;
 use super::pipe::{self, PipeEnd};
-use super::reply::Reply;
-use super::session::{Action, Login, LoginOutcome, LoginResult, Session, Settings};
+use super::session::{Action, Login, LoginOutcome, LoginResult, Reply, Session, Settings};
 use super::transaction::Transaction;
 use crate::backend::pop3::{self as backend, Pop3Backend};
 use crate::backend::BackendError;

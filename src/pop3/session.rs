@@ -8,7 +8,9 @@
 //! parses every command and the backend's answers pass unchanged.
 
 use super::command::{self, Command, ParseError, Plain, SaslError};
-use super::reply::{self, Reply};
+use super::reply;
+/// The replies in [`Action`]s (built in `reply.rs`, chosen here).
+pub use super::reply::Reply;
 pub use crate::conn::Ending;
 use crate::conn::Replies;
 use crate::policy::PolicyAction;

@@ -7,10 +7,9 @@
 
 use super::command;
 use super::data::{self, DataReceiver, Feed};
-use super::reply::Reply;
 use super::session::{
-    Action, BackendOp, Checked, Credentials, DataEnd, LoginResult, Outcome, Session, Settings,
-    TxOutcome,
+    Action, BackendOp, Checked, Credentials, DataEnd, LoginResult, Outcome, Reply, Session,
+    Settings, TxOutcome,
 };
 use crate::auth::Verdict as AuthVerdict;
 use crate::backend::smtp::SmtpBackend;

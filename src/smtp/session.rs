@@ -7,7 +7,9 @@
 
 use super::command::{Body, Command, MailParams, ParseError, Secret};
 use super::data::Violation;
-use super::reply::{self, Reply, Stage};
+/// The replies in [`Action`]s (built in `reply.rs`, chosen here).
+pub use super::reply::Reply;
+use super::reply::{self, Stage};
 use crate::auth::Verdict as AuthVerdict;
 use crate::config::AuthMode;
 use crate::policy::valid_login_name;
