@@ -30,12 +30,12 @@
 //!                every reply decision (policy, login, verdicts, backend replies)
 //!   data.rs      DATA receiver: ends only on CRLF.CRLF, bare CR/LF/NUL guard, header
 //!                bounds, dot-unstuffing; streaming re-stuffing for the backend; Received
-//!   driver.rs    the only code that awaits: socket, backend, timeouts
+//!   driver.rs    the only code that awaits (on `conn/`): backend, checks, DATA, timeouts
 //! pop3/        the client-facing POP3 side (same shape as smtp/)
 //!   command.rs   AUTHORIZATION-state parser, SASL PLAIN, base64 (sans-IO)
 //!   reply.rs     every reply mailgate itself sends (RFC 2449/3206 codes)
 //!   session.rs   the pure AUTHORIZATION state machine: line in, `Action` out
-//!   driver.rs    the only code that awaits: socket, STLS, backend, timeouts
+//!   driver.rs    the only code that awaits (on `conn/`): backend, APOP slots, the pipe
 //!   transaction.rs TRANSACTION-state parser, reply order around local answers (sans-IO)
 //!   pipe.rs      TRANSACTION state I/O: parsed commands up, backend bytes down unchanged, idle timer
 //! backend/     clients of the legacy servers
@@ -63,8 +63,8 @@
 //! ```
 //!
 //! Rules: protocol logic in `session.rs`/`command.rs`/`data.rs` never awaits and is
-//! unit-tested with strings; only `driver.rs` touches sockets, and it loads its
-//! configuration once per session.
+//! unit-tested with strings; only `driver.rs` (and `conn/` under it) touches sockets,
+//! and it loads its configuration once per session.
 
 pub mod auth;
 pub mod backend;

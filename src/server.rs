@@ -1,8 +1,10 @@
 //! Listeners and sessions: bind every configured listener, accept with
 //! TCP_NODELAY, apply the policy's connect stage (deny list, connection rate,
 //! concurrent sessions) and the listener's connection cap with a proper reply,
-//! spawn one task per session, reload atomically, and drain on shutdown (idle
-//! sessions get 421 / -ERR at once; running transactions get `shutdown_grace`).
+//! spawn one task per session with its `conn::SessionCtx` (over the listener's
+//! current `conn::ListenerRuntime`), reload atomically, and drain on shutdown
+//! (idle sessions get 421 / -ERR at once; running transactions get
+//! `shutdown_grace`). It calls the protocol drivers; they never call back.
 
 use crate::backend::probe::{self, CapsCache};
 use crate::config::{Config, Listener, Protocol};
