@@ -108,6 +108,7 @@ mod tests {
 
     /// Records what the guard asked of it.
     struct Probe {
+        user: &'static str,
         result: fn(&'static str) -> LoginResult<&'static str>,
         attempts: u32,
         refusals: Vec<PolicyAction>,
@@ -117,7 +118,7 @@ mod tests {
         type Action = &'static str;
         fn facts(&self) -> Facts<'_> {
             let mut f = Facts::new(IpAddr::V4(Ipv4Addr::LOCALHOST), "l");
-            f.auth_user = Some("alice");
+            f.auth_user = Some(self.user);
             f
         }
         fn refused(&mut self, action: PolicyAction) -> LoginResult<&'static str> {
@@ -132,6 +133,7 @@ mod tests {
 
     fn probe(result: fn(&'static str) -> LoginResult<&'static str>) -> Probe {
         Probe {
+            user: "alice",
             result,
             attempts: 0,
             refusals: Vec::new(),
@@ -154,6 +156,43 @@ mod tests {
             assert!(p.refusals.is_empty());
             assert_eq!(t.elapsed() >= delay, delayed);
         }
+    }
+
+    /// The policy's side of the bracket: failures the session calls `Failed`
+    /// are charged, and once the lock holds, the backend is not tried and the
+    /// session answers the refusal.
+    #[tokio::test(start_paused = true)]
+    async fn policy_lock_refuses_before_the_backend() {
+        let yaml = "backends:\n  a: { address: \"127.0.0.1:1\" }\nlisteners:\n  - { name: l, protocol: pop3, bind: \"127.0.0.1:110\", tls: none, backend: a, policy: p }\npolicies:\n  p:\n    limits:\n      - { key: [auth_user], auth_failures: 2/15minutes, action: tempfail }\n";
+        let c = crate::config::load_str("g.yaml", yaml).unwrap();
+        let state = crate::policy::PolicyState::new();
+        let policy = crate::policy::Policies::compile(&c.policies, &state)
+            .get("p")
+            .unwrap();
+        let mut p = probe(LoginResult::Failed);
+        for _ in 0..2 {
+            assert_eq!(
+                guard(&mut p, Some(&policy), Duration::ZERO).await,
+                "backend"
+            );
+        }
+        assert_eq!(
+            guard(&mut p, Some(&policy), Duration::ZERO).await,
+            "refused"
+        );
+        assert_eq!(p.attempts, 2, "the locked login never reached the backend");
+        assert_eq!(p.refusals, vec![PolicyAction::Tempfail]);
+        // `Refused` and `Undecided` are not charged: another user's lock
+        // never comes from them
+        let mut p = probe(LoginResult::Refused);
+        p.user = "bob";
+        for _ in 0..3 {
+            assert_eq!(
+                guard(&mut p, Some(&policy), Duration::ZERO).await,
+                "backend"
+            );
+        }
+        assert_eq!(p.attempts, 3);
     }
 
     #[test]
