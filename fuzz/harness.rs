@@ -476,7 +476,7 @@ pub fn pop3_command(data: &[u8]) {
                     check_pop3_reply(&r);
                     break;
                 }
-                P::Close(r) => {
+                P::Close(r, _) => {
                     check_pop3_reply(&r);
                     return;
                 }
@@ -492,21 +492,16 @@ pub fn pop3_command(data: &[u8]) {
                 P::Login(login) => {
                     assert!(!login.user().is_empty());
                     logins += 1;
-                    action = s.login_result(match logins % 6 {
-                        1 => LoginOutcome::Rejected("-ERR [AUTH] no\r\n\0x".into()),
-                        2 => LoginOutcome::Unsupported,
-                        3 => LoginOutcome::Unavailable,
-                        4 => LoginOutcome::Failed,
-                        5 => LoginOutcome::Invalid,
-                        _ => LoginOutcome::Accepted("+OK hi\r\nthere".into()),
-                    });
-                }
-                P::LoginFailed { reply, close } => {
-                    check_pop3_reply(&reply);
-                    if close {
-                        return;
-                    }
-                    break;
+                    action = s
+                        .login_result(match logins % 6 {
+                            1 => LoginOutcome::Rejected("-ERR [AUTH] no\r\n\0x".into()),
+                            2 => LoginOutcome::Unsupported,
+                            3 => LoginOutcome::Unavailable,
+                            4 => LoginOutcome::Failed,
+                            5 => LoginOutcome::Invalid,
+                            _ => LoginOutcome::Accepted("+OK hi\r\nthere".into()),
+                        })
+                        .into_action();
                 }
                 P::Pipe(r) => {
                     check_pop3_reply(&r);

@@ -16,6 +16,13 @@
 //!              TLS accept under a deadline; PROXY v1/v2 in, v2 header out
 //! codec.rs     bounded line reader / whole-reply writer shared by both legs; the
 //!              wait for the next command (pipelining, idle buffer release, shutdown)
+//! conn/        the client-connection layer every protocol's driver stands on
+//!   mod.rs       `ListenerRuntime` (reloadable snapshot), `SessionCtx` (holds it),
+//!                `Replies`/`Wire` (what a session supplies), `End` (session outcomes)
+//!   client.rs    implicit TLS, session gauge, STARTTLS/STLS (CVE-2011-0411 discard),
+//!                the wait for the next command, the session-end log
+//!   login.rs     the login guard: policy check → backend login → bookkeeping → delay
+//!   inflight.rs  the process-wide budget for message bytes in memory (max_inflight_data)
 //! smtp/        the client-facing SMTP side
 //!   command.rs   command parser (sans-IO)
 //!   reply.rs     every reply mailgate itself sends, in one place
@@ -23,13 +30,12 @@
 //!                every reply decision (policy, login, verdicts, backend replies)
 //!   data.rs      DATA receiver: ends only on CRLF.CRLF, bare CR/LF/NUL guard, header
 //!                bounds, dot-unstuffing; streaming re-stuffing for the backend; Received
-//!   inflight.rs  the process-wide budget for message bytes in memory (max_inflight_data)
-//!   driver.rs    the only code that awaits: socket, backend, timeouts
+//!   driver.rs    the only code that awaits (on `conn/`): backend, checks, DATA, timeouts
 //! pop3/        the client-facing POP3 side (same shape as smtp/)
 //!   command.rs   AUTHORIZATION-state parser, SASL PLAIN, base64 (sans-IO)
 //!   reply.rs     every reply mailgate itself sends (RFC 2449/3206 codes)
 //!   session.rs   the pure AUTHORIZATION state machine: line in, `Action` out
-//!   driver.rs    the only code that awaits: socket, STLS, backend, timeouts
+//!   driver.rs    the only code that awaits (on `conn/`): backend, APOP slots, the pipe
 //!   transaction.rs TRANSACTION-state parser, reply order around local answers (sans-IO)
 //!   pipe.rs      TRANSACTION state I/O: parsed commands up, backend bytes down unchanged, idle timer
 //! backend/     clients of the legacy servers
@@ -57,13 +63,14 @@
 //! ```
 //!
 //! Rules: protocol logic in `session.rs`/`command.rs`/`data.rs` never awaits and is
-//! unit-tested with strings; only `driver.rs` touches sockets, and it loads its
-//! configuration once per session.
+//! unit-tested with strings; only `driver.rs` (and `conn/` under it) touches sockets,
+//! and it loads its configuration once per session.
 
 pub mod auth;
 pub mod backend;
 pub mod codec;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod observe;
 pub mod policy;

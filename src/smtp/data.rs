@@ -12,8 +12,8 @@
 //! that continues them), bounds the header block, and holds the body within
 //! the process-wide in-flight budget.
 
-use super::inflight::Reservation;
 use crate::config::BareNewlines;
+use crate::conn::inflight::Reservation;
 use bytes::BytesMut;
 
 /// Header fields per message (RFC 5322 sets no limit; this bounds what
@@ -680,7 +680,7 @@ mod tests {
     /// and every byte is given back.
     #[test]
     fn inflight_budget() {
-        let budget = super::super::inflight::Budget::new(1 << 20);
+        let budget = crate::conn::inflight::Budget::new(1 << 20);
         let line = format!("{}\r\n", "z".repeat(98));
         let mut msg = b"Subject: big\r\n\r\n".to_vec();
         while msg.len() < 700 * 1024 {

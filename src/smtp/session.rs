@@ -7,7 +7,9 @@
 
 use super::command::{Body, Command, MailParams, ParseError, Secret};
 use super::data::Violation;
-use super::reply::{self, Reply, Stage};
+/// The replies in [`Action`]s (built in `reply.rs`, chosen here).
+pub use super::reply::Reply;
+use super::reply::{self, Stage};
 use crate::auth::Verdict as AuthVerdict;
 use crate::config::AuthMode;
 use crate::policy::valid_login_name;
@@ -162,17 +164,9 @@ impl Action {
     }
 }
 
-/// Why the connection closes after a [`Action::Close`] reply: what the
-/// session-end log says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// The client said QUIT.
-    Quit,
-    /// A limit or a refusal: the log shows the reply.
-    Refused,
-    /// The log gives this reason instead of the reply.
-    Because(&'static str),
-}
+/// Why the connection closes after a [`Action::Close`] reply (the layer's,
+/// shared by every protocol).
+pub use crate::conn::Ending;
 
 /// What an authentication verdict means: go on (perhaps after a tarpit, or
 /// with a log line for `shadow`), or the refusal `R` instead.
@@ -233,35 +227,15 @@ pub struct DataEnd {
     pub outcome: TxOutcome,
 }
 
-/// The session's answer to a login relayed to the backend, and how the login
-/// policy counts it (rates, failed-login lockouts).
-#[derive(Debug, PartialEq, Eq)]
-pub enum LoginResult {
-    /// 235: the session is authenticated.
-    Succeeded(Action),
-    /// Wrong credentials (535; 421 and close at the session's limit): the
-    /// driver waits the failure delay before it acts.
-    Failed(Action),
-    /// A 5xx other than 535 (503, 504, 554 …): possibly the backend's own
-    /// trouble, so never charged to the policy's lockout; but a legacy server
-    /// may answer every wrong password so, so it is slowed down like a
-    /// failure and counted towards this session's limits (454; 421 and close
-    /// at the limit).
-    Refused(Action),
-    /// Neither: the backend's trouble (454), not counted.
-    Undecided(Action),
-}
-
-impl LoginResult {
-    pub fn into_action(self) -> Action {
-        match self {
-            LoginResult::Succeeded(a)
-            | LoginResult::Failed(a)
-            | LoginResult::Refused(a)
-            | LoginResult::Undecided(a) => a,
-        }
-    }
-}
+/// The session's answer to a login (relayed to the backend, or refused by
+/// the policy), and how the login guard counts it (`conn/login.rs`): `Failed`
+/// is a wrong password (535; 421 and close at the session's limit); `Refused`
+/// a 5xx other than 535 (503, 504, 554 …), possibly the backend's own
+/// trouble, so never charged to the policy's lockout, but a legacy server may
+/// answer every wrong password so, so it is slowed down like a failure and
+/// counted towards this session's limits; `Undecided` the backend's trouble
+/// (454), not counted.
+pub type LoginResult = crate::conn::login::LoginResult<Action>;
 
 #[derive(Debug, Clone)]
 pub struct Transaction {
@@ -627,13 +601,14 @@ impl Session {
 
     /// The login policy refused the login before it reached the backend:
     /// `reject` looks like (and counts as) a wrong password; a tempfail
-    /// (failed-login lock, login rate) is 454.
-    pub fn login_refused(&mut self, action: PolicyAction) -> Action {
-        if action == PolicyAction::Reject {
+    /// (failed-login lock, login rate) is 454. The policy already counted the
+    /// attempt, and the answer is not delayed: `Undecided` to the login guard.
+    pub fn login_refused(&mut self, action: PolicyAction) -> LoginResult {
+        LoginResult::Undecided(if action == PolicyAction::Reject {
             self.login_failed()
         } else {
             Action::Reply(reply::auth_locked())
-        }
+        })
     }
 
     /// A policy rule refused the command of `stage` (HELO/EHLO, MAIL, RCPT)
@@ -687,21 +662,6 @@ impl Session {
             outcome: TxOutcome::Tempfail,
             action: self.message_answer(reply::inflight_exceeded(), false),
         }
-    }
-
-    /// No command within `timeouts.command` (or DATA line within `timeouts.data`).
-    pub fn timed_out(&self) -> Reply {
-        reply::timeout()
-    }
-
-    /// The session's lifetime (`timeouts.session`) is over.
-    pub fn session_over(&self) -> Reply {
-        reply::session_too_long()
-    }
-
-    /// The gateway shuts down while the session waits for a command.
-    pub fn shutting_down(&self) -> Reply {
-        reply::shutting_down()
     }
 
     /// The TLS handshake after STARTTLS succeeded: forget everything the client
@@ -867,6 +827,23 @@ fn decode_bytes(b64: &str) -> Option<Vec<u8>> {
 
 fn decode(b64: &str) -> Option<String> {
     decode_bytes(b64).and_then(|v| String::from_utf8(v).ok())
+}
+
+impl crate::conn::Replies for Session {
+    type Reply = Reply;
+
+    /// No command within `timeouts.command` (or DATA line within `timeouts.data`).
+    fn timed_out(&self) -> Reply {
+        reply::timeout()
+    }
+
+    fn session_over(&self) -> Reply {
+        reply::session_too_long()
+    }
+
+    fn shutting_down(&self) -> Reply {
+        reply::shutting_down()
+    }
 }
 
 #[cfg(test)]
@@ -1766,21 +1743,24 @@ mod tests {
         cmd(&mut s, "EHLO c");
         for _ in 0..5 {
             assert_eq!(
-                reply_of(s.login_refused(PolicyAction::Tempfail)),
+                reply_of(s.login_refused(PolicyAction::Tempfail).into_action()),
                 b"454 4.7.0 Too many failed authentication attempts, try again later\r\n"
             );
         }
         assert_eq!(
-            reply_of(s.login_refused(PolicyAction::Reject)),
+            reply_of(s.login_refused(PolicyAction::Reject).into_action()),
             b"535 5.7.8 Authentication credentials invalid\r\n"
         );
         assert_eq!(
-            reply_of(s.login_refused(PolicyAction::Reject)),
+            reply_of(s.login_refused(PolicyAction::Reject).into_action()),
             b"535 5.7.8 Authentication credentials invalid\r\n"
         );
         assert_eq!(
             s.login_refused(PolicyAction::Reject),
-            Action::Close(reply::too_many_auth_failures(), Ending::Refused),
+            LoginResult::Undecided(Action::Close(
+                reply::too_many_auth_failures(),
+                Ending::Refused
+            )),
             "third counted failure"
         );
         // how backend answers count for the login policy
@@ -1991,6 +1971,7 @@ mod tests {
     /// replies for the driver's own events come from here as well.
     #[test]
     fn endings_and_idle_replies() {
+        use crate::conn::Replies;
         let mut s = Session::new(settings(false, false), caps(), false);
         assert_eq!(
             cmd(&mut s, "QUIT"),
