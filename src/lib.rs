@@ -60,6 +60,7 @@
 //! unit-tested with strings; only `driver.rs` touches sockets, and it loads its
 //! configuration once per session.
 
+pub mod action;
 pub mod auth;
 pub mod backend;
 pub mod codec;
@@ -72,6 +73,7 @@ pub mod server;
 pub mod smtp;
 pub mod tls;
 pub mod transport;
+pub mod units;
 
 /// A short, unique-enough session id, also handed to the backend in the
 /// `Received:` header so both logs can be joined.

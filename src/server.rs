@@ -7,7 +7,7 @@
 use crate::backend::probe::{self, CapsCache};
 use crate::config::{Config, Listener, Protocol};
 use crate::observe::http::ReadyCheck;
-use crate::policy::PolicyAction;
+use crate::action::PolicyAction;
 use crate::policy::{ConnectPermit, Decision, Facts, Policies, Policy, PolicyState};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -129,7 +129,10 @@ impl Gateway {
     pub async fn start(config: &Config) -> Result<Gateway, ServerError> {
         let tls = tls_config(config)?;
         let verifier = verifier_for(config)?;
-        let policy_state = PolicyState::new();
+        let policy_state = PolicyState::new(
+            crate::config::defaults::KNOWN_GOOD,
+            crate::config::defaults::MAX_TRACKED_KEYS,
+        );
         let policies = Policies::compile(&config.policies, &policy_state);
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -684,7 +687,7 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
     let l = ctx.listener.clone();
     // a dual-stack `[::]` socket reports IPv4 clients as ::ffff:a.b.c.d: one
     // client is one address in logs, limits and headers, whatever the socket
-    use crate::config::units::canonical_socket;
+    use crate::units::canonical_socket;
     let mut peer = canonical_socket(peer);
     ctx.local = canonical_socket(ctx.local);
     if let Some((trusted, deadline)) = &l.proxy_trusted {

@@ -27,7 +27,7 @@ use mailgate::auth::{
     decide, AuthPolicy, AuthResult, Checks, DmarcPolicy, DnsSettings, SpfIdentity, SpfOutcome,
     Verifier,
 };
-use mailgate::policy::PolicyAction as Action;
+use mailgate::action::PolicyAction as Action;
 use serde_json::{json, Value as Json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};

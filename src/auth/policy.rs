@@ -24,7 +24,7 @@ use super::verify::{
     AuthResult, Checks, DmarcPolicy, MessageOutcome, NotChecked, SpfIdentity, SpfOutcome,
 };
 use super::AuthError;
-use crate::policy::PolicyAction;
+use crate::action::PolicyAction;
 use serde::Deserialize;
 
 /// `spf:` — one action per RFC 7208 result.

@@ -255,7 +255,7 @@ mod tests {
         for lost in [Lost::Late, Lost::Busy] {
             let o = lost_outcome(ip, policy.checks(), &lost);
             let v = crate::auth::decide(&policy, &o);
-            assert_eq!(v.action, crate::policy::PolicyAction::Tempfail, "{v:?}");
+            assert_eq!(v.action, crate::action::PolicyAction::Tempfail, "{v:?}");
             assert!(v.reason.starts_with("DMARC not checked: "), "{v:?}");
         }
         // a panic is a result (permerror), judged by the policy's keys

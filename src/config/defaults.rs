@@ -5,7 +5,7 @@
 //! the field's `default` and a unit test holds README's tables to them.
 
 use super::{AuthMode, BareNewlines};
-use crate::policy::PolicyAction;
+use crate::action::PolicyAction;
 use std::time::Duration;
 
 const fn secs(s: u64) -> Duration {
@@ -268,10 +268,10 @@ mod tests {
         for (def, field, value) in DOCUMENTED {
             let back = match value {
                 Value::Duration(d) => {
-                    super::super::units::Secs::parse(&value.yaml()).map(|s| s.0 == *d)
+                    crate::units::Secs::parse(&value.yaml()).map(|s| s.0 == *d)
                 }
                 Value::Size(b) => {
-                    super::super::units::ByteSize::parse(&value.yaml()).map(|s| s.0 == *b)
+                    crate::units::ByteSize::parse(&value.yaml()).map(|s| s.0 == *b)
                 }
                 _ => Ok(true),
             };

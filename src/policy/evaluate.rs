@@ -3,12 +3,11 @@
 //! per-message caps, and the login bracket (failure locks, known-good
 //! networks). Each hit is logged and counted; the result is a [`Decision`].
 
-use super::action::PolicyAction;
 use super::limits::{Bucket, Counter, CounterGuard, Failures};
-use super::spec::{PolicySpec, PolicyStage, RuleSpec};
+use super::spec::{KeyPart, PolicySpec, PolicyStage, RuleSpec};
 use super::state::{PolicyState, RuleHits};
-use crate::config::file::KeyPart;
-use crate::config::units::canonical;
+use crate::action::PolicyAction;
+use crate::units::canonical;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -680,7 +679,7 @@ mod tests {
             deny: vec![Cidr::parse("::ffff:203.0.113.1/128").unwrap()],
             ..p.spec().clone()
         };
-        let state = PolicyState::new();
+        let state = PolicyState::new(Duration::from_secs(30 * 86_400), 100_000);
         let mut specs = BTreeMap::new();
         specs.insert("p".to_string(), Arc::new(spec));
         let q = Policies::compile(&specs, &state).get("p").unwrap();

@@ -6,7 +6,6 @@
 use super::evaluate::{Limiter, Policy, Rule};
 use super::limits::{Bucket, Counter, Failures, KnownGood};
 use super::spec::{Kind, PolicySpec};
-use crate::config::defaults;
 use governor::Quota;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -33,14 +32,16 @@ pub struct RuleHits {
 }
 
 impl PolicyState {
-    pub fn new() -> Arc<Self> {
+    /// `known_good`/`max_keys` bound the known-good networks shared by all
+    /// policies (`config/defaults.rs` holds the values the gateway uses).
+    pub fn new(known_good: Duration, max_keys: usize) -> Arc<Self> {
         Arc::new(PolicyState {
             hasher: Default::default(),
             buckets: Default::default(),
             counters: Default::default(),
             failures: Default::default(),
             hits: Default::default(),
-            known_good: KnownGood::new(defaults::KNOWN_GOOD, defaults::MAX_TRACKED_KEYS),
+            known_good: KnownGood::new(known_good, max_keys),
         })
     }
 
@@ -233,7 +234,7 @@ mod tests {
             },
             PolicyAction::Tempfail,
         );
-        let state = PolicyState::new();
+        let state = PolicyState::new(Duration::from_secs(30 * 86_400), 100_000);
         let mk = |r: RuleSpec| {
             let mut specs = BTreeMap::new();
             specs.insert(

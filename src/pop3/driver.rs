@@ -19,7 +19,7 @@ use crate::backend::pop3::{self as backend, Pop3Backend};
 use crate::backend::BackendError;
 use crate::codec::{CodecError, Conn};
 use crate::config::TlsMode;
-use crate::policy::PolicyAction;
+use crate::action::PolicyAction;
 use crate::policy::{Decision, Facts};
 use crate::server::SessionCtx;
 use crate::transport::ClientStream;

@@ -18,7 +18,7 @@ use crate::backend::smtp::SmtpBackend;
 use crate::backend::BackendError;
 use crate::codec::{CodecError, Conn};
 use crate::config::TlsMode;
-use crate::policy::PolicyAction;
+use crate::action::PolicyAction;
 use crate::policy::{Decision, Facts, PolicyStage};
 use crate::server::SessionCtx;
 use crate::transport::ClientStream;

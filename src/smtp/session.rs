@@ -11,7 +11,7 @@ use super::reply::{self, Reply, Stage};
 use crate::auth::Verdict as AuthVerdict;
 use crate::config::AuthMode;
 use crate::policy::valid_login_name;
-use crate::policy::PolicyAction;
+use crate::action::PolicyAction;
 use crate::policy::PolicyStage;
 use base64::Engine as _;
 use std::time::Duration;
