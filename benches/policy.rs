@@ -3,8 +3,8 @@
 //! distinct source keys hitting a rule, and CPU per key under distinct-key
 //! floods (connect rate, failed logins). Prints figures; asserts nothing.
 
-use mailgate::policy::KeyPart;
 use mailgate::action::PolicyAction;
+use mailgate::policy::KeyPart;
 use mailgate::policy::{Facts, Kind, Policies, PolicySpec, PolicyStage, PolicyState, RuleSpec};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -28,7 +28,10 @@ fn policy(
     rules: Vec<RuleSpec>,
     max_keys: usize,
 ) -> (Arc<mailgate::policy::Policy>, Arc<PolicyState>) {
-    let state = PolicyState::new(mailgate::config::defaults::KNOWN_GOOD, mailgate::config::defaults::MAX_TRACKED_KEYS);
+    let state = PolicyState::new(
+        mailgate::config::defaults::KNOWN_GOOD,
+        mailgate::config::defaults::MAX_TRACKED_KEYS,
+    );
     let mut specs = BTreeMap::new();
     specs.insert(
         "p".to_string(),

@@ -66,6 +66,7 @@ pub mod backend;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod mail;
 pub mod observe;
 pub mod policy;
 pub mod pop3;

@@ -4,10 +4,11 @@
 //! spawn one task per session, reload atomically, and drain on shutdown (idle
 //! sessions get 421 / -ERR at once; running transactions get `shutdown_grace`).
 
-use crate::backend::probe::{self, CapsCache};
+use crate::action::PolicyAction;
+use crate::backend::caps::CapsCache;
+use crate::backend::probe;
 use crate::config::{Config, Listener, Protocol};
 use crate::observe::http::ReadyCheck;
-use crate::action::PolicyAction;
 use crate::policy::{ConnectPermit, Decision, Facts, Policies, Policy, PolicyState};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -195,7 +196,7 @@ impl Gateway {
                 max: l.max_connections as u32,
             });
         }
-        let mut smtp_backends: Vec<(Arc<crate::config::Backend>, crate::config::Timeouts)> =
+        let mut smtp_backends: Vec<(Arc<crate::backend::Backend>, crate::backend::Deadlines)> =
             Vec::new();
         for l in config
             .listeners
@@ -203,7 +204,7 @@ impl Gateway {
             .filter(|l| l.protocol == Protocol::Smtp)
         {
             if !smtp_backends.iter().any(|(b, _)| b.name == l.backend.name) {
-                smtp_backends.push((l.backend.clone(), l.timeouts.clone()));
+                smtp_backends.push((l.backend.clone(), l.timeouts.backend));
             }
         }
         let (probed_tx, probed) = watch::channel(false);
@@ -213,6 +214,7 @@ impl Gateway {
             Duration::from_secs(60),
             probed_tx,
             rx.clone(),
+            |b, took| crate::observe::metrics().backend_connected(&b.name, took.as_secs_f64()),
         ));
         tokio::spawn(housekeeping(policy_state.clone(), rx.clone()));
         let cert_paths = Arc::new(std::sync::Mutex::new(config.certificates.clone()));

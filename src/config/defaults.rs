@@ -267,12 +267,8 @@ mod tests {
     fn spellings_parse_back_to_the_constants() {
         for (def, field, value) in DOCUMENTED {
             let back = match value {
-                Value::Duration(d) => {
-                    crate::units::Secs::parse(&value.yaml()).map(|s| s.0 == *d)
-                }
-                Value::Size(b) => {
-                    crate::units::ByteSize::parse(&value.yaml()).map(|s| s.0 == *b)
-                }
+                Value::Duration(d) => crate::units::Secs::parse(&value.yaml()).map(|s| s.0 == *d),
+                Value::Size(b) => crate::units::ByteSize::parse(&value.yaml()).map(|s| s.0 == *b),
                 _ => Ok(true),
             };
             assert_eq!(back, Ok(true), "{def}.{field}: {}", value.yaml());

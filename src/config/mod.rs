@@ -25,8 +25,8 @@ mod load;
 mod policy;
 mod summary;
 
+use crate::backend::Backend;
 use crate::policy::PolicySpec;
-pub use backend::Backend;
 use file::FileConfig;
 pub use file::{AuthMode, BareNewlines, IdentityMethod, Protocol, TlsMode};
 pub use listener::{Listener, Timeouts};

@@ -138,10 +138,7 @@ pub(super) fn build_policy(
                 ),
             ));
         }
-        if matches!(
-            action,
-            PolicyAction::Accept | PolicyAction::Tag
-        ) {
+        if matches!(action, PolicyAction::Accept | PolicyAction::Tag) {
             return Err(at_field(
                 "action",
                 "a limit's action is tempfail, reject, delay or shadow".into(),
@@ -264,7 +261,10 @@ mod tests {
         let loaded = load_str("huge.yaml", &text);
         if let Ok(c) = &loaded {
             // what the server does with a loaded configuration
-            crate::policy::Policies::compile(&c.policies, &crate::policy::PolicyState::new(defaults::KNOWN_GOOD, defaults::MAX_TRACKED_KEYS));
+            crate::policy::Policies::compile(
+                &c.policies,
+                &crate::policy::PolicyState::new(defaults::KNOWN_GOOD, defaults::MAX_TRACKED_KEYS),
+            );
         }
         let e = loaded.unwrap_err().to_string();
         assert!(

@@ -13,12 +13,12 @@ use super::session::{
     Action, BackendOp, Checked, Credentials, DataEnd, Ending, LoginResult, Outcome, Session,
     Settings, TxOutcome,
 };
+use crate::action::PolicyAction;
 use crate::auth::Verdict as AuthVerdict;
 use crate::backend::smtp::SmtpBackend;
 use crate::backend::BackendError;
 use crate::codec::{CodecError, Conn};
 use crate::config::TlsMode;
-use crate::action::PolicyAction;
 use crate::policy::{Decision, Facts, PolicyStage};
 use crate::server::SessionCtx;
 use crate::transport::ClientStream;
@@ -101,7 +101,7 @@ impl Driver {
             "smtp",
             if tls.is_some() { "implicit" } else { "none" },
         );
-        let caps = ctx.caps.get(&l.backend.name);
+        let caps = ctx.caps.smtp(&l.backend);
         let settings = Settings {
             hostname: l.hostname.clone(),
             starttls: l.tls == TlsMode::Starttls && ctx.tls.is_some(),
@@ -460,6 +460,11 @@ impl Driver {
                     BackendError::Unavailable(_) => Outcome::Unavailable,
                     BackendError::Failed(_) => Outcome::Failed,
                     BackendError::Protocol(_) => Outcome::Invalid,
+                    BackendError::OutOfStep(_) => {
+                        crate::observe::metrics()
+                            .backend_out_of_step(&self.ctx.listener.backend.name);
+                        Outcome::Invalid
+                    }
                     BackendError::Identity(_) => Outcome::NoIdentity,
                 }
             }
@@ -487,14 +492,16 @@ impl Driver {
                 helo: self.session.helo.clone(),
                 esmtp: self.session.esmtp,
             };
-            let b = match SmtpBackend::connect(&l.backend, &l.timeouts, Some(&id)).await {
+            let b = match SmtpBackend::connect(&l.backend, &l.timeouts.backend, Some(&id)).await {
                 Ok(b) => b,
                 Err(e) => {
                     crate::observe::metrics().backend_failed(&l.backend.name);
                     return Err(e);
                 }
             };
-            self.ctx.caps.set(&l.backend.name, b.caps.clone());
+            crate::observe::metrics()
+                .backend_connected(&l.backend.name, b.connect_time.as_secs_f64());
+            self.ctx.caps.set_smtp(&l.backend, b.caps.clone());
             self.backend = Some(b);
         }
         Ok(self.backend.as_mut().expect("connected above"))
