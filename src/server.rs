@@ -716,16 +716,22 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
     }
     let permit: Option<ConnectPermit> = match &ctx.policy {
         None => None,
-        Some(p) => match p.connect(&Facts::new(peer.ip(), &l.name)) {
-            Ok(permit) => Some(permit),
-            Err(Decision::Refuse { action, rule }) => {
-                crate::observe::metrics()
-                    .refused(&l.name, if rule == "deny" { "deny" } else { "policy" });
-                refuse(tcp, l.protocol, action).await;
-                return;
+        Some(p) => {
+            let checked = p.connect(&Facts::new(peer.ip(), &l.name));
+            for h in &checked.hits {
+                crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
             }
-            Err(_) => None,
-        },
+            match checked.decision {
+                Ok(permit) => Some(permit),
+                Err(Decision::Refuse { action, rule }) => {
+                    crate::observe::metrics()
+                        .refused(&l.name, if rule == "deny" { "deny" } else { "policy" });
+                    refuse(tcp, l.protocol, action).await;
+                    return;
+                }
+                Err(_) => None,
+            }
+        }
     };
     // tarpit (`action: delay`) before the greeting
     if let Some(d) = permit.as_ref().map(|p| p.delay).filter(|d| !d.is_zero()) {

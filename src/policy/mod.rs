@@ -21,7 +21,7 @@ pub mod lru;
 mod spec;
 mod state;
 
-pub use evaluate::{ConnectPermit, Decision, Facts, Policy};
+pub use evaluate::{Checked, ConnectPermit, Decision, Facts, Hit, Policy};
 pub use spec::{AllowSpec, KeyPart, Kind, PolicySpec, PolicyStage, RuleSpec};
 pub use state::{Policies, PolicyState, RuleHits};
 

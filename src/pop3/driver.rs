@@ -392,7 +392,11 @@ impl Driver {
         let mut f = Facts::new(self.peer.ip(), &l.name);
         f.auth_user = Some(login.user());
         if let Some(p) = &policy {
-            match p.login_allowed(&f) {
+            let checked = p.login_allowed(&f);
+            for h in &checked.hits {
+                crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
+            }
+            match checked.decision {
                 Decision::Continue => {}
                 Decision::Delay(d) => tokio::time::sleep(d).await,
                 Decision::Refuse { action, rule } => {

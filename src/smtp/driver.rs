@@ -315,7 +315,11 @@ impl Driver {
     /// Runs the policy's rules for `stage`; `Some(action)` refuses the command.
     async fn policy(&self, stage: PolicyStage, f: &Facts<'_>) -> Option<PolicyAction> {
         let p = self.ctx.policy.as_ref()?;
-        match p.check(stage, f) {
+        let checked = p.check(stage, f);
+        for h in &checked.hits {
+            crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
+        }
+        match checked.decision {
             Decision::Continue => None,
             Decision::Delay(d) => {
                 tokio::time::sleep(d).await;
@@ -375,7 +379,11 @@ impl Driver {
         let mut f = self.facts();
         f.auth_user = Some(&creds.user);
         if let Some(p) = self.ctx.policy.clone() {
-            match p.login_allowed(&f) {
+            let checked = p.login_allowed(&f);
+            for h in &checked.hits {
+                crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
+            }
+            match checked.decision {
                 Decision::Continue => {}
                 Decision::Delay(d) => tokio::time::sleep(d).await,
                 Decision::Refuse { action, rule } => {
