@@ -602,6 +602,7 @@ async fn dmarc_tree_walk() {
             explanation: None,
             reason: None,
             not_checked: None,
+            dns: Default::default(),
         });
         let sender = mail_from.map(|d| format!("bounce@{d}")).unwrap_or_default();
         let o = v

@@ -461,3 +461,55 @@ impl SmtpBackend {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.exchange("QUIT")).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead as _, BufReader, Write as _};
+
+    /// What the backend client reports instead of counting: the connect time,
+    /// the capabilities, and an out-of-step backend as its own error (the
+    /// driver counts `backend_out_of_step` from it).
+    #[tokio::test]
+    async fn connect_and_out_of_step_are_returned_facts() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            w.write_all(b"220 legacy ESMTP\r\n").unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert!(line.starts_with("EHLO gw.test"), "{line:?}");
+            // the EHLO answer, then a reply nobody asked for
+            w.write_all(b"250-legacy\r\n250-8BITMIME\r\n250 SIZE 1000\r\n250 stray\r\n")
+                .unwrap();
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut r, &mut rest);
+            rest
+        });
+        let backend = Backend {
+            name: "b".into(),
+            address: addr.to_string(),
+            helo_name: "gw.test".into(),
+            xclient: false,
+            proxy_v2: false,
+            tls: None,
+            identity_optional: false,
+        };
+        let t = Deadlines {
+            connect: Duration::from_secs(5),
+            reply: Duration::from_secs(5),
+            data: Duration::from_secs(5),
+        };
+        let mut b = SmtpBackend::connect(&backend, &t, None).await.unwrap();
+        assert!(b.connect_time > Duration::ZERO);
+        assert!(b.caps.eightbitmime && b.caps.size == Some(1000));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let e = b.rcpt("<a@example.org>").await.unwrap_err();
+        assert!(matches!(e, BackendError::OutOfStep(_)), "{e:?}");
+        drop(b);
+        assert!(!server.join().unwrap().contains("RCPT"), "no RCPT was sent");
+    }
+}

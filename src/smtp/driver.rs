@@ -349,7 +349,12 @@ impl Driver {
             from.to_string(),
         )
         .await;
-        crate::observe::metrics().auth_result("spf", spf.result.as_str());
+        let m = crate::observe::metrics();
+        m.auth_result("spf", spf.result.as_str());
+        m.dns_facts(&spf.dns.answered, spf.dns.unanswered);
+        if spf.not_checked.as_ref().is_some_and(|n| n.runtime_busy) {
+            m.auth_result("check_runtime", "busy");
+        }
         let verdict = crate::auth::decide(auth, &spf);
         info!(result = spf.result.as_str(), domain = %spf.domain, action = verdict.action.as_str(), "spf");
         self.spf = Some(spf);
@@ -660,6 +665,10 @@ impl Driver {
                     .await;
                     msg.body = b;
                     let m = crate::observe::metrics();
+                    m.dns_facts(&o.dns.answered, o.dns.unanswered);
+                    if o.not_checked.as_ref().is_some_and(|n| n.runtime_busy) {
+                        m.auth_result("check_runtime", "busy");
+                    }
                     if let Some((r, _)) = o.dkim_summary() {
                         m.auth_result("dkim", r.as_str());
                     }
