@@ -5,26 +5,31 @@
 //! `super::` paths that climb out of x's directory). Comments, string
 //! literals and `#[cfg(test)]` items are ignored: tests may reach anywhere.
 //!
-//! The intended layering, bottom to top (a module uses only modules below it):
+//! The intended layering, bottom to top (a module uses only modules below it;
+//! the same map is in `src/lib.rs`):
 //!
 //! ```text
-//! units, codec, observe, action, mail   leaves: value types, line I/O, metrics,
-//!                                       the policy action vocabulary, SMTP
-//!                                       transaction vocabulary (MAIL params, dot-stuffing)
-//! auth, backend                         SPF/DKIM/DMARC/ARC checks; clients of the legacy
-//!                                       servers with their capability types and cache
-//! policy                                limits, plus the listener's auth block (`auth::AuthPolicy`)
-//! config                                YAML → the validated types the modules above own
-//! tls, transport                        server TLS from config, client streams, PROXY
-//! conn                                  the client-connection layer shared by the protocols
-//! smtp, pop3                            the client-facing protocols
-//! server                                listeners, runtime snapshots, reload
-//! demo                                  the `demo` subcommand
+//! units, codec, observe,  leaves: value types of the config format, line I/O,
+//! action, mail            metrics, what a policy/auth hit does, the SMTP
+//!                         transaction vocabulary (MAIL parameters, dot-stuffing)
+//! transport               client streams and PROXY (codec, units)
+//! auth, backend           SPF/DKIM/DMARC/ARC; clients of the legacy servers,
+//!                         with their capability types and the one caps cache
+//! policy                  limits, plus a policy block's auth settings (auth::AuthPolicy)
+//! config                  YAML → the validated types the modules below own
+//! tls                     server TLS for the configured listeners
+//! conn                    the client-connection layer the protocols share
+//! smtp, pop3              the client-facing protocols (the edges: they count metrics)
+//! server                  listeners, runtime snapshots, reload (an edge too)
+//! demo                    the `demo` subcommand
 //! ```
 //!
-//! `config` sits above the domain modules because each of them owns its
-//! validated types and config only parses YAML into them; defaults
-//! (`config/defaults.rs`) are passed in as values, never read from below.
+//! Why this order: each domain module owns its validated types and config
+//! only parses YAML into them, so config sits above policy, auth and backend,
+//! and defaults (`config/defaults.rs`) are passed down as values. Policy is
+//! above auth because a policy block carries the auth settings; the action
+//! vocabulary both use is a leaf. Metrics are counted at the edges from the
+//! facts the modules below return, so observe stays a leaf.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
