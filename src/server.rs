@@ -6,12 +6,13 @@
 //! (idle sessions get 421 / -ERR at once; running transactions get
 //! `shutdown_grace`). It calls the protocol drivers; they never call back.
 
-use crate::backend::probe::{self, CapsCache};
+use crate::action::PolicyAction;
+use crate::backend::caps::CapsCache;
+use crate::backend::probe;
 use crate::config::{Config, Listener, Protocol};
 use crate::conn::inflight::Budget;
 use crate::conn::{ListenerRuntime, SessionCtx};
 use crate::observe::http::ReadyCheck;
-use crate::policy::PolicyAction;
 use crate::policy::{ConnectPermit, Decision, Facts, Policies, Policy, PolicyState};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -108,7 +109,10 @@ impl Gateway {
     pub async fn start(config: &Config) -> Result<Gateway, ServerError> {
         let tls = tls_config(config)?;
         let verifier = verifier_for(config)?;
-        let policy_state = PolicyState::new();
+        let policy_state = PolicyState::new(
+            crate::config::defaults::KNOWN_GOOD,
+            crate::config::defaults::MAX_TRACKED_KEYS,
+        );
         let policies = Policies::compile(&config.policies, &policy_state);
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -171,7 +175,7 @@ impl Gateway {
                 max: l.max_connections as u32,
             });
         }
-        let mut smtp_backends: Vec<(Arc<crate::config::Backend>, crate::config::Timeouts)> =
+        let mut smtp_backends: Vec<(Arc<crate::backend::Backend>, crate::backend::Deadlines)> =
             Vec::new();
         for l in config
             .listeners
@@ -179,7 +183,7 @@ impl Gateway {
             .filter(|l| l.protocol == Protocol::Smtp)
         {
             if !smtp_backends.iter().any(|(b, _)| b.name == l.backend.name) {
-                smtp_backends.push((l.backend.clone(), l.timeouts.clone()));
+                smtp_backends.push((l.backend.clone(), l.timeouts.backend));
             }
         }
         let (probed_tx, probed) = watch::channel(false);
@@ -189,6 +193,7 @@ impl Gateway {
             Duration::from_secs(60),
             probed_tx,
             rx.clone(),
+            |b, took| crate::observe::metrics().backend_connected(&b.name, took.as_secs_f64()),
         ));
         tokio::spawn(housekeeping(policy_state.clone(), rx.clone()));
         let cert_paths = Arc::new(std::sync::Mutex::new(config.certificates.clone()));
@@ -660,7 +665,7 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
     let l = ctx.listener().clone();
     // a dual-stack `[::]` socket reports IPv4 clients as ::ffff:a.b.c.d: one
     // client is one address in logs, limits and headers, whatever the socket
-    use crate::config::units::canonical_socket;
+    use crate::units::canonical_socket;
     let mut peer = canonical_socket(peer);
     ctx.local = canonical_socket(ctx.local);
     if let Some((trusted, deadline)) = &l.proxy_trusted {
@@ -687,16 +692,22 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
     }
     let permit: Option<ConnectPermit> = match ctx.policy() {
         None => None,
-        Some(p) => match p.connect(&Facts::new(peer.ip(), &l.name)) {
-            Ok(permit) => Some(permit),
-            Err(Decision::Refuse { action, rule }) => {
-                crate::observe::metrics()
-                    .refused(&l.name, if rule == "deny" { "deny" } else { "policy" });
-                refuse(tcp, l.protocol, action).await;
-                return;
+        Some(p) => {
+            let checked = p.connect(&Facts::new(peer.ip(), &l.name));
+            for h in &checked.hits {
+                crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
             }
-            Err(_) => None,
-        },
+            match checked.decision {
+                Ok(permit) => Some(permit),
+                Err(Decision::Refuse { action, rule }) => {
+                    crate::observe::metrics()
+                        .refused(&l.name, if rule == "deny" { "deny" } else { "policy" });
+                    refuse(tcp, l.protocol, action).await;
+                    return;
+                }
+                Err(_) => None,
+            }
+        }
     };
     // tarpit (`action: delay`) before the greeting
     if let Some(d) = permit.as_ref().map(|p| p.delay).filter(|d| !d.is_zero()) {

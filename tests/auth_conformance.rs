@@ -23,11 +23,11 @@ use dns::{yaml_str, TestDns, Zone};
 use mail_auth::hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::MessageAuthenticator;
+use mailgate::action::PolicyAction as Action;
 use mailgate::auth::{
     decide, AuthPolicy, AuthResult, Checks, DmarcPolicy, DnsSettings, SpfIdentity, SpfOutcome,
     Verifier,
 };
-use mailgate::policy::PolicyAction as Action;
 use serde_json::{json, Value as Json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -602,6 +602,7 @@ async fn dmarc_tree_walk() {
             explanation: None,
             reason: None,
             not_checked: None,
+            dns: Default::default(),
         });
         let sender = mail_from.map(|d| format!("bounce@{d}")).unwrap_or_default();
         let o = v

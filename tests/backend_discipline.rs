@@ -388,7 +388,10 @@ fn failure_counted(gw: &mailgate::server::Gateway) -> bool {
     let p = gw.policy("mx").unwrap();
     let mut f = mailgate::policy::Facts::new(IpAddr::from([127, 0, 0, 1]), "mx");
     f.auth_user = Some("alice");
-    !matches!(p.login_allowed(&f), mailgate::policy::Decision::Continue)
+    !matches!(
+        p.login_allowed(&f).decision,
+        mailgate::policy::Decision::Continue
+    )
 }
 
 /// Issue 19 item 4 (SMTP AUTH): whatever the backend does before AUTH, the

@@ -5,7 +5,8 @@
 //! protocol supplies the backend login and, through its session, every
 //! reply ([`Login`]); the guard only sequences and waits.
 
-use crate::policy::{Decision, Facts, Policy, PolicyAction};
+use crate::action::PolicyAction;
+use crate::policy::{Decision, Facts, Policy};
 use std::future::Future;
 use std::time::Duration;
 use tracing::info;
@@ -70,7 +71,14 @@ pub async fn guard<L: Login + Send>(
     policy: Option<&Policy>,
     failure_delay: Duration,
 ) -> L::Action {
-    let decision = policy.map(|p| p.login_allowed(&login.facts()));
+    let decision = policy.map(|p| {
+        let checked = p.login_allowed(&login.facts());
+        // counted here, at the edge, from the rules the policy says fired
+        for h in &checked.hits {
+            crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
+        }
+        checked.decision
+    });
     let result = match decision {
         Some(Decision::Refuse { action, rule }) => {
             info!(
@@ -165,7 +173,10 @@ mod tests {
     async fn policy_lock_refuses_before_the_backend() {
         let yaml = "backends:\n  a: { address: \"127.0.0.1:1\" }\nlisteners:\n  - { name: l, protocol: pop3, bind: \"127.0.0.1:110\", tls: none, backend: a, policy: p }\npolicies:\n  p:\n    limits:\n      - { key: [auth_user], auth_failures: 2/15minutes, action: tempfail }\n";
         let c = crate::config::load_str("g.yaml", yaml).unwrap();
-        let state = crate::policy::PolicyState::new();
+        let state = crate::policy::PolicyState::new(
+            crate::config::defaults::KNOWN_GOOD,
+            crate::config::defaults::MAX_TRACKED_KEYS,
+        );
         let policy = crate::policy::Policies::compile(&c.policies, &state)
             .get("p")
             .unwrap();

@@ -16,7 +16,7 @@ pub mod client;
 pub mod inflight;
 pub mod login;
 
-use crate::backend::probe::CapsCache;
+use crate::backend::caps::CapsCache;
 use crate::config::Listener;
 use crate::policy::Policy;
 use std::net::SocketAddr;

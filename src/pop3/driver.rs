@@ -13,15 +13,17 @@
 
 use super::command;
 use super::pipe::{self, PipeEnd};
-use super::session::{Action, Login, LoginOutcome, LoginResult, Reply, Session, Settings};
+use super::session::{Action, LoginOutcome, LoginResult, Reply, Session, Settings};
 use super::transaction::Transaction;
-use crate::backend::pop3::{self as backend, Pop3Backend};
+use crate::action::PolicyAction;
+use crate::backend::caps::Pop3Caps;
+use crate::backend::pop3::{self as backend, Login, LoginReply, Pop3Backend};
 use crate::backend::BackendError;
 use crate::config::TlsMode;
 use crate::conn::client::{session_end, Client, Line};
 use crate::conn::login::{self, Login as LoginAttempt};
 use crate::conn::{End, Replies, SessionCtx};
-use crate::policy::{Facts, PolicyAction};
+use crate::policy::Facts;
 use crate::transport::ClientStream;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -76,8 +78,11 @@ impl Driver {
                 client.close(&ctx).await;
                 return;
             };
-            match Pop3Backend::connect(&l.backend, &l.timeouts).await {
+            match Pop3Backend::connect(&l.backend, &l.timeouts.backend).await {
                 Ok(b) => {
+                    crate::observe::metrics()
+                        .backend_connected(&l.backend.name, b.connect_time.as_secs_f64());
+                    ctx.caps.set_pop3(&l.backend, b.caps.clone());
                     early_backend = Some(b);
                     early_slot = Some(slot);
                 }
@@ -238,17 +243,20 @@ impl Driver {
 
     /// The backend's capabilities for a CAPA answer: from this session's own
     /// backend connection, the cache, or (once, where allowed) a probe.
-    async fn caps(&mut self, probe: bool) -> Option<crate::pop3::session::BackendCaps> {
+    async fn caps(&mut self, probe: bool) -> Option<Pop3Caps> {
         if let Some(b) = &self.backend {
             return Some(b.caps.clone());
         }
         let l = self.ctx.listener().clone();
-        let cached = backend::cached_caps(&l.backend);
+        let cached = self.ctx.caps.pop3(&l.backend);
         if cached.is_some() || !probe || self.probed {
             return cached;
         }
         self.probed = true;
-        backend::probe(&l.backend, &l.timeouts).await
+        let (caps, took) = backend::probe(&l.backend, &l.timeouts.backend).await?;
+        crate::observe::metrics().backend_connected(&l.backend.name, took.as_secs_f64());
+        self.ctx.caps.set_pop3(&l.backend, caps.clone());
+        Some(caps)
     }
 
     async fn backend_login(&mut self, login: &Login) -> LoginOutcome {
@@ -264,8 +272,8 @@ impl Driver {
         let retry = self.backend.is_some() && self.backend_used;
         for attempt in 0..2 {
             if self.backend.is_none() {
-                match Pop3Backend::connect(&l.backend, &l.timeouts).await {
-                    Ok(b) => self.backend = Some(b),
+                match Pop3Backend::connect(&l.backend, &l.timeouts.backend).await {
+                    Ok(b) => self.connected(b),
                     Err(e) => return self.backend_error(e),
                 }
             }
@@ -274,7 +282,7 @@ impl Driver {
             };
             self.backend_used = true;
             match b.login(login).await {
-                Ok(LoginOutcome::OutOfStep) => {
+                Ok(LoginReply::OutOfStep) => {
                     // never a login result: a fresh connection, else temporary
                     crate::observe::metrics().backend_failed(&l.backend.name);
                     self.backend = None;
@@ -283,7 +291,7 @@ impl Driver {
                     }
                     return LoginOutcome::OutOfStep;
                 }
-                Ok(o) => return o,
+                Ok(o) => return o.into(),
                 Err(e) => {
                     if attempt == 0 && retry && !apop {
                         debug!(error = %e, "backend connection lost; reconnecting");
@@ -297,6 +305,14 @@ impl Driver {
         LoginOutcome::Failed
     }
 
+    /// Counts a new backend connection and caches what it announced.
+    fn connected(&mut self, b: Pop3Backend) {
+        let backend = &self.ctx.listener().backend;
+        crate::observe::metrics().backend_connected(&backend.name, b.connect_time.as_secs_f64());
+        self.ctx.caps.set_pop3(backend, b.caps.clone());
+        self.backend = Some(b);
+    }
+
     fn backend_error(&mut self, e: BackendError) -> LoginOutcome {
         warn!(error = %e, "backend");
         crate::observe::metrics().backend_failed(&self.ctx.listener().backend.name);
@@ -304,7 +320,7 @@ impl Driver {
         match e {
             BackendError::Unavailable(_) | BackendError::Identity(_) => LoginOutcome::Unavailable,
             BackendError::Failed(_) => LoginOutcome::Failed,
-            BackendError::Protocol(_) => LoginOutcome::Invalid,
+            BackendError::Protocol(_) | BackendError::OutOfStep(_) => LoginOutcome::Invalid,
         }
     }
 

@@ -11,97 +11,12 @@ use super::command::{self, Command, ParseError, Plain, SaslError};
 use super::reply;
 /// The replies in [`Action`]s (built in `reply.rs`, chosen here).
 pub use super::reply::Reply;
+use crate::action::PolicyAction;
+use crate::backend::caps::Pop3Caps;
+use crate::backend::pop3::{Login, LoginReply};
 pub use crate::conn::Ending;
 use crate::conn::Replies;
-use crate::policy::PolicyAction;
 use std::borrow::Cow;
-use std::fmt;
-
-/// What the backend announced in its CAPA answer (RFC 2449), which bounds
-/// what mailgate advertises and how it replays a login.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BackendCaps {
-    /// The backend answered CAPA at all (false: an RFC 1939-only server).
-    pub capa: bool,
-    pub user: bool,
-    pub sasl_plain: bool,
-    pub top: bool,
-    pub uidl: bool,
-    pub pipelining: bool,
-    pub resp_codes: bool,
-    pub auth_resp_code: bool,
-}
-
-impl BackendCaps {
-    /// A server that does not know CAPA: RFC 1939 only. USER/PASS is optional
-    /// there but universal, so it is assumed; optional commands are not.
-    pub fn rfc1939() -> Self {
-        BackendCaps {
-            user: true,
-            ..Default::default()
-        }
-    }
-
-    /// Parses the lines of a CAPA answer (without the status line and the final dot).
-    pub fn from_capa<S: AsRef<str>>(lines: &[S]) -> Self {
-        let mut c = BackendCaps {
-            capa: true,
-            ..Default::default()
-        };
-        for l in lines {
-            let mut words = l.as_ref().split_ascii_whitespace();
-            let Some(tag) = words.next() else { continue };
-            match tag.to_ascii_uppercase().as_str() {
-                "USER" => c.user = true,
-                "TOP" => c.top = true,
-                "UIDL" => c.uidl = true,
-                "PIPELINING" => c.pipelining = true,
-                "RESP-CODES" => c.resp_codes = true,
-                "AUTH-RESP-CODE" => c.auth_resp_code = true,
-                "SASL" if words.any(|m| m.eq_ignore_ascii_case("PLAIN")) => c.sasl_plain = true,
-                _ => {}
-            }
-        }
-        c
-    }
-}
-
-/// A login to replay on the backend.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Login {
-    /// USER/PASS, or AUTH PLAIN without a separate authorization identity:
-    /// the backend gets it in whatever form it supports.
-    Password { user: String, pass: String },
-    /// AUTH PLAIN acting as `authzid`: only SASL PLAIN can carry that.
-    PlainAs {
-        authzid: String,
-        user: String,
-        pass: String,
-    },
-    /// APOP against the backend's own greeting timestamp.
-    Apop { user: String, digest: String },
-}
-
-impl Login {
-    pub fn user(&self) -> &str {
-        match self {
-            Login::Password { user, .. }
-            | Login::PlainAs { user, .. }
-            | Login::Apop { user, .. } => user,
-        }
-    }
-}
-
-// never print a password or digest
-impl fmt::Debug for Login {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Login::Password { user, .. } => write!(f, "Password({user:?})"),
-            Login::PlainAs { authzid, user, .. } => write!(f, "PlainAs({authzid:?}, {user:?})"),
-            Login::Apop { user, .. } => write!(f, "Apop({user:?})"),
-        }
-    }
-}
 
 /// What became of a login on the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +45,17 @@ pub type LoginResult = crate::conn::login::LoginResult<Action>;
 
 /// Why the session closed after too many failed logins (the session-end log).
 const LOGIN_FAILURES: &str = "too many login failures";
+
+impl From<LoginReply> for LoginOutcome {
+    fn from(r: LoginReply) -> Self {
+        match r {
+            LoginReply::Accepted(text) => LoginOutcome::Accepted(text),
+            LoginReply::Rejected(text) => LoginOutcome::Rejected(text),
+            LoginReply::Unsupported => LoginOutcome::Unsupported,
+            LoginReply::OutOfStep => LoginOutcome::OutOfStep,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -338,7 +264,7 @@ impl Session {
 
     /// The CAPA answer, given what is known about the backend (`None`: nothing
     /// yet, so only what any RFC 1939 server can carry).
-    pub fn capa(&self, caps: Option<&BackendCaps>) -> Reply {
+    pub fn capa(&self, caps: Option<&Pop3Caps>) -> Reply {
         let mut v: Vec<Cow<'static, str>> = Vec::new();
         if self.settings.starttls && !self.tls {
             v.push("STLS".into());
@@ -484,8 +410,8 @@ mod tests {
         String::from_utf8(r.to_bytes()).unwrap()
     }
 
-    fn full() -> BackendCaps {
-        BackendCaps::from_capa(&[
+    fn full() -> Pop3Caps {
+        Pop3Caps::from_capa(&[
             "TOP",
             "UIDL",
             "RESP-CODES",
@@ -502,9 +428,9 @@ mod tests {
         let c = full();
         assert!(c.capa && c.user && c.sasl_plain && c.top && c.uidl && c.pipelining);
         assert!(c.resp_codes && c.auth_resp_code);
-        let c = BackendCaps::from_capa(&["user", "sasl login cram-md5", ""]);
+        let c = Pop3Caps::from_capa(&["user", "sasl login cram-md5", ""]);
         assert!(c.user && !c.sasl_plain && !c.top);
-        assert!(BackendCaps::rfc1939().user && !BackendCaps::rfc1939().capa);
+        assert!(Pop3Caps::rfc1939().user && !Pop3Caps::rfc1939().capa);
     }
 
     #[test]
@@ -529,7 +455,7 @@ mod tests {
         );
         // RFC 1939-only backend
         assert_eq!(
-            String::from_utf8(s.capa(Some(&BackendCaps::rfc1939())).to_bytes()).unwrap(),
+            String::from_utf8(s.capa(Some(&Pop3Caps::rfc1939())).to_bytes()).unwrap(),
             "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\n.\r\n"
         );
         // implicit TLS listener: never STLS

@@ -11,6 +11,7 @@ use super::session::{
     Action, BackendOp, Checked, Credentials, DataEnd, LoginResult, Outcome, Reply, Session,
     Settings, TxOutcome,
 };
+use crate::action::PolicyAction;
 use crate::auth::Verdict as AuthVerdict;
 use crate::backend::smtp::SmtpBackend;
 use crate::backend::BackendError;
@@ -19,7 +20,6 @@ use crate::conn::client::{session_end, Client, Line};
 use crate::conn::inflight::Reservation;
 use crate::conn::login::{self, Login};
 use crate::conn::{End, SessionCtx};
-use crate::policy::PolicyAction;
 use crate::policy::{Decision, Facts, PolicyStage};
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -64,7 +64,7 @@ impl Driver {
             return;
         };
         let l = ctx.listener().clone();
-        let caps = ctx.caps.get(&l.backend.name);
+        let caps = ctx.caps.smtp(&l.backend);
         let settings = Settings {
             hostname: l.hostname.clone(),
             starttls: l.tls == TlsMode::Starttls && ctx.tls().is_some(),
@@ -229,7 +229,11 @@ impl Driver {
     /// Runs the policy's rules for `stage`; `Some(action)` refuses the command.
     async fn policy(&self, stage: PolicyStage, f: &Facts<'_>) -> Option<PolicyAction> {
         let p = self.ctx.policy()?;
-        match p.check(stage, f) {
+        let checked = p.check(stage, f);
+        for h in &checked.hits {
+            crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
+        }
+        match checked.decision {
             Decision::Continue => None,
             Decision::Delay(d) => {
                 tokio::time::sleep(d).await;
@@ -259,7 +263,12 @@ impl Driver {
             from.to_string(),
         )
         .await;
-        crate::observe::metrics().auth_result("spf", spf.result.as_str());
+        let m = crate::observe::metrics();
+        m.auth_result("spf", spf.result.as_str());
+        m.dns_facts(&spf.dns.answered, spf.dns.unanswered);
+        if spf.not_checked.as_ref().is_some_and(|n| n.runtime_busy) {
+            m.auth_result("check_runtime", "busy");
+        }
         let verdict = crate::auth::decide(auth, &spf);
         info!(result = spf.result.as_str(), domain = %spf.domain, action = verdict.action.as_str(), "spf");
         self.spf = Some(spf);
@@ -320,6 +329,11 @@ impl Driver {
                     BackendError::Unavailable(_) => Outcome::Unavailable,
                     BackendError::Failed(_) => Outcome::Failed,
                     BackendError::Protocol(_) => Outcome::Invalid,
+                    BackendError::OutOfStep(_) => {
+                        crate::observe::metrics()
+                            .backend_out_of_step(&self.ctx.listener().backend.name);
+                        Outcome::Invalid
+                    }
                     BackendError::Identity(_) => Outcome::NoIdentity,
                 }
             }
@@ -347,14 +361,16 @@ impl Driver {
                 helo: self.session.helo.clone(),
                 esmtp: self.session.esmtp,
             };
-            let b = match SmtpBackend::connect(&l.backend, &l.timeouts, Some(&id)).await {
+            let b = match SmtpBackend::connect(&l.backend, &l.timeouts.backend, Some(&id)).await {
                 Ok(b) => b,
                 Err(e) => {
                     crate::observe::metrics().backend_failed(&l.backend.name);
                     return Err(e);
                 }
             };
-            self.ctx.caps.set(&l.backend.name, b.caps.clone());
+            crate::observe::metrics()
+                .backend_connected(&l.backend.name, b.connect_time.as_secs_f64());
+            self.ctx.caps.set_smtp(&l.backend, b.caps.clone());
             self.backend = Some(b);
         }
         Ok(self.backend.as_mut().expect("connected above"))
@@ -488,6 +504,10 @@ impl Driver {
                     .await;
                     msg.body = b;
                     let m = crate::observe::metrics();
+                    m.dns_facts(&o.dns.answered, o.dns.unanswered);
+                    if o.not_checked.as_ref().is_some_and(|n| n.runtime_busy) {
+                        m.auth_result("check_runtime", "busy");
+                    }
                     if let Some((r, _)) = o.dkim_summary() {
                         m.auth_result("dkim", r.as_str());
                     }

@@ -5,15 +5,17 @@
 //! It never awaits and owns no sockets, so every rule below is unit-tested
 //! with plain values.
 
-use super::command::{Body, Command, MailParams, ParseError, Secret};
+use super::command::{Command, ParseError, Secret};
 use super::data::Violation;
 /// The replies in [`Action`]s (built in `reply.rs`, chosen here).
 pub use super::reply::Reply;
 use super::reply::{self, Stage};
+use crate::action::PolicyAction;
 use crate::auth::Verdict as AuthVerdict;
+use crate::backend::caps::SmtpCaps;
 use crate::config::AuthMode;
+use crate::mail::{Body, MailParams};
 use crate::policy::valid_login_name;
-use crate::policy::PolicyAction;
 use crate::policy::PolicyStage;
 use base64::Engine as _;
 use std::time::Duration;
@@ -25,20 +27,6 @@ const AUTH_DELAY: Duration = Duration::from_secs(5);
 /// Why the session ended after a message with bare line endings (normalised,
 /// `bare_newlines: normalize`): whatever followed them is not trusted.
 const SMUGGLING: &str = "bare line endings in message: session closed (smuggling guard)";
-
-/// What the backend can carry end to end (from its EHLO), which bounds what
-/// we advertise and pass on.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BackendCaps {
-    pub eightbitmime: bool,
-    pub smtputf8: bool,
-    pub pipelining: bool,
-    /// AUTH mechanisms the backend offers (credentials are relayed in one of them).
-    pub auth_plain: bool,
-    pub auth_login: bool,
-    /// The backend's SIZE limit, if it announced one (0 = no limit).
-    pub size: Option<u64>,
-}
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -247,7 +235,7 @@ pub struct Transaction {
 
 pub struct Session {
     pub settings: Settings,
-    pub caps: BackendCaps,
+    pub caps: SmtpCaps,
     pub tls: bool,
     pub helo: Option<String>,
     pub esmtp: bool,
@@ -267,7 +255,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(settings: Settings, caps: BackendCaps, tls: bool) -> Self {
+    pub fn new(settings: Settings, caps: SmtpCaps, tls: bool) -> Self {
         Session {
             settings,
             caps,
@@ -865,8 +853,8 @@ mod tests {
         }
     }
 
-    fn caps() -> BackendCaps {
-        BackendCaps {
+    fn caps() -> SmtpCaps {
+        SmtpCaps {
             eightbitmime: true,
             smtputf8: false,
             pipelining: true,
@@ -912,7 +900,7 @@ mod tests {
         // backend with a smaller SIZE wins
         let mut s = Session::new(
             settings(false, false),
-            BackendCaps {
+            SmtpCaps {
                 size: Some(500),
                 ..caps()
             },
@@ -1158,7 +1146,7 @@ mod tests {
 
     #[test]
     fn parameters_checked_against_backend() {
-        let mut s = Session::new(settings(false, false), BackendCaps::default(), false);
+        let mut s = Session::new(settings(false, false), SmtpCaps::default(), false);
         cmd(&mut s, "EHLO c");
         assert_eq!(
             reply_of(cmd(&mut s, "MAIL FROM:<a@b.example> BODY=8BITMIME")),
