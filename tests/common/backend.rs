@@ -458,3 +458,11 @@ pub async fn demo_smtp() -> (Arc<mailgate::demo::Mailbox>, String) {
     tokio::spawn(mailgate::demo::serve_smtp(l, mb.clone()));
     (mb, addr)
 }
+
+/// The library's demo POP3 backend serving `mailbox` on loopback: its address.
+pub async fn demo_pop3(mailbox: Arc<mailgate::demo::Mailbox>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(mailgate::demo::serve_pop3(l, mailbox));
+    addr
+}

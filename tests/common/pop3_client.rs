@@ -30,9 +30,8 @@ impl Pop3Client<TcpStream> {
     }
 
     /// The TLS handshake on this connection (implicit TLS, or after STLS),
-    /// trusting `ca`; nothing may be buffered before it.
+    /// trusting `ca`.
     pub async fn tls(self, ca: &Path) -> Pop3Client<Tls> {
-        assert!(self.buf.is_empty(), "bytes before the handshake");
         Pop3Client::new(super::tls_connect(self.s, ca).await)
     }
 }

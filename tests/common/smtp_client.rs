@@ -64,19 +64,10 @@ impl SmtpClient<TcpStream> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
+/// Reading works on a read half alone (a test that writes from another task).
+impl<S: AsyncRead + Unpin> SmtpClient<S> {
     pub fn new(s: S) -> Self {
         SmtpClient { s, buf: Vec::new() }
-    }
-
-    pub async fn send(&mut self, b: &[u8]) {
-        self.s.write_all(b).await.unwrap();
-    }
-
-    /// Sends `c` and CRLF; the reply's text (`""` when the peer closed).
-    pub async fn cmd(&mut self, c: &str) -> String {
-        self.send(format!("{c}\r\n").as_bytes()).await;
-        self.reply().await.map(|(_, t)| t).unwrap_or_default()
     }
 
     /// Reads more; false at a close (or a reset).
@@ -197,6 +188,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
         tokio::time::timeout(wait, self.s.read(&mut tmp))
             .await
             .is_err()
+    }
+
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
+    pub async fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).await.unwrap();
+    }
+
+    /// Sends `c` and CRLF; the reply's text (`""` when the peer closed).
+    pub async fn cmd(&mut self, c: &str) -> String {
+        self.send(format!("{c}\r\n").as_bytes()).await;
+        self.reply().await.map(|(_, t)| t).unwrap_or_default()
     }
 
     /// EHLO `helo`, MAIL, RCPT, DATA and `message` (already dot-stuffed, with
