@@ -137,6 +137,11 @@ impl<S: AsyncRead + Unpin> SmtpClient<S> {
         }
     }
 
+    /// The next reply's text (`""` when the peer closed instead).
+    pub async fn text(&mut self) -> String {
+        self.reply().await.map(|(_, t)| t).unwrap_or_default()
+    }
+
     /// A reply that must come and carry `code`; its text.
     pub async fn expect(&mut self, code: u16) -> String {
         match self.reply().await {
@@ -200,7 +205,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
     /// Sends `c` and CRLF; the reply's text (`""` when the peer closed).
     pub async fn cmd(&mut self, c: &str) -> String {
         self.send(format!("{c}\r\n").as_bytes()).await;
-        self.reply().await.map(|(_, t)| t).unwrap_or_default()
+        self.text().await
     }
 
     /// EHLO `helo`, MAIL, RCPT, DATA and `message` (already dot-stuffed, with
