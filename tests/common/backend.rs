@@ -136,6 +136,7 @@ pub struct SmtpBackend {
     /// EHLO before STARTTLS, when it differs
     ehlo_plain: Option<String>,
     end_of_data: String,
+    otherwise: String,
     close_after: Option<String>,
     hang_after: Option<String>,
     tls: Tls,
@@ -160,6 +161,7 @@ impl SmtpBackend {
             lines: HashMap::new(),
             ehlo_plain: None,
             end_of_data: "250 2.0.0 queued\r\n".into(),
+            otherwise: "250 ok\r\n".into(),
             close_after: None,
             hang_after: None,
             tls: Tls::None,
@@ -189,6 +191,12 @@ impl SmtpBackend {
     /// The raw reply to the message (after DATA's 354 and the end of data).
     pub fn end_of_data(mut self, reply: &str) -> Self {
         self.end_of_data = reply.into();
+        self
+    }
+
+    /// The raw reply to every command not scripted otherwise.
+    pub fn otherwise(mut self, reply: &str) -> Self {
+        self.otherwise = reply.into();
         self
     }
 
@@ -302,8 +310,8 @@ async fn smtp_session(
                 .lines
                 .get(&cmd)
                 .or_else(|| script.verbs.get(&verb))
-                .cloned()
-                .unwrap_or_else(|| "250 ok\r\n".into()),
+                .unwrap_or(&script.otherwise)
+                .clone(),
         };
         if r.get_mut().write_all(answer.as_bytes()).await.is_err() {
             return;
