@@ -48,6 +48,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pop3Client<S> {
     /// Sends `c` and CRLF; the status line (`""` when the peer closed).
     pub async fn cmd(&mut self, c: &str) -> String {
         self.send(format!("{c}\r\n").as_bytes()).await;
+        self.line().await
+    }
+
+    /// The next line without CRLF (`""` when the peer closed instead).
+    pub async fn line(&mut self) -> String {
         self.raw_line()
             .await
             .map(|l| String::from_utf8_lossy(&l).trim_end().to_string())
