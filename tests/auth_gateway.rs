@@ -4,8 +4,8 @@
 mod common;
 mod dns;
 
-use dns::{TestDns, Zone};
 use common::{SmtpClient, Yaml};
+use dns::{TestDns, Zone};
 use mailgate::demo::Mailbox;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,7 +81,8 @@ async fn send_to(gw: &Gw, listener: &str, from: &str, msg: &[u8]) -> (String, Op
     if !mail.starts_with("250") {
         return (mail, None);
     }
-    assert!(r.cmd("RCPT TO:<suzie@shopping.example.net>")
+    assert!(r
+        .cmd("RCPT TO:<suzie@shopping.example.net>")
         .await
         .starts_with("250"));
     assert!(r.cmd("DATA").await.starts_with("354"));

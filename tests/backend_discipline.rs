@@ -66,9 +66,7 @@ async fn send_message(r: &mut SmtpClient<TcpStream>) -> String {
 /// not a delivery.
 #[tokio::test]
 async fn end_of_data_answered_221_is_not_delivered() {
-    let (backend, _) = scripted(legacy()
-        .end_of_data("221 2.0.0 bye\r\n"))
-    .await;
+    let (backend, _) = scripted(legacy().end_of_data("221 2.0.0 bye\r\n")).await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
     let fin = send_message(&mut r).await;
@@ -79,9 +77,11 @@ async fn end_of_data_answered_221_is_not_delivered() {
 /// 554 after the message: the stale reply is never taken as the verdict.
 #[tokio::test]
 async fn stale_250_before_554_is_not_delivered() {
-    let (backend, _) = scripted(legacy()
-        .on("DATA", "354 go\r\n250 2.0.0 stale\r\n")
-        .end_of_data("554 5.7.1 rejected\r\n"))
+    let (backend, _) = scripted(
+        legacy()
+            .on("DATA", "354 go\r\n250 2.0.0 stale\r\n")
+            .end_of_data("554 5.7.1 rejected\r\n"),
+    )
     .await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
@@ -97,15 +97,15 @@ async fn stale_250_before_554_is_not_delivered() {
 /// backend refuses with 554).
 #[tokio::test]
 async fn extra_reply_after_mail_is_not_taken_for_rcpt() {
-    let (backend, seen) = scripted(legacy()
-        .on("MAIL", "250 2.1.0 ok\r\n250 2.1.5 stale\r\n")
-        .on("RCPT", "554 5.7.1 relay denied\r\n"))
+    let (backend, seen) = scripted(
+        legacy()
+            .on("MAIL", "250 2.1.0 ok\r\n250 2.1.5 stale\r\n")
+            .on("RCPT", "554 5.7.1 relay denied\r\n"),
+    )
     .await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
-    assert!(r.cmd("MAIL FROM:<a@example.org>")
-        .await
-        .starts_with("250"));
+    assert!(r.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
     let rcpt = r.cmd("RCPT TO:<b@example.net>").await;
     assert!(rcpt.starts_with("451 4.4.2"), "RCPT: {rcpt}");
     let data = r.cmd("DATA").await;
@@ -121,9 +121,14 @@ async fn extra_reply_after_mail_is_not_taken_for_rcpt() {
 /// before MAIL ends that connection: 451 4.4.2, the MAIL never sent there.
 #[tokio::test]
 async fn unsolicited_421_before_mail_is_a_lost_connection() {
-    let (backend, seen) = scripted(legacy()
-        .on("EHLO", "250-legacy\r\n250 PIPELINING\r\n421 4.4.2 legacy Error: timeout exceeded\r\n")
-        .close_after("EHLO"))
+    let (backend, seen) = scripted(
+        legacy()
+            .on(
+                "EHLO",
+                "250-legacy\r\n250 PIPELINING\r\n421 4.4.2 legacy Error: timeout exceeded\r\n",
+            )
+            .close_after("EHLO"),
+    )
     .await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
@@ -136,28 +141,20 @@ async fn unsolicited_421_before_mail_is_a_lost_connection() {
 /// as such: 251 to MAIL, 252 to RCPT, 251 at the end of DATA.
 #[tokio::test]
 async fn wrong_positive_codes_are_not_relayed() {
-    let (backend, _) = scripted(legacy()
-        .on("MAIL", "251 2.1.0 odd\r\n"))
-    .await;
+    let (backend, _) = scripted(legacy().on("MAIL", "251 2.1.0 odd\r\n")).await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
     let mail = r.cmd("MAIL FROM:<a@example.org>").await;
     assert!(mail.starts_with("451 4.4.2"), "MAIL: {mail}");
 
-    let (backend, _) = scripted(legacy()
-        .on("RCPT", "252 2.1.5 cannot verify\r\n"))
-    .await;
+    let (backend, _) = scripted(legacy().on("RCPT", "252 2.1.5 cannot verify\r\n")).await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
-    assert!(r.cmd("MAIL FROM:<a@example.org>")
-        .await
-        .starts_with("250"));
+    assert!(r.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
     let rcpt = r.cmd("RCPT TO:<b@example.net>").await;
     assert!(rcpt.starts_with("451 4.4.2"), "RCPT: {rcpt}");
 
-    let (backend, _) = scripted(legacy()
-        .end_of_data("251 2.0.0 odd\r\n"))
-    .await;
+    let (backend, _) = scripted(legacy().end_of_data("251 2.0.0 odd\r\n")).await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
     let fin = send_message(&mut r).await;
@@ -206,17 +203,18 @@ async fn xclient_not_offered_fails_closed() {
 /// XCLIENT offered without ADDR cannot tell the backend the address.
 #[tokio::test]
 async fn xclient_without_addr_fails_closed() {
-    let script = legacy()
-        .on("EHLO", "250-legacy\r\n250 XCLIENT NAME HELO\r\n");
+    let script = legacy().on("EHLO", "250-legacy\r\n250 XCLIENT NAME HELO\r\n");
     identity_fails_closed("offered without ADDR", script).await;
 }
 
 /// The explicit opt-out: `identity_optional: true` relays without XCLIENT.
 #[tokio::test]
 async fn xclient_opt_out_relays_without_identity() {
-    let (backend, seen) = scripted(legacy()
-        .on("EHLO", XCLIENT_EHLO)
-        .on("XCLIENT", "550 5.7.0 Error: insufficient authorization\r\n"))
+    let (backend, seen) = scripted(
+        legacy()
+            .on("EHLO", XCLIENT_EHLO)
+            .on("XCLIENT", "550 5.7.0 Error: insufficient authorization\r\n"),
+    )
     .await;
     let gw = common::start(&config(
         &backend,
@@ -284,7 +282,10 @@ async fn auth_is_temporary(what: &str, script: SmtpBackend) {
 #[tokio::test]
 async fn auth_after_stale_235_is_temporary() {
     let script = legacy()
-        .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n235 2.7.0 stale\r\n")
+        .on(
+            "EHLO",
+            "250-legacy\r\n250 AUTH PLAIN\r\n235 2.7.0 stale\r\n",
+        )
         .on("AUTH", "535 5.7.8 wrong\r\n");
     auth_is_temporary("stale 235", script).await;
 }
@@ -293,7 +294,10 @@ async fn auth_after_stale_235_is_temporary() {
 #[tokio::test]
 async fn auth_after_idle_close_is_temporary() {
     let script = legacy()
-        .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n554 5.0.0 idle timeout\r\n")
+        .on(
+            "EHLO",
+            "250-legacy\r\n250 AUTH PLAIN\r\n554 5.0.0 idle timeout\r\n",
+        )
         .close_after("EHLO");
     auth_is_temporary("554 and close", script).await;
 }
@@ -325,9 +329,11 @@ async fn auth_login_235_before_credentials_is_temporary() {
 async fn auth_other_5xx_is_slowed_and_bounded_per_session() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let (backend, _) = scripted(legacy()
-        .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
-        .on("AUTH", "554 5.7.1 no\r\n"))
+    let (backend, _) = scripted(
+        legacy()
+            .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
+            .on("AUTH", "554 5.7.1 no\r\n"),
+    )
     .await;
     let y = auth_config(dir.path(), &backend).replace(
         "login_failure_delay: 10ms",
@@ -365,9 +371,11 @@ async fn auth_235_with_trailing_bytes_is_temporary() {
 async fn auth_real_535_is_counted() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let (backend, _) = scripted(legacy()
-        .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
-        .on("AUTH", "535 5.7.8 wrong\r\n"))
+    let (backend, _) = scripted(
+        legacy()
+            .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
+            .on("AUTH", "535 5.7.8 wrong\r\n"),
+    )
     .await;
     let gw = common::start(&auth_config(dir.path(), &backend)).await;
     assert!(!failure_counted(&gw));

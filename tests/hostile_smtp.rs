@@ -126,7 +126,10 @@ impl Setup {
 
 async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(c: &mut SmtpClient<S>) {
     let (code, t) = c
-        .send_message("normal.test", b"Subject: still served\r\n\r\nhello\r\n.\r\n")
+        .send_message(
+            "normal.test",
+            b"Subject: still served\r\n\r\nhello\r\n.\r\n",
+        )
         .await;
     assert_eq!(code, 250, "unexpected reply: {t}");
     c.send(b"QUIT\r\n").await;

@@ -13,9 +13,9 @@
 
 mod common;
 
+use common::{Pop3Backend, Pop3Client, Running, SmtpBackend, SmtpClient, Yaml};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use common::{Pop3Backend, Pop3Client, Running, SmtpBackend, SmtpClient, Yaml};
 
 const ROOT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

@@ -128,10 +128,7 @@ impl Setup {
         assert!(g.starts_with("+OK gw.test POP3"), "{g}");
         c
     }
-    async fn tls(
-        &self,
-        name: &str,
-    ) -> (Pop3Client<Tls>, String) {
+    async fn tls(&self, name: &str) -> (Pop3Client<Tls>, String) {
         let c = Pop3Client::connect(self.gw.addr(name).unwrap()).await;
         let mut c = c.tls(&self.ca).await;
         let g = c.ok().await;
@@ -139,11 +136,7 @@ impl Setup {
     }
 
     /// Like `tls`, from a given loopback source address.
-    async fn tls_from(
-        &self,
-        name: &str,
-        src: &str,
-    ) -> Pop3Client<Tls> {
+    async fn tls_from(&self, name: &str, src: &str) -> Pop3Client<Tls> {
         let c = Pop3Client::connect_from(src, self.gw.addr(name).unwrap()).await;
         let mut c = c.tls(&self.ca).await;
         c.ok().await;

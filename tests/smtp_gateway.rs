@@ -116,7 +116,9 @@ async fn plaintext_pipelined_transaction() {
 async fn backend_connection_is_reused_across_transactions() {
     let st = setup().await;
     let mut c = connect(&st.gw, "plain").await;
-    let (code, _) = c.send_message("client.test", b"Subject: 1\r\n\r\none\r\n.\r\n").await;
+    let (code, _) = c
+        .send_message("client.test", b"Subject: 1\r\n\r\none\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
     // an abandoned transaction, then a second message
     c.send(b"MAIL FROM:<x@example.org>\r\n").await;
@@ -139,7 +141,9 @@ async fn starttls_delivers_and_traces_tls() {
     let st = setup().await;
     let c = connect(&st.gw, "mx").await;
     let mut c = c.starttls(&st.ca).await;
-    let (code, _) = c.send_message("client.test", b"Subject: tls\r\n\r\nsecret\r\n.\r\n").await;
+    let (code, _) = c
+        .send_message("client.test", b"Subject: tls\r\n\r\nsecret\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
     let data = String::from_utf8_lossy(&st.mailbox.all()[0].data).to_string();
     assert!(
@@ -156,7 +160,9 @@ async fn implicit_tls_delivers() {
         .unwrap();
     let mut c = SmtpClient::new(s).tls(&st.ca).await;
     c.expect(220).await;
-    let (code, _) = c.send_message("client.test", b"Subject: smtps\r\n\r\nhello\r\n.\r\n").await;
+    let (code, _) = c
+        .send_message("client.test", b"Subject: smtps\r\n\r\nhello\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
     assert_eq!(st.mailbox.count(), 1);
 }
@@ -212,7 +218,9 @@ async fn require_tls_refuses_mail_before_starttls() {
     assert!(t.contains("5.7.0"), "{t}");
     c.expect(530).await;
     let mut t = c.starttls(&st.ca).await;
-    let (code, _) = t.send_message("client.test", b"Subject: x\r\n\r\ny\r\n.\r\n").await;
+    let (code, _) = t
+        .send_message("client.test", b"Subject: x\r\n\r\ny\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
 }
 
@@ -313,7 +321,9 @@ async fn size_limit_and_message_line_limit() {
     assert_eq!(code, 550, "{t}");
     assert_eq!(st.mailbox.count(), 0);
     // the session is still usable
-    let (code, _) = c.send_message("client.test", b"Subject: ok\r\n\r\nfine\r\n.\r\n").await;
+    let (code, _) = c
+        .send_message("client.test", b"Subject: ok\r\n\r\nfine\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
 }
 
@@ -415,7 +425,9 @@ async fn backend_failures_mid_transaction_never_become_250() {
             .start()
             .await;
         let mut c = connect(&gw, "plain").await;
-        let (code, t) = c.send_message("client.test", b"Subject: x\r\n\r\nbody\r\n.\r\n").await;
+        let (code, t) = c
+            .send_message("client.test", b"Subject: x\r\n\r\nbody\r\n.\r\n")
+            .await;
         assert!((400..500).contains(&code), "{mode}: {t}");
     }
 }
@@ -592,7 +604,9 @@ async fn inflight_budget_refuses_with_452() {
 
     // the refused session is fine afterwards (a 452, not a framing problem)
     let loser = if ra.0 == 452 { &mut ca } else { &mut cb };
-    let (code, _) = loser.send_message("client.test", b"Subject: small\r\n\r\nhi\r\n.\r\n").await;
+    let (code, _) = loser
+        .send_message("client.test", b"Subject: small\r\n\r\nhi\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
 
     // SIZE above what the budget can hold: refused before 354

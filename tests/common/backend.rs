@@ -224,7 +224,8 @@ impl SmtpBackend {
     pub fn starttls(mut self, acc: TlsAcceptor, ehlo_plain: &str) -> Self {
         self.tls = Tls::Starttls(acc);
         self.ehlo_plain = Some(ehlo_plain.into());
-        self.verbs.insert("STARTTLS".into(), "220 go ahead\r\n".into());
+        self.verbs
+            .insert("STARTTLS".into(), "220 go ahead\r\n".into());
         self
     }
 
@@ -289,7 +290,12 @@ async fn smtp_session(
 ) {
     // a greeting on a new connection, not again after STARTTLS
     let greet = !tls || matches!(script.tls, Tls::Implicit(_));
-    if greet && r.get_mut().write_all(script.greeting.as_bytes()).await.is_err() {
+    if greet
+        && r.get_mut()
+            .write_all(script.greeting.as_bytes())
+            .await
+            .is_err()
+    {
         return;
     }
     let mut raw = Vec::new();
@@ -418,7 +424,11 @@ impl Pop3Backend {
 
 async fn pop3_session(tcp: TcpStream, script: &Pop3Backend, seen: &Mutex<Seen>) {
     let mut r = BufReader::new(tcp);
-    if r.get_mut().write_all(script.greeting.as_bytes()).await.is_err() {
+    if r.get_mut()
+        .write_all(script.greeting.as_bytes())
+        .await
+        .is_err()
+    {
         return;
     }
     let mut raw = Vec::new();

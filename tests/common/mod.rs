@@ -23,8 +23,8 @@ pub use pop3_client::Pop3Client;
 pub use ports::*;
 pub use sink::Sink;
 pub use smtp_client::{SmtpClient, Tls};
-pub use tools::*;
 pub(crate) use tools::require_or_skip;
+pub use tools::*;
 pub use yaml::Yaml;
 
 pub use mailgate::server::Gateway;

@@ -107,4 +107,3 @@ pub fn wait_port(port: u16) {
     }
     panic!("nothing listens on 127.0.0.1:{port}");
 }
-

@@ -194,7 +194,6 @@ impl<S: AsyncRead + Unpin> SmtpClient<S> {
             .await
             .is_err()
     }
-
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {

@@ -117,4 +117,3 @@ pub fn run_limited(cmd: &mut Command, limit: Duration) -> (bool, String, String)
         std::thread::sleep(Duration::from_millis(20));
     }
 }
-
