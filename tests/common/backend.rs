@@ -371,7 +371,9 @@ async fn smtp_session(
 pub struct Pop3Backend {
     greeting: String,
     verbs: HashMap<String, String>,
+    lines: HashMap<String, String>,
     capa: Vec<String>,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Default for Pop3Backend {
@@ -390,7 +392,9 @@ impl Pop3Backend {
                 ("STAT".into(), "+OK 0 0\r\n".into()),
                 ("QUIT".into(), "+OK bye\r\n".into()),
             ]),
+            lines: HashMap::new(),
             capa: Vec::new(),
+            tls: None,
         }
     }
 
@@ -406,9 +410,21 @@ impl Pop3Backend {
         self
     }
 
+    /// The raw answer to exactly the command line `line` (before [`on`](Self::on)).
+    pub fn on_line(mut self, line: &str, reply: &str) -> Self {
+        self.lines.insert(line.into(), reply.into());
+        self
+    }
+
+    /// Implicit TLS with `acc`.
+    pub fn implicit_tls(mut self, acc: TlsAcceptor) -> Self {
+        self.tls = Some(acc);
+        self
+    }
+
     /// The capability lines CAPA lists (without CRLF).
-    pub fn capa(mut self, lines: &[String]) -> Self {
-        self.capa = lines.to_vec();
+    pub fn capa<S: ToString>(mut self, lines: &[S]) -> Self {
+        self.capa = lines.iter().map(S::to_string).collect();
         self
     }
 
@@ -416,13 +432,23 @@ impl Pop3Backend {
         let script = Arc::new(self);
         serve(move |tcp, seen| {
             let script = script.clone();
-            async move { pop3_session(tcp, &script, &seen).await }
+            async move {
+                match &script.tls {
+                    Some(acc) => {
+                        let Ok(t) = acc.clone().accept(tcp).await else {
+                            return;
+                        };
+                        pop3_session(Box::new(t), &script, &seen).await
+                    }
+                    None => pop3_session(Box::new(tcp), &script, &seen).await,
+                }
+            }
         })
         .await
     }
 }
 
-async fn pop3_session(tcp: TcpStream, script: &Pop3Backend, seen: &Mutex<Seen>) {
+async fn pop3_session(tcp: Box<dyn Io>, script: &Pop3Backend, seen: &Mutex<Seen>) {
     let mut r = BufReader::new(tcp);
     if r.get_mut()
         .write_all(script.greeting.as_bytes())
@@ -443,7 +469,7 @@ async fn pop3_session(tcp: TcpStream, script: &Pop3Backend, seen: &Mutex<Seen>) 
             s.lines.push((false, cmd.clone()));
         }
         let verb = verb(&cmd);
-        let answer = match script.verbs.get(&verb) {
+        let answer = match script.lines.get(&cmd).or_else(|| script.verbs.get(&verb)) {
             Some(a) => a.clone(),
             None if verb == "CAPA" => {
                 let mut c = String::from("+OK\r\n");
