@@ -22,9 +22,7 @@ async fn smtp_backend(acc: TlsAcceptor, mode: &'static str) -> Running {
     match mode {
         "implicit" => b.implicit_tls(acc),
         "starttls" => b.starttls(acc, "250-legacy\r\n250 STARTTLS\r\n"),
-        _ => b
-            .on("STARTTLS", "220 go ahead\r\n")
-            .close_after("STARTTLS"),
+        _ => b.on("STARTTLS", "220 go ahead\r\n").close_after("STARTTLS"),
     }
     .start()
     .await

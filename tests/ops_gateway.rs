@@ -135,7 +135,7 @@ async fn metrics_and_health_endpoints() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
     let be = recording_backend(false).await;
-    let backend = &be.addr;
+    let backend = be.addr.clone();
     // a listener name of its own: metrics are process-wide and tests run in parallel
     let gw = common::start(
         &config(dir.path(), &backend, "received", "").replace("name: mx,", "name: mxm,"),
@@ -196,7 +196,7 @@ async fn proxy_protocol_in_and_identity_out() {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
     let be = recording_backend(true).await;
-    let backend = &be.addr;
+    let backend = be.addr.clone();
     let gw = common::start(&config(
         dir.path(),
         &backend,
@@ -207,7 +207,8 @@ async fn proxy_protocol_in_and_identity_out() {
     let addr = gw.addr("mx").unwrap();
     // trusted balancer forwards 203.0.113.7
     let mut r = SmtpClient::connect(addr).await;
-    r.send(&proxy_v2("203.0.113.7:4242", "198.51.100.1:25")).await;
+    r.send(&proxy_v2("203.0.113.7:4242", "198.51.100.1:25"))
+        .await;
     assert!(r.text().await.starts_with("220"));
     deliver(&mut r, "real.client.example").await;
     r.cmd("QUIT").await;
@@ -232,7 +233,8 @@ async fn proxy_protocol_in_and_identity_out() {
     );
     // PROXY v1 works too
     let mut r = SmtpClient::connect(addr).await;
-    r.send(b"PROXY TCP4 203.0.113.8 198.51.100.1 5555 25\r\n").await;
+    r.send(b"PROXY TCP4 203.0.113.8 198.51.100.1 5555 25\r\n")
+        .await;
     assert!(r.text().await.starts_with("220"));
     // malformed header: closed without a greeting
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -269,7 +271,7 @@ async fn proxy_v2_to_the_backend() {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
     let be = recording_backend(false).await;
-    let backend = &be.addr;
+    let backend = be.addr.clone();
     let gw = common::start(&config(dir.path(), &backend, "proxy_v2, received", "")).await;
     let mut r = SmtpClient::connect(gw.addr("mx").unwrap()).await;
     let local = r.s.local_addr().unwrap();
@@ -298,10 +300,14 @@ async fn certificate_files_replaced_while_sessions_run() {
     let ca_a = dir.path().join("trusted-a.pem");
     std::fs::copy(&cert_a, &ca_a).unwrap();
     let be = recording_backend(false).await;
-    let backend = &be.addr;
-    let gw = common::start(
-        &config_tls(dir.path(), backend, "received", "implicit", ""),
-    )
+    let backend = be.addr.clone();
+    let gw = common::start(&config_tls(
+        dir.path(),
+        &backend,
+        "received",
+        "implicit",
+        "",
+    ))
     .await;
     let addr = gw.addr("mx").unwrap();
     let connect = |ca: std::path::PathBuf| async move {

@@ -10,7 +10,10 @@ use std::time::Duration;
 /// attempts are its `AUTH PLAIN` lines.
 async fn auth_backend() -> Running {
     SmtpBackend::new()
-        .on("EHLO", "250-legacy\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n")
+        .on(
+            "EHLO",
+            "250-legacy\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n",
+        )
         // \0alice\0secret
         .on_line("AUTH PLAIN AGFsaWNlAHNlY3JldA==", "235 2.7.0 ok\r\n")
         .on("AUTH", "535 5.7.8 no\r\n")
@@ -99,10 +102,7 @@ async fn concurrent_sessions_per_ip() {
     let r = c.text().await;
     assert!(r.starts_with("554 5.7.1"), "third: {r}");
     let mut d = SmtpClient::connect_from("127.0.0.5", addr).await;
-    assert!(
-        d.text().await.starts_with("220"),
-        "other IP unaffected"
-    );
+    assert!(d.text().await.starts_with("220"), "other IP unaffected");
     assert!(a.cmd("QUIT").await.starts_with("221"));
     drop(a);
     // the slot frees when the session task ends
@@ -140,7 +140,7 @@ async fn brute_force_via_smtp_auth_is_lockout_safe() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
     let be = auth_backend().await;
-    let backend = &be.addr;
+    let backend = be.addr.clone();
     let limits = "      - { name: auth-ip, key: [ip], auth_failures: 5/15minutes, action: reject }\n      - { name: auth-user, key: [auth_user], auth_failures: 5/15minutes, action: tempfail }";
     // the per-session cap (max_login_failures) is not what this test is about
     let gw = common::start(&cfg(
@@ -176,11 +176,7 @@ async fn brute_force_via_smtp_auth_is_lockout_safe() {
         r.starts_with("535 5.7.8 Authentication credentials invalid"),
         "{r}"
     );
-    assert_eq!(
-        attempts(&be),
-        6,
-        "no attempt reached the backend"
-    );
+    assert_eq!(attempts(&be), 6, "no attempt reached the backend");
 
     // alice's per-user lock is in force elsewhere ...
     let mut fresh = tls_session(&gw, &ca, "127.0.1.77").await;
@@ -227,17 +223,11 @@ async fn mail_and_rcpt_limits() {
     let mut s = SmtpClient::connect_from("127.0.0.10", gw.addr("mx").unwrap()).await;
     s.text().await;
     s.cmd("EHLO c").await;
-    assert!(s.cmd("MAIL FROM:<a@example.org>")
-        .await
-        .starts_with("250"));
-    assert!(s.cmd("RCPT TO:<x@example.net>")
-        .await
-        .starts_with("250"));
+    assert!(s.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(s.cmd("RCPT TO:<x@example.net>").await.starts_with("250"));
     let t = std::time::Instant::now();
     assert!(
-        s.cmd("RCPT TO:<x@example.net>")
-            .await
-            .starts_with("250"),
+        s.cmd("RCPT TO:<x@example.net>").await.starts_with("250"),
         "delay continues"
     );
     assert!(t.elapsed() >= Duration::from_millis(150), "tarpit applied");
@@ -248,9 +238,7 @@ async fn mail_and_rcpt_limits() {
         "3rd recipient in one message"
     );
     assert!(s.cmd("RSET").await.starts_with("250"));
-    assert!(s.cmd("MAIL FROM:<b@example.org>")
-        .await
-        .starts_with("250"));
+    assert!(s.cmd("MAIL FROM:<b@example.org>").await.starts_with("250"));
     assert!(s.cmd("RSET").await.starts_with("250"));
     let r = s.cmd("MAIL FROM:<c@EXAMPLE.org>").await;
     assert!(
@@ -336,7 +324,7 @@ async fn proxy_v2_backend() -> Running {
 #[tokio::test]
 async fn mapped_ipv6_from_proxy_is_the_ipv4_client() {
     let be = proxy_v2_backend().await;
-    let backend = &be.addr;
+    let backend = be.addr.clone();
     let y = Yaml::new()
         .listener(
             "mx",
@@ -344,7 +332,7 @@ async fn mapped_ipv6_from_proxy_is_the_ipv4_client() {
             "none",
             "policy: p, proxy_protocol: { trusted: [\"127.0.0.0/8\"], timeout: 2s }",
         )
-        .backend("b", backend, "identity: [proxy_v2, received]")
+        .backend("b", &backend, "identity: [proxy_v2, received]")
         .section(
             "policies:
   p:
@@ -356,14 +344,17 @@ async fn mapped_ipv6_from_proxy_is_the_ipv4_client() {
     let gw = common::start(&y).await;
     let addr = gw.addr("mx").unwrap();
     let mut a = SmtpClient::connect(addr).await;
-    a.send(b"PROXY TCP4 198.51.100.7 198.51.100.1 5555 25\r\n").await;
+    a.send(b"PROXY TCP4 198.51.100.7 198.51.100.1 5555 25\r\n")
+        .await;
     assert!(a.text().await.starts_with("220"));
     let mut b = SmtpClient::connect(addr).await;
-    b.send(b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:198.51.100.1 5556 25\r\n").await;
+    b.send(b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:198.51.100.1 5556 25\r\n")
+        .await;
     let r = b.text().await;
     assert!(r.starts_with("421 4.7.0"), "same client, second slot: {r}");
     let mut d = SmtpClient::connect(addr).await;
-    d.send(b"PROXY TCP4 203.0.113.66 198.51.100.1 5557 25\r\n").await;
+    d.send(b"PROXY TCP4 203.0.113.66 198.51.100.1 5557 25\r\n")
+        .await;
     let r = d.text().await;
     assert!(r.starts_with("554 5.7.1"), "mapped deny entry: {r}");
     drop(a);
@@ -371,7 +362,8 @@ async fn mapped_ipv6_from_proxy_is_the_ipv4_client() {
     let mut ok = None;
     for _ in 0..50 {
         let mut c = SmtpClient::connect(addr).await;
-        c.send(b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:198.51.100.1 5558 25\r\n").await;
+        c.send(b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:198.51.100.1 5558 25\r\n")
+            .await;
         if c.text().await.starts_with("220") {
             ok = Some(c);
             break;
@@ -380,16 +372,10 @@ async fn mapped_ipv6_from_proxy_is_the_ipv4_client() {
     }
     let mut c = ok.expect("slot freed");
     c.cmd("EHLO c.test").await;
-    assert!(c.cmd("MAIL FROM:<a@example.org>")
-        .await
-        .starts_with("250"));
-    assert!(c.cmd("RCPT TO:<b@example.net>")
-        .await
-        .starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.net>").await.starts_with("250"));
     assert!(c.cmd("DATA").await.starts_with("354"));
-    assert!(c.cmd("Subject: t\r\n\r\nhi\r\n.")
-        .await
-        .starts_with("250"));
+    assert!(c.cmd("Subject: t\r\n\r\nhi\r\n.").await.starts_with("250"));
     assert_eq!(
         be.seen.lock().unwrap().proxy.last().map(|h| h[13]),
         Some(0x11),
@@ -406,7 +392,7 @@ async fn smtp_auth_failures_and_bad_user_names() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
     let be = auth_backend().await;
-    let backend = &be.addr;
+    let backend = be.addr.clone();
     let limits = "      - { key: [ip], auth_failures: 100/15minutes, action: reject }";
     // the `sub` listener pauses 10ms after each failed login
     let gw = common::start(&cfg(dir.path(), &backend, limits, "")).await;
@@ -447,11 +433,7 @@ async fn smtp_auth_failures_and_bad_user_names() {
     assert!(r.starts_with("334"), "{r}");
     let r = s.cmd(&b64(b"\0alice")).await;
     assert!(r.starts_with("501 5.5.2"), "{r}");
-    assert_eq!(
-        attempts(&be),
-        3,
-        "none reached the backend"
-    );
+    assert_eq!(attempts(&be), 3, "none reached the backend");
     // the session is still usable
     assert!(s.cmd(GOOD).await.starts_with("235"));
 }
