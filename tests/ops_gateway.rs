@@ -500,9 +500,10 @@ async fn startup_does_not_wait_for_a_stalled_backend() {
     });
     let cfg = mailgate::config::load_str(
         "t.yaml",
-        &format!(
-            "listeners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: none, backend: b, timeouts: {{ backend_reply: 60s }} }}\nbackends:\n  b: {{ address: \"{addr}\" }}\n"
-        ),
+        &Yaml::new()
+            .listener("mx", "smtp", "none", "timeouts: { backend_reply: 60s }")
+            .backend("b", &addr.to_string(), "")
+            .build(),
     )
     .unwrap();
     let gw = tokio::time::timeout(
@@ -553,11 +554,18 @@ async fn readyz_is_cached_and_names_no_addresses() {
     let dead = format!("127.0.0.1:{}", common::free_port());
     // POP3 backends are not capability-probed: every connect here is /readyz
     let yaml = |backend: &str| {
-        format!(
-            "metrics: {{ bind: \"127.0.0.1:0\" }}\nlisteners:\n  - {{ name: pop-ready, protocol: pop3, bind: \"127.0.0.1:0\", tls: none, require_tls: false, backend: legacy-pop }}\nbackends:\n  legacy-pop: {{ address: \"{backend}\" }}\n"
-        )
+        Yaml::new()
+            .section("metrics: { bind: \"127.0.0.1:0\" }")
+            .listener_to(
+                "pop-ready",
+                "pop3",
+                "none",
+                "legacy-pop",
+                "require_tls: false",
+            )
+            .backend("legacy-pop", backend, "")
     };
-    let gw = common::start(&yaml(&up.to_string())).await;
+    let gw = yaml(&up.to_string()).start().await;
     let m = gw.metrics_addr().unwrap();
     for _ in 0..20 {
         assert_eq!(http_get(m, "/readyz").await, (200, "ready\n".to_string()));
@@ -567,7 +575,7 @@ async fn readyz_is_cached_and_names_no_addresses() {
         seen <= 2,
         "20 /readyz requests made {seen} backend connections"
     );
-    let gw2 = common::start(&yaml(&dead)).await;
+    let gw2 = yaml(&dead).start().await;
     let (code, body) = http_get(gw2.metrics_addr().unwrap(), "/readyz").await;
     assert_eq!(code, 503);
     assert!(body.contains("legacy-pop"), "{body}");
@@ -582,10 +590,12 @@ async fn readyz_is_cached_and_names_no_addresses() {
 /// once instead of each holding a descriptor until its read deadline.
 #[tokio::test]
 async fn metrics_connections_are_capped() {
-    let gw = common::start(
-        "metrics: { bind: \"127.0.0.1:0\" }\nlisteners:\n  - { name: pop-cap, protocol: pop3, bind: \"127.0.0.1:0\", tls: none, require_tls: false, backend: b }\nbackends:\n  b: { address: \"127.0.0.1:9\" }\n",
-    )
-    .await;
+    let gw = Yaml::new()
+        .section("metrics: { bind: \"127.0.0.1:0\" }")
+        .listener("pop-cap", "pop3", "none", "require_tls: false")
+        .backend("b", "127.0.0.1:9", "")
+        .start()
+        .await;
     let m = gw.metrics_addr().unwrap();
     let mut idle = tokio::task::JoinSet::new();
     for _ in 0..40 {
