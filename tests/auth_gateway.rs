@@ -28,7 +28,7 @@ fn zone() -> Zone {
 }
 
 struct Gw {
-    gw: mailgate::server::Gateway,
+    gw: common::Gateway,
     mailbox: Arc<Mailbox>,
     _dir: tempfile::TempDir,
 }

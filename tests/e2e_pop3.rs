@@ -317,7 +317,7 @@ fn with_gateway<T>(
     dir: &Path,
     dovecot: &Dovecot,
     extra: &str,
-    f: impl FnOnce(&mailgate::server::Gateway, &Path) -> T,
+    f: impl FnOnce(&common::Gateway, &Path) -> T,
 ) -> T {
     let (ca, _) = common::dev_cert(dir);
     let rt = tokio::runtime::Builder::new_multi_thread()

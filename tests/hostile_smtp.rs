@@ -66,7 +66,7 @@ async fn bounded<F: std::future::Future<Output = ()>>(limit: Duration, what: &st
 // the gateway
 
 struct Setup {
-    gw: mailgate::server::Gateway,
+    gw: common::Gateway,
     mailbox: Arc<Mailbox>,
     ca: PathBuf,
     _dir: tempfile::TempDir,

@@ -506,13 +506,10 @@ async fn startup_does_not_wait_for_a_stalled_backend() {
             .build(),
     )
     .unwrap();
-    let gw = tokio::time::timeout(
-        Duration::from_secs(30),
-        mailgate::server::Gateway::start(&cfg),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let gw = tokio::time::timeout(Duration::from_secs(30), Gateway::start(&cfg))
+        .await
+        .unwrap()
+        .unwrap();
     let mut r = SmtpClient::connect(gw.addr("mx").unwrap()).await;
     assert!(r.text().await.starts_with("220"));
     assert!(

@@ -124,7 +124,7 @@ impl Yaml {
     }
 
     /// The gateway in-process with this configuration ([`start`](super::start)).
-    pub async fn start(&self) -> mailgate::server::Gateway {
+    pub async fn start(&self) -> super::Gateway {
         super::start(&self.build()).await
     }
 }
