@@ -113,6 +113,25 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(r: &mut R, line: &mut Vec<u8>) ->
     )
 }
 
+/// The next command line (CRLF cut) and its verb, recorded in `seen`;
+/// `None` at EOF, error or [`IDLE`].
+async fn next_command<R: AsyncBufReadExt + Unpin>(
+    r: &mut R,
+    raw: &mut Vec<u8>,
+    seen: &Mutex<Seen>,
+    tls: bool,
+) -> Option<(String, String)> {
+    if !read_line(r, raw).await {
+        return None;
+    }
+    let cmd = String::from_utf8_lossy(raw).trim_end().to_string();
+    let mut s = seen.lock().unwrap();
+    s.raw.extend_from_slice(raw);
+    s.lines.push((tls, cmd.clone()));
+    let verb = verb(&cmd);
+    Some((cmd, verb))
+}
+
 /// The command's verb, upper case (`MAIL` of `MAIL FROM:<…>`).
 fn verb(line: &str) -> String {
     line.split([' ', ':'])
@@ -121,18 +140,66 @@ fn verb(line: &str) -> String {
         .to_ascii_uppercase()
 }
 
-// ---------------------------------------------------------------- SMTP
-
-/// A scripted legacy SMTP server. By default: `220 legacy ESMTP`, EHLO
-/// `250-legacy` / `250 8BITMIME`, DATA `354 go` then (after the message)
-/// `250 2.0.0 queued`, QUIT `221 bye` and a close, anything else `250 ok`.
+/// A scripted backend: the greeting and the replies, by command verb or by
+/// whole command line, and what its protocol adds (`P`).
 #[derive(Clone)]
-pub struct SmtpBackend {
+pub struct Scripted<P> {
     greeting: String,
     /// by upper-case verb
     verbs: HashMap<String, String>,
     /// by the whole command line, before `verbs`
     lines: HashMap<String, String>,
+    p: P,
+}
+
+impl<P> Scripted<P> {
+    fn with(greeting: &str, verbs: &[(&str, &str)], p: P) -> Self {
+        Scripted {
+            greeting: greeting.into(),
+            verbs: verbs
+                .iter()
+                .map(|(v, r)| (v.to_string(), r.to_string()))
+                .collect(),
+            lines: HashMap::new(),
+            p,
+        }
+    }
+
+    /// The greeting, raw (CRLFs included).
+    pub fn greeting(mut self, g: &str) -> Self {
+        self.greeting = g.into();
+        self
+    }
+
+    /// The raw reply to every command with verb `verb` (`EHLO`, `MAIL`, …).
+    pub fn on(mut self, verb: &str, reply: &str) -> Self {
+        self.verbs.insert(verb.to_ascii_uppercase(), reply.into());
+        self
+    }
+
+    /// The raw reply to exactly the command line `line` (before [`on`](Self::on)).
+    pub fn on_line(mut self, line: &str, reply: &str) -> Self {
+        self.lines.insert(line.into(), reply.into());
+        self
+    }
+
+    /// The scripted reply to `cmd` (its verb `verb`), if any.
+    fn answer(&self, cmd: &str, verb: &str) -> Option<&String> {
+        self.lines.get(cmd).or_else(|| self.verbs.get(verb))
+    }
+}
+
+// ---------------------------------------------------------------- SMTP
+
+/// A scripted legacy SMTP server. By default: `220 legacy ESMTP`, EHLO
+/// `250-legacy` / `250 8BITMIME`, DATA `354 go` then (after the message)
+/// `250 2.0.0 queued`, QUIT `221 bye` and a close, anything else `250 ok`.
+/// A DATA reply that is not a 354 ends the command there (no message read).
+pub type SmtpBackend = Scripted<Smtp>;
+
+/// What SMTP adds to a [`Scripted`] backend.
+#[derive(Clone)]
+pub struct Smtp {
     /// EHLO before STARTTLS, when it differs
     ehlo_plain: Option<String>,
     end_of_data: String,
@@ -151,79 +218,61 @@ impl Default for SmtpBackend {
 
 impl SmtpBackend {
     pub fn new() -> Self {
-        SmtpBackend {
-            greeting: "220 legacy ESMTP\r\n".into(),
-            verbs: HashMap::from([
-                ("EHLO".into(), "250-legacy\r\n250 8BITMIME\r\n".into()),
-                ("DATA".into(), "354 go\r\n".into()),
-                ("QUIT".into(), "221 bye\r\n".into()),
-            ]),
-            lines: HashMap::new(),
-            ehlo_plain: None,
-            end_of_data: "250 2.0.0 queued\r\n".into(),
-            otherwise: "250 ok\r\n".into(),
-            close_after: None,
-            hang_after: None,
-            tls: Tls::None,
-            proxy: false,
-        }
-    }
-
-    /// The greeting, raw (CRLFs included).
-    pub fn greeting(mut self, g: &str) -> Self {
-        self.greeting = g.into();
-        self
-    }
-
-    /// The raw reply to every command with verb `verb` (`EHLO`, `MAIL`, …).
-    /// A DATA reply that is not a 354 ends the command there (no message read).
-    pub fn on(mut self, verb: &str, reply: &str) -> Self {
-        self.verbs.insert(verb.to_ascii_uppercase(), reply.into());
-        self
-    }
-
-    /// The raw reply to exactly the command line `line` (before [`on`](Self::on)).
-    pub fn on_line(mut self, line: &str, reply: &str) -> Self {
-        self.lines.insert(line.into(), reply.into());
-        self
+        Scripted::with(
+            "220 legacy ESMTP\r\n",
+            &[
+                ("EHLO", "250-legacy\r\n250 8BITMIME\r\n"),
+                ("DATA", "354 go\r\n"),
+                ("QUIT", "221 bye\r\n"),
+            ],
+            Smtp {
+                ehlo_plain: None,
+                end_of_data: "250 2.0.0 queued\r\n".into(),
+                otherwise: "250 ok\r\n".into(),
+                close_after: None,
+                hang_after: None,
+                tls: Tls::None,
+                proxy: false,
+            },
+        )
     }
 
     /// The raw reply to the message (after DATA's 354 and the end of data).
     pub fn end_of_data(mut self, reply: &str) -> Self {
-        self.end_of_data = reply.into();
+        self.p.end_of_data = reply.into();
         self
     }
 
     /// The raw reply to every command not scripted otherwise.
     pub fn otherwise(mut self, reply: &str) -> Self {
-        self.otherwise = reply.into();
+        self.p.otherwise = reply.into();
         self
     }
 
     /// Hang up right after replying to `verb`.
     pub fn close_after(mut self, verb: &str) -> Self {
-        self.close_after = Some(verb.to_ascii_uppercase());
+        self.p.close_after = Some(verb.to_ascii_uppercase());
         self
     }
 
     /// Stop answering (and reading) right after replying to `verb`, the
     /// connection held open for 30 s: a backend that stalls.
     pub fn hang_after(mut self, verb: &str) -> Self {
-        self.hang_after = Some(verb.to_ascii_uppercase());
+        self.p.hang_after = Some(verb.to_ascii_uppercase());
         self
     }
 
     /// Implicit TLS with `acc`: the greeting comes over TLS.
     pub fn implicit_tls(mut self, acc: TlsAcceptor) -> Self {
-        self.tls = Tls::Implicit(acc);
+        self.p.tls = Tls::Implicit(acc);
         self
     }
 
     /// STARTTLS with `acc`: before it, EHLO answers `ehlo_plain`; after it,
     /// the scripted EHLO, and no second greeting.
     pub fn starttls(mut self, acc: TlsAcceptor, ehlo_plain: &str) -> Self {
-        self.tls = Tls::Starttls(acc);
-        self.ehlo_plain = Some(ehlo_plain.into());
+        self.p.tls = Tls::Starttls(acc);
+        self.p.ehlo_plain = Some(ehlo_plain.into());
         self.verbs
             .insert("STARTTLS".into(), "220 go ahead\r\n".into());
         self
@@ -232,7 +281,7 @@ impl SmtpBackend {
     /// Reads a PROXY v2 header, when one arrives before the greeting (within
     /// 200 ms); it is recorded in [`Seen::proxy`] and at the start of `raw`.
     pub fn proxy(mut self) -> Self {
-        self.proxy = true;
+        self.p.proxy = true;
         self
     }
 
@@ -242,10 +291,10 @@ impl SmtpBackend {
             let script = script.clone();
             async move {
                 let mut r = BufReader::new(tcp);
-                if script.proxy {
+                if script.p.proxy {
                     read_proxy(&mut r, &seen).await;
                 }
-                match &script.tls {
+                match &script.p.tls {
                     Tls::Implicit(acc) => {
                         let Ok(t) = acc.clone().accept(r.into_inner()).await else {
                             return;
@@ -289,7 +338,7 @@ async fn smtp_session(
     seen: &Mutex<Seen>,
 ) {
     // a greeting on a new connection, not again after STARTTLS
-    let greet = !tls || matches!(script.tls, Tls::Implicit(_));
+    let greet = !tls || matches!(script.p.tls, Tls::Implicit(_));
     if greet
         && r.get_mut()
             .write_all(script.greeting.as_bytes())
@@ -300,32 +349,23 @@ async fn smtp_session(
     }
     let mut raw = Vec::new();
     loop {
-        if !read_line(&mut r, &mut raw).await {
+        let Some((cmd, verb)) = next_command(&mut r, &mut raw, seen, tls).await else {
             return;
-        }
-        let cmd = String::from_utf8_lossy(&raw).trim_end().to_string();
-        {
-            let mut s = seen.lock().unwrap();
-            s.raw.extend_from_slice(&raw);
-            s.lines.push((tls, cmd.clone()));
-        }
-        let verb = verb(&cmd);
-        let answer = match (&script.ehlo_plain, verb.as_str()) {
+        };
+        let answer = match (&script.p.ehlo_plain, verb.as_str()) {
             (Some(plain), "EHLO") if !tls => plain.clone(),
             _ => script
-                .lines
-                .get(&cmd)
-                .or_else(|| script.verbs.get(&verb))
-                .unwrap_or(&script.otherwise)
+                .answer(&cmd, &verb)
+                .unwrap_or(&script.p.otherwise)
                 .clone(),
         };
         if r.get_mut().write_all(answer.as_bytes()).await.is_err() {
             return;
         }
-        if script.close_after.as_deref() == Some(verb.as_str()) || verb == "QUIT" {
+        if script.p.close_after.as_deref() == Some(verb.as_str()) || verb == "QUIT" {
             return;
         }
-        if script.hang_after.as_deref() == Some(verb.as_str()) {
+        if script.p.hang_after.as_deref() == Some(verb.as_str()) {
             tokio::time::sleep(Duration::from_secs(30)).await;
             return;
         }
@@ -341,13 +381,13 @@ async fn smtp_session(
                     }
                 }
                 seen.lock().unwrap().accepted += 1;
-                let end = script.end_of_data.as_bytes();
+                let end = script.p.end_of_data.as_bytes();
                 if r.get_mut().write_all(end).await.is_err() {
                     return;
                 }
             }
             "STARTTLS" if !tls && answer.starts_with("220") => {
-                let Tls::Starttls(acc) = &script.tls else {
+                let Tls::Starttls(acc) = &script.p.tls else {
                     return;
                 };
                 let Ok(t) = acc.clone().accept(r.into_inner()).await else {
@@ -366,12 +406,12 @@ async fn smtp_session(
 /// A scripted legacy POP3 server. By default: `+OK fake`, CAPA the scripted
 /// capability lines (none: `+OK` and `.`), PASS and AUTH `+OK logged in`
 /// (counted in [`Seen::accepted`]), STAT `+OK 0 0`, QUIT `+OK bye` and a
-/// close, anything else `+OK`.
+/// close, anything else `+OK`. A scripted CAPA replaces the capability lines.
+pub type Pop3Backend = Scripted<Pop3>;
+
+/// What POP3 adds to a [`Scripted`] backend.
 #[derive(Clone)]
-pub struct Pop3Backend {
-    greeting: String,
-    verbs: HashMap<String, String>,
-    lines: HashMap<String, String>,
+pub struct Pop3 {
     capa: Vec<String>,
     tls: Option<TlsAcceptor>,
 }
@@ -384,47 +424,30 @@ impl Default for Pop3Backend {
 
 impl Pop3Backend {
     pub fn new() -> Self {
-        Pop3Backend {
-            greeting: "+OK fake\r\n".into(),
-            verbs: HashMap::from([
-                ("PASS".into(), "+OK logged in\r\n".into()),
-                ("AUTH".into(), "+OK logged in\r\n".into()),
-                ("STAT".into(), "+OK 0 0\r\n".into()),
-                ("QUIT".into(), "+OK bye\r\n".into()),
-            ]),
-            lines: HashMap::new(),
-            capa: Vec::new(),
-            tls: None,
-        }
-    }
-
-    pub fn greeting(mut self, g: &str) -> Self {
-        self.greeting = g.into();
-        self
-    }
-
-    /// The raw answer to every command with verb `verb` (CAPA included: then
-    /// the capability lines are not used).
-    pub fn on(mut self, verb: &str, reply: &str) -> Self {
-        self.verbs.insert(verb.to_ascii_uppercase(), reply.into());
-        self
-    }
-
-    /// The raw answer to exactly the command line `line` (before [`on`](Self::on)).
-    pub fn on_line(mut self, line: &str, reply: &str) -> Self {
-        self.lines.insert(line.into(), reply.into());
-        self
+        Scripted::with(
+            "+OK fake\r\n",
+            &[
+                ("PASS", "+OK logged in\r\n"),
+                ("AUTH", "+OK logged in\r\n"),
+                ("STAT", "+OK 0 0\r\n"),
+                ("QUIT", "+OK bye\r\n"),
+            ],
+            Pop3 {
+                capa: Vec::new(),
+                tls: None,
+            },
+        )
     }
 
     /// Implicit TLS with `acc`.
     pub fn implicit_tls(mut self, acc: TlsAcceptor) -> Self {
-        self.tls = Some(acc);
+        self.p.tls = Some(acc);
         self
     }
 
     /// The capability lines CAPA lists (without CRLF).
     pub fn capa<S: ToString>(mut self, lines: &[S]) -> Self {
-        self.capa = lines.iter().map(S::to_string).collect();
+        self.p.capa = lines.iter().map(S::to_string).collect();
         self
     }
 
@@ -433,7 +456,7 @@ impl Pop3Backend {
         serve(move |tcp, seen| {
             let script = script.clone();
             async move {
-                match &script.tls {
+                match &script.p.tls {
                     Some(acc) => {
                         let Ok(t) = acc.clone().accept(tcp).await else {
                             return;
@@ -459,21 +482,14 @@ async fn pop3_session(tcp: Box<dyn Io>, script: &Pop3Backend, seen: &Mutex<Seen>
     }
     let mut raw = Vec::new();
     loop {
-        if !read_line(&mut r, &mut raw).await {
+        let Some((cmd, verb)) = next_command(&mut r, &mut raw, seen, false).await else {
             return;
-        }
-        let cmd = String::from_utf8_lossy(&raw).trim_end().to_string();
-        {
-            let mut s = seen.lock().unwrap();
-            s.raw.extend_from_slice(&raw);
-            s.lines.push((false, cmd.clone()));
-        }
-        let verb = verb(&cmd);
-        let answer = match script.lines.get(&cmd).or_else(|| script.verbs.get(&verb)) {
+        };
+        let answer = match script.answer(&cmd, &verb) {
             Some(a) => a.clone(),
             None if verb == "CAPA" => {
                 let mut c = String::from("+OK\r\n");
-                for l in &script.capa {
+                for l in &script.p.capa {
                     c.push_str(l);
                     c.push_str("\r\n");
                 }
