@@ -18,7 +18,7 @@ mod common;
 mod dns;
 
 use common::{SmtpClient, Yaml};
-use dns::{TestDns, Zone};
+use dns::TestDns;
 use mailgate::auth::{Checks, DnsSettings, Verifier};
 use std::time::{Duration, Instant};
 
@@ -27,16 +27,6 @@ const ROUNDS: usize = 30;
 
 fn crlf(s: &str) -> Vec<u8> {
     s.replace("\r\n", "\n").replace('\n', "\r\n").into_bytes()
-}
-
-/// The signer's SPF, DKIM key and DMARC records.
-fn zone() -> Zone {
-    let mut z = Zone::new();
-    z.add_txt("football.example.com", "v=spf1 ip4:127.0.0.0/8 -all");
-    let key = std::fs::read_to_string(format!("{DATA}/dkim/dkimpy/test.txt")).unwrap();
-    z.add_txt("test._domainkey.football.example.com", key.trim());
-    z.add_txt("_dmarc.football.example.com", "v=DMARC1; p=reject");
-    z
 }
 
 /// Listener `mx` with policy body `auth`, in front of a demo backend.
@@ -70,7 +60,7 @@ async fn timed(gw: &common::Gateway, msg: &[u8]) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let dns = TestDns::start(zone()).await;
+    let dns = TestDns::start(dns::football()).await;
     let on = gateway(
         &dns,
         "    authserv_id: gw.test\n    spf: { fail: reject, softfail: tag, none: accept, temperror: tempfail }\n    dkim: { fail: tag }\n    dmarc: { enforce: true }\n",
