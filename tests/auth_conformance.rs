@@ -769,28 +769,7 @@ async fn acceptance_scenarios() {
     assert_eq!((verdict.action, verdict.check), (Action::Reject, "dmarc"));
     println!("reject reason: {}", verdict.reason);
 
-    // Added latency per message, all checks, warm cache vs. no cache.
-    let cold = Verifier::new(&settings(dns.addr, 0)).unwrap();
-    for (label, v) in [("warm cache", &v), ("no cache", &cold)] {
-        let n = 50;
-        let t0 = Instant::now();
-        for _ in 0..n {
-            let _ = v
-                .message(
-                    &signed,
-                    spf_ok.ip,
-                    &spf_ok.helo,
-                    &spf_ok.mail_from,
-                    Some(&spf_ok),
-                    Checks::all(),
-                )
-                .await;
-        }
-        println!(
-            "message checks (dkim+arc+dmarc), {label}: {:?} per message",
-            t0.elapsed() / n
-        );
-    }
+    // (what the checks cost per message, warm cache vs. none: benches/auth_latency.rs)
     let s = v.stats();
     println!(
         "dns stats: queries={} cache_hits={} answered={} unanswered={} max_latency={}us",
