@@ -3,8 +3,8 @@
 //! distinct source keys hitting a rule, and CPU per key under distinct-key
 //! floods (connect rate, failed logins). Prints figures; asserts nothing.
 
-use mailgate::config::file::KeyPart;
-use mailgate::policy::PolicyAction;
+use mailgate::action::PolicyAction;
+use mailgate::policy::KeyPart;
 use mailgate::policy::{Facts, Kind, Policies, PolicySpec, PolicyStage, PolicyState, RuleSpec};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -28,7 +28,10 @@ fn policy(
     rules: Vec<RuleSpec>,
     max_keys: usize,
 ) -> (Arc<mailgate::policy::Policy>, Arc<PolicyState>) {
-    let state = PolicyState::new();
+    let state = PolicyState::new(
+        mailgate::config::defaults::KNOWN_GOOD,
+        mailgate::config::defaults::MAX_TRACKED_KEYS,
+    );
     let mut specs = BTreeMap::new();
     specs.insert(
         "p".to_string(),
@@ -82,9 +85,9 @@ fn per_op(p: &mailgate::policy::Policy, n: usize) -> (f64, f64) {
         );
         f.helo = Some("client.example");
         f.sender = Some(&senders[i % 1000]);
-        std::hint::black_box(p.check(PolicyStage::Mail, &f));
+        std::hint::black_box(p.check(PolicyStage::Mail, &f).decision);
         f.rcpt = Some(&rcpts[(i * 7) % 1000]);
-        std::hint::black_box(p.check(PolicyStage::Rcpt, &f));
+        std::hint::black_box(p.check(PolicyStage::Rcpt, &f).decision);
     }
     (
         (cpu_ns() - c0) as f64 / n as f64,
@@ -211,10 +214,12 @@ fn main() {
         );
         let t0 = Instant::now();
         for i in 0..100_000u128 {
-            let _ = p.connect(&Facts::new(
-                IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | i << 64)),
-                "mx",
-            ));
+            let _ = p
+                .connect(&Facts::new(
+                    IpAddr::V6(Ipv6Addr::from(0x2001_0db8_u128 << 96 | i << 64)),
+                    "mx",
+                ))
+                .decision;
         }
         let ns = t0.elapsed().as_nanos() / 100_000;
         let after = rss_kib();
@@ -245,7 +250,7 @@ fn main() {
     for u in &users {
         let mut f = Facts::new(IpAddr::from([10, 0, 0, 1]), "pop3");
         f.auth_user = Some(u);
-        std::hint::black_box(p.login_allowed(&f));
+        std::hint::black_box(p.login_allowed(&f).decision);
         p.login_failed(&f);
     }
     println!(

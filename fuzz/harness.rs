@@ -9,13 +9,14 @@
 #![allow(dead_code)]
 
 use bytes::BytesMut;
+use mailgate::backend::caps::SmtpCaps;
 use mailgate::backend::reply::{Parsed, ReplyParser, MAX_LINE, MAX_LINES};
 use mailgate::config::{AuthMode, BareNewlines};
 use mailgate::pop3;
 use mailgate::smtp::command::{self, Command, ParseError};
 use mailgate::smtp::data::{self, DataReceiver, Feed};
 use mailgate::smtp::reply::{Reply, Stage};
-use mailgate::smtp::session::{Action, BackendCaps, Outcome, Session, Settings};
+use mailgate::smtp::session::{Action, Outcome, Session, Settings};
 
 /// A harness: arbitrary bytes in, a panic when an invariant breaks.
 pub type Harness = fn(&[u8]);
@@ -84,7 +85,7 @@ pub fn smtp_command(data: &[u8]) {
             max_login_failures: 3,
             max_transactions: 100,
         },
-        BackendCaps {
+        SmtpCaps {
             eightbitmime: true,
             smtputf8: true,
             pipelining: true,
@@ -369,9 +370,9 @@ pub fn config_yaml(data: &[u8]) {
                     t.command,
                     t.data,
                     t.session,
-                    t.backend_connect,
-                    t.backend_reply,
-                    t.backend_data,
+                    t.backend.connect,
+                    t.backend.reply,
+                    t.backend.data,
                     t.idle,
                 ] {
                     assert!(
@@ -476,7 +477,7 @@ pub fn pop3_command(data: &[u8]) {
                     check_pop3_reply(&r);
                     break;
                 }
-                P::Close(r) => {
+                P::Close(r, _) => {
                     check_pop3_reply(&r);
                     return;
                 }
@@ -492,21 +493,16 @@ pub fn pop3_command(data: &[u8]) {
                 P::Login(login) => {
                     assert!(!login.user().is_empty());
                     logins += 1;
-                    action = s.login_result(match logins % 6 {
-                        1 => LoginOutcome::Rejected("-ERR [AUTH] no\r\n\0x".into()),
-                        2 => LoginOutcome::Unsupported,
-                        3 => LoginOutcome::Unavailable,
-                        4 => LoginOutcome::Failed,
-                        5 => LoginOutcome::Invalid,
-                        _ => LoginOutcome::Accepted("+OK hi\r\nthere".into()),
-                    });
-                }
-                P::LoginFailed { reply, close } => {
-                    check_pop3_reply(&reply);
-                    if close {
-                        return;
-                    }
-                    break;
+                    action = s
+                        .login_result(match logins % 6 {
+                            1 => LoginOutcome::Rejected("-ERR [AUTH] no\r\n\0x".into()),
+                            2 => LoginOutcome::Unsupported,
+                            3 => LoginOutcome::Unavailable,
+                            4 => LoginOutcome::Failed,
+                            5 => LoginOutcome::Invalid,
+                            _ => LoginOutcome::Accepted("+OK hi\r\nthere".into()),
+                        })
+                        .into_action();
                 }
                 P::Pipe(r) => {
                     check_pop3_reply(&r);
@@ -523,7 +519,7 @@ pub fn pop3_command(data: &[u8]) {
 /// as a backend stream never make the reply-order tracker overrun or stall.
 fn pop3_transaction(data: &[u8]) {
     use pop3::transaction::{Responses, Step, Transaction};
-    let caps = pop3::session::BackendCaps::from_capa(&["TOP", "UIDL"]);
+    let caps = mailgate::backend::caps::Pop3Caps::from_capa(&["TOP", "UIDL"]);
     let mut t = Transaction::new(caps, 50, 0);
     let mut r = Responses::default();
     let mid = data.len() / 2;

@@ -4,11 +4,16 @@
 //! # Layout
 //!
 //! ```text
-//! config/      YAML files → validated `Config` (errors carry file:line:column)
+//! units.rs     sizes ("25MiB"), durations ("5m") and rates ("20/minute", one unit table),
+//!              CIDR networks, canonical addresses (a leaf: policy, auth, transport use it)
+//! action.rs    `PolicyAction`: what a limit rule or an auth verdict does (shared by both)
+//! mail.rs      MAIL parameters and dot-stuffing, shared by the client and backend SMTP legs
+//! config/      YAML files → validated `Config` (errors carry file:line:column); it builds
+//!              the types the modules below own (`backend::Backend`, `policy::PolicySpec`, …)
 //!   file.rs      the serde shapes of one YAML file (unknown fields are errors)
-//!   units.rs     sizes ("25MiB"), durations ("5m") and rates ("20/minute", one unit table), CIDR networks
 //!   load.rs      files of a path, size/nesting caps, parsing, merging several files
 //!   listener.rs, backend.rs, policy.rs  each section → its validated type
+//!   dkim_sign.rs a policy's `dkim_sign:` → `sign::SignPolicy` (its keys loaded)
 //!   summary.rs   the `check` output
 //!   defaults.rs  every default value, in one place (also published in the schema)
 //! tls.rs       certificates from PEM, SNI resolver, rustls `ServerConfig`, dev certs (rcgen)
@@ -16,27 +21,36 @@
 //!              TLS accept under a deadline; PROXY v1/v2 in, v2 header out
 //! codec.rs     bounded line reader / whole-reply writer shared by both legs; the
 //!              wait for the next command (pipelining, idle buffer release, shutdown)
+//! conn/        the client-connection layer every protocol's driver stands on
+//!   mod.rs       `ListenerRuntime` (reloadable snapshot), `SessionCtx` (holds it),
+//!                `Replies`/`Wire` (what a session supplies), `End` (session outcomes)
+//!   client.rs    implicit TLS, session gauge, STARTTLS/STLS (CVE-2011-0411 discard),
+//!                the wait for the next command, the session-end log
+//!   login.rs     the login guard: policy check → backend login → bookkeeping → delay
+//!   inflight.rs  the process-wide budget for message bytes in memory (max_inflight_data)
 //! smtp/        the client-facing SMTP side
 //!   command.rs   command parser (sans-IO)
 //!   reply.rs     every reply mailgate itself sends, in one place
 //!   session.rs   the pure SMTP state machine: command or outcome in, `Action` out;
 //!                every reply decision (policy, login, verdicts, backend replies)
 //!   data.rs      DATA receiver: ends only on CRLF.CRLF, bare CR/LF/NUL guard, header
-//!                bounds, dot-unstuffing; streaming re-stuffing for the backend; Received
-//!   inflight.rs  the process-wide budget for message bytes in memory (max_inflight_data)
-//!   driver.rs    the only code that awaits: socket, backend, timeouts
+//!                bounds, dot-unstuffing; Received
+//!   driver.rs    the only code that awaits (on `conn/`): backend, checks, DATA, timeouts
 //! pop3/        the client-facing POP3 side (same shape as smtp/)
 //!   command.rs   AUTHORIZATION-state parser, SASL PLAIN, base64 (sans-IO)
 //!   reply.rs     every reply mailgate itself sends (RFC 2449/3206 codes)
 //!   session.rs   the pure AUTHORIZATION state machine: line in, `Action` out
-//!   driver.rs    the only code that awaits: socket, STLS, backend, timeouts
+//!   driver.rs    the only code that awaits (on `conn/`): backend, APOP slots, the pipe
 //!   transaction.rs TRANSACTION-state parser, reply order around local answers (sans-IO)
 //!   pipe.rs      TRANSACTION state I/O: parsed commands up, backend bytes down unchanged, idle timer
-//! backend/     clients of the legacy servers
+//! backend/     clients of the legacy servers; `Backend`, `Deadlines` (built by config)
+//!   caps.rs      `SmtpCaps`/`Pop3Caps`, the pure EHLO/CAPA parsers, one `CapsCache` for both
+//!                protocols (owned by the gateway, reached through the session context)
 //!   reply.rs     SMTP reply parser (sans-IO, bounded)
 //!   smtp.rs      SMTP client: greeting, EHLO/HELO, MAIL/RCPT/DATA relay, RSET, QUIT
-//!   pop3.rs      POP3 client: greeting, CAPA, login replay (only while in step), then the pipe
-//!   probe.rs     periodic capability probe (what may be advertised end to end)
+//!   pop3.rs      POP3 client: greeting, CAPA, login replay (only while in step), then the
+//!                pipe; `Login` in, `LoginReply` out (the POP3 session maps it)
+//!   probe.rs     periodic SMTP capability probe into the cache
 //!   stream.rs    TLS to backends (implicit / STARTTLS), CA or SHA-256 pin verification
 //! auth/        SPF/DKIM/DMARC/ARC via mail-auth: DNS cache bounded in bytes, query
 //!              budgets and void-lookup limit, `Verifier` (signature caps), policy verdicts,
@@ -45,12 +59,11 @@
 //! sign/        DKIM signing of submitted mail (mail-auth): key files and keygen (key.rs),
 //!              which keys sign or a refusal (decide.rs, pure), the signature fields (signer.rs)
 //! policy/      limits per listener: deny/allow lists, rate (GCRA over governor's `Quota`), concurrency,
-//!   spec.rs      validated rules: what each counts, the stage it runs at, `check` text
+//!   spec.rs      validated rules: key parts (`KeyPart`), what each counts, the stage it runs at, `check` text
 //!   state.rs     limiter state that survives reloads; compiling specs against it
-//!   evaluate.rs  per-stage decisions of a compiled policy → `Decision`
+//!   evaluate.rs  per-stage decisions of a compiled policy → `Checked { decision, hits }`
 //!   limits.rs    brute-force windows with known-good networks; buckets, counters
 //!   lru.rs       bounded keyed state: least-recently-seen order, idle keys evicted first
-//!   action.rs    accept / tag / tempfail / reject / delay / shadow
 //! observe/     Prometheus metrics (metrics.rs), the /metrics /healthz /readyz endpoint
 //!              (http.rs: capped, cached readiness), text-log escaping of client strings (logfmt.rs)
 //! server.rs    listeners, per-listener runtime snapshots (ArcSwap) and reload, connect-stage
@@ -58,15 +71,25 @@
 //! demo.rs      the `demo` subcommand: an in-memory legacy backend, clearly labelled
 //! ```
 //!
+//! Layers, bottom to top (no module uses one above it; `tests/module_graph.rs`
+//! fails on any cycle): units, codec, observe, action, mail → transport, sign →
+//! auth, backend → policy → config → tls → conn → smtp, pop3 → server → demo.
+//! Metrics are counted at the edges (server, drivers) from the facts policy,
+//! auth and backend return (`Checked::hits`, `DnsFacts`, `connect_time`,
+//! `BackendError::OutOfStep`).
+//!
 //! Rules: protocol logic in `session.rs`/`command.rs`/`data.rs` never awaits and is
-//! unit-tested with strings; only `driver.rs` touches sockets, and it loads its
-//! configuration once per session.
+//! unit-tested with strings; only `driver.rs` (and `conn/` under it) touches sockets,
+//! and it loads its configuration once per session.
 
+pub mod action;
 pub mod auth;
 pub mod backend;
 pub mod codec;
 pub mod config;
+pub mod conn;
 pub mod demo;
+pub mod mail;
 pub mod observe;
 pub mod policy;
 pub mod pop3;
@@ -75,6 +98,7 @@ pub mod sign;
 pub mod smtp;
 pub mod tls;
 pub mod transport;
+pub mod units;
 
 /// A short, unique-enough session id, also handed to the backend in the
 /// `Received:` header so both logs can be joined.

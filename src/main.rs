@@ -37,6 +37,9 @@ enum Cmd {
     Check {
         #[arg(short, long)]
         config: PathBuf,
+        /// Exit non-zero on warnings too (for CI pipelines).
+        #[arg(long)]
+        strict: bool,
     },
     /// Start mailgate in front of an in-memory demo backend, with a generated certificate.
     Demo {
@@ -131,24 +134,28 @@ fn main() -> std::process::ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
-        Cmd::Check { config } => match mailgate::config::load(&config) {
+        Cmd::Check { config, strict } => match mailgate::config::load(&config) {
             Ok(c) => {
-                print!("{}", c.summary());
-                // Certificate files: missing ones are reported (the example
+                use mailgate::config::warnings;
+                let warnings = warnings::of(&c, &warnings::Host::probe(&c));
+                print!("{}", c.check_output(&warnings));
+                // Certificate files: missing ones are warnings (the example
                 // configuration ships without keys); present ones must load.
-                let (present, missing): (Vec<_>, Vec<_>) = c
+                let present: Vec<_> = c
                     .certificates
                     .iter()
+                    .filter(|(cert, key)| cert.exists() && key.exists())
                     .cloned()
-                    .partition(|(cert, key)| cert.exists() && key.exists());
-                for (cert, key) in &missing {
-                    println!("warning: certificate {} or key {} not found (run refuses to start without them)", cert.display(), key.display());
-                }
+                    .collect();
                 if !present.is_empty() {
                     if let Err(e) = mailgate::tls::server_config(&present) {
                         eprintln!("error: {e}");
                         return Ok(std::process::ExitCode::FAILURE);
                     }
+                }
+                if strict && !warnings.is_empty() {
+                    eprintln!("error: {} warning(s) under --strict", warnings.len());
+                    return Ok(std::process::ExitCode::FAILURE);
                 }
                 Ok(std::process::ExitCode::SUCCESS)
             }

@@ -1,13 +1,18 @@
 //! Listeners and sessions: bind every configured listener, accept with
 //! TCP_NODELAY, apply the policy's connect stage (deny list, connection rate,
 //! concurrent sessions) and the listener's connection cap with a proper reply,
-//! spawn one task per session, reload atomically, and drain on shutdown (idle
-//! sessions get 421 / -ERR at once; running transactions get `shutdown_grace`).
+//! spawn one task per session with its `conn::SessionCtx` (over the listener's
+//! current `conn::ListenerRuntime`), reload atomically, and drain on shutdown
+//! (idle sessions get 421 / -ERR at once; running transactions get
+//! `shutdown_grace`). It calls the protocol drivers; they never call back.
 
-use crate::backend::probe::{self, CapsCache};
+use crate::action::PolicyAction;
+use crate::backend::caps::CapsCache;
+use crate::backend::probe;
 use crate::config::{Config, Listener, Protocol};
+use crate::conn::inflight::Budget;
+use crate::conn::{ListenerRuntime, SessionCtx};
 use crate::observe::http::ReadyCheck;
-use crate::policy::PolicyAction;
 use crate::policy::{ConnectPermit, Decision, Facts, Policies, Policy, PolicyState};
 use arc_swap::ArcSwap;
 use std::net::SocketAddr;
@@ -17,31 +22,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tracing::{info, warn};
-
-/// One listener's configuration snapshot: what a new session loads once at
-/// accept and keeps for its whole life (across STARTTLS). Reload swaps it.
-pub struct ListenerRuntime {
-    pub listener: Arc<Listener>,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    pub policy: Option<Arc<Policy>>,
-    /// SPF/DKIM/DMARC verifier (one per configuration; its DNS cache is shared).
-    pub verifier: Option<Arc<crate::auth::Verifier>>,
-}
-
-/// What one session needs, loaded once at accept and kept for its lifetime.
-#[derive(Clone)]
-pub struct SessionCtx {
-    pub listener: Arc<Listener>,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    pub policy: Option<Arc<Policy>>,
-    pub verifier: Option<Arc<crate::auth::Verifier>>,
-    pub caps: Arc<CapsCache>,
-    pub shutdown: watch::Receiver<bool>,
-    /// The address the client connected to (from PROXY when a balancer sent one).
-    pub local: SocketAddr,
-    /// Process-wide budget for message bytes in flight (`server.max_inflight_data`).
-    pub inflight: Arc<crate::smtp::inflight::Budget>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -79,7 +59,7 @@ pub struct Gateway {
     probed: watch::Receiver<bool>,
     /// Certificate files the watcher checks (updated by reload).
     cert_paths: Arc<std::sync::Mutex<Vec<(std::path::PathBuf, std::path::PathBuf)>>>,
-    pub inflight: Arc<crate::smtp::inflight::Budget>,
+    pub inflight: Arc<Budget>,
 }
 
 fn tls_config(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, ServerError> {
@@ -129,7 +109,10 @@ impl Gateway {
     pub async fn start(config: &Config) -> Result<Gateway, ServerError> {
         let tls = tls_config(config)?;
         let verifier = verifier_for(config)?;
-        let policy_state = PolicyState::new();
+        let policy_state = PolicyState::new(
+            crate::config::defaults::KNOWN_GOOD,
+            crate::config::defaults::MAX_TRACKED_KEYS,
+        );
         let policies = Policies::compile(&config.policies, &policy_state);
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -157,7 +140,7 @@ impl Gateway {
         let fds = FdBudget::check(config);
         arm_spare_fd();
         let caps = Arc::new(CapsCache::default());
-        let inflight = crate::smtp::inflight::Budget::new(config.max_inflight_data);
+        let inflight = Budget::new(config.max_inflight_data);
         let (shutdown, rx) = watch::channel(false);
         let mut metrics_addr = None;
         if let Some(listener) = metrics_listener {
@@ -192,7 +175,7 @@ impl Gateway {
                 max: l.max_connections as u32,
             });
         }
-        let mut smtp_backends: Vec<(Arc<crate::config::Backend>, crate::config::Timeouts)> =
+        let mut smtp_backends: Vec<(Arc<crate::backend::Backend>, crate::backend::Deadlines)> =
             Vec::new();
         for l in config
             .listeners
@@ -200,7 +183,7 @@ impl Gateway {
             .filter(|l| l.protocol == Protocol::Smtp)
         {
             if !smtp_backends.iter().any(|(b, _)| b.name == l.backend.name) {
-                smtp_backends.push((l.backend.clone(), l.timeouts.clone()));
+                smtp_backends.push((l.backend.clone(), l.timeouts.backend));
             }
         }
         let (probed_tx, probed) = watch::channel(false);
@@ -210,6 +193,7 @@ impl Gateway {
             Duration::from_secs(60),
             probed_tx,
             rx.clone(),
+            |b, took| crate::observe::metrics().backend_connected(&b.name, took.as_secs_f64()),
         ));
         tokio::spawn(housekeeping(policy_state.clone(), rx.clone()));
         let cert_paths = Arc::new(std::sync::Mutex::new(config.certificates.clone()));
@@ -621,7 +605,7 @@ async fn accept_loop(
     runtime: Arc<ArcSwap<ListenerRuntime>>,
     caps: Arc<CapsCache>,
     shutdown: watch::Receiver<bool>,
-    inflight: Arc<crate::smtp::inflight::Budget>,
+    inflight: Arc<Budget>,
 ) {
     let mut stop = shutdown.clone();
     let local = socket.local_addr().ok();
@@ -662,13 +646,10 @@ async fn accept_loop(
             }
         };
         let ctx = SessionCtx {
-            listener: rt.listener.clone(),
-            tls: rt.tls.clone(),
-            policy: rt.policy.clone(),
-            verifier: rt.verifier.clone(),
+            local: local.unwrap_or(rt.listener.bind),
+            runtime: rt,
             caps: caps.clone(),
             shutdown: shutdown.clone(),
-            local: local.unwrap_or(rt.listener.bind),
             inflight: inflight.clone(),
         };
         tokio::spawn(async move {
@@ -681,10 +662,10 @@ async fn accept_loop(
 /// One accepted connection: PROXY header (from trusted balancers only), the
 /// policy's connect stage with the real client address, then the protocol.
 async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
-    let l = ctx.listener.clone();
+    let l = ctx.listener().clone();
     // a dual-stack `[::]` socket reports IPv4 clients as ::ffff:a.b.c.d: one
     // client is one address in logs, limits and headers, whatever the socket
-    use crate::config::units::canonical_socket;
+    use crate::units::canonical_socket;
     let mut peer = canonical_socket(peer);
     ctx.local = canonical_socket(ctx.local);
     if let Some((trusted, deadline)) = &l.proxy_trusted {
@@ -709,18 +690,24 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
             }
         }
     }
-    let permit: Option<ConnectPermit> = match &ctx.policy {
+    let permit: Option<ConnectPermit> = match ctx.policy() {
         None => None,
-        Some(p) => match p.connect(&Facts::new(peer.ip(), &l.name)) {
-            Ok(permit) => Some(permit),
-            Err(Decision::Refuse { action, rule }) => {
-                crate::observe::metrics()
-                    .refused(&l.name, if rule == "deny" { "deny" } else { "policy" });
-                refuse(tcp, l.protocol, action).await;
-                return;
+        Some(p) => {
+            let checked = p.connect(&Facts::new(peer.ip(), &l.name));
+            for h in &checked.hits {
+                crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
             }
-            Err(_) => None,
-        },
+            match checked.decision {
+                Ok(permit) => Some(permit),
+                Err(Decision::Refuse { action, rule }) => {
+                    crate::observe::metrics()
+                        .refused(&l.name, if rule == "deny" { "deny" } else { "policy" });
+                    refuse(tcp, l.protocol, action).await;
+                    return;
+                }
+                Err(_) => None,
+            }
+        }
     };
     // tarpit (`action: delay`) before the greeting
     if let Some(d) = permit.as_ref().map(|p| p.delay).filter(|d| !d.is_zero()) {

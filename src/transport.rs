@@ -186,7 +186,7 @@ pub async fn read_proxy_header(
             };
             match ProxyHeader::parse(&buf[..n], config) {
                 Ok((header, len)) => {
-                    use crate::config::units::canonical_socket as canon;
+                    use crate::units::canonical_socket as canon;
                     let addrs = header
                         .proxied_address()
                         .map(|a| (canon(a.source), canon(a.destination)));

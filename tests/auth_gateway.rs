@@ -4,12 +4,11 @@
 mod common;
 mod dns;
 
+use common::{SmtpClient, Yaml};
 use dns::{TestDns, Zone};
-use mailgate::demo::{serve_smtp, Mailbox};
+use mailgate::demo::Mailbox;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
 
@@ -17,52 +16,45 @@ fn crlf(s: &str) -> Vec<u8> {
     s.replace("\r\n", "\n").replace('\n', "\r\n").into_bytes()
 }
 
+/// The DKIM vectors' signer, and two more SPF domains.
 fn zone() -> Zone {
-    let mut z = Zone::new();
-    z.add_txt("football.example.com", "v=spf1 ip4:127.0.0.0/8 -all");
-    let key = std::fs::read_to_string(format!("{DATA}/dkim/dkimpy/test.txt")).unwrap();
-    z.add_txt("test._domainkey.football.example.com", key.trim());
-    z.add_txt("_dmarc.football.example.com", "v=DMARC1; p=reject");
+    let mut z = dns::football();
     z.add_txt("other.example", "v=spf1 ip4:127.0.0.0/8 -all");
     z.add_txt("fail.example", "v=spf1 -all");
     z
 }
 
 struct Gw {
-    gw: mailgate::server::Gateway,
+    gw: common::Gateway,
     mailbox: Arc<Mailbox>,
     _dir: tempfile::TempDir,
 }
 
+/// The `dns:` section naming the test DNS server `addr`.
+fn dns_section(addr: &str) -> String {
+    format!("dns: {{ nameservers: [\"{addr}\"], timeout: 1s, attempts: 1 }}")
+}
+
+/// Listener `mx` (no TLS, policy `p`: `auth`, its body) in front of a demo
+/// backend, DNS from `dns`.
 async fn start(dns: &str, auth: &str) -> Gw {
     start_with(|backend| {
-        format!(
-            r#"
-server: {{ hostname: gw.test }}
-dns: {{ nameservers: ["{dns}"], timeout: 1s, attempts: 1 }}
-listeners:
-  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p }}
-backends:
-  b: {{ address: "{backend}" }}
-policies:
-  p:
-{auth}
-"#
-        )
+        Yaml::new()
+            .section(&dns_section(dns))
+            .listener("mx", "smtp", "none", "policy: p")
+            .backend("b", backend, "")
+            .section(&format!("policies:\n  p:\n{auth}"))
     })
     .await
 }
 
 /// The gateway with the configuration `yaml(backend address)`, in front of
 /// a demo backend.
-async fn start_with(yaml: impl FnOnce(std::net::SocketAddr) -> String) -> Gw {
+async fn start_with(yaml: impl FnOnce(&str) -> Yaml) -> Gw {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
-    let mailbox = Arc::new(Mailbox::default());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
-    tokio::spawn(serve_smtp(l, mailbox.clone()));
-    let gw = common::start(&yaml(backend)).await;
+    let (mailbox, backend) = common::demo_smtp().await;
+    let gw = yaml(&backend).start().await;
     Gw {
         gw,
         mailbox,
@@ -72,29 +64,6 @@ async fn start_with(yaml: impl FnOnce(std::net::SocketAddr) -> String) -> Gw {
 
 const POLICY: &str = "    authserv_id: gw.test\n    spf: { fail: reject, softfail: tag, none: accept, temperror: tempfail }\n    dkim: { fail: tag }\n    dmarc: { enforce: true }\n";
 
-async fn reply<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
-    let mut all = String::new();
-    loop {
-        let mut l = String::new();
-        tokio::time::timeout(Duration::from_secs(30), r.read_line(&mut l))
-            .await
-            .expect("reply timed out")
-            .unwrap();
-        all.push_str(&l);
-        if l.len() < 4 || l.as_bytes()[3] != b'-' {
-            return all;
-        }
-    }
-}
-
-async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -> String {
-    r.get_mut()
-        .write_all(format!("{c}\r\n").as_bytes())
-        .await
-        .unwrap();
-    reply(r).await
-}
-
 /// Returns (reply to MAIL, final reply or None when MAIL was refused).
 async fn send(gw: &Gw, from: &str, msg: &[u8]) -> (String, Option<String>) {
     send_to(gw, "mx", from, msg).await
@@ -102,25 +71,20 @@ async fn send(gw: &Gw, from: &str, msg: &[u8]) -> (String, Option<String>) {
 
 /// [`send`] through the listener named `listener`.
 async fn send_to(gw: &Gw, listener: &str, from: &str, msg: &[u8]) -> (String, Option<String>) {
-    let s = TcpStream::connect(gw.gw.addr(listener).unwrap())
-        .await
-        .unwrap();
-    let mut r = BufReader::new(s);
-    reply(&mut r).await;
-    cmd(&mut r, "EHLO client.football.example.com").await;
-    let mail = cmd(&mut r, &format!("MAIL FROM:<{from}>")).await;
+    let mut r = SmtpClient::connect(gw.gw.addr(listener).unwrap()).await;
+    r.text().await;
+    r.cmd("EHLO client.football.example.com").await;
+    let mail = r.cmd(&format!("MAIL FROM:<{from}>")).await;
     if !mail.starts_with("250") {
         return (mail, None);
     }
-    assert!(cmd(&mut r, "RCPT TO:<suzie@shopping.example.net>")
+    assert!(r
+        .cmd("RCPT TO:<suzie@shopping.example.net>")
         .await
         .starts_with("250"));
-    assert!(cmd(&mut r, "DATA").await.starts_with("354"));
-    r.get_mut()
-        .write_all(&mailgate::smtp::data::stuff(&[msg]))
-        .await
-        .unwrap();
-    let fin = reply(&mut r).await;
+    assert!(r.cmd("DATA").await.starts_with("354"));
+    r.send(&mailgate::smtp::data::stuff(&[msg])).await;
+    let fin = r.text().await;
     (mail, Some(fin))
 }
 
@@ -299,45 +263,6 @@ async fn unnamed_checks_make_no_queries() {
     assert!(!arrived(&gw).contains("Authentication-Results: gw.test"));
 }
 
-/// Acceptance 5 (measurement, printed; nothing asserted about time): end of
-/// DATA → reply latency with all checks on vs. off, warm cache, side by side.
-#[tokio::test]
-async fn latency_checks_on_vs_off() {
-    let dns = TestDns::start(zone()).await;
-    let on = start(&dns.addr.to_string(), POLICY).await;
-    let off = start(&dns.addr.to_string(), "    limits: []\n").await;
-    let msg = signed();
-    async fn timed(gw: &Gw, msg: &[u8]) -> Duration {
-        let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
-        let mut r = BufReader::new(s);
-        reply(&mut r).await;
-        cmd(&mut r, "EHLO client.football.example.com").await;
-        cmd(&mut r, "MAIL FROM:<joe@football.example.com>").await;
-        cmd(&mut r, "RCPT TO:<suzie@shopping.example.net>").await;
-        cmd(&mut r, "DATA").await;
-        let wire = mailgate::smtp::data::stuff(&[msg]);
-        let t = Instant::now();
-        r.get_mut().write_all(&wire).await.unwrap();
-        assert!(reply(&mut r).await.starts_with("250"));
-        t.elapsed()
-    }
-    // warm the cache
-    timed(&on, &msg).await;
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..30 {
-        a.push(timed(&on, &msg).await);
-        b.push(timed(&off, &msg).await);
-    }
-    a.sort();
-    b.sort();
-    eprintln!(
-        "end-of-DATA → reply, median of 30 (debug build): checks on {:?}, off {:?}, added {:?}",
-        a[15],
-        b[15],
-        a[15].saturating_sub(b[15])
-    );
-}
-
 /// Issue 11 item 2: forged Authentication-Results claiming our authserv-id
 /// (here the listener host name, no auth settings at all) are removed on
 /// every SMTP listener, including the forms lax parsers read as ours.
@@ -459,20 +384,19 @@ fn many_domains(count: usize, all: &str) -> Zone {
 async fn dns_queries_per_session_are_capped() {
     let dns = TestDns::start(many_domains(200, "-all")).await;
     let gw = start(&dns.addr.to_string(), POLICY).await;
-    let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
-    let mut r = BufReader::new(s);
-    reply(&mut r).await;
-    cmd(&mut r, "EHLO client.football.example.com").await;
+    let mut r = SmtpClient::connect(gw.gw.addr("mx").unwrap()).await;
+    r.text().await;
+    r.cmd("EHLO client.football.example.com").await;
     let mut tempfailed = 0;
     for n in 0..200 {
-        let mail = cmd(&mut r, &format!("MAIL FROM:<u@e{n}.many.example>")).await;
+        let mail = r.cmd(&format!("MAIL FROM:<u@e{n}.many.example>")).await;
         if mail.starts_with("421") || mail.is_empty() {
             break; // a transaction limit of the session may end it first
         }
         if mail.starts_with("451") {
             tempfailed += 1;
         }
-        cmd(&mut r, "RSET").await;
+        r.cmd("RSET").await;
     }
     let n = queries_for(&dns, "many.example");
     eprintln!("DNS queries for 200 MAIL/RSET pairs: {n}");
@@ -585,18 +509,14 @@ async fn verification_does_not_stall_the_io_runtime() {
     while msg.len() < 8_000_000 {
         msg.push_str(&line);
     }
-    let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
-    let mut r = BufReader::new(s);
-    reply(&mut r).await;
-    cmd(&mut r, "EHLO client.football.example.com").await;
-    cmd(&mut r, "MAIL FROM:<joe@football.example.com>").await;
-    cmd(&mut r, "RCPT TO:<suzie@shopping.example.net>").await;
-    cmd(&mut r, "DATA").await;
+    let mut r = SmtpClient::connect(gw.gw.addr("mx").unwrap()).await;
+    r.text().await;
+    r.cmd("EHLO client.football.example.com").await;
+    r.cmd("MAIL FROM:<joe@football.example.com>").await;
+    r.cmd("RCPT TO:<suzie@shopping.example.net>").await;
+    r.cmd("DATA").await;
     let wire = mailgate::smtp::data::stuff(&[msg.as_bytes()]);
-    r.get_mut()
-        .write_all(&wire[..wire.len() - 5])
-        .await
-        .unwrap();
+    r.send(&wire[..wire.len() - 5]).await;
     let max_gap = Arc::new(std::sync::Mutex::new(Duration::ZERO));
     let ticker = {
         let max_gap = max_gap.clone();
@@ -612,11 +532,8 @@ async fn verification_does_not_stall_the_io_runtime() {
         })
     };
     let t = Instant::now();
-    r.get_mut()
-        .write_all(&wire[wire.len() - 5..])
-        .await
-        .unwrap();
-    let fin = reply(&mut r).await;
+    r.send(&wire[wire.len() - 5..]).await;
+    let fin = r.text().await;
     let took = t.elapsed();
     ticker.abort();
     assert!(fin.starts_with("250"), "{fin}");
@@ -750,18 +667,17 @@ async fn spent_dns_budget_tempfails_whatever_temperror_says() {
     let dns = TestDns::start(many_domains(60, "~all")).await;
     let policy = "    authserv_id: gw.test\n    spf: { fail: reject }\n";
     let gw = start(&dns.addr.to_string(), policy).await;
-    let s = TcpStream::connect(gw.gw.addr("mx").unwrap()).await.unwrap();
-    let mut r = BufReader::new(s);
-    reply(&mut r).await;
-    cmd(&mut r, "EHLO client.football.example.com").await;
+    let mut r = SmtpClient::connect(gw.gw.addr("mx").unwrap()).await;
+    r.text().await;
+    r.cmd("EHLO client.football.example.com").await;
     let mut refused = None;
     for n in 0..60 {
-        let mail = cmd(&mut r, &format!("MAIL FROM:<u@e{n}.many.example>")).await;
+        let mail = r.cmd(&format!("MAIL FROM:<u@e{n}.many.example>")).await;
         if !mail.starts_with("250") {
             refused = Some((n, mail));
             break;
         }
-        cmd(&mut r, "RSET").await;
+        r.cmd("RSET").await;
     }
     let (n, mail) = refused.expect("every MAIL accepted: the spent budget let SPF through");
     assert!(n > 10, "refused too early ({n}): {mail}");
@@ -779,20 +695,12 @@ async fn spent_dns_budget_tempfails_whatever_temperror_says() {
 #[tokio::test]
 async fn every_listener_strips_every_configured_authserv_id() {
     let gw = start_with(|backend| {
-        format!(
-        r#"
-server: {{ hostname: gw.test }}
-listeners:
-  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p }}
-  - {{ name: sub, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, hostname: sub.test }}
-  - {{ name: other, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, hostname: other.test, policy: q }}
-backends:
-  b: {{ address: "{backend}" }}
-policies:
-  p: {{ authserv_id: mx.example.org }}
-  q: {{ authserv_id: Q.Example.Org. }}
-"#
-        )
+        Yaml::new()
+            .listener("mx", "smtp", "none", "policy: p")
+            .listener("sub", "smtp", "none", "hostname: sub.test")
+            .listener("other", "smtp", "none", "hostname: other.test, policy: q")
+            .backend("b", backend, "")
+            .section("policies:\n  p: { authserv_id: mx.example.org }\n  q: { authserv_id: Q.Example.Org. }")
     })
     .await;
     let msg = crlf(
@@ -837,20 +745,12 @@ policies:
 async fn verification_copy_counts_against_the_inflight_budget() {
     let dns = TestDns::start(zone()).await;
     let gw = start_with(|backend| {
-        format!(
-        r#"
-server: {{ hostname: gw.test, max_inflight_data: 1MiB }}
-dns: {{ nameservers: ["{}"], timeout: 1s, attempts: 1 }}
-listeners:
-  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p, max_message_size: 700KiB }}
-backends:
-  b: {{ address: "{backend}" }}
-policies:
-  p:
-{POLICY}
-"#,
-        dns.addr
-        )
+        Yaml::new()
+            .server("max_inflight_data: 1MiB")
+            .section(&dns_section(&dns.addr.to_string()))
+            .listener("mx", "smtp", "none", "policy: p, max_message_size: 700KiB")
+            .backend("b", backend, "")
+            .section(&format!("policies:\n  p:\n{POLICY}"))
     })
     .await;
     // 600 KB of header fields, then 10 or 11 signatures (the 11th is dropped)

@@ -7,169 +7,66 @@
 
 mod common;
 
+use common::{Gateway, Running, SmtpBackend, SmtpClient, Tls, Yaml};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-/// What a scripted backend answers; every field is the raw bytes it writes.
-#[derive(Clone)]
-struct Script {
-    ehlo: &'static str,
-    xclient: &'static str,
-    mail: &'static str,
-    rcpt: &'static str,
-    data: &'static str,
-    end: &'static str,
-    auth: &'static str,
-    /// Close the connection right after the EHLO reply.
-    close_after_ehlo: bool,
+/// The legacy server these tests script: PIPELINING, XCLIENT, AUTH, and
+/// enhanced codes on MAIL and RCPT; every reply is the raw bytes it writes.
+fn legacy() -> SmtpBackend {
+    SmtpBackend::new()
+        .on("EHLO", "250-legacy\r\n250 PIPELINING\r\n")
+        .on("XCLIENT", "220 legacy ESMTP again\r\n")
+        .on("MAIL", "250 2.1.0 ok\r\n")
+        .on("RCPT", "250 2.1.5 ok\r\n")
+        .on("AUTH", "235 2.7.0 ok\r\n")
+        .otherwise("250 2.0.0 ok\r\n")
 }
 
-impl Default for Script {
-    fn default() -> Self {
-        Script {
-            ehlo: "250-legacy\r\n250 PIPELINING\r\n",
-            xclient: "220 legacy ESMTP again\r\n",
-            mail: "250 2.1.0 ok\r\n",
-            rcpt: "250 2.1.5 ok\r\n",
-            data: "354 go\r\n",
-            end: "250 2.0.0 queued\r\n",
-            auth: "235 2.7.0 ok\r\n",
-            close_after_ehlo: false,
-        }
-    }
-}
-
-/// Every line the backend was sent, over all its connections.
-type Seen = Arc<Mutex<Vec<String>>>;
-
-async fn scripted(script: Script) -> (String, Seen) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let seen: Seen = Arc::default();
-    let log = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let (script, log) = (script.clone(), log.clone());
-            tokio::spawn(async move {
-                let mut r = BufReader::new(s);
-                if r.get_mut()
-                    .write_all(b"220 legacy ESMTP\r\n")
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                loop {
-                    let mut line = String::new();
-                    match tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
-                        .await
-                    {
-                        Ok(Ok(n)) if n > 0 => {}
-                        _ => return,
-                    }
-                    let cmd = line.trim_end().to_string();
-                    log.lock().unwrap().push(cmd.clone());
-                    let up = cmd.to_ascii_uppercase();
-                    let verb = up.split([' ', ':']).next().unwrap_or("");
-                    let answer = match verb {
-                        "EHLO" => {
-                            let _ = r.get_mut().write_all(script.ehlo.as_bytes()).await;
-                            if script.close_after_ehlo {
-                                return;
-                            }
-                            continue;
-                        }
-                        "XCLIENT" => script.xclient,
-                        "MAIL" => script.mail,
-                        "RCPT" => script.rcpt,
-                        "AUTH" => script.auth,
-                        "DATA" => {
-                            let _ = r.get_mut().write_all(script.data.as_bytes()).await;
-                            loop {
-                                let mut d = String::new();
-                                if r.read_line(&mut d).await.unwrap_or(0) == 0 {
-                                    return;
-                                }
-                                if d == ".\r\n" {
-                                    break;
-                                }
-                            }
-                            script.end
-                        }
-                        "QUIT" => {
-                            let _ = r.get_mut().write_all(b"221 bye\r\n").await;
-                            return;
-                        }
-                        _ => "250 2.0.0 ok\r\n",
-                    };
-                    if r.get_mut().write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
-async fn reply<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
-    let mut all = String::new();
-    loop {
-        let mut l = String::new();
-        match tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut l)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return all,
-        }
-        all.push_str(&l);
-        if l.len() < 4 || l.as_bytes()[3] != b'-' {
-            return all;
-        }
-    }
-}
-
-async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -> String {
-    let _ = r.get_mut().write_all(format!("{c}\r\n").as_bytes()).await;
-    reply(r).await
+/// The backend running: its address, and what it received.
+async fn scripted(script: SmtpBackend) -> (String, Running) {
+    let b = script.start().await;
+    (b.addr.clone(), b)
 }
 
 /// A plaintext listener `mx` in front of `backend`; `backend_extra` goes into
 /// the backend's flow mapping, `listener_extra` into the listener's.
 fn config(backend: &str, backend_extra: &str, listener_extra: &str) -> String {
-    format!(
-        "server: {{ hostname: gw.test }}\nlisteners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: none, backend: b, timeouts: {{ backend_reply: 3s, backend_connect: 3s }}{listener_extra} }}\nbackends:\n  b: {{ address: \"{backend}\"{backend_extra} }}\n"
-    )
+    Yaml::new()
+        .listener(
+            "mx",
+            "smtp",
+            "none",
+            &format!("timeouts: {{ backend_reply: 3s, backend_connect: 3s }}{listener_extra}"),
+        )
+        .backend("b", backend, backend_extra)
+        .build()
 }
 
-async fn session(gw: &mailgate::server::Gateway) -> BufReader<TcpStream> {
-    let s = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
-    let mut r = BufReader::new(s);
-    assert!(reply(&mut r).await.starts_with("220"));
-    assert!(cmd(&mut r, "EHLO client.example").await.starts_with("250"));
+async fn session(gw: &Gateway) -> SmtpClient<TcpStream> {
+    let mut r = SmtpClient::connect(gw.addr("mx").unwrap()).await;
+    assert!(r.text().await.starts_with("220"));
+    assert!(r.cmd("EHLO client.example").await.starts_with("250"));
     r
 }
 
 /// MAIL, RCPT and the message; returns the client's reply to the end of DATA.
-async fn send_message(r: &mut BufReader<TcpStream>) -> String {
-    let mail = cmd(r, "MAIL FROM:<a@example.org>").await;
+async fn send_message(r: &mut SmtpClient<TcpStream>) -> String {
+    let mail = r.cmd("MAIL FROM:<a@example.org>").await;
     assert!(mail.starts_with("250"), "MAIL: {mail}");
-    let rcpt = cmd(r, "RCPT TO:<b@example.net>").await;
+    let rcpt = r.cmd("RCPT TO:<b@example.net>").await;
     assert!(rcpt.starts_with("250"), "RCPT: {rcpt}");
-    assert!(cmd(r, "DATA").await.starts_with("354"));
-    cmd(r, "Subject: x\r\n\r\nhello\r\n.").await
+    assert!(r.cmd("DATA").await.starts_with("354"));
+    r.cmd("Subject: x\r\n\r\nhello\r\n.").await
 }
 
 /// Acceptance 2: the end of DATA answered with 221 (the backend closing) is
 /// not a delivery.
 #[tokio::test]
 async fn end_of_data_answered_221_is_not_delivered() {
-    let (backend, _) = scripted(Script {
-        end: "221 2.0.0 bye\r\n",
-        ..Script::default()
-    })
-    .await;
+    let (backend, _) = scripted(legacy().end_of_data("221 2.0.0 bye\r\n")).await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
     let fin = send_message(&mut r).await;
@@ -180,11 +77,11 @@ async fn end_of_data_answered_221_is_not_delivered() {
 /// 554 after the message: the stale reply is never taken as the verdict.
 #[tokio::test]
 async fn stale_250_before_554_is_not_delivered() {
-    let (backend, _) = scripted(Script {
-        data: "354 go\r\n250 2.0.0 stale\r\n",
-        end: "554 5.7.1 rejected\r\n",
-        ..Script::default()
-    })
+    let (backend, _) = scripted(
+        legacy()
+            .on("DATA", "354 go\r\n250 2.0.0 stale\r\n")
+            .end_of_data("554 5.7.1 rejected\r\n"),
+    )
     .await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
@@ -200,22 +97,20 @@ async fn stale_250_before_554_is_not_delivered() {
 /// backend refuses with 554).
 #[tokio::test]
 async fn extra_reply_after_mail_is_not_taken_for_rcpt() {
-    let (backend, seen) = scripted(Script {
-        mail: "250 2.1.0 ok\r\n250 2.1.5 stale\r\n",
-        rcpt: "554 5.7.1 relay denied\r\n",
-        ..Script::default()
-    })
+    let (backend, seen) = scripted(
+        legacy()
+            .on("MAIL", "250 2.1.0 ok\r\n250 2.1.5 stale\r\n")
+            .on("RCPT", "554 5.7.1 relay denied\r\n"),
+    )
     .await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
-    assert!(cmd(&mut r, "MAIL FROM:<a@example.org>")
-        .await
-        .starts_with("250"));
-    let rcpt = cmd(&mut r, "RCPT TO:<b@example.net>").await;
+    assert!(r.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    let rcpt = r.cmd("RCPT TO:<b@example.net>").await;
     assert!(rcpt.starts_with("451 4.4.2"), "RCPT: {rcpt}");
-    let data = cmd(&mut r, "DATA").await;
+    let data = r.cmd("DATA").await;
     assert!(!data.starts_with('2') && !data.starts_with('3'), "{data}");
-    let seen = seen.lock().unwrap();
+    let seen = seen.lines();
     assert!(
         !seen.iter().any(|l| l.starts_with("RCPT")),
         "RCPT never sent on the out-of-step connection: {seen:?}"
@@ -226,51 +121,40 @@ async fn extra_reply_after_mail_is_not_taken_for_rcpt() {
 /// before MAIL ends that connection: 451 4.4.2, the MAIL never sent there.
 #[tokio::test]
 async fn unsolicited_421_before_mail_is_a_lost_connection() {
-    let (backend, seen) = scripted(Script {
-        ehlo: "250-legacy\r\n250 PIPELINING\r\n421 4.4.2 legacy Error: timeout exceeded\r\n",
-        close_after_ehlo: true,
-        ..Script::default()
-    })
+    let (backend, seen) = scripted(
+        legacy()
+            .on(
+                "EHLO",
+                "250-legacy\r\n250 PIPELINING\r\n421 4.4.2 legacy Error: timeout exceeded\r\n",
+            )
+            .close_after("EHLO"),
+    )
     .await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
-    let mail = cmd(&mut r, "MAIL FROM:<a@example.org>").await;
+    let mail = r.cmd("MAIL FROM:<a@example.org>").await;
     assert!(mail.starts_with("451 4.4.2"), "MAIL: {mail}");
-    assert!(!seen.lock().unwrap().iter().any(|l| l.starts_with("MAIL")));
+    assert!(!seen.lines().iter().any(|l| l.starts_with("MAIL")));
 }
 
 /// Codes that are not valid answers at their stage never reach the client
 /// as such: 251 to MAIL, 252 to RCPT, 251 at the end of DATA.
 #[tokio::test]
 async fn wrong_positive_codes_are_not_relayed() {
-    let (backend, _) = scripted(Script {
-        mail: "251 2.1.0 odd\r\n",
-        ..Script::default()
-    })
-    .await;
+    let (backend, _) = scripted(legacy().on("MAIL", "251 2.1.0 odd\r\n")).await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
-    let mail = cmd(&mut r, "MAIL FROM:<a@example.org>").await;
+    let mail = r.cmd("MAIL FROM:<a@example.org>").await;
     assert!(mail.starts_with("451 4.4.2"), "MAIL: {mail}");
 
-    let (backend, _) = scripted(Script {
-        rcpt: "252 2.1.5 cannot verify\r\n",
-        ..Script::default()
-    })
-    .await;
+    let (backend, _) = scripted(legacy().on("RCPT", "252 2.1.5 cannot verify\r\n")).await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
-    assert!(cmd(&mut r, "MAIL FROM:<a@example.org>")
-        .await
-        .starts_with("250"));
-    let rcpt = cmd(&mut r, "RCPT TO:<b@example.net>").await;
+    assert!(r.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    let rcpt = r.cmd("RCPT TO:<b@example.net>").await;
     assert!(rcpt.starts_with("451 4.4.2"), "RCPT: {rcpt}");
 
-    let (backend, _) = scripted(Script {
-        end: "251 2.0.0 odd\r\n",
-        ..Script::default()
-    })
-    .await;
+    let (backend, _) = scripted(legacy().end_of_data("251 2.0.0 odd\r\n")).await;
     let gw = common::start(&config(&backend, "", "")).await;
     let mut r = session(&gw).await;
     let fin = send_message(&mut r).await;
@@ -282,19 +166,19 @@ const XCLIENT_EHLO: &str =
 
 /// A backend whose XCLIENT cannot be used never sees MAIL; the client gets
 /// 451 4.7.0 at MAIL, every time.
-async fn identity_fails_closed(what: &str, script: Script) {
+async fn identity_fails_closed(what: &str, script: SmtpBackend) {
     let (backend, seen) = scripted(script).await;
     let gw = common::start(&config(&backend, ", identity: [xclient, received]", "")).await;
     let mut r = session(&gw).await;
     for _ in 0..2 {
-        let mail = cmd(&mut r, "MAIL FROM:<a@example.org>").await;
+        let mail = r.cmd("MAIL FROM:<a@example.org>").await;
         assert!(mail.starts_with("451 4.7.0"), "{what}: MAIL: {mail}");
     }
-    let rcpt = cmd(&mut r, "RCPT TO:<b@example.net>").await;
+    let rcpt = r.cmd("RCPT TO:<b@example.net>").await;
     assert!(rcpt.starts_with("503"), "{what}: no transaction: {rcpt}");
-    cmd(&mut r, "QUIT").await;
+    r.cmd("QUIT").await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let seen = seen.lock().unwrap();
+    let seen = seen.lines();
     assert!(
         !seen.iter().any(|l| l.starts_with("MAIL")),
         "{what}: the backend saw MAIL: {seen:?}"
@@ -304,38 +188,33 @@ async fn identity_fails_closed(what: &str, script: Script) {
 /// Acceptance 2 (identity): XCLIENT offered but refused.
 #[tokio::test]
 async fn xclient_refused_fails_closed() {
-    let script = Script {
-        ehlo: XCLIENT_EHLO,
-        xclient: "550 5.7.0 Error: insufficient authorization\r\n",
-        ..Script::default()
-    };
+    let script = legacy()
+        .on("EHLO", XCLIENT_EHLO)
+        .on("XCLIENT", "550 5.7.0 Error: insufficient authorization\r\n");
     identity_fails_closed("refused", script).await;
 }
 
 /// Acceptance 2 (identity): XCLIENT configured, the backend does not offer it.
 #[tokio::test]
 async fn xclient_not_offered_fails_closed() {
-    identity_fails_closed("not offered", Script::default()).await;
+    identity_fails_closed("not offered", legacy()).await;
 }
 
 /// XCLIENT offered without ADDR cannot tell the backend the address.
 #[tokio::test]
 async fn xclient_without_addr_fails_closed() {
-    let script = Script {
-        ehlo: "250-legacy\r\n250 XCLIENT NAME HELO\r\n",
-        ..Script::default()
-    };
+    let script = legacy().on("EHLO", "250-legacy\r\n250 XCLIENT NAME HELO\r\n");
     identity_fails_closed("offered without ADDR", script).await;
 }
 
 /// The explicit opt-out: `identity_optional: true` relays without XCLIENT.
 #[tokio::test]
 async fn xclient_opt_out_relays_without_identity() {
-    let (backend, seen) = scripted(Script {
-        ehlo: XCLIENT_EHLO,
-        xclient: "550 5.7.0 Error: insufficient authorization\r\n",
-        ..Script::default()
-    })
+    let (backend, seen) = scripted(
+        legacy()
+            .on("EHLO", XCLIENT_EHLO)
+            .on("XCLIENT", "550 5.7.0 Error: insufficient authorization\r\n"),
+    )
     .await;
     let gw = common::start(&config(
         &backend,
@@ -346,54 +225,51 @@ async fn xclient_opt_out_relays_without_identity() {
     let mut r = session(&gw).await;
     let fin = send_message(&mut r).await;
     assert!(fin.starts_with("250"), "{fin}");
-    assert!(seen.lock().unwrap().iter().any(|l| l.starts_with("MAIL")));
+    assert!(seen.lines().iter().any(|l| l.starts_with("MAIL")));
 }
 
 /// A TLS listener with AUTH and a one-failure lock per IP, so a counted
 /// failure shows in `login_allowed`.
 fn auth_config(dir: &std::path::Path, backend: &str) -> String {
-    format!(
-        "server: {{ hostname: gw.test }}\nlisteners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: implicit, auth: optional, backend: b, policy: p, login_failure_delay: 10ms, timeouts: {{ backend_reply: 3s, backend_connect: 3s }} }}\ntls:\n  certificates: [ {{ cert: \"{d}/cert.pem\", key: \"{d}/key.pem\" }} ]\nbackends:\n  b: {{ address: \"{backend}\" }}\npolicies:\n  p:\n    limits:\n      - {{ name: auth-ip, key: [ip], auth_failures: 1/15minutes, action: reject }}\n",
-        d = dir.display()
-    )
+    Yaml::new()
+        .listener("mx", "smtp", "implicit", "auth: optional, policy: p, login_failure_delay: 10ms, timeouts: { backend_reply: 3s, backend_connect: 3s }")
+        .certs(dir)
+        .backend("b", backend, "")
+        .section("policies:\n  p:\n    limits:\n      - { name: auth-ip, key: [ip], auth_failures: 1/15minutes, action: reject }")
+        .build()
 }
 
 /// A session over implicit TLS, after an EHLO that offered AUTH PLAIN.
-async fn auth_session(
-    gw: &mailgate::server::Gateway,
-    ca: &std::path::Path,
-) -> BufReader<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(common::tls_client(ca))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
+async fn auth_session(gw: &Gateway, ca: &std::path::Path) -> SmtpClient<Tls> {
+    let mut r = SmtpClient::connect(gw.addr("mx").unwrap())
         .await
-        .unwrap();
-    let mut r = BufReader::new(tls);
-    assert!(reply(&mut r).await.starts_with("220"));
-    let ehlo = cmd(&mut r, "EHLO client.example").await;
+        .tls(ca)
+        .await;
+    assert!(r.text().await.starts_with("220"));
+    let ehlo = r.cmd("EHLO client.example").await;
     assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
     r
 }
 
 /// One AUTH PLAIN (alice/secret) over implicit TLS; the reply.
-async fn auth_once(gw: &mailgate::server::Gateway, ca: &std::path::Path) -> String {
+async fn auth_once(gw: &Gateway, ca: &std::path::Path) -> String {
     let mut r = auth_session(gw, ca).await;
-    cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await
+    r.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await
 }
 
-fn failure_counted(gw: &mailgate::server::Gateway) -> bool {
+fn failure_counted(gw: &Gateway) -> bool {
     let p = gw.policy("mx").unwrap();
     let mut f = mailgate::policy::Facts::new(IpAddr::from([127, 0, 0, 1]), "mx");
     f.auth_user = Some("alice");
-    !matches!(p.login_allowed(&f), mailgate::policy::Decision::Continue)
+    !matches!(
+        p.login_allowed(&f).decision,
+        mailgate::policy::Decision::Continue
+    )
 }
 
 /// Issue 19 item 4 (SMTP AUTH): whatever the backend does before AUTH, the
 /// attempt is a temporary failure: 454, never 235 or 535, nothing counted.
-async fn auth_is_temporary(what: &str, script: Script) {
+async fn auth_is_temporary(what: &str, script: SmtpBackend) {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
     let (backend, _) = scripted(script).await;
@@ -408,33 +284,33 @@ async fn auth_is_temporary(what: &str, script: Script) {
 /// A stale 235 buffered before AUTH is not a login.
 #[tokio::test]
 async fn auth_after_stale_235_is_temporary() {
-    let script = Script {
-        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n235 2.7.0 stale\r\n",
-        auth: "535 5.7.8 wrong\r\n",
-        ..Script::default()
-    };
+    let script = legacy()
+        .on(
+            "EHLO",
+            "250-legacy\r\n250 AUTH PLAIN\r\n235 2.7.0 stale\r\n",
+        )
+        .on("AUTH", "535 5.7.8 wrong\r\n");
     auth_is_temporary("stale 235", script).await;
 }
 
 /// An idle-timeout 554 and close before AUTH is not a failed login.
 #[tokio::test]
 async fn auth_after_idle_close_is_temporary() {
-    let script = Script {
-        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n554 5.0.0 idle timeout\r\n",
-        close_after_ehlo: true,
-        ..Script::default()
-    };
+    let script = legacy()
+        .on(
+            "EHLO",
+            "250-legacy\r\n250 AUTH PLAIN\r\n554 5.0.0 idle timeout\r\n",
+        )
+        .close_after("EHLO");
     auth_is_temporary("554 and close", script).await;
 }
 
 /// A backend that closed before AUTH is not a failed login.
 #[tokio::test]
 async fn auth_after_close_is_temporary() {
-    let script = Script {
-        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n",
-        close_after_ehlo: true,
-        ..Script::default()
-    };
+    let script = legacy()
+        .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
+        .close_after("EHLO");
     auth_is_temporary("closed", script).await;
 }
 
@@ -442,11 +318,9 @@ async fn auth_after_close_is_temporary() {
 /// any credentials) is out of step, not a login.
 #[tokio::test]
 async fn auth_login_235_before_credentials_is_temporary() {
-    let script = Script {
-        ehlo: "250-legacy\r\n250 AUTH LOGIN\r\n",
-        auth: "235 2.7.0 ok\r\n",
-        ..Script::default()
-    };
+    let script = legacy()
+        .on("EHLO", "250-legacy\r\n250 AUTH LOGIN\r\n")
+        .on("AUTH", "235 2.7.0 ok\r\n");
     auth_is_temporary("235 to AUTH LOGIN", script).await;
 }
 
@@ -458,11 +332,11 @@ async fn auth_login_235_before_credentials_is_temporary() {
 async fn auth_other_5xx_is_slowed_and_bounded_per_session() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let (backend, _) = scripted(Script {
-        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n",
-        auth: "554 5.7.1 no\r\n",
-        ..Script::default()
-    })
+    let (backend, _) = scripted(
+        legacy()
+            .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
+            .on("AUTH", "554 5.7.1 no\r\n"),
+    )
     .await;
     let y = auth_config(dir.path(), &backend).replace(
         "login_failure_delay: 10ms",
@@ -471,14 +345,14 @@ async fn auth_other_5xx_is_slowed_and_bounded_per_session() {
     let gw = common::start(&y).await;
     let mut r = auth_session(&gw, &ca).await;
     let t = std::time::Instant::now();
-    let first = cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+    let first = r.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
     assert!(first.starts_with("454 4.7.0"), "{first}");
     assert!(
         t.elapsed() >= Duration::from_millis(300),
         "{:?}",
         t.elapsed()
     );
-    let second = cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+    let second = r.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
     assert!(second.starts_with("421 4.7.0"), "{second}");
     assert!(!failure_counted(&gw), "never charged to the lockout");
 }
@@ -488,11 +362,9 @@ async fn auth_other_5xx_is_slowed_and_bounded_per_session() {
 /// never a login, never known-good.
 #[tokio::test]
 async fn auth_235_with_trailing_bytes_is_temporary() {
-    let script = Script {
-        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n",
-        auth: "235 2.7.0 ok\r\n535 5.7.8 wrong\r\n",
-        ..Script::default()
-    };
+    let script = legacy()
+        .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
+        .on("AUTH", "235 2.7.0 ok\r\n535 5.7.8 wrong\r\n");
     auth_is_temporary("235 and more", script).await;
 }
 
@@ -502,11 +374,11 @@ async fn auth_235_with_trailing_bytes_is_temporary() {
 async fn auth_real_535_is_counted() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let (backend, _) = scripted(Script {
-        ehlo: "250-legacy\r\n250 AUTH PLAIN\r\n",
-        auth: "535 5.7.8 wrong\r\n",
-        ..Script::default()
-    })
+    let (backend, _) = scripted(
+        legacy()
+            .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
+            .on("AUTH", "535 5.7.8 wrong\r\n"),
+    )
     .await;
     let gw = common::start(&auth_config(dir.path(), &backend)).await;
     assert!(!failure_counted(&gw));
@@ -520,7 +392,7 @@ async fn auth_real_535_is_counted() {
 async fn proxy_local_and_unknown_need_the_opt_in() {
     const V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
     const V1_UNKNOWN: &[u8] = b"PROXY UNKNOWN\r\n";
-    let (backend, _) = scripted(Script::default()).await;
+    let (backend, _) = scripted(legacy()).await;
     let trusted = ", proxy_protocol: { trusted: [\"127.0.0.0/8\"], timeout: 2s }";
     let gw = common::start(&config(&backend, "", trusted)).await;
     for header in [V2_LOCAL, V1_UNKNOWN] {
@@ -537,10 +409,9 @@ async fn proxy_local_and_unknown_need_the_opt_in() {
         ", proxy_protocol: { trusted: [\"127.0.0.0/8\"], timeout: 2s, allow_local: true }";
     let gw = common::start(&config(&backend, "", allowed)).await;
     for header in [V2_LOCAL, V1_UNKNOWN] {
-        let mut s = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
-        s.write_all(header).await.unwrap();
-        let mut r = BufReader::new(s);
-        let g = reply(&mut r).await;
+        let mut r = SmtpClient::connect(gw.addr("mx").unwrap()).await;
+        r.send(header).await;
+        let g = r.text().await;
         assert!(g.starts_with("220"), "{header:?} with allow_local: {g}");
     }
 }

@@ -5,10 +5,7 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use common::{Gateway, Pop3Backend, Pop3Client, Running, SmtpBackend, SmtpClient, Yaml};
 use tokio_rustls::TlsAcceptor;
 
 fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> TlsAcceptor {
@@ -17,118 +14,18 @@ fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> TlsAcceptor {
     )
 }
 
-/// A legacy SMTP server speaking `mode` ("implicit", "starttls", "stripped")
-/// that records the commands it received and whether they came over TLS.
-async fn smtp_backend(
-    acc: TlsAcceptor,
-    mode: &'static str,
-    log: Arc<Mutex<Vec<String>>>,
-) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let (acc, log) = (acc.clone(), log.clone());
-            tokio::spawn(async move {
-                if mode == "implicit" {
-                    let Ok(tls) = acc.accept(tcp).await else {
-                        return;
-                    };
-                    serve(BufReader::new(Box::new(tls)), true, mode, log, None).await;
-                } else {
-                    serve(BufReader::new(Box::new(tcp)), false, mode, log, Some(acc)).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-async fn serve(
-    mut r: BufReader<Box<dyn Io>>,
-    tls: bool,
-    mode: &'static str,
-    log: Arc<Mutex<Vec<String>>>,
-    upgrade: Option<TlsAcceptor>,
-) {
-    // a greeting on a new connection (not again after STARTTLS)
-    let greet = !tls || mode == "implicit";
-    if greet
-        && r.get_mut()
-            .write_all(b"220 legacy ESMTP\r\n")
-            .await
-            .is_err()
-    {
-        return;
+/// A legacy SMTP server speaking `mode` ("implicit", "starttls", "stripped":
+/// says 220 to STARTTLS without offering it, then hangs up) that records the
+/// commands it received and whether they came over TLS.
+async fn smtp_backend(acc: TlsAcceptor, mode: &'static str) -> Running {
+    let b = SmtpBackend::new().end_of_data("250 2.0.0 queued over tls\r\n");
+    match mode {
+        "implicit" => b.implicit_tls(acc),
+        "starttls" => b.starttls(acc, "250-legacy\r\n250 STARTTLS\r\n"),
+        _ => b.on("STARTTLS", "220 go ahead\r\n").close_after("STARTTLS"),
     }
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-            return;
-        }
-        let cmd = line.trim_end().to_string();
-        log.lock()
-            .unwrap()
-            .push(format!("{}{cmd}", if tls { "tls:" } else { "plain:" }));
-        let up = cmd.to_ascii_uppercase();
-        let ans: &[u8] = if up.starts_with("EHLO") {
-            if !tls && mode == "starttls" {
-                b"250-legacy\r\n250 STARTTLS\r\n"
-            } else {
-                b"250-legacy\r\n250 8BITMIME\r\n"
-            }
-        } else if up == "STARTTLS" && !tls {
-            r.get_mut().write_all(b"220 go ahead\r\n").await.unwrap();
-            let Some(acc) = upgrade else { return };
-            let Ok(t) = acc.accept(r.into_inner()).await else {
-                return;
-            };
-            return Box::pin(serve(BufReader::new(Box::new(t)), true, mode, log, None)).await;
-        } else if up == "DATA" {
-            r.get_mut().write_all(b"354 go\r\n").await.unwrap();
-            loop {
-                let mut d = String::new();
-                if r.read_line(&mut d).await.unwrap_or(0) == 0 || d == ".\r\n" {
-                    break;
-                }
-            }
-            b"250 2.0.0 queued over tls\r\n"
-        } else if up == "QUIT" {
-            let _ = r.get_mut().write_all(b"221 bye\r\n").await;
-            return;
-        } else {
-            b"250 ok\r\n"
-        };
-        if r.get_mut().write_all(ans).await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn reply<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
-    let mut all = String::new();
-    loop {
-        let mut l = String::new();
-        tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut l))
-            .await
-            .expect("timed out")
-            .unwrap();
-        all.push_str(&l);
-        if l.len() < 4 || l.as_bytes()[3] != b'-' {
-            return all;
-        }
-    }
-}
-
-async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -> String {
-    r.get_mut()
-        .write_all(format!("{c}\r\n").as_bytes())
-        .await
-        .unwrap();
-    reply(r).await
+    .start()
+    .await
 }
 
 fn sha256_hex(pem: &std::path::Path) -> String {
@@ -138,22 +35,24 @@ fn sha256_hex(pem: &std::path::Path) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn deliver(gw: &mailgate::server::Gateway) -> String {
-    let s = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
-    let mut r = BufReader::new(s);
-    reply(&mut r).await;
-    cmd(&mut r, "EHLO c.example").await;
-    let mail = cmd(&mut r, "MAIL FROM:<a@example.org>").await;
+async fn deliver(gw: &Gateway) -> String {
+    let mut r = SmtpClient::connect(gw.addr("mx").unwrap()).await;
+    r.text().await;
+    r.cmd("EHLO c.example").await;
+    let mail = r.cmd("MAIL FROM:<a@example.org>").await;
     if !mail.starts_with("250") {
         return mail;
     }
-    cmd(&mut r, "RCPT TO:<b@example.net>").await;
-    cmd(&mut r, "DATA").await;
-    cmd(&mut r, "Subject: t\r\n\r\nhi\r\n.").await
+    r.cmd("RCPT TO:<b@example.net>").await;
+    r.cmd("DATA").await;
+    r.cmd("Subject: t\r\n\r\nhi\r\n.").await
 }
 
 fn config(backend: &str, tls: &str) -> String {
-    format!("listeners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: none, backend: b }}\nbackends:\n  b: {{ address: \"{backend}\", server_name: localhost, {tls} }}\n")
+    Yaml::new()
+        .listener("mx", "smtp", "none", "")
+        .backend("b", backend, &format!("server_name: localhost, {tls}"))
+        .build()
 }
 
 #[tokio::test]
@@ -164,13 +63,13 @@ async fn smtp_backend_over_tls() {
     let (other_cert, _) = common::dev_cert(other.path());
     let ca = cert.display().to_string();
     for mode in ["implicit", "starttls"] {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let addr = smtp_backend(acceptor(&cert, &key), mode, log.clone()).await;
+        let be = smtp_backend(acceptor(&cert, &key), mode).await;
+        let addr = be.addr.clone();
         // verified by CA
         let gw = common::start(&config(&addr, &format!("tls: {mode}, ca: \"{ca}\""))).await;
         let r = deliver(&gw).await;
         assert!(r.starts_with("250 2.0.0 queued over tls"), "{mode}: {r}");
-        let seen = log.lock().unwrap().clone();
+        let seen = be.tagged();
         assert!(
             seen.iter().any(|l| l.starts_with("tls:MAIL FROM")),
             "{mode}: {seen:?}"
@@ -205,13 +104,13 @@ async fn smtp_backend_over_tls() {
         );
     }
     // configured for STARTTLS, backend does not offer it: never plaintext
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let addr = smtp_backend(acceptor(&cert, &key), "stripped", log.clone()).await;
+    let be = smtp_backend(acceptor(&cert, &key), "stripped").await;
+    let addr = be.addr.clone();
     let gw = common::start(&config(&addr, &format!("tls: starttls, ca: \"{ca}\""))).await;
     let r = deliver(&gw).await;
     assert!(r.starts_with("451 4.4.1"), "{r}");
     assert!(
-        !log.lock().unwrap().iter().any(|l| l.contains("MAIL")),
+        !be.lines().iter().any(|l| l.contains("MAIL")),
         "no MAIL over plaintext"
     );
 }
@@ -220,69 +119,35 @@ async fn smtp_backend_over_tls() {
 async fn pop3_backend_over_implicit_tls() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = common::dev_cert(dir.path());
-    let acc = acceptor(&cert, &key);
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let acc = acc.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acc.accept(tcp).await else {
-                    return;
-                };
-                let mut r = BufReader::new(tls);
-                r.get_mut()
-                    .write_all(b"+OK pop3s legacy\r\n")
-                    .await
-                    .unwrap();
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let up = line.trim_end().to_ascii_uppercase();
-                    let ans: &[u8] = if up == "CAPA" {
-                        b"+OK\r\nUSER\r\nUIDL\r\n.\r\n"
-                    } else if up.starts_with("PASS") {
-                        if up == "PASS SECRET" {
-                            b"+OK in\r\n"
-                        } else {
-                            b"-ERR [AUTH] no\r\n"
-                        }
-                    } else if up == "STAT" {
-                        b"+OK 0 0\r\n"
-                    } else {
-                        b"+OK\r\n"
-                    };
-                    r.get_mut().write_all(ans).await.unwrap();
-                }
-            });
-        }
-    });
-    let y = format!(
-        "listeners:\n  - {{ name: p, protocol: pop3, bind: \"127.0.0.1:0\", tls: none, require_tls: false, backend: b }}\nbackends:\n  b: {{ address: \"{addr}\", server_name: localhost, tls: implicit, ca: \"{}\" }}\n",
-        cert.display()
-    );
+    let be = Pop3Backend::new()
+        .implicit_tls(acceptor(&cert, &key))
+        .greeting("+OK pop3s legacy\r\n")
+        .capa(&["USER", "UIDL"])
+        .on_line("PASS secret", "+OK in\r\n")
+        .on("PASS", "-ERR [AUTH] no\r\n")
+        .start()
+        .await;
+    let y = Yaml::new()
+        .listener_to("p", "pop3", "none", "b", "require_tls: false")
+        .backend(
+            "b",
+            &be.addr,
+            &format!(
+                "server_name: localhost, tls: implicit, ca: \"{}\"",
+                cert.display()
+            ),
+        )
+        .build();
     let gw = common::start(&y).await;
-    let s = TcpStream::connect(gw.addr("p").unwrap()).await.unwrap();
-    let mut r = BufReader::new(s);
-    let mut l = String::new();
-    r.read_line(&mut l).await.unwrap();
-    assert!(l.starts_with("+OK"));
+    let mut r = Pop3Client::connect(gw.addr("p").unwrap()).await;
+    assert!(r.status().await.starts_with("+OK"));
     for (c, want) in [
         ("USER alice", "+OK"),
         ("PASS secret", "+OK"),
         ("STAT", "+OK 0 0"),
     ] {
-        r.get_mut()
-            .write_all(format!("{c}\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut l = String::new();
-        tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut l))
-            .await
-            .unwrap()
-            .unwrap();
+        r.send(format!("{c}\r\n").as_bytes()).await;
+        let l = r.status().await;
         assert!(l.starts_with(want), "{c}: {l}");
     }
     // STLS to a POP3 backend is refused by configuration

@@ -237,20 +237,16 @@ fn is_root() -> bool {
         == Some("0")
 }
 
+/// Listeners `pop3` (STLS) and `pop3s` (implicit TLS), each with `extra`,
+/// in front of Dovecot on `backend_port`.
 fn gateway_yaml(dir: &Path, backend_port: u16, extra: &str) -> String {
-    format!(
-        r#"
-server: {{ hostname: gw.test, shutdown_grace: 2s }}
-listeners:
-  - {{ name: pop3, protocol: pop3, bind: "127.0.0.1:0", tls: starttls, backend: dovecot {extra} }}
-  - {{ name: pop3s, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, backend: dovecot {extra} }}
-tls:
-  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
-backends:
-  dovecot: {{ address: "127.0.0.1:{backend_port}" }}
-"#,
-        d = dir.display()
-    )
+    common::Yaml::new()
+        .server("shutdown_grace: 2s")
+        .listener_to("pop3", "pop3", "starttls", "dovecot", extra)
+        .listener_to("pop3s", "pop3", "implicit", "dovecot", extra)
+        .certs(dir)
+        .backend("dovecot", &format!("127.0.0.1:{backend_port}"), "")
+        .build()
 }
 
 /// poplib client: prints the UIDL list and every message (hex), one per line.
@@ -321,7 +317,7 @@ fn with_gateway<T>(
     dir: &Path,
     dovecot: &Dovecot,
     extra: &str,
-    f: impl FnOnce(&mailgate::server::Gateway, &Path) -> T,
+    f: impl FnOnce(&common::Gateway, &Path) -> T,
 ) -> T {
     let (ca, _) = common::dev_cert(dir);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -203,10 +203,16 @@ async fn soak_with_backend_faults_loses_nothing() {
     let b = Arc::new(Backend::default());
     let stop = Arc::new(AtomicBool::new(false));
     let chaos_task = tokio::spawn(chaos(backend_addr, b.clone(), stop.clone()));
-    let y = format!(
-        "listeners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: none, backend: b, max_connections: 5000, timeouts: {{ backend_connect: 1s, backend_reply: 1s, backend_data: 1s }} }}\nbackends:\n  b: {{ address: \"{backend_addr}\" }}\n"
-    );
-    let gw = common::start(&y).await;
+    let gw = common::Yaml::new()
+        .listener(
+            "mx",
+            "smtp",
+            "none",
+            "max_connections: 5000, timeouts: { backend_connect: 1s, backend_reply: 1s, backend_data: 1s }",
+        )
+        .backend("b", &backend_addr.to_string(), "")
+        .start()
+        .await;
     let gw_addr = gw.addr("mx").unwrap();
     let next = Arc::new(AtomicUsize::new(0));
     let acked = Arc::new(Mutex::new(HashSet::new()));

@@ -16,12 +16,13 @@
 
 mod common;
 
-use mailgate::demo::{serve_smtp, Mailbox};
+use common::{SmtpClient, Yaml};
+use mailgate::demo::Mailbox;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 // ---------------------------------------------------------------------------
 // panics inside the gateway
@@ -62,133 +63,10 @@ async fn bounded<F: std::future::Future<Output = ()>>(limit: Duration, what: &st
 }
 
 // ---------------------------------------------------------------------------
-// a small SMTP client
-
-struct Client<S> {
-    s: S,
-    buf: Vec<u8>,
-}
-
-impl<S: AsyncRead + Unpin> Client<S> {
-    fn new(s: S) -> Self {
-        Client { s, buf: Vec::new() }
-    }
-
-    async fn fill(&mut self) -> bool {
-        let mut tmp = [0u8; 8192];
-        match tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut tmp)).await {
-            Err(_) => panic!(
-                "no reply within 10s (buffered: {:?})",
-                String::from_utf8_lossy(&self.buf)
-            ),
-            Ok(Ok(n)) if n > 0 => {
-                self.buf.extend_from_slice(&tmp[..n]);
-                true
-            }
-            Ok(_) => false,
-        }
-    }
-
-    async fn line(&mut self) -> Option<String> {
-        loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                let l: Vec<u8> = self.buf.drain(..=i).collect();
-                assert!(l.ends_with(b"\r\n"), "reply line without CRLF: {l:?}");
-                let l = &l[..l.len() - 2];
-                assert!(
-                    l.iter().all(|b| (0x20..=0x7e).contains(b)),
-                    "unprintable reply line {l:?}"
-                );
-                return Some(String::from_utf8(l.to_vec()).unwrap());
-            }
-            if !self.fill().await {
-                assert!(
-                    self.buf.is_empty(),
-                    "connection closed inside a reply line: {:?}",
-                    self.buf
-                );
-                return None;
-            }
-        }
-    }
-
-    /// One complete (multi-line) reply, checked for shape; `None` at a clean close.
-    async fn reply(&mut self) -> Option<(u16, String)> {
-        let mut text = String::new();
-        let mut code = None;
-        loop {
-            let Some(line) = self.line().await else {
-                assert!(code.is_none(), "connection closed inside a reply: {text}");
-                return None;
-            };
-            assert!(
-                line.len() >= 4
-                    && line.as_bytes()[..3].iter().all(u8::is_ascii_digit)
-                    && matches!(line.as_bytes()[3], b' ' | b'-'),
-                "malformed reply line {line:?}"
-            );
-            let c: u16 = line[..3].parse().unwrap();
-            assert!(code.is_none_or(|x| x == c), "code changed inside a reply");
-            code = Some(c);
-            text.push_str(&line);
-            text.push('\n');
-            if line.as_bytes()[3] == b' ' {
-                return Some((c, text));
-            }
-        }
-    }
-
-    async fn expect(&mut self, code: u16) -> String {
-        match self.reply().await {
-            Some((c, t)) => {
-                assert_eq!(c, code, "unexpected reply: {t}");
-                t
-            }
-            None => panic!("connection closed while waiting for {code}"),
-        }
-    }
-
-    /// Waits for the peer to close; everything it still sent, or a panic when it
-    /// is still open after `within`.
-    async fn closed(&mut self, within: Duration) -> Vec<u8> {
-        let mut out = std::mem::take(&mut self.buf);
-        let mut tmp = [0u8; 8192];
-        let until = tokio::time::Instant::now() + within;
-        loop {
-            match tokio::time::timeout_at(until, self.s.read(&mut tmp)).await {
-                Err(_) => panic!(
-                    "connection still open after {within:?} (received {:?})",
-                    String::from_utf8_lossy(&out)
-                ),
-                Ok(Ok(0)) | Ok(Err(_)) => return out,
-                Ok(Ok(n)) => out.extend_from_slice(&tmp[..n]),
-            }
-        }
-    }
-
-    /// True when nothing arrives for `wait` (the connection may stay open).
-    async fn quiet(&mut self, wait: Duration) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
-        let mut tmp = [0u8; 1];
-        tokio::time::timeout(wait, self.s.read(&mut tmp))
-            .await
-            .is_err()
-    }
-}
-
-impl<S: AsyncWrite + Unpin> Client<S> {
-    async fn send(&mut self, b: &[u8]) {
-        self.s.write_all(b).await.unwrap();
-    }
-}
-
-// ---------------------------------------------------------------------------
 // the gateway
 
 struct Setup {
-    gw: mailgate::server::Gateway,
+    gw: common::Gateway,
     mailbox: Arc<Mailbox>,
     ca: PathBuf,
     _dir: tempfile::TempDir,
@@ -199,26 +77,18 @@ struct Setup {
 async fn setup(extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let mailbox = Arc::new(Mailbox::default());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap().to_string();
-    tokio::spawn(serve_smtp(l, mailbox.clone()));
-    let yaml = format!(
-        r#"
-server: {{ hostname: gw.test, shutdown_grace: 1s }}
-listeners:
-  - {{ name: plain, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b {extra} }}
-  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: starttls, backend: b {extra} }}
-  - {{ name: smtps, protocol: smtp, bind: "127.0.0.1:0", tls: implicit, backend: b {extra} }}
-tls:
-  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
-backends:
-  b: {{ address: "{backend}" }}
-"#,
-        d = dir.path().display()
-    );
+    let (mailbox, backend) = common::demo_smtp().await;
+    let gw = Yaml::new()
+        .server("shutdown_grace: 1s")
+        .listener("plain", "smtp", "none", extra)
+        .listener("mx", "smtp", "starttls", extra)
+        .listener("smtps", "smtp", "implicit", extra)
+        .certs(dir.path())
+        .backend("b", &backend, "")
+        .start()
+        .await;
     Setup {
-        gw: common::start(&yaml).await,
+        gw,
         mailbox,
         ca,
         _dir: dir,
@@ -235,8 +105,8 @@ impl Setup {
     }
 
     /// Connected, greeting read.
-    async fn connect(&self, listener: &str) -> Client<TcpStream> {
-        let mut c = Client::new(self.tcp(listener).await);
+    async fn connect(&self, listener: &str) -> SmtpClient<TcpStream> {
+        let mut c = SmtpClient::new(self.tcp(listener).await);
         c.expect(220).await;
         c
     }
@@ -248,46 +118,22 @@ impl Setup {
         let mut c = self.connect("plain").await;
         send_message(&mut c).await;
         let c = self.connect("mx").await;
-        let mut t = starttls(c, &self.ca).await;
+        let mut t = c.starttls(&self.ca).await;
         send_message(&mut t).await;
         assert_eq!(self.mailbox.count(), before + 2);
     }
 }
 
-async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>) {
-    c.send(b"EHLO normal.test\r\n").await;
-    c.expect(250).await;
-    c.send(b"MAIL FROM:<alice@example.org>\r\n").await;
-    c.expect(250).await;
-    c.send(b"RCPT TO:<bob@example.net>\r\n").await;
-    c.expect(250).await;
-    c.send(b"DATA\r\n").await;
-    c.expect(354).await;
-    c.send(b"Subject: still served\r\n\r\nhello\r\n.\r\n").await;
-    c.expect(250).await;
+async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(c: &mut SmtpClient<S>) {
+    let (code, t) = c
+        .send_message(
+            "normal.test",
+            b"Subject: still served\r\n\r\nhello\r\n.\r\n",
+        )
+        .await;
+    assert_eq!(code, 250, "unexpected reply: {t}");
     c.send(b"QUIT\r\n").await;
     c.expect(221).await;
-}
-
-fn tls_connector(ca: &Path) -> tokio_rustls::TlsConnector {
-    tokio_rustls::TlsConnector::from(common::tls_client(ca))
-}
-
-async fn tls_wrap(s: TcpStream, ca: &Path) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    Client::new(tls_connector(ca).connect(name, s).await.unwrap())
-}
-
-async fn starttls(
-    mut c: Client<TcpStream>,
-    ca: &Path,
-) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
-    c.send(b"EHLO client.test\r\n").await;
-    assert!(c.expect(250).await.contains("STARTTLS"));
-    c.send(b"STARTTLS\r\n").await;
-    c.expect(220).await;
-    assert!(c.buf.is_empty());
-    tls_wrap(c.s, ca).await
 }
 
 /// A real TLS ClientHello, as the first flight of a rustls client.
@@ -488,7 +334,7 @@ async fn binary_garbage() {
         bystander.expect(250).await;
 
         // random bytes (LF about every 256 octets): errors, then 421 and close
-        let mut c = Client::new(st.tcp("plain").await);
+        let mut c = SmtpClient::new(st.tcp("plain").await);
         c.expect(220).await;
         let _ = c.s.write_all(&garbage(256 * 1024, 0x5EED)).await;
         let mut codes = Vec::new();
@@ -555,7 +401,7 @@ async fn pipelining_flood() {
         flood.extend_from_slice(b"QUIT\r\n");
         for read_late in [false, true] {
             let (r, mut w) = st.tcp("plain").await.into_split();
-            let mut c = Client::new(r);
+            let mut c = SmtpClient::new(r);
             c.expect(220).await;
             let data = flood.clone();
             let writer = tokio::spawn(async move {
@@ -578,7 +424,7 @@ async fn pipelining_flood() {
 
         // a flood of errors ends at max_errors with 421, the rest is never read
         let (r, mut w) = st.tcp("plain").await.into_split();
-        let mut c = Client::new(r);
+        let mut c = SmtpClient::new(r);
         c.expect(220).await;
         let junk = b"XYZZY\r\n".repeat(N);
         let writer = tokio::spawn(async move {
@@ -620,7 +466,7 @@ async fn auth_with_broken_base64() {
     let st = setup("").await;
     bounded(Duration::from_secs(20), "AUTH", async {
         let c = st.connect("mx").await;
-        let mut t = starttls(c, &st.ca).await;
+        let mut t = c.starttls(&st.ca).await;
         t.send(b"EHLO client.test\r\n").await;
         t.expect(250).await;
         for line in [
@@ -662,7 +508,7 @@ async fn starttls_twice() {
             c.quiet(Duration::from_millis(200)).await,
             "second STARTTLS answered"
         );
-        let mut t = tls_wrap(c.s, &st.ca).await;
+        let mut t = c.tls(&st.ca).await;
         t.send(b"EHLO client.test\r\n").await;
         let ehlo = t.expect(250).await;
         assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
@@ -673,7 +519,7 @@ async fn starttls_twice() {
         t.expect(250).await;
 
         // on the implicit-TLS port
-        let mut t = tls_wrap(st.tcp("smtps").await, &st.ca).await;
+        let mut t = SmtpClient::new(st.tcp("smtps").await).tls(&st.ca).await;
         t.expect(220).await;
         t.send(b"STARTTLS\r\n").await;
         t.expect(503).await;
@@ -719,7 +565,7 @@ async fn tls_handshake_garbage_on_the_implicit_port() {
             ("hello twice", [hello.clone(), hello.clone()].concat()),
         ];
         for (name, bytes) in probes {
-            let mut c = Client::new(st.tcp("smtps").await);
+            let mut c = SmtpClient::new(st.tcp("smtps").await);
             let _ = c.s.write_all(&bytes).await;
             let got = c.closed(Duration::from_secs(4)).await;
             // TLS records (alerts, a ServerHello) or nothing; never SMTP in clear
@@ -739,7 +585,7 @@ async fn client_hello_then_silence_is_closed_by_the_handshake_deadline() {
     let st = setup(", timeouts: { tls_handshake: 1s }").await;
     bounded(Duration::from_secs(20), "ClientHello then silence", async {
         // implicit TLS
-        let mut c = Client::new(st.tcp("smtps").await);
+        let mut c = SmtpClient::new(st.tcp("smtps").await);
         let started = Instant::now();
         c.s.write_all(&client_hello(&st.ca)).await.unwrap();
         let got = c.closed(Duration::from_secs(4)).await;
@@ -781,7 +627,7 @@ async fn slowloris_one_line_ends_at_the_command_deadline() {
     let st = setup(", timeouts: { command: 2s, session: 60s }").await;
     bounded(Duration::from_secs(20), "slowloris", async {
         let (r, w) = st.tcp("plain").await.into_split();
-        let mut c = Client::new(r);
+        let mut c = SmtpClient::new(r);
         c.expect(220).await;
         let started = Instant::now();
         // 1 byte per 100 ms, never a complete line within 2 s
@@ -805,7 +651,7 @@ async fn slow_but_complete_lines_end_at_the_session_deadline() {
     let st = setup(", timeouts: { command: 2s, session: 3s }").await;
     bounded(Duration::from_secs(20), "session lifetime", async {
         let (r, w) = st.tcp("plain").await.into_split();
-        let mut c = Client::new(r);
+        let mut c = SmtpClient::new(r);
         c.expect(220).await;
         let started = Instant::now();
         // each line takes 600 ms: always within the command deadline
@@ -837,7 +683,7 @@ async fn slowloris_in_data_ends_at_the_session_deadline() {
     let st = setup(", timeouts: { command: 2s, data: 2s, session: 3s }").await;
     bounded(Duration::from_secs(20), "DATA slowloris", async {
         let (r, mut w) = st.tcp("plain").await.into_split();
-        let mut c = Client::new(r);
+        let mut c = SmtpClient::new(r);
         c.expect(220).await;
         let started = Instant::now();
         w.write_all(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
@@ -899,14 +745,14 @@ async fn half_open_connections() {
         assert_eq!(st.mailbox.count(), before);
 
         // shut down before the greeting was even read
-        let mut c = Client::new(st.tcp("plain").await);
+        let mut c = SmtpClient::new(st.tcp("plain").await);
         c.s.shutdown().await.unwrap();
         c.expect(220).await;
         assert_eq!(c.closed(Duration::from_secs(2)).await, b"");
 
         // and on TLS: close_notify after EHLO
         let c = st.connect("mx").await;
-        let mut t = starttls(c, &st.ca).await;
+        let mut t = c.starttls(&st.ca).await;
         t.send(b"EHLO c\r\n").await;
         t.s.shutdown().await.unwrap();
         t.expect(250).await;
@@ -924,7 +770,7 @@ async fn early_talkers_get_the_greeting_first() {
     let st = setup("").await;
     bounded(Duration::from_secs(20), "early talker", async {
         for listener in ["plain", "mx"] {
-            let mut c = Client::new(st.tcp(listener).await);
+            let mut c = SmtpClient::new(st.tcp(listener).await);
             c.send(b"EHLO early.test\r\nNOOP\r\nQUIT\r\n").await;
             let greeting = c.expect(220).await;
             assert!(greeting.contains("ESMTP"), "{greeting}");
@@ -934,12 +780,12 @@ async fn early_talkers_get_the_greeting_first() {
             assert_eq!(c.closed(Duration::from_secs(2)).await, b"");
         }
         // an early STARTTLS: the command is honoured, the rest discarded
-        let mut c = Client::new(st.tcp("mx").await);
+        let mut c = SmtpClient::new(st.tcp("mx").await);
         c.send(b"STARTTLS\r\nMAIL FROM:<early@example.org>\r\n")
             .await;
         c.expect(220).await;
         c.expect(220).await;
-        let mut t = tls_wrap(c.s, &st.ca).await;
+        let mut t = c.tls(&st.ca).await;
         // the first answer inside TLS is to this NOOP, not to the early MAIL
         t.send(b"NOOP\r\nRCPT TO:<b@example.net>\r\n").await;
         t.expect(250).await;
@@ -997,7 +843,7 @@ async fn starttls_injection_probes() {
                     "{}: injected command answered in plaintext",
                     p.id
                 );
-                let mut t = tls_wrap(c.s, &st.ca).await;
+                let mut t = c.tls(&st.ca).await;
                 // the first reply inside TLS answers this, not the injected command
                 t.send(b"RCPT TO:<b@example.org>\r\n").await;
                 let r = t.expect(503).await;
@@ -1023,7 +869,7 @@ async fn starttls_injection_probes() {
                 c.send(b"RSET\r\nSTARTTLS\r\n").await;
                 c.expect(250).await;
                 c.expect(220).await;
-                let mut t = tls_wrap(c.s, &st.ca).await;
+                let mut t = c.tls(&st.ca).await;
                 t.send(p.send.as_bytes()).await;
                 t.expect(503).await;
                 t.send(b"EHLO client.example\r\n").await;
@@ -1044,22 +890,13 @@ async fn pop3_stls_injection_probes() {
     watch_panics();
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap().to_string();
-    tokio::spawn(mailgate::demo::serve_pop3(l, Arc::new(Mailbox::default())));
-    let gw = common::start(&format!(
-        r#"
-server: {{ hostname: gw.test }}
-listeners:
-  - {{ name: pop3, protocol: pop3, bind: "127.0.0.1:0", tls: starttls, backend: p }}
-tls:
-  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
-backends:
-  p: {{ address: "{backend}" }}
-"#,
-        d = dir.path().display()
-    ))
-    .await;
+    let backend = common::demo_pop3(Arc::new(Mailbox::default())).await;
+    let gw = Yaml::new()
+        .listener_to("pop3", "pop3", "starttls", "p", "")
+        .certs(dir.path())
+        .backend("p", &backend, "")
+        .start()
+        .await;
     bounded(Duration::from_secs(30), "POP3 probes", async {
         let text =
             std::fs::read_to_string(INJECTION).unwrap_or_else(|e| panic!("{INJECTION}: {e}"));
@@ -1072,7 +909,7 @@ backends:
         assert_eq!(pop3.len(), 2, "the POP3 probes changed");
         for p in pop3 {
             let tcp = TcpStream::connect(gw.addr("pop3").unwrap()).await.unwrap();
-            let mut c = Client::new(tcp);
+            let mut c = SmtpClient::new(tcp);
             assert!(c.line().await.unwrap().starts_with("+OK"), "{}", p.id);
             c.send(p.send.as_bytes()).await;
             let ok = c.line().await.unwrap();
@@ -1082,7 +919,7 @@ backends:
                 "{}: injected command answered in plaintext",
                 p.id
             );
-            let mut t = tls_wrap(c.s, &ca).await;
+            let mut t = c.tls(&ca).await;
             if p.send.contains("USER") {
                 // no USER was accepted: PASS is out of sequence
                 t.send(b"PASS x\r\n").await;
@@ -1109,7 +946,7 @@ backends:
 async fn message_starting_with_whitespace_is_refused() {
     let st = setup("").await;
     bounded(Duration::from_secs(30), "folded first line", async {
-        async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Client<S>, first: &[u8]) {
+        async fn attempt<S: AsyncRead + AsyncWrite + Unpin>(c: &mut SmtpClient<S>, first: &[u8]) {
             c.send(b"EHLO client.test\r\n").await;
             c.expect(250).await;
             c.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")
@@ -1133,9 +970,9 @@ async fn message_starting_with_whitespace_is_refused() {
             let mut c = st.connect("plain").await;
             attempt(&mut c, first).await;
             let c = st.connect("mx").await;
-            let mut t = starttls(c, &st.ca).await;
+            let mut t = c.starttls(&st.ca).await;
             attempt(&mut t, first).await;
-            let mut t = tls_wrap(st.tcp("smtps").await, &st.ca).await;
+            let mut t = SmtpClient::new(st.tcp("smtps").await).tls(&st.ca).await;
             t.expect(220).await;
             attempt(&mut t, first).await;
         }

@@ -13,12 +13,9 @@
 
 mod common;
 
+use common::{Pop3Backend, Pop3Client, Running, SmtpBackend, SmtpClient, Yaml};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
 
 const ROOT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -142,92 +139,17 @@ fn cases(dir: &str) -> Vec<Case> {
     files.iter().map(|p| parse(p)).collect()
 }
 
-/// What the fake backend saw and did.
-#[derive(Default, Debug)]
-struct Seen {
-    lines: Vec<String>,
-    /// messages it acknowledged with 250 after DATA
-    accepted: usize,
-}
-
-async fn fake_smtp(case: Arc<Case>, seen: Arc<Mutex<Seen>>) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let (case, seen) = (case.clone(), seen.clone());
-            tokio::spawn(async move {
-                let mut r = BufReader::new(s);
-                let g = case
-                    .greeting
-                    .clone()
-                    .unwrap_or_else(|| "220 fake ESMTP\r\n".into());
-                if r.get_mut().write_all(g.as_bytes()).await.is_err() {
-                    return;
-                }
-                loop {
-                    let mut line = String::new();
-                    match tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
-                        .await
-                    {
-                        Ok(Ok(n)) if n > 0 => {}
-                        _ => return,
-                    }
-                    let cmd = line.trim_end().to_string();
-                    seen.lock().unwrap().lines.push(cmd.clone());
-                    let verb = cmd.split(' ').next().unwrap_or("").to_ascii_lowercase();
-                    let answer = if let Some(o) = case.overrides.get(&verb) {
-                        o.clone()
-                    } else {
-                        match verb.as_str() {
-                            "ehlo" => "250-fake\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n".into(),
-                            "data" => {
-                                let _ = r.get_mut().write_all(b"354 go\r\n").await;
-                                loop {
-                                    let mut d = String::new();
-                                    if r.read_line(&mut d).await.unwrap_or(0) == 0 {
-                                        return;
-                                    }
-                                    if d == ".\r\n" {
-                                        break;
-                                    }
-                                }
-                                seen.lock().unwrap().accepted += 1;
-                                "250 2.0.0 queued\r\n".into()
-                            }
-                            "quit" => "221 bye\r\n".into(),
-                            "auth" => "235 ok\r\n".into(),
-                            _ => "250 ok\r\n".into(),
-                        }
-                    };
-                    if r.get_mut().write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-async fn reply<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> Option<String> {
-    let mut all = String::new();
-    loop {
-        let mut l = String::new();
-        match tokio::time::timeout(Duration::from_secs(15), r.read_line(&mut l)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return (!all.is_empty()).then_some(all),
-        }
-        all.push_str(&l);
-        if l.len() < 4 || l.as_bytes()[3] != b'-' {
-            return Some(all);
-        }
+/// The fake SMTP server of `case`: its greeting and overrides over a
+/// server that offers STARTTLS and AUTH PLAIN and accepts everything.
+async fn fake_smtp(case: &Case) -> Running {
+    let mut b = SmtpBackend::new()
+        .greeting(case.greeting.as_deref().unwrap_or("220 fake ESMTP\r\n"))
+        .on("EHLO", "250-fake\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n")
+        .on("AUTH", "235 ok\r\n");
+    for (verb, reply) in &case.overrides {
+        b = b.on(verb, reply);
     }
-}
-
-async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -> String {
-    let _ = r.get_mut().write_all(format!("{c}\r\n").as_bytes()).await;
-    reply(r).await.unwrap_or_default()
+    b.start().await
 }
 
 #[tokio::test]
@@ -238,30 +160,29 @@ async fn odd_smtp_backends_fail_closed() {
     let (ca, _) = common::dev_cert(dir.path());
     let mut summary = Vec::new();
     for case in all {
-        let case = Arc::new(case);
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let backend = fake_smtp(case.clone(), seen.clone()).await;
-        let y = format!(
-            "listeners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: implicit, auth: optional, backend: b, timeouts: {{ backend_reply: 3s, backend_connect: 3s }} }}\ntls:\n  certificates: [ {{ cert: \"{d}/cert.pem\", key: \"{d}/key.pem\" }} ]\nbackends:\n  b: {{ address: \"{backend}\" }}\n",
-            d = dir.path().display()
-        );
-        let gw = common::start(&y).await;
-        let tcp = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(common::tls_client(&ca))
-            .connect(
-                rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-                tcp,
+        let be = fake_smtp(&case).await;
+        let gw = Yaml::new()
+            .listener(
+                "mx",
+                "smtp",
+                "implicit",
+                "auth: optional, timeouts: { backend_reply: 3s, backend_connect: 3s }",
             )
+            .certs(dir.path())
+            .backend("b", &be.addr, "")
+            .start()
+            .await;
+        let mut r = SmtpClient::connect(gw.addr("mx").unwrap())
             .await
-            .unwrap();
-        let mut r = BufReader::new(tls);
-        let greeting = reply(&mut r).await.unwrap_or_default();
+            .tls(&ca)
+            .await;
+        let greeting = r.text().await;
         assert!(
             greeting.starts_with("220 "),
             "{}: our own greeting: {greeting}",
             case.name
         );
-        let ehlo = cmd(&mut r, "EHLO client.example").await;
+        let ehlo = r.cmd("EHLO client.example").await;
         assert!(
             ehlo.starts_with("250"),
             "{}: EHLO is ours: {ehlo}",
@@ -269,13 +190,13 @@ async fn odd_smtp_backends_fail_closed() {
         );
         let offered_auth = ehlo.contains("AUTH PLAIN");
         let auth = if offered_auth {
-            cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await
+            r.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await
         } else {
             String::new()
         };
         let mut client_250_data = 0;
         for round in 0..2 {
-            let mail = cmd(&mut r, "MAIL FROM:<a@example.org>").await;
+            let mail = r.cmd("MAIL FROM:<a@example.org>").await;
             if !mail.starts_with("250") {
                 assert!(
                     mail.starts_with('4') || mail.starts_with('5'),
@@ -284,25 +205,25 @@ async fn odd_smtp_backends_fail_closed() {
                 );
                 break;
             }
-            let rcpt = cmd(&mut r, "RCPT TO:<b@example.net>").await;
+            let rcpt = r.cmd("RCPT TO:<b@example.net>").await;
             if !rcpt.starts_with("250") {
-                let _ = cmd(&mut r, "RSET").await;
+                let _ = r.cmd("RSET").await;
                 continue;
             }
             if round == 0 {
                 // abandon the first transaction: the backend then gets RSET
-                assert!(cmd(&mut r, "RSET").await.starts_with("250"));
+                assert!(r.cmd("RSET").await.starts_with("250"));
                 continue;
             }
-            if !cmd(&mut r, "DATA").await.starts_with("354") {
+            if !r.cmd("DATA").await.starts_with("354") {
                 break;
             }
-            let fin = cmd(&mut r, "Subject: odd\r\n\r\nbody\r\n.").await;
+            let fin = r.cmd("Subject: odd\r\n\r\nbody\r\n.").await;
             if fin.starts_with("250") {
                 client_250_data += 1;
             }
         }
-        let s = seen.lock().unwrap();
+        let s = be.seen.lock().unwrap();
         // (a) no success the backend did not give
         assert!(
             client_250_data <= s.accepted,
@@ -322,7 +243,7 @@ async fn odd_smtp_backends_fail_closed() {
         let sent_auth = s
             .lines
             .iter()
-            .any(|l| l.to_ascii_uppercase().starts_with("AUTH"));
+            .any(|(_, l)| l.to_ascii_uppercase().starts_with("AUTH"));
         if sent_auth {
             assert!(
                 greeted_ok && ehlo_ok,
@@ -345,7 +266,7 @@ async fn odd_smtp_backends_fail_closed() {
                     .is_none_or(|h| h.starts_with("250")));
         if !greeted_ok || !hello_ok {
             assert!(
-                !s.lines.iter().any(|l| l.starts_with("MAIL")),
+                !s.lines.iter().any(|(_, l)| l.starts_with("MAIL")),
                 "{}: MAIL sent to a broken backend: {:?}",
                 case.name,
                 s.lines
@@ -361,61 +282,16 @@ async fn odd_smtp_backends_fail_closed() {
     eprintln!("{}", summary.join("\n"));
 }
 
-async fn fake_pop3(case: Arc<Case>, seen: Arc<Mutex<Seen>>) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let (case, seen) = (case.clone(), seen.clone());
-            tokio::spawn(async move {
-                let mut r = BufReader::new(s);
-                let g = case
-                    .greeting
-                    .clone()
-                    .unwrap_or_else(|| "+OK fake\r\n".into());
-                if r.get_mut().write_all(g.as_bytes()).await.is_err() {
-                    return;
-                }
-                loop {
-                    let mut line = String::new();
-                    match tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
-                        .await
-                    {
-                        Ok(Ok(n)) if n > 0 => {}
-                        _ => return,
-                    }
-                    let cmd = line.trim_end().to_string();
-                    seen.lock().unwrap().lines.push(cmd.clone());
-                    let verb = cmd.split(' ').next().unwrap_or("").to_ascii_lowercase();
-                    let answer = if let Some(o) = case.overrides.get(&verb) {
-                        o.clone()
-                    } else {
-                        match verb.as_str() {
-                            "capa" => {
-                                let mut c = String::from("+OK\r\n");
-                                for l in &case.capa {
-                                    c.push_str(l);
-                                    c.push_str("\r\n");
-                                }
-                                c.push_str(".\r\n");
-                                c
-                            }
-                            "pass" | "auth" => {
-                                seen.lock().unwrap().accepted += 1;
-                                "+OK logged in\r\n".into()
-                            }
-                            "stat" => "+OK 0 0\r\n".into(),
-                            _ => "+OK\r\n".into(),
-                        }
-                    };
-                    if r.get_mut().write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+/// The fake POP3 server of `case`: its greeting, capabilities and overrides
+/// over a server that accepts every login.
+async fn fake_pop3(case: &Case) -> Running {
+    let mut b = Pop3Backend::new()
+        .greeting(case.greeting.as_deref().unwrap_or("+OK fake\r\n"))
+        .capa(&case.capa);
+    for (verb, reply) in &case.overrides {
+        b = b.on(verb, reply);
+    }
+    b.start().await
 }
 
 #[tokio::test]
@@ -425,24 +301,23 @@ async fn odd_pop3_backends_fail_closed() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
     for case in all {
-        let case = Arc::new(case);
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let backend = fake_pop3(case.clone(), seen.clone()).await;
-        let y = format!(
-            "listeners:\n  - {{ name: p, protocol: pop3, bind: \"127.0.0.1:0\", tls: implicit, backend: b, login_failure_delay: 10ms, timeouts: {{ backend_reply: 3s, backend_connect: 3s }} }}\ntls:\n  certificates: [ {{ cert: \"{d}/cert.pem\", key: \"{d}/key.pem\" }} ]\nbackends:\n  b: {{ address: \"{backend}\" }}\n",
-            d = dir.path().display()
-        );
-        let gw = common::start(&y).await;
-        let tcp = TcpStream::connect(gw.addr("p").unwrap()).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(common::tls_client(&ca))
-            .connect(
-                rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-                tcp,
+        let be = fake_pop3(&case).await;
+        let gw = Yaml::new()
+            .listener(
+                "p",
+                "pop3",
+                "implicit",
+                "login_failure_delay: 10ms, timeouts: { backend_reply: 3s, backend_connect: 3s }",
             )
+            .certs(dir.path())
+            .backend("b", &be.addr, "")
+            .start()
+            .await;
+        let mut r = Pop3Client::connect(gw.addr("p").unwrap())
             .await
-            .unwrap();
-        let mut r = BufReader::new(tls);
-        let greeting = reply_pop(&mut r).await;
+            .tls(&ca)
+            .await;
+        let greeting = r.line().await;
         assert!(
             greeting.starts_with("+OK"),
             "{}: our own greeting: {greeting}",
@@ -453,18 +328,18 @@ async fn odd_pop3_backends_fail_closed() {
             "{}: escape sequences never reach the client",
             case.name
         );
-        let user = pop(&mut r, "USER alice").await;
+        let user = r.cmd("USER alice").await;
         let pass = if user.starts_with("+OK") {
-            pop(&mut r, "PASS secret").await
+            r.cmd("PASS secret").await
         } else {
             String::new()
         };
-        let s = seen.lock().unwrap();
+        let s = be.seen.lock().unwrap();
         let greeted_ok = case
             .greeting
             .as_deref()
             .is_none_or(|g| g.starts_with("+OK"));
-        let sent_pass = s.lines.iter().any(|l| {
+        let sent_pass = s.lines.iter().any(|(_, l)| {
             l.to_ascii_uppercase().starts_with("PASS") || l.to_ascii_uppercase().starts_with("AUTH")
         });
         if !greeted_ok {
@@ -492,15 +367,4 @@ async fn odd_pop3_backends_fail_closed() {
             case.name
         );
     }
-}
-
-async fn reply_pop<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
-    let mut l = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(15), r.read_line(&mut l)).await;
-    l
-}
-
-async fn pop<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -> String {
-    let _ = r.get_mut().write_all(format!("{c}\r\n").as_bytes()).await;
-    reply_pop(r).await
 }

@@ -4,125 +4,53 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use common::{Gateway, Running, SmtpBackend, SmtpClient, Yaml};
+
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-async fn line<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
-    let mut l = String::new();
-    loop {
-        let mut part = String::new();
-        tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut part))
-            .await
-            .expect("timed out")
-            .unwrap();
-        l.push_str(&part);
-        if part.len() < 4 || part.as_bytes()[3] != b'-' {
-            return l;
-        }
+/// A legacy server that records everything it is sent (raw, a PROXY v2
+/// header included), offering XCLIENT when `xclient`.
+async fn recording_backend(xclient: bool) -> Running {
+    let b = SmtpBackend::new()
+        .proxy()
+        .on("XCLIENT", "220 legacy ESMTP again\r\n");
+    if xclient {
+        b.on(
+            "EHLO",
+            "250-legacy\r\n250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN\r\n250 8BITMIME\r\n",
+        )
+    } else {
+        b
     }
+    .start()
+    .await
 }
 
-async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -> String {
-    r.get_mut()
-        .write_all(format!("{c}\r\n").as_bytes())
-        .await
-        .unwrap();
-    line(r).await
-}
-
-/// A legacy server that records everything it is sent (raw), offers XCLIENT.
-async fn recording_backend(log: Arc<Mutex<Vec<u8>>>, xclient: bool) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut r = BufReader::new(s);
-                // a PROXY v2 header, if any, arrives before our greeting is read
-                let mut first = vec![0u8; 0];
-                if let Ok(Ok(n)) = tokio::time::timeout(
-                    Duration::from_millis(100),
-                    r.get_mut().peek(&mut [0u8; 1]),
-                )
-                .await
-                {
-                    if n > 0 {
-                        let mut sig = [0u8; 16];
-                        if r.get_mut().peek(&mut sig).await.unwrap_or(0) == 16
-                            && sig[..12] == *b"\r\n\r\n\0\r\nQUIT\n"
-                        {
-                            let len = u16::from_be_bytes([sig[14], sig[15]]) as usize;
-                            first = vec![0u8; 16 + len];
-                            r.read_exact(&mut first).await.unwrap();
-                        }
-                    }
-                }
-                log.lock().unwrap().extend_from_slice(&first);
-                r.get_mut()
-                    .write_all(b"220 legacy ESMTP\r\n")
-                    .await
-                    .unwrap();
-                loop {
-                    let mut l = String::new();
-                    if r.read_line(&mut l).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    log.lock().unwrap().extend_from_slice(l.as_bytes());
-                    let up = l.trim_end().to_ascii_uppercase();
-                    let ans: &[u8] = if up.starts_with("EHLO") {
-                        if xclient {
-                            b"250-legacy\r\n250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN\r\n250 8BITMIME\r\n"
-                        } else {
-                            b"250-legacy\r\n250 8BITMIME\r\n"
-                        }
-                    } else if up.starts_with("XCLIENT") {
-                        b"220 legacy ESMTP again\r\n"
-                    } else if up == "DATA" {
-                        r.get_mut().write_all(b"354 go\r\n").await.unwrap();
-                        loop {
-                            let mut d = String::new();
-                            if r.read_line(&mut d).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            log.lock().unwrap().extend_from_slice(d.as_bytes());
-                            if d == ".\r\n" {
-                                break;
-                            }
-                        }
-                        b"250 2.0.0 queued\r\n"
-                    } else if up == "QUIT" {
-                        let _ = r.get_mut().write_all(b"221 bye\r\n").await;
-                        return;
-                    } else {
-                        b"250 ok\r\n"
-                    };
-                    r.get_mut().write_all(ans).await.unwrap();
-                }
-            });
-        }
-    });
-    addr
-}
-
+/// Listener `mx` (STARTTLS, policy `p` denying 192.0.2.0/24, with
+/// `listener_extra`) and the metrics endpoint, in front of `backend` with
+/// `identity`.
 fn config(dir: &std::path::Path, backend: &str, identity: &str, listener_extra: &str) -> String {
-    format!(
-        r#"
-server: {{ hostname: gw.test }}
-metrics: {{ bind: "127.0.0.1:0" }}
-listeners:
-  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: starttls, backend: b, policy: p {listener_extra} }}
-tls:
-  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
-backends:
-  b: {{ address: "{backend}", identity: [{identity}] }}
-policies:
-  p: {{ deny: ["192.0.2.0/24"] }}
-"#,
-        d = dir.display()
-    )
+    config_tls(dir, backend, identity, "starttls", listener_extra)
+}
+
+/// [`config`] with the listener's `tls:` mode.
+fn config_tls(
+    dir: &std::path::Path,
+    backend: &str,
+    identity: &str,
+    tls: &str,
+    listener_extra: &str,
+) -> String {
+    Yaml::new()
+        .section("metrics: { bind: \"127.0.0.1:0\" }")
+        .listener("mx", "smtp", tls, &format!("policy: p{listener_extra}"))
+        .certs(dir)
+        .backend("b", backend, &format!("identity: [{identity}]"))
+        .section("policies:\n  p: { deny: [\"192.0.2.0/24\"] }")
+        .build()
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -140,12 +68,12 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (code, body)
 }
 
-async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, helo: &str) {
-    assert!(cmd(r, &format!("EHLO {helo}")).await.starts_with("250"));
-    assert!(cmd(r, "MAIL FROM:<a@example.org>").await.starts_with("250"));
-    assert!(cmd(r, "RCPT TO:<b@example.net>").await.starts_with("250"));
-    assert!(cmd(r, "DATA").await.starts_with("354"));
-    let t = cmd(r, "Subject: x\r\n\r\nhello\r\n.").await;
+async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(r: &mut SmtpClient<S>, helo: &str) {
+    assert!(r.cmd(&format!("EHLO {helo}")).await.starts_with("250"));
+    assert!(r.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(r.cmd("RCPT TO:<b@example.net>").await.starts_with("250"));
+    assert!(r.cmd("DATA").await.starts_with("354"));
+    let t = r.cmd("Subject: x\r\n\r\nhello\r\n.").await;
     assert!(t.starts_with("250"), "{t}");
 }
 
@@ -206,8 +134,8 @@ fn sample(text: &str, prefix: &str) -> f64 {
 async fn metrics_and_health_endpoints() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let backend = recording_backend(log, false).await;
+    let be = recording_backend(false).await;
+    let backend = be.addr.clone();
     // a listener name of its own: metrics are process-wide and tests run in parallel
     let gw = common::start(
         &config(dir.path(), &backend, "received", "").replace("name: mx,", "name: mxm,"),
@@ -219,22 +147,13 @@ async fn metrics_and_health_endpoints() {
     assert_eq!(http_get(m, "/nope").await.0, 404);
     let (_, before) = http_get(m, "/metrics").await;
     // one STARTTLS session with a message
-    let tcp = TcpStream::connect(gw.addr("mxm").unwrap()).await.unwrap();
-    let mut r = BufReader::new(tcp);
-    line(&mut r).await;
-    cmd(&mut r, "EHLO c").await;
-    assert!(cmd(&mut r, "STARTTLS").await.starts_with("220"));
-    let connector = tokio_rustls::TlsConnector::from(common::tls_client(&ca));
-    let tls = connector
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            r.into_inner(),
-        )
-        .await
-        .unwrap();
-    let mut t = BufReader::new(tls);
+    let mut r = SmtpClient::connect(gw.addr("mxm").unwrap()).await;
+    r.text().await;
+    r.cmd("EHLO c").await;
+    assert!(r.cmd("STARTTLS").await.starts_with("220"));
+    let mut t = r.tls(&ca).await;
     deliver(&mut t, "client.test").await;
-    cmd(&mut t, "QUIT").await;
+    t.cmd("QUIT").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (code, after) = http_get(m, "/metrics").await;
     assert_eq!(code, 200);
@@ -276,8 +195,8 @@ fn proxy_v2(src: &str, dst: &str) -> Vec<u8> {
 async fn proxy_protocol_in_and_identity_out() {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let backend = recording_backend(log.clone(), true).await;
+    let be = recording_backend(true).await;
+    let backend = be.addr.clone();
     let gw = common::start(&config(
         dir.path(),
         &backend,
@@ -287,16 +206,14 @@ async fn proxy_protocol_in_and_identity_out() {
     .await;
     let addr = gw.addr("mx").unwrap();
     // trusted balancer forwards 203.0.113.7
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&proxy_v2("203.0.113.7:4242", "198.51.100.1:25"))
-        .await
-        .unwrap();
-    let mut r = BufReader::new(s);
-    assert!(line(&mut r).await.starts_with("220"));
+    let mut r = SmtpClient::connect(addr).await;
+    r.send(&proxy_v2("203.0.113.7:4242", "198.51.100.1:25"))
+        .await;
+    assert!(r.text().await.starts_with("220"));
     deliver(&mut r, "real.client.example").await;
-    cmd(&mut r, "QUIT").await;
+    r.cmd("QUIT").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let seen = String::from_utf8_lossy(&log.lock().unwrap()).to_string();
+    let seen = String::from_utf8_lossy(&be.raw()).to_string();
     assert!(
         seen.contains(
             "XCLIENT NAME=[UNAVAILABLE] ADDR=203.0.113.7 PORT=4242 PROTO=ESMTP HELO=real.client.example\r\n"
@@ -308,22 +225,17 @@ async fn proxy_protocol_in_and_identity_out() {
         "{seen}"
     );
     // the limiter/deny key is the forwarded address
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&proxy_v2("192.0.2.9:1000", "198.51.100.1:25"))
-        .await
-        .unwrap();
-    let mut r = BufReader::new(s);
+    let mut r = SmtpClient::connect(addr).await;
+    r.send(&proxy_v2("192.0.2.9:1000", "198.51.100.1:25")).await;
     assert!(
-        line(&mut r).await.starts_with("554 5.7.1"),
+        r.text().await.starts_with("554 5.7.1"),
         "denied by forwarded address"
     );
     // PROXY v1 works too
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"PROXY TCP4 203.0.113.8 198.51.100.1 5555 25\r\n")
-        .await
-        .unwrap();
-    let mut r = BufReader::new(s);
-    assert!(line(&mut r).await.starts_with("220"));
+    let mut r = SmtpClient::connect(addr).await;
+    r.send(b"PROXY TCP4 203.0.113.8 198.51.100.1 5555 25\r\n")
+        .await;
+    assert!(r.text().await.starts_with("220"));
     // malformed header: closed without a greeting
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"EHLO not-a-proxy-header\r\n").await.unwrap();
@@ -358,16 +270,15 @@ async fn proxy_protocol_in_and_identity_out() {
 async fn proxy_v2_to_the_backend() {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let backend = recording_backend(log.clone(), false).await;
+    let be = recording_backend(false).await;
+    let backend = be.addr.clone();
     let gw = common::start(&config(dir.path(), &backend, "proxy_v2, received", "")).await;
-    let s = TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap();
-    let local = s.local_addr().unwrap();
-    let mut r = BufReader::new(s);
-    line(&mut r).await;
+    let mut r = SmtpClient::connect(gw.addr("mx").unwrap()).await;
+    let local = r.s.local_addr().unwrap();
+    r.text().await;
     deliver(&mut r, "c.example").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let seen = log.lock().unwrap().clone();
+    let seen = be.raw();
     let header = proxy_v2(&local.to_string(), &gw.addr("mx").unwrap().to_string());
     // (the start-up capability probe came first, without a header)
     let at = seen
@@ -388,14 +299,15 @@ async fn certificate_files_replaced_while_sessions_run() {
     let (cert_a, _) = common::dev_cert(dir.path());
     let ca_a = dir.path().join("trusted-a.pem");
     std::fs::copy(&cert_a, &ca_a).unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let backend = recording_backend(log, false).await;
-    let gw = common::start(
-        &config(dir.path(), &backend, "received", ", tls: implicit").replace(
-            "tls: starttls, backend: b, policy: p , tls: implicit",
-            "tls: implicit, backend: b, policy: p",
-        ),
-    )
+    let be = recording_backend(false).await;
+    let backend = be.addr.clone();
+    let gw = common::start(&config_tls(
+        dir.path(),
+        &backend,
+        "received",
+        "implicit",
+        "",
+    ))
     .await;
     let addr = gw.addr("mx").unwrap();
     let connect = |ca: std::path::PathBuf| async move {
@@ -409,8 +321,8 @@ async fn certificate_files_replaced_while_sessions_run() {
             .await
     };
     let tls = connect(ca_a.clone()).await.expect("cert A");
-    let mut running = BufReader::new(tls);
-    assert!(line(&mut running).await.starts_with("220"));
+    let mut running = SmtpClient::new(tls);
+    assert!(running.text().await.starts_with("220"));
     // new key and certificate written over the old files
     let other = tempfile::tempdir().unwrap();
     let (cert_b, key_b) = common::dev_cert(other.path());
@@ -437,32 +349,21 @@ async fn certificate_files_replaced_while_sessions_run() {
         "broken files do not replace a working certificate"
     );
     // the session from before is still alive
-    assert!(cmd(&mut running, "NOOP").await.starts_with("250"));
+    assert!(running.cmd("NOOP").await.starts_with("250"));
 }
 
 /// SMTPS and POP3S in front of the demo backends (both sides in memory).
-async fn tls_pair(dir: &std::path::Path) -> mailgate::server::Gateway {
-    let mb = Arc::new(mailgate::demo::Mailbox::default());
-    let s = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let p = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (sa, pa) = (s.local_addr().unwrap(), p.local_addr().unwrap());
-    tokio::spawn(mailgate::demo::serve_smtp(s, mb.clone()));
-    tokio::spawn(mailgate::demo::serve_pop3(p, mb));
-    common::start(&format!(
-        r#"
-server: {{ hostname: gw.test }}
-listeners:
-  - {{ name: smtps, protocol: smtp, bind: "127.0.0.1:0", tls: implicit, backend: s }}
-  - {{ name: pop3s, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, backend: p }}
-tls:
-  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
-backends:
-  s: {{ address: "{sa}" }}
-  p: {{ address: "{pa}" }}
-"#,
-        d = dir.display()
-    ))
-    .await
+async fn tls_pair(dir: &std::path::Path) -> Gateway {
+    let (mb, sa) = common::demo_smtp().await;
+    let pa = common::demo_pop3(mb).await;
+    Yaml::new()
+        .listener_to("smtps", "smtp", "implicit", "s", "")
+        .listener_to("pop3s", "pop3", "implicit", "p", "")
+        .certs(dir)
+        .backend("s", &sa, "")
+        .backend("p", &pa, "")
+        .start()
+        .await
 }
 
 /// A TLS client session on `addr` that reads the greeting (which also takes in
@@ -480,8 +381,7 @@ async fn tls_greeting(
         .await?;
     let kind = tls.get_ref().1.handshake_kind().unwrap();
     let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-    let mut r = BufReader::new(tls);
-    let greeting = line(&mut r).await;
+    let greeting = SmtpClient::new(tls).line().await.unwrap_or_default();
     Ok((kind, alpn, greeting))
 }
 
@@ -600,32 +500,30 @@ async fn startup_does_not_wait_for_a_stalled_backend() {
     });
     let cfg = mailgate::config::load_str(
         "t.yaml",
-        &format!(
-            "listeners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:0\", tls: none, backend: b, timeouts: {{ backend_reply: 60s }} }}\nbackends:\n  b: {{ address: \"{addr}\" }}\n"
-        ),
+        &Yaml::new()
+            .listener("mx", "smtp", "none", "timeouts: { backend_reply: 60s }")
+            .backend("b", &addr.to_string(), "")
+            .build(),
     )
     .unwrap();
-    let gw = tokio::time::timeout(
-        Duration::from_secs(30),
-        mailgate::server::Gateway::start(&cfg),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let mut r = BufReader::new(TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap());
-    assert!(line(&mut r).await.starts_with("220"));
+    let gw = tokio::time::timeout(Duration::from_secs(30), Gateway::start(&cfg))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut r = SmtpClient::connect(gw.addr("mx").unwrap()).await;
+    assert!(r.text().await.starts_with("220"));
     assert!(
         !released.load(Ordering::SeqCst),
         "the client got its greeting only after the backend answered"
     );
     // until the probe answers: conservative
-    assert!(!cmd(&mut r, "EHLO c").await.contains("8BITMIME"));
+    assert!(!r.cmd("EHLO c").await.contains("8BITMIME"));
     release.notify_one();
     let mut learnt = false;
     for _ in 0..100 {
-        let mut r = BufReader::new(TcpStream::connect(gw.addr("mx").unwrap()).await.unwrap());
-        line(&mut r).await;
-        if cmd(&mut r, "EHLO c").await.contains("8BITMIME") {
+        let mut r = SmtpClient::connect(gw.addr("mx").unwrap()).await;
+        r.text().await;
+        if r.cmd("EHLO c").await.contains("8BITMIME") {
             learnt = true;
             break;
         }
@@ -653,11 +551,18 @@ async fn readyz_is_cached_and_names_no_addresses() {
     let dead = format!("127.0.0.1:{}", common::free_port());
     // POP3 backends are not capability-probed: every connect here is /readyz
     let yaml = |backend: &str| {
-        format!(
-            "metrics: {{ bind: \"127.0.0.1:0\" }}\nlisteners:\n  - {{ name: pop-ready, protocol: pop3, bind: \"127.0.0.1:0\", tls: none, require_tls: false, backend: legacy-pop }}\nbackends:\n  legacy-pop: {{ address: \"{backend}\" }}\n"
-        )
+        Yaml::new()
+            .section("metrics: { bind: \"127.0.0.1:0\" }")
+            .listener_to(
+                "pop-ready",
+                "pop3",
+                "none",
+                "legacy-pop",
+                "require_tls: false",
+            )
+            .backend("legacy-pop", backend, "")
     };
-    let gw = common::start(&yaml(&up.to_string())).await;
+    let gw = yaml(&up.to_string()).start().await;
     let m = gw.metrics_addr().unwrap();
     for _ in 0..20 {
         assert_eq!(http_get(m, "/readyz").await, (200, "ready\n".to_string()));
@@ -667,7 +572,7 @@ async fn readyz_is_cached_and_names_no_addresses() {
         seen <= 2,
         "20 /readyz requests made {seen} backend connections"
     );
-    let gw2 = common::start(&yaml(&dead)).await;
+    let gw2 = yaml(&dead).start().await;
     let (code, body) = http_get(gw2.metrics_addr().unwrap(), "/readyz").await;
     assert_eq!(code, 503);
     assert!(body.contains("legacy-pop"), "{body}");
@@ -682,10 +587,12 @@ async fn readyz_is_cached_and_names_no_addresses() {
 /// once instead of each holding a descriptor until its read deadline.
 #[tokio::test]
 async fn metrics_connections_are_capped() {
-    let gw = common::start(
-        "metrics: { bind: \"127.0.0.1:0\" }\nlisteners:\n  - { name: pop-cap, protocol: pop3, bind: \"127.0.0.1:0\", tls: none, require_tls: false, backend: b }\nbackends:\n  b: { address: \"127.0.0.1:9\" }\n",
-    )
-    .await;
+    let gw = Yaml::new()
+        .section("metrics: { bind: \"127.0.0.1:0\" }")
+        .listener("pop-cap", "pop3", "none", "require_tls: false")
+        .backend("b", "127.0.0.1:9", "")
+        .start()
+        .await;
     let m = gw.metrics_addr().unwrap();
     let mut idle = tokio::task::JoinSet::new();
     for _ in 0..40 {

@@ -3,119 +3,52 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use common::{Gateway, Running, SmtpBackend, SmtpClient, Tls, Yaml};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-async fn connect_from(src: &str, dst: SocketAddr) -> TcpStream {
-    let s = TcpSocket::new_v4().unwrap();
-    s.bind(format!("{src}:0").parse().unwrap()).unwrap();
-    s.connect(dst).await.unwrap()
+/// A legacy SMTP server that knows one account (alice / secret); its AUTH
+/// attempts are its `AUTH PLAIN` lines.
+async fn auth_backend() -> Running {
+    SmtpBackend::new()
+        .on(
+            "EHLO",
+            "250-legacy\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n",
+        )
+        // \0alice\0secret
+        .on_line("AUTH PLAIN AGFsaWNlAHNlY3JldA==", "235 2.7.0 ok\r\n")
+        .on("AUTH", "535 5.7.8 no\r\n")
+        .start()
+        .await
 }
 
-/// Reads one reply line (tests here only need single-line replies or the code).
-async fn reply<S: AsyncRead + Unpin>(s: &mut S) -> String {
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
-            .await
-            .expect("reply timed out")
-        {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {
-                out.push(b[0]);
-                if b[0] == b'\n' {
-                    let line = String::from_utf8_lossy(&out).to_string();
-                    if line.len() >= 4 && line.as_bytes()[3] == b'-' {
-                        out.clear();
-                        continue;
-                    }
-                    break;
-                }
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).to_string()
+/// How many AUTH attempts `backend` saw.
+fn attempts(backend: &Running) -> usize {
+    backend
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("AUTH PLAIN "))
+        .count()
 }
 
-async fn say<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, line: &str) -> String {
-    s.write_all(line.as_bytes()).await.unwrap();
-    s.write_all(b"\r\n").await.unwrap();
-    reply(s).await
-}
-
-/// A legacy SMTP server that knows one account (alice / secret) and counts AUTH attempts.
-async fn auth_backend(attempts: Arc<AtomicUsize>) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let attempts = attempts.clone();
-            tokio::spawn(async move {
-                let (r, mut w) = s.into_split();
-                let mut r = tokio::io::BufReader::new(r);
-                w.write_all(b"220 legacy ESMTP\r\n").await.unwrap();
-                let mut line = String::new();
-                use tokio::io::AsyncBufReadExt;
-                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
-                    let up = line.trim_end().to_string();
-                    let answer: &[u8] = if up.starts_with("EHLO") {
-                        b"250-legacy\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
-                    } else if let Some(b64) = up.strip_prefix("AUTH PLAIN ") {
-                        attempts.fetch_add(1, Ordering::SeqCst);
-                        // \0alice\0secret
-                        if b64 == "AGFsaWNlAHNlY3JldA==" {
-                            b"235 2.7.0 ok\r\n"
-                        } else {
-                            b"535 5.7.8 no\r\n"
-                        }
-                    } else if up == "QUIT" {
-                        let _ = w.write_all(b"221 bye\r\n").await;
-                        return;
-                    } else {
-                        b"250 ok\r\n"
-                    };
-                    if w.write_all(answer).await.is_err() {
-                        return;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
-    addr
-}
-
+/// Listeners `mx` (no TLS) and `sub` (implicit TLS, AUTH required, with
+/// `extra_listener`), both under policy `p` whose `limits:` are `limits`.
 fn cfg(dir: &std::path::Path, backend: &str, limits: &str, extra_listener: &str) -> String {
-    format!(
-        r#"
-server: {{ hostname: gw.test }}
-listeners:
-  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p }}
-  - {{ name: sub, protocol: smtp, bind: "127.0.0.1:0", tls: implicit, auth: required, backend: b, policy: p, login_failure_delay: 10ms {extra_listener} }}
-tls:
-  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
-backends:
-  b: {{ address: "{backend}" }}
-policies:
-  p:
-    limits:
-{limits}
-"#,
-        d = dir.display()
-    )
+    Yaml::new()
+        .listener("mx", "smtp", "none", "policy: p")
+        .listener(
+            "sub",
+            "smtp",
+            "implicit",
+            &format!("auth: required, policy: p, login_failure_delay: 10ms{extra_listener}"),
+        )
+        .certs(dir)
+        .backend("b", backend, "")
+        .section(&format!("policies:\n  p:\n    limits:\n{limits}"))
+        .build()
 }
 
 async fn sink() -> String {
-    let mb = Arc::new(mailgate::demo::Mailbox::default());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(mailgate::demo::serve_smtp(l, mb));
-    addr
+    common::demo_smtp().await.1
 }
 
 /// Acceptance 1: the 6th connection within a minute from one IP gets the
@@ -134,15 +67,15 @@ async fn connection_rate_per_ip() {
     let addr = gw.addr("mx").unwrap();
     let mut held = Vec::new();
     for i in 0..5 {
-        let mut s = connect_from("127.0.0.2", addr).await;
-        assert!(reply(&mut s).await.starts_with("220"), "connection {i}");
+        let mut s = SmtpClient::connect_from("127.0.0.2", addr).await;
+        assert!(s.text().await.starts_with("220"), "connection {i}");
         held.push(s);
     }
-    let mut s = connect_from("127.0.0.2", addr).await;
-    let r = reply(&mut s).await;
+    let mut s = SmtpClient::connect_from("127.0.0.2", addr).await;
+    let r = s.text().await;
     assert!(r.starts_with("421 4.7.0"), "6th: {r}");
-    let mut other = connect_from("127.0.0.3", addr).await;
-    assert!(reply(&mut other).await.starts_with("220"));
+    let mut other = SmtpClient::connect_from("127.0.0.3", addr).await;
+    assert!(other.text().await.starts_with("220"));
     let hits = gw.policy("mx").unwrap().hits();
     assert_eq!(hits[0].1, 1, "counted per rule: {hits:?}");
 }
@@ -161,25 +94,22 @@ async fn concurrent_sessions_per_ip() {
     );
     let gw = common::start(&y).await;
     let addr = gw.addr("mx").unwrap();
-    let mut a = connect_from("127.0.0.4", addr).await;
-    assert!(reply(&mut a).await.starts_with("220"));
-    let mut b = connect_from("127.0.0.4", addr).await;
-    assert!(reply(&mut b).await.starts_with("220"));
-    let mut c = connect_from("127.0.0.4", addr).await;
-    let r = reply(&mut c).await;
+    let mut a = SmtpClient::connect_from("127.0.0.4", addr).await;
+    assert!(a.text().await.starts_with("220"));
+    let mut b = SmtpClient::connect_from("127.0.0.4", addr).await;
+    assert!(b.text().await.starts_with("220"));
+    let mut c = SmtpClient::connect_from("127.0.0.4", addr).await;
+    let r = c.text().await;
     assert!(r.starts_with("554 5.7.1"), "third: {r}");
-    let mut d = connect_from("127.0.0.5", addr).await;
-    assert!(
-        reply(&mut d).await.starts_with("220"),
-        "other IP unaffected"
-    );
-    assert!(say(&mut a, "QUIT").await.starts_with("221"));
+    let mut d = SmtpClient::connect_from("127.0.0.5", addr).await;
+    assert!(d.text().await.starts_with("220"), "other IP unaffected");
+    assert!(a.cmd("QUIT").await.starts_with("221"));
     drop(a);
     // the slot frees when the session task ends
     let mut ok = false;
     for _ in 0..50 {
-        let mut e = connect_from("127.0.0.4", addr).await;
-        if reply(&mut e).await.starts_with("220") {
+        let mut e = SmtpClient::connect_from("127.0.0.4", addr).await;
+        if e.text().await.starts_with("220") {
             ok = true;
             break;
         }
@@ -188,23 +118,13 @@ async fn concurrent_sessions_per_ip() {
     assert!(ok, "accepted again after one closed");
 }
 
-async fn tls_session(
-    gw: &mailgate::server::Gateway,
-    ca: &std::path::Path,
-    src: &str,
-) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let tcp = connect_from(src, gw.addr("sub").unwrap()).await;
-    let connector = tokio_rustls::TlsConnector::from(common::tls_client(ca));
-    let mut t = connector
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    assert!(reply(&mut t).await.starts_with("220"));
-    let ehlo = say(&mut t, "EHLO c.test").await;
-    assert!(ehlo.starts_with("250 "), "{ehlo}");
+async fn tls_session(gw: &Gateway, ca: &std::path::Path, src: &str) -> SmtpClient<Tls> {
+    let c = SmtpClient::connect_from(src, gw.addr("sub").unwrap()).await;
+    let mut t = c.tls(ca).await;
+    assert!(t.text().await.starts_with("220"));
+    let ehlo = t.cmd("EHLO c.test").await;
+    let last = ehlo.lines().last().unwrap_or_default();
+    assert!(last.starts_with("250 "), "{ehlo}");
     t
 }
 
@@ -219,8 +139,8 @@ const BAD: &str = "AUTH PLAIN AGFsaWNlAHdyb25n"; // alice / wrong
 async fn brute_force_via_smtp_auth_is_lockout_safe() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let backend = auth_backend(attempts.clone()).await;
+    let be = auth_backend().await;
+    let backend = be.addr.clone();
     let limits = "      - { name: auth-ip, key: [ip], auth_failures: 5/15minutes, action: reject }\n      - { name: auth-user, key: [auth_user], auth_failures: 5/15minutes, action: tempfail }";
     // the per-session cap (max_login_failures) is not what this test is about
     let gw = common::start(&cfg(
@@ -233,45 +153,41 @@ async fn brute_force_via_smtp_auth_is_lockout_safe() {
 
     // alice logs in from her usual network first
     let mut home = tls_session(&gw, &ca, "127.0.0.20").await;
-    assert!(say(&mut home, GOOD).await.starts_with("235"));
+    assert!(home.cmd(GOOD).await.starts_with("235"));
     drop(home);
 
     let mut evil = tls_session(&gw, &ca, "127.0.2.66").await;
     for i in 0..5 {
-        let r = say(&mut evil, BAD).await;
+        let r = evil.cmd(BAD).await;
         assert!(r.starts_with("535 5.7.8"), "failure {i}: {r}");
     }
-    assert_eq!(attempts.load(Ordering::SeqCst), 6);
+    assert_eq!(attempts(&be), 6);
     // locked for the window: refused without reaching the backend
-    let r = say(&mut evil, GOOD).await;
+    let r = evil.cmd(GOOD).await;
     assert!(r.starts_with("535 5.7.8"), "locked IP: {r}");
     let mut evil2 = tls_session(&gw, &ca, "127.0.2.66").await;
     assert!(
-        say(&mut evil2, GOOD).await.starts_with("535"),
+        evil2.cmd(GOOD).await.starts_with("535"),
         "new session, same IP"
     );
     // an unknown user gets exactly the same reply as a wrong password
-    let r = say(&mut evil2, "AUTH PLAIN AG5vYm9keQB4").await;
+    let r = evil2.cmd("AUTH PLAIN AG5vYm9keQB4").await;
     assert!(
         r.starts_with("535 5.7.8 Authentication credentials invalid"),
         "{r}"
     );
-    assert_eq!(
-        attempts.load(Ordering::SeqCst),
-        6,
-        "no attempt reached the backend"
-    );
+    assert_eq!(attempts(&be), 6, "no attempt reached the backend");
 
     // alice's per-user lock is in force elsewhere ...
     let mut fresh = tls_session(&gw, &ca, "127.0.1.77").await;
-    let r = say(&mut fresh, GOOD).await;
+    let r = fresh.cmd(GOOD).await;
     assert!(
         r.starts_with("454 4.7.0"),
         "per-user lock from a new network: {r}"
     );
     // ... but not from her known-good network
     let mut home = tls_session(&gw, &ca, "127.0.0.20").await;
-    let r = say(&mut home, GOOD).await;
+    let r = home.cmd(GOOD).await;
     assert!(r.starts_with("235"), "known-good network: {r}");
 }
 
@@ -288,8 +204,8 @@ async fn shadow_only_counts() {
     );
     let gw = common::start(&y).await;
     for _ in 0..4 {
-        let mut s = connect_from("127.0.0.9", gw.addr("mx").unwrap()).await;
-        assert!(reply(&mut s).await.starts_with("220"));
+        let mut s = SmtpClient::connect_from("127.0.0.9", gw.addr("mx").unwrap()).await;
+        assert!(s.text().await.starts_with("220"));
     }
     assert_eq!(
         gw.policy("mx").unwrap().hits(),
@@ -304,35 +220,27 @@ async fn mail_and_rcpt_limits() {
     common::dev_cert(dir.path());
     let limits = "      - { key: [sender_domain], messages: 2/hour, action: tempfail }\n      - { key: [ip], recipients_per_message: 2, action: reject }\n      - { key: [rcpt], recipients: 1/hour, action: delay, max_delay: 200ms }";
     let gw = common::start(&cfg(dir.path(), &sink().await, limits, "")).await;
-    let mut s = connect_from("127.0.0.10", gw.addr("mx").unwrap()).await;
-    reply(&mut s).await;
-    say(&mut s, "EHLO c").await;
-    assert!(say(&mut s, "MAIL FROM:<a@example.org>")
-        .await
-        .starts_with("250"));
-    assert!(say(&mut s, "RCPT TO:<x@example.net>")
-        .await
-        .starts_with("250"));
+    let mut s = SmtpClient::connect_from("127.0.0.10", gw.addr("mx").unwrap()).await;
+    s.text().await;
+    s.cmd("EHLO c").await;
+    assert!(s.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(s.cmd("RCPT TO:<x@example.net>").await.starts_with("250"));
     let t = std::time::Instant::now();
     assert!(
-        say(&mut s, "RCPT TO:<x@example.net>")
-            .await
-            .starts_with("250"),
+        s.cmd("RCPT TO:<x@example.net>").await.starts_with("250"),
         "delay continues"
     );
     assert!(t.elapsed() >= Duration::from_millis(150), "tarpit applied");
     assert!(
-        say(&mut s, "RCPT TO:<y@example.net>")
+        s.cmd("RCPT TO:<y@example.net>")
             .await
             .starts_with("550 5.7.1"),
         "3rd recipient in one message"
     );
-    assert!(say(&mut s, "RSET").await.starts_with("250"));
-    assert!(say(&mut s, "MAIL FROM:<b@example.org>")
-        .await
-        .starts_with("250"));
-    assert!(say(&mut s, "RSET").await.starts_with("250"));
-    let r = say(&mut s, "MAIL FROM:<c@EXAMPLE.org>").await;
+    assert!(s.cmd("RSET").await.starts_with("250"));
+    assert!(s.cmd("MAIL FROM:<b@example.org>").await.starts_with("250"));
+    assert!(s.cmd("RSET").await.starts_with("250"));
+    let r = s.cmd("MAIL FROM:<c@EXAMPLE.org>").await;
     assert!(
         r.starts_with("451 4.7.1"),
         "3rd message from the domain: {r}"
@@ -354,20 +262,20 @@ async fn reload_applies_to_new_sessions_only() {
     );
     let gw = common::start(&y1).await;
     let addr = gw.addr("mx").unwrap();
-    let mut open = connect_from("127.0.0.11", addr).await;
-    reply(&mut open).await;
-    let mut s = connect_from("127.0.0.11", addr).await;
-    reply(&mut s).await;
-    let mut s = connect_from("127.0.0.11", addr).await;
-    assert!(reply(&mut s).await.starts_with("421"), "limit 2 in force");
+    let mut open = SmtpClient::connect_from("127.0.0.11", addr).await;
+    open.text().await;
+    let mut s = SmtpClient::connect_from("127.0.0.11", addr).await;
+    s.text().await;
+    let mut s = SmtpClient::connect_from("127.0.0.11", addr).await;
+    assert!(s.text().await.starts_with("421"), "limit 2 in force");
     // a broken file never gets past loading: the running config stays
     assert!(mailgate::config::load_str("bad.yaml", "listeners: [ {").is_err());
     // same rule again: its state survives the reload
     let same = mailgate::config::load_str("t.yaml", &y1).unwrap();
     gw.reload(&same).unwrap();
-    let mut s = connect_from("127.0.0.11", addr).await;
+    let mut s = SmtpClient::connect_from("127.0.0.11", addr).await;
     assert!(
-        reply(&mut s).await.starts_with("421"),
+        s.text().await.starts_with("421"),
         "unchanged rule kept its counters"
     );
     // a changed limit starts fresh and applies to new sessions
@@ -382,12 +290,12 @@ async fn reload_applies_to_new_sessions_only() {
         .unwrap();
     assert!(notes.is_empty(), "{notes:?}");
     for _ in 0..5 {
-        let mut s = connect_from("127.0.0.11", addr).await;
-        assert!(reply(&mut s).await.starts_with("220"));
+        let mut s = SmtpClient::connect_from("127.0.0.11", addr).await;
+        assert!(s.text().await.starts_with("220"));
     }
     // the session opened before the reloads still works
-    assert!(say(&mut open, "EHLO still.here").await.starts_with("250"));
-    assert!(say(&mut open, "NOOP").await.starts_with("250"));
+    assert!(open.cmd("EHLO still.here").await.starts_with("250"));
+    assert!(open.cmd("NOOP").await.starts_with("250"));
 }
 
 /// The example policies in the repository are valid.
@@ -399,57 +307,15 @@ fn shipped_policies_are_valid() {
     assert!(c.listeners.iter().all(|l| l.policy.is_some()));
 }
 
-/// A legacy server behind `identity: [proxy_v2]`: records the address family
-/// byte of each PROXY v2 header it gets, then accepts any mail.
-async fn proxy_v2_backend(families: Arc<std::sync::Mutex<Vec<u8>>>) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let families = families.clone();
-            tokio::spawn(async move {
-                use tokio::io::AsyncBufReadExt;
-                let mut r = tokio::io::BufReader::new(s);
-                let mut sig = [0u8; 16];
-                let peeked = tokio::time::timeout(Duration::from_millis(200), async {
-                    r.get_mut().peek(&mut sig).await
-                })
-                .await;
-                if matches!(peeked, Ok(Ok(16))) && sig[..12] == *b"\r\n\r\n\0\r\nQUIT\n" {
-                    let len = u16::from_be_bytes([sig[14], sig[15]]) as usize;
-                    let mut header = vec![0u8; 16 + len];
-                    r.read_exact(&mut header).await.unwrap();
-                    families.lock().unwrap().push(sig[13]);
-                }
-                let _ = r.get_mut().write_all(b"220 legacy ESMTP\r\n").await;
-                let mut in_data = false;
-                let mut line = String::new();
-                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
-                    let answer: &[u8] = if in_data {
-                        if line == ".\r\n" {
-                            in_data = false;
-                            b"250 queued\r\n"
-                        } else {
-                            b""
-                        }
-                    } else if line.starts_with("DATA") {
-                        in_data = true;
-                        b"354 go\r\n"
-                    } else if line.starts_with("QUIT") {
-                        let _ = r.get_mut().write_all(b"221 bye\r\n").await;
-                        return;
-                    } else {
-                        b"250 ok\r\n"
-                    };
-                    if r.get_mut().write_all(answer).await.is_err() {
-                        return;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
-    addr
+/// A legacy server behind `identity: [proxy_v2]`: records the PROXY v2
+/// header it gets, then accepts any mail.
+async fn proxy_v2_backend() -> Running {
+    SmtpBackend::new()
+        .proxy()
+        .on("EHLO", "250 ok\r\n")
+        .end_of_data("250 queued\r\n")
+        .start()
+        .await
 }
 
 /// Issue 19 item 7: a client announced by the balancer once as TCP4 and once
@@ -457,70 +323,62 @@ async fn proxy_v2_backend(families: Arc<std::sync::Mutex<Vec<u8>>>) -> String {
 /// and the session (here: its PROXY v2 header to the backend) sees IPv4.
 #[tokio::test]
 async fn mapped_ipv6_from_proxy_is_the_ipv4_client() {
-    let families = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let backend = proxy_v2_backend(families.clone()).await;
-    let y = format!(
-        r#"
-server: {{ hostname: gw.test }}
-listeners:
-  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b, policy: p, proxy_protocol: {{ trusted: ["127.0.0.0/8"], timeout: 2s }} }}
-backends:
-  b: {{ address: "{backend}", identity: [proxy_v2, received] }}
-policies:
+    let be = proxy_v2_backend().await;
+    let backend = be.addr.clone();
+    let y = Yaml::new()
+        .listener(
+            "mx",
+            "smtp",
+            "none",
+            "policy: p, proxy_protocol: { trusted: [\"127.0.0.0/8\"], timeout: 2s }",
+        )
+        .backend("b", &backend, "identity: [proxy_v2, received]")
+        .section(
+            "policies:
   p:
-    deny: ["::ffff:203.0.113.66/128"]
+    deny: [\"::ffff:203.0.113.66/128\"]
     limits:
-      - {{ name: slots, key: [ip], concurrent: 1, action: tempfail }}
-"#
-    );
+      - { name: slots, key: [ip], concurrent: 1, action: tempfail }",
+        )
+        .build();
     let gw = common::start(&y).await;
     let addr = gw.addr("mx").unwrap();
-    let mut a = TcpStream::connect(addr).await.unwrap();
-    a.write_all(b"PROXY TCP4 198.51.100.7 198.51.100.1 5555 25\r\n")
-        .await
-        .unwrap();
-    assert!(reply(&mut a).await.starts_with("220"));
-    let mut b = TcpStream::connect(addr).await.unwrap();
-    b.write_all(b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:198.51.100.1 5556 25\r\n")
-        .await
-        .unwrap();
-    let r = reply(&mut b).await;
+    let mut a = SmtpClient::connect(addr).await;
+    a.send(b"PROXY TCP4 198.51.100.7 198.51.100.1 5555 25\r\n")
+        .await;
+    assert!(a.text().await.starts_with("220"));
+    let mut b = SmtpClient::connect(addr).await;
+    b.send(b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:198.51.100.1 5556 25\r\n")
+        .await;
+    let r = b.text().await;
     assert!(r.starts_with("421 4.7.0"), "same client, second slot: {r}");
-    let mut d = TcpStream::connect(addr).await.unwrap();
-    d.write_all(b"PROXY TCP4 203.0.113.66 198.51.100.1 5557 25\r\n")
-        .await
-        .unwrap();
-    let r = reply(&mut d).await;
+    let mut d = SmtpClient::connect(addr).await;
+    d.send(b"PROXY TCP4 203.0.113.66 198.51.100.1 5557 25\r\n")
+        .await;
+    let r = d.text().await;
     assert!(r.starts_with("554 5.7.1"), "mapped deny entry: {r}");
     drop(a);
     // a mapped announcement delivers as the IPv4 client
     let mut ok = None;
     for _ in 0..50 {
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:198.51.100.1 5558 25\r\n")
-            .await
-            .unwrap();
-        if reply(&mut c).await.starts_with("220") {
+        let mut c = SmtpClient::connect(addr).await;
+        c.send(b"PROXY TCP6 ::ffff:198.51.100.7 ::ffff:198.51.100.1 5558 25\r\n")
+            .await;
+        if c.text().await.starts_with("220") {
             ok = Some(c);
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut c = ok.expect("slot freed");
-    say(&mut c, "EHLO c.test").await;
-    assert!(say(&mut c, "MAIL FROM:<a@example.org>")
-        .await
-        .starts_with("250"));
-    assert!(say(&mut c, "RCPT TO:<b@example.net>")
-        .await
-        .starts_with("250"));
-    assert!(say(&mut c, "DATA").await.starts_with("354"));
-    assert!(say(&mut c, "Subject: t\r\n\r\nhi\r\n.")
-        .await
-        .starts_with("250"));
+    c.cmd("EHLO c.test").await;
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.net>").await.starts_with("250"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    assert!(c.cmd("Subject: t\r\n\r\nhi\r\n.").await.starts_with("250"));
     assert_eq!(
-        families.lock().unwrap().last(),
-        Some(&0x11),
+        be.seen.lock().unwrap().proxy.last().map(|h| h[13]),
+        Some(0x11),
         "the backend is told TCP over IPv4"
     );
 }
@@ -533,8 +391,8 @@ policies:
 async fn smtp_auth_failures_and_bad_user_names() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let attempts = Arc::new(AtomicUsize::new(0));
-    let backend = auth_backend(attempts.clone()).await;
+    let be = auth_backend().await;
+    let backend = be.addr.clone();
     let limits = "      - { key: [ip], auth_failures: 100/15minutes, action: reject }";
     // the `sub` listener pauses 10ms after each failed login
     let gw = common::start(&cfg(dir.path(), &backend, limits, "")).await;
@@ -542,21 +400,18 @@ async fn smtp_auth_failures_and_bad_user_names() {
     let mut s = tls_session(&gw, &ca, "127.0.3.1").await;
     let started = std::time::Instant::now();
     for i in 0..2 {
-        let r = say(&mut s, BAD).await;
+        let r = s.cmd(BAD).await;
         assert!(r.starts_with("535 5.7.8"), "failure {i}: {r}");
     }
-    let r = say(&mut s, BAD).await;
+    let r = s.cmd(BAD).await;
     assert!(r.starts_with("421 4.7.0"), "third failure: {r}");
     assert!(
         started.elapsed() >= Duration::from_millis(30),
         "the delay stays for every failure"
     );
-    let mut b = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
-        .await
-        .expect("still open after 421");
-    assert!(matches!(n, Ok(0) | Err(_)), "closed after 421");
-    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    let after = s.closed(Duration::from_secs(5)).await;
+    assert!(after.is_empty(), "closed after 421: {after:?}");
+    assert_eq!(attempts(&be), 3);
 
     use base64::Engine as _;
     let b64 = |raw: &[u8]| base64::engine::general_purpose::STANDARD.encode(raw);
@@ -571,18 +426,14 @@ async fn smtp_auth_failures_and_bad_user_names() {
         ),
         format!("AUTH LOGIN {}", b64(b"alice\r\nRSET")),
     ] {
-        let r = say(&mut s, &line).await;
+        let r = s.cmd(&line).await;
         assert!(r.starts_with("501 5.5.2"), "{line}: {r}");
     }
-    let r = say(&mut s, "AUTH LOGIN").await;
+    let r = s.cmd("AUTH LOGIN").await;
     assert!(r.starts_with("334"), "{r}");
-    let r = say(&mut s, &b64(b"\0alice")).await;
+    let r = s.cmd(&b64(b"\0alice")).await;
     assert!(r.starts_with("501 5.5.2"), "{r}");
-    assert_eq!(
-        attempts.load(Ordering::SeqCst),
-        3,
-        "none reached the backend"
-    );
+    assert_eq!(attempts(&be), 3, "none reached the backend");
     // the session is still usable
-    assert!(say(&mut s, GOOD).await.starts_with("235"));
+    assert!(s.cmd(GOOD).await.starts_with("235"));
 }

@@ -4,102 +4,16 @@
 
 mod common;
 
-use mailgate::demo::{serve_pop3, Mailbox, StoredMessage};
+use common::backend::Seen;
+use common::{Gateway, Pop3Client, Running, Tls, Yaml};
+
+use mailgate::demo::{Mailbox, StoredMessage};
 use mailgate::pop3::command::base64_encode;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-// ---------------------------------------------------------------- client
-
-struct Client<S> {
-    s: S,
-    buf: Vec<u8>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    fn new(s: S) -> Self {
-        Client { s, buf: Vec::new() }
-    }
-    async fn send(&mut self, b: &[u8]) {
-        self.s.write_all(b).await.unwrap();
-    }
-    /// One line including its CRLF; `None` at EOF.
-    async fn raw_line(&mut self) -> Option<Vec<u8>> {
-        loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                return Some(self.buf.drain(..=i).collect());
-            }
-            let mut tmp = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut tmp))
-                .await
-                .expect("reply timed out")
-                .ok()?;
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&tmp[..n]);
-        }
-    }
-    /// A status line without CRLF.
-    async fn status(&mut self) -> String {
-        let l = self
-            .raw_line()
-            .await
-            .expect("connection closed while waiting for a reply");
-        String::from_utf8_lossy(&l).trim_end().to_string()
-    }
-    async fn ok(&mut self) -> String {
-        let l = self.status().await;
-        assert!(l.starts_with("+OK"), "expected +OK, got {l:?}");
-        l
-    }
-    async fn err(&mut self) -> String {
-        let l = self.status().await;
-        assert!(l.starts_with("-ERR"), "expected -ERR, got {l:?}");
-        l
-    }
-    /// The body of a multi-line answer, dot-unstuffed, exactly as sent.
-    async fn body(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let l = self
-                .raw_line()
-                .await
-                .expect("closed inside a multi-line answer");
-            if l == b".\r\n" {
-                return out;
-            }
-            out.extend_from_slice(l.strip_prefix(b".").unwrap_or(&l));
-        }
-    }
-    /// Everything until the peer closes or `wait` passes without data.
-    async fn rest(&mut self, wait: Duration) -> (String, bool) {
-        let mut out = std::mem::take(&mut self.buf);
-        let mut tmp = [0u8; 4096];
-        let mut closed = false;
-        loop {
-            match tokio::time::timeout(wait, self.s.read(&mut tmp)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => {
-                    closed = true;
-                    break;
-                }
-                Ok(Ok(n)) => out.extend_from_slice(&tmp[..n]),
-                Err(_) => break,
-            }
-        }
-        (String::from_utf8_lossy(&out).to_string(), closed)
-    }
-}
-
-async fn tls_wrap(s: TcpStream, ca: &Path) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
-    let connector = tokio_rustls::TlsConnector::from(common::tls_client(ca));
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    Client::new(connector.connect(name, s).await.unwrap())
-}
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 // ---------------------------------------------------------------- scripted backend
 
@@ -112,45 +26,11 @@ const APOP_DIGEST: &str = "c4c9334bac560ecc979e58001b3e22fb";
 
 /// A legacy POP3 server that knows only RFC 1939: USER/PASS and APOP for
 /// alice/secret, STAT, RETR 1, QUIT. It records connections and every line.
-struct Scripted {
-    addr: String,
-    connections: Arc<AtomicUsize>,
-    lines: Arc<Mutex<Vec<String>>>,
+async fn scripted() -> Running {
+    common::backend::serve(scripted_session).await
 }
 
-impl Scripted {
-    async fn start() -> Scripted {
-        Scripted::serve(scripted_session).await
-    }
-    /// Accepts connections, each served by `session` (with the shared line log).
-    async fn serve<F, Fut>(session: F) -> Scripted
-    where
-        F: Fn(TcpStream, Arc<Mutex<Vec<String>>>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
-    {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (c, ls) = (connections.clone(), lines.clone());
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = l.accept().await {
-                c.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(session(tcp, ls.clone()));
-            }
-        });
-        Scripted {
-            addr,
-            connections,
-            lines,
-        }
-    }
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-}
-
-async fn scripted_session(tcp: TcpStream, log: Arc<Mutex<Vec<String>>>) {
+async fn scripted_session(tcp: TcpStream, log: Arc<Mutex<Seen>>) {
     let (r, mut w) = tcp.into_split();
     let mut r = tokio::io::BufReader::new(r);
     let _ = w
@@ -166,7 +46,7 @@ async fn scripted_session(tcp: TcpStream, log: Arc<Mutex<Vec<String>>>) {
             Ok(_) => {}
         }
         let line = line.trim_end().to_string();
-        log.lock().unwrap().push(line.clone());
+        log.lock().unwrap().lines.push((false, line.clone()));
         let mut words = line.splitn(2, ' ');
         let verb = words.next().unwrap_or("").to_ascii_uppercase();
         let arg = words.next().unwrap_or("");
@@ -213,7 +93,7 @@ async fn scripted_session(tcp: TcpStream, log: Arc<Mutex<Vec<String>>>) {
 // ---------------------------------------------------------------- setup
 
 struct Setup {
-    gw: mailgate::server::Gateway,
+    gw: Gateway,
     ca: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -222,61 +102,43 @@ async fn gateway(backend: &str, extra: &str) -> Setup {
     gateway_with(backend, extra, "").await
 }
 
-/// `top`: more top-level YAML (e.g. `policies:`).
+/// Listeners `pop3` (STLS), `pop3s` (implicit TLS) and `apop` (implicit,
+/// APOP), each with `extra`, in front of `backend`; `top`: more top-level
+/// YAML (e.g. `policies:`).
 async fn gateway_with(backend: &str, extra: &str, top: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let yaml = format!(
-        r#"
-server: {{ hostname: gw.test, shutdown_grace: 2s }}
-listeners:
-  - {{ name: pop3, protocol: pop3, bind: "127.0.0.1:0", tls: starttls, backend: b {extra} }}
-  - {{ name: pop3s, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, backend: b {extra} }}
-  - {{ name: apop, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b {extra} }}
-tls:
-  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
-backends:
-  b: {{ address: "{backend}" }}
-{top}
-"#,
-        d = dir.path().display()
-    );
-    let gw = common::start(&yaml).await;
+    let gw = Yaml::new()
+        .server("shutdown_grace: 2s")
+        .listener("pop3", "pop3", "starttls", extra)
+        .listener("pop3s", "pop3", "implicit", extra)
+        .listener("apop", "pop3", "implicit", &format!("apop: true{extra}"))
+        .certs(dir.path())
+        .backend("b", backend, "")
+        .section(top)
+        .start()
+        .await;
     Setup { gw, ca, _dir: dir }
 }
 
 impl Setup {
-    async fn plain(&self, name: &str) -> Client<TcpStream> {
-        let s = TcpStream::connect(self.gw.addr(name).unwrap())
-            .await
-            .unwrap();
-        let mut c = Client::new(s);
+    async fn plain(&self, name: &str) -> Pop3Client<TcpStream> {
+        let mut c = Pop3Client::connect(self.gw.addr(name).unwrap()).await;
         let g = c.ok().await;
         assert!(g.starts_with("+OK gw.test POP3"), "{g}");
         c
     }
-    async fn tls(
-        &self,
-        name: &str,
-    ) -> (Client<tokio_rustls::client::TlsStream<TcpStream>>, String) {
-        let s = TcpStream::connect(self.gw.addr(name).unwrap())
-            .await
-            .unwrap();
-        let mut c = tls_wrap(s, &self.ca).await;
+    async fn tls(&self, name: &str) -> (Pop3Client<Tls>, String) {
+        let c = Pop3Client::connect(self.gw.addr(name).unwrap()).await;
+        let mut c = c.tls(&self.ca).await;
         let g = c.ok().await;
         (c, g)
     }
 
     /// Like `tls`, from a given loopback source address.
-    async fn tls_from(
-        &self,
-        name: &str,
-        src: &str,
-    ) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
-        let s = sock.connect(self.gw.addr(name).unwrap()).await.unwrap();
-        let mut c = tls_wrap(s, &self.ca).await;
+    async fn tls_from(&self, name: &str, src: &str) -> Pop3Client<Tls> {
+        let c = Pop3Client::connect_from(src, self.gw.addr(name).unwrap()).await;
+        let mut c = c.tls(&self.ca).await;
         c.ok().await;
         c
     }
@@ -290,7 +152,7 @@ fn plain_ir(user: &str, pass: &str) -> String {
 
 #[tokio::test]
 async fn auth_plain_is_replayed_as_user_pass() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, "").await;
 
     // initial-response form
@@ -338,7 +200,7 @@ async fn auth_plain_is_replayed_as_user_pass() {
 
 #[tokio::test]
 async fn stls_injection_is_discarded() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, "").await;
     let mut c = st.plain("pop3").await;
     // STLS and a command in one write: only STLS may be answered in plaintext
@@ -346,7 +208,7 @@ async fn stls_injection_is_discarded() {
     assert_eq!(c.status().await, "+OK Begin TLS negotiation now");
     let (rest, closed) = c.rest(Duration::from_millis(500)).await;
     assert!(!closed && rest.is_empty(), "plaintext after +OK: {rest:?}");
-    let mut t = tls_wrap(c.s, &st.ca).await;
+    let mut t = c.tls(&st.ca).await;
     // the first answer inside TLS is to our NOOP, not to the injected CAPA
     t.send(b"NOOP\r\n").await;
     assert_eq!(t.status().await, "+OK");
@@ -372,7 +234,7 @@ async fn stls_injection_is_discarded() {
 
 #[tokio::test]
 async fn login_before_tls_is_refused_and_never_reaches_the_backend() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, "").await;
     let mut c = st.plain("pop3").await;
     c.send(b"CAPA\r\n").await;
@@ -394,7 +256,7 @@ async fn login_before_tls_is_refused_and_never_reaches_the_backend() {
     c.ok().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        be.connections.load(Ordering::SeqCst),
+        be.connections(),
         0,
         "the backend must not even be connected to"
     );
@@ -402,7 +264,7 @@ async fn login_before_tls_is_refused_and_never_reaches_the_backend() {
 
 #[tokio::test]
 async fn wrong_password_gets_the_backends_error_and_closes_after_n() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(
         &be.addr,
         ", max_login_failures: 2, login_failure_delay: 300ms",
@@ -451,7 +313,7 @@ async fn backend_down_is_sys_temp() {
 
 #[tokio::test]
 async fn pipelined_login_and_commands_reach_the_backend_in_order() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, "").await;
     let (mut c, _) = st.tls("pop3s").await;
     c.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nRETR 1\r\nQUIT\r\n")
@@ -467,7 +329,7 @@ async fn pipelined_login_and_commands_reach_the_backend_in_order() {
 
 #[tokio::test]
 async fn apop_carries_the_backends_timestamp() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, "").await;
     let (mut c, greeting) = st.tls("apop").await;
     assert!(greeting.ends_with(TIMESTAMP), "{greeting}");
@@ -486,7 +348,7 @@ async fn apop_carries_the_backends_timestamp() {
 
 #[tokio::test]
 async fn garbage_and_overlong_lines_end_the_session() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, ", max_errors: 3").await;
     let (mut c, _) = st.tls("pop3s").await;
     c.send(&[b'x'; 2000]).await;
@@ -501,7 +363,7 @@ async fn garbage_and_overlong_lines_end_the_session() {
 
 #[tokio::test]
 async fn timeouts_end_the_session_with_err() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, ", timeouts: { command: 1s, idle: 1s }").await;
     // AUTHORIZATION state: the command timeout
     let (mut c, _) = st.tls("pop3s").await;
@@ -526,7 +388,7 @@ async fn timeouts_end_the_session_with_err() {
 
 #[tokio::test]
 async fn shutdown_tells_sessions_in_authorization_state() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, "").await;
     let (mut c, _) = st.tls("pop3s").await;
     c.send(b"NOOP\r\n").await;
@@ -554,9 +416,7 @@ async fn demo_maildrop_through_the_gateway() {
             data: m.to_vec(),
         });
     }
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(serve_pop3(l, mailbox.clone()));
+    let addr = common::demo_pop3(mailbox.clone()).await;
     let st = gateway(&addr, "").await;
 
     let (mut c, _) = st.tls("pop3s").await;
@@ -597,7 +457,7 @@ async fn demo_maildrop_through_the_gateway() {
 
 #[tokio::test]
 async fn policy_locks_out_guessing_before_the_backend() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let top = "policies:\n  mailbox:\n    limits:\n      - { name: auth-ip, key: [ip], auth_failures: 2/15minutes, action: reject }";
     let st = gateway_with(
         &be.addr,
@@ -626,7 +486,7 @@ async fn policy_locks_out_guessing_before_the_backend() {
 /// but the user still gets in from a network where she logged in before.
 #[tokio::test]
 async fn per_user_lock_spares_known_good_networks() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let top = "policies:\n  mailbox:\n    limits:\n      - { name: auth-ip, key: [ip], auth_failures: 5/15minutes, action: reject }\n      - { name: auth-user, key: [auth_user], auth_failures: 5/15minutes, action: tempfail }";
     let st = gateway_with(
         &be.addr,
@@ -686,11 +546,11 @@ enum Odd {
 
 /// A CAPA-capable backend (alice/secret) with one scripted misbehaviour; it
 /// records every line it receives, byte for byte (lossy UTF-8, CRLF cut).
-async fn odd_backend(kind: Odd) -> Scripted {
-    Scripted::serve(move |tcp, log| odd_session(tcp, kind, log)).await
+async fn odd_backend(kind: Odd) -> Running {
+    common::backend::serve(move |tcp, log| odd_session(tcp, kind, log)).await
 }
 
-async fn odd_session(tcp: TcpStream, kind: Odd, log: Arc<Mutex<Vec<String>>>) {
+async fn odd_session(tcp: TcpStream, kind: Odd, log: Arc<Mutex<Seen>>) {
     use tokio::io::AsyncBufReadExt;
     let (r, mut w) = tcp.into_split();
     let mut r = tokio::io::BufReader::new(r);
@@ -705,7 +565,7 @@ async fn odd_session(tcp: TcpStream, kind: Odd, log: Arc<Mutex<Vec<String>>>) {
         let line = String::from_utf8_lossy(&raw)
             .trim_end_matches("\r\n")
             .to_string();
-        log.lock().unwrap().push(line.clone());
+        log.lock().unwrap().lines.push((false, line.clone()));
         let mut words = line.splitn(2, ' ');
         let verb = words.next().unwrap_or("").to_ascii_uppercase();
         let arg = words.next().unwrap_or("").to_string();
@@ -764,7 +624,7 @@ fn after_login(lines: &[String]) -> Vec<String> {
 /// Issue 11 item 6: after login nothing unparsed reaches the backend.
 #[tokio::test]
 async fn transaction_state_answers_login_commands_and_bad_lines_locally() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, ", max_errors: 30").await;
     let (mut c, _) = st.tls("pop3s").await;
     c.send(b"USER alice\r\nPASS secret\r\n").await;
@@ -823,7 +683,7 @@ async fn transaction_state_answers_login_commands_and_bad_lines_locally() {
 /// reply comes in command order, the backend's bytes untouched.
 #[tokio::test]
 async fn transaction_pipelining_keeps_reply_order() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, "").await;
     let (mut c, _) = st.tls("pop3s").await;
     c.send(b"USER alice\r\nPASS secret\r\nSTAT\r\nUSER bob\r\nRETR 1\r\nCAPA\r\nRETR 1\r\nPASS x\r\nSTAT\r\nQUIT\r\n")
@@ -851,7 +711,7 @@ async fn transaction_pipelining_keeps_reply_order() {
 
 #[tokio::test]
 async fn transaction_errors_close_the_session() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, ", max_errors: 3").await;
     let (mut c, _) = st.tls("pop3s").await;
     c.send(b"USER alice\r\nPASS secret\r\n").await;
@@ -945,13 +805,13 @@ async fn idle_backend_disconnect_is_not_a_failed_login() {
     c.send(b"USER alice\r\nPASS secret\r\n").await;
     c.ok().await;
     assert_eq!(c.status().await, "+OK logged in");
-    assert_eq!(be.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(be.connections(), 2);
 }
 
 /// Issue 19 item 5: user names with whitespace or controls never leave mailgate.
 #[tokio::test]
 async fn user_names_with_spaces_are_refused_locally() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, ", max_errors: 20").await;
     let (mut c, _) = st.tls("pop3s").await;
     let bad_plain = [
@@ -976,7 +836,7 @@ async fn user_names_with_spaces_are_refused_locally() {
         c.err().await;
     }
     assert_eq!(
-        be.connections.load(Ordering::SeqCst),
+        be.connections(),
         0,
         "nothing reached the backend: {:?}",
         be.lines()
@@ -986,7 +846,7 @@ async fn user_names_with_spaces_are_refused_locally() {
 /// Issue 19 item 5: RFC 2449's 255 octets per command line also before login.
 #[tokio::test]
 async fn overlong_authorization_lines_are_refused() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let st = gateway(&be.addr, "").await;
     let (mut c, _) = st.tls("pop3s").await;
     // 5 + 249 + 2 = 256 octets: one too many
@@ -1012,7 +872,7 @@ async fn overlong_authorization_lines_are_refused() {
 /// An APOP listener of its own (the cap is counted per listener name in the
 /// process) with `apop_prelogin_timeout: 1s`.
 struct ApopListener {
-    gw: mailgate::server::Gateway,
+    gw: Gateway,
     name: &'static str,
     ca: PathBuf,
     _dir: tempfile::TempDir,
@@ -1022,20 +882,19 @@ impl ApopListener {
     async fn start(name: &'static str, backend: &str, max_pending: usize) -> ApopListener {
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = common::dev_cert(dir.path());
-        let yaml = format!(
-            r#"
-server: {{ hostname: gw.test }}
-listeners:
-  - {{ name: {name}, protocol: pop3, bind: "127.0.0.1:0", tls: implicit, apop: true, backend: b, apop_max_pending: {max_pending}, apop_prelogin_timeout: 1s }}
-tls:
-  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
-backends:
-  b: {{ address: "{backend}" }}
-"#,
-            d = dir.path().display(),
-        );
+        let gw = Yaml::new()
+            .listener(
+                name,
+                "pop3",
+                "implicit",
+                &format!("apop: true, apop_max_pending: {max_pending}, apop_prelogin_timeout: 1s"),
+            )
+            .certs(dir.path())
+            .backend("b", backend, "")
+            .start()
+            .await;
         ApopListener {
-            gw: common::start(&yaml).await,
+            gw,
             name,
             ca,
             _dir: dir,
@@ -1043,11 +902,11 @@ backends:
     }
 
     /// A client over TLS and the greeting it got.
-    async fn connect(&self) -> (Client<tokio_rustls::client::TlsStream<TcpStream>>, String) {
+    async fn connect(&self) -> (Pop3Client<Tls>, String) {
         let s = TcpStream::connect(self.gw.addr(self.name).unwrap())
             .await
             .unwrap();
-        let mut c = tls_wrap(s, &self.ca).await;
+        let mut c = Pop3Client::new(s).tls(&self.ca).await;
         let greeting = c.status().await;
         (c, greeting)
     }
@@ -1057,7 +916,7 @@ backends:
 /// bounded number of backend sessions, and only briefly.
 #[tokio::test]
 async fn apop_early_backend_connections_are_bounded() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let l = ApopListener::start("apop-bounded", &be.addr, 2).await;
     let connect = || l.connect();
     let (mut a, ga) = connect().await;
@@ -1069,7 +928,7 @@ async fn apop_early_backend_connections_are_bounded() {
     let (mut c, gc) = connect().await;
     assert!(gc.starts_with("-ERR [SYS/TEMP]"), "{gc}");
     assert!(c.rest(Duration::from_secs(5)).await.1, "closed");
-    assert_eq!(be.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(be.connections(), 2);
     // the silent ones are closed after the pre-login deadline ...
     let t = Instant::now();
     let (rest, closed) = a.rest(Duration::from_secs(5)).await;
@@ -1093,7 +952,7 @@ async fn apop_early_backend_connections_are_bounded() {
 /// not keep the early backend connection, and its slot, for the session.
 #[tokio::test]
 async fn apop_prelogin_deadline_is_absolute() {
-    let be = Scripted::start().await;
+    let be = scripted().await;
     let l = ApopListener::start("apop-absolute", &be.addr, 1).await;
     let connect = || l.connect();
     let (mut a, ga) = connect().await;

@@ -3,115 +3,39 @@
 
 mod common;
 
-use mailgate::demo::{serve_smtp, Mailbox};
+use common::{Gateway, SmtpBackend, SmtpClient, Yaml};
+use mailgate::demo::Mailbox;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A line-oriented SMTP test client over any stream.
-struct Client<S> {
-    s: S,
-    buf: Vec<u8>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    fn new(s: S) -> Self {
-        Client { s, buf: Vec::new() }
-    }
-    async fn send(&mut self, b: &[u8]) {
-        self.s.write_all(b).await.unwrap();
-    }
-    /// One complete (multi-line) reply: (code, full text).
-    async fn reply(&mut self) -> (u16, String) {
-        let mut text = String::new();
-        loop {
-            let line = self
-                .line()
-                .await
-                .expect("connection closed while waiting for a reply");
-            text.push_str(&line);
-            text.push('\n');
-            if line.len() < 4 || line.as_bytes()[3] == b' ' {
-                return (line[..3].parse().unwrap(), text);
-            }
-        }
-    }
-    async fn line(&mut self) -> Option<String> {
-        loop {
-            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
-                let l: Vec<u8> = self.buf.drain(..=i).collect();
-                return Some(String::from_utf8_lossy(&l).trim_end().to_string());
-            }
-            let mut tmp = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut tmp))
-                .await
-                .expect("reply timed out")
-                .ok()?;
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&tmp[..n]);
-        }
-    }
-    /// Everything until the peer closes or `wait` passes without data.
-    async fn rest(&mut self, wait: Duration) -> String {
-        let mut out = std::mem::take(&mut self.buf);
-        let mut tmp = [0u8; 4096];
-        while let Ok(Ok(n)) = tokio::time::timeout(wait, self.s.read(&mut tmp)).await {
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&tmp[..n]);
-        }
-        String::from_utf8_lossy(&out).to_string()
-    }
-    async fn expect(&mut self, code: u16) -> String {
-        let (c, t) = self.reply().await;
-        assert_eq!(c, code, "unexpected reply: {t}");
-        t
-    }
-}
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 struct Setup {
-    gw: mailgate::server::Gateway,
+    gw: Gateway,
     mailbox: Arc<Mailbox>,
     ca: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
-async fn demo_backend() -> (Arc<Mailbox>, String) {
-    let mb = Arc::new(Mailbox::default());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(serve_smtp(l, mb.clone()));
-    (mb, addr)
-}
-
-fn yaml(dir: &Path, backend: &str, extra: &str) -> String {
-    format!(
-        r#"
-server: {{ hostname: gw.test, shutdown_grace: 2s }}
-listeners:
-  - {{ name: mx, protocol: smtp, bind: "127.0.0.1:0", tls: starttls, backend: b {extra} }}
-  - {{ name: smtps, protocol: smtp, bind: "127.0.0.1:0", tls: implicit, backend: b {extra} }}
-  - {{ name: plain, protocol: smtp, bind: "127.0.0.1:0", tls: none, backend: b {extra} }}
-  - {{ name: sub, protocol: smtp, bind: "127.0.0.1:0", tls: starttls, require_tls: true, backend: b }}
-tls:
-  certificates: [ {{ cert: "{d}/cert.pem", key: "{d}/key.pem" }} ]
-backends:
-  b: {{ address: "{backend}" }}
-"#,
-        d = dir.display()
-    )
+/// Listeners `mx` (STARTTLS), `smtps` (implicit TLS), `plain` (none), each
+/// with `extra`, and `sub` (STARTTLS required), in front of `backend`.
+fn yaml(dir: &Path, backend: &str, extra: &str) -> Yaml {
+    Yaml::new()
+        .server("shutdown_grace: 2s")
+        .listener("mx", "smtp", "starttls", extra)
+        .listener("smtps", "smtp", "implicit", extra)
+        .listener("plain", "smtp", "none", extra)
+        .listener("sub", "smtp", "starttls", "require_tls: true")
+        .certs(dir)
+        .backend("b", backend, "")
 }
 
 async fn setup_with(extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = common::dev_cert(dir.path());
-    let (mailbox, addr) = demo_backend().await;
-    let gw = common::start(&yaml(dir.path(), &addr, extra)).await;
+    let (mailbox, addr) = common::demo_smtp().await;
+    let gw = yaml(dir.path(), &addr, extra).start().await;
     Setup {
         gw,
         mailbox,
@@ -124,46 +48,8 @@ async fn setup() -> Setup {
     setup_with("").await
 }
 
-async fn connect(gw: &mailgate::server::Gateway, name: &str) -> Client<TcpStream> {
-    let s = TcpStream::connect(gw.addr(name).unwrap()).await.unwrap();
-    let mut c = Client::new(s);
-    c.expect(220).await;
-    c
-}
-
-async fn starttls(
-    mut c: Client<TcpStream>,
-    ca: &Path,
-) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
-    c.send(b"EHLO client.test\r\n").await;
-    let ehlo = c.expect(250).await;
-    assert!(ehlo.contains("STARTTLS"), "{ehlo}");
-    c.send(b"STARTTLS\r\n").await;
-    c.expect(220).await;
-    assert!(c.buf.is_empty());
-    tls_wrap(c.s, ca).await
-}
-
-async fn tls_wrap(s: TcpStream, ca: &Path) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
-    let connector = tokio_rustls::TlsConnector::from(common::tls_client(ca));
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    Client::new(connector.connect(name, s).await.unwrap())
-}
-
-async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(
-    c: &mut Client<S>,
-    body: &[u8],
-) -> (u16, String) {
-    c.send(b"EHLO client.test\r\n").await;
-    c.expect(250).await;
-    c.send(b"MAIL FROM:<alice@example.org>\r\n").await;
-    c.expect(250).await;
-    c.send(b"RCPT TO:<bob@example.net>\r\n").await;
-    c.expect(250).await;
-    c.send(b"DATA\r\n").await;
-    c.expect(354).await;
-    c.send(body).await;
-    c.reply().await
+async fn connect(gw: &Gateway, name: &str) -> SmtpClient<TcpStream> {
+    SmtpClient::greeted(gw.addr(name).unwrap()).await
 }
 
 /// The message as the backend stored it, minus mailgate's Received header.
@@ -230,7 +116,9 @@ async fn plaintext_pipelined_transaction() {
 async fn backend_connection_is_reused_across_transactions() {
     let st = setup().await;
     let mut c = connect(&st.gw, "plain").await;
-    let (code, _) = send_message(&mut c, b"Subject: 1\r\n\r\none\r\n.\r\n").await;
+    let (code, _) = c
+        .send_message("client.test", b"Subject: 1\r\n\r\none\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
     // an abandoned transaction, then a second message
     c.send(b"MAIL FROM:<x@example.org>\r\n").await;
@@ -252,8 +140,10 @@ async fn backend_connection_is_reused_across_transactions() {
 async fn starttls_delivers_and_traces_tls() {
     let st = setup().await;
     let c = connect(&st.gw, "mx").await;
-    let mut c = starttls(c, &st.ca).await;
-    let (code, _) = send_message(&mut c, b"Subject: tls\r\n\r\nsecret\r\n.\r\n").await;
+    let mut c = c.starttls(&st.ca).await;
+    let (code, _) = c
+        .send_message("client.test", b"Subject: tls\r\n\r\nsecret\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
     let data = String::from_utf8_lossy(&st.mailbox.all()[0].data).to_string();
     assert!(
@@ -268,9 +158,11 @@ async fn implicit_tls_delivers() {
     let s = TcpStream::connect(st.gw.addr("smtps").unwrap())
         .await
         .unwrap();
-    let mut c = tls_wrap(s, &st.ca).await;
+    let mut c = SmtpClient::new(s).tls(&st.ca).await;
     c.expect(220).await;
-    let (code, _) = send_message(&mut c, b"Subject: smtps\r\n\r\nhello\r\n.\r\n").await;
+    let (code, _) = c
+        .send_message("client.test", b"Subject: smtps\r\n\r\nhello\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
     assert_eq!(st.mailbox.count(), 1);
 }
@@ -290,7 +182,7 @@ async fn starttls_injection_is_discarded() {
         "extra plaintext: {:?}",
         String::from_utf8_lossy(&c.buf)
     );
-    let mut t = tls_wrap(c.s, &st.ca).await;
+    let mut t = c.tls(&st.ca).await;
     // first thing inside TLS is the answer to our EHLO, not to the injected RSET
     t.send(b"EHLO client.test\r\n").await;
     let ehlo = t.expect(250).await;
@@ -307,7 +199,7 @@ async fn starttls_injection_is_discarded() {
 async fn state_is_forgotten_after_starttls() {
     let st = setup().await;
     let c = connect(&st.gw, "mx").await;
-    let mut t = starttls(c, &st.ca).await;
+    let mut t = c.starttls(&st.ca).await;
     // no EHLO after TLS: MAIL is out of sequence (RFC 3207 §4.2)
     t.send(b"MAIL FROM:<a@example.org>\r\n").await;
     t.expect(503).await;
@@ -325,8 +217,10 @@ async fn require_tls_refuses_mail_before_starttls() {
     let t = c.expect(530).await;
     assert!(t.contains("5.7.0"), "{t}");
     c.expect(530).await;
-    let mut t = starttls(c, &st.ca).await;
-    let (code, _) = send_message(&mut t, b"Subject: x\r\n\r\ny\r\n.\r\n").await;
+    let mut t = c.starttls(&st.ca).await;
+    let (code, _) = t
+        .send_message("client.test", b"Subject: x\r\n\r\ny\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
 }
 
@@ -366,12 +260,12 @@ async fn smuggling_variants_never_smuggle() {
                 let before = st.mailbox.count();
                 let (code, rest) = if tls {
                     let c = connect(&st.gw, "mx").await;
-                    let mut t = starttls(c, &st.ca).await;
-                    let (code, _) = send_message(&mut t, &payload).await;
+                    let mut t = c.starttls(&st.ca).await;
+                    let (code, _) = t.send_message("client.test", &payload).await;
                     (code, t.rest(Duration::from_millis(300)).await)
                 } else {
                     let mut c = connect(&st.gw, "plain").await;
-                    let (code, _) = send_message(&mut c, &payload).await;
+                    let (code, _) = c.send_message("client.test", &payload).await;
                     (code, c.rest(Duration::from_millis(300)).await)
                 };
                 let after = st.mailbox.count();
@@ -420,14 +314,16 @@ async fn size_limit_and_message_line_limit() {
         "Subject: big\r\n\r\n{}\r\n.\r\n",
         "0123456789\r\n".repeat(1000)
     );
-    let (code, t) = send_message(&mut c, big.as_bytes()).await;
+    let (code, t) = c.send_message("client.test", big.as_bytes()).await;
     assert_eq!(code, 552, "{t}");
     let long = format!("Subject: long\r\n\r\n{}\r\n.\r\n", "x".repeat(1200));
-    let (code, t) = send_message(&mut c, long.as_bytes()).await;
+    let (code, t) = c.send_message("client.test", long.as_bytes()).await;
     assert_eq!(code, 550, "{t}");
     assert_eq!(st.mailbox.count(), 0);
     // the session is still usable
-    let (code, _) = send_message(&mut c, b"Subject: ok\r\n\r\nfine\r\n.\r\n").await;
+    let (code, _) = c
+        .send_message("client.test", b"Subject: ok\r\n\r\nfine\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
 }
 
@@ -448,8 +344,8 @@ async fn one_megabyte_with_dot_lines_is_byte_identical() {
     }
     let wire = mailgate::smtp::data::stuff(&[&body]);
     let c = connect(&st.gw, "mx").await;
-    let mut t = starttls(c, &st.ca).await;
-    let (code, _) = send_message(&mut t, &wire).await;
+    let mut t = c.starttls(&st.ca).await;
+    let (code, _) = t.send_message("client.test", &wire).await;
     assert_eq!(code, 250);
     assert_eq!(without_trace(&st.mailbox.all()[0].data), body);
 }
@@ -495,7 +391,7 @@ async fn backend_down_is_a_temporary_failure() {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
     let dead = format!("127.0.0.1:{}", common::free_port());
-    let gw = common::start(&yaml(dir.path(), &dead, "")).await;
+    let gw = yaml(dir.path(), &dead, "").start().await;
     let mut c = connect(&gw, "plain").await;
     c.send(b"EHLO c\r\n").await;
     let ehlo = c.expect(250).await;
@@ -506,46 +402,17 @@ async fn backend_down_is_a_temporary_failure() {
     assert!(t.contains("4.4.1"), "{t}");
 }
 
-/// A scripted backend: accepts one session, answers until DATA, then behaves as `mode`.
+/// A scripted backend that answers until DATA, then behaves as `mode`.
 async fn faulty_backend(mode: &'static str) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut c = Client::new(s);
-                c.send(b"220 legacy ESMTP\r\n").await;
-                loop {
-                    let Some(line) = c.line().await else { return };
-                    let up = line.to_ascii_uppercase();
-                    if up.starts_with("EHLO") {
-                        c.send(b"250-legacy\r\n250 PIPELINING\r\n").await;
-                    } else if up.starts_with("QUIT") {
-                        c.send(b"221 bye\r\n").await;
-                        return;
-                    } else if up == "DATA" {
-                        match mode {
-                            "close-in-data" => {
-                                c.send(b"354 go\r\n").await;
-                                let _ = c.line().await;
-                                return; // drop the connection mid-message
-                            }
-                            "stall" => {
-                                c.send(b"354 go\r\n").await;
-                                tokio::time::sleep(Duration::from_secs(30)).await;
-                                return;
-                            }
-                            "bogus-250-to-data" => c.send(b"250 sure\r\n").await,
-                            _ => c.send(b"451 4.3.0 try later\r\n").await,
-                        }
-                    } else {
-                        c.send(b"250 ok\r\n").await;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    let b = SmtpBackend::new().on("EHLO", "250-legacy\r\n250 PIPELINING\r\n");
+    let b = match mode {
+        // the connection dropped mid-message
+        "close-in-data" => b.close_after("DATA"),
+        "stall" => b.hang_after("DATA"),
+        "bogus-250-to-data" => b.on("DATA", "250 sure\r\n"),
+        _ => b.on("DATA", "451 4.3.0 try later\r\n"),
+    };
+    b.start().await.addr
 }
 
 #[tokio::test]
@@ -554,9 +421,13 @@ async fn backend_failures_mid_transaction_never_become_250() {
         let dir = tempfile::tempdir().unwrap();
         common::dev_cert(dir.path());
         let addr = faulty_backend(mode).await;
-        let gw = common::start(&yaml(dir.path(), &addr, ", timeouts: { backend_data: 1s }")).await;
+        let gw = yaml(dir.path(), &addr, "timeouts: { backend_data: 1s }")
+            .start()
+            .await;
         let mut c = connect(&gw, "plain").await;
-        let (code, t) = send_message(&mut c, b"Subject: x\r\n\r\nbody\r\n.\r\n").await;
+        let (code, t) = c
+            .send_message("client.test", b"Subject: x\r\n\r\nbody\r\n.\r\n")
+            .await;
         assert!((400..500).contains(&code), "{mode}: {t}");
     }
 }
@@ -569,7 +440,7 @@ async fn connection_limit_answers_421() {
     let s = TcpStream::connect(st.gw.addr("plain").unwrap())
         .await
         .unwrap();
-    let mut c = Client::new(s);
+    let mut c = SmtpClient::new(s);
     let t = c.expect(421).await;
     assert!(t.contains("4.7.0"), "{t}");
 }
@@ -578,12 +449,13 @@ async fn connection_limit_answers_421() {
 async fn deny_list_refuses_before_greeting() {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
-    let (_mb, addr) = demo_backend().await;
-    let y =
-        yaml(dir.path(), &addr, ", policy: p") + "policies:\n  p: { deny: [\"127.0.0.0/8\"] }\n";
-    let gw = common::start(&y).await;
+    let (_mb, addr) = common::demo_smtp().await;
+    let gw = yaml(dir.path(), &addr, "policy: p")
+        .section("policies:\n  p: { deny: [\"127.0.0.0/8\"] }")
+        .start()
+        .await;
     let s = TcpStream::connect(gw.addr("plain").unwrap()).await.unwrap();
-    let mut c = Client::new(s);
+    let mut c = SmtpClient::new(s);
     c.expect(554).await;
 }
 
@@ -630,25 +502,24 @@ async fn tls_handshake_garbage_and_silence_are_bounded() {
 
 /// Sends a message in two halves, so that parallel messages are in flight
 /// together; the reply after its end.
-async fn send_in_halves(c: &mut Client<TcpStream>, m: &[u8]) -> (u16, String) {
+async fn send_in_halves(c: &mut SmtpClient<TcpStream>, m: &[u8]) -> (u16, String) {
     let mut wire = mailgate::smtp::data::stuff(&[m]);
     let tail = wire.split_off(wire.len() / 2);
     c.send(&wire).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     c.send(&tail).await;
-    c.reply().await
+    c.reply().await.unwrap()
 }
 
 /// The demo backend behind a gateway with `max_inflight_data: 1MiB`.
-async fn budget_gateway() -> (tempfile::TempDir, Arc<Mailbox>, mailgate::server::Gateway) {
+async fn budget_gateway() -> (tempfile::TempDir, Arc<Mailbox>, Gateway) {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
-    let (mailbox, addr) = demo_backend().await;
-    let y = yaml(dir.path(), &addr, "").replace(
-        "server: { hostname: gw.test, shutdown_grace: 2s }",
-        "server: { hostname: gw.test, shutdown_grace: 2s, max_inflight_data: 1MiB }",
-    );
-    let gw = common::start(&y).await;
+    let (mailbox, addr) = common::demo_smtp().await;
+    let gw = yaml(dir.path(), &addr, "")
+        .server("max_inflight_data: 1MiB")
+        .start()
+        .await;
     (dir, mailbox, gw)
 }
 
@@ -733,7 +604,9 @@ async fn inflight_budget_refuses_with_452() {
 
     // the refused session is fine afterwards (a 452, not a framing problem)
     let loser = if ra.0 == 452 { &mut ca } else { &mut cb };
-    let (code, _) = send_message(loser, b"Subject: small\r\n\r\nhi\r\n.\r\n").await;
+    let (code, _) = loser
+        .send_message("client.test", b"Subject: small\r\n\r\nhi\r\n.\r\n")
+        .await;
     assert_eq!(code, 250);
 
     // SIZE above what the budget can hold: refused before 354

@@ -467,6 +467,17 @@ impl SharedCaches {
 pub const LATENCY_BUCKETS_US: [u64; 7] =
     [1_000, 5_000, 25_000, 100_000, 500_000, 2_000_000, 5_000_000];
 
+/// What the DNS queries of one check did: the time each answered query took
+/// and how many got no stored answer. Returned with the check's outcome so
+/// that the driver counts `mailgate_dns_lookup_seconds` and
+/// `mailgate_dns_failures_total`. Bounded like the lookups of a call (the
+/// query budget).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsFacts {
+    pub answered: Vec<Duration>,
+    pub unanswered: u64,
+}
+
 /// Counters of DNS and check activity, cheap enough to bump on every lookup.
 /// The metrics module turns a [`DnsStats::snapshot`] into Prometheus series.
 #[derive(Default)]
@@ -642,6 +653,8 @@ pub struct Lookup {
     pub name: Option<String>,
     started: Instant,
     pub answered: bool,
+    /// How long the answer took (answered lookups).
+    took: Option<Duration>,
     /// Already counted as a void lookup.
     void: bool,
     /// An MX, A or AAAA lookup: the kinds whose empty answers are void
@@ -877,6 +890,7 @@ impl<'a> CallLog<'a> {
                 name,
                 started: Instant::now(),
                 answered: false,
+                took: None,
                 void: false,
                 counts_void,
             });
@@ -895,10 +909,8 @@ impl<'a> CallLog<'a> {
         {
             entry.answered = true;
             let d = entry.started.elapsed();
+            entry.took = Some(d);
             self.stats.record_latency(d);
-            crate::observe::metrics()
-                .dns_lookup
-                .observe(d.as_secs_f64());
         }
         if void && self.counts_voids() {
             self.void(&mut st, &key);
@@ -942,11 +954,18 @@ impl<'a> CallLog<'a> {
         }
     }
 
-    /// Counts unanswered lookups into the stats. Call once, when the check is over.
-    pub fn finish(&self) {
-        let n = self.lock().lookups.iter().filter(|l| !l.answered).count();
-        self.stats.unanswered.fetch_add(n as u64, Ordering::Relaxed);
-        crate::observe::metrics().dns_failures.inc_by(n as u64);
+    /// Counts unanswered lookups into the stats and returns what this call's
+    /// DNS did, for the caller to count. Call once, when the check is over.
+    pub fn finish(&self) -> DnsFacts {
+        let st = self.lock();
+        let facts = DnsFacts {
+            answered: st.lookups.iter().filter_map(|l| l.took).collect(),
+            unanswered: st.lookups.iter().filter(|l| !l.answered).count() as u64,
+        };
+        self.stats
+            .unanswered
+            .fetch_add(facts.unanswered, Ordering::Relaxed);
+        facts
     }
 }
 
@@ -1304,7 +1323,9 @@ mod tests {
         assert!(txt.get::<str>("bad name.").is_none());
         let last = log.last_unanswered().unwrap();
         assert_eq!(last.name.as_deref(), Some("bad name."));
-        log.finish();
+        // the call's facts, for the driver to count (nothing process-wide)
+        let facts = log.finish();
+        assert_eq!((facts.answered.len(), facts.unanswered), (1, 1));
         let s = stats.snapshot(shared.len());
         assert_eq!(
             (s.queries, s.cache_hits, s.answered, s.unanswered),

@@ -23,7 +23,7 @@
 //! only one an operator has to think about.
 
 use super::AuthError;
-use crate::config::units::{ByteSize, Secs};
+use crate::units::{ByteSize, Secs};
 use mail_auth::hickory_resolver::config::{
     NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };

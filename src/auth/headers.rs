@@ -490,6 +490,7 @@ mod tests {
             explanation: None,
             reason: None,
             not_checked: None,
+            dns: Default::default(),
         }
     }
 
@@ -531,6 +532,7 @@ mod tests {
             }),
             remote_ip: "2001:db8::1".parse().unwrap(),
             not_checked: None,
+            dns: Default::default(),
         };
         let h = authentication_results(
             "mx.example.org",
@@ -565,6 +567,7 @@ mod tests {
             dmarc: None,
             remote_ip: "192.0.2.1".parse().unwrap(),
             not_checked: None,
+            dns: Default::default(),
         };
         assert_eq!(
             authentication_results("mx", None, Some(&unsigned)),

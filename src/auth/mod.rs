@@ -34,7 +34,7 @@ pub mod policy;
 pub mod verify;
 pub mod worker;
 
-pub use cache::{DnsBudget, DnsStats, QueryLimits, Trip};
+pub use cache::{DnsBudget, DnsFacts, DnsStats, QueryLimits, Trip};
 pub use dns::{DnsFile, DnsSettings};
 pub use headers::{authentication_results, authserv_id, received_spf, strip_forged};
 pub use policy::{

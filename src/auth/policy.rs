@@ -24,7 +24,7 @@ use super::verify::{
     AuthResult, Checks, DmarcPolicy, MessageOutcome, NotChecked, SpfIdentity, SpfOutcome,
 };
 use super::AuthError;
-use crate::policy::PolicyAction;
+use crate::action::PolicyAction;
 use serde::Deserialize;
 
 /// `spf:` — one action per RFC 7208 result.
@@ -368,6 +368,7 @@ mod tests {
             explanation: None,
             reason: None,
             not_checked: None,
+            dns: Default::default(),
         }
     }
 
@@ -401,6 +402,7 @@ mod tests {
             }),
             remote_ip: "192.0.2.1".parse().unwrap(),
             not_checked: None,
+            dns: Default::default(),
         }
     }
 
@@ -409,6 +411,7 @@ mod tests {
         let n = NotChecked {
             check: "spf",
             reason: "DNS query limit of the session reached (500 queries)".into(),
+            runtime_busy: false,
         };
         let mut o = spf(AuthResult::TempError);
         o.not_checked = Some(n.clone());

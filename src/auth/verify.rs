@@ -37,7 +37,7 @@
 //!   never copied; [`verification_copy_len`] says what the copy costs).
 
 use super::cache::{
-    CallCaches, CallLog, CheckKind, DnsBudget, DnsStats, DnsStatsSnapshot, QueryLimits,
+    CallCaches, CallLog, CheckKind, DnsBudget, DnsFacts, DnsStats, DnsStatsSnapshot, QueryLimits,
     SharedCaches, Trip,
 };
 use super::dns::DnsSettings;
@@ -159,6 +159,8 @@ pub struct SpfOutcome {
     /// Set when mailgate itself could not complete the check (see
     /// [`NotChecked`]); the result is then `temperror`.
     pub not_checked: Option<NotChecked>,
+    /// What the check's DNS queries did (the driver counts it).
+    pub dns: DnsFacts,
 }
 
 /// A check that mailgate itself could not complete: the session's DNS query
@@ -173,6 +175,9 @@ pub struct NotChecked {
     pub check: &'static str,
     /// Sanitised, reply-safe text.
     pub reason: String,
+    /// The check runtime had no slot for it (`worker.rs`): the driver counts
+    /// `mailgate_auth_results_total{check="check_runtime",result="busy"}`.
+    pub runtime_busy: bool,
 }
 
 impl SpfOutcome {
@@ -221,6 +226,7 @@ impl SpfOutcome {
             explanation: None,
             reason: None,
             not_checked: None,
+            dns: DnsFacts::default(),
         }
     }
 }
@@ -335,6 +341,8 @@ pub struct MessageOutcome {
     pub remote_ip: IpAddr,
     /// The first requested check that mailgate could not complete.
     pub not_checked: Option<NotChecked>,
+    /// What the checks' DNS queries did (the driver counts it).
+    pub dns: DnsFacts,
 }
 
 impl MessageOutcome {
@@ -507,7 +515,7 @@ impl Verifier {
                 out.reason = Some("DNS lookup failed".into());
             }
         }
-        log.finish();
+        out.dns = log.finish();
         self.stats.record_check(
             CheckKind::Spf,
             started.elapsed(),
@@ -554,6 +562,7 @@ impl Verifier {
             dmarc: None,
             remote_ip: ip,
             not_checked: None,
+            dns: DnsFacts::default(),
         };
         if !want.any() {
             return out;
@@ -564,6 +573,7 @@ impl Verifier {
             out.not_checked = Some(NotChecked {
                 check: "dmarc",
                 reason: format!("SPF not checked: {}", n.reason),
+                runtime_busy: false,
             });
         }
         // One lookup log for all message checks; it must outlive the DKIM
@@ -781,7 +791,7 @@ impl Verifier {
             );
             out.dmarc = Some(dmarc);
         }
-        log.finish();
+        out.dns = log.finish();
         out
     }
 }
@@ -792,6 +802,7 @@ fn cut_short(check: &'static str, t: &Trip, limits: QueryLimits) -> Option<NotCh
     t.is_temporary().then(|| NotChecked {
         check,
         reason: t.reason(limits),
+        runtime_busy: false,
     })
 }
 
@@ -1389,6 +1400,7 @@ mod tests {
             dmarc: None,
             remote_ip: "192.0.2.1".parse().unwrap(),
             not_checked: None,
+            dns: Default::default(),
         };
         assert_eq!(m.dkim_summary().unwrap().0, AuthResult::Pass);
         m.dkim = Some(vec![sig(AuthResult::Neutral), sig(AuthResult::Fail)]);

@@ -83,7 +83,6 @@ async fn run_in<T: Send + 'static>(
     check: impl Future<Output = T> + Send + 'static,
 ) -> Result<T, Lost> {
     let Ok(Ok(slot)) = tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned()).await else {
-        crate::observe::metrics().auth_result("check_runtime", "busy");
         return Err(Lost::Busy);
     };
     // the slot is freed when the check ends or is aborted (its future dropped)
@@ -145,6 +144,7 @@ impl Lost {
             Lost::Busy | Lost::Late => Some(NotChecked {
                 check,
                 reason: self.result().1.into(),
+                runtime_busy: matches!(self, Lost::Busy),
             }),
             Lost::Panicked => None,
         }
@@ -258,6 +258,7 @@ fn lost_outcome(ip: IpAddr, want: Checks, lost: &Lost) -> MessageOutcome {
         }),
         remote_ip: ip,
         not_checked: lost.not_checked(first_check(want)),
+        dns: Default::default(),
     }
 }
 
@@ -290,7 +291,7 @@ mod tests {
         for lost in [Lost::Late, Lost::Busy] {
             let o = lost_outcome(ip, policy.checks(), &lost);
             let v = crate::auth::decide(&policy, &o);
-            assert_eq!(v.action, crate::policy::PolicyAction::Tempfail, "{v:?}");
+            assert_eq!(v.action, crate::action::PolicyAction::Tempfail, "{v:?}");
             assert!(v.reason.starts_with("DMARC not checked: "), "{v:?}");
         }
         // a panic is a result (permerror), judged by the policy's keys
@@ -357,6 +358,13 @@ mod tests {
         let busy = run_in(&slots, Duration::from_secs(5), async {}).await;
         assert!(matches!(busy, Err(Lost::Busy)), "{busy:?}");
         assert!(started.elapsed() >= SLOT_WAIT);
+        // the outcome says so, for the driver to count (`check_runtime` busy)
+        assert!(Lost::Busy
+            .not_checked("spf")
+            .is_some_and(|n| n.runtime_busy));
+        assert!(Lost::Late
+            .not_checked("spf")
+            .is_some_and(|n| !n.runtime_busy));
         drop(held);
         assert!(run_in(&slots, Duration::from_secs(5), async {})
             .await

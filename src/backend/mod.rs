@@ -1,10 +1,43 @@
-//! Clients of the legacy servers behind mailgate.
+//! Clients of the legacy servers behind mailgate. This module owns what it
+//! needs to connect ([`Backend`], [`Deadlines`]; `config` builds them from
+//! YAML) and what it learns (`caps.rs`), and returns facts (login replies,
+//! connect times) for the drivers to map to replies and count.
 
+pub mod caps;
 pub mod pop3;
 pub mod probe;
 pub mod reply;
 pub mod smtp;
 pub mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One `backends:` entry, validated.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    pub address: String,
+    pub helo_name: String,
+    pub xclient: bool,
+    pub proxy_v2: bool,
+    /// TLS to the backend, when configured.
+    pub tls: Option<Arc<stream::BackendTls>>,
+    /// Relay even when XCLIENT cannot be applied (explicit opt-out).
+    pub identity_optional: bool,
+}
+
+/// A listener's deadlines for its backend (`timeouts.backend_connect`,
+/// `backend_reply`, `backend_data`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// TCP connect, TLS handshake and greeting.
+    pub connect: Duration,
+    /// Each reply to a command.
+    pub reply: Duration,
+    /// The whole message body write (SMTP DATA).
+    pub data: Duration,
+}
 
 #[cfg(test)]
 mod tests {
@@ -23,10 +56,14 @@ pub enum BackendError {
     /// The connection broke or a reply did not come in time.
     #[error("backend connection failed: {0}")]
     Failed(String),
-    /// The backend said something that is not valid here (also: it wrote
-    /// before it was asked, so the conversation is out of step).
+    /// The backend said something that is not valid here.
     #[error("backend protocol error: {0}")]
     Protocol(String),
+    /// The backend wrote before it was asked (an unsolicited or extra reply):
+    /// every later reply would answer the wrong command. Reported apart from
+    /// `Protocol` so that the driver can count it (`backend_out_of_step`).
+    #[error("backend protocol error: {0}")]
+    OutOfStep(String),
     /// The configured client identity (XCLIENT, PROXY v2) could not be
     /// applied; the connection is not used (fail closed).
     #[error("client identity not applied: {0}")]

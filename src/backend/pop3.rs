@@ -6,19 +6,17 @@
 //! Before each login command the conversation must be in step (nothing
 //! unread, not closed), or the attempt is not believed.
 //!
-//! Capabilities are learnt at every connection and kept per backend in a
-//! process-wide cache, so CAPA answers to clients (given before any backend
-//! connection of their own) can reflect them.
+//! Capabilities are learnt at every connection; the driver keeps them in the
+//! gateway's `caps::CapsCache`, so CAPA answers to clients (given before any
+//! backend connection of their own) can reflect them.
 
-use super::BackendError;
+use super::caps::Pop3Caps;
+use super::{Backend, BackendError, Deadlines};
 use crate::codec::Conn;
-use crate::config::{Backend, Timeouts};
-use crate::pop3::command::base64_encode;
-use crate::pop3::session::{BackendCaps, Login, LoginOutcome};
+use base64::Engine as _;
 use bytes::BytesMut;
-use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
-use std::time::Duration;
+use std::fmt;
+use std::time::{Duration, Instant};
 
 /// Longest status or CAPA line accepted from a backend (RFC 2449 §4: 512).
 pub const MAX_LINE: usize = 1024;
@@ -68,37 +66,66 @@ pub fn apop_timestamp(greeting: &str) -> Option<String> {
     .then(|| ts.to_string())
 }
 
-fn cache() -> &'static RwLock<HashMap<String, BackendCaps>> {
-    static CACHE: OnceLock<RwLock<HashMap<String, BackendCaps>>> = OnceLock::new();
-    CACHE.get_or_init(Default::default)
+/// A login to replay on the backend.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Login {
+    /// USER/PASS, or AUTH PLAIN without a separate authorization identity:
+    /// the backend gets it in whatever form it supports.
+    Password { user: String, pass: String },
+    /// AUTH PLAIN acting as `authzid`: only SASL PLAIN can carry that.
+    PlainAs {
+        authzid: String,
+        user: String,
+        pass: String,
+    },
+    /// APOP against the backend's own greeting timestamp.
+    Apop { user: String, digest: String },
 }
 
-fn cache_key(b: &Backend) -> String {
-    format!("{}\0{}", b.name, b.address)
-}
-
-/// What the backend announced last time anyone connected, if ever.
-pub fn cached_caps(b: &Backend) -> Option<BackendCaps> {
-    cache().read().ok()?.get(&cache_key(b)).cloned()
-}
-
-fn remember_caps(b: &Backend, caps: &BackendCaps) {
-    if let Ok(mut m) = cache().write() {
-        let key = cache_key(b);
-        if m.get(&key) != Some(caps) {
-            tracing::info!(backend = %b.name, ?caps, "POP3 backend capabilities");
-            m.insert(key, caps.clone());
+impl Login {
+    pub fn user(&self) -> &str {
+        match self {
+            Login::Password { user, .. }
+            | Login::PlainAs { user, .. }
+            | Login::Apop { user, .. } => user,
         }
     }
 }
 
+// never print a password or digest
+impl fmt::Debug for Login {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Login::Password { user, .. } => write!(f, "Password({user:?})"),
+            Login::PlainAs { authzid, user, .. } => write!(f, "PlainAs({authzid:?}, {user:?})"),
+            Login::Apop { user, .. } => write!(f, "Apop({user:?})"),
+        }
+    }
+}
+
+/// What the backend answered to a login (the POP3 session maps it to its
+/// reply, beside the outcomes of errors and policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginReply {
+    /// `+OK` with this text: the session becomes a pipe.
+    Accepted(String),
+    /// `-ERR` with this text.
+    Rejected(String),
+    /// The backend offers no method that can carry this login.
+    Unsupported,
+    /// The backend spoke out of turn (unsolicited data) or had closed before
+    /// a login command: its next reply would not have been the answer.
+    OutOfStep,
+}
+
 /// One capability probe: connect, greeting, CAPA, QUIT.
-pub async fn probe(b: &Backend, t: &Timeouts) -> Option<BackendCaps> {
+/// The caller caches the capabilities and counts the connect time.
+pub async fn probe(b: &Backend, t: &Deadlines) -> Option<(Pop3Caps, Duration)> {
     match Pop3Backend::connect(b, t).await {
         Ok(be) => {
-            let caps = be.caps.clone();
+            let found = (be.caps.clone(), be.connect_time);
             be.quit().await;
-            Some(caps)
+            Some(found)
         }
         Err(e) => {
             tracing::warn!(backend = %b.name, error = %e, "POP3 backend probe failed");
@@ -109,7 +136,10 @@ pub async fn probe(b: &Backend, t: &Timeouts) -> Option<BackendCaps> {
 
 pub struct Pop3Backend {
     conn: Conn<super::stream::BackendStream>,
-    pub caps: BackendCaps,
+    pub caps: Pop3Caps,
+    /// How long connecting took (TCP, TLS, greeting, CAPA), for the driver's
+    /// `backend_connect_seconds`.
+    pub connect_time: Duration,
     /// APOP timestamp from the greeting.
     pub timestamp: Option<String>,
     reply_timeout: Duration,
@@ -118,21 +148,22 @@ pub struct Pop3Backend {
 impl Pop3Backend {
     /// Connects, reads the greeting and learns the capabilities (CAPA; an
     /// RFC 1939-only server's `-ERR` means USER/PASS only).
-    pub async fn connect(backend: &Backend, t: &Timeouts) -> Result<Self, BackendError> {
-        let started = std::time::Instant::now();
-        let tcp = super::connect(&backend.address, t.backend_connect).await?;
+    pub async fn connect(backend: &Backend, t: &Deadlines) -> Result<Self, BackendError> {
+        let started = Instant::now();
+        let tcp = super::connect(&backend.address, t.connect).await?;
         let mut stream = super::stream::BackendStream::Plain(tcp);
         if let Some(tls) = &backend.tls {
             // implicit TLS (POP3S backends); STLS to backends is refused by config
-            stream = stream.upgrade(tls, t.backend_connect).await?;
+            stream = stream.upgrade(tls, t.connect).await?;
         }
         let mut b = Pop3Backend {
             conn: Conn::new(stream),
-            caps: BackendCaps::rfc1939(),
+            caps: Pop3Caps::rfc1939(),
+            connect_time: Duration::ZERO,
             timestamp: None,
-            reply_timeout: t.backend_reply,
+            reply_timeout: t.reply,
         };
-        let line = b.conn.read_line(MAX_LINE, t.backend_connect).await?;
+        let line = b.conn.read_line(MAX_LINE, t.connect).await?;
         match parse_status(&line)? {
             Status::Ok(text) => b.timestamp = apop_timestamp(&text),
             Status::Err(text) => {
@@ -143,12 +174,11 @@ impl Pop3Backend {
         b.caps = match b.command("CAPA").await? {
             Status::Ok(_) => {
                 let lines = b.multiline().await?;
-                BackendCaps::from_capa(&lines)
+                Pop3Caps::from_capa(&lines)
             }
-            _ => BackendCaps::rfc1939(),
+            _ => Pop3Caps::rfc1939(),
         };
-        remember_caps(backend, &b.caps);
-        crate::observe::metrics().backend_connected(&backend.name, started.elapsed().as_secs_f64());
+        b.connect_time = started.elapsed();
         Ok(b)
     }
 
@@ -188,9 +218,9 @@ impl Pop3Backend {
     }
 
     /// Replays `login`. `Ok` carries what the backend decided (or
-    /// [`LoginOutcome::OutOfStep`]: it spoke out of turn, nothing decided);
+    /// [`LoginReply::OutOfStep`]: it spoke out of turn, nothing decided);
     /// `Err` means the connection is unusable.
-    pub async fn login(&mut self, login: &Login) -> Result<LoginOutcome, BackendError> {
+    pub async fn login(&mut self, login: &Login) -> Result<LoginReply, BackendError> {
         let status = match login {
             Login::Password { user, pass } => {
                 if self.caps.user || !self.caps.sasl_plain {
@@ -205,13 +235,13 @@ impl Pop3Backend {
                 pass,
             } => {
                 if !self.caps.sasl_plain {
-                    return Ok(LoginOutcome::Unsupported);
+                    return Ok(LoginReply::Unsupported);
                 }
                 self.auth_plain(authzid, user, pass).await?
             }
             Login::Apop { user, digest } => {
                 if self.timestamp.is_none() {
-                    return Ok(LoginOutcome::Unsupported);
+                    return Ok(LoginReply::Unsupported);
                 }
                 self.login_command(&format!("APOP {user} {digest}")).await?
             }
@@ -221,11 +251,11 @@ impl Pop3Backend {
             // have been the answer to an earlier command, so it is no login
             Some(Status::Ok(_)) if self.conn.buffered() > 0 => {
                 tracing::warn!("POP3 backend sent more after its login reply: out of step");
-                Ok(LoginOutcome::OutOfStep)
+                Ok(LoginReply::OutOfStep)
             }
-            Some(Status::Ok(t)) => Ok(LoginOutcome::Accepted(t)),
-            Some(Status::Err(t)) => Ok(LoginOutcome::Rejected(t)),
-            None => Ok(LoginOutcome::OutOfStep),
+            Some(Status::Ok(t)) => Ok(LoginReply::Accepted(t)),
+            Some(Status::Err(t)) => Ok(LoginReply::Rejected(t)),
+            None => Ok(LoginReply::OutOfStep),
             Some(Status::Continue) => Err(BackendError::Protocol("unexpected `+` to login".into())),
         }
     }
@@ -273,7 +303,8 @@ impl Pop3Backend {
         user: &str,
         pass: &str,
     ) -> Result<Option<Status>, BackendError> {
-        let ir = base64_encode(format!("{authzid}\0{user}\0{pass}").as_bytes());
+        let ir = base64::engine::general_purpose::STANDARD
+            .encode(format!("{authzid}\0{user}\0{pass}").as_bytes());
         // initial response (RFC 5034 §4); a server that still asks gets it again
         match self.login_command(&format!("AUTH PLAIN {ir}")).await? {
             Some(Status::Continue) => self.login_command(&ir).await,
@@ -340,7 +371,8 @@ mod tests {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut b = Pop3Backend {
             conn: Conn::new(super::super::stream::BackendStream::Plain(tcp)),
-            caps: BackendCaps::rfc1939(),
+            caps: Pop3Caps::rfc1939(),
+            connect_time: Duration::ZERO,
             timestamp: None,
             reply_timeout: Duration::from_secs(5),
         };
@@ -352,7 +384,7 @@ mod tests {
             user: "alice".into(),
             pass: "secret".into(),
         };
-        assert!(matches!(b.login(&login).await, Ok(LoginOutcome::OutOfStep)));
+        assert!(matches!(b.login(&login).await, Ok(LoginReply::OutOfStep)));
         drop(b);
         assert!(server.join().unwrap().is_empty(), "no USER was sent");
     }

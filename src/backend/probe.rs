@@ -5,68 +5,50 @@
 //! every real session's EHLO. Until a probe succeeds the caps are the
 //! conservative default (no 8BITMIME, no SMTPUTF8).
 
+use super::caps::CapsCache;
 use super::smtp::SmtpBackend;
-use crate::config::{Backend, Timeouts};
-use crate::smtp::session::BackendCaps;
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use super::{Backend, Deadlines};
+use std::sync::Arc;
+use std::time::Duration;
 
-#[derive(Default)]
-pub struct CapsCache {
-    map: RwLock<HashMap<String, BackendCaps>>,
-}
-
-impl CapsCache {
-    pub fn get(&self, backend: &str) -> BackendCaps {
-        self.map
-            .read()
-            .ok()
-            .and_then(|m| m.get(backend).cloned())
-            .unwrap_or_default()
-    }
-
-    pub fn set(&self, backend: &str, caps: BackendCaps) {
-        if let Ok(mut m) = self.map.write() {
-            if m.get(backend) != Some(&caps) {
-                tracing::info!(backend, ?caps, "backend capabilities");
-                m.insert(backend.to_string(), caps);
-            }
+/// One probe: connect, EHLO, QUIT. The capabilities go into `cache`; the
+/// connect time is returned for the caller to count.
+pub async fn probe(cache: &CapsCache, backend: &Backend, t: &Deadlines) -> Option<Duration> {
+    match SmtpBackend::connect(backend, t, None).await {
+        Ok(b) => {
+            cache.set_smtp(backend, b.caps.clone());
+            let took = b.connect_time;
+            b.quit().await;
+            Some(took)
         }
-    }
-
-    /// One probe: connect, EHLO, QUIT.
-    pub async fn probe(&self, backend: &Backend, t: &Timeouts) -> bool {
-        match SmtpBackend::connect(backend, t, None).await {
-            Ok(b) => {
-                self.set(&backend.name, b.caps.clone());
-                b.quit().await;
-                true
-            }
-            Err(e) => {
-                tracing::warn!(backend = %backend.name, error = %e, "backend probe failed");
-                false
-            }
+        Err(e) => {
+            tracing::warn!(backend = %backend.name, error = %e, "backend probe failed");
+            None
         }
     }
 }
 
 /// Probes now, then every `every` until `stop` fires. Runs beside the
 /// listeners (start-up does not wait for it); `probed` turns true after the
-/// first round, answered or failed.
+/// first round, answered or failed. `connected(backend, took)` is called
+/// for each probe that connected (the caller counts it).
 pub async fn refresh_loop(
     cache: Arc<CapsCache>,
-    backends: Vec<(Arc<Backend>, Timeouts)>,
-    every: std::time::Duration,
+    backends: Vec<(Arc<Backend>, Deadlines)>,
+    every: Duration,
     probed: tokio::sync::watch::Sender<bool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    connected: impl Fn(&Backend, Duration),
 ) {
-    let round = async {
+    let round = || async {
         for (b, t) in &backends {
-            cache.probe(b, t).await;
+            if let Some(took) = probe(&cache, b, t).await {
+                connected(b, took);
+            }
         }
     };
     tokio::select! {
-        _ = round => {}
+        _ = round() => {}
         _ = stop.changed() => return,
     }
     probed.send_replace(true);
@@ -75,8 +57,6 @@ pub async fn refresh_loop(
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
-        for (b, t) in &backends {
-            cache.probe(b, t).await;
-        }
+        round().await;
     }
 }

@@ -3,14 +3,13 @@
 //! and reused across transactions; a transaction left open is RSET before the
 //! next MAIL. Only parameters the backend announced are passed on.
 
+use super::caps::{Ehlo, SmtpCaps};
 use super::reply::{Parsed, ReplyParser, MAX_LINE};
 use super::stream::{BackendStream, BackendTlsMode};
-use super::{BackendError, ClientIdentity};
+use super::{Backend, BackendError, ClientIdentity, Deadlines};
 use crate::codec::Conn;
-use crate::config::{Backend, Timeouts};
-use crate::smtp::command::{Body, MailParams};
-use crate::smtp::session::BackendCaps;
-use std::time::Duration;
+use crate::mail::{Body, MailParams, Stuffer};
+use std::time::{Duration, Instant};
 
 pub type BackendReply = (u16, Vec<String>);
 
@@ -24,7 +23,10 @@ pub struct SmtpBackend {
     name: String,
     /// The backend offered STARTTLS in its last EHLO.
     starttls: bool,
-    pub caps: BackendCaps,
+    pub caps: SmtpCaps,
+    /// How long connecting took (TCP, TLS, greeting, EHLO, identity), for
+    /// the driver's `backend_connect_seconds`.
+    pub connect_time: Duration,
     size_ext: bool,
     /// A MAIL was sent and its transaction not ended by DATA.
     open_tx: bool,
@@ -37,11 +39,11 @@ impl SmtpBackend {
     /// backend is configured for it (`id` is `None` for capability probes).
     pub async fn connect(
         backend: &Backend,
-        t: &Timeouts,
+        t: &Deadlines,
         id: Option<&ClientIdentity>,
     ) -> Result<Self, BackendError> {
-        let started = std::time::Instant::now();
-        let mut tcp = super::connect(&backend.address, t.backend_connect).await?;
+        let started = Instant::now();
+        let mut tcp = super::connect(&backend.address, t.connect).await?;
         // PROXY v2 belongs to the TCP connection: before any TLS
         if let (true, Some(id)) = (backend.proxy_v2, id) {
             use tokio::io::AsyncWriteExt;
@@ -59,19 +61,20 @@ impl SmtpBackend {
             .as_ref()
             .filter(|t| t.mode == BackendTlsMode::Implicit)
         {
-            stream = stream.upgrade(tls, t.backend_connect).await?;
+            stream = stream.upgrade(tls, t.connect).await?;
         }
         let mut b = SmtpBackend {
             conn: Conn::new(stream),
             name: backend.name.clone(),
             starttls: false,
-            caps: BackendCaps::default(),
+            caps: SmtpCaps::default(),
+            connect_time: Duration::ZERO,
             size_ext: false,
             open_tx: false,
-            reply_timeout: t.backend_reply,
-            data_timeout: t.backend_data,
+            reply_timeout: t.reply,
+            data_timeout: t.data,
         };
-        let (code, lines) = b.read_reply(t.backend_connect).await?;
+        let (code, lines) = b.read_reply(t.connect).await?;
         if code != 220 {
             return Err(BackendError::Unavailable(format!(
                 "greeting {code} {}",
@@ -101,13 +104,13 @@ impl SmtpBackend {
             // anything the backend sent after its 220 is not trusted (RFC 3207)
             b.conn.discard_buffered();
             let plain = std::mem::replace(&mut b.conn.stream, BackendStream::Detached);
-            b.conn.stream = plain.upgrade(tls, t.backend_connect).await?;
+            b.conn.stream = plain.upgrade(tls, t.connect).await?;
             xclient = b.hello(&backend.helo_name).await?;
         }
         if let (true, Some(id)) = (backend.xclient, id) {
             b.xclient(backend, id, xclient.as_deref()).await?;
         }
-        crate::observe::metrics().backend_connected(&backend.name, started.elapsed().as_secs_f64());
+        b.connect_time = started.elapsed();
         Ok(b)
     }
 
@@ -188,46 +191,17 @@ impl SmtpBackend {
     /// attributes if the backend offers XCLIENT.
     async fn hello(&mut self, name: &str) -> Result<Option<Vec<String>>, BackendError> {
         let b = self;
-        let mut xclient = None;
-        b.caps = BackendCaps::default();
+        b.caps = SmtpCaps::default();
         b.size_ext = false;
         b.starttls = false;
         let (code, lines) = b.command(&format!("EHLO {name}")).await?;
         match code {
             250 => {
-                for ext in lines.iter().skip(1) {
-                    let mut words = ext.split_whitespace();
-                    match words.next().map(|w| w.to_ascii_uppercase()).as_deref() {
-                        Some("8BITMIME") => b.caps.eightbitmime = true,
-                        Some("SMTPUTF8") => b.caps.smtputf8 = true,
-                        Some("PIPELINING") => b.caps.pipelining = true,
-                        Some("STARTTLS") => b.starttls = true,
-                        Some("XCLIENT") => {
-                            xclient = Some(words.by_ref().map(str::to_string).collect())
-                        }
-                        Some(w) if w == "AUTH" || w.starts_with("AUTH=") => {
-                            let first = w
-                                .strip_prefix("AUTH=")
-                                .filter(|m| !m.is_empty())
-                                .map(str::to_string);
-                            for m in first
-                                .into_iter()
-                                .chain(words.map(|m| m.to_ascii_uppercase()))
-                            {
-                                match m.as_str() {
-                                    "PLAIN" => b.caps.auth_plain = true,
-                                    "LOGIN" => b.caps.auth_login = true,
-                                    _ => {}
-                                }
-                            }
-                        }
-                        Some("SIZE") => {
-                            b.size_ext = true;
-                            b.caps.size = words.next().and_then(|n| n.parse().ok());
-                        }
-                        _ => {}
-                    }
-                }
+                let ehlo = Ehlo::parse(lines.get(1..).unwrap_or(&[]));
+                b.caps = ehlo.caps;
+                b.size_ext = ehlo.size_ext;
+                b.starttls = ehlo.starttls;
+                Ok(ehlo.xclient)
             }
             // a truly old server: fall back to HELO (RFC 5321 §3.2)
             500..=504 | 550 => {
@@ -238,15 +212,13 @@ impl SmtpBackend {
                         lines.join(" ")
                     )));
                 }
+                Ok(None)
             }
-            _ => {
-                return Err(BackendError::Unavailable(format!(
-                    "EHLO {code} {}",
-                    lines.join(" ")
-                )))
-            }
+            _ => Err(BackendError::Unavailable(format!(
+                "EHLO {code} {}",
+                lines.join(" ")
+            ))),
         }
-        Ok(xclient)
     }
 
     async fn read_reply(&mut self, deadline: Duration) -> Result<BackendReply, BackendError> {
@@ -286,11 +258,11 @@ impl SmtpBackend {
         self.conn.rbuf_mut().starts_with(b"421")
     }
 
-    /// Logs and counts an out-of-step backend; the error drops the connection.
+    /// Logs an out-of-step backend; the error drops the connection (and the
+    /// driver counts it).
     fn out_of_step(&self, bytes: usize, at: &str) -> BackendError {
-        crate::observe::metrics().backend_out_of_step(&self.name);
         tracing::warn!(backend = %self.name, bytes, at, "backend wrote out of step (an unsolicited or extra reply); connection dropped");
-        BackendError::Protocol(format!("out of step: {bytes} unsolicited bytes {at}"))
+        BackendError::OutOfStep(format!("out of step: {bytes} unsolicited bytes {at}"))
     }
 
     /// The command's verb for logs (never an AUTH response: credentials).
@@ -468,7 +440,7 @@ impl SmtpBackend {
     async fn send_stuffed(&mut self, parts: &[&[u8]]) -> Result<(), BackendError> {
         let until = tokio::time::Instant::now() + self.data_timeout;
         let left = || until.saturating_duration_since(tokio::time::Instant::now());
-        let mut st = crate::smtp::data::Stuffer::default();
+        let mut st = Stuffer::default();
         for part in parts {
             let mut rest = *part;
             while !rest.is_empty() {
@@ -487,5 +459,57 @@ impl SmtpBackend {
     /// Polite goodbye; errors do not matter any more.
     pub async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.exchange("QUIT")).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead as _, BufReader, Write as _};
+
+    /// What the backend client reports instead of counting: the connect time,
+    /// the capabilities, and an out-of-step backend as its own error (the
+    /// driver counts `backend_out_of_step` from it).
+    #[tokio::test]
+    async fn connect_and_out_of_step_are_returned_facts() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            w.write_all(b"220 legacy ESMTP\r\n").unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert!(line.starts_with("EHLO gw.test"), "{line:?}");
+            // the EHLO answer, then a reply nobody asked for
+            w.write_all(b"250-legacy\r\n250-8BITMIME\r\n250 SIZE 1000\r\n250 stray\r\n")
+                .unwrap();
+            let mut rest = String::new();
+            let _ = std::io::Read::read_to_string(&mut r, &mut rest);
+            rest
+        });
+        let backend = Backend {
+            name: "b".into(),
+            address: addr.to_string(),
+            helo_name: "gw.test".into(),
+            xclient: false,
+            proxy_v2: false,
+            tls: None,
+            identity_optional: false,
+        };
+        let t = Deadlines {
+            connect: Duration::from_secs(5),
+            reply: Duration::from_secs(5),
+            data: Duration::from_secs(5),
+        };
+        let mut b = SmtpBackend::connect(&backend, &t, None).await.unwrap();
+        assert!(b.connect_time > Duration::ZERO);
+        assert!(b.caps.eightbitmime && b.caps.size == Some(1000));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let e = b.rcpt("<a@example.org>").await.unwrap_err();
+        assert!(matches!(e, BackendError::OutOfStep(_)), "{e:?}");
+        drop(b);
+        assert!(!server.join().unwrap().contains("RCPT"), "no RCPT was sent");
     }
 }

@@ -4,20 +4,9 @@
 use super::file::{BackendFile, BackendTlsFile, IdentityMethod};
 use super::load::{valid_hostname, Source};
 use super::{defaults, ConfigError};
+use crate::backend::stream::{client_config, BackendTls, BackendTlsMode};
+use crate::backend::Backend;
 use std::sync::Arc;
-
-#[derive(Debug, Clone)]
-pub struct Backend {
-    pub name: String,
-    pub address: String,
-    pub helo_name: String,
-    pub xclient: bool,
-    pub proxy_v2: bool,
-    /// TLS to the backend, when configured.
-    pub tls: Option<Arc<crate::backend::stream::BackendTls>>,
-    /// Relay even when XCLIENT cannot be applied (explicit opt-out).
-    pub identity_optional: bool,
-}
 
 /// One `backends:` entry → a [`Backend`]; `hostname` is the default EHLO name.
 pub(super) fn build_backend(
@@ -64,21 +53,18 @@ pub(super) fn build_backend(
                     )
                 })?;
             let ca = b.ca.as_ref().map(|c| s.resolve(c));
-            let cfg = crate::backend::stream::client_config(
-                ca.as_deref(),
-                b.pin_sha256.as_deref().unwrap_or(&[]),
-            )
-            .map_err(|e| {
-                s.err(
-                    &["backends", name, "tls"],
-                    format!("backends.{name}.tls: {e}"),
-                )
-            })?;
-            Some(Arc::new(crate::backend::stream::BackendTls {
+            let cfg = client_config(ca.as_deref(), b.pin_sha256.as_deref().unwrap_or(&[]))
+                .map_err(|e| {
+                    s.err(
+                        &["backends", name, "tls"],
+                        format!("backends.{name}.tls: {e}"),
+                    )
+                })?;
+            Some(Arc::new(BackendTls {
                 mode: if mode == BackendTlsFile::Starttls {
-                    crate::backend::stream::BackendTlsMode::Starttls
+                    BackendTlsMode::Starttls
                 } else {
-                    crate::backend::stream::BackendTlsMode::Implicit
+                    BackendTlsMode::Implicit
                 },
                 connector: tokio_rustls::TlsConnector::from(cfg),
                 server_name,

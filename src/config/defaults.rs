@@ -5,7 +5,7 @@
 //! the field's `default` and a unit test holds README's tables to them.
 
 use super::{AuthMode, BareNewlines};
-use crate::policy::PolicyAction;
+use crate::action::PolicyAction;
 use std::time::Duration;
 
 const fn secs(s: u64) -> Duration {
@@ -293,12 +293,8 @@ mod tests {
     fn spellings_parse_back_to_the_constants() {
         for (def, field, value) in DOCUMENTED {
             let back = match value {
-                Value::Duration(d) => {
-                    super::super::units::Secs::parse(&value.yaml()).map(|s| s.0 == *d)
-                }
-                Value::Size(b) => {
-                    super::super::units::ByteSize::parse(&value.yaml()).map(|s| s.0 == *b)
-                }
+                Value::Duration(d) => crate::units::Secs::parse(&value.yaml()).map(|s| s.0 == *d),
+                Value::Size(b) => crate::units::ByteSize::parse(&value.yaml()).map(|s| s.0 == *b),
                 _ => Ok(true),
             };
             assert_eq!(back, Ok(true), "{def}.{field}: {}", value.yaml());

@@ -5,9 +5,9 @@
 //! naming its file, so the running configuration (with the old keys) stays.
 
 use super::load::Source;
-use super::units::Secs;
 use super::{defaults, ConfigError};
 use crate::sign::{self, SignPolicy, UnknownDomain};
+use crate::units::Secs;
 use mail_auth::dkim::Canonicalization;
 use schemars::JsonSchema;
 use serde::Deserialize;

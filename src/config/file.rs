@@ -4,7 +4,7 @@
 //! Defaults are not restated here: they live in `defaults.rs`, which the
 //! schema (`mailgate schema`, each field's `default`) and README follow.
 
-use super::units::{ByteSize, Cidr, Rate, Secs};
+use crate::units::{ByteSize, Cidr, Rate, Secs};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -268,27 +268,13 @@ pub struct AllowEntryFile {
     pub skip: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyPart {
-    Ip,
-    IpPrefix,
-    Helo,
-    Sender,
-    SenderDomain,
-    Rcpt,
-    RcptDomain,
-    AuthUser,
-    Listener,
-}
-
 /// One limit rule. Exactly one of the counting fields is set.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitFile {
     /// Used in logs, metrics and `allow.skip` (default `rule-N`, N from 1).
     pub name: Option<String>,
-    pub key: Vec<KeyPart>,
+    pub key: Vec<crate::policy::KeyPart>,
     /// Events at the stage where the key is known ("20/minute", "5/15minutes").
     pub rate: Option<Rate>,
     pub burst: Option<u32>,
@@ -304,7 +290,7 @@ pub struct LimitFile {
     pub recipients_per_message: Option<u32>,
     pub prefix_v4: Option<u8>,
     pub prefix_v6: Option<u8>,
-    pub action: Option<crate::policy::PolicyAction>,
+    pub action: Option<crate::action::PolicyAction>,
     /// Longest tarpit for `action: delay` (at most 60s).
     pub max_delay: Option<Secs>,
     /// The `ip` key counts IPv6 clients per network of this prefix length

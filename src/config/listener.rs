@@ -1,12 +1,13 @@
 //! `listeners:` entries → [`Listener`]: bind address, TLS mode, the backend and
 //! policy they name, per-session limits and [`Timeouts`].
 
-use super::backend::Backend;
 use super::defaults::{self, timeouts as deft};
 use super::file::ListenerFile;
 use super::load::{valid_hostname, Source};
-use super::{units, AuthMode, BareNewlines, ConfigError, Protocol, TlsMode};
+use super::{AuthMode, BareNewlines, ConfigError, Protocol, TlsMode};
+use crate::backend::{Backend, Deadlines};
 use crate::policy::PolicySpec;
+use crate::units;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,9 +19,8 @@ pub struct Timeouts {
     pub command: Duration,
     pub data: Duration,
     pub session: Duration,
-    pub backend_connect: Duration,
-    pub backend_reply: Duration,
-    pub backend_data: Duration,
+    /// `backend_connect`, `backend_reply`, `backend_data`.
+    pub backend: Deadlines,
     /// POP3 transaction state (byte pipe) idle time.
     pub idle: Duration,
 }
@@ -252,9 +252,11 @@ pub(super) fn build_listener(
             command: d(t.command, deft::COMMAND),
             data: d(t.data, deft::DATA),
             session: d(t.session, deft::SESSION),
-            backend_connect: d(t.backend_connect, deft::BACKEND_CONNECT),
-            backend_reply: d(t.backend_reply, deft::BACKEND_REPLY),
-            backend_data: d(t.backend_data, deft::BACKEND_DATA),
+            backend: Deadlines {
+                connect: d(t.backend_connect, deft::BACKEND_CONNECT),
+                reply: d(t.backend_reply, deft::BACKEND_REPLY),
+                data: d(t.backend_data, deft::BACKEND_DATA),
+            },
             idle: d(t.idle, deft::IDLE),
         },
         max_transactions: checked(
@@ -352,8 +354,14 @@ mod tests {
             ),
         )
         .unwrap();
+        let host = crate::config::warnings::Host {
+            memory: None,
+            certificates: vec![],
+            now: std::time::SystemTime::now(),
+        };
+        let ws = crate::config::warnings::of(&c, &host);
         assert!(c
-            .summary()
-            .contains("warning: max_message_size is larger than server.max_inflight_data"));
+            .check_output(&ws)
+            .contains("warning: message-size-over-inflight: listener mx: max_message_size"));
     }
 }

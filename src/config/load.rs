@@ -3,11 +3,12 @@
 //! files into one [`Config`] (process-wide settings set once, names unique
 //! across files), with the [`Source`] text that locates every error.
 
-use super::backend::{build_backend, Backend};
+use super::backend::build_backend;
 use super::file::FileConfig;
 use super::listener::{build_listener, Listener};
 use super::policy::build_policy;
 use super::{defaults, Config, ConfigError, TlsMode};
+use crate::backend::Backend;
 use crate::policy::PolicySpec;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -10,13 +10,13 @@
 //! ```text
 //! file.rs     the serde shapes of one YAML file (the operator contract)
 //! defaults.rs every default value, used by the build code, schema and README test
-//! units.rs    sizes, durations, rates, CIDR networks
 //! load.rs     files of a path, size/nesting caps, parsing, merging → Config
 //! backend.rs  backends: → Backend
 //! listener.rs listeners: → Listener, Timeouts
 //! policy.rs   policies: → policy::PolicySpec
 //! dkim_sign.rs a policy's dkim_sign: → sign::SignPolicy (keys loaded from their files)
 //! summary.rs  the `mailgate check` output
+//! warnings.rs valid but risky settings `check` warns about (`--strict` fails on them)
 //! ```
 
 mod backend;
@@ -27,10 +27,10 @@ mod listener;
 mod load;
 mod policy;
 mod summary;
-pub mod units;
+pub mod warnings;
 
+use crate::backend::Backend;
 use crate::policy::PolicySpec;
-pub use backend::Backend;
 use file::FileConfig;
 pub use file::{AuthMode, BareNewlines, IdentityMethod, Protocol, TlsMode};
 pub use listener::{Listener, Timeouts};

@@ -5,7 +5,8 @@
 use super::file::{AllowFile, PolicyFile};
 use super::load::Source;
 use super::{defaults, ConfigError};
-use crate::policy::{self, AllowSpec, Kind, PolicySpec, RuleSpec};
+use crate::action::PolicyAction;
+use crate::policy::{AllowSpec, Kind, PolicySpec, RuleSpec};
 use std::time::Duration;
 
 pub(super) fn build_policy(
@@ -81,7 +82,7 @@ pub(super) fn build_policy(
         if matches!(kind, Kind::Concurrent(0) | Kind::RecipientsPerMessage(0)) {
             return Err(at("the limit must be at least 1".into()));
         }
-        use super::file::KeyPart as K;
+        use crate::policy::KeyPart as K;
         let allowed: &[K] = match kind {
             Kind::Concurrent(_) => &[K::Ip, K::IpPrefix, K::Listener],
             Kind::AuthFailures { .. } => &[K::Ip, K::IpPrefix, K::AuthUser, K::Listener],
@@ -122,7 +123,7 @@ pub(super) fn build_policy(
             return Err(at_field("ipv6_prefix", "must be ≤ 128".into()));
         }
         let action = r.action.unwrap_or(defaults::ACTION);
-        if matches!(kind, Kind::Concurrent(_)) && action == policy::PolicyAction::Delay {
+        if matches!(kind, Kind::Concurrent(_)) && action == PolicyAction::Delay {
             // a tarpit admits the session afterwards without a slot: no limit at all
             let mut at = vec!["policies", name, "limits"];
             if let Some(n) = &r.name {
@@ -137,10 +138,7 @@ pub(super) fn build_policy(
                 ),
             ));
         }
-        if matches!(
-            action,
-            policy::PolicyAction::Accept | policy::PolicyAction::Tag
-        ) {
+        if matches!(action, PolicyAction::Accept | PolicyAction::Tag) {
             return Err(at_field(
                 "action",
                 "a limit's action is tempfail, reject, delay or shadow".into(),
@@ -270,7 +268,10 @@ mod tests {
         let loaded = load_str("huge.yaml", &text);
         if let Ok(c) = &loaded {
             // what the server does with a loaded configuration
-            crate::policy::Policies::compile(&c.policies, &crate::policy::PolicyState::new());
+            crate::policy::Policies::compile(
+                &c.policies,
+                &crate::policy::PolicyState::new(defaults::KNOWN_GOOD, defaults::MAX_TRACKED_KEYS),
+            );
         }
         let e = loaded.unwrap_err().to_string();
         assert!(

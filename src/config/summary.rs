@@ -75,13 +75,6 @@ impl Config {
                     "  max_message_size={} max_recipients={} bare_newlines={:?} max_errors={}",
                     l.max_message_size, l.max_recipients, l.bare_newlines, l.max_errors
                 );
-                if l.max_message_size > self.max_inflight_data {
-                    let _ = writeln!(
-                        out,
-                        "  warning: max_message_size is larger than server.max_inflight_data: \
-                         larger messages always get 452 4.3.1"
-                    );
-                }
                 let _ = writeln!(
                     out,
                     "  max_transactions={} max_login_failures={}",
@@ -117,6 +110,19 @@ impl Config {
                 cert.display(),
                 key.display()
             );
+        }
+        out
+    }
+
+    /// What `check` prints: the summary, then each warning on a line of its
+    /// own and their count (see `warnings.rs`).
+    pub fn check_output(&self, warnings: &[super::warnings::Warning]) -> String {
+        let mut out = self.summary();
+        for w in warnings {
+            let _ = writeln!(out, "{w}");
+        }
+        if !warnings.is_empty() {
+            let _ = writeln!(out, "{} warning(s)", warnings.len());
         }
         out
     }

@@ -1,5 +1,8 @@
 //! The process's metric families (prometheus-client), one registry for the
-//! process. Counters are incremented where the event happens; label values
+//! process. Counters are incremented at the edges (server, drivers) from the
+//! facts that policy, auth and backend return, never from inside those
+//! modules (so their unit tests read returned values, not process-global
+//! counters); label values
 //! are configuration names or small fixed sets, never client-controlled text
 //! (no cardinality explosion from hostile input).
 
@@ -315,6 +318,14 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    /// One check's DNS: the answered queries' times and the unanswered count.
+    pub fn dns_facts(&self, answered: &[std::time::Duration], unanswered: u64) {
+        for d in answered {
+            self.dns_lookup.observe(d.as_secs_f64());
+        }
+        self.dns_failures.inc_by(unanswered);
     }
 
     pub fn backend_connected(&self, backend: &str, seconds: f64) {

@@ -1,14 +1,14 @@
 //! A compiled [`Policy`] deciding, stage by stage, what a session may do:
 //! connect (deny list, rates, session slots), HELO/MAIL/RCPT rates and
 //! per-message caps, and the login bracket (failure locks, known-good
-//! networks). Each hit is logged and counted; the result is a [`Decision`].
+//! networks). Each hit is logged and returned beside the [`Decision`] (as a
+//! [`Hit`] in [`Checked`]): the caller, at the edge, counts it.
 
-use super::action::PolicyAction;
 use super::limits::{Bucket, Counter, CounterGuard, Failures};
-use super::spec::{PolicySpec, PolicyStage, RuleSpec};
+use super::spec::{KeyPart, PolicySpec, PolicyStage, RuleSpec};
 use super::state::{PolicyState, RuleHits};
-use crate::config::file::KeyPart;
-use crate::config::units::canonical;
+use crate::action::PolicyAction;
+use crate::units::canonical;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -74,6 +74,23 @@ pub enum Decision {
         action: PolicyAction,
         rule: String,
     },
+}
+
+/// A rule that fired during one evaluation, shadow hits included: what the
+/// edges count (`mailgate_policy_hits_total{policy, rule, mode}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    pub policy: String,
+    pub rule: String,
+    /// A `shadow` rule: it would have fired, nothing was done.
+    pub shadow: bool,
+}
+
+/// What an evaluation decided (`decision`) and which rules fired on the way.
+#[derive(Debug)]
+pub struct Checked<T> {
+    pub decision: T,
+    pub hits: Vec<Hit>,
 }
 
 /// Session slots held while a session runs.
@@ -148,15 +165,16 @@ impl Policy {
             .join(" ")
     }
 
-    /// Records a hit and turns the rule's action into a decision.
-    fn hit(&self, rule: &Rule, values: &[String], wait: Duration) -> Decision {
+    /// Records a hit (in `hits`, for the caller to count) and turns the
+    /// rule's action into a decision.
+    fn hit(&self, rule: &Rule, values: &[String], wait: Duration, hits: &mut Vec<Hit>) -> Decision {
         let key = Self::describe_key(&rule.spec, values);
         let action = rule.spec.action;
-        crate::observe::metrics().policy_hit(
-            &self.name,
-            &rule.spec.name,
-            action == PolicyAction::Shadow,
-        );
+        hits.push(Hit {
+            policy: self.name.clone(),
+            rule: rule.spec.name.clone(),
+            shadow: action == PolicyAction::Shadow,
+        });
         if action == PolicyAction::Shadow {
             rule.hits.shadow.fetch_add(1, Ordering::Relaxed);
             info!(policy = %self.name, rule = %rule.spec.name, key = %key, "shadow: limit would have been enforced");
@@ -188,7 +206,13 @@ impl Policy {
 
     /// Connect stage: deny list, connection rates and session counts. The
     /// permit must live as long as the session.
-    pub fn connect(&self, f: &Facts) -> Result<ConnectPermit, Decision> {
+    pub fn connect(&self, f: &Facts) -> Checked<Result<ConnectPermit, Decision>> {
+        let mut hits = Vec::new();
+        let decision = self.connect_with(f, &mut hits);
+        Checked { decision, hits }
+    }
+
+    fn connect_with(&self, f: &Facts, hits: &mut Vec<Hit>) -> Result<ConnectPermit, Decision> {
         if self.denied(f.ip) {
             warn!(policy = %self.name, ip = %f.ip, "denied by policy");
             return Err(Decision::Refuse {
@@ -214,7 +238,7 @@ impl Policy {
             let d = match &rule.limiter {
                 Limiter::Bucket(b) => match b.take(key) {
                     Ok(()) => Decision::Continue,
-                    Err(wait) => self.hit(rule, &values, wait),
+                    Err(wait) => self.hit(rule, &values, wait, hits),
                 },
                 Limiter::Counter(c, max) => match c.acquire(key, *max) {
                     Some(g) => {
@@ -223,7 +247,7 @@ impl Policy {
                     }
                     // a delay would admit the session uncounted: `check`
                     // refuses the combination; fail closed if one gets here
-                    None => match self.hit(rule, &values, rule.spec.max_delay) {
+                    None => match self.hit(rule, &values, rule.spec.max_delay, hits) {
                         Decision::Delay(_) => Decision::Refuse {
                             action: PolicyAction::Tempfail,
                             rule: rule.spec.name.clone(),
@@ -249,7 +273,13 @@ impl Policy {
     }
 
     /// HELO, MAIL and RCPT stages (and `rate` rules keyed by auth_user at login).
-    pub fn check(&self, stage: PolicyStage, f: &Facts) -> Decision {
+    pub fn check(&self, stage: PolicyStage, f: &Facts) -> Checked<Decision> {
+        let mut hits = Vec::new();
+        let decision = self.check_with(stage, f, &mut hits);
+        Checked { decision, hits }
+    }
+
+    fn check_with(&self, stage: PolicyStage, f: &Facts, hits: &mut Vec<Hit>) -> Decision {
         let mut decision = Decision::Continue;
         for rule in self.rules.iter().filter(|r| r.stage == stage) {
             if self.skipped(&rule.spec, f.ip) {
@@ -263,11 +293,11 @@ impl Policy {
                     let refs: Vec<&str> = values.iter().map(String::as_str).collect();
                     match b.take(self.state.hash(&refs)) {
                         Ok(()) => Decision::Continue,
-                        Err(wait) => self.hit(rule, &values, wait),
+                        Err(wait) => self.hit(rule, &values, wait, hits),
                     }
                 }
                 Limiter::PerMessage(max) if f.rcpts_in_message >= *max as usize => {
-                    self.hit(rule, &values, Duration::ZERO)
+                    self.hit(rule, &values, Duration::ZERO, hits)
                 }
                 _ => Decision::Continue,
             };
@@ -287,9 +317,15 @@ impl Policy {
     /// Before a login is relayed: failed-login locks (and login rates). A lock
     /// keyed by user alone is not applied from a network where that user
     /// recently logged in successfully, so an attacker cannot lock a user out.
-    pub fn login_allowed(&self, f: &Facts) -> Decision {
+    pub fn login_allowed(&self, f: &Facts) -> Checked<Decision> {
+        let mut hits = Vec::new();
+        let decision = self.login_allowed_with(f, &mut hits);
+        Checked { decision, hits }
+    }
+
+    fn login_allowed_with(&self, f: &Facts, hits: &mut Vec<Hit>) -> Decision {
         let now = Instant::now();
-        let mut decision = self.check(PolicyStage::Login, f);
+        let mut decision = self.check_with(PolicyStage::Login, f, hits);
         if matches!(decision, Decision::Refuse { .. }) {
             return decision;
         }
@@ -321,7 +357,7 @@ impl Policy {
                 info!(policy = %self.name, rule = %rule.spec.name, "per-user lock not applied: known-good network");
                 continue;
             }
-            decision = Self::combine(decision, self.hit(rule, &values, wait));
+            decision = Self::combine(decision, self.hit(rule, &values, wait, hits));
             if matches!(decision, Decision::Refuse { .. }) {
                 break;
             }
@@ -389,18 +425,23 @@ mod tests {
         let f = Facts::new(ip("127.0.0.2"), "mx");
         let mut permits = Vec::new();
         for _ in 0..5 {
-            permits.push(p.connect(&f).unwrap());
+            permits.push(p.connect(&f).decision.unwrap());
         }
         assert_eq!(
-            p.connect(&f).err(),
+            p.connect(&f).decision.err(),
             Some(Decision::Refuse {
                 action: PolicyAction::Tempfail,
                 rule: "conn".into()
             })
         );
-        assert!(p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_ok());
+        assert!(p
+            .connect(&Facts::new(ip("127.0.0.3"), "mx"))
+            .decision
+            .is_ok());
         assert!(
-            p.connect(&Facts::new(ip("192.0.2.9"), "mx")).is_err(),
+            p.connect(&Facts::new(ip("192.0.2.9"), "mx"))
+                .decision
+                .is_err(),
             "deny list"
         );
         assert_eq!(p.hits()[0].1, 1);
@@ -422,13 +463,13 @@ mod tests {
             allow,
         );
         let f = Facts::new(ip("127.0.0.2"), "mx");
-        let a = p.connect(&f).unwrap();
-        let _b = p.connect(&f).unwrap();
-        assert!(p.connect(&f).is_err());
+        let a = p.connect(&f).decision.unwrap();
+        let _b = p.connect(&f).decision.unwrap();
+        assert!(p.connect(&f).decision.is_err());
         drop(a);
-        assert!(p.connect(&f).is_ok());
+        assert!(p.connect(&f).decision.is_ok());
         let g = Facts::new(ip("10.1.2.3"), "mx");
-        let _held: Vec<_> = (0..5).map(|_| p.connect(&g).unwrap()).collect();
+        let _held: Vec<_> = (0..5).map(|_| p.connect(&g).decision.unwrap()).collect();
     }
 
     #[test]
@@ -448,9 +489,62 @@ mod tests {
         );
         let f = Facts::new(ip("127.0.0.2"), "mx");
         for _ in 0..4 {
-            assert!(p.connect(&f).is_ok());
+            assert!(p.connect(&f).decision.is_ok());
         }
         assert_eq!(p.hits()[0], ("s".to_string(), 0, 3));
+    }
+
+    /// Every rule that fired is returned for the caller to count (the policy
+    /// counts nothing process-wide): shadow hits beside the refusing one, and
+    /// nothing when no rule fired.
+    #[test]
+    fn evaluations_return_the_rules_that_fired() {
+        let per_minute = |n| Kind::Rate {
+            count: n,
+            period: Duration::from_secs(60),
+            burst: n,
+        };
+        let (p, _) = policy(
+            vec![
+                rule(
+                    "watch",
+                    vec![KeyPart::Sender],
+                    per_minute(1),
+                    PolicyAction::Shadow,
+                ),
+                rule(
+                    "cap",
+                    vec![KeyPart::Sender],
+                    per_minute(1),
+                    PolicyAction::Reject,
+                ),
+            ],
+            vec![],
+        );
+        let mut f = Facts::new(ip("127.0.0.2"), "mx");
+        f.sender = Some("a@example.org");
+        let first = p.check(PolicyStage::Mail, &f);
+        assert_eq!(first.decision, Decision::Continue);
+        assert!(first.hits.is_empty(), "{:?}", first.hits);
+        let second = p.check(PolicyStage::Mail, &f);
+        assert_eq!(
+            second.decision,
+            Decision::Refuse {
+                action: PolicyAction::Reject,
+                rule: "cap".into()
+            }
+        );
+        let hit = |rule: &str, shadow| Hit {
+            policy: "p".into(),
+            rule: rule.into(),
+            shadow,
+        };
+        assert_eq!(second.hits, vec![hit("watch", true), hit("cap", false)]);
+        let denied = p.connect(&Facts::new(ip("192.0.2.7"), "mx"));
+        assert!(
+            denied.decision.is_err() && denied.hits.is_empty(),
+            "deny is no rule hit"
+        );
     }
 
     #[test]
@@ -488,26 +582,26 @@ mod tests {
         );
         let mut f = Facts::new(ip("127.0.0.2"), "mx");
         f.sender = Some("a@Example.org");
-        assert_eq!(p.check(PolicyStage::Mail, &f), Decision::Continue);
+        assert_eq!(p.check(PolicyStage::Mail, &f).decision, Decision::Continue);
         f.sender = Some("b@example.ORG");
-        assert_eq!(p.check(PolicyStage::Mail, &f), Decision::Continue);
+        assert_eq!(p.check(PolicyStage::Mail, &f).decision, Decision::Continue);
         assert!(matches!(
-            p.check(PolicyStage::Mail, &f),
+            p.check(PolicyStage::Mail, &f).decision,
             Decision::Refuse {
                 action: PolicyAction::Tempfail,
                 ..
             }
         ));
         f.rcpt = Some("x@y.example");
-        assert_eq!(p.check(PolicyStage::Rcpt, &f), Decision::Continue);
+        assert_eq!(p.check(PolicyStage::Rcpt, &f).decision, Decision::Continue);
         assert_eq!(
-            p.check(PolicyStage::Rcpt, &f),
+            p.check(PolicyStage::Rcpt, &f).decision,
             Decision::Delay(Duration::from_millis(50))
         );
         f.rcpts_in_message = 2;
         f.rcpt = Some("z@y.example");
         assert!(matches!(
-            p.check(PolicyStage::Rcpt, &f),
+            p.check(PolicyStage::Rcpt, &f).decision,
             Decision::Refuse {
                 action: PolicyAction::Reject,
                 ..
@@ -542,18 +636,18 @@ mod tests {
         );
         let mut home = Facts::new(ip("127.0.0.5"), "pop3");
         home.auth_user = Some("alice");
-        assert_eq!(p.login_allowed(&home), Decision::Continue);
+        assert_eq!(p.login_allowed(&home).decision, Decision::Continue);
         p.login_succeeded(&home);
         // an attacker elsewhere guesses alice's password
         let mut evil = Facts::new(ip("127.1.0.9"), "pop3");
         evil.auth_user = Some("alice");
         for _ in 0..5 {
-            assert_eq!(p.login_allowed(&evil), Decision::Continue);
+            assert_eq!(p.login_allowed(&evil).decision, Decision::Continue);
             p.login_failed(&evil);
         }
         assert!(
             matches!(
-                p.login_allowed(&evil),
+                p.login_allowed(&evil).decision,
                 Decision::Refuse {
                     action: PolicyAction::Reject,
                     ..
@@ -570,11 +664,11 @@ mod tests {
         let mut fresh = Facts::new(ip("127.3.0.1"), "pop3");
         fresh.auth_user = Some("alice");
         assert!(
-            matches!(p.login_allowed(&fresh), Decision::Refuse { .. }),
+            matches!(p.login_allowed(&fresh).decision, Decision::Refuse { .. }),
             "per-user lock elsewhere"
         );
         // ...but not from her known-good network
-        assert_eq!(p.login_allowed(&home), Decision::Continue);
+        assert_eq!(p.login_allowed(&home).decision, Decision::Continue);
     }
 
     #[test]
@@ -592,23 +686,42 @@ mod tests {
             )],
             vec![],
         );
-        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::1"), "mx")).is_ok());
+        assert!(p
+            .connect(&Facts::new(ip("2001:db8:1:2::1"), "mx"))
+            .decision
+            .is_ok());
         assert!(p
             .connect(&Facts::new(ip("2001:db8:1:2:ffff::9"), "mx"))
+            .decision
             .is_ok());
         assert!(
-            p.connect(&Facts::new(ip("2001:db8:1:2::3"), "mx")).is_err(),
+            p.connect(&Facts::new(ip("2001:db8:1:2::3"), "mx"))
+                .decision
+                .is_err(),
             "one /64 is one client"
         );
         assert!(
-            p.connect(&Facts::new(ip("2001:db8:1:3::1"), "mx")).is_ok(),
+            p.connect(&Facts::new(ip("2001:db8:1:3::1"), "mx"))
+                .decision
+                .is_ok(),
             "another /64 is another client"
         );
-        assert!(p.connect(&Facts::new(ip("127.0.0.2"), "mx")).is_ok());
-        assert!(p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_ok());
-        assert!(p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_ok());
+        assert!(p
+            .connect(&Facts::new(ip("127.0.0.2"), "mx"))
+            .decision
+            .is_ok());
+        assert!(p
+            .connect(&Facts::new(ip("127.0.0.3"), "mx"))
+            .decision
+            .is_ok());
+        assert!(p
+            .connect(&Facts::new(ip("127.0.0.3"), "mx"))
+            .decision
+            .is_ok());
         assert!(
-            p.connect(&Facts::new(ip("127.0.0.3"), "mx")).is_err(),
+            p.connect(&Facts::new(ip("127.0.0.3"), "mx"))
+                .decision
+                .is_err(),
             "IPv4 stays per address"
         );
         let mut per_address = rule(
@@ -623,9 +736,18 @@ mod tests {
         );
         per_address.ipv6_prefix = 128;
         let (p, _) = policy(vec![per_address], vec![]);
-        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::1"), "mx")).is_ok());
-        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::2"), "mx")).is_ok());
-        assert!(p.connect(&Facts::new(ip("2001:db8:1:2::2"), "mx")).is_err());
+        assert!(p
+            .connect(&Facts::new(ip("2001:db8:1:2::1"), "mx"))
+            .decision
+            .is_ok());
+        assert!(p
+            .connect(&Facts::new(ip("2001:db8:1:2::2"), "mx"))
+            .decision
+            .is_ok());
+        assert!(p
+            .connect(&Facts::new(ip("2001:db8:1:2::2"), "mx"))
+            .decision
+            .is_err());
     }
 
     #[test]
@@ -641,9 +763,9 @@ mod tests {
             vec![],
         );
         let f = Facts::new(ip("127.0.0.2"), "mx");
-        let _held = p.connect(&f).unwrap();
+        let _held = p.connect(&f).decision.unwrap();
         assert!(matches!(
-            p.connect(&f).err(),
+            p.connect(&f).decision.err(),
             Some(Decision::Refuse {
                 action: PolicyAction::Tempfail,
                 ..
@@ -664,23 +786,31 @@ mod tests {
         );
         // the deny list is 192.0.2.0/24
         assert!(p.denied(ip("::ffff:192.0.2.7")));
-        let held = p.connect(&Facts::new(ip("198.51.100.5"), "mx")).unwrap();
+        let held = p
+            .connect(&Facts::new(ip("198.51.100.5"), "mx"))
+            .decision
+            .unwrap();
         assert!(
             p.connect(&Facts::new(ip("::ffff:198.51.100.5"), "mx"))
+                .decision
                 .is_err(),
             "one client, announced as TCP4 and as mapped TCP6, counts once"
         );
         drop(held);
         let held = p
             .connect(&Facts::new(ip("::ffff:198.51.100.5"), "mx"))
+            .decision
             .unwrap();
-        assert!(p.connect(&Facts::new(ip("198.51.100.5"), "mx")).is_err());
+        assert!(p
+            .connect(&Facts::new(ip("198.51.100.5"), "mx"))
+            .decision
+            .is_err());
         drop(held);
         let spec = PolicySpec {
             deny: vec![Cidr::parse("::ffff:203.0.113.1/128").unwrap()],
             ..p.spec().clone()
         };
-        let state = PolicyState::new();
+        let state = PolicyState::new(Duration::from_secs(30 * 86_400), 100_000);
         let mut specs = BTreeMap::new();
         specs.insert("p".to_string(), Arc::new(spec));
         let q = Policies::compile(&specs, &state).get("p").unwrap();

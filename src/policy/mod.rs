@@ -13,19 +13,16 @@
 //! evaluate.rs per-stage decisions of a compiled policy
 //! limits.rs   the limiters: GCRA buckets, session counters, failure windows
 //! lru.rs      the bounded key maps under them
-//! action.rs   what a hit does
 //! ```
 
-pub mod action;
 mod evaluate;
 pub mod limits;
 pub mod lru;
 mod spec;
 mod state;
 
-pub use action::PolicyAction;
-pub use evaluate::{ConnectPermit, Decision, Facts, Policy};
-pub use spec::{AllowSpec, Kind, PolicySpec, PolicyStage, RuleSpec};
+pub use evaluate::{Checked, ConnectPermit, Decision, Facts, Hit, Policy};
+pub use spec::{AllowSpec, KeyPart, Kind, PolicySpec, PolicyStage, RuleSpec};
 pub use state::{Policies, PolicyState, RuleHits};
 
 /// A login name (SMTP AUTH, POP3 SASL) that may be relayed and used as a
@@ -39,12 +36,12 @@ pub fn valid_login_name(name: &str) -> bool {
 /// Rules and compiled policies shared by the unit tests of the files above.
 #[cfg(test)]
 mod fixtures {
-    pub use super::action::PolicyAction;
     pub use super::{
-        AllowSpec, Decision, Facts, Kind, Policies, Policy, PolicySpec, PolicyState, RuleSpec,
+        AllowSpec, Decision, Facts, KeyPart, Kind, Policies, Policy, PolicySpec, PolicyState,
+        RuleSpec,
     };
-    pub use crate::config::file::KeyPart;
-    pub use crate::config::units::Cidr;
+    pub use crate::action::PolicyAction;
+    pub use crate::units::Cidr;
     pub use std::collections::BTreeMap;
     pub use std::net::IpAddr;
     pub use std::sync::Arc;
@@ -74,7 +71,7 @@ mod fixtures {
             auth: None,
             dkim_sign: None,
         };
-        let state = PolicyState::new();
+        let state = PolicyState::new(Duration::from_secs(30 * 86_400), 100_000);
         let mut specs = BTreeMap::new();
         specs.insert("p".to_string(), Arc::new(spec));
         (Policies::compile(&specs, &state).get("p").unwrap(), state)

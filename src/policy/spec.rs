@@ -2,9 +2,8 @@
 //! they count ([`Kind`]) and where they are evaluated ([`PolicyStage`]), allow lists,
 //! and the description `mailgate check` prints.
 
-use super::action::PolicyAction;
-use crate::config::file::KeyPart;
-use crate::config::units::Cidr;
+use crate::action::PolicyAction;
+use crate::units::Cidr;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -16,6 +15,21 @@ pub enum PolicyStage {
     Login,
     Mail,
     Rcpt,
+}
+
+/// One part of a rule's key (`key: [ip, sender_domain]`): what the rule counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPart {
+    Ip,
+    IpPrefix,
+    Helo,
+    Sender,
+    SenderDomain,
+    Rcpt,
+    RcptDomain,
+    AuthUser,
+    Listener,
 }
 
 impl KeyPart {

@@ -6,7 +6,6 @@
 use super::evaluate::{Limiter, Policy, Rule};
 use super::limits::{Bucket, Counter, Failures, KnownGood};
 use super::spec::{Kind, PolicySpec};
-use crate::config::defaults;
 use governor::Quota;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -33,14 +32,16 @@ pub struct RuleHits {
 }
 
 impl PolicyState {
-    pub fn new() -> Arc<Self> {
+    /// `known_good`/`max_keys` bound the known-good networks shared by all
+    /// policies (`config/defaults.rs` holds the values the gateway uses).
+    pub fn new(known_good: Duration, max_keys: usize) -> Arc<Self> {
         Arc::new(PolicyState {
             hasher: Default::default(),
             buckets: Default::default(),
             counters: Default::default(),
             failures: Default::default(),
             hits: Default::default(),
-            known_good: KnownGood::new(defaults::KNOWN_GOOD, defaults::MAX_TRACKED_KEYS),
+            known_good: KnownGood::new(known_good, max_keys),
         })
     }
 
@@ -233,7 +234,7 @@ mod tests {
             },
             PolicyAction::Tempfail,
         );
-        let state = PolicyState::new();
+        let state = PolicyState::new(Duration::from_secs(30 * 86_400), 100_000);
         let mk = |r: RuleSpec| {
             let mut specs = BTreeMap::new();
             specs.insert(
@@ -253,10 +254,13 @@ mod tests {
         };
         let f = Facts::new(ip("127.0.0.2"), "mx");
         let p1 = mk(r.clone());
-        p1.connect(&f).unwrap();
-        p1.connect(&f).unwrap();
+        p1.connect(&f).decision.unwrap();
+        p1.connect(&f).decision.unwrap();
         let p2 = mk(r.clone());
-        assert!(p2.connect(&f).is_err(), "unchanged rule keeps its counters");
+        assert!(
+            p2.connect(&f).decision.is_err(),
+            "unchanged rule keeps its counters"
+        );
         let mut changed = r;
         changed.kind = Kind::Rate {
             count: 3,
@@ -264,7 +268,7 @@ mod tests {
             burst: 3,
         };
         let p3 = mk(changed);
-        assert!(p3.connect(&f).is_ok(), "changed rule starts fresh");
+        assert!(p3.connect(&f).decision.is_ok(), "changed rule starts fresh");
     }
 
     #[test]
@@ -283,10 +287,12 @@ mod tests {
             vec![],
         );
         for i in 0..5000u32 {
-            let _ = p.connect(&Facts::new(
-                IpAddr::from(std::net::Ipv6Addr::from((u128::from(i) + 1) << 64)),
-                "mx",
-            ));
+            let _ = p
+                .connect(&Facts::new(
+                    IpAddr::from(std::net::Ipv6Addr::from((u128::from(i) + 1) << 64)),
+                    "mx",
+                ))
+                .decision;
         }
         assert!(state.tracked_keys() <= 1000, "{}", state.tracked_keys());
     }
@@ -315,10 +321,10 @@ mod tests {
         }
         let mut bob = Facts::new(ip("127.0.0.7"), "pop3");
         bob.auth_user = Some("bob");
-        assert_eq!(p.login_allowed(&bob), Decision::Continue);
+        assert_eq!(p.login_allowed(&bob).decision, Decision::Continue);
         p.login_failed(&bob);
         assert_eq!(
-            p.login_allowed(&bob),
+            p.login_allowed(&bob).decision,
             Decision::Continue,
             "bob has one failure of his own, not the flood's"
         );

@@ -294,11 +294,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pop3::session::BackendCaps;
+    use crate::backend::caps::Pop3Caps;
     use tokio::io::duplex;
 
     fn tx() -> Transaction {
-        Transaction::new(BackendCaps::rfc1939(), 10, 0)
+        Transaction::new(Pop3Caps::rfc1939(), 10, 0)
     }
 
     #[tokio::test]

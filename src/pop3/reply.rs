@@ -24,6 +24,16 @@ pub struct Reply {
     pub body: Option<Vec<Cow<'static, str>>>,
 }
 
+/// How the client-connection layer writes and logs it (`conn/mod.rs`).
+impl crate::conn::Wire for Reply {
+    fn write_to(&self, out: &mut Vec<u8>) {
+        Reply::write_to(self, out)
+    }
+    fn summary(&self) -> String {
+        Reply::summary(self)
+    }
+}
+
 impl Reply {
     pub fn ok(text: impl Into<Cow<'static, str>>) -> Reply {
         Reply {

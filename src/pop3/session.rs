@@ -1,99 +1,22 @@
 //! The client-facing POP3 AUTHORIZATION state, sans-IO. The driver feeds it
-//! raw command lines and the outcomes of backend logins; it answers with an
-//! [`Action`]. After a successful login the session is over for this module:
+//! raw command lines and the outcomes of backend logins and of the login
+//! policy; it answers with an [`Action`]: every reply mailgate sends before
+//! login is chosen here (those the layer writes when it ends a wait too,
+//! through [`Replies`]), none in the driver. After a successful login the
+//! session is over for this module:
 //! the driver hands both connections to the pipe, where `transaction.rs`
 //! parses every command and the backend's answers pass unchanged.
 
 use super::command::{self, Command, ParseError, Plain, SaslError};
-use super::reply::{self, Reply};
+use super::reply;
+/// The replies in [`Action`]s (built in `reply.rs`, chosen here).
+pub use super::reply::Reply;
+use crate::action::PolicyAction;
+use crate::backend::caps::Pop3Caps;
+use crate::backend::pop3::{Login, LoginReply};
+pub use crate::conn::Ending;
+use crate::conn::Replies;
 use std::borrow::Cow;
-use std::fmt;
-
-/// What the backend announced in its CAPA answer (RFC 2449), which bounds
-/// what mailgate advertises and how it replays a login.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BackendCaps {
-    /// The backend answered CAPA at all (false: an RFC 1939-only server).
-    pub capa: bool,
-    pub user: bool,
-    pub sasl_plain: bool,
-    pub top: bool,
-    pub uidl: bool,
-    pub pipelining: bool,
-    pub resp_codes: bool,
-    pub auth_resp_code: bool,
-}
-
-impl BackendCaps {
-    /// A server that does not know CAPA: RFC 1939 only. USER/PASS is optional
-    /// there but universal, so it is assumed; optional commands are not.
-    pub fn rfc1939() -> Self {
-        BackendCaps {
-            user: true,
-            ..Default::default()
-        }
-    }
-
-    /// Parses the lines of a CAPA answer (without the status line and the final dot).
-    pub fn from_capa<S: AsRef<str>>(lines: &[S]) -> Self {
-        let mut c = BackendCaps {
-            capa: true,
-            ..Default::default()
-        };
-        for l in lines {
-            let mut words = l.as_ref().split_ascii_whitespace();
-            let Some(tag) = words.next() else { continue };
-            match tag.to_ascii_uppercase().as_str() {
-                "USER" => c.user = true,
-                "TOP" => c.top = true,
-                "UIDL" => c.uidl = true,
-                "PIPELINING" => c.pipelining = true,
-                "RESP-CODES" => c.resp_codes = true,
-                "AUTH-RESP-CODE" => c.auth_resp_code = true,
-                "SASL" if words.any(|m| m.eq_ignore_ascii_case("PLAIN")) => c.sasl_plain = true,
-                _ => {}
-            }
-        }
-        c
-    }
-}
-
-/// A login to replay on the backend.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Login {
-    /// USER/PASS, or AUTH PLAIN without a separate authorization identity:
-    /// the backend gets it in whatever form it supports.
-    Password { user: String, pass: String },
-    /// AUTH PLAIN acting as `authzid`: only SASL PLAIN can carry that.
-    PlainAs {
-        authzid: String,
-        user: String,
-        pass: String,
-    },
-    /// APOP against the backend's own greeting timestamp.
-    Apop { user: String, digest: String },
-}
-
-impl Login {
-    pub fn user(&self) -> &str {
-        match self {
-            Login::Password { user, .. }
-            | Login::PlainAs { user, .. }
-            | Login::Apop { user, .. } => user,
-        }
-    }
-}
-
-// never print a password or digest
-impl fmt::Debug for Login {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Login::Password { user, .. } => write!(f, "Password({user:?})"),
-            Login::PlainAs { authzid, user, .. } => write!(f, "PlainAs({authzid:?}, {user:?})"),
-            Login::Apop { user, .. } => write!(f, "Apop({user:?})"),
-        }
-    }
-}
 
 /// What became of a login on the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,9 +37,24 @@ pub enum LoginOutcome {
     /// a login command: its next reply would not have been the answer.
     /// Temporary, never a login result.
     OutOfStep,
-    /// The policy refused the login before it reached the backend (failed-login
-    /// lock, login rate): `temporary` for tempfail, else reject.
-    Refused { temporary: bool },
+}
+
+/// The session's answer to a login, and how the login guard counts it
+/// (`conn/login.rs`).
+pub type LoginResult = crate::conn::login::LoginResult<Action>;
+
+/// Why the session closed after too many failed logins (the session-end log).
+const LOGIN_FAILURES: &str = "too many login failures";
+
+impl From<LoginReply> for LoginOutcome {
+    fn from(r: LoginReply) -> Self {
+        match r {
+            LoginReply::Accepted(text) => LoginOutcome::Accepted(text),
+            LoginReply::Rejected(text) => LoginOutcome::Rejected(text),
+            LoginReply::Unsupported => LoginOutcome::Unsupported,
+            LoginReply::OutOfStep => LoginOutcome::OutOfStep,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -134,7 +72,7 @@ pub struct Settings {
 pub enum Action {
     Reply(Reply),
     /// Reply, then close the connection.
-    Close(Reply),
+    Close(Reply, Ending),
     /// Reply `+OK`, discard buffered input, run the TLS handshake, then `tls_started`.
     StartTls(Reply),
     /// Answer CAPA with [`Session::capa`]. `probe`: the backend may be asked
@@ -143,13 +81,9 @@ pub enum Action {
     Capa {
         probe: bool,
     },
-    /// Replay this login on the backend, then call `login_result`.
+    /// Run this login through the login guard: the policy (a refusal:
+    /// `login_refused`), the replay on the backend, then `login_result`.
     Login(Login),
-    /// Wait the failure delay, then reply, and close if `close`.
-    LoginFailed {
-        reply: Reply,
-        close: bool,
-    },
     /// Reply (the backend's `+OK`) and become a byte pipe to the backend.
     Pipe(Reply),
 }
@@ -210,7 +144,7 @@ impl Session {
     fn error(&mut self, r: Reply) -> Action {
         self.errors += 1;
         if self.errors >= self.settings.max_errors {
-            Action::Close(reply::too_many_errors())
+            Action::Close(reply::too_many_errors(), Ending::Refused)
         } else {
             Action::Reply(r)
         }
@@ -250,7 +184,7 @@ impl Session {
                     Action::StartTls(reply::stls_ready())
                 }
             }
-            Command::Quit => Action::Close(reply::bye()),
+            Command::Quit => Action::Close(reply::bye(), Ending::Quit),
             Command::Noop => Action::Reply(reply::noop()),
             Command::Transaction(_) => self.error(reply::not_logged_in()),
             // every login command: refused before TLS where TLS is required,
@@ -330,7 +264,7 @@ impl Session {
 
     /// The CAPA answer, given what is known about the backend (`None`: nothing
     /// yet, so only what any RFC 1939 server can carry).
-    pub fn capa(&self, caps: Option<&BackendCaps>) -> Reply {
+    pub fn capa(&self, caps: Option<&Pop3Caps>) -> Reply {
         let mut v: Vec<Cow<'static, str>> = Vec::new();
         if self.settings.starttls && !self.tls {
             v.push("STLS".into());
@@ -364,39 +298,91 @@ impl Session {
         self.sasl_pending = false;
     }
 
-    /// The backend's answer to the login from `Action::Login`.
-    pub fn login_result(&mut self, outcome: LoginOutcome) -> Action {
+    /// The backend's answer to the login from `Action::Login`. A wrong
+    /// password is answered after the failure delay and counts towards
+    /// `max_login_failures` (then the session closes); the backend's trouble
+    /// is a protocol error, answered at once.
+    pub fn login_result(&mut self, outcome: LoginOutcome) -> LoginResult {
         let authzid = std::mem::take(&mut self.pending_authzid);
         match outcome {
             LoginOutcome::Accepted(text) => {
                 self.logged_in = true;
-                Action::Pipe(Reply::relayed(true, &text, reply::login_ok_default()))
+                LoginResult::Succeeded(Action::Pipe(Reply::relayed(
+                    true,
+                    &text,
+                    reply::login_ok_default(),
+                )))
             }
-            LoginOutcome::Rejected(text) => {
-                self.failures += 1;
-                Action::LoginFailed {
-                    reply: Reply::relayed(false, &text, reply::login_failed_default()),
-                    close: self.failures >= self.settings.max_login_failures,
-                }
+            LoginOutcome::Rejected(text) => LoginResult::Failed(self.login_failed(Reply::relayed(
+                false,
+                &text,
+                reply::login_failed_default(),
+            ))),
+            LoginOutcome::Unsupported if authzid => {
+                LoginResult::Undecided(self.error(reply::authzid_unsupported()))
             }
-            LoginOutcome::Refused { temporary } => {
-                // counted like a wrong password: the client is guessing
-                self.failures += 1;
-                Action::LoginFailed {
-                    reply: if temporary {
-                        reply::login_locked()
-                    } else {
-                        Reply::err(reply::login_failed_default())
-                    },
-                    close: self.failures >= self.settings.max_login_failures,
-                }
+            LoginOutcome::Unsupported => {
+                LoginResult::Undecided(self.error(reply::backend_cannot_login()))
             }
-            LoginOutcome::Unsupported if authzid => self.error(reply::authzid_unsupported()),
-            LoginOutcome::Unsupported => self.error(reply::backend_cannot_login()),
-            LoginOutcome::Unavailable => self.error(reply::backend_unavailable()),
-            LoginOutcome::Failed | LoginOutcome::OutOfStep => self.error(reply::backend_failed()),
-            LoginOutcome::Invalid => self.error(reply::backend_bad_reply()),
+            LoginOutcome::Unavailable => {
+                LoginResult::Undecided(self.error(reply::backend_unavailable()))
+            }
+            LoginOutcome::Failed | LoginOutcome::OutOfStep => {
+                LoginResult::Undecided(self.error(reply::backend_failed()))
+            }
+            LoginOutcome::Invalid => LoginResult::Undecided(self.error(reply::backend_bad_reply())),
         }
+    }
+
+    /// The login policy refused the login before it reached the backend
+    /// (failed-login lock, login rate: `tempfail`; or `reject`). Counted
+    /// like a wrong password (the client is guessing) and answered after the
+    /// failure delay, but not charged to the policy again: `Refused` to the
+    /// login guard.
+    pub fn login_refused(&mut self, action: PolicyAction) -> LoginResult {
+        self.pending_authzid = false;
+        let r = if action == PolicyAction::Reject {
+            Reply::err(reply::login_failed_default())
+        } else {
+            reply::login_locked()
+        };
+        LoginResult::Refused(self.login_failed(r))
+    }
+
+    /// A failed login answered with `r`; the session closes once
+    /// `max_login_failures` is reached.
+    fn login_failed(&mut self, r: Reply) -> Action {
+        self.failures += 1;
+        if self.failures >= self.settings.max_login_failures {
+            Action::Close(r, Ending::Because(LOGIN_FAILURES))
+        } else {
+            Action::Reply(r)
+        }
+    }
+
+    /// An APOP listener whose `apop_max_pending` sessions already wait for
+    /// login (each holds a backend connection for its timestamp): the
+    /// connection is turned away before any greeting.
+    pub fn apop_busy() -> Reply {
+        reply::apop_busy()
+    }
+}
+
+impl Replies for Session {
+    type Reply = Reply;
+
+    /// No command within `timeouts.command`, the pipe's idle time, or an APOP
+    /// listener's `apop_prelogin_timeout`.
+    fn timed_out(&self) -> Reply {
+        reply::timeout()
+    }
+
+    fn session_over(&self) -> Reply {
+        reply::session_too_long()
+    }
+
+    fn shutting_down(&self) -> Reply {
+        reply::shutting_down()
     }
 }
 
@@ -418,15 +404,14 @@ mod tests {
 
     fn wire(a: &Action) -> String {
         let r = match a {
-            Action::Reply(r) | Action::Close(r) | Action::StartTls(r) | Action::Pipe(r) => r,
-            Action::LoginFailed { reply, .. } => reply,
+            Action::Reply(r) | Action::Close(r, _) | Action::StartTls(r) | Action::Pipe(r) => r,
             other => panic!("no reply in {other:?}"),
         };
         String::from_utf8(r.to_bytes()).unwrap()
     }
 
-    fn full() -> BackendCaps {
-        BackendCaps::from_capa(&[
+    fn full() -> Pop3Caps {
+        Pop3Caps::from_capa(&[
             "TOP",
             "UIDL",
             "RESP-CODES",
@@ -443,9 +428,9 @@ mod tests {
         let c = full();
         assert!(c.capa && c.user && c.sasl_plain && c.top && c.uidl && c.pipelining);
         assert!(c.resp_codes && c.auth_resp_code);
-        let c = BackendCaps::from_capa(&["user", "sasl login cram-md5", ""]);
+        let c = Pop3Caps::from_capa(&["user", "sasl login cram-md5", ""]);
         assert!(c.user && !c.sasl_plain && !c.top);
-        assert!(BackendCaps::rfc1939().user && !BackendCaps::rfc1939().capa);
+        assert!(Pop3Caps::rfc1939().user && !Pop3Caps::rfc1939().capa);
     }
 
     #[test]
@@ -470,7 +455,7 @@ mod tests {
         );
         // RFC 1939-only backend
         assert_eq!(
-            String::from_utf8(s.capa(Some(&BackendCaps::rfc1939())).to_bytes()).unwrap(),
+            String::from_utf8(s.capa(Some(&Pop3Caps::rfc1939())).to_bytes()).unwrap(),
             "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\n.\r\n"
         );
         // implicit TLS listener: never STLS
@@ -528,7 +513,7 @@ mod tests {
         // the fifth error closes
         assert_eq!(
             s.line(b"AUTH PLAIN AGFsaWNlAHNlY3JldA=="),
-            Action::Close(reply::too_many_errors())
+            Action::Close(reply::too_many_errors(), Ending::Refused)
         );
     }
 
@@ -624,7 +609,7 @@ mod tests {
             Action::Login(Login::PlainAs { .. })
         ));
         assert_eq!(
-            wire(&s.login_result(LoginOutcome::Unsupported)),
+            wire(s.login_result(LoginOutcome::Unsupported).action()),
             "-ERR [AUTH] Authorization identity is not supported by this mail server\r\n"
         );
         assert_eq!(wire(&s.line(b"AUTH")), "+OK\r\nPLAIN\r\n.\r\n");
@@ -638,7 +623,7 @@ mod tests {
         );
         assert_eq!(
             s.line(b"AUTH PLAIN ="),
-            Action::Close(reply::too_many_errors())
+            Action::Close(reply::too_many_errors(), Ending::Refused)
         );
     }
 
@@ -647,51 +632,119 @@ mod tests {
         let mut s = Session::new(settings(), true, None);
         s.line(b"USER alice");
         assert!(matches!(s.line(b"PASS bad"), Action::Login(_)));
+        // a wrong password: counted by the policy, delayed, backend text kept
         assert_eq!(
             s.login_result(LoginOutcome::Rejected(
                 " [AUTH] Authentication failed.".into()
             )),
-            Action::LoginFailed {
-                reply: Reply::err("[AUTH] Authentication failed."),
-                close: false
-            }
+            LoginResult::Failed(Action::Reply(Reply::err("[AUTH] Authentication failed.")))
         );
+        // the backend's trouble: answered at once, not counted
+        let r = s.login_result(LoginOutcome::Unavailable);
+        assert!(matches!(r, LoginResult::Undecided(_)));
         assert_eq!(
-            wire(&s.login_result(LoginOutcome::Unavailable)),
+            wire(r.action()),
             "-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later\r\n"
         );
         // out of step: temporary, and not a failed login
+        let r = s.login_result(LoginOutcome::OutOfStep);
+        assert!(matches!(r, LoginResult::Undecided(_)));
         assert_eq!(
-            wire(&s.login_result(LoginOutcome::OutOfStep)),
+            wire(r.action()),
             "-ERR [SYS/TEMP] Connection to the mail server failed, try again later\r\n"
         );
+        assert_eq!(
+            wire(s.login_result(LoginOutcome::Invalid).action()),
+            "-ERR [SYS/TEMP] Mail server sent an invalid response, try again later\r\n"
+        );
         assert_eq!(s.failures, 1);
+        // the second failure reaches max_login_failures: the reply, then close
         assert_eq!(
             s.login_result(LoginOutcome::Rejected(String::new())),
-            Action::LoginFailed {
-                reply: Reply::err("[AUTH] Authentication failed"),
-                close: true
-            }
+            LoginResult::Failed(Action::Close(
+                Reply::err("[AUTH] Authentication failed"),
+                Ending::Because("too many login failures")
+            ))
         );
         assert_eq!(s.last_user.as_deref(), Some("alice"));
         let mut s = Session::new(settings(), true, None);
         assert_eq!(
-            wire(&s.login_result(LoginOutcome::Refused { temporary: true })),
-            "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n"
-        );
-        assert_eq!(
-            s.login_result(LoginOutcome::Refused { temporary: false }),
-            Action::LoginFailed {
-                reply: Reply::err("[AUTH] Authentication failed"),
-                close: true
-            }
-        );
-        let mut s = Session::new(settings(), true, None);
-        assert_eq!(
             s.login_result(LoginOutcome::Accepted("Logged in.".into())),
-            Action::Pipe(Reply::ok("Logged in."))
+            LoginResult::Succeeded(Action::Pipe(Reply::ok("Logged in.")))
         );
         assert!(s.logged_in);
+        assert_eq!(
+            wire(
+                s.login_result(LoginOutcome::Accepted("\u{7}".into()))
+                    .action()
+            ),
+            "+OK Logged in\r\n"
+        );
+    }
+
+    /// Issue 12 item 3: the login policy's refusal is the session's
+    /// decision: a tempfail (lock, rate) is `[SYS/TEMP]`, a reject looks like
+    /// a wrong password; both count towards `max_login_failures` and are
+    /// delayed, but are not charged to the policy again (`Refused`).
+    #[test]
+    fn login_refused_by_policy() {
+        let mut s = Session::new(settings(), true, None);
+        let r = s.login_refused(PolicyAction::Tempfail);
+        assert!(matches!(r, LoginResult::Refused(Action::Reply(_))), "{r:?}");
+        assert!(r.delayed());
+        assert_eq!(
+            wire(r.action()),
+            "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n"
+        );
+        assert_eq!(s.failures, 1);
+        assert_eq!(
+            s.login_refused(PolicyAction::Reject),
+            LoginResult::Refused(Action::Close(
+                Reply::err("[AUTH] Authentication failed"),
+                Ending::Because("too many login failures")
+            ))
+        );
+        // anything but reject is temporary
+        let mut s = Session::new(settings(), true, None);
+        assert_eq!(
+            wire(s.login_refused(PolicyAction::Delay).action()),
+            "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n"
+        );
+        // an AUTH PLAIN with authzid refused by the policy leaves no authzid
+        // behind for the next backend answer
+        let other = base64_encode(b"admin\0alice\0pw");
+        assert!(matches!(
+            s.line(format!("AUTH PLAIN {other}").as_bytes()),
+            Action::Login(Login::PlainAs { .. })
+        ));
+        s.login_refused(PolicyAction::Tempfail);
+        assert_eq!(
+            wire(s.login_result(LoginOutcome::Unsupported).action()),
+            "-ERR [SYS/PERM] The mail server offers no login method mailgate can use\r\n"
+        );
+    }
+
+    /// Issue 12 item 3: the replies the layer writes when it ends a wait,
+    /// and the APOP listener's busy refusal, come from the session.
+    #[test]
+    fn idle_replies_and_apop_busy() {
+        let s = Session::new(settings(), false, None);
+        assert_eq!(
+            wire(&Action::Reply(s.timed_out())),
+            "-ERR Disconnected for inactivity\r\n"
+        );
+        assert_eq!(
+            wire(&Action::Reply(s.session_over())),
+            "-ERR [SYS/TEMP] Session time limit reached\r\n"
+        );
+        assert_eq!(
+            wire(&Action::Reply(s.shutting_down())),
+            "-ERR [SYS/TEMP] shutting down, try again later\r\n"
+        );
+        assert_eq!(
+            wire(&Action::Reply(Session::apop_busy())),
+            "-ERR [SYS/TEMP] Too many connections waiting to log in, try again later\r\n"
+        );
     }
 
     #[test]
@@ -750,7 +803,10 @@ mod tests {
             None,
         );
         assert_eq!(wire(&s.line_too_long()), "-ERR Line too long\r\n");
-        assert_eq!(s.line_too_long(), Action::Close(reply::too_many_errors()));
+        assert_eq!(
+            s.line_too_long(),
+            Action::Close(reply::too_many_errors(), Ending::Refused)
+        );
     }
 
     #[test]
@@ -758,7 +814,7 @@ mod tests {
         let mut s = Session::new(settings(), false, None);
         assert_eq!(
             s.line(b"QUIT"),
-            Action::Close(Reply::ok("mailgate signing off"))
+            Action::Close(Reply::ok("mailgate signing off"), Ending::Quit)
         );
     }
 }

@@ -14,7 +14,7 @@
 
 use super::command::MAX_COMMAND_LINE;
 use super::reply::{self, Reply};
-use super::session::BackendCaps;
+use crate::backend::caps::Pop3Caps;
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
@@ -39,7 +39,7 @@ pub enum Step {
 }
 
 pub struct Transaction {
-    caps: BackendCaps,
+    caps: Pop3Caps,
     max_errors: u32,
     errors: u32,
     /// The current, incomplete line.
@@ -56,7 +56,7 @@ pub struct Transaction {
 
 impl Transaction {
     /// `errors`: protocol errors already made in the AUTHORIZATION state.
-    pub fn new(caps: BackendCaps, max_errors: u32, errors: u32) -> Self {
+    pub fn new(caps: Pop3Caps, max_errors: u32, errors: u32) -> Self {
         Transaction {
             caps,
             max_errors,
@@ -441,8 +441,8 @@ fn find_terminator(last: [u8; 3], data: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn caps() -> BackendCaps {
-        BackendCaps::from_capa(&["USER", "UIDL", "PIPELINING", "RESP-CODES"])
+    fn caps() -> Pop3Caps {
+        Pop3Caps::from_capa(&["USER", "UIDL", "PIPELINING", "RESP-CODES"])
     }
 
     fn one(t: &mut Transaction, line: &[u8]) -> Step {
@@ -487,7 +487,7 @@ mod tests {
             one(&mut t, b"TOP 1 0\r\n"),
             Step::Reply(reply::command_unavailable())
         );
-        let mut old = Transaction::new(BackendCaps::rfc1939(), 10, 0);
+        let mut old = Transaction::new(Pop3Caps::rfc1939(), 10, 0);
         assert_eq!(
             one(&mut old, b"TOP 1 0\r\n"),
             fwd("TOP 1 0\r\n", Expect::Multi)

@@ -8,6 +8,8 @@
 //! errors, never pass them on. A small parser of exactly that is easier to
 //! audit and fuzz than filtering a general one.
 
+use crate::mail::{Body, MailParams};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Ehlo(String),
@@ -64,19 +66,6 @@ impl Command {
             Command::Auth { .. } => "AUTH",
         }
     }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MailParams {
-    pub size: Option<u64>,
-    pub body: Option<Body>,
-    pub smtputf8: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Body {
-    SevenBit,
-    EightBitMime,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,14 +6,15 @@
 //! look-alike (`\n.\n`, `\r.\r`, `\n.\r\n`, NUL tricks — the SMTP smuggling
 //! variants) is message content, which is then either rejected (bare CR / bare
 //! LF / NUL) or normalised to CRLF before anything reaches the backend. The
-//! stored body is dot-unstuffed; [`Stuffer`] re-stuffs it for the backend, after
+//! stored body is dot-unstuffed; `mail::Stuffer` re-stuffs it for the backend, after
 //! normalising, so no end-of-data look-alike can survive the hop. The receiver
 //! also refuses what would break the headers mailgate prepends (a first line
 //! that continues them), bounds the header block, and holds the body within
 //! the process-wide in-flight budget.
 
-use super::inflight::Reservation;
 use crate::config::BareNewlines;
+use crate::conn::inflight::Reservation;
+use crate::mail::Stuffer;
 use bytes::BytesMut;
 
 /// Header fields per message (RFC 5322 sets no limit; this bounds what
@@ -259,65 +260,9 @@ impl DataReceiver {
     }
 }
 
-/// Dot-stuffing for the backend, a piece at a time: every line starting with
-/// `.` gets another. The input is guaranteed CRLF-only (the receiver made it
-/// so), so no other sequence can end the message early at the backend. The
-/// state carries over between calls, so a message in several parts (our
-/// headers, then the body) and in several chunks comes out as one.
-#[derive(Debug)]
-pub struct Stuffer {
-    /// At the beginning of a line.
-    bol: bool,
-}
-
-impl Default for Stuffer {
-    fn default() -> Self {
-        Stuffer { bol: true }
-    }
-}
-
-impl Stuffer {
-    /// Appends the stuffed form of whole lines of `input` to `out` until `out`
-    /// holds at least `max_out` bytes (one line may go past it); returns how
-    /// many input bytes were used.
-    pub fn stuff(&mut self, input: &[u8], out: &mut Vec<u8>, max_out: usize) -> usize {
-        // whole lines at a time (memchr), not byte by byte: this is the hot
-        // loop of every message (a profile showed a third of the relay's
-        // instructions here when it pushed single bytes)
-        let mut used = 0;
-        while used < input.len() && out.len() < max_out {
-            let rest = &input[used..];
-            if self.bol && rest[0] == b'.' {
-                out.push(b'.');
-            }
-            let n = match memchr::memchr(b'\n', rest) {
-                Some(i) => {
-                    self.bol = true;
-                    i + 1
-                }
-                None => {
-                    self.bol = false;
-                    rest.len()
-                }
-            };
-            out.extend_from_slice(&rest[..n]);
-            used += n;
-        }
-        used
-    }
-
-    /// The end of the message: a CRLF if the last line lacked one, then `.CRLF`.
-    pub fn finish(self, out: &mut Vec<u8>) {
-        if !self.bol {
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b".\r\n");
-    }
-}
-
 /// Dot-stuffs `parts` (each a CRLF-normalised text) into one buffer: the wire
 /// form sent after the backend's 354, including the final `.CRLF`. The relay
-/// itself streams with [`Stuffer`] instead (no second copy of the message).
+/// itself streams with `mail::Stuffer` instead (no second copy of the message).
 pub fn stuff(parts: &[&[u8]]) -> Vec<u8> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut out = Vec::with_capacity(total + total / 64 + 8);
@@ -680,7 +625,7 @@ mod tests {
     /// and every byte is given back.
     #[test]
     fn inflight_budget() {
-        let budget = super::super::inflight::Budget::new(1 << 20);
+        let budget = crate::conn::inflight::Budget::new(1 << 20);
         let line = format!("{}\r\n", "z".repeat(98));
         let mut msg = b"Subject: big\r\n\r\n".to_vec();
         while msg.len() < 700 * 1024 {

@@ -7,41 +7,29 @@
 
 use super::command;
 use super::data::{self, DataReceiver, Feed};
-use super::inflight::Reservation;
-use super::reply::Reply;
 use super::session::{
-    Action, BackendOp, Checked, Credentials, DataEnd, Ending, LoginResult, Outcome, Session,
+    Action, BackendOp, Checked, Credentials, DataEnd, LoginResult, Outcome, Reply, Session,
     Settings, TxOutcome,
 };
+use crate::action::PolicyAction;
 use crate::auth::Verdict as AuthVerdict;
 use crate::backend::smtp::SmtpBackend;
 use crate::backend::BackendError;
-use crate::codec::{CodecError, Conn};
 use crate::config::TlsMode;
-use crate::policy::PolicyAction;
+use crate::conn::client::{session_end, Client, Line};
+use crate::conn::inflight::Reservation;
+use crate::conn::login::{self, Login};
+use crate::conn::{End, SessionCtx};
 use crate::policy::{Decision, Facts, PolicyStage};
-use crate::server::SessionCtx;
-use crate::transport::ClientStream;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
-/// How long writes to the client may take before the session is dropped.
-const WRITE_DEADLINE: Duration = Duration::from_secs(60);
-
 pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: SessionCtx) {
     let id = crate::session_id();
-    let span = tracing::info_span!("smtp", id = %id, listener = %ctx.listener.name, peer = %peer);
+    let span = tracing::info_span!("smtp", id = %id, listener = %ctx.listener().name, peer = %peer);
     Driver::start(tcp, peer, ctx, id).instrument(span).await
-}
-
-enum End {
-    Quit,
-    ClientClosed,
-    Timeout,
-    Shutdown,
-    Error(String),
 }
 
 /// A message read in DATA, on its way through the checks to the backend.
@@ -57,14 +45,12 @@ struct Message {
 }
 
 struct Driver {
-    conn: Conn<ClientStream>,
+    client: Client,
     session: Session,
     ctx: SessionCtx,
     peer: SocketAddr,
     id: String,
     backend: Option<SmtpBackend>,
-    tls: Option<(String, String)>,
-    deadline: tokio::time::Instant,
     messages: u32,
     /// SPF result of the current transaction (for DMARC and the A-R header).
     spf: Option<crate::auth::SpfOutcome>,
@@ -74,37 +60,14 @@ struct Driver {
 
 impl Driver {
     async fn start(tcp: TcpStream, peer: SocketAddr, ctx: SessionCtx, id: String) {
-        let l = ctx.listener.clone();
-        let started = Instant::now();
-        let mut stream = ClientStream::Plain(tcp);
-        if l.tls == TlsMode::Implicit {
-            let Some(cfg) = ctx.tls.clone() else {
-                warn!("implicit TLS listener without TLS configuration");
-                return;
-            };
-            match stream.into_tls(cfg, l.timeouts.tls_handshake).await {
-                Ok(s) => {
-                    stream = s;
-                    let v = stream.tls_info().map(|i| i.version).unwrap_or_default();
-                    crate::observe::metrics().tls_ok(&l.name, &v);
-                }
-                Err(e) => {
-                    crate::observe::metrics().tls_failed(&l.name);
-                    debug!(error = %e, "TLS handshake failed");
-                    return;
-                }
-            }
-        }
-        let tls = stream.tls_info().map(|i| (i.version, i.cipher));
-        let _gauge = crate::observe::metrics::SessionGauge::new(
-            &l.name,
-            "smtp",
-            if tls.is_some() { "implicit" } else { "none" },
-        );
-        let caps = ctx.caps.get(&l.backend.name);
+        let Some(client) = Client::accept(tcp, &ctx, "smtp").await else {
+            return;
+        };
+        let l = ctx.listener().clone();
+        let caps = ctx.caps.smtp(&l.backend);
         let settings = Settings {
             hostname: l.hostname.clone(),
-            starttls: l.tls == TlsMode::Starttls && ctx.tls.is_some(),
+            starttls: l.tls == TlsMode::Starttls && ctx.tls().is_some(),
             require_tls: l.require_tls,
             max_message_size: l.max_message_size,
             max_recipients: l.max_recipients,
@@ -114,88 +77,53 @@ impl Driver {
             max_transactions: l.max_transactions,
         };
         let mut d = Driver {
-            conn: Conn::new(stream),
-            session: Session::new(settings, caps, tls.is_some()),
-            deadline: tokio::time::Instant::now() + l.timeouts.session,
+            session: Session::new(settings, caps, client.tls.is_some()),
+            client,
             ctx,
             peer,
             id,
             backend: None,
-            tls,
             messages: 0,
             spf: None,
             dns_budget: crate::auth::DnsBudget::new(),
         };
         let end = d.serve().await;
-        crate::observe::metrics().bytes(&l.name, d.conn.bytes_in, d.conn.bytes_out);
+        d.client.close(&d.ctx).await;
         if let Some(b) = d.backend.take() {
             b.quit().await;
         }
-        let outcome = match &end {
-            End::Quit => "quit",
-            End::ClientClosed => "client closed",
-            End::Timeout => "timeout",
-            End::Shutdown => "shutdown",
-            End::Error(e) => e.as_str(),
-        };
-        info!(
-            tls = d.tls.as_ref().map(|t| t.0.as_str()).unwrap_or("none"),
+        session_end!(
+            d.client,
+            end,
             helo = d.session.helo.as_deref().unwrap_or("-"),
             messages = d.messages,
-            bytes_in = d.conn.bytes_in,
-            bytes_out = d.conn.bytes_out,
-            duration_ms = started.elapsed().as_millis() as u64,
-            outcome,
-            "session end"
         );
     }
 
     fn queue(&mut self, r: &Reply) {
-        r.write_to(self.conn.output());
+        self.client.queue(r);
     }
 
-    async fn flush(&mut self) -> Result<(), End> {
-        self.conn
-            .flush(WRITE_DEADLINE)
-            .await
-            .map_err(|e| End::Error(format!("write: {e}")))
-    }
-
-    /// Next command line, or why the session ends. Honours shutdown (only while
-    /// idle between commands) and the session lifetime.
-    async fn next_line(&mut self) -> Result<Result<bytes::BytesMut, CodecError>, End> {
-        let l = &self.ctx.listener;
+    /// Next command line, or why the session ends (see `Client::next_line`).
+    async fn next_line(&mut self) -> Result<Line, End> {
+        let l = self.ctx.listener();
         // AUTH responses may be longer than commands (RFC 4954 §4: 12288)
         let max = if self.session.awaiting_auth_line() {
             l.max_command_line.max(12288)
         } else {
             l.max_command_line
         };
-        match self
-            .conn
-            .next_command(max, l.timeouts.command, self.deadline, &self.ctx.shutdown)
+        let wait = l.timeouts.command;
+        self.client
+            .next_line(&self.session, &self.ctx, max, wait)
             .await
-        {
-            Ok(line) => Ok(line),
-            Err(crate::codec::Idle::SessionOver) => {
-                self.queue(&self.session.session_over());
-                Err(End::Timeout)
-            }
-            Err(crate::codec::Idle::Shutdown) => {
-                self.queue(&self.session.shutting_down());
-                Err(End::Shutdown)
-            }
-            Err(crate::codec::Idle::Write(e)) => Err(End::Error(format!("write: {e}"))),
-        }
     }
 
     async fn serve(&mut self) -> End {
         let greeting = self.session.greeting();
         self.queue(&greeting);
-        let end = self.serve_loop().await;
-        // whatever was queued last (221, 421 …) goes out before we close
-        let _ = self.conn.flush(Duration::from_secs(5)).await;
-        end
+        // whatever is queued last (221, 421 …) goes out in `Client::close`
+        self.serve_loop().await
     }
 
     async fn serve_loop(&mut self) -> End {
@@ -205,17 +133,19 @@ impl Driver {
                 Err(end) => return end,
             };
             let action = match line {
-                Ok(line) if self.session.awaiting_auth_line() => self.session.auth_line(&line),
-                Ok(line) => {
+                Line::Command(line) if self.session.awaiting_auth_line() => {
+                    self.session.auth_line(&line)
+                }
+                Line::Command(line) => {
                     let cmd = command::parse(&line);
                     match &cmd {
                         Ok(c) => {
                             // the verb only: never arguments (AUTH payloads)
                             debug!(command = c.verb(), "command");
-                            crate::observe::metrics().command(&self.ctx.listener.name, c.verb());
+                            crate::observe::metrics().command(&self.ctx.listener().name, c.verb());
                         }
                         Err(_) => {
-                            crate::observe::metrics().command(&self.ctx.listener.name, "invalid")
+                            crate::observe::metrics().command(&self.ctx.listener().name, "invalid")
                         }
                     }
                     let refused = match &cmd {
@@ -231,13 +161,7 @@ impl Driver {
                         None => self.session.command(cmd),
                     }
                 }
-                Err(CodecError::TooLong(_)) => self.session.line_too_long(),
-                Err(CodecError::Timeout) => {
-                    self.queue(&self.session.timed_out());
-                    return End::Timeout;
-                }
-                Err(CodecError::Closed) => return End::ClientClosed,
-                Err(CodecError::Io(e)) => return End::Error(format!("read: {e}")),
+                Line::TooLong => self.session.line_too_long(),
             };
             if let Some(end) = self.act(action).await {
                 return end;
@@ -250,23 +174,13 @@ impl Driver {
             Action::Reply(r) => self.queue(&r),
             Action::Close(r, ending) => {
                 self.queue(&r);
-                return Some(match ending {
-                    Ending::Quit => End::Quit,
-                    Ending::Refused => End::Error(r.summary()),
-                    Ending::Because(why) => End::Error(why.into()),
-                });
+                return Some(End::closing(&r, ending));
             }
             Action::Then(r, next) => {
                 self.queue(&r);
                 return Box::pin(self.act(*next)).await;
             }
-            Action::StartTls(r) => {
-                self.queue(&r);
-                if let Err(e) = self.flush().await {
-                    return Some(e);
-                }
-                return self.start_tls().await;
-            }
+            Action::StartTls(r) => return self.start_tls(&r).await.err(),
             Action::Relay(op) => {
                 let mut f = self.facts();
                 let stage = match &op {
@@ -302,7 +216,7 @@ impl Driver {
 
     /// What the policy rules see of this session.
     fn facts(&self) -> Facts<'_> {
-        let mut f = Facts::new(self.peer.ip(), &self.ctx.listener.name);
+        let mut f = Facts::new(self.peer.ip(), &self.ctx.listener().name);
         f.helo = self.session.helo.as_deref();
         f.auth_user = self.session.auth_user.as_deref();
         if let Some(tx) = &self.session.tx {
@@ -314,8 +228,12 @@ impl Driver {
 
     /// Runs the policy's rules for `stage`; `Some(action)` refuses the command.
     async fn policy(&self, stage: PolicyStage, f: &Facts<'_>) -> Option<PolicyAction> {
-        let p = self.ctx.policy.as_ref()?;
-        match p.check(stage, f) {
+        let p = self.ctx.policy()?;
+        let checked = p.check(stage, f);
+        for h in &checked.hits {
+            crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
+        }
+        match checked.decision {
             Decision::Continue => None,
             Decision::Delay(d) => {
                 tokio::time::sleep(d).await;
@@ -330,7 +248,7 @@ impl Driver {
     async fn check_spf(&mut self, from: &str) -> Option<Action> {
         self.spf = None;
         self.dns_budget.new_message();
-        let (policy, verifier) = (self.ctx.policy.clone()?, self.ctx.verifier.clone()?);
+        let (policy, verifier) = (self.ctx.policy()?.clone(), self.ctx.verifier()?.clone());
         let auth = policy.spec().auth.as_ref()?;
         if !auth.wants_spf() {
             return None;
@@ -341,11 +259,16 @@ impl Driver {
             self.dns_budget.clone(),
             self.peer.ip(),
             helo,
-            self.ctx.listener.hostname.clone(),
+            self.ctx.listener().hostname.clone(),
             from.to_string(),
         )
         .await;
-        crate::observe::metrics().auth_result("spf", spf.result.as_str());
+        let m = crate::observe::metrics();
+        m.auth_result("spf", spf.result.as_str());
+        m.dns_facts(&spf.dns.answered, spf.dns.unanswered);
+        if spf.not_checked.as_ref().is_some_and(|n| n.runtime_busy) {
+            m.auth_result("check_runtime", "busy");
+        }
         let verdict = crate::auth::decide(auth, &spf);
         info!(result = spf.result.as_str(), domain = %spf.domain, action = verdict.action.as_str(), "spf");
         self.spf = Some(spf);
@@ -370,84 +293,30 @@ impl Driver {
         }
     }
 
+    /// AUTH through the login guard (`conn/login.rs`): policy, backend,
+    /// bookkeeping, failure delay; then the session's answer.
     async fn authenticate(&mut self, creds: Credentials) -> Option<End> {
-        let l = self.ctx.listener.clone();
-        let mut f = self.facts();
-        f.auth_user = Some(&creds.user);
-        if let Some(p) = self.ctx.policy.clone() {
-            match p.login_allowed(&f) {
-                Decision::Continue => {}
-                Decision::Delay(d) => tokio::time::sleep(d).await,
-                Decision::Refuse { action, rule } => {
-                    info!(user = %creds.user, rule = %rule, "login refused by policy");
-                    let a = self.session.login_refused(action);
-                    return Box::pin(self.act(a)).await;
-                }
-            }
-        }
-        let r = match self.backend().await {
-            Ok(b) => b.auth(&creds.user, &creds.password.0).await,
-            Err(e) => Err(e),
+        let policy = self.ctx.policy().cloned();
+        let delay = self.ctx.listener().login_failure_delay;
+        let mut attempt = AuthAttempt {
+            driver: self,
+            creds: &creds,
         };
-        let outcome = self.outcome(r);
-        let result = self.session.auth_result(&creds.user, outcome);
-        let mut f = self.facts();
-        f.auth_user = Some(&creds.user);
-        if let Some(p) = &self.ctx.policy {
-            match &result {
-                LoginResult::Succeeded(_) => p.login_succeeded(&f),
-                LoginResult::Failed(_) => p.login_failed(&f),
-                LoginResult::Refused(_) | LoginResult::Undecided(_) => {}
-            }
-        }
-        // a 535 is charged to the policy above; any 5xx is slowed down
-        let failed = matches!(result, LoginResult::Failed(_) | LoginResult::Refused(_));
-        let action = result.into_action();
-        info!(user = %creds.user, result = action.reply().map_or(0, |r| r.code), "auth");
-        if failed {
-            // slow down guessing within one session
-            tokio::time::sleep(l.login_failure_delay).await;
-        }
+        let action = login::guard(&mut attempt, policy.as_deref(), delay).await;
         Box::pin(self.act(action)).await
     }
-    async fn start_tls(&mut self) -> Option<End> {
-        // CVE-2011-0411: anything the client sent after STARTTLS in plaintext is
-        // forgotten, never read as a command inside TLS
-        let dropped = self.conn.discard_buffered();
-        if dropped > 0 {
-            warn!(
-                bytes = dropped,
-                "discarded plaintext pipelined after STARTTLS"
-            );
+
+    /// STARTTLS through the layer; then the session and the backend start
+    /// afresh.
+    async fn start_tls(&mut self, ready: &Reply) -> Result<(), End> {
+        self.client.start_tls(ready, &self.ctx, "STARTTLS").await?;
+        self.session.tls_started();
+        // the backend was told the pre-TLS identity (XCLIENT HELO):
+        // start afresh, like the client's own state (RFC 3207)
+        if let Some(b) = self.backend.take() {
+            b.quit().await;
         }
-        let Some(cfg) = self.ctx.tls.clone() else {
-            return Some(End::Error("no TLS configuration".into()));
-        };
-        let plain = std::mem::replace(&mut self.conn.stream, ClientStream::Detached);
-        match plain
-            .into_tls(cfg, self.ctx.listener.timeouts.tls_handshake)
-            .await
-        {
-            Ok(tls) => {
-                self.tls = tls.tls_info().map(|i| (i.version, i.cipher));
-                self.conn.stream = tls;
-                self.session.tls_started();
-                crate::observe::metrics().tls_ok(
-                    &self.ctx.listener.name,
-                    self.tls.as_ref().map(|t| t.0.as_str()).unwrap_or(""),
-                );
-                // the backend was told the pre-TLS identity (XCLIENT HELO):
-                // start afresh, like the client's own state (RFC 3207)
-                if let Some(b) = self.backend.take() {
-                    b.quit().await;
-                }
-                None
-            }
-            Err(e) => {
-                crate::observe::metrics().tls_failed(&self.ctx.listener.name);
-                Some(End::Error(format!("STARTTLS handshake: {e}")))
-            }
-        }
+        Ok(())
     }
 
     fn outcome(&mut self, r: Result<(u16, Vec<String>), BackendError>) -> Outcome {
@@ -460,6 +329,11 @@ impl Driver {
                     BackendError::Unavailable(_) => Outcome::Unavailable,
                     BackendError::Failed(_) => Outcome::Failed,
                     BackendError::Protocol(_) => Outcome::Invalid,
+                    BackendError::OutOfStep(_) => {
+                        crate::observe::metrics()
+                            .backend_out_of_step(&self.ctx.listener().backend.name);
+                        Outcome::Invalid
+                    }
                     BackendError::Identity(_) => Outcome::NoIdentity,
                 }
             }
@@ -471,7 +345,7 @@ impl Driver {
     /// misread as well).
     fn drop_out_of_step_backend(&mut self) {
         if self.session.take_backend_out_of_step() {
-            let name = &self.ctx.listener.backend.name;
+            let name = &self.ctx.listener().backend.name;
             warn!(backend = %name, "backend reply does not fit its command; connection dropped");
             crate::observe::metrics().backend_out_of_step(name);
             self.backend = None;
@@ -480,21 +354,23 @@ impl Driver {
 
     async fn backend(&mut self) -> Result<&mut SmtpBackend, BackendError> {
         if self.backend.is_none() {
-            let l = &self.ctx.listener;
+            let l = self.ctx.listener();
             let id = crate::backend::ClientIdentity {
                 peer: self.peer,
                 local: self.ctx.local,
                 helo: self.session.helo.clone(),
                 esmtp: self.session.esmtp,
             };
-            let b = match SmtpBackend::connect(&l.backend, &l.timeouts, Some(&id)).await {
+            let b = match SmtpBackend::connect(&l.backend, &l.timeouts.backend, Some(&id)).await {
                 Ok(b) => b,
                 Err(e) => {
                     crate::observe::metrics().backend_failed(&l.backend.name);
                     return Err(e);
                 }
             };
-            self.ctx.caps.set(&l.backend.name, b.caps.clone());
+            crate::observe::metrics()
+                .backend_connected(&l.backend.name, b.connect_time.as_secs_f64());
+            self.ctx.caps.set_smtp(&l.backend, b.caps.clone());
             self.backend = Some(b);
         }
         Ok(self.backend.as_mut().expect("connected above"))
@@ -536,7 +412,7 @@ impl Driver {
     /// budget now (nothing is reserved for it: memory is reserved as the
     /// message arrives), then the message up to CRLF.CRLF.
     async fn read_message(&mut self, go_ahead: Reply) -> Result<Message, Option<End>> {
-        let l = self.ctx.listener.clone();
+        let l = self.ctx.listener().clone();
         let started = Instant::now();
         let declared = self.session.tx.as_ref().and_then(|t| t.params.size);
         let reservation = if self.ctx.inflight.fits(declared.unwrap_or(0)) {
@@ -553,33 +429,18 @@ impl Driver {
             return Err(self.finish(end).await);
         };
         self.queue(&go_ahead);
-        self.flush().await.map_err(Some)?;
+        self.client.flush().await.map_err(Some)?;
         let mut rx = DataReceiver::new(l.bare_newlines, self.session.size_limit(), l.max_text_line)
             .with_reservation(reservation);
         let result = loop {
-            match rx.feed(self.conn.rbuf_mut()) {
+            match rx.feed(self.client.conn.rbuf_mut()) {
                 Feed::Done(r) => break r,
-                Feed::NeedMore => {
-                    // shutdown does not interrupt a running DATA (bounded by its
-                    // deadline); the session lifetime does: `timeouts.data` is
-                    // per read, so a trickle would otherwise never end
-                    let left = self
-                        .deadline
-                        .saturating_duration_since(tokio::time::Instant::now());
-                    match tokio::time::timeout(l.timeouts.data.min(left), self.conn.fill()).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(CodecError::Closed)) => return Err(Some(End::ClientClosed)),
-                        Ok(Err(e)) => return Err(Some(End::Error(format!("read DATA: {e}")))),
-                        Err(_) if l.timeouts.data > left => {
-                            self.queue(&self.session.session_over());
-                            return Err(Some(End::Timeout));
-                        }
-                        Err(_) => {
-                            self.queue(&self.session.timed_out());
-                            return Err(Some(End::Timeout));
-                        }
-                    }
-                }
+                // `timeouts.data` per read, within the session lifetime
+                Feed::NeedMore => self
+                    .client
+                    .fill(&self.session, l.timeouts.data)
+                    .await
+                    .map_err(Some)?,
             }
         };
         let tx = self.session.tx.clone();
@@ -608,14 +469,12 @@ impl Driver {
     async fn verify(&mut self, msg: &mut Message) -> Result<String, Option<End>> {
         let mut auth_headers = String::new();
         let authserv_id = crate::auth::authserv_id(
-            self.ctx
-                .policy
-                .as_ref()
-                .and_then(|p| p.spec().auth.as_ref()),
-            &self.ctx.listener.hostname,
+            self.ctx.policy().and_then(|p| p.spec().auth.as_ref()),
+            &self.ctx.listener().hostname,
         )
         .to_string();
-        if let (Some(policy), Some(verifier)) = (self.ctx.policy.clone(), self.ctx.verifier.clone())
+        if let (Some(policy), Some(verifier)) =
+            (self.ctx.policy().cloned(), self.ctx.verifier().cloned())
         {
             if let Some(auth) = policy.spec().auth.as_ref() {
                 let checks = auth.checks();
@@ -645,6 +504,10 @@ impl Driver {
                     .await;
                     msg.body = b;
                     let m = crate::observe::metrics();
+                    m.dns_facts(&o.dns.answered, o.dns.unanswered);
+                    if o.not_checked.as_ref().is_some_and(|n| n.runtime_busy) {
+                        m.auth_result("check_runtime", "busy");
+                    }
                     if let Some((r, _)) = o.dkim_summary() {
                         m.auth_result("dkim", r.as_str());
                     }
@@ -676,7 +539,7 @@ impl Driver {
         }
         // on every listener, checks or not, every id of the configuration:
         // the backend may trust any of them (in place: no copy of the message)
-        let forged = crate::auth::strip_forged(&mut msg.body, &self.ctx.listener.authserv_ids);
+        let forged = crate::auth::strip_forged(&mut msg.body, &self.ctx.listener().authserv_ids);
         if forged > 0 {
             warn!(
                 forged,
@@ -689,14 +552,18 @@ impl Driver {
     /// Our Received header, then `auth_headers`, then the message, signed
     /// where `dkim_sign` says so, to the backend; its answer goes to the session.
     async fn deliver(&mut self, mut msg: Message, auth_headers: String) -> Option<End> {
-        let l = self.ctx.listener.clone();
+        let l = self.ctx.listener().clone();
         let header = data::received_header(&data::TraceInfo {
             helo: self.session.helo.as_deref().unwrap_or("unknown"),
             peer: self.peer,
             host: &l.hostname,
             session_id: &self.id,
             esmtp: self.session.esmtp,
-            tls: self.tls.as_ref().map(|(v, c)| (v.as_str(), c.as_str())),
+            tls: self
+                .client
+                .tls
+                .as_ref()
+                .map(|t| (t.version.as_str(), t.cipher.as_str())),
             rcpt: if msg.rcpts.len() == 1 {
                 Some(msg.rcpts[0].as_str())
             } else {
@@ -741,7 +608,7 @@ impl Driver {
     ) -> Result<(String, String), Option<End>> {
         use crate::sign::{Decision, Refusal};
         let unsigned = || (String::new(), "-".to_string());
-        let Some(policy) = self.ctx.policy.clone() else {
+        let Some(policy) = self.ctx.policy().cloned() else {
             return Ok(unsigned());
         };
         let Some(p) = policy.spec().dkim_sign.clone() else {
@@ -788,7 +655,7 @@ impl Driver {
         if end.outcome == TxOutcome::Accepted {
             self.messages += 1;
         }
-        crate::observe::metrics().outcome(&self.ctx.listener.name, end.outcome.as_str());
+        crate::observe::metrics().outcome(&self.ctx.listener().name, end.outcome.as_str());
         Box::pin(self.act(end.action)).await
     }
 }
@@ -796,4 +663,37 @@ impl Driver {
 /// The first reply of an action, for logs.
 fn summary(a: &Action) -> String {
     a.reply().map(Reply::summary).unwrap_or_default()
+}
+
+/// One AUTH as the login guard runs it.
+struct AuthAttempt<'a> {
+    driver: &'a mut Driver,
+    creds: &'a Credentials,
+}
+
+impl Login for AuthAttempt<'_> {
+    type Action = Action;
+
+    fn facts(&self) -> Facts<'_> {
+        let mut f = self.driver.facts();
+        f.auth_user = Some(&self.creds.user);
+        f
+    }
+
+    fn refused(&mut self, action: PolicyAction) -> LoginResult {
+        self.driver.session.login_refused(action)
+    }
+
+    async fn attempt(&mut self) -> LoginResult {
+        let d = &mut *self.driver;
+        let r = match d.backend().await {
+            Ok(b) => b.auth(&self.creds.user, &self.creds.password.0).await,
+            Err(e) => Err(e),
+        };
+        let outcome = d.outcome(r);
+        let result = d.session.auth_result(&self.creds.user, outcome);
+        let code = result.action().reply().map_or(0, |r| r.code);
+        info!(user = %self.creds.user, result = code, "auth");
+        result
+    }
 }

@@ -3,6 +3,5 @@
 pub mod command;
 pub mod data;
 pub mod driver;
-pub mod inflight;
 pub mod reply;
 pub mod session;

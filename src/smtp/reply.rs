@@ -18,6 +18,16 @@ pub enum Stage {
     Data,
 }
 
+/// How the client-connection layer writes and logs it (`conn/mod.rs`).
+impl crate::conn::Wire for Reply {
+    fn write_to(&self, out: &mut Vec<u8>) {
+        Reply::write_to(self, out)
+    }
+    fn summary(&self) -> String {
+        Reply::summary(self)
+    }
+}
+
 impl Reply {
     pub fn new(code: u16, text: impl Into<Cow<'static, str>>) -> Self {
         Reply {

@@ -5,13 +5,17 @@
 //! It never awaits and owns no sockets, so every rule below is unit-tested
 //! with plain values.
 
-use super::command::{Body, Command, MailParams, ParseError, Secret};
+use super::command::{Command, ParseError, Secret};
 use super::data::Violation;
-use super::reply::{self, Reply, Stage};
+/// The replies in [`Action`]s (built in `reply.rs`, chosen here).
+pub use super::reply::Reply;
+use super::reply::{self, Stage};
+use crate::action::PolicyAction;
 use crate::auth::Verdict as AuthVerdict;
+use crate::backend::caps::SmtpCaps;
 use crate::config::AuthMode;
+use crate::mail::{Body, MailParams};
 use crate::policy::valid_login_name;
-use crate::policy::PolicyAction;
 use crate::policy::PolicyStage;
 use base64::Engine as _;
 use std::time::Duration;
@@ -23,20 +27,6 @@ const AUTH_DELAY: Duration = Duration::from_secs(5);
 /// Why the session ended after a message with bare line endings (normalised,
 /// `bare_newlines: normalize`): whatever followed them is not trusted.
 const SMUGGLING: &str = "bare line endings in message: session closed (smuggling guard)";
-
-/// What the backend can carry end to end (from its EHLO), which bounds what
-/// we advertise and pass on.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BackendCaps {
-    pub eightbitmime: bool,
-    pub smtputf8: bool,
-    pub pipelining: bool,
-    /// AUTH mechanisms the backend offers (credentials are relayed in one of them).
-    pub auth_plain: bool,
-    pub auth_login: bool,
-    /// The backend's SIZE limit, if it announced one (0 = no limit).
-    pub size: Option<u64>,
-}
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -162,17 +152,9 @@ impl Action {
     }
 }
 
-/// Why the connection closes after a [`Action::Close`] reply: what the
-/// session-end log says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// The client said QUIT.
-    Quit,
-    /// A limit or a refusal: the log shows the reply.
-    Refused,
-    /// The log gives this reason instead of the reply.
-    Because(&'static str),
-}
+/// Why the connection closes after a [`Action::Close`] reply (the layer's,
+/// shared by every protocol).
+pub use crate::conn::Ending;
 
 /// What an authentication verdict means: go on (perhaps after a tarpit, or
 /// with a log line for `shadow`), or the refusal `R` instead.
@@ -233,35 +215,15 @@ pub struct DataEnd {
     pub outcome: TxOutcome,
 }
 
-/// The session's answer to a login relayed to the backend, and how the login
-/// policy counts it (rates, failed-login lockouts).
-#[derive(Debug, PartialEq, Eq)]
-pub enum LoginResult {
-    /// 235: the session is authenticated.
-    Succeeded(Action),
-    /// Wrong credentials (535; 421 and close at the session's limit): the
-    /// driver waits the failure delay before it acts.
-    Failed(Action),
-    /// A 5xx other than 535 (503, 504, 554 …): possibly the backend's own
-    /// trouble, so never charged to the policy's lockout; but a legacy server
-    /// may answer every wrong password so, so it is slowed down like a
-    /// failure and counted towards this session's limits (454; 421 and close
-    /// at the limit).
-    Refused(Action),
-    /// Neither: the backend's trouble (454), not counted.
-    Undecided(Action),
-}
-
-impl LoginResult {
-    pub fn into_action(self) -> Action {
-        match self {
-            LoginResult::Succeeded(a)
-            | LoginResult::Failed(a)
-            | LoginResult::Refused(a)
-            | LoginResult::Undecided(a) => a,
-        }
-    }
-}
+/// The session's answer to a login (relayed to the backend, or refused by
+/// the policy), and how the login guard counts it (`conn/login.rs`): `Failed`
+/// is a wrong password (535; 421 and close at the session's limit); `Refused`
+/// a 5xx other than 535 (503, 504, 554 …), possibly the backend's own
+/// trouble, so never charged to the policy's lockout, but a legacy server may
+/// answer every wrong password so, so it is slowed down like a failure and
+/// counted towards this session's limits; `Undecided` the backend's trouble
+/// (454), not counted.
+pub type LoginResult = crate::conn::login::LoginResult<Action>;
 
 #[derive(Debug, Clone)]
 pub struct Transaction {
@@ -273,7 +235,7 @@ pub struct Transaction {
 
 pub struct Session {
     pub settings: Settings,
-    pub caps: BackendCaps,
+    pub caps: SmtpCaps,
     pub tls: bool,
     pub helo: Option<String>,
     pub esmtp: bool,
@@ -293,7 +255,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(settings: Settings, caps: BackendCaps, tls: bool) -> Self {
+    pub fn new(settings: Settings, caps: SmtpCaps, tls: bool) -> Self {
         Session {
             settings,
             caps,
@@ -627,13 +589,14 @@ impl Session {
 
     /// The login policy refused the login before it reached the backend:
     /// `reject` looks like (and counts as) a wrong password; a tempfail
-    /// (failed-login lock, login rate) is 454.
-    pub fn login_refused(&mut self, action: PolicyAction) -> Action {
-        if action == PolicyAction::Reject {
+    /// (failed-login lock, login rate) is 454. The policy already counted the
+    /// attempt, and the answer is not delayed: `Undecided` to the login guard.
+    pub fn login_refused(&mut self, action: PolicyAction) -> LoginResult {
+        LoginResult::Undecided(if action == PolicyAction::Reject {
             self.login_failed()
         } else {
             Action::Reply(reply::auth_locked())
-        }
+        })
     }
 
     /// A policy rule refused the command of `stage` (HELO/EHLO, MAIL, RCPT)
@@ -705,21 +668,6 @@ impl Session {
             outcome: TxOutcome::of(&reply),
             action: self.message_answer(reply, false),
         }
-    }
-
-    /// No command within `timeouts.command` (or DATA line within `timeouts.data`).
-    pub fn timed_out(&self) -> Reply {
-        reply::timeout()
-    }
-
-    /// The session's lifetime (`timeouts.session`) is over.
-    pub fn session_over(&self) -> Reply {
-        reply::session_too_long()
-    }
-
-    /// The gateway shuts down while the session waits for a command.
-    pub fn shutting_down(&self) -> Reply {
-        reply::shutting_down()
     }
 
     /// The TLS handshake after STARTTLS succeeded: forget everything the client
@@ -887,6 +835,23 @@ fn decode(b64: &str) -> Option<String> {
     decode_bytes(b64).and_then(|v| String::from_utf8(v).ok())
 }
 
+impl crate::conn::Replies for Session {
+    type Reply = Reply;
+
+    /// No command within `timeouts.command` (or DATA line within `timeouts.data`).
+    fn timed_out(&self) -> Reply {
+        reply::timeout()
+    }
+
+    fn session_over(&self) -> Reply {
+        reply::session_too_long()
+    }
+
+    fn shutting_down(&self) -> Reply {
+        reply::shutting_down()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::command::parse;
@@ -906,8 +871,8 @@ mod tests {
         }
     }
 
-    fn caps() -> BackendCaps {
-        BackendCaps {
+    fn caps() -> SmtpCaps {
+        SmtpCaps {
             eightbitmime: true,
             smtputf8: false,
             pipelining: true,
@@ -953,7 +918,7 @@ mod tests {
         // backend with a smaller SIZE wins
         let mut s = Session::new(
             settings(false, false),
-            BackendCaps {
+            SmtpCaps {
                 size: Some(500),
                 ..caps()
             },
@@ -1199,7 +1164,7 @@ mod tests {
 
     #[test]
     fn parameters_checked_against_backend() {
-        let mut s = Session::new(settings(false, false), BackendCaps::default(), false);
+        let mut s = Session::new(settings(false, false), SmtpCaps::default(), false);
         cmd(&mut s, "EHLO c");
         assert_eq!(
             reply_of(cmd(&mut s, "MAIL FROM:<a@b.example> BODY=8BITMIME")),
@@ -1819,21 +1784,24 @@ mod tests {
         cmd(&mut s, "EHLO c");
         for _ in 0..5 {
             assert_eq!(
-                reply_of(s.login_refused(PolicyAction::Tempfail)),
+                reply_of(s.login_refused(PolicyAction::Tempfail).into_action()),
                 b"454 4.7.0 Too many failed authentication attempts, try again later\r\n"
             );
         }
         assert_eq!(
-            reply_of(s.login_refused(PolicyAction::Reject)),
+            reply_of(s.login_refused(PolicyAction::Reject).into_action()),
             b"535 5.7.8 Authentication credentials invalid\r\n"
         );
         assert_eq!(
-            reply_of(s.login_refused(PolicyAction::Reject)),
+            reply_of(s.login_refused(PolicyAction::Reject).into_action()),
             b"535 5.7.8 Authentication credentials invalid\r\n"
         );
         assert_eq!(
             s.login_refused(PolicyAction::Reject),
-            Action::Close(reply::too_many_auth_failures(), Ending::Refused),
+            LoginResult::Undecided(Action::Close(
+                reply::too_many_auth_failures(),
+                Ending::Refused
+            )),
             "third counted failure"
         );
         // how backend answers count for the login policy
@@ -2044,6 +2012,7 @@ mod tests {
     /// replies for the driver's own events come from here as well.
     #[test]
     fn endings_and_idle_replies() {
+        use crate::conn::Replies;
         let mut s = Session::new(settings(false, false), caps(), false);
         assert_eq!(
             cmd(&mut s, "QUIT"),

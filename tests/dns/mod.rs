@@ -496,6 +496,19 @@ fn rdata_len(d: &RData) -> usize {
     }
 }
 
+/// The signer of the DKIM vectors in `tests/data/dkim/dkimpy`:
+/// football.example.com's SPF (127.0.0.0/8, so loopback passes), its DKIM key
+/// `test` and DMARC `p=reject`.
+pub fn football() -> Zone {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+    let mut z = Zone::new();
+    z.add_txt("football.example.com", "v=spf1 ip4:127.0.0.0/8 -all");
+    let key = std::fs::read_to_string(format!("{data}/dkim/dkimpy/test.txt")).unwrap();
+    z.add_txt("test._domainkey.football.example.com", key.trim());
+    z.add_txt("_dmarc.football.example.com", "v=DMARC1; p=reject");
+    z
+}
+
 /// A running test DNS server.
 pub struct TestDns {
     pub addr: SocketAddr,

@@ -1,5 +1,6 @@
 //! What a policy rule or an authentication verdict does. Shared by the limit
-//! rules and the SPF/DKIM/DMARC settings so both read the same in YAML.
+//! rules (`policy/`) and the SPF/DKIM/DMARC settings (`auth/`) so both read the
+//! same in YAML; a leaf, so that neither of the two depends on the other for it.
 
 use serde::Deserialize;
 

@@ -1,5 +1,7 @@
-//! Small value types of the config format: sizes, durations and CIDR networks.
-//! Each parses from the string an operator writes and rejects anything else.
+//! Small value types of the config format: sizes, durations, rates and CIDR
+//! networks, and the canonical form of addresses. Each parses from the string
+//! an operator writes and rejects anything else. A leaf: config parses into
+//! these, and policy, auth and transport use them without depending on config.
 
 use serde::{de, Deserialize, Deserializer};
 use std::fmt;

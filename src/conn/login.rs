@@ -1,0 +1,216 @@
+//! The login guard, for every protocol: the policy's login check
+//! (failed-login locks, login rates) before anything reaches the backend,
+//! the backend login, the policy's success / failure bookkeeping after it,
+//! and the failure delay that slows down guessing within one session. The
+//! protocol supplies the backend login and, through its session, every
+//! reply ([`Login`]); the guard only sequences and waits.
+
+use crate::action::PolicyAction;
+use crate::policy::{Decision, Facts, Policy};
+use std::future::Future;
+use std::time::Duration;
+use tracing::info;
+
+/// What the session made of a login: its action, and how the login policy
+/// and the failure delay count it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LoginResult<A> {
+    /// Accepted: the policy counts a success.
+    Succeeded(A),
+    /// Wrong credentials: the policy counts a failure, and the answer waits
+    /// the failure delay.
+    Failed(A),
+    /// Not charged to the policy (it may be the backend's trouble, or the
+    /// policy itself refused), but answered after the failure delay: a guess
+    /// cannot be told apart.
+    Refused(A),
+    /// Not counted, answered at once (the backend's trouble).
+    Undecided(A),
+}
+
+impl<A> LoginResult<A> {
+    pub fn into_action(self) -> A {
+        match self {
+            LoginResult::Succeeded(a)
+            | LoginResult::Failed(a)
+            | LoginResult::Refused(a)
+            | LoginResult::Undecided(a) => a,
+        }
+    }
+
+    pub fn action(&self) -> &A {
+        match self {
+            LoginResult::Succeeded(a)
+            | LoginResult::Failed(a)
+            | LoginResult::Refused(a)
+            | LoginResult::Undecided(a) => a,
+        }
+    }
+
+    /// The answer waits `login_failure_delay`.
+    pub fn delayed(&self) -> bool {
+        matches!(self, LoginResult::Failed(_) | LoginResult::Refused(_))
+    }
+}
+
+/// One login attempt as a protocol carries it out.
+pub trait Login {
+    type Action;
+    /// What the policy sees (`auth_user` set to the login's user).
+    fn facts(&self) -> Facts<'_>;
+    /// The session's answer to a login the policy refused with `action`.
+    fn refused(&mut self, action: PolicyAction) -> LoginResult<Self::Action>;
+    /// The login on the backend, and the session's answer to its outcome.
+    fn attempt(&mut self) -> impl Future<Output = LoginResult<Self::Action>> + Send;
+}
+
+/// Runs one login through the policy (`None`: no login rules) and the
+/// backend; the action comes back after the failure delay where it applies.
+pub async fn guard<L: Login + Send>(
+    login: &mut L,
+    policy: Option<&Policy>,
+    failure_delay: Duration,
+) -> L::Action {
+    let decision = policy.map(|p| {
+        let checked = p.login_allowed(&login.facts());
+        // counted here, at the edge, from the rules the policy says fired
+        for h in &checked.hits {
+            crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
+        }
+        checked.decision
+    });
+    let result = match decision {
+        Some(Decision::Refuse { action, rule }) => {
+            info!(
+                user = login.facts().auth_user.unwrap_or("-"),
+                rule = %rule,
+                "login refused by policy"
+            );
+            login.refused(action)
+        }
+        d => {
+            if let Some(Decision::Delay(d)) = d {
+                tokio::time::sleep(d).await;
+            }
+            let result = login.attempt().await;
+            if let Some(p) = policy {
+                match &result {
+                    LoginResult::Succeeded(_) => p.login_succeeded(&login.facts()),
+                    LoginResult::Failed(_) => p.login_failed(&login.facts()),
+                    LoginResult::Refused(_) | LoginResult::Undecided(_) => {}
+                }
+            }
+            result
+        }
+    };
+    if result.delayed() {
+        tokio::time::sleep(failure_delay).await;
+    }
+    result.into_action()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    /// Records what the guard asked of it.
+    struct Probe {
+        user: &'static str,
+        result: fn(&'static str) -> LoginResult<&'static str>,
+        attempts: u32,
+        refusals: Vec<PolicyAction>,
+    }
+
+    impl Login for Probe {
+        type Action = &'static str;
+        fn facts(&self) -> Facts<'_> {
+            let mut f = Facts::new(IpAddr::V4(Ipv4Addr::LOCALHOST), "l");
+            f.auth_user = Some(self.user);
+            f
+        }
+        fn refused(&mut self, action: PolicyAction) -> LoginResult<&'static str> {
+            self.refusals.push(action);
+            LoginResult::Refused("refused")
+        }
+        async fn attempt(&mut self) -> LoginResult<&'static str> {
+            self.attempts += 1;
+            (self.result)("backend")
+        }
+    }
+
+    fn probe(result: fn(&'static str) -> LoginResult<&'static str>) -> Probe {
+        Probe {
+            user: "alice",
+            result,
+            attempts: 0,
+            refusals: Vec::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_delay_only_where_the_session_says() {
+        let delay = Duration::from_secs(3);
+        for (result, delayed) in [
+            (LoginResult::Succeeded as fn(_) -> _, false),
+            (LoginResult::Failed, true),
+            (LoginResult::Refused, true),
+            (LoginResult::Undecided, false),
+        ] {
+            let mut p = probe(result);
+            let t = tokio::time::Instant::now();
+            assert_eq!(guard(&mut p, None, delay).await, "backend");
+            assert_eq!(p.attempts, 1);
+            assert!(p.refusals.is_empty());
+            assert_eq!(t.elapsed() >= delay, delayed);
+        }
+    }
+
+    /// The policy's side of the bracket: failures the session calls `Failed`
+    /// are charged, and once the lock holds, the backend is not tried and the
+    /// session answers the refusal.
+    #[tokio::test(start_paused = true)]
+    async fn policy_lock_refuses_before_the_backend() {
+        let yaml = "backends:\n  a: { address: \"127.0.0.1:1\" }\nlisteners:\n  - { name: l, protocol: pop3, bind: \"127.0.0.1:110\", tls: none, backend: a, policy: p }\npolicies:\n  p:\n    limits:\n      - { key: [auth_user], auth_failures: 2/15minutes, action: tempfail }\n";
+        let c = crate::config::load_str("g.yaml", yaml).unwrap();
+        let state = crate::policy::PolicyState::new(
+            crate::config::defaults::KNOWN_GOOD,
+            crate::config::defaults::MAX_TRACKED_KEYS,
+        );
+        let policy = crate::policy::Policies::compile(&c.policies, &state)
+            .get("p")
+            .unwrap();
+        let mut p = probe(LoginResult::Failed);
+        for _ in 0..2 {
+            assert_eq!(
+                guard(&mut p, Some(&policy), Duration::ZERO).await,
+                "backend"
+            );
+        }
+        assert_eq!(
+            guard(&mut p, Some(&policy), Duration::ZERO).await,
+            "refused"
+        );
+        assert_eq!(p.attempts, 2, "the locked login never reached the backend");
+        assert_eq!(p.refusals, vec![PolicyAction::Tempfail]);
+        // `Refused` and `Undecided` are not charged: another user's lock
+        // never comes from them
+        let mut p = probe(LoginResult::Refused);
+        p.user = "bob";
+        for _ in 0..3 {
+            assert_eq!(
+                guard(&mut p, Some(&policy), Duration::ZERO).await,
+                "backend"
+            );
+        }
+        assert_eq!(p.attempts, 3);
+    }
+
+    #[test]
+    fn into_action_and_delayed() {
+        assert_eq!(LoginResult::Failed(7).into_action(), 7);
+        assert!(LoginResult::Refused(()).delayed());
+        assert!(!LoginResult::Succeeded(()).delayed());
+        assert!(!LoginResult::Undecided(()).delayed());
+    }
+}
