@@ -22,16 +22,14 @@ mod common;
 mod dns;
 mod postfix;
 
-use common::{require_or_skip, run_limited, Guard};
+use common::{require_or_skip, run_limited, Guard, SmtpClient};
 use dns::{TestDns, Zone};
 use postfix::Postfix;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -294,11 +292,8 @@ impl Rig {
     /// returns the reply to the end of DATA.
     fn send(&self, listener: &str, auth: bool, from: &str, message: &[u8]) -> String {
         let addr = self.addrs[listener];
-        let tls = common::tls_client(&self.ca);
-        let message = message.to_vec();
-        let from = from.to_string();
-        self.rt.block_on(async move {
-            tokio::time::timeout(LIMIT, submit(addr, tls, auth, &from, &message))
+        self.rt.block_on(async {
+            tokio::time::timeout(LIMIT, submit(addr, &self.ca, auth, from, message))
                 .await
                 .expect("the SMTP conversation timed out")
         })
@@ -433,64 +428,27 @@ fn crlf_of_mbox(m: &str) -> Vec<u8> {
     body.replace('\n', "\r\n").into_bytes()
 }
 
-async fn reply<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
-    let mut all = String::new();
-    loop {
-        let mut l = String::new();
-        r.read_line(&mut l).await.unwrap();
-        all.push_str(&l);
-        if l.len() < 4 || l.as_bytes()[3] != b'-' {
-            return all;
-        }
-    }
-}
-
-async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -> String {
-    r.get_mut()
-        .write_all(format!("{c}\r\n").as_bytes())
-        .await
-        .unwrap();
-    reply(r).await
-}
-
-/// One message to bob@test.example; the reply to the end of DATA.
-async fn submit(
-    addr: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-    auth: bool,
-    from: &str,
-    message: &[u8],
-) -> String {
+/// One message to bob@test.example over STARTTLS (and AUTH PLAIN as
+/// alice when `auth`); the reply to the end of DATA.
+async fn submit(addr: SocketAddr, ca: &Path, auth: bool, from: &str, message: &[u8]) -> String {
     use base64::Engine as _;
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut plain = BufReader::new(tcp);
-    assert!(reply(&mut plain).await.starts_with("220"));
-    cmd(&mut plain, "EHLO client.example").await;
-    assert!(cmd(&mut plain, "STARTTLS").await.starts_with("220"));
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let s = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, plain.into_inner())
-        .await
-        .unwrap();
-    let mut r = BufReader::new(s);
-    let ehlo = cmd(&mut r, "EHLO client.example").await;
+    let mut c = SmtpClient::greeted(addr).await.starttls(ca).await;
+    let ehlo = c.cmd("EHLO client.example").await;
     if auth {
         assert!(ehlo.contains("AUTH"), "{ehlo}");
         let creds = base64::engine::general_purpose::STANDARD.encode(b"\0alice\0secret");
-        let a = cmd(&mut r, &format!("AUTH PLAIN {creds}")).await;
-        assert!(a.starts_with("235"), "AUTH: {a}");
+        c.send(format!("AUTH PLAIN {creds}\r\n").as_bytes()).await;
+        c.expect(235).await;
     }
-    let m = cmd(&mut r, &format!("MAIL FROM:<{from}>")).await;
-    assert!(m.starts_with("250"), "MAIL: {m}");
-    let rc = cmd(&mut r, "RCPT TO:<bob@test.example>").await;
-    assert!(rc.starts_with("250"), "RCPT: {rc}");
-    assert!(cmd(&mut r, "DATA").await.starts_with("354"));
-    r.get_mut()
-        .write_all(&mailgate::smtp::data::stuff(&[message]))
-        .await
-        .unwrap();
-    let end = reply(&mut r).await;
-    cmd(&mut r, "QUIT").await;
+    c.send(format!("MAIL FROM:<{from}>\r\n").as_bytes()).await;
+    c.expect(250).await;
+    c.send(b"RCPT TO:<bob@test.example>\r\n").await;
+    c.expect(250).await;
+    c.send(b"DATA\r\n").await;
+    c.expect(354).await;
+    c.send(&mailgate::smtp::data::stuff(&[message])).await;
+    let end = c.text().await;
+    c.cmd("QUIT").await;
     end
 }
 
