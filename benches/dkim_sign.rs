@@ -9,13 +9,17 @@
 //! medians are printed. Prints figures; asserts only that every message was
 //! accepted. `MESSAGES` (default 2000) per case and round, `ROUNDS` (3).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::SmtpClient;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 
 const PER_SESSION: usize = 50;
 
@@ -93,41 +97,15 @@ async fn backend(l: TcpListener) {
 // ---------------------------------------------------------------------------
 // the client
 
-async fn reply<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> String {
-    let mut all = String::new();
-    loop {
-        let mut l = String::new();
-        r.read_line(&mut l).await.unwrap();
-        all.push_str(&l);
-        if l.len() < 4 || l.as_bytes()[3] != b'-' {
-            return all;
-        }
-    }
-}
-
-async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(r: &mut BufReader<S>, c: &str) -> String {
-    r.get_mut()
-        .write_all(format!("{c}\r\n").as_bytes())
-        .await
-        .unwrap();
-    reply(r).await
-}
-
 /// Waits until the gateway offers AUTH: it does once its probe of the
 /// backend has seen the backend's AUTH.
-async fn wait_ready(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) {
+async fn wait_ready(addr: SocketAddr, ca: &Path) {
     let start = Instant::now();
     loop {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let s = tokio_rustls::TlsConnector::from(tls.clone())
-            .connect(name, tcp)
-            .await
-            .unwrap();
-        let mut r = BufReader::new(s);
-        reply(&mut r).await;
-        let ehlo = cmd(&mut r, "EHLO bench.example").await;
-        cmd(&mut r, "QUIT").await;
+        let mut c = SmtpClient::connect(addr).await.tls(ca).await;
+        c.expect(220).await;
+        let ehlo = c.cmd("EHLO bench.example").await;
+        c.cmd("QUIT").await;
         if ehlo.contains("AUTH") {
             return;
         }
@@ -137,34 +115,26 @@ async fn wait_ready(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) {
 }
 
 /// `n` messages over implicit TLS, AUTH PLAIN, `PER_SESSION` per connection.
-async fn submit(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, n: usize, stuffed: &[u8]) {
+async fn submit(addr: SocketAddr, ca: &Path, n: usize, stuffed: &[u8]) {
     let mut left = n;
     while left > 0 {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let s = tokio_rustls::TlsConnector::from(tls.clone())
-            .connect(name, tcp)
-            .await
-            .unwrap();
-        let mut r = BufReader::new(s);
-        assert!(reply(&mut r).await.starts_with("220"));
-        cmd(&mut r, "EHLO bench.example").await;
-        let a = cmd(&mut r, "AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
-        assert!(a.starts_with("235"), "{a}");
+        let mut c = SmtpClient::connect(addr).await.tls(ca).await;
+        c.expect(220).await;
+        c.cmd("EHLO bench.example").await;
+        c.send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n").await;
+        c.expect(235).await;
         for _ in 0..PER_SESSION.min(left) {
-            assert!(cmd(&mut r, "MAIL FROM:<alice@example.org>")
-                .await
-                .starts_with("250"));
-            assert!(cmd(&mut r, "RCPT TO:<bob@example.net>")
-                .await
-                .starts_with("250"));
-            assert!(cmd(&mut r, "DATA").await.starts_with("354"));
-            r.get_mut().write_all(stuffed).await.unwrap();
-            let end = reply(&mut r).await;
-            assert!(end.starts_with("250"), "{end}");
+            c.send(b"MAIL FROM:<alice@example.org>\r\n").await;
+            c.expect(250).await;
+            c.send(b"RCPT TO:<bob@example.net>\r\n").await;
+            c.expect(250).await;
+            c.send(b"DATA\r\n").await;
+            c.expect(354).await;
+            c.send(stuffed).await;
+            c.expect(250).await;
             left -= 1;
         }
-        cmd(&mut r, "QUIT").await;
+        c.cmd("QUIT").await;
     }
 }
 
@@ -188,25 +158,6 @@ fn cpu_of(pid: u32) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / ticks
-}
-
-/// The address a `listening` line of the gateway's JSON log names.
-fn listening(log: &Path) -> SocketAddr {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        for line in text.lines() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                if v["message"] == "listening" {
-                    if let Some(a) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
-                        return a;
-                    }
-                }
-            }
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn start_gateway(dir: &Path, case: &str, backend: SocketAddr, dkim: &str) -> (Gateway, SocketAddr) {
@@ -238,7 +189,7 @@ policies:
         .spawn()
         .unwrap();
     let gw = Gateway(child);
-    (gw, listening(&log))
+    (gw, common::listening(&log, &["submission"])["submission"])
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -251,22 +202,6 @@ fn main() {
     let rounds = env("ROUNDS", 3).max(1);
     let dir = tempfile::tempdir().unwrap();
     let (ca, _) = mailgate::tls::write_self_signed(dir.path(), &["localhost"]).unwrap();
-    let tls = {
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-        )
-    };
     let mut cases = vec![("unsigned", String::new(), None)];
     for (name, bits) in [("rsa-2048", Some(2048)), ("ed25519", None)] {
         let path = dir.path().join(format!("{name}.pem"));
@@ -295,11 +230,11 @@ fn main() {
         for (i, (name, block, _)) in cases.iter().enumerate() {
             let (gw, addr) = start_gateway(dir.path(), name, backend_addr, block);
             // warm-up: backend probe, first sessions, first signatures
-            rt.block_on(wait_ready(addr, tls.clone()));
-            rt.block_on(submit(addr, tls.clone(), PER_SESSION, &stuffed));
+            rt.block_on(wait_ready(addr, &ca));
+            rt.block_on(submit(addr, &ca, PER_SESSION, &stuffed));
             let before = cpu_of(gw.0.id());
             let wall = Instant::now();
-            rt.block_on(submit(addr, tls.clone(), messages, &stuffed));
+            rt.block_on(submit(addr, &ca, messages, &stuffed));
             let cpu = cpu_of(gw.0.id()) - before;
             let per = cpu * 1000.0 / messages as f64;
             eprintln!(

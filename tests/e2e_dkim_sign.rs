@@ -24,7 +24,7 @@ mod postfix;
 
 use common::{require_or_skip, run_limited, Guard, SmtpClient};
 use dns::{TestDns, Zone};
-use postfix::Postfix;
+use postfix::{chmod, Postfix};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,15 +35,6 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 fn mailgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mailgate"))
-}
-
-fn chmod(p: &Path, mode: &str) {
-    let ok = Command::new("chmod")
-        .arg(mode)
-        .arg(p)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "chmod {mode} {}", p.display());
 }
 
 /// `mailgate dkim keygen`; returns the TXT record it says to publish.

@@ -253,7 +253,8 @@ postlog   unix-dgram n - n - 1 postlogd
     }
 }
 
-fn chmod(p: &Path, mode: &str) {
+/// `chmod mode p`, which must succeed.
+pub fn chmod(p: &Path, mode: &str) {
     let ok = Command::new("chmod")
         .arg(mode)
         .arg(p)
