@@ -14,6 +14,7 @@
 //!   load.rs      files of a path, size/nesting caps, parsing, merging several files
 //!   listener.rs, backend.rs, policy.rs  each section → its validated type
 //!   summary.rs   the `check` output
+//!   warnings.rs  valid but risky settings `check` warns about (`--strict` fails on them)
 //!   defaults.rs  every default value, in one place (also published in the schema)
 //! tls.rs       certificates from PEM, SNI resolver, rustls `ServerConfig`, dev certs (rcgen)
 //! transport.rs `MaybeTls` (plain or TLS, one type across STARTTLS) = `ClientStream`;
