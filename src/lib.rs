@@ -15,6 +15,7 @@
 //!   listener.rs, backend.rs, policy.rs  each section → its validated type
 //!   dkim_sign.rs a policy's `dkim_sign:` → `sign::SignPolicy` (its keys loaded)
 //!   summary.rs   the `check` output
+//!   warnings.rs  valid but risky settings `check` warns about (`--strict` fails on them)
 //!   defaults.rs  every default value, in one place (also published in the schema)
 //! tls.rs       certificates from PEM, SNI resolver, rustls `ServerConfig`, dev certs (rcgen)
 //! transport.rs `MaybeTls` (plain or TLS, one type across STARTTLS) = `ClientStream`;

@@ -762,7 +762,7 @@ async fn half_open_connections() {
     .await;
 }
 
-/// mailgate has no pregreet check (DESIGN: optional, not implemented): a client
+/// Without a pregreet test configured (none exists yet: issue 14), a client
 /// talking before the banner gets the banner first, then its commands answered
 /// in order, exactly as if it had waited.
 #[tokio::test]

@@ -8,13 +8,12 @@
 mod common;
 mod dns;
 
+use common::SmtpClient;
 use dns::{TestDns, Zone};
 use mailgate::demo::{serve_smtp, Mailbox};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// `text` with `from` replaced; the shipped file must contain it, so a
 /// change there that this test would silently miss fails it instead.
@@ -59,50 +58,26 @@ fn copy_shipped(dir: &Path, smtp: &str, pop3: &str, dns: &str) {
     std::fs::rename(key, certs.join("mx.example.org.key")).unwrap();
 }
 
-async fn reply(r: &mut BufReader<TcpStream>) -> String {
-    let mut all = String::new();
-    loop {
-        let mut l = String::new();
-        tokio::time::timeout(Duration::from_secs(30), r.read_line(&mut l))
-            .await
-            .expect("reply timed out")
-            .unwrap();
-        all.push_str(&l);
-        if l.len() < 4 || l.as_bytes()[3] != b'-' {
-            return all;
-        }
-    }
-}
-
-async fn cmd(r: &mut BufReader<TcpStream>, c: &str) -> String {
-    r.get_mut()
-        .write_all(format!("{c}\r\n").as_bytes())
-        .await
-        .unwrap();
-    reply(r).await
-}
-
 /// One transaction on the MX listener: the reply to MAIL, and the reply to
 /// the message when MAIL was accepted.
 async fn send(mx: std::net::SocketAddr, from: &str, msg: &str) -> (String, Option<String>) {
-    let mut r = BufReader::new(TcpStream::connect(mx).await.unwrap());
-    assert!(reply(&mut r).await.starts_with("220 mx.example.org"));
-    assert!(cmd(&mut r, "EHLO client.test").await.starts_with("250"));
-    let mail = cmd(&mut r, &format!("MAIL FROM:<{from}>")).await;
+    let mut c = SmtpClient::connect(mx).await;
+    assert!(c.expect(220).await.starts_with("220 mx.example.org"));
+    assert!(c.cmd("EHLO client.test").await.starts_with("250"));
+    let mail = c.cmd(&format!("MAIL FROM:<{from}>")).await;
     if !mail.starts_with("250") {
         return (mail, None);
     }
-    assert!(cmd(&mut r, "RCPT TO:<user@mx.example.org>")
+    assert!(c
+        .cmd("RCPT TO:<user@mx.example.org>")
         .await
         .starts_with("250"));
-    assert!(cmd(&mut r, "DATA").await.starts_with("354"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
     let data = msg.replace('\n', "\r\n");
-    r.get_mut()
-        .write_all(&mailgate::smtp::data::stuff(&[data.as_bytes()]))
-        .await
-        .unwrap();
-    let fin = reply(&mut r).await;
-    let _ = cmd(&mut r, "QUIT").await;
+    c.send(&mailgate::smtp::data::stuff(&[data.as_bytes()]))
+        .await;
+    let fin = c.text().await;
+    let _ = c.cmd("QUIT").await;
     (mail, Some(fin))
 }
 
@@ -159,7 +134,7 @@ async fn shipped_policies_reject_spf_fail_and_relay_pass_with_authentication_res
     let names: Vec<_> = warnings::of(&cfg, &host).iter().map(|w| w.name).collect();
     assert_eq!(names, ["example-hostname"]);
 
-    let gw = mailgate::server::Gateway::start(&cfg).await.unwrap();
+    let gw = common::Gateway::start(&cfg).await.unwrap();
     gw.backends_probed().await;
     let mx = gw.addr("mx").unwrap();
 

@@ -50,7 +50,7 @@ pub struct ProxyProtocolFile {
     pub allow_local: Option<bool>,
 }
 
-/// How the backend learns who the client is (DESIGN §3).
+/// How the backend learns who the client is (README, "Backend fields").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentityMethod {
@@ -218,7 +218,7 @@ pub enum BackendTlsFile {
     Starttls,
 }
 
-/// A policy block: who may do how much (DESIGN §5). Lists are checked in
+/// A policy block: who may do how much (README, "Policies"). Lists are checked in
 /// this order: `deny` (refused before anything else, even before TLS), `allow`
 /// (skips the limits it names, or all), then `limits` in file order.
 #[derive(Debug, Default, Deserialize, JsonSchema)]

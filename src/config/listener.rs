@@ -143,7 +143,7 @@ pub(super) fn build_listener(
         }
         (TlsMode::Implicit, _, _) => true,
         (_, Some(v), _) => v,
-        // RFC 8314 / DESIGN §4: no POP3 login before TLS unless explicitly allowed
+        // RFC 8314 §3: no POP3 login before TLS unless explicitly allowed (README, "What the POP3 side does")
         (TlsMode::Starttls, None, Protocol::Pop3) => true,
         (_, None, _) => false,
     };
