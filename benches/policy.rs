@@ -43,6 +43,7 @@ fn policy(
             max_tracked_keys: max_keys,
             known_good: Duration::from_secs(3600),
             auth: None,
+            dkim_sign: None,
         }),
     );
     (Policies::compile(&specs, &state).get("p").unwrap(), state)

@@ -13,6 +13,7 @@
 //!   file.rs      the serde shapes of one YAML file (unknown fields are errors)
 //!   load.rs      files of a path, size/nesting caps, parsing, merging several files
 //!   listener.rs, backend.rs, policy.rs  each section → its validated type
+//!   dkim_sign.rs a policy's `dkim_sign:` → `sign::SignPolicy` (its keys loaded)
 //!   summary.rs   the `check` output
 //!   warnings.rs  valid but risky settings `check` warns about (`--strict` fails on them)
 //!   defaults.rs  every default value, in one place (also published in the schema)
@@ -56,6 +57,8 @@
 //!              budgets and void-lookup limit, `Verifier` (signature caps), policy verdicts,
 //!              Authentication-Results / Received-SPF, forged A-R removal; `worker.rs`
 //!              runs checks on a small bounded runtime of their own, off the I/O threads
+//! sign/        DKIM signing of submitted mail (mail-auth): key files and keygen (key.rs),
+//!              which keys sign or a refusal (decide.rs, pure), the signature fields (signer.rs)
 //! policy/      limits per listener: deny/allow lists, rate (GCRA over governor's `Quota`), concurrency,
 //!   spec.rs      validated rules: key parts (`KeyPart`), what each counts, the stage it runs at, `check` text
 //!   state.rs     limiter state that survives reloads; compiling specs against it
@@ -70,7 +73,7 @@
 //! ```
 //!
 //! Layers, bottom to top (no module uses one above it; `tests/module_graph.rs`
-//! fails on any cycle): units, codec, observe, action, mail → transport →
+//! fails on any cycle): units, codec, observe, action, mail → transport, sign →
 //! auth, backend → policy → config → tls → conn → smtp, pop3 → server → demo.
 //! Metrics are counted at the edges (server, drivers) from the facts policy,
 //! auth and backend return (`Checked::hits`, `DnsFacts`, `connect_time`,
@@ -92,6 +95,7 @@ pub mod observe;
 pub mod policy;
 pub mod pop3;
 pub mod server;
+pub mod sign;
 pub mod smtp;
 pub mod tls;
 pub mod transport;

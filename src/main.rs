@@ -59,11 +59,43 @@ enum Cmd {
     },
     /// Print the JSON Schema of the configuration and policy format (for editors).
     Schema,
+    /// DKIM signing keys.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCmd,
+    },
     /// Exit 0 if every configured listener answers with a greeting on loopback (container HEALTHCHECK).
     Healthcheck {
         #[arg(short, long)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum DkimCmd {
+    /// Write a new key file (mode 0600, never over an existing file) and print its DNS record.
+    Keygen {
+        /// The signing domain (`d=`).
+        #[arg(long)]
+        domain: String,
+        /// The selector (`s=`): the record goes to <selector>._domainkey.<domain>.
+        #[arg(long)]
+        selector: String,
+        #[arg(long, value_enum, default_value_t = KeyAlgorithm::Rsa)]
+        algorithm: KeyAlgorithm,
+        /// RSA key size: 2048, 3072 or 4096.
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// The key file (default: <domain>.<selector>.pem).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeyAlgorithm {
+    Rsa,
+    Ed25519,
 }
 
 fn init_logs(format: LogFormat) {
@@ -132,6 +164,24 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Ok(std::process::ExitCode::FAILURE)
             }
         },
+        Cmd::Dkim {
+            command:
+                DkimCmd::Keygen {
+                    domain,
+                    selector,
+                    algorithm,
+                    bits,
+                    out,
+                },
+        } => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{domain}.{selector}.pem")));
+            let bits = matches!(algorithm, KeyAlgorithm::Rsa).then_some(bits);
+            print!(
+                "{}",
+                mailgate::sign::keygen(&domain, &selector, bits, &out)?
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Cmd::Schema => {
             println!("{}", mailgate::config::json_schema());
             Ok(std::process::ExitCode::SUCCESS)

@@ -13,6 +13,7 @@
 //! action, mail            metrics, what a policy/auth hit does, the SMTP
 //!                         transaction vocabulary (MAIL parameters, dot-stuffing)
 //! transport               client streams and PROXY (codec, units)
+//! sign                    DKIM signing: keys, decision, signature fields (uses none of these)
 //! auth, backend           SPF/DKIM/DMARC/ARC; clients of the legacy servers,
 //!                         with their capability types and the one caps cache
 //! policy                  limits, plus a policy block's auth settings (auth::AuthPolicy)

@@ -187,6 +187,41 @@ pub async fn message(
     (raw, lost_outcome(ip, want, &lost))
 }
 
+/// How long signing one message may take (hashing its body once per key).
+pub const SIGN_LIMIT: Duration = Duration::from_secs(30);
+
+/// [`crate::sign::sign`] off the I/O threads, admitted like a check: over
+/// `prefix` (our header fields) and `raw` (the message), which is lent and
+/// handed back as in [`message`]. When the signing could not run, the
+/// result is [`SignError::NotRun`](crate::sign::SignError::NotRun), which
+/// the session answers with a tempfail: the message never leaves unsigned
+/// by accident.
+pub async fn sign(
+    policy: Arc<crate::sign::SignPolicy>,
+    keys: Vec<Arc<crate::sign::SignKey>>,
+    prefix: String,
+    raw: Vec<u8>,
+) -> (Vec<u8>, Result<String, crate::sign::SignError>) {
+    let raw = Arc::new(raw);
+    let lent = raw.clone();
+    let job = async move { crate::sign::sign(&policy, &keys, &[prefix.as_bytes(), &lent]) };
+    let outcome = run(SIGN_LIMIT + QUEUE_ALLOWANCE, job).await;
+    let why = |lost: &Lost| {
+        crate::sign::SignError::NotRun(match lost {
+            Lost::Busy => "check runtime over capacity",
+            Lost::Late => "signing did not finish in time",
+            Lost::Panicked => "internal error while signing",
+        })
+    };
+    match (Arc::try_unwrap(raw), outcome) {
+        (Ok(raw), Ok(r)) => (raw, r),
+        (Ok(raw), Err(lost)) => (raw, Err(why(&lost))),
+        // abandoned while it still held the message: given up, not copied
+        (Err(_), Err(lost)) => (Vec::new(), Err(why(&lost))),
+        (Err(_), Ok(_)) => (Vec::new(), Err(why(&Lost::Late))),
+    }
+}
+
 /// The name a lost set of message checks is reported under.
 fn first_check(want: Checks) -> &'static str {
     if want.dmarc {
@@ -262,6 +297,41 @@ mod tests {
         // a panic is a result (permerror), judged by the policy's keys
         let o = lost_outcome(ip, policy.checks(), &Lost::Panicked);
         assert!(o.not_checked.is_none());
+    }
+
+    /// Signing borrows the message and hands it back unchanged with the
+    /// signature fields.
+    #[tokio::test]
+    async fn signing_hands_the_message_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        let new = crate::sign::generate(None).unwrap();
+        crate::sign::key::write_new(&path, &new.pem).unwrap();
+        let key = crate::sign::load_key("example.org", "s", &path).unwrap();
+        let policy = Arc::new(crate::sign::SignPolicy {
+            keys: vec![key],
+            unknown_domain: crate::sign::UnknownDomain::Reject,
+            match_envelope_sender: false,
+            canonicalization: (
+                mail_auth::dkim::Canonicalization::Relaxed,
+                mail_auth::dkim::Canonicalization::Relaxed,
+            ),
+            expiry: None,
+        });
+        let raw = b"From: a@example.org\r\n\r\nbody\r\n".to_vec();
+        let (back, r) = sign(
+            policy.clone(),
+            policy.keys.clone(),
+            "Received: by gw\r\n".into(),
+            raw.clone(),
+        )
+        .await;
+        assert_eq!(back, raw);
+        let fields = r.unwrap();
+        assert!(
+            fields.starts_with("DKIM-Signature: v=1; a=ed25519-sha256; s=s; d=example.org;"),
+            "{fields}"
+        );
     }
 
     /// The queue in front of the check runtime is bounded: with every slot

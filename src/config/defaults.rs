@@ -63,6 +63,17 @@ pub const PREFIX_V4: u8 = 24;
 pub const PREFIX_V6: u8 = 56;
 pub const IPV6_PREFIX: u8 = 64;
 
+// policies: dkim_sign:
+pub const DKIM_SIGN_UNKNOWN_DOMAIN: crate::sign::UnknownDomain = crate::sign::UnknownDomain::Reject;
+pub const DKIM_SIGN_MATCH_ENVELOPE_SENDER: bool = false;
+pub const DKIM_SIGN_CANONICALIZATION: (
+    mail_auth::dkim::Canonicalization,
+    mail_auth::dkim::Canonicalization,
+) = (
+    mail_auth::dkim::Canonicalization::Relaxed,
+    mail_auth::dkim::Canonicalization::Relaxed,
+);
+
 /// A default as an operator writes it.
 #[derive(Debug, Clone, Copy)]
 pub enum Value {
@@ -244,6 +255,21 @@ pub const DOCUMENTED: &[(&str, &str, Value)] = &[
         "LimitFile",
         "ipv6_prefix",
         Value::Number(IPV6_PREFIX as u64),
+    ),
+    (
+        "DkimSignFile",
+        "unknown_domain",
+        Value::Word(DKIM_SIGN_UNKNOWN_DOMAIN.as_str()),
+    ),
+    (
+        "DkimSignFile",
+        "match_envelope_sender",
+        Value::Bool(DKIM_SIGN_MATCH_ENVELOPE_SENDER),
+    ),
+    (
+        "DkimSignFile",
+        "canonicalization",
+        Value::Word("relaxed/relaxed"),
     ),
 ];
 

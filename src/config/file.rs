@@ -247,6 +247,8 @@ pub struct PolicyFile {
     pub dmarc: Option<crate::auth::DmarcActions>,
     /// ARC chain validation (reported; no sealing).
     pub arc: Option<crate::auth::ArcActions>,
+    /// DKIM signing of authenticated sessions' mail (RFC 6376, RFC 8463).
+    pub dkim_sign: Option<super::dkim_sign::DkimSignFile>,
 }
 
 /// `"10.0.0.0/8"` (skip every limit) or `{ networks: [...], skip: [rule names] }`.

@@ -14,12 +14,14 @@
 //! backend.rs  backends: → Backend
 //! listener.rs listeners: → Listener, Timeouts
 //! policy.rs   policies: → policy::PolicySpec
+//! dkim_sign.rs a policy's dkim_sign: → sign::SignPolicy (keys loaded from their files)
 //! summary.rs  the `mailgate check` output
 //! warnings.rs valid but risky settings `check` warns about (`--strict` fails on them)
 //! ```
 
 mod backend;
 pub mod defaults;
+pub mod dkim_sign;
 pub mod file;
 mod listener;
 mod load;

@@ -207,9 +207,16 @@ pub(super) fn build_policy(
             })?;
         }
     }
+    let dkim_sign = match &p.dkim_sign {
+        Some(d) => Some(std::sync::Arc::new(super::dkim_sign::build_dkim_sign(
+            s, name, d,
+        )?)),
+        None => None,
+    };
     Ok(PolicySpec {
         name: name.to_string(),
         auth,
+        dkim_sign,
         deny: p.deny.clone(),
         allow,
         rules,

@@ -68,6 +68,18 @@ pub struct VerdictLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignedLabels {
+    pub domain: String,
+    pub selector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignRefusalLabels {
+    pub policy: String,
+    pub reason: &'static str,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
@@ -96,6 +108,9 @@ pub struct Metrics {
     pub inflight_bytes: Gauge,
     pub inflight_refused: Counter,
     pub backend_out_of_step: Family<BackendLabels, Counter>,
+    /// DKIM signatures made (`dkim_sign`), by key (configuration names).
+    pub dkim_signed: Family<SignedLabels, Counter>,
+    pub dkim_sign_refusals: Family<SignRefusalLabels, Counter>,
 }
 
 impl Metrics {
@@ -120,6 +135,8 @@ impl Metrics {
             inflight_bytes: Gauge::default(),
             inflight_refused: Counter::default(),
             backend_out_of_step: Family::default(),
+            dkim_signed: Family::default(),
+            dkim_sign_refusals: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "Client sessions accepted", m.sessions.clone());
@@ -203,6 +220,16 @@ impl Metrics {
             "backend_out_of_step",
             "Backend connections dropped because a reply came unasked or did not fit its command",
             m.backend_out_of_step.clone(),
+        );
+        registry.register(
+            "dkim_signed",
+            "DKIM signatures made, by key (a dual-signed message counts once per key)",
+            m.dkim_signed.clone(),
+        );
+        registry.register(
+            "dkim_sign_refusals",
+            "Messages not relayed because of dkim_sign, by reason",
+            m.dkim_sign_refusals.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -325,6 +352,24 @@ impl Metrics {
             .inc();
     }
 
+    pub fn dkim_signed(&self, domain: &str, selector: &str) {
+        self.dkim_signed
+            .get_or_create(&SignedLabels {
+                domain: domain.to_string(),
+                selector: selector.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn dkim_sign_refused(&self, policy: &str, reason: &'static str) {
+        self.dkim_sign_refusals
+            .get_or_create(&SignRefusalLabels {
+                policy: policy.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
     pub fn backend_out_of_step(&self, backend: &str) {
         self.backend_out_of_step
             .get_or_create(&BackendLabels {
@@ -403,6 +448,19 @@ mod tests {
         );
         assert!(
             text.contains("mailgate_sessions_current{listener=\"t\"} 1"),
+            "{text}"
+        );
+        m.dkim_signed("example.org", "s2026");
+        m.dkim_sign_refused("submission", "unknown_domain");
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "mailgate_dkim_signed_total{domain=\"example.org\",selector=\"s2026\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailgate_dkim_sign_refusals_total{policy=\"submission\",reason=\"unknown_domain\"} 1"),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));

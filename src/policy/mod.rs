@@ -69,6 +69,7 @@ mod fixtures {
             max_tracked_keys: 1000,
             known_good: Duration::from_secs(3600),
             auth: None,
+            dkim_sign: None,
         };
         let state = PolicyState::new(Duration::from_secs(30 * 86_400), 100_000);
         let mut specs = BTreeMap::new();

@@ -166,6 +166,8 @@ pub struct PolicySpec {
     pub known_good: Duration,
     /// SPF/DKIM/DMARC/ARC settings; `authserv_id` empty = the listener's hostname.
     pub auth: Option<crate::auth::AuthPolicy>,
+    /// DKIM signing of authenticated sessions' mail (keys loaded).
+    pub dkim_sign: Option<std::sync::Arc<crate::sign::SignPolicy>>,
 }
 
 impl PolicySpec {
@@ -213,6 +215,9 @@ impl PolicySpec {
                 "    auth: authserv_id={id} checks: {}",
                 checks.join(", ")
             );
+        }
+        if let Some(d) = &self.dkim_sign {
+            let _ = writeln!(out, "    {}", d.describe());
         }
         let mut order: Vec<&RuleSpec> = self.rules.iter().collect();
         order.sort_by_key(|r| r.stage());

@@ -247,6 +247,7 @@ mod tests {
                     max_tracked_keys: 100,
                     known_good: Duration::from_secs(60),
                     auth: None,
+                    dkim_sign: None,
                 }),
             );
             Policies::compile(&specs, &state).get("p").unwrap()

@@ -549,9 +549,9 @@ impl Driver {
         Ok(auth_headers)
     }
 
-    /// Our Received header, then `auth_headers`, then the message, to the
-    /// backend; its answer goes to the session.
-    async fn deliver(&mut self, msg: Message, auth_headers: String) -> Option<End> {
+    /// Our Received header, then `auth_headers`, then the message, signed
+    /// where `dkim_sign` says so, to the backend; its answer goes to the session.
+    async fn deliver(&mut self, mut msg: Message, auth_headers: String) -> Option<End> {
         let l = self.ctx.listener().clone();
         let header = data::received_header(&data::TraceInfo {
             helo: self.session.helo.as_deref().unwrap_or("unknown"),
@@ -571,12 +571,17 @@ impl Driver {
             },
             now: std::time::SystemTime::now(),
         });
-        let size = header.len() + auth_headers.len() + msg.body.len();
+        let ours = header + &auth_headers;
+        let (signatures, signed_by) = match self.sign(&mut msg, &ours).await {
+            Ok(s) => s,
+            Err(end) => return end,
+        };
+        let size = signatures.len() + ours.len() + msg.body.len();
         let sent = Instant::now();
         let r = match self.backend.as_mut() {
             // dot-stuffed on the way out: the message is not copied again
             Some(b) => {
-                b.data(&[header.as_bytes(), auth_headers.as_bytes(), &msg.body])
+                b.data(&[signatures.as_bytes(), ours.as_bytes(), &msg.body])
                     .await
             }
             None => Err(BackendError::Failed(
@@ -587,9 +592,62 @@ impl Driver {
         let outcome = self.outcome(r);
         let end = self.session.delivered(outcome);
         self.drop_out_of_step_backend();
-        info!(from = %msg.from, rcpts = msg.rcpts.len(), size, backend = %summary(&end.action), duration_ms = msg.started.elapsed().as_millis() as u64, "transaction");
+        info!(from = %msg.from, rcpts = msg.rcpts.len(), size, dkim_signed = %signed_by, backend = %summary(&end.action), duration_ms = msg.started.elapsed().as_millis() as u64, "transaction");
         // the body (and its in-flight reservation) is held until here
         self.finish(end).await
+    }
+
+    /// `dkim_sign`: the signature fields over `ours` (our header fields) and
+    /// the message, exactly as the backend will receive them, and the keys
+    /// that made them (`domain/selector,…`, `-` for none, for the log), or
+    /// the end of the DATA that the session made of a refusal.
+    async fn sign(
+        &mut self,
+        msg: &mut Message,
+        ours: &str,
+    ) -> Result<(String, String), Option<End>> {
+        use crate::sign::{Decision, Refusal};
+        let unsigned = || (String::new(), "-".to_string());
+        let Some(policy) = self.ctx.policy().cloned() else {
+            return Ok(unsigned());
+        };
+        let Some(p) = policy.spec().dkim_sign.clone() else {
+            return Ok(unsigned());
+        };
+        let user = self.session.auth_user.as_deref();
+        // the header block is parsed only for sessions that may be signed
+        let author = user.and_then(|_| crate::sign::author_domain(&msg.body));
+        let refusal = match crate::sign::decide(&p, user, author.as_deref(), &msg.from) {
+            Decision::Pass(why) => {
+                debug!(reason = why.as_str(), "not signed");
+                return Ok(unsigned());
+            }
+            Decision::Refuse => Refusal::UnknownDomain,
+            Decision::Sign(keys) => {
+                let body = std::mem::take(&mut msg.body);
+                let (body, r) =
+                    crate::auth::worker::sign(p, keys.clone(), ours.to_string(), body).await;
+                msg.body = body;
+                match r {
+                    Ok(fields) => {
+                        let m = crate::observe::metrics();
+                        for k in &keys {
+                            m.dkim_signed(&k.domain, &k.selector);
+                        }
+                        let names: Vec<String> = keys.iter().map(|k| k.name()).collect();
+                        return Ok((fields, names.join(",")));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "DKIM signing failed");
+                        Refusal::of(&e)
+                    }
+                }
+            }
+        };
+        crate::observe::metrics().dkim_sign_refused(&policy.spec().name, refusal.as_str());
+        info!(from = %msg.from, rcpts = msg.rcpts.len(), size = msg.received, reason = refusal.as_str(), "transaction refused by dkim_sign");
+        let end = self.session.signing_refused(refusal);
+        Err(self.finish(end).await)
     }
 
     /// Counts how a DATA ended and carries out the session's action.

@@ -294,6 +294,24 @@ pub fn auth_check_tempfail(check: &str, reason: &str) -> Reply {
         format!("{code} Temporary {check} failure, try again later: {reason}"),
     )
 }
+/// `dkim_sign` with `unknown_domain: reject`: an authenticated message
+/// whose header From domain has no key (RFC 7372 has no code for it).
+pub fn dkim_unknown_domain() -> Reply {
+    Reply::new(
+        550,
+        "5.7.1 Not authorized to send mail with this From domain",
+    )
+}
+pub fn dkim_too_many_fields(n: usize, max: usize) -> Reply {
+    Reply::new(
+        550,
+        format!("5.6.0 Message has {n} header fields to sign, at most {max} can be"),
+    )
+}
+/// The signing `dkim_sign` asks for could not be made now.
+pub fn dkim_not_signed() -> Reply {
+    Reply::new(451, "4.3.0 Message could not be signed, try again later")
+}
 pub fn auth_challenge(text: &'static str) -> Reply {
     Reply::new(334, text)
 }

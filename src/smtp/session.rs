@@ -652,6 +652,24 @@ impl Session {
         }
     }
 
+    /// A message `dkim_sign` does not let go on (from the driver's signing
+    /// step): the transaction ends, nothing is relayed.
+    pub fn signing_refused(&mut self, r: crate::sign::Refusal) -> DataEnd {
+        use crate::sign::Refusal;
+        self.tx = None;
+        let reply = match r {
+            Refusal::UnknownDomain => reply::dkim_unknown_domain(),
+            Refusal::TooManyFields(n) => {
+                reply::dkim_too_many_fields(n, crate::sign::MAX_SIGNED_FIELDS)
+            }
+            Refusal::NotSigned => reply::dkim_not_signed(),
+        };
+        DataEnd {
+            outcome: TxOutcome::of(&reply),
+            action: self.message_answer(reply, false),
+        }
+    }
+
     /// The TLS handshake after STARTTLS succeeded: forget everything the client
     /// said before (RFC 3207 §4.2).
     pub fn tls_started(&mut self) {
@@ -1218,6 +1236,41 @@ mod tests {
             b"550 5.6.0 Message contains bare CR or LF; lines must end with CRLF\r\n"
         );
         assert!(s.tx.is_none());
+    }
+
+    /// Issue 16: what `dkim_sign` refuses ends the transaction with its reply.
+    #[test]
+    fn signing_refusals_end_the_transaction() {
+        use crate::sign::Refusal;
+        for (refusal, outcome, want) in [
+            (
+                Refusal::UnknownDomain,
+                TxOutcome::Rejected,
+                "550 5.7.1 Not authorized to send mail with this From domain\r\n",
+            ),
+            (
+                Refusal::TooManyFields(70),
+                TxOutcome::Rejected,
+                "550 5.6.0 Message has 70 header fields to sign, at most 64 can be\r\n",
+            ),
+            (
+                Refusal::NotSigned,
+                TxOutcome::Tempfail,
+                "451 4.3.0 Message could not be signed, try again later\r\n",
+            ),
+        ] {
+            let mut s = Session::new(settings(false, false), caps(), false);
+            s.tx = Some(Transaction {
+                from: "alice@example.org".into(),
+                params: MailParams::default(),
+                rcpts: vec!["a@b".into()],
+                rcpt_attempts: 1,
+            });
+            let r = s.signing_refused(refusal);
+            assert_eq!(r.outcome, outcome);
+            assert_eq!(String::from_utf8(reply_of(r.action)).unwrap(), want);
+            assert!(s.tx.is_none());
+        }
     }
 
     fn auth_session() -> Session {

@@ -86,6 +86,11 @@ impl Postfix {
     /// Writes main.cf/master.cf under `dir`, starts Postfix and waits until
     /// both smtpd ports accept connections.
     pub fn start(dir: &Path) -> Postfix {
+        Postfix::start_with(dir, "")
+    }
+
+    /// [`Postfix::start`] with `main_cf` (`name = value` lines) appended to main.cf.
+    pub fn start_with(dir: &Path, main_cf: &str) -> Postfix {
         require_root("a Postfix instance");
         let postfix = crate::common::tool("postfix");
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
@@ -143,7 +148,7 @@ alias_maps = inline:{{ bob={d}/mail/bob.mbox }}
 alias_database =
 local_recipient_maps = $alias_maps
 biff = no
-"
+{main_cf}"
             ),
         )
         .unwrap();
@@ -248,7 +253,8 @@ postlog   unix-dgram n - n - 1 postlogd
     }
 }
 
-fn chmod(p: &Path, mode: &str) {
+/// `chmod mode p`, which must succeed.
+pub fn chmod(p: &Path, mode: &str) {
     let ok = Command::new("chmod")
         .arg(mode)
         .arg(p)
