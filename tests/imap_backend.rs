@@ -466,3 +466,78 @@ fn real_dovecot_logins() {
         "Dovecot took the client's address from ID:\n{log}"
     );
 }
+
+// ---------------------------------------------------------------- demo
+
+fn demo_mailbox() -> std::sync::Arc<mailgate::demo::Mailbox> {
+    let mb = mailgate::demo::Mailbox::default();
+    for body in [
+        "Subject: one\n\nfirst message\n",
+        "Subject: two\r\n\r\nsecond\r\n",
+    ] {
+        mb.messages
+            .lock()
+            .unwrap()
+            .push(mailgate::demo::StoredMessage {
+                from: "alice@example.org".into(),
+                rcpts: vec!["demo@example.net".into()],
+                data: body.as_bytes().to_vec(),
+            });
+    }
+    std::sync::Arc::new(mb)
+}
+
+/// The demo maildrop answers what curl sends for `imap://…/INBOX;UID=n`
+/// (and `;MAILINDEX=n`), with the message in CRLF form.
+#[test]
+fn demo_imap_maildrop_serves_curl() {
+    common::require_or_skip!("curl");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = rt.block_on(common::demo_imap(demo_mailbox()));
+    for (url, want) in [
+        ("INBOX;UID=1", "Subject: one\r\n\r\nfirst message\r\n"),
+        ("INBOX;UID=2", "Subject: two\r\n\r\nsecond\r\n"),
+        ("INBOX;MAILINDEX=2", "Subject: two\r\n\r\nsecond\r\n"),
+    ] {
+        let (ok, out, err) = common::run_limited(
+            std::process::Command::new(common::tool("curl"))
+                .args(["-sS", "-v", "--max-time", "10"])
+                .arg(format!(
+                    "imap://{0}:{0}@{addr}/{url}",
+                    mailgate::demo::DEMO_USER
+                )),
+            Duration::from_secs(20),
+        );
+        assert!(ok, "curl {url}: {err}");
+        assert_eq!(out, want, "{url}: {err}");
+    }
+    // a wrong user is refused
+    let (ok, _, err) = common::run_limited(
+        std::process::Command::new(common::tool("curl"))
+            .args(["-sS", "--max-time", "10"])
+            .arg(format!("imap://bob:x@{addr}/INBOX;UID=1")),
+        Duration::from_secs(20),
+    );
+    assert!(!ok, "{err}");
+}
+
+/// The backend client logs in to the demo in every form (the demo takes
+/// any password, literals included).
+#[tokio::test]
+async fn backend_client_logs_in_to_the_demo() {
+    let addr = common::demo_imap(demo_mailbox()).await;
+    for l in [
+        login("demo", HARD),
+        plain("", "demo", HARD),
+        plain("demo", "demo", "x"),
+    ] {
+        let mut c = connect(&backend(&addr)).await.unwrap();
+        assert!(c.caps.literal_plus && c.caps.sasl_ir && c.caps.id);
+        let r = c.login(&l).await.unwrap();
+        assert!(matches!(r, ImapLoginReply::Accepted(_)), "{l:?}: {r:?}");
+        c.logout().await;
+    }
+    let mut c = connect(&backend(&addr)).await.unwrap();
+    let r = c.login(&login("bob", "x")).await.unwrap();
+    assert!(matches!(r, ImapLoginReply::Rejected(_)), "{r:?}");
+}

@@ -741,7 +741,7 @@ async fn imap_session(tcp: Box<dyn Io>, tls: bool, script: &ImapBackend, seen: &
                 String::from_utf8_lossy(&args.remove(0)).to_ascii_uppercase()
             );
         }
-        let answer = match script.answer(&command, verb.split(' ').last().unwrap_or("")) {
+        let answer = match script.answer(&command, verb.split(' ').next_back().unwrap_or("")) {
             Some(a) => a.replace("{tag}", &tag).into_bytes(),
             None => match imap_answer(script, &tag, &verb, &args, &mut r, seen).await {
                 Some(a) => a,
@@ -845,4 +845,12 @@ async fn imap_answer(
         _ => format!("{tag} OK done\r\n"),
     };
     Some(a.into_bytes())
+}
+
+/// The library's demo IMAP maildrop serving `mailbox` on loopback: its address.
+pub async fn demo_imap(mailbox: Arc<mailgate::demo::Mailbox>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(mailgate::demo::serve_imap(l, mailbox));
+    addr
 }

@@ -18,7 +18,9 @@ pub mod smtp_client;
 mod tools;
 pub mod yaml;
 
-pub use backend::{demo_pop3, demo_smtp, ImapBackend, Pop3Backend, Running, SmtpBackend};
+pub use backend::{
+    demo_imap, demo_pop3, demo_smtp, ImapBackend, Pop3Backend, Running, SmtpBackend,
+};
 pub use pop3_client::Pop3Client;
 pub use ports::*;
 pub use sink::Sink;
