@@ -100,3 +100,28 @@ pub(super) fn build_backend(
         imap_id,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::fixtures::*;
+
+    const IMAP_ID: &str = "backends:\n  a: { address: \"127.0.0.1:1\", identity: [imap_id] }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a }\n";
+
+    /// `identity: [imap_id]` is read, shown by `check`, and cannot be
+    /// combined with SMTP's XCLIENT on one backend.
+    #[test]
+    fn imap_id_identity() {
+        let c = load_str("i.yaml", IMAP_ID).unwrap();
+        assert!(c.listeners[0].backend.imap_id && !c.listeners[0].backend.xclient);
+        let s = c.summary();
+        assert!(s.contains("identity=[imap_id, received]"), "{s}");
+        assert!(s.contains("IMAP backends only"), "{s}");
+        let e = err(&IMAP_ID.replace("[imap_id]", "[imap_id, xclient]"));
+        assert!(
+            e.starts_with("bad.yaml:2:") && e.contains("backends.a.identity"),
+            "{e}"
+        );
+        let plain = load_str("p.yaml", &IMAP_ID.replace("[imap_id]", "[received]")).unwrap();
+        assert!(!plain.listeners[0].backend.imap_id);
+    }
+}
