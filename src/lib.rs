@@ -43,12 +43,15 @@
 //!   transaction.rs TRANSACTION-state parser, reply order around local answers (sans-IO)
 //!   pipe.rs      TRANSACTION state I/O: parsed commands up, backend bytes down unchanged, idle timer
 //! backend/     clients of the legacy servers; `Backend`, `Deadlines` (built by config)
-//!   caps.rs      `SmtpCaps`/`Pop3Caps`, the pure EHLO/CAPA parsers, one `CapsCache` for both
+//!   caps.rs      `SmtpCaps`/`Pop3Caps`/`ImapCaps`, the pure EHLO/CAPA/CAPABILITY parsers, one `CapsCache` for both
 //!                protocols (owned by the gateway, reached through the session context)
 //!   reply.rs     SMTP reply parser (sans-IO, bounded)
 //!   smtp.rs      SMTP client: greeting, EHLO/HELO, MAIL/RCPT/DATA relay, RSET, QUIT
 //!   pop3.rs      POP3 client: greeting, CAPA, login replay (only while in step), then the
 //!                pipe; `Login` in, `LoginReply` out (the POP3 session maps it)
+//!   imap.rs      IMAP client: greeting, CAPABILITY, Dovecot `ID` identity, login replay
+//!                (LOGIN quoted or literal, AUTHENTICATE PLAIN; only while in step, own
+//!                tags), then the relay; bounded sans-IO response reader
 //!   probe.rs     periodic SMTP capability probe into the cache
 //!   stream.rs    TLS to backends (implicit / STARTTLS), CA or SHA-256 pin verification
 //! auth/        SPF/DKIM/DMARC/ARC via mail-auth: DNS cache bounded in bytes, query

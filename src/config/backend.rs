@@ -34,6 +34,18 @@ pub(super) fn build_backend(
             ));
         }
     }
+    let has = |m: IdentityMethod| b.identity.as_ref().is_some_and(|v| v.contains(&m));
+    let imap_id = has(IdentityMethod::ImapId);
+    // one backend address speaks one protocol: XCLIENT is SMTP's, ID IMAP's
+    if imap_id && has(IdentityMethod::Xclient) {
+        return Err(s.err(
+            &["backends", name, "identity"],
+            format!(
+                "backends.{name}.identity: imap_id (IMAP backends) and xclient (SMTP backends) \
+                 cannot both apply to one backend"
+            ),
+        ));
+    }
     let tls = match b.tls {
         None | Some(BackendTlsFile::None) => None,
         Some(mode) => {
@@ -85,5 +97,6 @@ pub(super) fn build_backend(
             .as_ref()
             .is_some_and(|v| v.contains(&IdentityMethod::ProxyV2)),
         identity_optional: b.identity_optional.unwrap_or(defaults::IDENTITY_OPTIONAL),
+        imap_id,
     })
 }

@@ -60,6 +60,10 @@ pub enum IdentityMethod {
     ProxyV2,
     /// The `Received:` trace header (always added).
     Received,
+    /// IMAP backends: Dovecot's `ID ("x-originating-ip" …)` before the login
+    /// (honoured from Dovecot's `login_trusted_networks`); the session gets a
+    /// temporary error when the backend does not offer ID or refuses it.
+    ImapId,
 }
 
 /// Process-wide settings.

@@ -45,13 +45,21 @@ impl Config {
             if b.proxy_v2 {
                 identity.push("proxy_v2");
             }
+            if b.imap_id {
+                identity.push("imap_id");
+            }
             identity.push("received");
             let _ = writeln!(
                 out,
-                "  identity=[{}]{}",
+                "  identity=[{}]{}{}",
                 identity.join(", "),
                 if b.identity_optional && b.xclient {
                     " identity_optional=true (relays without XCLIENT when it cannot be applied)"
+                } else {
+                    ""
+                },
+                if b.imap_id {
+                    " (imap_id: IMAP backends only; the login fails closed without ID)"
                 } else {
                     ""
                 }
