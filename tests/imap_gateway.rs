@@ -414,3 +414,31 @@ async fn idle_relay_ends_with_bye() {
     assert_eq!(rest, "* BYE Autologout; idle for too long\r\n");
     assert!(t.elapsed() >= Duration::from_millis(900));
 }
+
+/// Before login, the command timeout ends the session with `* BYE`.
+#[tokio::test]
+async fn command_timeout_before_login_is_a_bye() {
+    let be = login_only("alice", "secret").await;
+    let st = gateway(&be.addr, ", timeouts: { command: 1s }", "").await;
+    let mut c = st.tls("imaps").await;
+    let (rest, closed) = c.rest(Duration::from_secs(5)).await;
+    assert!(closed);
+    assert_eq!(rest, "* BYE Autologout; idle for too long\r\n");
+}
+
+/// The connect stage's refusals speak IMAP: beyond `max_connections` a
+/// `* BYE [UNAVAILABLE]`, from a denied network `* BYE Access denied`.
+#[tokio::test]
+async fn connect_stage_refusals_are_byes() {
+    let be = login_only("alice", "secret").await;
+    let top = "policies:\n  p: { deny: [\"127.0.0.66/32\"] }";
+    let st = gateway(&be.addr, ", max_connections: 1, policy: p", top).await;
+    let _first = st.plain("imap").await;
+    let mut second = LineClient::connect(st.gw.addr("imap").unwrap()).await;
+    assert_eq!(
+        second.status().await,
+        "* BYE [UNAVAILABLE] Too many connections, try again later"
+    );
+    let mut denied = LineClient::connect_from("127.0.0.66", st.gw.addr("imaps").unwrap()).await;
+    assert_eq!(denied.status().await, "* BYE Access denied");
+}
