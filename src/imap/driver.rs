@@ -229,7 +229,7 @@ impl Driver {
             match b.login(login).await {
                 Ok(crate::backend::imap::ImapLoginReply::OutOfStep) => {
                     // never a login result: a fresh connection, else temporary
-                    crate::observe::metrics().backend_failed(&l.backend.name);
+                    crate::observe::metrics().backend_out_of_step(&l.backend.name);
                     self.backend = None;
                     if attempt == 0 {
                         continue;

@@ -103,6 +103,45 @@ impl Reply {
     }
 }
 
+/// The backend's accepting login answer under the client's tag
+/// ([`Reply::relayed`]), its `[CAPABILITY …]` without what cannot work
+/// through mailgate: `STARTTLS` (TLS is mailgate's) and `COMPRESS=…`
+/// (RFC 4978: the relay must see every command).
+pub fn login_accepted(tag: &str, text: &str) -> Reply {
+    let r = Reply::relayed(tag, true, text, login_ok_default());
+    let line = &r.lines[0];
+    let Some(start) = line.find(" OK [CAPABILITY ") else {
+        return r;
+    };
+    let list_at = start + " OK [CAPABILITY ".len();
+    let Some(end) = line[list_at..].find(']').map(|e| list_at + e) else {
+        return r;
+    };
+    let kept: Vec<&str> = line[list_at..end]
+        .split(' ')
+        .filter(|c| {
+            !c.is_empty()
+                && !c.eq_ignore_ascii_case("STARTTLS")
+                && !c.to_ascii_uppercase().starts_with("COMPRESS=")
+        })
+        .collect();
+    Reply::line(format!(
+        "{}{}{}",
+        &line[..list_at],
+        kept.join(" "),
+        &line[end..]
+    ))
+}
+
+/// COMPRESS after login (RFC 4978): the relay must see every command.
+pub fn compress_unavailable(tag: &str) -> Reply {
+    Reply::tagged(
+        tag,
+        "NO",
+        "[CANNOT] COMPRESS is not available through this gateway",
+    )
+}
+
 /// What mailgate offers before login.
 pub struct Capabilities {
     pub starttls: bool,
@@ -381,5 +420,25 @@ mod tests {
         let long = format!("OK {}", "y".repeat(10_000));
         assert!(Reply::relayed("c", true, &long, "x").to_bytes().len() < 4200);
         assert!(!Reply::relayed("c", false, "NO x", "x").is_ok());
+    }
+
+    #[test]
+    fn login_capabilities_lose_what_cannot_work_through_mailgate() {
+        assert_eq!(
+            login_accepted(
+                "t",
+                "OK [CAPABILITY IMAP4rev1 STARTTLS IDLE compress=deflate LITERAL+] Logged in"
+            )
+            .to_bytes(),
+            b"t OK [CAPABILITY IMAP4rev1 IDLE LITERAL+] Logged in\r\n"
+        );
+        assert_eq!(
+            login_accepted("t", "OK Logged in").to_bytes(),
+            b"t OK Logged in\r\n"
+        );
+        assert_eq!(
+            login_accepted("t", "OK [CAPABILITY IMAP4rev1").to_bytes(),
+            b"t OK [CAPABILITY IMAP4rev1\r\n"
+        );
     }
 }

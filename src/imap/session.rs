@@ -272,12 +272,7 @@ impl Session {
         match outcome {
             LoginOutcome::Accepted(text) => {
                 self.logged_in = true;
-                LoginResult::Succeeded(Action::Relay(Reply::relayed(
-                    &tag,
-                    true,
-                    &text,
-                    reply::login_ok_default(),
-                )))
+                LoginResult::Succeeded(Action::Relay(reply::login_accepted(&tag, &text)))
             }
             LoginOutcome::Rejected(text) => LoginResult::Failed(self.login_failed(Reply::relayed(
                 &tag,

@@ -260,6 +260,11 @@ impl Upstream {
                 let e = self.error(reply::already_logged_in(&tag));
                 return Some(self.refused_literal(lit, false, e));
             }
+            // a compressed stream could not be checked
+            "COMPRESS" => {
+                let e = Event::Reply(reply::compress_unavailable(&tag));
+                return Some(self.refused_literal(lit, false, e));
+            }
             _ => {}
         }
         let append = verb == "APPEND";
@@ -607,7 +612,7 @@ mod tests {
         let mut u = up();
         let (fwd, ev, _) = feed(
             &mut u,
-            b"a NOOP\r\nb STARTTLS\r\nc LOGIN x y\r\nd AUTHENTICATE PLAIN\r\ne NOOP\r\n",
+            b"a NOOP\r\nb STARTTLS\r\nc LOGIN x y\r\nd AUTHENTICATE PLAIN\r\nx COMPRESS DEFLATE\r\ne NOOP\r\n",
         );
         assert_eq!(fwd, "a NOOP\r\ne NOOP\r\n");
         assert_eq!(
@@ -616,6 +621,7 @@ mod tests {
                 "b BAD STARTTLS is only valid before login\r\n",
                 "c BAD Already logged in\r\n",
                 "d BAD Already logged in\r\n",
+                "x NO [CANNOT] COMPRESS is not available through this gateway\r\n",
             ]
         );
         // a refused command's non-synchronising literal is read and dropped
