@@ -442,3 +442,30 @@ async fn connect_stage_refusals_are_byes() {
     let mut denied = LineClient::connect_from("127.0.0.66", st.gw.addr("imaps").unwrap()).await;
     assert_eq!(denied.status().await, "* BYE Access denied");
 }
+
+/// ALPN (RFC 7301): an IMAPS listener negotiates `imap` and refuses a
+/// client that offers only other protocols (ALPACA).
+#[tokio::test]
+async fn imaps_alpn_is_imap() {
+    let be = login_only("alice", "secret").await;
+    let st = gateway(&be.addr, "", "").await;
+    let connect = |protocols: &[&[u8]]| {
+        let mut cfg = (*common::tls_client(&st.ca)).clone();
+        cfg.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        let addr = st.gw.addr("imaps").unwrap();
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+                .connect(
+                    rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
+                .await
+        }
+    };
+    let tls = connect(&[b"h2", b"imap"]).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"imap"[..]));
+    let mut c = LineClient::new(tls);
+    assert!(c.status().await.starts_with("* OK [CAPABILITY IMAP4rev1"));
+    assert!(connect(&[b"h2", b"http/1.1"]).await.is_err());
+}
