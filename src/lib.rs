@@ -25,7 +25,8 @@
 //!                `Replies`/`Wire` (what a session supplies), `End` (session outcomes)
 //!   client.rs    implicit TLS, session gauge, STARTTLS/STLS (CVE-2011-0411 discard),
 //!                the wait for the next command, literal reads, the session-end log
-//!   login.rs     the login guard: policy check → backend login → bookkeeping → delay
+//!   login.rs     the login guard: policy check → backend login → bookkeeping → delay;
+//!                the replay on a backend connection (out of step, one fresh retry)
 //!   sasl.rs      SASL PLAIN decoding and strict base64, for every protocol's login
 //!   pipe.rs      what the after-login relays share: activity clock and watchdog,
 //!                queued local answers, last words

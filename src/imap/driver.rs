@@ -16,11 +16,11 @@ use super::reply;
 use super::session::{Action, LoginOutcome, LoginResult, Session, Settings};
 use super::tracker::{Limits, Upstream};
 use crate::action::PolicyAction;
-use crate::backend::imap::{ImapBackend, ImapLogin};
-use crate::backend::{BackendError, ClientIdentity};
+use crate::backend::imap::{ImapBackend, ImapLogin, ImapLoginReply};
+use crate::backend::{Backend, BackendError, ClientIdentity, Deadlines};
 use crate::config::TlsMode;
 use crate::conn::client::{session_end, Client, Line};
-use crate::conn::login::{self, Login as LoginAttempt};
+use crate::conn::login::{self, Login as LoginAttempt, Replayed};
 use crate::conn::{End, Replies, SessionCtx};
 use crate::policy::Facts;
 use crate::transport::ClientStream;
@@ -202,52 +202,24 @@ impl Driver {
 
     async fn backend_login(&mut self, login: &ImapLogin) -> LoginOutcome {
         let l = self.ctx.listener().clone();
-        let id = ClientIdentity {
-            peer: self.peer,
-            local: self.ctx.local,
-            helo: None,
-            esmtp: false,
+        let mut replay = Replayer {
+            backend: &l.backend,
+            deadlines: &l.timeouts.backend,
+            id: ClientIdentity {
+                peer: self.peer,
+                local: self.ctx.local,
+                helo: None,
+                esmtp: false,
+            },
+            login,
         };
-        // a connection that already saw a failed login may have been closed
-        // by the backend since: then one fresh connection is tried
-        let retry = self.backend.is_some() && self.backend_used;
-        for attempt in 0..2 {
-            if self.backend.is_none() {
-                match ImapBackend::connect(&l.backend, &l.timeouts.backend, Some(&id)).await {
-                    Ok(b) => {
-                        crate::observe::metrics()
-                            .backend_connected(&l.backend.name, b.connect_time.as_secs_f64());
-                        self.backend = Some(b);
-                    }
-                    Err(e) => return self.backend_error(e),
-                }
-            }
-            let Some(b) = self.backend.as_mut() else {
-                return LoginOutcome::Failed;
-            };
-            self.backend_used = true;
-            match b.login(login).await {
-                Ok(crate::backend::imap::ImapLoginReply::OutOfStep) => {
-                    // never a login result: a fresh connection, else temporary
-                    crate::observe::metrics().backend_out_of_step(&l.backend.name);
-                    self.backend = None;
-                    if attempt == 0 {
-                        continue;
-                    }
-                    return LoginOutcome::OutOfStep;
-                }
-                Ok(o) => return o.into(),
-                Err(e) => {
-                    if attempt == 0 && retry {
-                        debug!(error = %e, "backend connection lost; reconnecting");
-                        self.backend = None;
-                        continue;
-                    }
-                    return self.backend_error(e);
-                }
-            }
+        let replayed =
+            login::replay(&mut replay, &mut self.backend, &mut self.backend_used, true).await;
+        match replayed {
+            Replayed::Answer(r) => r.into(),
+            Replayed::OutOfStep => LoginOutcome::OutOfStep,
+            Replayed::Failed(e) => self.backend_error(e),
         }
-        LoginOutcome::Failed
     }
 
     fn backend_error(&mut self, e: BackendError) -> LoginOutcome {
@@ -318,6 +290,36 @@ impl Driver {
             RelayEnd::Refused => End::Because("closed by mailgate"),
             RelayEnd::Error(e) => End::Error(e),
         }
+    }
+}
+
+/// One login as the backend client replays it (`conn/login.rs`).
+struct Replayer<'a> {
+    backend: &'a Backend,
+    deadlines: &'a Deadlines,
+    id: ClientIdentity,
+    login: &'a ImapLogin,
+}
+
+impl login::Replay for Replayer<'_> {
+    type Conn = ImapBackend;
+    type Answer = ImapLoginReply;
+
+    async fn connect(&mut self) -> Result<ImapBackend, BackendError> {
+        let b = ImapBackend::connect(self.backend, self.deadlines, Some(&self.id)).await?;
+        crate::observe::metrics()
+            .backend_connected(&self.backend.name, b.connect_time.as_secs_f64());
+        Ok(b)
+    }
+
+    async fn login(&mut self, b: &mut ImapBackend) -> Result<Option<ImapLoginReply>, BackendError> {
+        Ok(match b.login(self.login).await? {
+            ImapLoginReply::OutOfStep => {
+                crate::observe::metrics().backend_out_of_step(&self.backend.name);
+                None
+            }
+            r => Some(r),
+        })
     }
 }
 
