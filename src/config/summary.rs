@@ -25,6 +25,7 @@ impl Config {
             let proto = match l.protocol {
                 Protocol::Smtp => "smtp",
                 Protocol::Pop3 => "pop3",
+                Protocol::Imap => "imap",
             };
             let tls = match l.tls {
                 TlsMode::None => "none",
@@ -45,13 +46,21 @@ impl Config {
             if b.proxy_v2 {
                 identity.push("proxy_v2");
             }
+            if b.imap_id {
+                identity.push("imap_id");
+            }
             identity.push("received");
             let _ = writeln!(
                 out,
-                "  identity=[{}]{}",
+                "  identity=[{}]{}{}",
                 identity.join(", "),
                 if b.identity_optional && b.xclient {
                     " identity_optional=true (relays without XCLIENT when it cannot be applied)"
+                } else {
+                    ""
+                },
+                if b.imap_id {
+                    " (imap_id: IMAP backends only; the login fails closed without ID)"
                 } else {
                     ""
                 }
@@ -79,6 +88,17 @@ impl Config {
                     out,
                     "  max_transactions={} max_login_failures={}",
                     l.max_transactions, l.max_login_failures
+                );
+            } else if l.protocol == Protocol::Imap {
+                let _ = writeln!(
+                    out,
+                    "  max_command_line={} max_message_size={} (APPEND) max_errors={}",
+                    l.max_command_line, l.max_message_size, l.max_errors
+                );
+                let _ = writeln!(
+                    out,
+                    "  max_login_failures={} login_failure_delay={:?} idle={:?} (at least 29m in IDLE)",
+                    l.max_login_failures, l.login_failure_delay, l.timeouts.idle
                 );
             } else {
                 let _ = writeln!(
@@ -163,5 +183,24 @@ mod tests {
         assert!(s.contains("allow_local=true"), "{s}");
         assert!(s.contains("max_inflight_data=536870912"), "{s}");
         assert!(s.contains("max_queries_per_session=500"), "{s}");
+    }
+
+    #[test]
+    fn summary_shows_imap_listeners_and_their_bounds() {
+        let c = load_str(
+            "i.yaml",
+            "tls: { certificates: [ { cert: c, key: k } ] }\nbackends:\n  i: { address: \"127.0.0.1:143\" }\nlisteners:\n  - { name: imap, protocol: imap, bind: \"127.0.0.1:143\", tls: starttls, backend: i }\n",
+        )
+        .unwrap();
+        let s = c.summary();
+        assert!(
+            s.contains("listener imap imap on 127.0.0.1:143 tls=starttls require_tls=true"),
+            "{s}"
+        );
+        assert!(
+            s.contains("max_command_line=8192 max_message_size=26214400 (APPEND)"),
+            "{s}"
+        );
+        assert!(s.contains("idle=1800s (at least 29m in IDLE)"), "{s}");
     }
 }

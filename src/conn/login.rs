@@ -3,9 +3,12 @@
 //! the backend login, the policy's success / failure bookkeeping after it,
 //! and the failure delay that slows down guessing within one session. The
 //! protocol supplies the backend login and, through its session, every
-//! reply ([`Login`]); the guard only sequences and waits.
+//! reply ([`Login`]); the guard only sequences and waits. [`replay`] is the
+//! backend side every protocol shares: which connection carries a login,
+//! and when a fresh one is tried.
 
 use crate::action::PolicyAction;
+use crate::backend::BackendError;
 use crate::policy::{Decision, Facts, Policy};
 use std::future::Future;
 use std::time::Duration;
@@ -109,6 +112,78 @@ pub async fn guard<L: Login + Send>(
     result.into_action()
 }
 
+/// How a login replay on the backend ended ([`replay`]).
+#[derive(Debug)]
+pub enum Replayed<R> {
+    /// The backend's answer.
+    Answer(R),
+    /// Out of step on a fresh connection too: never a login result.
+    OutOfStep,
+    /// No usable connection (connect failed, or it broke).
+    Failed(BackendError),
+}
+
+/// One login as a protocol's backend client carries it out ([`replay`]).
+pub trait Replay {
+    /// The backend connection.
+    type Conn: Send;
+    /// The backend's answer.
+    type Answer;
+    fn connect(&mut self) -> impl Future<Output = Result<Self::Conn, BackendError>> + Send;
+    /// The login on `conn`; `None`: the backend is out of step (it spoke
+    /// unasked, or had closed), so nothing it says is an answer.
+    fn login(
+        &mut self,
+        conn: &mut Self::Conn,
+    ) -> impl Future<Output = Result<Option<Self::Answer>, BackendError>> + Send;
+}
+
+/// Replays one login on the session's backend connection `slot`
+/// (connected first where there is none), for every protocol: a backend
+/// out of step is never believed, and the login moves to one fresh
+/// connection; so does a login whose connection broke after an earlier
+/// attempt on it (the backend may have closed it since). `fresh`: whether
+/// those moves are allowed (POP3's APOP is bound to the connection it
+/// greeted with). `used` says the connection carried a login; `slot` is
+/// left empty whenever the connection is not usable any more.
+pub async fn replay<P: Replay>(
+    p: &mut P,
+    slot: &mut Option<P::Conn>,
+    used: &mut bool,
+    fresh: bool,
+) -> Replayed<P::Answer> {
+    let retry = slot.is_some() && *used;
+    for attempt in 0..2 {
+        let conn = match slot {
+            Some(c) => c,
+            None => match p.connect().await {
+                Ok(c) => slot.insert(c),
+                Err(e) => return Replayed::Failed(e),
+            },
+        };
+        *used = true;
+        match p.login(conn).await {
+            Ok(Some(r)) => return Replayed::Answer(r),
+            Ok(None) => {
+                *slot = None;
+                if attempt == 0 && fresh {
+                    continue;
+                }
+                return Replayed::OutOfStep;
+            }
+            Err(e) => {
+                *slot = None;
+                if attempt == 0 && retry && fresh {
+                    tracing::debug!(error = %e, "backend connection lost; reconnecting");
+                    continue;
+                }
+                return Replayed::Failed(e);
+            }
+        }
+    }
+    Replayed::OutOfStep
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +279,83 @@ mod tests {
             );
         }
         assert_eq!(p.attempts, 3);
+    }
+
+    /// A backend client whose logins answer from a script: `Ok(None)` is
+    /// out of step, `Err` a broken connection.
+    struct Script {
+        connects: u32,
+        answers: Vec<Result<Option<&'static str>, ()>>,
+    }
+
+    impl Replay for Script {
+        type Conn = u32;
+        type Answer = &'static str;
+        async fn connect(&mut self) -> Result<u32, BackendError> {
+            self.connects += 1;
+            Ok(self.connects)
+        }
+        async fn login(&mut self, _: &mut u32) -> Result<Option<&'static str>, BackendError> {
+            self.answers
+                .remove(0)
+                .map_err(|_| BackendError::Failed("gone".into()))
+        }
+    }
+
+    fn script(answers: Vec<Result<Option<&'static str>, ()>>) -> Script {
+        Script {
+            connects: 0,
+            answers,
+        }
+    }
+
+    #[tokio::test]
+    async fn replay_moves_to_one_fresh_connection_where_allowed() {
+        let answer = |r: Replayed<&'static str>| match r {
+            Replayed::Answer(a) => a,
+            Replayed::OutOfStep => "out of step",
+            Replayed::Failed(_) => "failed",
+        };
+        // out of step: a fresh connection once
+        let (mut slot, mut used) = (None, false);
+        let mut s = script(vec![Ok(None), Ok(Some("ok"))]);
+        assert_eq!(
+            answer(replay(&mut s, &mut slot, &mut used, true).await),
+            "ok"
+        );
+        assert_eq!((s.connects, slot, used), (2, Some(2), true));
+        // twice out of step: never an answer
+        let (mut slot, mut used) = (None, false);
+        let mut s = script(vec![Ok(None), Ok(None)]);
+        assert_eq!(
+            answer(replay(&mut s, &mut slot, &mut used, true).await),
+            "out of step"
+        );
+        assert_eq!(slot, None);
+        // APOP: bound to its connection
+        let (mut slot, mut used) = (Some(7), false);
+        let mut s = script(vec![Ok(None)]);
+        assert_eq!(
+            answer(replay(&mut s, &mut slot, &mut used, false).await),
+            "out of step"
+        );
+        assert_eq!(s.connects, 0);
+        // a used connection that broke: once more on a fresh one
+        let (mut slot, mut used) = (Some(7), true);
+        let mut s = script(vec![Err(()), Ok(Some("ok"))]);
+        assert_eq!(
+            answer(replay(&mut s, &mut slot, &mut used, true).await),
+            "ok"
+        );
+        assert_eq!(s.connects, 1);
+        // a new connection that broke: no second try
+        let (mut slot, mut used) = (None, false);
+        let mut s = script(vec![Err(())]);
+        assert_eq!(
+            answer(replay(&mut s, &mut slot, &mut used, true).await),
+            "failed"
+        );
+        assert_eq!((s.connects, slot), (1, None));
     }
 
     #[test]

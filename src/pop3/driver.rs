@@ -21,7 +21,7 @@ use crate::backend::pop3::{self as backend, Login, LoginReply, Pop3Backend};
 use crate::backend::BackendError;
 use crate::config::TlsMode;
 use crate::conn::client::{session_end, Client, Line};
-use crate::conn::login::{self, Login as LoginAttempt};
+use crate::conn::login::{self, Login as LoginAttempt, Replayed};
 use crate::conn::{End, Replies, SessionCtx};
 use crate::policy::Facts;
 use crate::transport::ClientStream;
@@ -267,50 +267,24 @@ impl Driver {
         if apop && self.backend.is_none() {
             return LoginOutcome::Failed;
         }
-        // a connection that already saw a failed login may have been closed by
-        // the backend since: then one fresh connection is tried (not for APOP)
-        let retry = self.backend.is_some() && self.backend_used;
-        for attempt in 0..2 {
-            if self.backend.is_none() {
-                match Pop3Backend::connect(&l.backend, &l.timeouts.backend).await {
-                    Ok(b) => self.connected(b),
-                    Err(e) => return self.backend_error(e),
-                }
-            }
-            let Some(b) = self.backend.as_mut() else {
-                return LoginOutcome::Failed;
-            };
-            self.backend_used = true;
-            match b.login(login).await {
-                Ok(LoginReply::OutOfStep) => {
-                    // never a login result: a fresh connection, else temporary
-                    crate::observe::metrics().backend_failed(&l.backend.name);
-                    self.backend = None;
-                    if attempt == 0 && !apop {
-                        continue;
-                    }
-                    return LoginOutcome::OutOfStep;
-                }
-                Ok(o) => return o.into(),
-                Err(e) => {
-                    if attempt == 0 && retry && !apop {
-                        debug!(error = %e, "backend connection lost; reconnecting");
-                        self.backend = None;
-                        continue;
-                    }
-                    return self.backend_error(e);
-                }
-            }
+        let mut replay = Replayer {
+            backend: &l.backend,
+            deadlines: &l.timeouts.backend,
+            caps: &self.ctx.caps,
+            login,
+        };
+        let replayed = login::replay(
+            &mut replay,
+            &mut self.backend,
+            &mut self.backend_used,
+            !apop,
+        )
+        .await;
+        match replayed {
+            Replayed::Answer(r) => r.into(),
+            Replayed::OutOfStep => LoginOutcome::OutOfStep,
+            Replayed::Failed(e) => self.backend_error(e),
         }
-        LoginOutcome::Failed
-    }
-
-    /// Counts a new backend connection and caches what it announced.
-    fn connected(&mut self, b: Pop3Backend) {
-        let backend = &self.ctx.listener().backend;
-        crate::observe::metrics().backend_connected(&backend.name, b.connect_time.as_secs_f64());
-        self.ctx.caps.set_pop3(backend, b.caps.clone());
-        self.backend = Some(b);
     }
 
     fn backend_error(&mut self, e: BackendError) -> LoginOutcome {
@@ -365,6 +339,38 @@ impl Driver {
             PipeEnd::TooManyErrors => End::Because("too many errors"),
             PipeEnd::Error(e) => End::Error(e),
         }
+    }
+}
+
+/// One login as the backend client replays it (`conn/login.rs`).
+struct Replayer<'a> {
+    backend: &'a crate::backend::Backend,
+    deadlines: &'a crate::backend::Deadlines,
+    caps: &'a crate::backend::caps::CapsCache,
+    login: &'a Login,
+}
+
+impl login::Replay for Replayer<'_> {
+    type Conn = Pop3Backend;
+    type Answer = LoginReply;
+
+    /// Counts a new backend connection and caches what it announced.
+    async fn connect(&mut self) -> Result<Pop3Backend, BackendError> {
+        let b = Pop3Backend::connect(self.backend, self.deadlines).await?;
+        crate::observe::metrics()
+            .backend_connected(&self.backend.name, b.connect_time.as_secs_f64());
+        self.caps.set_pop3(self.backend, b.caps.clone());
+        Ok(b)
+    }
+
+    async fn login(&mut self, b: &mut Pop3Backend) -> Result<Option<LoginReply>, BackendError> {
+        Ok(match b.login(self.login).await? {
+            LoginReply::OutOfStep => {
+                crate::observe::metrics().backend_failed(&self.backend.name);
+                None
+            }
+            r => Some(r),
+        })
     }
 }
 
