@@ -15,7 +15,7 @@
 //! [`MAX_RESPONSE`] octets.
 
 use super::caps::ImapCaps;
-use super::stream::{BackendStream, BackendTlsMode};
+use super::stream::BackendStream;
 use super::{Backend, BackendError, ClientIdentity, Deadlines};
 use crate::codec::Conn;
 use base64::Engine as _;
@@ -369,11 +369,8 @@ impl ImapBackend {
                 .map_err(|e| BackendError::Failed(format!("PROXY header: {e}")))?;
         }
         let mut stream = BackendStream::Plain(tcp);
-        if let Some(tls) = backend
-            .tls
-            .as_ref()
-            .filter(|t| t.mode == BackendTlsMode::Implicit)
-        {
+        if let Some(tls) = &backend.tls {
+            // implicit TLS (IMAPS backends); STARTTLS to backends is refused by config
             stream = stream.upgrade(tls, t.connect).await?;
         }
         let mut b = ImapBackend {
@@ -388,28 +385,6 @@ impl ImapBackend {
             Some(c) => c,
             None => b.capability().await?,
         };
-        if let Some(tls) = backend
-            .tls
-            .as_ref()
-            .filter(|t| t.mode == BackendTlsMode::Starttls)
-        {
-            // fail closed: a backend configured for TLS never gets the
-            // session in plaintext
-            if !b.caps.starttls {
-                return Err(BackendError::Unavailable(
-                    "backend does not offer STARTTLS".into(),
-                ));
-            }
-            let (status, text) = b.simple("STARTTLS").await?;
-            if status != Status::Ok {
-                return Err(BackendError::Unavailable(format!("STARTTLS {text}")));
-            }
-            // anything sent after the OK is not trusted (RFC 9051 §11.1)
-            b.conn.discard_buffered();
-            let plain = std::mem::replace(&mut b.conn.stream, BackendStream::Detached);
-            b.conn.stream = plain.upgrade(tls, t.connect).await?;
-            b.caps = b.capability().await?;
-        }
         if b.caps.logindisabled {
             return Err(BackendError::Unavailable(
                 "backend announces LOGINDISABLED: the login cannot be replayed".into(),
