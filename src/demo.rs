@@ -406,20 +406,6 @@ fn imap_words(parts: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<Vec<u8>> {
     words
 }
 
-/// The `{n}` or `{n+}` literal a line ends with: its length, and whether it
-/// is non-synchronising.
-fn imap_literal(line: &[u8]) -> Option<(usize, bool)> {
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|b| *b == b'{')?;
-    let digits = &inner[open + 1..];
-    let (digits, plus) = match digits.strip_suffix(b"+") {
-        Some(d) => (d, true),
-        None => (digits, false),
-    };
-    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some((n, plus))
-}
-
 /// Whether message `n` (1-based) of `count` is in the sequence set `set`
 /// (`1`, `2:4`, `3:*`, `*`, comma-separated).
 fn in_set(set: &str, n: usize, count: usize) -> bool {
@@ -491,7 +477,9 @@ async fn imap_session(tcp: TcpStream, mailbox: Arc<Mailbox>) -> Result<(), Codec
         // the command line and the literals it carries
         let mut parts = Vec::new();
         let mut line = c.read_line(IMAP_MAX, LIMIT).await?.to_vec();
-        while let Some((n, plus)) = imap_literal(&line).filter(|(n, _)| *n <= IMAP_MAX) {
+        while let Some((n, plus)) =
+            crate::backend::imap::literal_at_end(&line).filter(|(n, _)| *n <= IMAP_MAX)
+        {
             if !plus {
                 c.queue(b"+ go ahead\r\n");
                 c.flush(LIMIT).await?;
