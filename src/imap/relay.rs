@@ -430,6 +430,8 @@ mod tests {
         assert_eq!(read_n(&mut bp, 15).await, "hello\r\nb NOOP\r\n");
         assert_eq!(read_n(&mut cp, 6).await, "+ go\r\n");
         drop(cp);
+        // the client's close first, then the backend's (the drain ends)
+        tokio::time::sleep(Duration::from_millis(50)).await;
         drop(bp);
         let stats = task.await.unwrap();
         assert_eq!(stats.end, RelayEnd::ClientClosed);
