@@ -134,6 +134,8 @@ listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain
+# one log line per password mismatch: tests count what reached Dovecot
+auth_verbose = yes
 log_path = {d}/dovecot.log
 mail_location = maildir:~/Maildir
 rawlog_dir = {d}/rawlog
