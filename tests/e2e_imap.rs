@@ -69,6 +69,7 @@ fn start_dovecot(dir: &Path, trusted_networks: Option<&str>) -> Dovecot {
     Dovecot::start(
         dir,
         &DovecotConf {
+            password: "secret",
             inbox: inbox(),
             folders: vec![("Archive", archive())],
             trusted_networks,

@@ -45,6 +45,7 @@ fn start_dovecot(dir: &Path) -> Dovecot {
     Dovecot::start(
         dir,
         &DovecotConf {
+            password: "secret",
             inbox: source_messages(),
             folders: Vec::new(),
             trusted_networks: None,

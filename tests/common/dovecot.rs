@@ -1,6 +1,6 @@
 //! A throwaway Dovecot on loopback as the legacy backend of the end-to-end
 //! tests: plaintext POP3 and IMAP (`disable_plaintext_auth = no`), user
-//! alice/secret from a passwd-file, a Maildir whose messages the test wrote
+//! alice (with the test's password) from a passwd-file, a Maildir whose messages the test wrote
 //! (so it knows their exact bytes), its own `base_dir`, log and rawlog in the
 //! test's directory. Needs root: Dovecot switches users (the mail processes
 //! run as uid 65534, which owns the Maildir).
@@ -11,6 +11,8 @@ use std::time::Duration;
 
 /// What the Dovecot instance serves.
 pub struct DovecotConf<'a> {
+    /// alice's password (any bytes but `:` and line ends: passwd-file).
+    pub password: &'a str,
     /// alice's INBOX (LF line ends, as maildirs keep them), in order.
     pub inbox: Vec<Vec<u8>>,
     /// Further folders (Maildir++ `.Name`) with their messages.
@@ -109,7 +111,11 @@ impl Dovecot {
         let users = dir.join("users");
         std::fs::write(
             &users,
-            format!("alice:secret:{MAIL_UID}:{MAIL_UID}::{}\n", home.display()),
+            format!(
+                "alice:{{PLAIN}}{}:{MAIL_UID}:{MAIL_UID}::{}\n",
+                conf.password,
+                home.display()
+            ),
         )
         .unwrap();
         chmod(&users, "0644");
@@ -142,7 +148,7 @@ rawlog_dir = {d}/rawlog
 first_valid_uid = 1
 {trusted}passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {d}/users
+  args = username_format=%u {d}/users
 }}
 userdb {{
   driver = passwd-file
