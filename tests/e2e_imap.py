@@ -54,7 +54,7 @@ class FromAddrSSL(imaplib.IMAP4_SSL):
 
 
 def connect(mode, port, ca, src="127.0.0.1"):
-    ctx = ctx_for(ca)
+    ctx = ctx_for(ca) if mode != "plain" else None
     if mode == "ssl":
         return FromAddrSSL(src, "127.0.0.1", port, ctx)
     m = FromAddr(src, "127.0.0.1", port)
