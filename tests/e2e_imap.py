@@ -3,11 +3,14 @@
   fetch MODE PORT [CA]        MODE plain | starttls | ssl: LOGIN alice, then in
                               INBOX and Archive FETCH 1:* BODY.PEEK[]; prints
                               `MSG <folder> <hex>` per message, in order
-  append PORT CA IN OUT       IMAPS: APPEND the bytes of file IN (a literal),
+  append MODE PORT CA IN OUT  APPEND the bytes of file IN (a literal),
                               FETCH the newest INBOX message back into OUT
-  idle PORT CA                IMAPS: session A IDLEs in INBOX, session B
-                              APPENDs one message; prints `EXISTS <n>` as A
-                              sees it (and `BEFORE <n>`, the count before)
+  idle MODE PORT CA MAILDIR   session A IDLEs in INBOX; session B
+                              APPENDs one message, then one is delivered into
+                              MAILDIR (tmp/, renamed into new/, as an MDA
+                              does); prints `BEFORE <n>` (the count before),
+                              `EXISTS <n>` for each arrival as A sees it, and
+                              `DONE <tagged reply>` after DONE
   login MODE PORT CA SRC PW.. from loopback address SRC, one connection, one
                               LOGIN alice per PW; prints `OK` or `NO <text>`
                               per attempt, `CLOSED` if the server hung up
@@ -15,6 +18,7 @@
 Every socket has a timeout: nothing here waits unbounded.
 """
 import imaplib
+import os
 import re
 import socket
 import ssl
@@ -85,9 +89,9 @@ def fetch(mode, port, ca=None):
     m.logout()
 
 
-def append(port, ca, src, dst):
+def append(mode, port, ca, src, dst):
     msg = open(src, "rb").read()
-    m = connect("ssl", int(port), ca)
+    m = connect(mode, int(port), ca)
     check(m.login("alice", "secret"))
     check(m.append("INBOX", None, None, msg))
     n = int(check(m.select("INBOX", readonly=True))[0])
@@ -96,8 +100,31 @@ def append(port, ca, src, dst):
     m.logout()
 
 
-def idle(port, ca):
-    a = connect("ssl", int(port), ca)
+def wait_exists(a):
+    """The next `* N EXISTS` A reads while idling (bounded by the timeout)."""
+    deadline = time.monotonic() + T
+    while time.monotonic() < deadline:
+        line = a.readline()
+        if not line:
+            raise RuntimeError("closed while idling")
+        hit = re.match(rb"\* (\d+) EXISTS", line)
+        if hit:
+            return int(hit.group(1))
+    raise RuntimeError("no EXISTS while idling")
+
+
+def deliver(maildir, message):
+    name = f"{int(time.time())}.M1P{os.getpid()}.idle-delivery"
+    tmp = os.path.join(maildir, "tmp", name)
+    with open(tmp, "wb") as f:
+        f.write(message)
+    st = os.stat(maildir)
+    os.chown(tmp, st.st_uid, st.st_gid)
+    os.rename(tmp, os.path.join(maildir, "new", name))
+
+
+def idle(mode, port, ca, maildir):
+    a = connect(mode, int(port), ca)
     check(a.login("alice", "secret"))
     before = int(check(a.select("INBOX"))[0])
     print(f"BEFORE {before}")
@@ -106,19 +133,13 @@ def idle(port, ca):
     line = a.readline()
     if not line.startswith(b"+"):
         raise RuntimeError(f"IDLE: {line!r}")
-    b = connect("ssl", int(port), ca)
+    b = connect(mode, int(port), ca)
     check(b.login("alice", "secret"))
-    check(b.append("INBOX", None, None, b"Subject: idle\r\n\r\narrived while idling\r\n"))
+    check(b.append("INBOX", None, None, b"Subject: idle\r\n\r\nappended while idling\r\n"))
     b.logout()
-    deadline = time.monotonic() + T
-    while time.monotonic() < deadline:
-        line = a.readline()
-        if not line:
-            raise RuntimeError("closed while idling")
-        hit = re.match(rb"\* (\d+) EXISTS", line)
-        if hit:
-            print(f"EXISTS {int(hit.group(1))}")
-            break
+    print(f"EXISTS {wait_exists(a)}")
+    deliver(maildir, b"Subject: idle\n\ndelivered while idling\n")
+    print(f"EXISTS {wait_exists(a)}")
     a.send(b"DONE\r\n")
     while True:
         line = a.readline()

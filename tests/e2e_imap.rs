@@ -204,7 +204,8 @@ fn start_gateway(
 }
 
 /// The harness itself: Dovecot serves the bytes the test wrote, to imaplib
-/// and to curl, in Maildir order (UIDs 1, 2, …).
+/// and to curl, in Maildir order (UIDs 1, 2, …); the APPEND and IDLE checks
+/// pass against it directly.
 #[test]
 fn dovecot_serves_the_known_bytes_directly() {
     require_or_skip!(root: ROOT, "dovecot", "python3", "curl");
@@ -222,6 +223,7 @@ fn dovecot_serves_the_known_bytes_directly() {
         None,
     );
     assert_same("curl direct to dovecot", &got, &want);
+    append_and_idle(dir.path(), &dovecot, "plain", dovecot.imap, Path::new("-"));
 }
 
 /// curl, one message per run, by folder and UID.
@@ -397,15 +399,22 @@ fn fetchmail(dir: &Path, name: &str, port: u16, ssl: &str, ca: &Path) -> Vec<Vec
 }
 
 /// Acceptance 1: a 5 MB APPEND (a synchronising literal) reads back
-/// identical; a session in IDLE sees `* N EXISTS` when a message arrives.
+/// identical; a session in IDLE sees `* N EXISTS` when a message arrives
+/// (APPENDed by another session, or delivered into the Maildir).
 #[test]
 fn append_5mb_and_idle_through_mailgate() {
     require_or_skip!(root: ROOT, "dovecot", "python3");
     let dir = tempfile::tempdir().unwrap();
     let dovecot = start_dovecot(dir.path(), None);
     let gw = start_gateway(dir.path(), &dovecot, "", "", "", false);
-    let (imaps, ca) = (gw.port("imaps").to_string(), gw.ca.display().to_string());
+    append_and_idle(dir.path(), &dovecot, "ssl", gw.port("imaps"), &gw.ca);
+}
 
+/// APPENDs a 5 MB message (8-bit, CRLF lines, text that looks like a
+/// literal) and reads it back; then IDLEs while one message is APPENDed by
+/// another session and one is delivered into the Maildir: each is an EXISTS.
+fn append_and_idle(dir: &Path, dovecot: &Dovecot, mode: &str, port: u16, ca: &Path) {
+    let (port, ca) = (port.to_string(), ca.display().to_string());
     let mut msg =
         b"From: erin@example.org\r\nTo: alice@example.net\r\nSubject: 5 MB\r\n\r\n".to_vec();
     let mut i = 0u32;
@@ -415,31 +424,35 @@ fn append_5mb_and_idle_through_mailgate() {
         );
         i += 1;
     }
-    let (src, back) = (dir.path().join("append.in"), dir.path().join("append.out"));
+    let (src, back) = (dir.join("append.in"), dir.join("append.out"));
     std::fs::write(&src, &msg).unwrap();
-    py(
-        dir.path(),
-        &[
-            "append",
-            &imaps,
-            &ca,
-            &src.display().to_string(),
-            &back.display().to_string(),
-        ],
-    );
+    let (src_s, back_s) = (src.display().to_string(), back.display().to_string());
+    py(dir, &["append", mode, &port, &ca, &src_s, &back_s]);
     let got = std::fs::read(&back).unwrap();
     assert!(
         got == msg,
-        "APPEND read back: {} bytes, want {}",
+        "{mode}: APPEND read back: {} bytes, want {}",
         got.len(),
         msg.len()
     );
 
-    let out = py(dir.path(), &["idle", &imaps, &ca]);
+    let maildir = dovecot.maildir.display().to_string();
+    let out = py(dir, &["idle", mode, &port, &ca, &maildir]);
     let before: usize = field(&out, "BEFORE").parse().unwrap();
     assert_eq!(before, inbox().len() + 1, "{out}");
-    assert_eq!(field(&out, "EXISTS"), (before + 1).to_string(), "{out}");
-    assert!(field(&out, "DONE").contains(" OK"), "IDLE ended: {out}");
+    let exists: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("EXISTS "))
+        .collect();
+    let want = [(before + 1).to_string(), (before + 2).to_string()];
+    assert_eq!(
+        exists, want,
+        "{mode}: APPEND, then delivery, while idling: {out}"
+    );
+    assert!(
+        field(&out, "DONE").contains(" OK"),
+        "{mode}: IDLE ended: {out}"
+    );
 }
 
 /// The value after `key ` on the first line of `out` that has it.

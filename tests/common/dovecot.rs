@@ -30,7 +30,7 @@ pub struct Dovecot {
     pub imap: u16,
     /// Its log file (logins, auth failures, `rip=` client addresses).
     pub log: PathBuf,
-    /// alice's Maildir (for delivering a message while a client idles).
+    /// alice's Maildir (a test delivers into it while a client idles).
     pub maildir: PathBuf,
     child: Child,
 }
@@ -215,15 +215,6 @@ protocol imap {{
     /// Dovecot's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Delivers `message` into alice's INBOX as a new Maildir file (as an
-    /// MDA would: written in `tmp/`, then renamed into `new/`).
-    pub fn deliver(&self, name: &str, message: &[u8]) {
-        let tmp = self.maildir.join("tmp").join(name);
-        std::fs::write(&tmp, message).unwrap();
-        chown_mail(&tmp);
-        std::fs::rename(&tmp, self.maildir.join("new").join(name)).unwrap();
     }
 }
 
