@@ -338,6 +338,279 @@ async fn pop3_session(tcp: TcpStream, mailbox: Arc<Mailbox>) -> Result<(), Codec
     }
 }
 
+/// Serves the demo IMAP maildrop on `listener` until the task is dropped:
+/// plaintext IMAP4rev1 for user `demo` with any password (LOGIN or
+/// AUTHENTICATE PLAIN), INBOX read-only over every message in the mailbox
+/// (message `n` has UID `n`): what curl, Python's imaplib and the tests need
+/// (CAPABILITY, NOOP, ID, SELECT/EXAMINE, FETCH/UID FETCH of `BODY[]`,
+/// `BODY.PEEK[]`, `RFC822`, `RFC822.SIZE`, `FLAGS`, `UID`, LOGOUT).
+pub async fn serve_imap(listener: TcpListener, mailbox: Arc<Mailbox>) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        let _ = tcp.set_nodelay(true);
+        let mb = mailbox.clone();
+        tokio::spawn(async move {
+            let _ = imap_session(tcp, mb).await;
+        });
+    }
+}
+
+/// The demo's capability list (before and after login).
+const IMAP_CAPS: &str = "IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID IDLE";
+/// Longest command line and literal the demo reads.
+const IMAP_MAX: usize = 8192;
+
+/// One command's words: atoms, quoted strings (unescaped) and literals.
+fn imap_words(parts: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<Vec<u8>> {
+    let mut words = Vec::new();
+    for (text, literal) in parts {
+        let mut i = 0;
+        while i < text.len() {
+            match text[i] {
+                b' ' => i += 1,
+                b'"' => {
+                    let mut w = Vec::new();
+                    i += 1;
+                    while i < text.len() && text[i] != b'"' {
+                        if text[i] == b'\\' && i + 1 < text.len() {
+                            i += 1;
+                        }
+                        w.push(text[i]);
+                        i += 1;
+                    }
+                    words.push(w);
+                    i += 1;
+                }
+                b'(' => {
+                    // a parenthesised list stays one word (FETCH items)
+                    let end = text[i..]
+                        .iter()
+                        .position(|b| *b == b')')
+                        .map_or(text.len(), |p| i + p + 1);
+                    words.push(text[i..end].to_vec());
+                    i = end;
+                }
+                _ => {
+                    let end = text[i..]
+                        .iter()
+                        .position(|b| *b == b' ')
+                        .map_or(text.len(), |p| i + p);
+                    words.push(text[i..end].to_vec());
+                    i = end;
+                }
+            }
+        }
+        if let Some(l) = literal {
+            words.push(l.clone());
+        }
+    }
+    words
+}
+
+/// The `{n}` or `{n+}` literal a line ends with: its length, and whether it
+/// is non-synchronising.
+fn imap_literal(line: &[u8]) -> Option<(usize, bool)> {
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|b| *b == b'{')?;
+    let digits = &inner[open + 1..];
+    let (digits, plus) = match digits.strip_suffix(b"+") {
+        Some(d) => (d, true),
+        None => (digits, false),
+    };
+    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some((n, plus))
+}
+
+/// Whether message `n` (1-based) of `count` is in the sequence set `set`
+/// (`1`, `2:4`, `3:*`, `*`, comma-separated).
+fn in_set(set: &str, n: usize, count: usize) -> bool {
+    let num = |s: &str| {
+        if s == "*" {
+            Some(count)
+        } else {
+            s.parse::<usize>().ok()
+        }
+    };
+    set.split(',').any(|r| match r.split_once(':') {
+        Some((a, b)) => match (num(a), num(b)) {
+            (Some(a), Some(b)) => (a.min(b)..=a.max(b)).contains(&n),
+            _ => false,
+        },
+        None => num(r) == Some(n),
+    })
+}
+
+/// The `* n FETCH (…)` response for `items` (upper case) of message `n`.
+fn imap_fetch(n: usize, wire: &[u8], items: &str, uid: bool) -> Vec<u8> {
+    let mut out = format!("* {n} FETCH (").into_bytes();
+    let mut first = true;
+    let mut add = |out: &mut Vec<u8>, item: &str, literal: Option<&[u8]>| {
+        if !first {
+            out.push(b' ');
+        }
+        first = false;
+        out.extend_from_slice(item.as_bytes());
+        if let Some(l) = literal {
+            out.extend_from_slice(format!(" {{{}}}\r\n", l.len()).as_bytes());
+            out.extend_from_slice(l);
+        }
+    };
+    if uid || items.contains("UID") {
+        add(&mut out, &format!("UID {n}"), None);
+    }
+    if items.contains("FLAGS") {
+        add(&mut out, "FLAGS ()", None);
+    }
+    if items.contains("RFC822.SIZE") {
+        add(&mut out, &format!("RFC822.SIZE {}", wire.len()), None);
+    }
+    if items.contains("BODY[]") || items.contains("BODY.PEEK[]") {
+        add(&mut out, "BODY[]", Some(wire));
+    } else if items.replace("RFC822.SIZE", "").contains("RFC822") {
+        add(&mut out, "RFC822", Some(wire));
+    }
+    out.extend_from_slice(b")\r\n");
+    out
+}
+
+async fn imap_session(tcp: TcpStream, mailbox: Arc<Mailbox>) -> Result<(), CodecError> {
+    use base64::Engine as _;
+    let mut c = Conn::new(tcp);
+    c.queue(
+        format!(
+            "* OK [CAPABILITY {IMAP_CAPS}] demo-backend IMAP (mailgate demo backend, in-memory)\r\n"
+        )
+        .as_bytes(),
+    );
+    let mut logged_in = false;
+    // INBOX as it was at SELECT: the messages' wire forms
+    let mut selected: Option<Vec<Vec<u8>>> = None;
+    loop {
+        if !c.has_line() {
+            c.flush(LIMIT).await?;
+        }
+        // the command line and the literals it carries
+        let mut parts = Vec::new();
+        let mut line = c.read_line(IMAP_MAX, LIMIT).await?.to_vec();
+        while let Some((n, plus)) = imap_literal(&line).filter(|(n, _)| *n <= IMAP_MAX) {
+            if !plus {
+                c.queue(b"+ go ahead\r\n");
+                c.flush(LIMIT).await?;
+            }
+            let read = async {
+                while c.buffered() < n {
+                    c.fill().await?;
+                }
+                Ok::<_, CodecError>(c.rbuf_mut().split_to(n).to_vec())
+            };
+            let literal = tokio::time::timeout(LIMIT, read)
+                .await
+                .map_err(|_| CodecError::Timeout)??;
+            parts.push((line, Some(literal)));
+            line = c.read_line(IMAP_MAX, LIMIT).await?.to_vec();
+        }
+        parts.push((line, None));
+        let mut words = imap_words(&parts).into_iter();
+        let tag = String::from_utf8_lossy(&words.next().unwrap_or_default()).into_owned();
+        let text =
+            |w: Option<Vec<u8>>| String::from_utf8_lossy(&w.unwrap_or_default()).into_owned();
+        let mut verb = text(words.next()).to_ascii_uppercase();
+        if verb == "UID" {
+            verb = format!("UID {}", text(words.next()).to_ascii_uppercase());
+        }
+        let welcome = format!("{tag} OK [CAPABILITY {IMAP_CAPS}] Logged in (demo)\r\n");
+        let refused = format!(
+            "{tag} NO [AUTHENTICATIONFAILED] Invalid login (the demo maildrop's user is {DEMO_USER})\r\n"
+        );
+        match verb.as_str() {
+            "CAPABILITY" => {
+                c.queue(format!("* CAPABILITY {IMAP_CAPS}\r\n{tag} OK done\r\n").as_bytes())
+            }
+            "NOOP" => c.queue(format!("{tag} OK done\r\n").as_bytes()),
+            "ID" => c.queue(
+                format!("* ID (\"name\" \"mailgate-demo\")\r\n{tag} OK ID completed\r\n")
+                    .as_bytes(),
+            ),
+            "LOGOUT" => {
+                c.queue(format!("* BYE demo-backend signing off\r\n{tag} OK done\r\n").as_bytes());
+                c.flush(LIMIT).await?;
+                return Ok(());
+            }
+            "LOGIN" if !logged_in => {
+                logged_in = text(words.next()) == DEMO_USER;
+                c.queue(if logged_in { &welcome } else { &refused }.as_bytes());
+            }
+            "AUTHENTICATE" if !logged_in => {
+                if !text(words.next()).eq_ignore_ascii_case("PLAIN") {
+                    c.queue(format!("{tag} NO unsupported mechanism\r\n").as_bytes());
+                    continue;
+                }
+                let response = match words.next() {
+                    Some(ir) => ir,
+                    None => {
+                        c.queue(b"+ \r\n");
+                        c.flush(LIMIT).await?;
+                        c.read_line(IMAP_MAX, LIMIT).await?.to_vec()
+                    }
+                };
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(&response)
+                    .unwrap_or_default();
+                let fields: Vec<&[u8]> = decoded.split(|b| *b == 0).collect();
+                logged_in = matches!(fields[..], [z, u, _] if u == DEMO_USER.as_bytes()
+                    && (z.is_empty() || z == u));
+                c.queue(if logged_in { &welcome } else { &refused }.as_bytes());
+            }
+            "LOGIN" | "AUTHENTICATE" => {
+                c.queue(format!("{tag} BAD already logged in\r\n").as_bytes())
+            }
+            _ if !logged_in => c.queue(format!("{tag} NO log in first\r\n").as_bytes()),
+            "SELECT" | "EXAMINE" => {
+                if !text(words.next()).eq_ignore_ascii_case("INBOX") {
+                    selected = None;
+                    c.queue(format!("{tag} NO [NONEXISTENT] only INBOX here\r\n").as_bytes());
+                    continue;
+                }
+                let msgs: Vec<Vec<u8>> = mailbox.all().iter().map(|m| wire_form(&m.data)).collect();
+                c.queue(
+                    format!(
+                        "* {n} EXISTS\r\n* 0 RECENT\r\n* FLAGS (\\Seen)\r\n\
+                         * OK [PERMANENTFLAGS ()] read-only\r\n* OK [UIDVALIDITY 1] UIDs valid\r\n\
+                         * OK [UIDNEXT {next}] predicted\r\n{tag} OK [READ-ONLY] INBOX selected (demo)\r\n",
+                        n = msgs.len(),
+                        next = msgs.len() + 1
+                    )
+                    .as_bytes(),
+                );
+                selected = Some(msgs);
+            }
+            "FETCH" | "UID FETCH" => {
+                let Some(msgs) = &selected else {
+                    c.queue(format!("{tag} BAD select a mailbox first\r\n").as_bytes());
+                    continue;
+                };
+                let set = text(words.next());
+                let items = words
+                    .map(|w| String::from_utf8_lossy(&w).to_ascii_uppercase())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let mut out = Vec::new();
+                for (i, m) in msgs.iter().enumerate() {
+                    if in_set(&set, i + 1, msgs.len()) {
+                        out.extend_from_slice(&imap_fetch(i + 1, m, &items, verb == "UID FETCH"));
+                    }
+                }
+                out.extend_from_slice(format!("{tag} OK done\r\n").as_bytes());
+                c.write_now(&out, LIMIT).await?;
+            }
+            "CLOSE" | "UNSELECT" if selected.is_some() => {
+                selected = None;
+                c.queue(format!("{tag} OK done\r\n").as_bytes());
+            }
+            _ => c.queue(format!("{tag} BAD unknown command (demo)\r\n").as_bytes()),
+        }
+    }
+}
+
 fn angle(s: &str) -> String {
     let s = s.trim();
     let s = s.strip_prefix('<').unwrap_or(s);

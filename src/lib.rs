@@ -1,5 +1,5 @@
 //! mailgate — a TLS-terminating, protocol-cleaning gateway in front of legacy
-//! plaintext SMTP and POP3 servers.
+//! plaintext SMTP, POP3 and IMAP servers.
 //!
 //! # Layout
 //!
@@ -24,8 +24,9 @@
 //!   mod.rs       `ListenerRuntime` (reloadable snapshot), `SessionCtx` (holds it),
 //!                `Replies`/`Wire` (what a session supplies), `End` (session outcomes)
 //!   client.rs    implicit TLS, session gauge, STARTTLS/STLS (CVE-2011-0411 discard),
-//!                the wait for the next command, the session-end log
+//!                the wait for the next command, literal reads, the session-end log
 //!   login.rs     the login guard: policy check → backend login → bookkeeping → delay
+//!   sasl.rs      SASL PLAIN decoding and strict base64, for every protocol's login
 //!   inflight.rs  the process-wide budget for message bytes in memory (max_inflight_data)
 //! smtp/        the client-facing SMTP side
 //!   command.rs   command parser (sans-IO)
@@ -42,13 +43,26 @@
 //!   driver.rs    the only code that awaits (on `conn/`): backend, APOP slots, the pipe
 //!   transaction.rs TRANSACTION-state parser, reply order around local answers (sans-IO)
 //!   pipe.rs      TRANSACTION state I/O: parsed commands up, backend bytes down unchanged, idle timer
+//! imap/        the client-facing IMAP side (same shape as pop3/)
+//!   command.rs   not-authenticated-state syntax: tags, strings, literals `{n}` / `{n+}`,
+//!                the bounded command assembler (sans-IO)
+//!   reply.rs     every response mailgate itself sends (RFC 5530 codes)
+//!   session.rs   the pure not-authenticated state machine: command in, `Action` out
+//!   driver.rs    the only code that awaits (on `conn/`): literals, backend, the relay
+//!   tracker.rs   authenticated state: client commands checked and bounded (STARTTLS,
+//!                LOGIN refused here), backend response boundaries (sans-IO)
+//!   relay.rs     authenticated-state I/O: checked commands up, backend bytes down
+//!                unchanged, idle timer (at least 29 minutes in IDLE)
 //! backend/     clients of the legacy servers; `Backend`, `Deadlines` (built by config)
-//!   caps.rs      `SmtpCaps`/`Pop3Caps`, the pure EHLO/CAPA parsers, one `CapsCache` for both
+//!   caps.rs      `SmtpCaps`/`Pop3Caps`/`ImapCaps`, the pure EHLO/CAPA/CAPABILITY parsers, one `CapsCache` for both
 //!                protocols (owned by the gateway, reached through the session context)
 //!   reply.rs     SMTP reply parser (sans-IO, bounded)
 //!   smtp.rs      SMTP client: greeting, EHLO/HELO, MAIL/RCPT/DATA relay, RSET, QUIT
 //!   pop3.rs      POP3 client: greeting, CAPA, login replay (only while in step), then the
 //!                pipe; `Login` in, `LoginReply` out (the POP3 session maps it)
+//!   imap.rs      IMAP client: greeting, CAPABILITY, Dovecot `ID` identity, login replay
+//!                (LOGIN quoted or literal, AUTHENTICATE PLAIN; only while in step, own
+//!                tags), then the relay; bounded sans-IO response reader
 //!   probe.rs     periodic SMTP capability probe into the cache
 //!   stream.rs    TLS to backends (implicit / STARTTLS), CA or SHA-256 pin verification
 //! auth/        SPF/DKIM/DMARC/ARC via mail-auth: DNS cache bounded in bytes, query
@@ -70,7 +84,7 @@
 //!
 //! Layers, bottom to top (no module uses one above it; `tests/module_graph.rs`
 //! fails on any cycle): units, codec, observe, action, mail → transport →
-//! auth, backend → policy → config → tls → conn → smtp, pop3 → server → demo.
+//! auth, backend → policy → config → tls → conn → smtp, pop3, imap → server → demo.
 //! Metrics are counted at the edges (server, drivers) from the facts policy,
 //! auth and backend return (`Checked::hits`, `DnsFacts`, `connect_time`,
 //! `BackendError::OutOfStep`).
@@ -86,6 +100,7 @@ pub mod codec;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod imap;
 pub mod mail;
 pub mod observe;
 pub mod policy;

@@ -716,6 +716,7 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
     match l.protocol {
         Protocol::Smtp => crate::smtp::driver::run(tcp, peer, ctx).await,
         Protocol::Pop3 => crate::pop3::driver::run(tcp, peer, ctx).await,
+        Protocol::Imap => crate::imap::driver::run(tcp, peer, ctx).await,
     }
     drop(permit);
 }
@@ -737,5 +738,7 @@ fn refusal(protocol: Protocol, action: PolicyAction) -> Vec<u8> {
         (Protocol::Smtp, _) => crate::smtp::reply::too_many_connections().to_bytes(),
         (Protocol::Pop3, PolicyAction::Reject) => crate::pop3::reply::denied().to_bytes(),
         (Protocol::Pop3, _) => crate::pop3::reply::too_many_connections().to_bytes(),
+        (Protocol::Imap, PolicyAction::Reject) => crate::imap::reply::denied().to_bytes(),
+        (Protocol::Imap, _) => crate::imap::reply::too_many_connections().to_bytes(),
     }
 }

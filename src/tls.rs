@@ -117,12 +117,14 @@ pub fn server_config(pairs: &[(PathBuf, PathBuf)]) -> Result<Arc<ServerConfig>, 
     Ok(Arc::new(cfg))
 }
 
-/// The ALPN id of a listener's protocol. IANA registers `pop3` (RFC 2595);
-/// it has no id for SMTP, and `smtp` is the one a client would send.
+/// The ALPN id of a listener's protocol. IANA registers `pop3` and `imap`
+/// (RFC 2595, in the RFC 7301 registry); it has no id for SMTP, and `smtp`
+/// is the one a client would send.
 pub fn alpn_id(protocol: Protocol) -> &'static [u8] {
     match protocol {
         Protocol::Smtp => b"smtp",
         Protocol::Pop3 => b"pop3",
+        Protocol::Imap => b"imap",
     }
 }
 

@@ -19,7 +19,7 @@
 //! config                  YAML → the validated types the modules below own
 //! tls                     server TLS for the configured listeners
 //! conn                    the client-connection layer the protocols share
-//! smtp, pop3              the client-facing protocols (the edges: they count metrics)
+//! smtp, pop3, imap        the client-facing protocols (the edges: they count metrics)
 //! server                  listeners, runtime snapshots, reload (an edge too)
 //! demo                    the `demo` subcommand
 //! ```

@@ -126,6 +126,50 @@ impl Pop3Caps {
     }
 }
 
+/// What an IMAP backend announced (its `CAPABILITY` list, RFC 9051 §7.2.2),
+/// which decides how a login is replayed and whether it can be at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImapCaps {
+    pub imap4rev1: bool,
+    pub imap4rev2: bool,
+    pub auth_plain: bool,
+    /// SASL initial response in AUTHENTICATE (RFC 4959)
+    pub sasl_ir: bool,
+    /// non-synchronising literals of any size (RFC 7888)
+    pub literal_plus: bool,
+    /// non-synchronising literals up to 4096 octets (RFC 7888)
+    pub literal_minus: bool,
+    /// the ID command (RFC 2971), needed for `identity: [imap_id]`
+    pub id: bool,
+    /// LOGIN (and every plaintext mechanism) refused here
+    pub logindisabled: bool,
+    pub starttls: bool,
+    pub idle: bool,
+}
+
+impl ImapCaps {
+    /// Parses a capability list (`IMAP4rev1 SASL-IR AUTH=PLAIN …`), case-insensitively.
+    pub fn parse(list: &str) -> Self {
+        let mut c = ImapCaps::default();
+        for w in list.split_ascii_whitespace() {
+            match w.to_ascii_uppercase().as_str() {
+                "IMAP4REV1" => c.imap4rev1 = true,
+                "IMAP4REV2" => c.imap4rev2 = true,
+                "AUTH=PLAIN" => c.auth_plain = true,
+                "SASL-IR" => c.sasl_ir = true,
+                "LITERAL+" => c.literal_plus = true,
+                "LITERAL-" => c.literal_minus = true,
+                "ID" => c.id = true,
+                "LOGINDISABLED" => c.logindisabled = true,
+                "STARTTLS" => c.starttls = true,
+                "IDLE" => c.idle = true,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
 /// The last capabilities each backend announced, for both protocols.
 #[derive(Default)]
 pub struct CapsCache {
@@ -189,7 +233,22 @@ mod tests {
             proxy_v2: false,
             tls: None,
             identity_optional: false,
+            imap_id: false,
         }
+    }
+
+    #[test]
+    fn imap_capability_lists() {
+        let c = ImapCaps::parse(
+            "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ auth=plain AUTH=LOGIN",
+        );
+        assert!(c.imap4rev1 && !c.imap4rev2 && c.sasl_ir && c.id && c.idle);
+        assert!(c.literal_plus && !c.literal_minus && c.auth_plain);
+        assert!(!c.logindisabled && !c.starttls);
+        let d = ImapCaps::parse("imap4rev2 STARTTLS LOGINDISABLED LITERAL- AUTH=PLAINX");
+        assert!(d.imap4rev2 && d.starttls && d.logindisabled && d.literal_minus);
+        assert!(!d.auth_plain && !d.literal_plus);
+        assert_eq!(ImapCaps::parse(""), ImapCaps::default());
     }
 
     #[test]

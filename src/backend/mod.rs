@@ -4,6 +4,7 @@
 //! connect times) for the drivers to map to replies and count.
 
 pub mod caps;
+pub mod imap;
 pub mod pop3;
 pub mod probe;
 pub mod reply;
@@ -25,6 +26,9 @@ pub struct Backend {
     pub tls: Option<Arc<stream::BackendTls>>,
     /// Relay even when XCLIENT cannot be applied (explicit opt-out).
     pub identity_optional: bool,
+    /// Dovecot's `ID` with the client's address before an IMAP login
+    /// (`identity: [imap_id]`); IMAP backends only.
+    pub imap_id: bool,
 }
 
 /// A listener's deadlines for its backend (`timeouts.backend_connect`,

@@ -497,6 +497,7 @@ mod tests {
             proxy_v2: false,
             tls: None,
             identity_optional: false,
+            imap_id: false,
         };
         let t = Deadlines {
             connect: Duration::from_secs(5),

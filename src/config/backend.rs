@@ -34,6 +34,18 @@ pub(super) fn build_backend(
             ));
         }
     }
+    let has = |m: IdentityMethod| b.identity.as_ref().is_some_and(|v| v.contains(&m));
+    let imap_id = has(IdentityMethod::ImapId);
+    // one backend address speaks one protocol: XCLIENT is SMTP's, ID IMAP's
+    if imap_id && has(IdentityMethod::Xclient) {
+        return Err(s.err(
+            &["backends", name, "identity"],
+            format!(
+                "backends.{name}.identity: imap_id (IMAP backends) and xclient (SMTP backends) \
+                 cannot both apply to one backend"
+            ),
+        ));
+    }
     let tls = match b.tls {
         None | Some(BackendTlsFile::None) => None,
         Some(mode) => {
@@ -85,5 +97,31 @@ pub(super) fn build_backend(
             .as_ref()
             .is_some_and(|v| v.contains(&IdentityMethod::ProxyV2)),
         identity_optional: b.identity_optional.unwrap_or(defaults::IDENTITY_OPTIONAL),
+        imap_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::fixtures::*;
+
+    const IMAP_ID: &str = "backends:\n  a: { address: \"127.0.0.1:1\", identity: [imap_id] }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a }\n";
+
+    /// `identity: [imap_id]` is read, shown by `check`, and cannot be
+    /// combined with SMTP's XCLIENT on one backend.
+    #[test]
+    fn imap_id_identity() {
+        let c = load_str("i.yaml", IMAP_ID).unwrap();
+        assert!(c.listeners[0].backend.imap_id && !c.listeners[0].backend.xclient);
+        let s = c.summary();
+        assert!(s.contains("identity=[imap_id, received]"), "{s}");
+        assert!(s.contains("IMAP backends only"), "{s}");
+        let e = err(&IMAP_ID.replace("[imap_id]", "[imap_id, xclient]"));
+        assert!(
+            e.starts_with("bad.yaml:2:") && e.contains("backends.a.identity"),
+            "{e}"
+        );
+        let plain = load_str("p.yaml", &IMAP_ID.replace("[imap_id]", "[received]")).unwrap();
+        assert!(!plain.listeners[0].backend.imap_id);
+    }
 }

@@ -25,6 +25,8 @@ pub const MAX_ERRORS: u32 = 10;
 pub const BARE_NEWLINES: BareNewlines = BareNewlines::Reject;
 /// RFC 5321 §4.5.3.1.4
 pub const MAX_COMMAND_LINE: usize = 512;
+/// IMAP listeners: RFC 7162 §4 asks servers for at least 8192 octets.
+pub const IMAP_MAX_COMMAND_LINE: usize = 8192;
 /// RFC 5321 §4.5.3.1.6
 pub const MAX_TEXT_LINE: usize = 1000;
 pub const AUTH: AuthMode = AuthMode::None;
@@ -49,6 +51,8 @@ pub mod timeouts {
     pub const BACKEND_REPLY: Duration = secs(300);
     pub const BACKEND_DATA: Duration = secs(600);
     pub const IDLE: Duration = secs(600);
+    /// IMAP listeners: RFC 3501 §5.4's autologout timer of at least 30 minutes.
+    pub const IMAP_IDLE: Duration = secs(1800);
 }
 
 // backends:

@@ -60,6 +60,10 @@ pub enum IdentityMethod {
     ProxyV2,
     /// The `Received:` trace header (always added).
     Received,
+    /// IMAP backends: Dovecot's `ID ("x-originating-ip" …)` before the login
+    /// (honoured from Dovecot's `login_trusted_networks`); the session gets a
+    /// temporary error when the backend does not offer ID or refuses it.
+    ImapId,
 }
 
 /// Process-wide settings.
@@ -80,6 +84,7 @@ pub struct ServerFile {
 pub enum Protocol {
     Smtp,
     Pop3,
+    Imap,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -122,7 +127,8 @@ pub struct ListenerFile {
     pub hostname: Option<String>,
     /// Concurrent connections; more are answered 421 / -ERR and closed.
     pub max_connections: Option<usize>,
-    /// SMTP: SIZE limit advertised and enforced (552 5.3.4).
+    /// SMTP: SIZE limit advertised and enforced (552 5.3.4). IMAP: the largest
+    /// APPEND literal (`NO [TOOBIG]` beyond it).
     pub max_message_size: Option<ByteSize>,
     /// SMTP: recipients per message (452 4.5.3 beyond it).
     pub max_recipients: Option<usize>,
@@ -130,19 +136,20 @@ pub struct ListenerFile {
     pub max_errors: Option<u32>,
     /// SMTP: `reject` or `normalize` bare CR / bare LF in messages.
     pub bare_newlines: Option<BareNewlines>,
-    /// Longest command line including CRLF (RFC 5321: 512).
+    /// Longest command line including CRLF (RFC 5321: 512; IMAP: 8192, RFC 7162 §4,
+    /// which also bounds each IMAP literal other than an APPEND's message).
     pub max_command_line: Option<usize>,
     /// Longest message text line including CRLF (RFC 5321: 1000).
     pub max_text_line: Option<usize>,
     /// POP3: offer APOP (the backend is then contacted before login for its timestamp).
     pub apop: Option<bool>,
-    /// POP3 and SMTP AUTH: failed logins per session before the session is closed.
+    /// POP3, IMAP and SMTP AUTH: failed logins per session before the session is closed.
     pub max_login_failures: Option<u32>,
     /// Accept connections through a TCP load balancer that sends PROXY headers.
     pub proxy_protocol: Option<ProxyProtocolFile>,
     /// SMTP: `none`, `optional` or `required` AUTH (PLAIN, LOGIN; only over TLS).
     pub auth: Option<AuthMode>,
-    /// POP3 and SMTP AUTH: pause after each failed login.
+    /// POP3, IMAP and SMTP AUTH: pause after each failed login.
     pub login_failure_delay: Option<Secs>,
     #[serde(default)]
     pub timeouts: TimeoutsFile,
@@ -168,6 +175,8 @@ pub struct TimeoutsFile {
     pub backend_connect: Option<Secs>,
     pub backend_reply: Option<Secs>,
     pub backend_data: Option<Secs>,
+    /// After login: no traffic either way for this long ends the session
+    /// (POP3 and IMAP; IMAP default 30m, and at least 29m while in IDLE).
     pub idle: Option<Secs>,
 }
 

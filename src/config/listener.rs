@@ -21,7 +21,7 @@ pub struct Timeouts {
     pub session: Duration,
     /// `backend_connect`, `backend_reply`, `backend_data`.
     pub backend: Deadlines,
-    /// POP3 transaction state (byte pipe) idle time.
+    /// After login (POP3 transaction state, IMAP authenticated state): idle time.
     pub idle: Duration,
 }
 
@@ -117,7 +117,7 @@ pub(super) fn build_listener(
         return Err(s.err(&[name, "auth"], format!(
             "listeners.{name}.auth applies to smtp listeners with tls: starttls or implicit (credentials only over TLS)")));
     }
-    if l.protocol == Protocol::Pop3
+    if matches!(l.protocol, Protocol::Pop3 | Protocol::Imap)
         && backend
             .tls
             .as_ref()
@@ -143,8 +143,9 @@ pub(super) fn build_listener(
         }
         (TlsMode::Implicit, _, _) => true,
         (_, Some(v), _) => v,
-        // RFC 8314 / DESIGN §4: no POP3 login before TLS unless explicitly allowed
-        (TlsMode::Starttls, None, Protocol::Pop3) => true,
+        // RFC 8314 / DESIGN §4: no POP3 or IMAP login before TLS unless
+        // explicitly allowed
+        (TlsMode::Starttls, None, Protocol::Pop3 | Protocol::Imap) => true,
         (_, None, _) => false,
     };
     if l.apop == Some(true) && l.protocol != Protocol::Pop3 {
@@ -223,7 +224,11 @@ pub(super) fn build_listener(
         bare_newlines: l.bare_newlines.unwrap_or(defaults::BARE_NEWLINES),
         max_command_line: checked(
             l.max_command_line,
-            defaults::MAX_COMMAND_LINE,
+            if l.protocol == Protocol::Imap {
+                defaults::IMAP_MAX_COMMAND_LINE
+            } else {
+                defaults::MAX_COMMAND_LINE
+            },
             512,
             65536,
             "max_command_line",
@@ -257,7 +262,14 @@ pub(super) fn build_listener(
                 reply: d(t.backend_reply, deft::BACKEND_REPLY),
                 data: d(t.backend_data, deft::BACKEND_DATA),
             },
-            idle: d(t.idle, deft::IDLE),
+            idle: d(
+                t.idle,
+                if l.protocol == Protocol::Imap {
+                    deft::IMAP_IDLE
+                } else {
+                    deft::IDLE
+                },
+            ),
         },
         max_transactions: checked(
             l.max_transactions.map(|v| v as usize),
@@ -318,6 +330,29 @@ mod tests {
     fn pop3_starttls_requires_tls_by_default() {
         let c = load_str("p.yaml", "tls: { certificates: [ { cert: c, key: k } ] }\nbackends:\n  p: { address: \"127.0.0.1:110\" }\nlisteners:\n  - { name: pop, protocol: pop3, bind: \"127.0.0.1:1110\", tls: starttls, backend: p }\n").unwrap();
         assert!(c.listeners[0].require_tls);
+    }
+
+    #[test]
+    fn imap_listeners_default_to_require_tls_and_imap_bounds() {
+        let base = "tls: { certificates: [ { cert: c, key: k } ] }\nbackends:\n  i: { address: \"127.0.0.1:143\" }\nlisteners:\n  - { name: imap, protocol: imap, bind: \"127.0.0.1:1143\", tls: starttls, backend: i";
+        let c = load_str("i.yaml", &format!("{base} }}\n")).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.protocol, crate::config::Protocol::Imap);
+        assert!(l.require_tls);
+        assert_eq!(l.max_command_line, 8192);
+        assert_eq!(l.timeouts.idle, std::time::Duration::from_secs(1800));
+        let c = load_str(
+            "i.yaml",
+            &format!(
+                "{base}, require_tls: false, max_command_line: 1000, timeouts: {{ idle: 5m }} }}\n"
+            ),
+        )
+        .unwrap();
+        let l = &c.listeners[0];
+        assert!(!l.require_tls);
+        assert_eq!(l.max_command_line, 1000);
+        assert_eq!(l.timeouts.idle, std::time::Duration::from_secs(300));
+        assert!(err(&format!("{base}, apop: true }}\n")).contains("apop"));
     }
 
     #[test]

@@ -25,6 +25,7 @@ impl Config {
             let proto = match l.protocol {
                 Protocol::Smtp => "smtp",
                 Protocol::Pop3 => "pop3",
+                Protocol::Imap => "imap",
             };
             let tls = match l.tls {
                 TlsMode::None => "none",
@@ -45,13 +46,21 @@ impl Config {
             if b.proxy_v2 {
                 identity.push("proxy_v2");
             }
+            if b.imap_id {
+                identity.push("imap_id");
+            }
             identity.push("received");
             let _ = writeln!(
                 out,
-                "  identity=[{}]{}",
+                "  identity=[{}]{}{}",
                 identity.join(", "),
                 if b.identity_optional && b.xclient {
                     " identity_optional=true (relays without XCLIENT when it cannot be applied)"
+                } else {
+                    ""
+                },
+                if b.imap_id {
+                    " (imap_id: IMAP backends only; the login fails closed without ID)"
                 } else {
                     ""
                 }
@@ -79,6 +88,17 @@ impl Config {
                     out,
                     "  max_transactions={} max_login_failures={}",
                     l.max_transactions, l.max_login_failures
+                );
+            } else if l.protocol == Protocol::Imap {
+                let _ = writeln!(
+                    out,
+                    "  max_command_line={} max_message_size={} (APPEND) max_errors={}",
+                    l.max_command_line, l.max_message_size, l.max_errors
+                );
+                let _ = writeln!(
+                    out,
+                    "  max_login_failures={} login_failure_delay={:?} idle={:?} (at least 29m in IDLE)",
+                    l.max_login_failures, l.login_failure_delay, l.timeouts.idle
                 );
             } else {
                 let _ = writeln!(

@@ -151,6 +151,21 @@ impl Client {
         }
     }
 
+    /// The next `n` octets the client sends, whatever they hold (an IMAP
+    /// literal, whose size the protocol checked before asking): each read
+    /// waits up to `per_read`, never past the session lifetime.
+    pub async fn take(
+        &mut self,
+        session: &impl Replies,
+        n: usize,
+        per_read: Duration,
+    ) -> Result<BytesMut, End> {
+        while self.conn.buffered() < n {
+            self.fill(session, per_read).await?;
+        }
+        Ok(self.conn.rbuf_mut().split_to(n))
+    }
+
     /// STARTTLS / STLS (`command` names it in logs): the session's go-ahead
     /// `ready` is written, everything the client sent behind the command in
     /// plaintext is forgotten — never read as a command inside TLS

@@ -15,6 +15,7 @@
 pub mod client;
 pub mod inflight;
 pub mod login;
+pub mod sasl;
 
 use crate::backend::caps::CapsCache;
 use crate::config::Listener;

@@ -1,4 +1,4 @@
-//! Scripted backends: legacy SMTP and POP3 servers on loopback whose replies
+//! Scripted backends: legacy SMTP, POP3 and IMAP servers on loopback whose replies
 //! a test scripts, and which record what they received. Unscripted commands
 //! get a plain success; a test scripts only what its case is about.
 //!
@@ -27,8 +27,11 @@ pub struct Seen {
     pub raw: Vec<u8>,
     /// The PROXY v2 headers received ([`SmtpBackend::proxy`]).
     pub proxy: Vec<Vec<u8>>,
-    /// Messages it answered with its end-of-data reply (a 250 unless scripted).
+    /// Messages it answered with its end-of-data reply (a 250 unless
+    /// scripted); POP3 and IMAP: logins it accepted.
     pub accepted: usize,
+    /// IMAP: the literals received, in order.
+    pub literals: Vec<Vec<u8>>,
 }
 
 /// A running scripted backend.
@@ -58,6 +61,11 @@ impl Running {
 
     pub fn raw(&self) -> Vec<u8> {
         self.seen.lock().unwrap().raw.clone()
+    }
+
+    /// IMAP: the literals received, in order.
+    pub fn literals(&self) -> Vec<Vec<u8>> {
+        self.seen.lock().unwrap().literals.clone()
     }
 
     pub fn accepted(&self) -> usize {
@@ -524,5 +532,325 @@ pub async fn demo_pop3(mailbox: Arc<mailgate::demo::Mailbox>) -> String {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
     tokio::spawn(mailgate::demo::serve_pop3(l, mailbox));
+    addr
+}
+
+// ---------------------------------------------------------------- IMAP
+
+/// A scripted legacy IMAP server with one user. By default: the greeting
+/// `* OK [CAPABILITY <caps>] fake IMAP ready` (`{caps}` in a scripted
+/// greeting stands for the list), the capability list `IMAP4rev1
+/// AUTH=PLAIN SASL-IR ID`, user `alice` / password `secret`; it answers
+/// CAPABILITY, ID, LOGIN (quoted strings, atoms and literals, a `+` for each
+/// synchronising one), AUTHENTICATE PLAIN (with or without an initial
+/// response; `*` cancels), SELECT/EXAMINE, FETCH/UID FETCH of whole messages
+/// (`BODY[]` literals), LOGOUT (`* BYE` and a close), anything else `OK`.
+/// A scripted reply (by verb, or by the command line without its tag) is
+/// sent instead, with `{tag}` replaced by the command's tag. Logins that
+/// succeed are counted in [`Seen::accepted`]; literals are recorded in
+/// [`Seen::literals`].
+pub type ImapBackend = Scripted<Imap>;
+
+/// What IMAP adds to a [`Scripted`] backend.
+#[derive(Clone)]
+pub struct Imap {
+    caps: String,
+    user: String,
+    password: String,
+    messages: Vec<Vec<u8>>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Default for ImapBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ImapBackend {
+    pub fn new() -> Self {
+        Scripted::with(
+            "* OK [CAPABILITY {caps}] fake IMAP ready\r\n",
+            &[],
+            Imap {
+                caps: "IMAP4rev1 AUTH=PLAIN SASL-IR ID".into(),
+                user: "alice".into(),
+                password: "secret".into(),
+                messages: vec![b"Subject: one\r\n\r\nfirst\r\n".to_vec()],
+                tls: None,
+            },
+        )
+    }
+
+    /// The capability list (CAPABILITY, and `{caps}` in the greeting).
+    pub fn caps(mut self, list: &str) -> Self {
+        self.p.caps = list.into();
+        self
+    }
+
+    /// The one user and password it accepts.
+    pub fn user(mut self, user: &str, password: &str) -> Self {
+        self.p.user = user.into();
+        self.p.password = password.into();
+        self
+    }
+
+    /// The messages of INBOX (raw, CRLF).
+    pub fn messages(mut self, messages: Vec<Vec<u8>>) -> Self {
+        self.p.messages = messages;
+        self
+    }
+
+    /// Implicit TLS with `acc`.
+    pub fn implicit_tls(mut self, acc: TlsAcceptor) -> Self {
+        self.p.tls = Some(acc);
+        self
+    }
+
+    pub async fn start(self) -> Running {
+        let script = Arc::new(self);
+        serve(move |tcp, seen| {
+            let script = script.clone();
+            async move {
+                match &script.p.tls {
+                    Some(acc) => {
+                        let Ok(t) = acc.clone().accept(tcp).await else {
+                            return;
+                        };
+                        imap_session(Box::new(t), true, &script, &seen).await
+                    }
+                    None => imap_session(Box::new(tcp), false, &script, &seen).await,
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// One IMAP argument as the scripted backend read it.
+fn imap_args(segments: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<Vec<u8>> {
+    let mut args = Vec::new();
+    for (text, literal) in segments {
+        let mut i = 0;
+        let t = &text[..];
+        while i < t.len() {
+            match t[i] {
+                b' ' => i += 1,
+                b'"' => {
+                    let mut s = Vec::new();
+                    i += 1;
+                    while i < t.len() && t[i] != b'"' {
+                        if t[i] == b'\\' && i + 1 < t.len() {
+                            i += 1;
+                        }
+                        s.push(t[i]);
+                        i += 1;
+                    }
+                    i += 1;
+                    args.push(s);
+                }
+                b'{' if t[i..].ends_with(b"}") => break,
+                _ => {
+                    let start = i;
+                    while i < t.len() && t[i] != b' ' {
+                        i += 1;
+                    }
+                    args.push(t[start..i].to_vec());
+                }
+            }
+        }
+        if let Some(l) = literal {
+            args.push(l.clone());
+        }
+    }
+    args
+}
+
+/// The octet count of a `{n}` / `{n+}` literal ending `line`, and whether
+/// it is non-synchronising.
+fn imap_literal(line: &[u8]) -> Option<(usize, bool)> {
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|b| *b == b'{')?;
+    let digits = &inner[open + 1..];
+    let (digits, plus) = match digits.strip_suffix(b"+") {
+        Some(d) => (d, true),
+        None => (digits, false),
+    };
+    Some((std::str::from_utf8(digits).ok()?.parse().ok()?, plus))
+}
+
+async fn imap_session(tcp: Box<dyn Io>, tls: bool, script: &ImapBackend, seen: &Mutex<Seen>) {
+    let mut r = BufReader::new(tcp);
+    let caps = script.p.caps.clone();
+    let greeting = script.greeting.replace("{caps}", &caps);
+    if r.get_mut().write_all(greeting.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut raw = Vec::new();
+    loop {
+        // the command line, and the literals it carries
+        let Some((first, _)) = next_command(&mut r, &mut raw, seen, tls).await else {
+            return;
+        };
+        let (tag, rest) = first.split_once(' ').unwrap_or((&first, ""));
+        let tag = tag.to_string();
+        let mut segments = Vec::new();
+        let mut line = rest.as_bytes().to_vec();
+        loop {
+            let Some((n, plus)) = imap_literal(&line) else {
+                segments.push((line, None));
+                break;
+            };
+            if !plus && r.get_mut().write_all(b"+ go ahead\r\n").await.is_err() {
+                return;
+            }
+            let mut lit = vec![0u8; n];
+            if tokio::time::timeout(IDLE, r.read_exact(&mut lit))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            {
+                let mut s = seen.lock().unwrap();
+                s.raw.extend_from_slice(&lit);
+                s.literals.push(lit.clone());
+            }
+            segments.push((line, Some(lit)));
+            if !read_line(&mut r, &mut raw).await {
+                return;
+            }
+            let cont = String::from_utf8_lossy(&raw).trim_end().to_string();
+            {
+                let mut s = seen.lock().unwrap();
+                s.raw.extend_from_slice(&raw);
+                s.lines.push((tls, cont.clone()));
+            }
+            line = cont.into_bytes();
+        }
+        let command = String::from_utf8_lossy(&segments[0].0).to_string();
+        let mut args = imap_args(&segments);
+        let mut verb = String::from_utf8_lossy(args.first().map(|a| &a[..]).unwrap_or(b""))
+            .to_ascii_uppercase();
+        if !args.is_empty() {
+            args.remove(0);
+        }
+        if verb == "UID" && !args.is_empty() {
+            verb = format!(
+                "UID {}",
+                String::from_utf8_lossy(&args.remove(0)).to_ascii_uppercase()
+            );
+        }
+        let answer = match script.answer(&command, verb.split(' ').next_back().unwrap_or("")) {
+            Some(a) => a.replace("{tag}", &tag).into_bytes(),
+            None => match imap_answer(script, &tag, &verb, &args, &mut r, seen).await {
+                Some(a) => a,
+                None => return,
+            },
+        };
+        if (verb == "LOGIN" || verb == "AUTHENTICATE")
+            && answer.starts_with(format!("{tag} OK").as_bytes())
+        {
+            seen.lock().unwrap().accepted += 1;
+        }
+        if r.get_mut().write_all(&answer).await.is_err() || verb == "LOGOUT" {
+            return;
+        }
+    }
+}
+
+/// The default answer to one command (`None`: the connection is over).
+async fn imap_answer(
+    script: &ImapBackend,
+    tag: &str,
+    verb: &str,
+    args: &[Vec<u8>],
+    r: &mut BufReader<Box<dyn Io>>,
+    seen: &Mutex<Seen>,
+) -> Option<Vec<u8>> {
+    let p = &script.p;
+    let has = |c: &str| p.caps.split(' ').any(|x| x.eq_ignore_ascii_case(c));
+    let login = |user: &[u8], pass: &[u8]| {
+        if user == p.user.as_bytes() && pass == p.password.as_bytes() {
+            format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+        } else {
+            format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+        }
+    };
+    let a = match verb {
+        "CAPABILITY" => format!("* CAPABILITY {}\r\n{tag} OK done\r\n", p.caps),
+        "ID" if has("ID") => format!("* ID NIL\r\n{tag} OK ID completed\r\n"),
+        "ID" => format!("{tag} BAD unknown command\r\n"),
+        "LOGIN" if has("LOGINDISABLED") => format!("{tag} NO [PRIVACYREQUIRED] no\r\n"),
+        "LOGIN" if args.len() == 2 => login(&args[0], &args[1]),
+        "LOGIN" => format!("{tag} BAD arguments\r\n"),
+        "AUTHENTICATE" if !has("AUTH=PLAIN") => format!("{tag} NO unsupported mechanism\r\n"),
+        "AUTHENTICATE" => {
+            let response = match args.get(1) {
+                Some(ir) => ir.clone(),
+                None => {
+                    r.get_mut().write_all(b"+ \r\n").await.ok()?;
+                    let mut line = Vec::new();
+                    if !read_line(r, &mut line).await {
+                        return None;
+                    }
+                    line.truncate(line.trim_ascii_end().len());
+                    let mut s = seen.lock().unwrap();
+                    s.raw.extend_from_slice(&line);
+                    s.lines
+                        .push((false, String::from_utf8_lossy(&line).into_owned()));
+                    line
+                }
+            };
+            use base64::Engine as _;
+            match base64::engine::general_purpose::STANDARD.decode(&response) {
+                _ if response == b"*" => format!("{tag} BAD cancelled\r\n"),
+                Ok(d) => {
+                    let parts: Vec<&[u8]> = d.split(|b| *b == 0).collect();
+                    match parts[..] {
+                        [z, u, pw] if z.is_empty() || z == u => login(u, pw),
+                        _ => format!("{tag} NO [AUTHORIZATIONFAILED] no\r\n"),
+                    }
+                }
+                Err(_) => format!("{tag} BAD not base64\r\n"),
+            }
+        }
+        "SELECT" | "EXAMINE" => format!(
+            "* {} EXISTS\r\n* 0 RECENT\r\n* FLAGS (\\Seen)\r\n* OK [UIDVALIDITY 1] ok\r\n\
+             {tag} OK [{}] done\r\n",
+            p.messages.len(),
+            if verb == "SELECT" {
+                "READ-WRITE"
+            } else {
+                "READ-ONLY"
+            }
+        ),
+        "FETCH" | "UID FETCH" => {
+            let set = String::from_utf8_lossy(args.first().map(|a| &a[..]).unwrap_or(b""));
+            let mut out = Vec::new();
+            for (i, m) in p.messages.iter().enumerate() {
+                let n = i + 1;
+                if set == "1:*" || set.parse() == Ok(n) {
+                    out.extend_from_slice(
+                        format!("* {n} FETCH (UID {n} BODY[] {{{}}}\r\n", m.len()).as_bytes(),
+                    );
+                    out.extend_from_slice(m);
+                    out.extend_from_slice(b")\r\n");
+                }
+            }
+            out.extend_from_slice(format!("{tag} OK done\r\n").as_bytes());
+            return Some(out);
+        }
+        "LOGOUT" => format!("* BYE bye\r\n{tag} OK done\r\n"),
+        _ => format!("{tag} OK done\r\n"),
+    };
+    Some(a.into_bytes())
+}
+
+/// The library's demo IMAP maildrop serving `mailbox` on loopback: its address.
+pub async fn demo_imap(mailbox: Arc<mailgate::demo::Mailbox>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(mailgate::demo::serve_imap(l, mailbox));
     addr
 }

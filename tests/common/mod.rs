@@ -2,7 +2,7 @@
 //! 127.0.0.1 and every child process is killed by a Drop guard.
 //!
 //! - `smtp_client` / `pop3_client`: the test clients;
-//! - `backend`: scripted SMTP and POP3 backends that record what they got;
+//! - `backend`: scripted SMTP, POP3 and IMAP backends that record what they got;
 //! - `yaml`: the configuration builder (the real loader reads its text);
 //! - `dovecot`: a throwaway Dovecot (POP3 and IMAP) as the legacy backend;
 //! - `ports`, `tools`, `sink`: ports, external programs, smtp-sink.
@@ -20,7 +20,9 @@ pub mod smtp_client;
 mod tools;
 pub mod yaml;
 
-pub use backend::{demo_pop3, demo_smtp, Pop3Backend, Running, SmtpBackend};
+pub use backend::{
+    demo_imap, demo_pop3, demo_smtp, ImapBackend, Pop3Backend, Running, SmtpBackend,
+};
 pub use dovecot::{crlf, Dovecot, DovecotConf};
 pub use pop3_client::Pop3Client;
 pub use ports::*;
