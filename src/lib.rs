@@ -27,6 +27,8 @@
 //!                the wait for the next command, literal reads, the session-end log
 //!   login.rs     the login guard: policy check → backend login → bookkeeping → delay
 //!   sasl.rs      SASL PLAIN decoding and strict base64, for every protocol's login
+//!   pipe.rs      what the after-login relays share: activity clock and watchdog,
+//!                queued local answers, last words
 //!   inflight.rs  the process-wide budget for message bytes in memory (max_inflight_data)
 //! smtp/        the client-facing SMTP side
 //!   command.rs   command parser (sans-IO)

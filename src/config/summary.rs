@@ -184,4 +184,23 @@ mod tests {
         assert!(s.contains("max_inflight_data=536870912"), "{s}");
         assert!(s.contains("max_queries_per_session=500"), "{s}");
     }
+
+    #[test]
+    fn summary_shows_imap_listeners_and_their_bounds() {
+        let c = load_str(
+            "i.yaml",
+            "tls: { certificates: [ { cert: c, key: k } ] }\nbackends:\n  i: { address: \"127.0.0.1:143\" }\nlisteners:\n  - { name: imap, protocol: imap, bind: \"127.0.0.1:143\", tls: starttls, backend: i }\n",
+        )
+        .unwrap();
+        let s = c.summary();
+        assert!(
+            s.contains("listener imap imap on 127.0.0.1:143 tls=starttls require_tls=true"),
+            "{s}"
+        );
+        assert!(
+            s.contains("max_command_line=8192 max_message_size=26214400 (APPEND)"),
+            "{s}"
+        );
+        assert!(s.contains("idle=1800s (at least 29m in IDLE)"), "{s}");
+    }
 }

@@ -2,19 +2,21 @@
 //! session loads at accept ([`SessionCtx`] over the listener's
 //! [`ListenerRuntime`]), the client stream with implicit TLS, STARTTLS, the
 //! wait for the next command and the end-of-session log (`client.rs`), the
-//! login guard around a backend login (`login.rs`), and the process-wide
-//! in-flight message budget (`inflight.rs`).
+//! login guard around a backend login (`login.rs`), SASL PLAIN (`sasl.rs`),
+//! the pieces the after-login relays share (`pipe.rs`), and the
+//! process-wide in-flight message budget (`inflight.rs`).
 //!
 //! The layer sends no reply of its own: where it ends a wait (timeout,
 //! session lifetime, shutdown) it writes what the protocol's session decided
 //! ([`Replies`]); where a login is refused it asks the session
 //! ([`login::Login`]). `server.rs` builds the context and calls the drivers;
-//! the drivers (`smtp/driver.rs`, `pop3/driver.rs`) depend on this layer,
+//! the drivers (`smtp/driver.rs`, `pop3/driver.rs`, `imap/driver.rs`) depend on this layer,
 //! never on `server.rs`.
 
 pub mod client;
 pub mod inflight;
 pub mod login;
+pub mod pipe;
 pub mod sasl;
 
 use crate::backend::caps::CapsCache;

@@ -14,8 +14,8 @@
 //! session's absolute deadline.
 
 use super::tracker::{Downstream, Event, Seen, Upstream};
+use crate::conn::pipe::{self, Activity, Expiry};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -28,8 +28,6 @@ pub const IDLE_MIN: Duration = Duration::from_secs(29 * 60);
 /// How long the backend may take to finish its answers after the client
 /// half-closed (e.g. LOGOUT then EOF).
 const DRAIN: Duration = Duration::from_secs(5);
-/// Writes of mailgate's own last words.
-const GOODBYE: Duration = Duration::from_secs(5);
 /// Local answers queued before the client's next read is waited for.
 const MAX_OUTSTANDING: usize = 256;
 
@@ -90,31 +88,20 @@ impl Shared {
     }
 }
 
-/// Writes the local answers (the stream is at a response boundary):
-/// `None` if there were none, else `Some(close)`.
+/// Writes the local answers (the stream is at a response boundary).
 async fn write_local<W: AsyncWrite + Unpin>(
     cw: &mut W,
     shared: &Mutex<Shared>,
     bytes_out: &mut u64,
 ) -> std::io::Result<Option<bool>> {
-    let mut wrote = None;
-    loop {
-        let next = shared
+    let next = || {
+        shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .local
-            .pop_front();
-        let Some((bytes, close)) = next else {
-            return Ok(wrote);
-        };
-        cw.write_all(&bytes).await?;
-        *bytes_out += bytes.len() as u64;
-        if close {
-            cw.flush().await?;
-            return Ok(Some(true));
-        }
-        wrote = Some(false);
-    }
+            .pop_front()
+    };
+    pipe::write_queued(cw, next, bytes_out).await
 }
 
 /// Relays until one side closes, the idle time passes without progress, or
@@ -135,12 +122,8 @@ where
 {
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut br, mut bw) = tokio::io::split(backend);
-    let start = Instant::now();
-    // milliseconds since `start` of the last progress in either direction
-    let activity = AtomicU64::new(0);
-    let touch = || {
-        activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    };
+    let activity = Activity::default();
+    let touch = || activity.touch();
     let shared = Mutex::new(Shared {
         up,
         down: Downstream::default(),
@@ -269,24 +252,18 @@ where
                 touch();
             }
         };
+        let idle = || {
+            if lock().up.idling() {
+                t.idle.max(IDLE_MIN)
+            } else {
+                t.idle
+            }
+        };
         let watchdog = async {
-            loop {
-                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                let idle = if lock().up.idling() {
-                    t.idle.max(IDLE_MIN)
-                } else {
-                    t.idle
-                };
-                let idle_at = start + last + idle;
-                let now = Instant::now();
-                if now >= t.deadline {
-                    return RelayEnd::SessionLimit;
-                }
-                if now >= idle_at {
-                    return RelayEnd::Idle;
-                }
-                // woken at least every `t.idle` to see an IDLE end
-                tokio::time::sleep_until(idle_at.min(t.deadline).min(now + t.idle)).await;
+            // woken at least every `t.idle` to see an IDLE end
+            match activity.watchdog(idle, t.idle, t.deadline).await {
+                Expiry::Idle => RelayEnd::Idle,
+                Expiry::SessionLimit => RelayEnd::SessionLimit,
             }
         };
         tokio::pin!(up, down, watchdog);
@@ -320,17 +297,9 @@ where
         RelayEnd::SessionLimit => Some(t.deadline_reply),
         _ => None,
     };
+    // never in the middle of a backend response
     let at_boundary = lock().down.at_boundary();
-    let _ = tokio::time::timeout(GOODBYE, async {
-        // never in the middle of a backend response
-        if let Some(w) = last_words.filter(|_| at_boundary) {
-            if cw.write_all(w).await.is_ok() {
-                down_bytes += w.len() as u64;
-            }
-        }
-        let _ = cw.shutdown().await;
-    })
-    .await;
+    pipe::goodbye(&mut cw, last_words.filter(|_| at_boundary), &mut down_bytes).await;
     let up = shared.into_inner().unwrap_or_else(|e| e.into_inner()).up;
     RelayStats {
         up: up_bytes,
@@ -430,6 +399,8 @@ mod tests {
         assert_eq!(read_n(&mut bp, 15).await, "hello\r\nb NOOP\r\n");
         assert_eq!(read_n(&mut cp, 6).await, "+ go\r\n");
         drop(cp);
+        // the client's close first, then the backend's (the drain ends)
+        tokio::time::sleep(Duration::from_millis(50)).await;
         drop(bp);
         let stats = task.await.unwrap();
         assert_eq!(stats.end, RelayEnd::ClientClosed);

@@ -10,7 +10,7 @@
 //! in either direction resets it), plus the session's absolute deadline.
 
 use super::transaction::{Responses, Step, Transaction};
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::conn::pipe::{self, Activity, Expiry};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -20,8 +20,6 @@ use tokio::time::Instant;
 /// How long the backend may take to finish its answers after the client
 /// half-closed (e.g. QUIT then EOF).
 const DRAIN: Duration = Duration::from_secs(5);
-/// Writes of mailgate's own last words.
-const GOODBYE: Duration = Duration::from_secs(5);
 /// Replies owed to a pipelining client before its next read is waited for
 /// (bounds the reply-order queue).
 const MAX_OUTSTANDING: usize = 256;
@@ -83,31 +81,20 @@ impl Shared {
     }
 }
 
-/// Writes the local answers due now: `None` if there were none, else
-/// `Some(close)`; a closing answer is flushed at once.
+/// Writes the local answers due now (nothing of the backend's before them).
 async fn write_due<W: AsyncWrite + Unpin>(
     cw: &mut W,
     shared: &Mutex<Shared>,
     bytes_out: &mut u64,
 ) -> std::io::Result<Option<bool>> {
-    let mut wrote = None;
-    loop {
-        let due = shared
+    let next = || {
+        shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .replies
-            .take_local();
-        let Some((bytes, close)) = due else {
-            return Ok(wrote);
-        };
-        cw.write_all(&bytes).await?;
-        *bytes_out += bytes.len() as u64;
-        if close {
-            cw.flush().await?;
-            return Ok(Some(true));
-        }
-        wrote = Some(false);
-    }
+            .take_local()
+    };
+    pipe::write_queued(cw, next, bytes_out).await
 }
 
 /// Pipes until one side closes, the idle time passes without progress, or
@@ -132,12 +119,8 @@ where
 {
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut br, mut bw) = tokio::io::split(backend);
-    let start = Instant::now();
-    // milliseconds since `start` of the last progress in either direction
-    let activity = AtomicU64::new(0);
-    let touch = || {
-        activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    };
+    let activity = Activity::default();
+    let touch = || activity.touch();
     let shared = Mutex::new(Shared {
         tx,
         replies: Responses::default(),
@@ -227,17 +210,9 @@ where
             }
         };
         let watchdog = async {
-            loop {
-                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                let idle_at = start + last + idle;
-                let now = Instant::now();
-                if now >= deadline {
-                    return PipeEnd::SessionLimit;
-                }
-                if now >= idle_at {
-                    return PipeEnd::Idle;
-                }
-                tokio::time::sleep_until(idle_at.min(deadline)).await;
+            match activity.watchdog(|| idle, idle, deadline).await {
+                Expiry::Idle => PipeEnd::Idle,
+                Expiry::SessionLimit => PipeEnd::SessionLimit,
             }
         };
         tokio::pin!(up, down, watchdog);
@@ -271,15 +246,7 @@ where
         PipeEnd::SessionLimit => Some(deadline_reply),
         _ => None,
     };
-    let _ = tokio::time::timeout(GOODBYE, async {
-        if let Some(w) = last_words {
-            if cw.write_all(w).await.is_ok() {
-                down_bytes += w.len() as u64;
-            }
-        }
-        let _ = cw.shutdown().await;
-    })
-    .await;
+    pipe::goodbye(&mut cw, last_words, &mut down_bytes).await;
     let tx = shared.into_inner().unwrap_or_else(|e| e.into_inner()).tx;
     PipeStats {
         up: up_bytes,

@@ -1,0 +1,171 @@
+//! What every protocol's after-login relay (`pop3/pipe.rs`, `imap/relay.rs`)
+//! shares: one activity clock for both directions and the watchdog over it
+//! (idle time, session deadline), the writer of mailgate's own queued
+//! answers between the backend's, and the last words before the close.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// Writes of mailgate's own last words.
+const GOODBYE: Duration = Duration::from_secs(5);
+
+/// The time of the last progress in either direction (both halves touch it).
+pub struct Activity {
+    start: Instant,
+    /// Milliseconds since `start`.
+    last: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Why the watchdog fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Nothing moved for the idle time.
+    Idle,
+    /// The session lifetime ran out.
+    SessionLimit,
+}
+
+impl Activity {
+    pub fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+
+    /// Returns once nothing moved for `idle()` (asked anew at each wake, at
+    /// least every `every`, so the protocol may change it — IMAP's IDLE),
+    /// or at `deadline`.
+    pub async fn watchdog(
+        &self,
+        idle: impl Fn() -> Duration,
+        every: Duration,
+        deadline: Instant,
+    ) -> Expiry {
+        loop {
+            let idle = idle();
+            let idle_at = self.last() + idle;
+            let now = Instant::now();
+            if now >= deadline {
+                return Expiry::SessionLimit;
+            }
+            if now >= idle_at {
+                return Expiry::Idle;
+            }
+            tokio::time::sleep_until(idle_at.min(deadline).min(now + every)).await;
+        }
+    }
+}
+
+/// Writes mailgate's own answers that are due now, as `next` hands them
+/// out (bytes, and whether the session closes after them): `None` if there
+/// were none, else `Some(close)`; a closing answer is flushed at once.
+pub async fn write_queued<W: AsyncWrite + Unpin>(
+    cw: &mut W,
+    mut next: impl FnMut() -> Option<(Vec<u8>, bool)>,
+    bytes_out: &mut u64,
+) -> std::io::Result<Option<bool>> {
+    let mut wrote = None;
+    while let Some((bytes, close)) = next() {
+        cw.write_all(&bytes).await?;
+        *bytes_out += bytes.len() as u64;
+        if close {
+            cw.flush().await?;
+            return Ok(Some(true));
+        }
+        wrote = Some(false);
+    }
+    Ok(wrote)
+}
+
+/// The client's half at the end: `words` (the idle or deadline answer)
+/// when there are any, then the close, briefly.
+pub async fn goodbye<W: AsyncWrite + Unpin>(cw: &mut W, words: Option<&[u8]>, bytes_out: &mut u64) {
+    let _ = tokio::time::timeout(GOODBYE, async {
+        if let Some(w) = words {
+            if cw.write_all(w).await.is_ok() {
+                *bytes_out += w.len() as u64;
+            }
+        }
+        let _ = cw.shutdown().await;
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn watchdog_follows_activity_and_a_changing_idle_time() {
+        let a = Activity::default();
+        let t = Instant::now();
+        let far = t + Duration::from_secs(3600);
+        assert_eq!(
+            a.watchdog(|| Duration::from_secs(10), Duration::from_secs(10), far)
+                .await,
+            Expiry::Idle
+        );
+        assert_eq!(t.elapsed(), Duration::from_secs(10));
+        a.touch();
+        let idle = std::sync::atomic::AtomicU64::new(60);
+        let w = a.watchdog(
+            || Duration::from_secs(idle.load(Ordering::Relaxed)),
+            Duration::from_secs(60),
+            far,
+        );
+        tokio::pin!(w);
+        // shortened while it sleeps: noticed at its next wake
+        tokio::select! {
+            _ = &mut w => panic!("too early"),
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        idle.store(1, Ordering::Relaxed);
+        assert_eq!(w.await, Expiry::Idle);
+        assert!(t.elapsed() <= Duration::from_secs(71));
+        assert_eq!(
+            a.watchdog(
+                || Duration::from_secs(3600),
+                Duration::from_secs(3600),
+                t + Duration::from_secs(100)
+            )
+            .await,
+            Expiry::SessionLimit
+        );
+    }
+
+    #[tokio::test]
+    async fn queued_answers_stop_at_a_closing_one() {
+        let mut out = Vec::new();
+        let mut q = vec![
+            (b"c\r\n".to_vec(), false),
+            (b"b\r\n".to_vec(), true),
+            (b"a\r\n".to_vec(), false),
+        ];
+        let mut n = 0;
+        assert_eq!(
+            write_queued(&mut out, || q.pop(), &mut n).await.unwrap(),
+            Some(true)
+        );
+        assert_eq!(out, b"a\r\nb\r\n");
+        assert_eq!(n, 6);
+        assert_eq!(
+            write_queued(&mut out, || q.pop(), &mut n).await.unwrap(),
+            Some(false)
+        );
+        assert_eq!(write_queued(&mut out, || None, &mut n).await.unwrap(), None);
+    }
+}
