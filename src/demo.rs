@@ -2,11 +2,11 @@
 //! **demo** legacy backend that keeps mail in memory. It exists so a newcomer
 //! sees the whole path work in seconds; it is not a mail server.
 //!
-//! Its two faces share one in-memory [`Mailbox`]: an SMTP server that stores
-//! what it receives, and a POP3 maildrop (RFC 1939, user `demo`, any
-//! password) that serves it, so the demo shows the whole loop: send with curl
-//! over STARTTLS, fetch with curl over POP3S. Both are also handy as scripted
-//! legacy servers in tests.
+//! Its three faces share one in-memory [`Mailbox`]: an SMTP server that
+//! stores what it receives, and a POP3 and an IMAP maildrop (user `demo`,
+//! any password) that serve it, so the demo shows the whole loop: send with
+//! curl over STARTTLS, fetch with curl over POP3S or IMAPS. All are also
+//! handy as scripted legacy servers in tests.
 
 use crate::codec::{CodecError, Conn};
 use std::net::SocketAddr;
@@ -406,20 +406,6 @@ fn imap_words(parts: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<Vec<u8>> {
     words
 }
 
-/// The `{n}` or `{n+}` literal a line ends with: its length, and whether it
-/// is non-synchronising.
-fn imap_literal(line: &[u8]) -> Option<(usize, bool)> {
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|b| *b == b'{')?;
-    let digits = &inner[open + 1..];
-    let (digits, plus) = match digits.strip_suffix(b"+") {
-        Some(d) => (d, true),
-        None => (digits, false),
-    };
-    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some((n, plus))
-}
-
 /// Whether message `n` (1-based) of `count` is in the sequence set `set`
 /// (`1`, `2:4`, `3:*`, `*`, comma-separated).
 fn in_set(set: &str, n: usize, count: usize) -> bool {
@@ -491,7 +477,9 @@ async fn imap_session(tcp: TcpStream, mailbox: Arc<Mailbox>) -> Result<(), Codec
         // the command line and the literals it carries
         let mut parts = Vec::new();
         let mut line = c.read_line(IMAP_MAX, LIMIT).await?.to_vec();
-        while let Some((n, plus)) = imap_literal(&line).filter(|(n, _)| *n <= IMAP_MAX) {
+        while let Some((n, plus)) =
+            crate::backend::imap::literal_at_end(&line).filter(|(n, _)| *n <= IMAP_MAX)
+        {
             if !plus {
                 c.queue(b"+ go ahead\r\n");
                 c.flush(LIMIT).await?;
@@ -626,6 +614,8 @@ pub struct DemoPorts {
     pub pop3: u16,
     /// POP3S (implicit TLS).
     pub pop3s: u16,
+    /// IMAPS (implicit TLS).
+    pub imaps: u16,
 }
 
 /// The demo's configuration: a real config file, written next to the certificate.
@@ -634,6 +624,7 @@ pub fn demo_config(
     ports: DemoPorts,
     smtp_backend: SocketAddr,
     pop3_backend: SocketAddr,
+    imap_backend: SocketAddr,
 ) -> String {
     format!(
         r#"# mailgate demo configuration (generated). The backend is the in-memory DEMO backend.
@@ -644,17 +635,28 @@ listeners:
   - {{ name: smtps, protocol: smtp, bind: "127.0.0.1:{smtps}", tls: implicit, backend: demo-smtp }}
   - {{ name: pop3, protocol: pop3, bind: "127.0.0.1:{pop3}", tls: starttls, backend: demo-pop3 }}
   - {{ name: pop3s, protocol: pop3, bind: "127.0.0.1:{pop3s}", tls: implicit, backend: demo-pop3 }}
+  - {{ name: imaps, protocol: imap, bind: "127.0.0.1:{imaps}", tls: implicit, backend: demo-imap }}
 tls:
   certificates: [ {{ cert: "{dir}/cert.pem", key: "{dir}/key.pem" }} ]
 backends:
   demo-smtp: {{ address: "{smtp_backend}" }}
   demo-pop3: {{ address: "{pop3_backend}" }}
+  demo-imap: {{ address: "{imap_backend}" }}
 "#,
         smtp = ports.smtp,
         smtps = ports.smtps,
         pop3 = ports.pop3,
         pop3s = ports.pop3s,
+        imaps = ports.imaps,
         dir = dir.display(),
+    )
+}
+
+/// The curl command that fetches message 1 over IMAPS (printed by `demo`).
+pub fn imaps_command(cert: &Path, port: u16) -> String {
+    format!(
+        "curl --cacert {} 'imaps://{DEMO_USER}:{DEMO_USER}@127.0.0.1:{port}/INBOX;UID=1'",
+        cert.display()
     )
 }
 
@@ -717,7 +719,10 @@ pub async fn run(dir: &Path, ports: DemoPorts) -> anyhow::Result<()> {
     let maildrop = TcpListener::bind("127.0.0.1:0").await?;
     let pop3_addr = maildrop.local_addr()?;
     tokio::spawn(serve_pop3(maildrop, mailbox.clone()));
-    let text = demo_config(dir, ports, smtp_addr, pop3_addr);
+    let imap_drop = TcpListener::bind("127.0.0.1:0").await?;
+    let imap_addr = imap_drop.local_addr()?;
+    tokio::spawn(serve_imap(imap_drop, mailbox.clone()));
+    let text = demo_config(dir, ports, smtp_addr, pop3_addr, imap_addr);
     let cfg_path = dir.join("mailgate-demo.yaml");
     crate::tls::write_fresh(&cfg_path, text.as_bytes(), 0o600)
         .with_context(|| format!("writing {}", cfg_path.display()))?;
@@ -734,8 +739,13 @@ pub async fn run(dir: &Path, ports: DemoPorts) -> anyhow::Result<()> {
         "  POP3S (implicit TLS)            127.0.0.1:{}",
         ports.pop3s
     );
+    println!(
+        "  IMAPS (implicit TLS)            127.0.0.1:{}",
+        ports.imaps
+    );
     println!("  demo SMTP backend (plaintext)   {smtp_addr}");
     println!("  demo POP3 maildrop (plaintext)  {pop3_addr}  user {DEMO_USER}, any password");
+    println!("  demo IMAP maildrop (plaintext)  {imap_addr}  user {DEMO_USER}, any password");
     println!(
         "  config {}  certificate {}",
         cfg_path.display(),
@@ -755,6 +765,9 @@ pub async fn run(dir: &Path, ports: DemoPorts) -> anyhow::Result<()> {
         cert.display(),
         ports.pop3s
     );
+    println!();
+    println!("Or over IMAPS (the message with UID 1 in INBOX):");
+    println!("  {}", imaps_command(&cert, ports.imaps));
     println!();
     println!("Press Ctrl-C to stop.");
     let mut seen = 0;

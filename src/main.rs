@@ -56,6 +56,9 @@ enum Cmd {
         /// POP3S (implicit TLS).
         #[arg(long, default_value_t = 9995)]
         pop3s_port: u16,
+        /// IMAPS (implicit TLS).
+        #[arg(long, default_value_t = 9993)]
+        imaps_port: u16,
     },
     /// Print the JSON Schema of the configuration and policy format (for editors).
     Schema,
@@ -148,6 +151,7 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             smtps_port,
             pop3_port,
             pop3s_port,
+            imaps_port,
         } => {
             init_logs(cli.log_format);
             let ports = mailgate::demo::DemoPorts {
@@ -155,6 +159,7 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 smtps: smtps_port,
                 pop3: pop3_port,
                 pop3s: pop3s_port,
+                imaps: imaps_port,
             };
             runtime()?.block_on(mailgate::demo::run(&dir, ports))?;
             Ok(std::process::ExitCode::SUCCESS)

@@ -556,6 +556,7 @@ fn run_demo(dir: &Path) -> (bool, bool, String) {
         .args(["--smtps-port", &common::free_port().to_string()])
         .args(["--pop3-port", &common::free_port().to_string()])
         .args(["--pop3s-port", &common::free_port().to_string()])
+        .args(["--imaps-port", &common::free_port().to_string()])
         .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(out_dir.path().join("demo.err")).unwrap())
         .spawn()

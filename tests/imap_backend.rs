@@ -541,3 +541,45 @@ async fn backend_client_logs_in_to_the_demo() {
     let r = c.login(&login("bob", "x")).await.unwrap();
     assert!(matches!(r, ImapLoginReply::Rejected(_)), "{r:?}");
 }
+
+/// The demo's own configuration (`demo_config`) with its IMAPS listener in
+/// front of the demo maildrop: the exact curl command `demo` prints fetches
+/// message 1 through mailgate, byte for byte as the maildrop serves it.
+#[test]
+fn demo_prints_an_imaps_command_that_works_through_mailgate() {
+    common::require_or_skip!("curl", "sh");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = common::dev_cert(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mailbox = demo_mailbox();
+    let ports = mailgate::demo::DemoPorts {
+        smtp: common::free_port(),
+        smtps: common::free_port(),
+        pop3: common::free_port(),
+        pop3s: common::free_port(),
+        imaps: common::free_port(),
+    };
+    let gw = rt.block_on(async {
+        let (_, smtp) = common::demo_smtp().await;
+        let pop3 = common::demo_pop3(mailbox.clone()).await;
+        let imap = common::demo_imap(mailbox.clone()).await;
+        let yaml = mailgate::demo::demo_config(
+            dir.path(),
+            ports,
+            smtp.parse().unwrap(),
+            pop3.parse().unwrap(),
+            imap.parse().unwrap(),
+        );
+        common::start(&yaml).await
+    });
+    let command = mailgate::demo::imaps_command(&cert, ports.imaps);
+    let (ok, out, err) = common::run_limited(
+        std::process::Command::new(common::tool("sh"))
+            .arg("-c")
+            .arg(&command),
+        Duration::from_secs(20),
+    );
+    assert!(ok, "{command}: {err}");
+    assert_eq!(out, "Subject: one\r\n\r\nfirst message\r\n", "{err}");
+    rt.block_on(gw.shutdown());
+}

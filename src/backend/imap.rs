@@ -15,7 +15,7 @@
 //! [`MAX_RESPONSE`] octets.
 
 use super::caps::ImapCaps;
-use super::stream::{BackendStream, BackendTlsMode};
+use super::stream::BackendStream;
 use super::{Backend, BackendError, ClientIdentity, Deadlines};
 use crate::codec::Conn;
 use base64::Engine as _;
@@ -131,17 +131,21 @@ fn status_word(w: &str) -> Option<Status> {
     }
 }
 
-/// The literal a line (without CRLF) announces at its end: `{n}`, `{n+}` or
-/// `~{n}` (RFC 3516 literal8).
-fn literal_len(line: &[u8]) -> Option<usize> {
+/// The literal a line (without CRLF) announces at its end: `{n}`, `{n+}`
+/// (non-synchronising: `true`) or `~{n}` (RFC 3516 literal8). Also read by
+/// the demo maildrop for commands.
+pub fn literal_at_end(line: &[u8]) -> Option<(usize, bool)> {
     let inner = line.strip_suffix(b"}")?;
     let open = inner.iter().rposition(|b| *b == b'{')?;
     let digits = &inner[open + 1..];
-    let digits = digits.strip_suffix(b"+").unwrap_or(digits);
+    let (digits, plus) = match digits.strip_suffix(b"+") {
+        Some(d) => (d, true),
+        None => (digits, false),
+    };
     if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    Some((std::str::from_utf8(digits).ok()?.parse().ok()?, plus))
 }
 
 /// Reads one response from the start of `buf`: `Ok(None)` while it is
@@ -168,8 +172,8 @@ pub fn parse_response(buf: &[u8], max: usize) -> Result<Option<(Response, usize)
         let mut line = &buf[pos..end - 1];
         line = line.strip_suffix(b"\r").unwrap_or(line);
         first.get_or_insert(line);
-        match literal_len(line) {
-            Some(n) => {
+        match literal_at_end(line) {
+            Some((n, _)) => {
                 literals = true;
                 if end + n > max {
                     return Err(too_long());
@@ -359,21 +363,10 @@ impl ImapBackend {
         id: Option<&ClientIdentity>,
     ) -> Result<ImapBackend, BackendError> {
         let started = Instant::now();
-        let mut tcp = super::connect(&backend.address, t.connect).await?;
-        if let (true, Some(id)) = (backend.proxy_v2, id) {
-            use tokio::io::AsyncWriteExt;
-            let header = crate::transport::proxy_v2_header(id.peer, id.local)
-                .map_err(|e| BackendError::Identity(e.to_string()))?;
-            tcp.write_all(&header)
-                .await
-                .map_err(|e| BackendError::Failed(format!("PROXY header: {e}")))?;
-        }
+        let tcp = super::connect_with_proxy(backend, t.connect, id).await?;
         let mut stream = BackendStream::Plain(tcp);
-        if let Some(tls) = backend
-            .tls
-            .as_ref()
-            .filter(|t| t.mode == BackendTlsMode::Implicit)
-        {
+        if let Some(tls) = &backend.tls {
+            // implicit TLS (IMAPS backends); STARTTLS to backends is refused by config
             stream = stream.upgrade(tls, t.connect).await?;
         }
         let mut b = ImapBackend {
@@ -388,28 +381,6 @@ impl ImapBackend {
             Some(c) => c,
             None => b.capability().await?,
         };
-        if let Some(tls) = backend
-            .tls
-            .as_ref()
-            .filter(|t| t.mode == BackendTlsMode::Starttls)
-        {
-            // fail closed: a backend configured for TLS never gets the
-            // session in plaintext
-            if !b.caps.starttls {
-                return Err(BackendError::Unavailable(
-                    "backend does not offer STARTTLS".into(),
-                ));
-            }
-            let (status, text) = b.simple("STARTTLS").await?;
-            if status != Status::Ok {
-                return Err(BackendError::Unavailable(format!("STARTTLS {text}")));
-            }
-            // anything sent after the OK is not trusted (RFC 9051 §11.1)
-            b.conn.discard_buffered();
-            let plain = std::mem::replace(&mut b.conn.stream, BackendStream::Detached);
-            b.conn.stream = plain.upgrade(tls, t.connect).await?;
-            b.caps = b.capability().await?;
-        }
         if b.caps.logindisabled {
             return Err(BackendError::Unavailable(
                 "backend announces LOGINDISABLED: the login cannot be replayed".into(),
@@ -756,11 +727,11 @@ mod tests {
         // a line without an end longer than the bound
         let long = vec![b'x'; MAX_RESPONSE + 1];
         assert!(parse_response(&long, MAX_RESPONSE).is_err());
-        assert_eq!(literal_len(b"x {12}"), Some(12));
-        assert_eq!(literal_len(b"x {12+}"), Some(12));
-        assert_eq!(literal_len(b"x ~{7}"), Some(7));
+        assert_eq!(literal_at_end(b"x {12}"), Some((12, false)));
+        assert_eq!(literal_at_end(b"x {12+}"), Some((12, true)));
+        assert_eq!(literal_at_end(b"x ~{7}"), Some((7, false)));
         for no in [&b"x {}"[..], b"x {a}", b"x 12}", b"x {99999999999}"] {
-            assert_eq!(literal_len(no), None, "{no:?}");
+            assert_eq!(literal_at_end(no), None, "{no:?}");
         }
     }
 

@@ -107,6 +107,27 @@ pub fn xtext(s: &str) -> String {
     out
 }
 
+/// Connects to `backend` and, where it is configured for PROXY v2 and the
+/// client is known (`id`), writes the header first: it belongs to the TCP
+/// connection, before any TLS, and is never partial (the backend would read
+/// garbage, or take the connection as coming from mailgate itself).
+pub async fn connect_with_proxy(
+    backend: &Backend,
+    deadline: std::time::Duration,
+    id: Option<&ClientIdentity>,
+) -> Result<tokio::net::TcpStream, BackendError> {
+    let mut tcp = connect(&backend.address, deadline).await?;
+    if let (true, Some(id)) = (backend.proxy_v2, id) {
+        use tokio::io::AsyncWriteExt;
+        let header = crate::transport::proxy_v2_header(id.peer, id.local)
+            .map_err(|e| BackendError::Identity(e.to_string()))?;
+        tcp.write_all(&header)
+            .await
+            .map_err(|e| BackendError::Failed(format!("PROXY header: {e}")))?;
+    }
+    Ok(tcp)
+}
+
 /// Connects with TCP_NODELAY under a deadline; `address` is `host:port`.
 pub async fn connect(
     address: &str,

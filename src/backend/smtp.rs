@@ -43,18 +43,7 @@ impl SmtpBackend {
         id: Option<&ClientIdentity>,
     ) -> Result<Self, BackendError> {
         let started = Instant::now();
-        let mut tcp = super::connect(&backend.address, t.connect).await?;
-        // PROXY v2 belongs to the TCP connection: before any TLS
-        if let (true, Some(id)) = (backend.proxy_v2, id) {
-            use tokio::io::AsyncWriteExt;
-            // never a partial header: the backend would read garbage, or
-            // take the connection as coming from mailgate itself
-            let header = crate::transport::proxy_v2_header(id.peer, id.local)
-                .map_err(|e| BackendError::Identity(e.to_string()))?;
-            tcp.write_all(&header)
-                .await
-                .map_err(|e| BackendError::Failed(format!("PROXY header: {e}")))?;
-        }
+        let tcp = super::connect_with_proxy(backend, t.connect, id).await?;
         let mut stream = BackendStream::Plain(tcp);
         if let Some(tls) = backend
             .tls

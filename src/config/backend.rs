@@ -1,7 +1,7 @@
 //! `backends:` entries → [`Backend`]: the address, EHLO name, how the client's
 //! identity is passed on, and TLS to the backend.
 
-use super::file::{BackendFile, BackendTlsFile, IdentityMethod};
+use super::file::{BackendFile, BackendTlsFile, IdentityMethod, Protocol};
 use super::load::{valid_hostname, Source};
 use super::{defaults, ConfigError};
 use crate::backend::stream::{client_config, BackendTls, BackendTlsMode};
@@ -101,11 +101,33 @@ pub(super) fn build_backend(
     })
 }
 
+/// What a listener's protocol can apply of its backend's identity methods:
+/// `imap_id` is IMAP's, so a listener of another protocol would silently
+/// not send it (refused instead).
+pub(super) fn check_for_listener(
+    s: &Source,
+    listener: &str,
+    protocol: Protocol,
+    backend_name: &str,
+    b: &Backend,
+) -> Result<(), ConfigError> {
+    if b.imap_id && protocol != Protocol::Imap {
+        return Err(s.err(
+            &["listeners", listener, backend_name],
+            format!(
+                "listeners.{listener}: backend {backend_name:?} has identity: [imap_id], \
+                 which applies to imap listeners only"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::fixtures::*;
 
-    const IMAP_ID: &str = "backends:\n  a: { address: \"127.0.0.1:1\", identity: [imap_id] }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a }\n";
+    const IMAP_ID: &str = "backends:\n  a: { address: \"127.0.0.1:1\", identity: [imap_id] }\nlisteners:\n  - { name: imap, protocol: imap, bind: \"127.0.0.1:143\", tls: none, backend: a }\n";
 
     /// `identity: [imap_id]` is read, shown by `check`, and cannot be
     /// combined with SMTP's XCLIENT on one backend.
@@ -123,5 +145,13 @@ mod tests {
         );
         let plain = load_str("p.yaml", &IMAP_ID.replace("[imap_id]", "[received]")).unwrap();
         assert!(!plain.listeners[0].backend.imap_id);
+        // only IMAP listeners send ID
+        for other in ["smtp", "pop3"] {
+            let e = err(&IMAP_ID.replace("protocol: imap", &format!("protocol: {other}")));
+            assert!(
+                e.starts_with("bad.yaml:4:") && e.contains("imap listeners only"),
+                "{other}: {e}"
+            );
+        }
     }
 }

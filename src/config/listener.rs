@@ -126,6 +126,7 @@ pub(super) fn build_listener(
         return Err(s.err(&[name, &l.backend], format!(
             "listeners.{name}: backend {:?} uses tls: starttls, which is supported for SMTP backends only (use implicit)", l.backend)));
     }
+    super::backend::check_for_listener(s, name, l.protocol, &l.backend, &backend)?;
     if let Some(h) = &l.hostname {
         if !valid_hostname(h) {
             return Err(s.err(
