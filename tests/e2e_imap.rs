@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::dovecot::chmod;
+use common::dovecot::fetchmail;
 use common::{crlf, require_or_skip, Dovecot, DovecotConf, Guard};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -287,7 +287,8 @@ fn real_clients_fetch_byte_identical_through_mailgate() {
         .collect();
     src.sort();
     for (name, port, tls) in [("starttls", imap, ""), ("ssl", imaps, "ssl")] {
-        let mut got = fetchmail(dir.path(), name, port, tls, ca);
+        let options = format!("folder INBOX,Archive\n  {tls}");
+        let mut got = fetchmail(dir.path(), name, "imap", port, &options, ca);
         assert_eq!(got.len(), want().len(), "fetchmail {name}: message count");
         got.retain(fetchmail_safe);
         got.sort();
@@ -380,52 +381,6 @@ fn fetch_literals(transcript: &[u8]) -> Vec<Vec<u8>> {
         rest = &rest[n..];
     }
     out
-}
-
-/// fetchmail's messages from `port`: `tls` `""` is STARTTLS, `"ssl"`
-/// implicit TLS (both TLS 1.2+, certificate checked against `ca`).
-fn fetchmail(dir: &Path, name: &str, port: u16, tls: &str, ca: &Path) -> Vec<Vec<u8>> {
-    let out = dir.join(format!("fetchmail-{name}"));
-    std::fs::create_dir_all(&out).unwrap();
-    let rc = dir.join(format!("fetchmailrc-{name}"));
-    std::fs::write(
-        &rc,
-        format!(
-            "set no syslog\nset invisible\n\
-             poll 127.0.0.1 service {port} protocol imap timeout 30\n  \
-             user \"alice\" password \"secret\" is \"alice\" here\n  \
-             folder INBOX,Archive\n  \
-             {tls} sslproto tls1.2+ sslcertck sslcommonname localhost sslcertfile \"{ca}\"\n  \
-             keep fetchall no rewrite mda \"cat > {out}/msg.$$\"\n",
-            ca = ca.display(),
-            out = out.display()
-        ),
-    )
-    .unwrap();
-    chmod(&rc, "0600");
-    let (ok, stdout, err) = run(
-        Command::new(common::tool("fetchmail"))
-            .arg("-f")
-            .arg(&rc)
-            .arg("--idfile")
-            .arg(dir.join(format!("fetchids-{name}")))
-            .arg("--pidfile")
-            .arg(dir.join(format!("fetchmail-{name}.pid")))
-            .arg("-v")
-            .env("HOME", dir),
-        dir,
-    );
-    assert!(
-        ok,
-        "fetchmail {name} failed:\n{}\n{err}",
-        String::from_utf8_lossy(&stdout)
-    );
-    let mut files: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
 /// Acceptance 1: a 5 MB APPEND (a synchronising literal) reads back

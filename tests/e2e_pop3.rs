@@ -14,7 +14,6 @@
 
 mod common;
 
-use common::dovecot::chmod;
 use common::{crlf, Dovecot, DovecotConf};
 use std::path::Path;
 use std::process::Command;
@@ -220,9 +219,8 @@ fn real_clients_through_mailgate_to_dovecot() {
         assert_same("openssl s_client -starttls pop3", &got, &want);
 
         // fetchmail, STLS and implicit SSL, certificate verified against our CA
-        let fetchmail = common::tool("fetchmail");
         for (name, port, ssl) in [("stls", stls, ""), ("ssl", pop3s, "ssl")] {
-            let got = fetch(&fetchmail, dir.path(), name, port, ssl, ca);
+            let got = common::dovecot::fetchmail(dir.path(), name, "pop3", port, ssl, ca);
             // fetchmail's MDA gets LF lines: the maildir source itself
             let mut got = got;
             got.sort();
@@ -262,49 +260,6 @@ fn split_retr(transcript: &[u8]) -> Vec<Vec<u8>> {
         out.push(body);
     }
     out
-}
-
-fn fetch(bin: &Path, dir: &Path, name: &str, port: u16, ssl: &str, ca: &Path) -> Vec<Vec<u8>> {
-    let out = dir.join(format!("fetchmail-{name}"));
-    std::fs::create_dir_all(&out).unwrap();
-    let rc = dir.join(format!("fetchmailrc-{name}"));
-    std::fs::write(
-        &rc,
-        format!(
-            "set no syslog\nset invisible\n\
-             poll 127.0.0.1 service {port} protocol pop3 timeout 30\n  \
-             user \"alice\" password \"secret\" is \"alice\" here\n  \
-             {ssl} sslproto tls1.2+ sslcertck sslcommonname localhost sslcertfile \"{ca}\"\n  \
-             keep fetchall no rewrite mda \"cat > {out}/msg.$$\"\n",
-            ca = ca.display(),
-            out = out.display()
-        ),
-    )
-    .unwrap();
-    chmod(&rc, "0600");
-    let (ok, stdout, err) = run(
-        Command::new(bin)
-            .arg("-f")
-            .arg(&rc)
-            .arg("--idfile")
-            .arg(dir.join(format!("fetchids-{name}")))
-            .arg("--pidfile")
-            .arg(dir.join(format!("fetchmail-{name}.pid")))
-            .arg("-v")
-            .env("HOME", dir),
-        dir,
-    );
-    assert!(
-        ok,
-        "fetchmail {name} failed:\n{}\n{err}",
-        String::from_utf8_lossy(&stdout)
-    );
-    let mut files: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! A throwaway Dovecot on loopback as the legacy backend of the end-to-end
 //! tests: plaintext POP3 and IMAP (`disable_plaintext_auth = no`), user
-//! alice (with the test's password) from a passwd-file, a Maildir whose messages the test wrote
-//! (so it knows their exact bytes), its own `base_dir`, log and rawlog in the
-//! test's directory. Needs root: Dovecot switches users (the mail processes
+//! alice (with the test's password) from a passwd-file, a Maildir whose
+//! messages the test wrote (so it knows their exact bytes), its own
+//! `base_dir`, log and rawlog in the test's directory; and fetchmail as
+//! alice's client. Needs root: Dovecot switches users (the mail processes
 //! run as uid 65534, which owns the Maildir).
 
 use std::path::{Path, PathBuf};
@@ -216,6 +217,62 @@ protocol imap {{
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// fetchmail as alice (password `secret`) against `port` speaking
+/// `protocol` (`pop3`, `imap`), TLS 1.2+ with the certificate checked against
+/// `ca`; `options`: more of the poll entry (`ssl` for implicit TLS, else
+/// STARTTLS; `folder …`). Every message as its MDA got it (LF lines), in the
+/// order they were written. `name` keeps the runs in `dir` apart.
+pub fn fetchmail(
+    dir: &Path,
+    name: &str,
+    protocol: &str,
+    port: u16,
+    options: &str,
+    ca: &Path,
+) -> Vec<Vec<u8>> {
+    let out = dir.join(format!("fetchmail-{name}"));
+    std::fs::create_dir_all(&out).unwrap();
+    let rc = dir.join(format!("fetchmailrc-{name}"));
+    std::fs::write(
+        &rc,
+        format!(
+            "set no syslog\nset invisible\n\
+             poll 127.0.0.1 service {port} protocol {protocol} timeout 30\n  \
+             user \"alice\" password \"secret\" is \"alice\" here\n  \
+             {options} sslproto tls1.2+ sslcertck sslcommonname localhost sslcertfile \"{ca}\"\n  \
+             keep fetchall no rewrite mda \"cat > {out}/msg.$$\"\n",
+            ca = ca.display(),
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    chmod(&rc, "0600");
+    let (ok, stdout, err) = super::run_to_files(
+        Command::new(super::tool("fetchmail"))
+            .arg("-f")
+            .arg(&rc)
+            .arg("--idfile")
+            .arg(dir.join(format!("fetchids-{name}")))
+            .arg("--pidfile")
+            .arg(dir.join(format!("fetchmail-{name}.pid")))
+            .arg("-v")
+            .env("HOME", dir),
+        dir,
+        Duration::from_secs(60),
+    );
+    assert!(
+        ok,
+        "fetchmail {name} failed:\n{}\n{err}",
+        String::from_utf8_lossy(&stdout)
+    );
+    let mut files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
 fn chown_mail(path: &Path) {
