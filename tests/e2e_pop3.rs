@@ -14,35 +14,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use common::{crlf, Dovecot, DovecotConf};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// Dovecot, stopped with SIGTERM (then SIGKILL) when dropped — also on panic.
-struct Dovecot {
-    port: u16,
-    log: PathBuf,
-    child: Child,
-}
-
-impl Drop for Dovecot {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        for _ in 0..40 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The messages put into alice's maildir (LF line ends, as maildirs keep them).
 fn source_messages() -> Vec<Vec<u8>> {
@@ -62,179 +39,21 @@ fn source_messages() -> Vec<Vec<u8>> {
     ]
 }
 
-fn crlf(m: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(m.len() + m.len() / 20);
-    for &b in m {
-        if b == b'\n' {
-            out.push(b'\r');
-        }
-        out.push(b);
-    }
-    out
-}
-
-fn chmod(path: &Path, mode: &str) {
-    assert!(Command::new("chmod")
-        .arg(mode)
-        .arg(path)
-        .status()
-        .unwrap()
-        .success());
-}
-
-/// A throwaway Dovecot on a free loopback port with user alice/secret.
+/// Dovecot in `dir` serving [`source_messages`] by POP3 (and IMAP).
 fn start_dovecot(dir: &Path) -> Dovecot {
-    let bin = common::tool("dovecot");
-    let port = common::free_port();
-    // dovecot's auth process runs as user dovecot and must read these
-    chmod(dir, "0755");
-    let home = dir.join("home/alice");
-    for sub in ["new", "cur", "tmp"] {
-        std::fs::create_dir_all(home.join("Maildir").join(sub)).unwrap();
-    }
-    for (i, m) in source_messages().iter().enumerate() {
-        std::fs::write(
-            home.join(format!(
-                "Maildir/new/{}.M{i}P1.mailgate-test",
-                1_700_000_000 + i
-            )),
-            m,
-        )
-        .unwrap();
-    }
-    // mail processes run as the user's uid: give the maildir to that uid
-    let (uid, gid) = if is_root() {
-        assert!(Command::new("chown")
-            .args(["-R", "65534:65534"])
-            .arg(dir.join("home"))
-            .status()
-            .unwrap()
-            .success());
-        (65534, 65534)
-    } else {
-        panic!("the Dovecot end-to-end test needs root (dovecot switches users); CI runs as root");
-    };
-    let users = dir.join("users");
-    std::fs::write(
-        &users,
-        format!("alice:secret:{uid}:{gid}::{}\n", home.display()),
+    Dovecot::start(
+        dir,
+        &DovecotConf {
+            password: "secret",
+            inbox: source_messages(),
+            folders: Vec::new(),
+            trusted_networks: None,
+        },
     )
-    .unwrap();
-    chmod(&users, "0644");
-    let d = dir.display();
-    for sub in ["run", "state", "rawlog"] {
-        std::fs::create_dir_all(dir.join(sub)).unwrap();
-    }
-    // the mail process (uid 65534) writes what it reads after login here
-    chmod(&dir.join("rawlog"), "0777");
-    let conf = dir.join("dovecot.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            r#"base_dir = {d}/run
-state_dir = {d}/state
-protocols = pop3
-listen = 127.0.0.1
-ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain
-log_path = {d}/dovecot.log
-mail_location = maildir:~/Maildir
-rawlog_dir = {d}/rawlog
-first_valid_uid = 1
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {d}/users
-}}
-userdb {{
-  driver = passwd-file
-  args = username_format=%u {d}/users
-}}
-service pop3-login {{
-  inet_listener pop3 {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-  inet_listener pop3s {{
-    port = 0
-  }}
-}}
-protocol pop3 {{
-  pop3_uidl_format = %08Xu%08Xv
-}}
-"#
-        ),
-    )
-    .unwrap();
-    let child = Command::new(bin)
-        .arg("-F")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start dovecot");
-    let dovecot = Dovecot {
-        port,
-        log: dir.join("dovecot.log"),
-        child,
-    };
-    common::wait_port(port);
-    // wait_port's probe connection is logged asynchronously; let it land so
-    // later log comparisons only see what the test itself caused
-    for _ in 0..100 {
-        let log = std::fs::read_to_string(&dovecot.log).unwrap_or_default();
-        if log.contains("Disconnected") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    dovecot
 }
 
-/// Like `common::run_limited`, but output goes to files, so a client that
-/// prints more than a pipe buffer cannot block (the message hex dumps do).
 fn run(cmd: &mut Command, dir: &Path) -> (bool, Vec<u8>, String) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let (out, err) = (
-        dir.join(format!("run-{n}.out")),
-        dir.join(format!("run-{n}.err")),
-    );
-    let mut child = cmd
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let read =
-        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
-    (
-        status.success(),
-        std::fs::read(&out).unwrap_or_default(),
-        read(&err),
-    )
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0")
+    common::run_to_files(cmd, dir, LIMIT)
 }
 
 /// Listeners `pop3` (STLS) and `pop3s` (implicit TLS), each with `extra`,
@@ -400,9 +219,8 @@ fn real_clients_through_mailgate_to_dovecot() {
         assert_same("openssl s_client -starttls pop3", &got, &want);
 
         // fetchmail, STLS and implicit SSL, certificate verified against our CA
-        let fetchmail = common::tool("fetchmail");
         for (name, port, ssl) in [("stls", stls, ""), ("ssl", pop3s, "ssl")] {
-            let got = fetch(&fetchmail, dir.path(), name, port, ssl, ca);
+            let got = common::dovecot::fetchmail(dir.path(), name, "pop3", port, ssl, ca);
             // fetchmail's MDA gets LF lines: the maildir source itself
             let mut got = got;
             got.sort();
@@ -442,49 +260,6 @@ fn split_retr(transcript: &[u8]) -> Vec<Vec<u8>> {
         out.push(body);
     }
     out
-}
-
-fn fetch(bin: &Path, dir: &Path, name: &str, port: u16, ssl: &str, ca: &Path) -> Vec<Vec<u8>> {
-    let out = dir.join(format!("fetchmail-{name}"));
-    std::fs::create_dir_all(&out).unwrap();
-    let rc = dir.join(format!("fetchmailrc-{name}"));
-    std::fs::write(
-        &rc,
-        format!(
-            "set no syslog\nset invisible\n\
-             poll 127.0.0.1 service {port} protocol pop3 timeout 30\n  \
-             user \"alice\" password \"secret\" is \"alice\" here\n  \
-             {ssl} sslproto tls1.2+ sslcertck sslcommonname localhost sslcertfile \"{ca}\"\n  \
-             keep fetchall no rewrite mda \"cat > {out}/msg.$$\"\n",
-            ca = ca.display(),
-            out = out.display()
-        ),
-    )
-    .unwrap();
-    chmod(&rc, "0600");
-    let (ok, stdout, err) = run(
-        Command::new(bin)
-            .arg("-f")
-            .arg(&rc)
-            .arg("--idfile")
-            .arg(dir.join(format!("fetchids-{name}")))
-            .arg("--pidfile")
-            .arg(dir.join(format!("fetchmail-{name}.pid")))
-            .arg("-v")
-            .env("HOME", dir),
-        dir,
-    );
-    assert!(
-        ok,
-        "fetchmail {name} failed:\n{}\n{err}",
-        String::from_utf8_lossy(&stdout)
-    );
-    let mut files: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! - `smtp_client` / `pop3_client`: the test clients;
 //! - `backend`: scripted SMTP, POP3 and IMAP backends that record what they got;
 //! - `yaml`: the configuration builder (the real loader reads its text);
+//! - `dovecot`: a throwaway Dovecot (POP3 and IMAP) as the legacy backend;
 //! - `ports`, `tools`, `sink`: ports, external programs, smtp-sink.
 //!
 //! The library paths tests use (`mailgate::server::Gateway`, …) are named
@@ -11,6 +12,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod backend;
+pub mod dovecot;
 pub mod pop3_client;
 mod ports;
 mod sink;
@@ -21,6 +23,7 @@ pub mod yaml;
 pub use backend::{
     demo_imap, demo_pop3, demo_smtp, ImapBackend, Pop3Backend, Running, SmtpBackend,
 };
+pub use dovecot::{crlf, Dovecot, DovecotConf};
 pub use pop3_client::Pop3Client;
 pub use ports::*;
 pub use sink::Sink;

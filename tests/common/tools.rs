@@ -117,3 +117,39 @@ pub fn run_limited(cmd: &mut Command, limit: Duration) -> (bool, String, String)
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Like [`run_limited`], but the output goes to files in `dir`, so that a
+/// client printing more than a pipe buffer cannot block (message hex dumps
+/// do); returns (status ok, stdout bytes, stderr).
+pub fn run_to_files(cmd: &mut Command, dir: &Path, limit: Duration) -> (bool, Vec<u8>, String) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let (out, err) = (
+        dir.join(format!("run-{n}.out")),
+        dir.join(format!("run-{n}.err")),
+    );
+    let mut child = cmd
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = String::from_utf8_lossy(&std::fs::read(&err).unwrap_or_default()).into_owned();
+    (
+        status.success(),
+        std::fs::read(&out).unwrap_or_default(),
+        err,
+    )
+}
