@@ -18,7 +18,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 if [ "${SMOKE:-0}" = 1 ]; then N=${1:-40}; C=${2:-4}; N1=${N1:-10}; REPS=${REPS:-1}
 else N=${1:-400}; C=${2:-4}; N1=${N1:-100}; REPS=${REPS:-2}; fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-for t in dovecot nginx python3 openssl bc pgrep; do command -v "$t" >/dev/null || { echo "missing: $t (bash .ci/run installs it)" >&2; exit 1; }; done
+for t in dovecot nginx python3 openssl bc pgrep; do command -v "$t" >/dev/null || { echo "missing: $t (bash .ci/run installs all but nginx: apt-get install nginx libnginx-mod-mail)" >&2; exit 1; }; done
 NGX_MOD=${NGX_MOD:-/usr/lib/nginx/modules/ngx_mail_module.so}
 [ -f "$NGX_MOD" ] || { echo "missing: $NGX_MOD (apt-get install libnginx-mod-mail)" >&2; exit 1; }
 
