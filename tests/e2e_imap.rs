@@ -136,7 +136,6 @@ fn assert_same(what: &str, got: &[(String, Vec<u8>)], want: &[(String, Vec<u8>)]
 struct Gw {
     ports: HashMap<String, u16>,
     ca: PathBuf,
-    log: PathBuf,
     _child: Guard,
 }
 
@@ -197,7 +196,6 @@ fn start_gateway(
     Gw {
         ports,
         ca,
-        log,
         _child: guard,
     }
 }

@@ -173,7 +173,11 @@ mod tests {
         let smtp = IMAP_ID
             .replace("[imap_id]", "[xclient]")
             .replace("protocol: imap", "protocol: smtp");
-        assert!(load_str("s.yaml", &smtp).unwrap().listeners[0].backend.xclient);
+        assert!(
+            load_str("s.yaml", &smtp).unwrap().listeners[0]
+                .backend
+                .xclient
+        );
         for other in ["pop3", "imap"] {
             let e = err(&smtp.replace("protocol: smtp", &format!("protocol: {other}")));
             assert!(

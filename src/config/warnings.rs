@@ -490,8 +490,16 @@ mod tests {
         let proxy = "proxy_protocol: { trusted: [\"10.0.0.0/8\"] }";
         for (protocol, methods, named) in [
             ("pop3", &["proxy_v2"][..], "identity: [proxy_v2]"),
-            ("imap", &["imap_id", "proxy_v2"][..], "[imap_id] or [proxy_v2]"),
-            ("smtp", &["xclient", "proxy_v2"][..], "[xclient] or [proxy_v2]"),
+            (
+                "imap",
+                &["imap_id", "proxy_v2"][..],
+                "[imap_id] or [proxy_v2]",
+            ),
+            (
+                "smtp",
+                &["xclient", "proxy_v2"][..],
+                "[xclient] or [proxy_v2]",
+            ),
         ] {
             let yaml = listener(&format!(
                 "protocol: {protocol}, tls: implicit, auth: required, {proxy}"
