@@ -974,3 +974,48 @@ async fn apop_prelogin_deadline_is_absolute() {
     let (_b, gb) = connect().await;
     assert!(gb.ends_with(TIMESTAMP), "{gb}");
 }
+
+/// A POP3 backend behind `identity: [proxy_v2]` gets a PROXY v2 header
+/// naming the client first on every connection: the login's and the APOP
+/// listener's early one (made before the greeting).
+#[tokio::test]
+async fn proxy_v2_backend_is_told_the_client() {
+    let be = common::Pop3Backend::new()
+        .capa(&["USER"])
+        .proxy()
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let gw = Yaml::new()
+        .listener("pop3s", "pop3", "implicit", "")
+        .listener("apop", "pop3", "implicit", "apop: true")
+        .certs(dir.path())
+        .backend("b", &be.addr, "identity: [proxy_v2, received]")
+        .start()
+        .await;
+    let header = |s: &TcpStream, listener: &str| {
+        let to = gw.addr(listener).unwrap();
+        mailgate::transport::proxy_v2_header(s.local_addr().unwrap(), to).unwrap()
+    };
+    for (src, listener) in [("127.0.0.7", "pop3s"), ("127.0.0.8", "apop")] {
+        let s = common::connect_from(src, gw.addr(listener).unwrap()).await;
+        let expected = header(&s, listener);
+        let mut c = Pop3Client::new(s).tls(&ca).await;
+        c.ok().await;
+        assert!(c.cmd("USER alice").await.starts_with("+OK"));
+        let r = c.cmd("PASS secret").await;
+        assert!(r.starts_with("+OK"), "{listener}: {r}");
+        let seen = be.seen.lock().unwrap();
+        assert!(
+            seen.proxy.contains(&expected),
+            "{listener}: the backend is told {src}: {:?}",
+            seen.proxy
+        );
+        assert!(
+            seen.raw.starts_with(&seen.proxy[0]),
+            "the header comes first"
+        );
+    }
+    assert_eq!(be.connections(), 2, "one backend connection per session");
+}

@@ -11,7 +11,7 @@
 //! backend connection of their own) can reflect them.
 
 use super::caps::Pop3Caps;
-use super::{Backend, BackendError, Deadlines};
+use super::{Backend, BackendError, ClientIdentity, Deadlines};
 use crate::codec::Conn;
 use base64::Engine as _;
 use bytes::BytesMut;
@@ -120,8 +120,9 @@ pub enum LoginReply {
 
 /// One capability probe: connect, greeting, CAPA, QUIT.
 /// The caller caches the capabilities and counts the connect time.
+/// No client: like the SMTP probe (`probe.rs`), no PROXY v2 header.
 pub async fn probe(b: &Backend, t: &Deadlines) -> Option<(Pop3Caps, Duration)> {
-    match Pop3Backend::connect(b, t).await {
+    match Pop3Backend::connect(b, t, None).await {
         Ok(be) => {
             let found = (be.caps.clone(), be.connect_time);
             be.quit().await;
@@ -146,11 +147,17 @@ pub struct Pop3Backend {
 }
 
 impl Pop3Backend {
-    /// Connects, reads the greeting and learns the capabilities (CAPA; an
-    /// RFC 1939-only server's `-ERR` means USER/PASS only).
-    pub async fn connect(backend: &Backend, t: &Deadlines) -> Result<Self, BackendError> {
+    /// Connects (with a PROXY v2 header naming `id` where the backend is
+    /// configured for it; `id` is `None` for capability probes), reads the
+    /// greeting and learns the capabilities (CAPA; an RFC 1939-only server's
+    /// `-ERR` means USER/PASS only).
+    pub async fn connect(
+        backend: &Backend,
+        t: &Deadlines,
+        id: Option<&ClientIdentity>,
+    ) -> Result<Self, BackendError> {
         let started = Instant::now();
-        let tcp = super::connect(&backend.address, t.connect).await?;
+        let tcp = super::connect_with_proxy(backend, t.connect, id).await?;
         let mut stream = super::stream::BackendStream::Plain(tcp);
         if let Some(tls) = &backend.tls {
             // implicit TLS (POP3S backends); STLS to backends is refused by config

@@ -120,6 +120,17 @@ pub(super) fn check_for_listener(
             ),
         ));
     }
+    // XCLIENT is an SMTP command: a POP3 or IMAP backend never gets it, so
+    // accepting it there would drop the configured identity silently
+    if b.xclient && protocol != Protocol::Smtp {
+        return Err(s.err(
+            &["listeners", listener, backend_name],
+            format!(
+                "listeners.{listener}: backend {backend_name:?} has identity: [xclient], \
+                 which applies to smtp listeners only"
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -150,6 +161,30 @@ mod tests {
             let e = err(&IMAP_ID.replace("protocol: imap", &format!("protocol: {other}")));
             assert!(
                 e.starts_with("bad.yaml:4:") && e.contains("imap listeners only"),
+                "{other}: {e}"
+            );
+        }
+    }
+
+    /// `identity: [xclient]` is refused on a backend of a POP3 or IMAP
+    /// listener: nothing there would send XCLIENT.
+    #[test]
+    fn xclient_identity_on_smtp_listeners_only() {
+        let smtp = IMAP_ID
+            .replace("[imap_id]", "[xclient]")
+            .replace("protocol: imap", "protocol: smtp");
+        assert!(
+            load_str("s.yaml", &smtp).unwrap().listeners[0]
+                .backend
+                .xclient
+        );
+        for other in ["pop3", "imap"] {
+            let e = err(&smtp.replace("protocol: smtp", &format!("protocol: {other}")));
+            assert!(
+                e.starts_with("bad.yaml:4:")
+                    && e.contains("listeners.")
+                    && e.contains("identity: [xclient]")
+                    && e.contains("smtp listeners only"),
                 "{other}: {e}"
             );
         }

@@ -144,23 +144,36 @@ pub fn of(cfg: &Config, host: &Host) -> Vec<Warning> {
             );
         }
         if !smtp && !l.require_tls {
+            // one name per protocol: operators grep for the protocol they run
+            let name = match l.protocol {
+                Protocol::Imap => "imap-login-before-tls",
+                _ => "pop3-login-before-tls",
+            };
             w(
-                "pop3-login-before-tls",
+                name,
                 subject(),
                 "logins are accepted before TLS: passwords cross the network in plaintext \
                  (use tls: starttls with require_tls: true, or implicit)"
                     .into(),
             );
         }
-        if l.proxy_trusted.is_some() && !l.backend.xclient && !l.backend.proxy_v2 {
+        // what tells this backend the client, besides Received: (`backend.rs`
+        // allows xclient on SMTP and imap_id on IMAP listeners only)
+        let b = &l.backend;
+        if l.proxy_trusted.is_some() && !b.xclient && !b.proxy_v2 && !b.imap_id {
+            let methods = match l.protocol {
+                Protocol::Smtp => "[xclient] or [proxy_v2]",
+                Protocol::Imap => "[imap_id] or [proxy_v2]",
+                Protocol::Pop3 => "[proxy_v2]",
+            };
             w(
                 "identity-received-only-behind-proxy",
                 subject(),
                 format!(
                     "behind a PROXY balancer, backend {} learns the client only from the \
                      Received: header, which legacy servers do not use for their own checks \
-                     (set identity: [xclient] or [proxy_v2])",
-                    l.backend.name
+                     (set identity: {methods})",
+                    b.name
                 ),
             );
         }
@@ -454,20 +467,59 @@ mod tests {
         none_of(&listener("protocol: pop3, tls: starttls"), &site_host());
     }
 
+    /// IMAP listeners get their own name, never the POP3 one.
+    #[test]
+    fn imap_login_before_tls() {
+        for fields in [
+            "protocol: imap, tls: starttls, require_tls: false",
+            "protocol: imap, tls: none",
+        ] {
+            let yaml = listener(fields);
+            fires("imap-login-before-tls", &yaml, &site_host());
+            let c = load_str("w.yaml", &yaml).unwrap();
+            let ws = names(&of(&c, &site_host()));
+            assert!(!ws.contains(&"pop3-login-before-tls"), "{fields}: {ws:?}");
+        }
+        none_of(&listener("protocol: imap, tls: starttls"), &site_host());
+    }
+
+    /// Each protocol's real identity methods silence the warning; the
+    /// warning names the ones its protocol has.
     #[test]
     fn identity_received_only_behind_proxy() {
-        let yaml = listener(
-            "protocol: pop3, tls: implicit, proxy_protocol: { trusted: [\"10.0.0.0/8\"] }",
-        );
-        let w = fires("identity-received-only-behind-proxy", &yaml, &site_host());
-        assert!(w.why.contains("backend b"), "{w}");
-        for identity in ["xclient", "proxy_v2"] {
-            let with = yaml.replace(
-                "127.0.0.1:1\" }",
-                &format!("127.0.0.1:1\", identity: [{identity}] }}"),
-            );
-            assert_ne!(with, yaml);
-            none_of(&with, &site_host());
+        let proxy = "proxy_protocol: { trusted: [\"10.0.0.0/8\"] }";
+        for (protocol, methods, named) in [
+            ("pop3", &["proxy_v2"][..], "identity: [proxy_v2]"),
+            (
+                "imap",
+                &["imap_id", "proxy_v2"][..],
+                "[imap_id] or [proxy_v2]",
+            ),
+            (
+                "smtp",
+                &["xclient", "proxy_v2"][..],
+                "[xclient] or [proxy_v2]",
+            ),
+        ] {
+            let yaml = listener(&format!(
+                "protocol: {protocol}, tls: implicit, auth: required, {proxy}"
+            ));
+            let yaml = if protocol == "smtp" {
+                yaml
+            } else {
+                yaml.replace("auth: required, ", "")
+            };
+            let w = fires("identity-received-only-behind-proxy", &yaml, &site_host());
+            assert!(w.why.contains("backend b"), "{w}");
+            assert!(w.why.contains(named), "{protocol}: {w}");
+            for identity in methods {
+                let with = yaml.replace(
+                    "127.0.0.1:1\" }",
+                    &format!("127.0.0.1:1\", identity: [{identity}] }}"),
+                );
+                assert_ne!(with, yaml);
+                none_of(&with, &site_host());
+            }
         }
     }
 

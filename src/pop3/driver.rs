@@ -18,7 +18,7 @@ use super::transaction::Transaction;
 use crate::action::PolicyAction;
 use crate::backend::caps::Pop3Caps;
 use crate::backend::pop3::{self as backend, Login, LoginReply, Pop3Backend};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, ClientIdentity};
 use crate::config::TlsMode;
 use crate::conn::client::{session_end, Client, Line};
 use crate::conn::login::{self, Login as LoginAttempt, Replayed};
@@ -78,7 +78,8 @@ impl Driver {
                 client.close(&ctx).await;
                 return;
             };
-            match Pop3Backend::connect(&l.backend, &l.timeouts.backend).await {
+            let id = client_identity(peer, &ctx);
+            match Pop3Backend::connect(&l.backend, &l.timeouts.backend, Some(&id)).await {
                 Ok(b) => {
                     crate::observe::metrics()
                         .backend_connected(&l.backend.name, b.connect_time.as_secs_f64());
@@ -271,6 +272,7 @@ impl Driver {
             backend: &l.backend,
             deadlines: &l.timeouts.backend,
             caps: &self.ctx.caps,
+            id: client_identity(self.peer, &self.ctx),
             login,
         };
         let replayed = login::replay(
@@ -342,11 +344,23 @@ impl Driver {
     }
 }
 
+/// The client as the backend's PROXY v2 header names it: `peer` is the
+/// address after any PROXY header from a trusted proxy.
+fn client_identity(peer: SocketAddr, ctx: &SessionCtx) -> ClientIdentity {
+    ClientIdentity {
+        peer,
+        local: ctx.local,
+        helo: None,
+        esmtp: false,
+    }
+}
+
 /// One login as the backend client replays it (`conn/login.rs`).
 struct Replayer<'a> {
     backend: &'a crate::backend::Backend,
     deadlines: &'a crate::backend::Deadlines,
     caps: &'a crate::backend::caps::CapsCache,
+    id: ClientIdentity,
     login: &'a Login,
 }
 
@@ -356,7 +370,7 @@ impl login::Replay for Replayer<'_> {
 
     /// Counts a new backend connection and caches what it announced.
     async fn connect(&mut self) -> Result<Pop3Backend, BackendError> {
-        let b = Pop3Backend::connect(self.backend, self.deadlines).await?;
+        let b = Pop3Backend::connect(self.backend, self.deadlines, Some(&self.id)).await?;
         crate::observe::metrics()
             .backend_connected(&self.backend.name, b.connect_time.as_secs_f64());
         self.caps.set_pop3(self.backend, b.caps.clone());

@@ -422,6 +422,7 @@ pub type Pop3Backend = Scripted<Pop3>;
 pub struct Pop3 {
     capa: Vec<String>,
     tls: Option<TlsAcceptor>,
+    proxy: bool,
 }
 
 impl Default for Pop3Backend {
@@ -443,6 +444,7 @@ impl Pop3Backend {
             Pop3 {
                 capa: Vec::new(),
                 tls: None,
+                proxy: false,
             },
         )
     }
@@ -459,19 +461,29 @@ impl Pop3Backend {
         self
     }
 
+    /// Reads a PROXY v2 header as [`SmtpBackend::proxy`] does.
+    pub fn proxy(mut self) -> Self {
+        self.p.proxy = true;
+        self
+    }
+
     pub async fn start(self) -> Running {
         let script = Arc::new(self);
         serve(move |tcp, seen| {
             let script = script.clone();
             async move {
+                let mut r = BufReader::new(tcp);
+                if script.p.proxy {
+                    read_proxy(&mut r, &seen).await;
+                }
                 match &script.p.tls {
                     Some(acc) => {
-                        let Ok(t) = acc.clone().accept(tcp).await else {
+                        let Ok(t) = acc.clone().accept(r.into_inner()).await else {
                             return;
                         };
                         pop3_session(Box::new(t), &script, &seen).await
                     }
-                    None => pop3_session(Box::new(tcp), &script, &seen).await,
+                    None => pop3_session(Box::new(r), &script, &seen).await,
                 }
             }
         })
