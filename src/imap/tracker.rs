@@ -16,7 +16,7 @@
 //!   only where a response ends, and so that `+` and tagged responses reach
 //!   the upstream half. Literal octets are skipped by count, not scanned.
 
-use super::command::{literal_at_end, tag_and_verb, tag_of};
+use super::command::{literal_at_end, literal_placed, literal_syntax, tag_and_verb, tag_of};
 use super::reply::{self, Reply};
 
 /// Bytes kept of an overlong line's start (its tag) and end (its literal).
@@ -77,6 +77,9 @@ pub struct Upstream {
     cmd: Option<Cmd>,
     /// The tag of the IDLE in progress (RFC 2177).
     idle: Option<String>,
+    /// An IDLE forwarded whose `+` (or refusal) has not come yet: the next
+    /// `+` is its own, not a go-ahead for a literal sent after it.
+    idle_go: Option<String>,
     done: bool,
     /// Commands forwarded, for the session log line.
     pub commands: u32,
@@ -97,6 +100,7 @@ impl Upstream {
             tail: Vec::new(),
             cmd: None,
             idle: None,
+            idle_go: None,
             done: false,
             commands: 0,
             logout: false,
@@ -116,6 +120,11 @@ impl Upstream {
     /// The backend sent a `+` continuation request. True when that lets
     /// the client's literal through.
     pub fn continuation(&mut self) -> bool {
+        // the backend answers in order: an IDLE forwarded before the
+        // literal's command has its `+` first
+        if self.idle_go.take().is_some() {
+            return false;
+        }
         if let Up::AwaitGo { size, .. } = self.state {
             self.state = Up::Literal {
                 left: size,
@@ -134,6 +143,9 @@ impl Upstream {
     pub fn tagged(&mut self, tag: &str) -> bool {
         if self.idle.as_deref() == Some(tag) {
             self.idle = None;
+        }
+        if self.idle_go.as_deref() == Some(tag) {
+            self.idle_go = None;
         }
         if matches!(&self.state, Up::AwaitGo { tag: t, .. } if t == tag) {
             self.state = Up::Line;
@@ -234,7 +246,7 @@ impl Upstream {
             return None;
         }
         // anything else ends our view of the IDLE (the backend's BAD follows)
-        self.idle = None;
+        let idle = self.idle.take();
         let Some(line) = clean else {
             let tag = tag_of(&raw);
             return Some(self.error(reply::bad_bytes(tag.as_deref())));
@@ -267,6 +279,22 @@ impl Upstream {
             }
             _ => {}
         }
+        if lit.is_some() {
+            // never forwarded where the backend would not read a literal
+            let why = if !literal_placed(line) {
+                "a literal must follow a space or ("
+            } else if idle.is_some() || verb == "IDLE" {
+                // the backend reads the line after IDLE as its end, whole
+                self.idle = idle;
+                "IDLE is ended by DONE"
+            } else {
+                ""
+            };
+            if !why.is_empty() {
+                let e = self.error(reply::syntax(Some(&tag), why));
+                return Some(self.refused_literal(lit, false, e));
+            }
+        }
         let append = verb == "APPEND";
         if let Some(l) = lit {
             if l.size > self.bound(append, l.sync) {
@@ -276,7 +304,10 @@ impl Upstream {
         out.extend_from_slice(&raw);
         self.commands += 1;
         match verb.as_str() {
-            "IDLE" => self.idle = Some(tag.clone()),
+            "IDLE" => {
+                self.idle = Some(tag.clone());
+                self.idle_go = Some(tag.clone());
+            }
             "LOGOUT" => self.logout = true,
             _ => {}
         }
@@ -383,6 +414,10 @@ impl Upstream {
         };
         let lit = literal_at_end(line);
         if cmd.forward {
+            if lit.is_some() && !literal_placed(line) {
+                // part of it is at the backend already, read another way
+                return Some(self.close(reply::bye_command_broken()));
+            }
             if let Some(l) = lit {
                 if l.size > self.bound(cmd.append, l.sync) {
                     let r = if cmd.append {
@@ -466,6 +501,11 @@ pub struct Downstream {
     first: bool,
     /// The end of the current line (its literal announcement).
     tail: Vec<u8>,
+    /// The current line is inside a quoted string here (and after a `\`
+    /// in it): a `{n}` at its end is text then. Followed over the whole
+    /// line, since a string may start long before the kept tail.
+    quoted: bool,
+    escaped: bool,
 }
 
 impl Default for Downstream {
@@ -475,6 +515,8 @@ impl Default for Downstream {
             head: Vec::new(),
             first: true,
             tail: Vec::new(),
+            quoted: false,
+            escaped: false,
         }
     }
 }
@@ -496,6 +538,8 @@ impl Downstream {
                     self.head.clear();
                     self.tail.clear();
                     self.first = true;
+                    self.quoted = false;
+                    self.escaped = false;
                     self.state = Down::Line;
                 }
                 Down::Literal(left) => {
@@ -523,12 +567,17 @@ impl Downstream {
                     if self.tail.len() > TAIL {
                         self.tail.drain(..self.tail.len() - TAIL);
                     }
+                    self.follow_quotes(piece);
                     if !complete {
                         continue;
                     }
                     let end = self.tail.strip_suffix(b"\n").unwrap_or(&self.tail);
                     let end = end.strip_suffix(b"\r").unwrap_or(end);
-                    if let Some(l) = literal_at_end(end) {
+                    // resp-text (a status response's, a `+`'s) holds no literal
+                    let literal = !self.quoted && !(self.first && status_response(&self.head));
+                    self.quoted = false;
+                    self.escaped = false;
+                    if let Some((_, l)) = literal_syntax(end).filter(|_| literal) {
                         self.first = false;
                         self.tail.clear();
                         self.state = if l.size == 0 {
@@ -546,6 +595,18 @@ impl Downstream {
         (i, None)
     }
 
+    fn follow_quotes(&mut self, piece: &[u8]) {
+        for b in piece {
+            if self.escaped {
+                self.escaped = false;
+            } else if self.quoted && *b == b'\\' {
+                self.escaped = true;
+            } else if *b == b'"' {
+                self.quoted = !self.quoted;
+            }
+        }
+    }
+
     fn seen(&self) -> Seen {
         match self.head.first() {
             Some(b'+') => Seen::Continuation,
@@ -556,6 +617,24 @@ impl Downstream {
             },
         }
     }
+}
+
+/// Whether a response starting with `head` is a status response
+/// (`tag OK|NO|BAD`, `* OK|NO|BAD|BYE|PREAUTH`) or a continuation request.
+fn status_response(head: &[u8]) -> bool {
+    if head.first() == Some(&b'+') {
+        return true;
+    }
+    let Some(sp) = head.iter().position(|b| *b == b' ') else {
+        return false;
+    };
+    let rest = &head[sp + 1..];
+    let word = rest
+        .iter()
+        .position(|b| matches!(b, b' ' | b'\r' | b'\n'))
+        .map_or(rest, |e| &rest[..e]);
+    let is = |w: &[u8]| word.eq_ignore_ascii_case(w);
+    is(b"OK") || is(b"NO") || is(b"BAD") || (head[..sp] == *b"*" && (is(b"BYE") || is(b"PREAUTH")))
 }
 
 #[cfg(test)]
@@ -786,6 +865,122 @@ mod tests {
         let mut u = up();
         feed(&mut u, b"z LOGOUT\r\n");
         assert!(u.logout);
+    }
+
+    #[test]
+    fn the_plus_of_an_idle_does_not_release_a_later_literal() {
+        // IDLE, DONE and an APPEND the backend will refuse, in one write: the
+        // backend's `+ idling` must not let the APPEND's octets through, or
+        // after its `b NO [TRYCREATE]` they are a command to the backend
+        let mut u = up();
+        let (fwd, _, _) = feed(&mut u, b"a IDLE\r\nDONE\r\nb APPEND nosuch {20}\r\n");
+        assert_eq!(fwd, "a IDLE\r\nDONE\r\nb APPEND nosuch {20}\r\n");
+        assert!(u.waiting());
+        assert!(!u.continuation(), "the first `+` is the IDLE's");
+        assert!(u.waiting());
+        assert!(!u.tagged("a"));
+        assert!(u.tagged("b"));
+        let (fwd, ev, _) = feed(&mut u, b"x COMPRESS DEFLATE\r\n");
+        assert_eq!(fwd, "");
+        assert_eq!(ev.len(), 1);
+        // once the IDLE's `+` came, the next one is the literal's
+        let mut u = up();
+        feed(&mut u, b"a IDLE\r\n");
+        assert!(!u.continuation());
+        feed(&mut u, b"DONE\r\nb APPEND x {3}\r\n");
+        assert!(u.continuation());
+        // an IDLE refused before its `+`: the next `+` is the literal's
+        let mut u = up();
+        feed(&mut u, b"a IDLE\r\n");
+        u.tagged("a");
+        feed(&mut u, b"b APPEND x {3}\r\n");
+        assert!(u.continuation());
+    }
+
+    #[test]
+    fn a_literal_on_the_line_that_ends_an_idle_is_not_forwarded() {
+        // the backend reads the line after IDLE as its end (BAD if not
+        // DONE), never the literal it announces: the octets would be a command
+        let mut u = up();
+        feed(&mut u, b"a IDLE\r\n");
+        let (fwd, ev, _) = feed(&mut u, b"b APPEND x {20+}\r\nx COMPRESS DEFLATE\r\n\r\n");
+        assert_eq!(fwd, "");
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert!(ev[0].starts_with("b BAD"), "{ev:?}");
+        let (fwd, ev, _) = feed(&mut u, b"c APPEND x {5}\r\n");
+        assert_eq!(fwd, "");
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        // still idling at the backend: DONE goes through
+        assert!(u.idling());
+        let (fwd, _, _) = feed(&mut u, b"DONE\r\n");
+        assert_eq!(fwd, "DONE\r\n");
+        // a line without a literal ends it as before
+        feed(&mut u, b"d IDLE\r\n");
+        let (fwd, _, _) = feed(&mut u, b"e NOOP\r\n");
+        assert_eq!(fwd, "e NOOP\r\n");
+    }
+
+    #[test]
+    fn a_literal_glued_to_an_atom_is_not_forwarded() {
+        // Dovecot reads `x{20+}` as an atom: the 20 octets would be a command
+        let mut u = up();
+        let (fwd, ev, _) = feed(
+            &mut u,
+            b"a SELECT x{20+}\r\nx COMPRESS DEFLATE\r\n\r\nb NOOP\r\n",
+        );
+        assert_eq!(fwd, "b NOOP\r\n");
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert!(ev[0].starts_with("a BAD"), "{ev:?}");
+        let (fwd, ev, _) = feed(&mut u, b"c SELECT \"x\"{5}\r\nd NOOP\r\n");
+        assert_eq!(fwd, "d NOOP\r\n");
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        // after a literal, the same: part of the command is at the backend
+        let (fwd, ev, _) = feed(&mut u, b"e APPEND x {2+}\r\nab{3+}\r\n");
+        assert_eq!(fwd, "e APPEND x {2+}\r\nab");
+        assert!(ev[0].starts_with("close:"), "{ev:?}");
+        // where the grammar has them, literals pass
+        let mut u = up();
+        let ok = b"f APPEND x (\\Seen) ~{2+}\r\nab\r\ng LOGOUT\r\n";
+        let (fwd, ev, _) = feed(&mut u, ok);
+        assert_eq!(fwd.as_bytes(), ok);
+        assert!(ev.is_empty());
+        let ok = b"h SEARCH CHARSET UTF-8 (TEXT {2+}\r\nab)\r\n";
+        let (fwd, _, _) = feed(&mut u, ok);
+        assert_eq!(fwd.as_bytes(), ok);
+    }
+
+    #[test]
+    fn downstream_literal_after_a_quoted_string_longer_than_the_tail() {
+        // an ENVELOPE's date, then its subject as a literal (8-bit text):
+        // the quote that opens the date is far before the `{n}`
+        let mut d = Downstream::default();
+        let r =
+            b"* 1 FETCH (ENVELOPE (\"Mon, 01 Jan 2024 00:00:00 +0000\" {8}\r\n+ go x\r\n NIL))\r\n";
+        assert_eq!(d.feed(r), (r.len(), Some(Seen::Untagged)));
+        assert!(d.at_boundary());
+        // a `{n}` inside a quoted string is none, however long the string
+        let mut d = Downstream::default();
+        let r = format!("* LIST () \"/\" \"{} {{8}}\r\n", "y".repeat(100));
+        assert_eq!(d.feed(r.as_bytes()), (r.len(), Some(Seen::Untagged)));
+    }
+
+    #[test]
+    fn downstream_status_responses_carry_no_literal() {
+        // resp-text (RFC 3501 §9) has no literals: a backend that echoes a
+        // client's mailbox name `x{5}` in a NO must not hide what follows
+        for (r, seen) in [
+            (
+                &b"b NO Mailbox doesn't exist: x{5}\r\n"[..],
+                Seen::Tagged("b".into()),
+            ),
+            (b"* OK [ALERT] x {3}\r\n", Seen::Untagged),
+            (b"* bye going {3}\r\n", Seen::Untagged),
+            (b"+ send {2}\r\n", Seen::Continuation),
+        ] {
+            let mut d = Downstream::default();
+            assert_eq!(d.feed(r), (r.len(), Some(seen)), "{r:?}");
+            assert!(d.at_boundary());
+        }
     }
 
     fn down_all(d: &mut Downstream, mut s: &[u8]) -> Vec<(usize, Option<Seen>)> {
