@@ -9,7 +9,10 @@
 //!   After a synchronising literal's announcement it stops until the
 //!   backend has answered with `+` (the literal follows) or with the
 //!   command's tagged response (it does not): it keeps the backend's view
-//!   of where commands start. It tracks `IDLE` … `DONE` for the idle timer.
+//!   of where commands start. Such an announcement goes only once every
+//!   command before it is answered, so that no earlier `+` (an IDLE's) or
+//!   tagged response (a repeated tag) is taken for the backend's word on it.
+//!   It tracks `IDLE` … `DONE` (only DONE is forwarded in between).
 //! - [`Downstream`] follows the backend's bytes response by response (a
 //!   line, the literals it announces, the lines after them) without
 //!   changing or keeping them, so that mailgate's own answers are inserted
@@ -55,6 +58,16 @@ enum Up {
     Literal { left: u64, forward: bool },
     /// A synchronising literal was forwarded: the backend decides.
     AwaitGo { tag: String, size: u64 },
+    /// A line announcing a synchronising literal, held until the backend
+    /// has answered every command before its own: only then is a tagged
+    /// response surely the refusal of this one (tags may repeat) and a `+`
+    /// surely its go-ahead (an IDLE before it has one too).
+    Hold {
+        line: Vec<u8>,
+        tag: String,
+        size: u64,
+        append: bool,
+    },
 }
 
 /// The command whose literal was announced (its later lines follow).
@@ -77,9 +90,8 @@ pub struct Upstream {
     cmd: Option<Cmd>,
     /// The tag of the IDLE in progress (RFC 2177).
     idle: Option<String>,
-    /// An IDLE forwarded whose `+` (or refusal) has not come yet: the next
-    /// `+` is its own, not a go-ahead for a literal sent after it.
-    idle_go: Option<String>,
+    /// Commands forwarded whose tagged response has not come yet.
+    in_flight: u64,
     done: bool,
     /// Commands forwarded, for the session log line.
     pub commands: u32,
@@ -100,7 +112,7 @@ impl Upstream {
             tail: Vec::new(),
             cmd: None,
             idle: None,
-            idle_go: None,
+            in_flight: 0,
             done: false,
             commands: 0,
             logout: false,
@@ -112,19 +124,15 @@ impl Upstream {
         self.idle.is_some()
     }
 
-    /// Waiting for the backend's word on a synchronising literal.
+    /// Waiting for the backend's word on a synchronising literal (or for
+    /// its answers to the commands before it).
     pub fn waiting(&self) -> bool {
-        matches!(self.state, Up::AwaitGo { .. })
+        matches!(self.state, Up::AwaitGo { .. } | Up::Hold { .. })
     }
 
     /// The backend sent a `+` continuation request. True when that lets
     /// the client's literal through.
     pub fn continuation(&mut self) -> bool {
-        // the backend answers in order: an IDLE forwarded before the
-        // literal's command has its `+` first
-        if self.idle_go.take().is_some() {
-            return false;
-        }
         if let Up::AwaitGo { size, .. } = self.state {
             self.state = Up::Literal {
                 left: size,
@@ -139,13 +147,15 @@ impl Upstream {
     }
 
     /// The backend sent a tagged response. True when it ends a wait: the
-    /// backend refused the literal, so the command is over.
+    /// backend refused the literal, so the command is over; or the commands
+    /// before a held one are all answered, so it may go.
     pub fn tagged(&mut self, tag: &str) -> bool {
+        self.in_flight = self.in_flight.saturating_sub(1);
         if self.idle.as_deref() == Some(tag) {
             self.idle = None;
         }
-        if self.idle_go.as_deref() == Some(tag) {
-            self.idle_go = None;
+        if matches!(self.state, Up::Hold { .. }) {
+            return self.in_flight <= 1;
         }
         if matches!(&self.state, Up::AwaitGo { tag: t, .. } if t == tag) {
             self.state = Up::Line;
@@ -161,10 +171,28 @@ impl Upstream {
     /// fed again once the backend answered) or after a closing event.
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> (usize, Vec<Event>) {
         let mut events = Vec::new();
+        if matches!(self.state, Up::Hold { .. }) && self.in_flight <= 1 {
+            let Up::Hold {
+                line,
+                tag,
+                size,
+                append,
+            } = std::mem::replace(&mut self.state, Up::Line)
+            else {
+                unreachable!("matched above")
+            };
+            out.extend_from_slice(&line);
+            self.literal(
+                tag,
+                super::command::Literal { size, sync: true },
+                true,
+                append,
+            );
+        }
         let mut i = 0;
         while i < data.len() && !self.done {
             match &mut self.state {
-                Up::AwaitGo { .. } => break,
+                Up::AwaitGo { .. } | Up::Hold { .. } => break,
                 Up::Literal { left, forward } => {
                     let k = (data.len() - i).min(usize::try_from(*left).unwrap_or(usize::MAX));
                     if *forward {
@@ -240,13 +268,19 @@ impl Upstream {
         if let Some(cmd) = self.cmd.take() {
             return self.next_piece(cmd, &raw, clean, out);
         }
-        if self.idle.is_some() && clean.is_some_and(|l| l.eq_ignore_ascii_case(b"DONE")) {
-            self.idle = None;
-            out.extend_from_slice(&raw);
-            return None;
+        if self.idle.is_some() {
+            if clean.is_some_and(|l| l.eq_ignore_ascii_case(b"DONE")) {
+                self.idle = None;
+                out.extend_from_slice(&raw);
+                return None;
+            }
+            // RFC 2177: only DONE. The backend would read this line as the
+            // IDLE's end, whole: a literal it announces would be commands
+            let tag = tag_of(&raw);
+            let lit = clean.and_then(literal_at_end);
+            let e = self.error(reply::syntax(tag.as_deref(), "only DONE ends an IDLE"));
+            return Some(self.refused_literal(lit, false, e));
         }
-        // anything else ends our view of the IDLE (the backend's BAD follows)
-        let idle = self.idle.take();
         let Some(line) = clean else {
             let tag = tag_of(&raw);
             return Some(self.error(reply::bad_bytes(tag.as_deref())));
@@ -283,10 +317,9 @@ impl Upstream {
             // never forwarded where the backend would not read a literal
             let why = if !literal_placed(line) {
                 "a literal must follow a space or ("
-            } else if idle.is_some() || verb == "IDLE" {
-                // the backend reads the line after IDLE as its end, whole
-                self.idle = idle;
-                "IDLE is ended by DONE"
+            } else if verb == "IDLE" {
+                // a backend reading it would take the octets for the IDLE's end
+                "IDLE takes no arguments"
             } else {
                 ""
             };
@@ -301,20 +334,42 @@ impl Upstream {
                 return Some(self.too_big(&tag, append, l.sync));
             }
         }
-        out.extend_from_slice(&raw);
         self.commands += 1;
+        self.in_flight += 1;
         match verb.as_str() {
-            "IDLE" => {
-                self.idle = Some(tag.clone());
-                self.idle_go = Some(tag.clone());
-            }
+            "IDLE" => self.idle = Some(tag.clone()),
             "LOGOUT" => self.logout = true,
             _ => {}
         }
-        if let Some(l) = lit {
-            self.literal(tag, l, true, append);
-        }
+        self.forward(&raw, tag, lit, append, out);
         None
+    }
+
+    /// Forwards a line of a command (counted in `in_flight` already) that
+    /// announces `lit`, or holds it (see [`Up::Hold`]).
+    fn forward(
+        &mut self,
+        raw: &[u8],
+        tag: String,
+        lit: Option<super::command::Literal>,
+        append: bool,
+        out: &mut Vec<u8>,
+    ) {
+        match lit {
+            Some(l) if l.sync && self.in_flight > 1 => {
+                self.state = Up::Hold {
+                    line: raw.to_vec(),
+                    tag,
+                    size: l.size,
+                    append,
+                };
+            }
+            Some(l) => {
+                out.extend_from_slice(raw);
+                self.literal(tag, l, true, append);
+            }
+            None => out.extend_from_slice(raw),
+        }
     }
 
     fn limit(&self, append: bool) -> u64 {
@@ -428,10 +483,7 @@ impl Upstream {
                     return Some(self.close(r));
                 }
             }
-            out.extend_from_slice(raw);
-            if let Some(l) = lit {
-                self.literal(cmd.tag, l, true, cmd.append);
-            }
+            self.forward(raw, cmd.tag, lit, cmd.append, out);
             return None;
         }
         // the rest of a command answered here
@@ -463,7 +515,6 @@ impl Upstream {
                 _ => None,
             },
             None => {
-                self.idle = None;
                 let tag = tag_of(head);
                 match lit {
                     Some(l) if !l.sync => Some(self.close(
@@ -857,7 +908,7 @@ mod tests {
         let (fwd, ev, _) = feed(&mut u, b"d STARTTLS\r\n");
         assert_eq!(fwd, "");
         assert_eq!(ev.len(), 1);
-        assert!(!u.idling());
+        assert!(u.idling());
     }
 
     #[test]
@@ -874,27 +925,49 @@ mod tests {
         // after its `b NO [TRYCREATE]` they are a command to the backend
         let mut u = up();
         let (fwd, _, _) = feed(&mut u, b"a IDLE\r\nDONE\r\nb APPEND nosuch {20}\r\n");
-        assert_eq!(fwd, "a IDLE\r\nDONE\r\nb APPEND nosuch {20}\r\n");
         assert!(u.waiting());
         assert!(!u.continuation(), "the first `+` is the IDLE's");
         assert!(u.waiting());
-        assert!(!u.tagged("a"));
+        // the APPEND goes once the IDLE is answered
+        assert_eq!(fwd, "a IDLE\r\nDONE\r\n");
+        assert!(u.tagged("a"));
+        let (fwd, _, _) = feed(&mut u, b"");
+        assert_eq!(fwd, "b APPEND nosuch {20}\r\n");
+        assert!(u.waiting());
         assert!(u.tagged("b"));
         let (fwd, ev, _) = feed(&mut u, b"x COMPRESS DEFLATE\r\n");
         assert_eq!(fwd, "");
         assert_eq!(ev.len(), 1);
-        // once the IDLE's `+` came, the next one is the literal's
+    }
+
+    #[test]
+    fn a_repeated_tag_does_not_end_the_wait_for_a_literal() {
+        // the NOOP's `a OK` is not the APPEND's refusal: taken for it, the
+        // client's next octets would be read as commands here and as the
+        // literal there, and the ones after as a literal here and commands there
         let mut u = up();
-        feed(&mut u, b"a IDLE\r\n");
+        let (fwd, _, _) = feed(&mut u, b"a NOOP\r\na APPEND INBOX {20}\r\n");
+        assert_eq!(fwd, "a NOOP\r\n");
+        assert!(u.waiting());
+        assert!(u.tagged("a"), "the NOOP's answer lets the APPEND go");
+        let (fwd, _, _) = feed(&mut u, b"");
+        assert_eq!(fwd, "a APPEND INBOX {20}\r\n");
+        assert!(u.waiting());
+        assert!(u.continuation());
+        let (fwd, _, _) = feed(&mut u, b"b SELECT {22+}\r\n12\r\n");
+        assert_eq!(fwd, "b SELECT {22+}\r\n12\r\n");
+        // a later line of a command waits for the answers before it too
+        let mut u = up();
+        let (fwd, _, _) = feed(&mut u, b"c NOOP\r\nd APPEND x {2+}\r\nab {3}\r\n");
+        assert_eq!(fwd, "c NOOP\r\nd APPEND x {2+}\r\nab");
+        assert!(u.waiting());
         assert!(!u.continuation());
-        feed(&mut u, b"DONE\r\nb APPEND x {3}\r\n");
+        assert!(u.tagged("c"));
+        let (fwd, _, _) = feed(&mut u, b"");
+        assert_eq!(fwd, " {3}\r\n");
         assert!(u.continuation());
-        // an IDLE refused before its `+`: the next `+` is the literal's
-        let mut u = up();
-        feed(&mut u, b"a IDLE\r\n");
-        u.tagged("a");
-        feed(&mut u, b"b APPEND x {3}\r\n");
-        assert!(u.continuation());
+        let (fwd, _, _) = feed(&mut u, b"xyz\r\n");
+        assert_eq!(fwd, "xyz\r\n");
     }
 
     #[test]
@@ -914,10 +987,16 @@ mod tests {
         assert!(u.idling());
         let (fwd, _, _) = feed(&mut u, b"DONE\r\n");
         assert_eq!(fwd, "DONE\r\n");
-        // a line without a literal ends it as before
+        // nor any other line: the backend would take it for the IDLE's end
         feed(&mut u, b"d IDLE\r\n");
-        let (fwd, _, _) = feed(&mut u, b"e NOOP\r\n");
-        assert_eq!(fwd, "e NOOP\r\n");
+        let (fwd, ev, _) = feed(&mut u, b"e NOOP\r\n");
+        assert_eq!(fwd, "");
+        assert_eq!(ev, vec!["e BAD Syntax error: only DONE ends an IDLE\r\n"]);
+        // nor an IDLE with a literal
+        let mut u = up();
+        let (fwd, ev, _) = feed(&mut u, b"f IDLE {4+}\r\nDONE\r\n");
+        assert_eq!(fwd, "");
+        assert_eq!(ev.len(), 1);
     }
 
     #[test]
