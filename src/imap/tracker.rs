@@ -625,10 +625,10 @@ impl Downstream {
                     let end = self.tail.strip_suffix(b"\n").unwrap_or(&self.tail);
                     let end = end.strip_suffix(b"\r").unwrap_or(end);
                     // resp-text (a status response's, a `+`'s) holds no literal
-                    let literal = !self.quoted && !(self.first && status_response(&self.head));
+                    let text = self.quoted || (self.first && status_response(&self.head));
                     self.quoted = false;
                     self.escaped = false;
-                    if let Some((_, l)) = literal_syntax(end).filter(|_| literal) {
+                    if let Some((_, l)) = literal_syntax(end).filter(|_| !text) {
                         self.first = false;
                         self.tail.clear();
                         self.state = if l.size == 0 {
