@@ -214,10 +214,11 @@ pub fn parse_response(buf: &[u8], max: usize) -> Result<Option<(Response, usize)
                 literals,
             },
             _ => {
+                // 60 characters, not bytes: a cut inside one would panic
+                let start: String = line.chars().take(60).collect();
                 return Err(BackendError::Protocol(format!(
-                    "not an IMAP response: {:?}",
-                    &line[..line.len().min(60)]
-                )))
+                    "not an IMAP response: {start:?}"
+                )));
             }
         }
     };
@@ -709,6 +710,13 @@ mod tests {
                 assert!(r.is_err(), "{bad:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_garbled_non_ascii_response_is_an_error_not_a_panic() {
+        // the error quotes the line's start: never cut inside a character
+        let line = format!("x{}\r\n", "\u{e4}".repeat(40));
+        assert!(parse_response(line.as_bytes(), MAX_RESPONSE).is_err());
     }
 
     /// Literals are read whole (a `{n}` inside them is data) and counted

@@ -33,6 +33,14 @@ pub struct Literal {
 /// `{n}`, `{n+}`, or the BINARY forms `~{n}`, `~{n+}` (RFC 3516). A `{` inside
 /// a quoted string is not one (a quoted string never spans lines).
 pub fn literal_at_end(line: &[u8]) -> Option<Literal> {
+    let (open, lit) = literal_syntax(line)?;
+    (!in_quote(&line[..open])).then_some(lit)
+}
+
+/// The `{n}` / `{n+}` that `line` ends with, by its own syntax only (the
+/// caller knows whether it stands inside a quoted string), and where its
+/// `{` is.
+pub fn literal_syntax(line: &[u8]) -> Option<(usize, Literal)> {
     let body = line.strip_suffix(b"}")?;
     let open = body.iter().rposition(|b| *b == b'{')?;
     let (digits, sync) = match body[open + 1..].strip_suffix(b"+") {
@@ -42,13 +50,24 @@ pub fn literal_at_end(line: &[u8]) -> Option<Literal> {
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    if in_quote(&line[..open]) {
-        return None;
-    }
     let size = digits.iter().fold(0u64, |n, d| {
         n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
     });
-    Some(Literal { size, sync })
+    Some((open, Literal { size, sync }))
+}
+
+/// Whether the literal `line` ends with stands where the grammar allows a
+/// string (RFC 3501 §9: after SP or `(`, its `~` too for BINARY). Servers
+/// read a `{n}` glued to an atom (`x{5}`) differently — Dovecot as part of
+/// the atom, the line then ends there — so such a line is never forwarded:
+/// octets mailgate would skip as a literal would be a command to the backend.
+pub fn literal_placed(line: &[u8]) -> bool {
+    let Some((open, _)) = literal_syntax(line) else {
+        return true;
+    };
+    let before = &line[..open];
+    let before = before.strip_suffix(b"~").unwrap_or(before);
+    matches!(before.last(), Some(b' ' | b'('))
 }
 
 /// Whether `s` ends inside an open quoted string.

@@ -406,6 +406,29 @@ mod tests {
         assert_eq!(stats.end, RelayEnd::ClientClosed);
     }
 
+    #[tokio::test]
+    async fn a_synchronising_literal_waits_for_the_answers_before_it() {
+        let (client, mut cp) = duplex(1 << 16);
+        let (backend, mut bp) = duplex(1 << 16);
+        let task =
+            tokio::spawn(async move { relay(client, backend, up(), b"", b"", timers(30)).await });
+        cp.write_all(b"a NOOP\r\na APPEND INBOX {5}\r\nhello\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_n(&mut bp, 8).await, "a NOOP\r\n");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // the APPEND line goes only once the NOOP is answered
+        bp.write_all(b"a OK noop\r\n").await.unwrap();
+        assert_eq!(read_n(&mut bp, 20).await, "a APPEND INBOX {5}\r\n");
+        bp.write_all(b"+ go\r\n").await.unwrap();
+        assert_eq!(read_n(&mut bp, 7).await, "hello\r\n");
+        assert_eq!(read_n(&mut cp, 17).await, "a OK noop\r\n+ go\r\n");
+        drop(cp);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(bp);
+        assert_eq!(task.await.unwrap().end, RelayEnd::ClientClosed);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_keeps_the_session_for_29_minutes() {
         let (client, mut cp) = duplex(1 << 16);

@@ -9,14 +9,17 @@
 //!   After a synchronising literal's announcement it stops until the
 //!   backend has answered with `+` (the literal follows) or with the
 //!   command's tagged response (it does not): it keeps the backend's view
-//!   of where commands start. It tracks `IDLE` … `DONE` for the idle timer.
+//!   of where commands start. Such an announcement goes only once every
+//!   command before it is answered, so that no earlier `+` (an IDLE's) or
+//!   tagged response (a repeated tag) is taken for the backend's word on it.
+//!   It tracks `IDLE` … `DONE` (only DONE is forwarded in between).
 //! - [`Downstream`] follows the backend's bytes response by response (a
 //!   line, the literals it announces, the lines after them) without
 //!   changing or keeping them, so that mailgate's own answers are inserted
 //!   only where a response ends, and so that `+` and tagged responses reach
 //!   the upstream half. Literal octets are skipped by count, not scanned.
 
-use super::command::{literal_at_end, tag_and_verb, tag_of};
+use super::command::{literal_at_end, literal_placed, literal_syntax, tag_and_verb, tag_of};
 use super::reply::{self, Reply};
 
 /// Bytes kept of an overlong line's start (its tag) and end (its literal).
@@ -55,6 +58,16 @@ enum Up {
     Literal { left: u64, forward: bool },
     /// A synchronising literal was forwarded: the backend decides.
     AwaitGo { tag: String, size: u64 },
+    /// A line announcing a synchronising literal, held until the backend
+    /// has answered every command before its own: only then is a tagged
+    /// response surely the refusal of this one (tags may repeat) and a `+`
+    /// surely its go-ahead (an IDLE before it has one too).
+    Hold {
+        line: Vec<u8>,
+        tag: String,
+        size: u64,
+        append: bool,
+    },
 }
 
 /// The command whose literal was announced (its later lines follow).
@@ -77,6 +90,8 @@ pub struct Upstream {
     cmd: Option<Cmd>,
     /// The tag of the IDLE in progress (RFC 2177).
     idle: Option<String>,
+    /// Commands forwarded whose tagged response has not come yet.
+    in_flight: u64,
     done: bool,
     /// Commands forwarded, for the session log line.
     pub commands: u32,
@@ -97,6 +112,7 @@ impl Upstream {
             tail: Vec::new(),
             cmd: None,
             idle: None,
+            in_flight: 0,
             done: false,
             commands: 0,
             logout: false,
@@ -108,9 +124,10 @@ impl Upstream {
         self.idle.is_some()
     }
 
-    /// Waiting for the backend's word on a synchronising literal.
+    /// Waiting for the backend's word on a synchronising literal (or for
+    /// its answers to the commands before it).
     pub fn waiting(&self) -> bool {
-        matches!(self.state, Up::AwaitGo { .. })
+        matches!(self.state, Up::AwaitGo { .. } | Up::Hold { .. })
     }
 
     /// The backend sent a `+` continuation request. True when that lets
@@ -130,10 +147,15 @@ impl Upstream {
     }
 
     /// The backend sent a tagged response. True when it ends a wait: the
-    /// backend refused the literal, so the command is over.
+    /// backend refused the literal, so the command is over; or the commands
+    /// before a held one are all answered, so it may go.
     pub fn tagged(&mut self, tag: &str) -> bool {
+        self.in_flight = self.in_flight.saturating_sub(1);
         if self.idle.as_deref() == Some(tag) {
             self.idle = None;
+        }
+        if matches!(self.state, Up::Hold { .. }) {
+            return self.in_flight <= 1;
         }
         if matches!(&self.state, Up::AwaitGo { tag: t, .. } if t == tag) {
             self.state = Up::Line;
@@ -149,10 +171,28 @@ impl Upstream {
     /// fed again once the backend answered) or after a closing event.
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> (usize, Vec<Event>) {
         let mut events = Vec::new();
+        if matches!(self.state, Up::Hold { .. }) && self.in_flight <= 1 {
+            let Up::Hold {
+                line,
+                tag,
+                size,
+                append,
+            } = std::mem::replace(&mut self.state, Up::Line)
+            else {
+                unreachable!("matched above")
+            };
+            out.extend_from_slice(&line);
+            self.literal(
+                tag,
+                super::command::Literal { size, sync: true },
+                true,
+                append,
+            );
+        }
         let mut i = 0;
         while i < data.len() && !self.done {
             match &mut self.state {
-                Up::AwaitGo { .. } => break,
+                Up::AwaitGo { .. } | Up::Hold { .. } => break,
                 Up::Literal { left, forward } => {
                     let k = (data.len() - i).min(usize::try_from(*left).unwrap_or(usize::MAX));
                     if *forward {
@@ -228,13 +268,19 @@ impl Upstream {
         if let Some(cmd) = self.cmd.take() {
             return self.next_piece(cmd, &raw, clean, out);
         }
-        if self.idle.is_some() && clean.is_some_and(|l| l.eq_ignore_ascii_case(b"DONE")) {
-            self.idle = None;
-            out.extend_from_slice(&raw);
-            return None;
+        if self.idle.is_some() {
+            if clean.is_some_and(|l| l.eq_ignore_ascii_case(b"DONE")) {
+                self.idle = None;
+                out.extend_from_slice(&raw);
+                return None;
+            }
+            // RFC 2177: only DONE. The backend would read this line as the
+            // IDLE's end, whole: a literal it announces would be commands
+            let tag = tag_of(&raw);
+            let lit = clean.and_then(literal_at_end);
+            let e = self.error(reply::syntax(tag.as_deref(), "only DONE ends an IDLE"));
+            return Some(self.refused_literal(lit, false, e));
         }
-        // anything else ends our view of the IDLE (the backend's BAD follows)
-        self.idle = None;
         let Some(line) = clean else {
             let tag = tag_of(&raw);
             return Some(self.error(reply::bad_bytes(tag.as_deref())));
@@ -267,23 +313,63 @@ impl Upstream {
             }
             _ => {}
         }
+        if lit.is_some() {
+            // never forwarded where the backend would not read a literal
+            let why = if !literal_placed(line) {
+                "a literal must follow a space or ("
+            } else if verb == "IDLE" {
+                // a backend reading it would take the octets for the IDLE's end
+                "IDLE takes no arguments"
+            } else {
+                ""
+            };
+            if !why.is_empty() {
+                let e = self.error(reply::syntax(Some(&tag), why));
+                return Some(self.refused_literal(lit, false, e));
+            }
+        }
         let append = verb == "APPEND";
         if let Some(l) = lit {
             if l.size > self.bound(append, l.sync) {
                 return Some(self.too_big(&tag, append, l.sync));
             }
         }
-        out.extend_from_slice(&raw);
         self.commands += 1;
+        self.in_flight += 1;
         match verb.as_str() {
             "IDLE" => self.idle = Some(tag.clone()),
             "LOGOUT" => self.logout = true,
             _ => {}
         }
-        if let Some(l) = lit {
-            self.literal(tag, l, true, append);
-        }
+        self.forward(&raw, tag, lit, append, out);
         None
+    }
+
+    /// Forwards a line of a command (counted in `in_flight` already) that
+    /// announces `lit`, or holds it (see [`Up::Hold`]).
+    fn forward(
+        &mut self,
+        raw: &[u8],
+        tag: String,
+        lit: Option<super::command::Literal>,
+        append: bool,
+        out: &mut Vec<u8>,
+    ) {
+        match lit {
+            Some(l) if l.sync && self.in_flight > 1 => {
+                self.state = Up::Hold {
+                    line: raw.to_vec(),
+                    tag,
+                    size: l.size,
+                    append,
+                };
+            }
+            Some(l) => {
+                out.extend_from_slice(raw);
+                self.literal(tag, l, true, append);
+            }
+            None => out.extend_from_slice(raw),
+        }
     }
 
     fn limit(&self, append: bool) -> u64 {
@@ -383,6 +469,10 @@ impl Upstream {
         };
         let lit = literal_at_end(line);
         if cmd.forward {
+            if lit.is_some() && !literal_placed(line) {
+                // part of it is at the backend already, read another way
+                return Some(self.close(reply::bye_command_broken()));
+            }
             if let Some(l) = lit {
                 if l.size > self.bound(cmd.append, l.sync) {
                     let r = if cmd.append {
@@ -393,10 +483,7 @@ impl Upstream {
                     return Some(self.close(r));
                 }
             }
-            out.extend_from_slice(raw);
-            if let Some(l) = lit {
-                self.literal(cmd.tag, l, true, cmd.append);
-            }
+            self.forward(raw, cmd.tag, lit, cmd.append, out);
             return None;
         }
         // the rest of a command answered here
@@ -428,7 +515,6 @@ impl Upstream {
                 _ => None,
             },
             None => {
-                self.idle = None;
                 let tag = tag_of(head);
                 match lit {
                     Some(l) if !l.sync => Some(self.close(
@@ -466,6 +552,11 @@ pub struct Downstream {
     first: bool,
     /// The end of the current line (its literal announcement).
     tail: Vec<u8>,
+    /// The current line is inside a quoted string here (and after a `\`
+    /// in it): a `{n}` at its end is text then. Followed over the whole
+    /// line, since a string may start long before the kept tail.
+    quoted: bool,
+    escaped: bool,
 }
 
 impl Default for Downstream {
@@ -475,6 +566,8 @@ impl Default for Downstream {
             head: Vec::new(),
             first: true,
             tail: Vec::new(),
+            quoted: false,
+            escaped: false,
         }
     }
 }
@@ -496,6 +589,8 @@ impl Downstream {
                     self.head.clear();
                     self.tail.clear();
                     self.first = true;
+                    self.quoted = false;
+                    self.escaped = false;
                     self.state = Down::Line;
                 }
                 Down::Literal(left) => {
@@ -523,12 +618,17 @@ impl Downstream {
                     if self.tail.len() > TAIL {
                         self.tail.drain(..self.tail.len() - TAIL);
                     }
+                    self.follow_quotes(piece);
                     if !complete {
                         continue;
                     }
                     let end = self.tail.strip_suffix(b"\n").unwrap_or(&self.tail);
                     let end = end.strip_suffix(b"\r").unwrap_or(end);
-                    if let Some(l) = literal_at_end(end) {
+                    // resp-text (a status response's, a `+`'s) holds no literal
+                    let text = self.quoted || (self.first && status_response(&self.head));
+                    self.quoted = false;
+                    self.escaped = false;
+                    if let Some((_, l)) = literal_syntax(end).filter(|_| !text) {
                         self.first = false;
                         self.tail.clear();
                         self.state = if l.size == 0 {
@@ -546,6 +646,18 @@ impl Downstream {
         (i, None)
     }
 
+    fn follow_quotes(&mut self, piece: &[u8]) {
+        for b in piece {
+            if self.escaped {
+                self.escaped = false;
+            } else if self.quoted && *b == b'\\' {
+                self.escaped = true;
+            } else if *b == b'"' {
+                self.quoted = !self.quoted;
+            }
+        }
+    }
+
     fn seen(&self) -> Seen {
         match self.head.first() {
             Some(b'+') => Seen::Continuation,
@@ -556,6 +668,24 @@ impl Downstream {
             },
         }
     }
+}
+
+/// Whether a response starting with `head` is a status response
+/// (`tag OK|NO|BAD`, `* OK|NO|BAD|BYE|PREAUTH`) or a continuation request.
+fn status_response(head: &[u8]) -> bool {
+    if head.first() == Some(&b'+') {
+        return true;
+    }
+    let Some(sp) = head.iter().position(|b| *b == b' ') else {
+        return false;
+    };
+    let rest = &head[sp + 1..];
+    let word = rest
+        .iter()
+        .position(|b| matches!(b, b' ' | b'\r' | b'\n'))
+        .map_or(rest, |e| &rest[..e]);
+    let is = |w: &[u8]| word.eq_ignore_ascii_case(w);
+    is(b"OK") || is(b"NO") || is(b"BAD") || (head[..sp] == *b"*" && (is(b"BYE") || is(b"PREAUTH")))
 }
 
 #[cfg(test)]
@@ -778,7 +908,7 @@ mod tests {
         let (fwd, ev, _) = feed(&mut u, b"d STARTTLS\r\n");
         assert_eq!(fwd, "");
         assert_eq!(ev.len(), 1);
-        assert!(!u.idling());
+        assert!(u.idling());
     }
 
     #[test]
@@ -786,6 +916,150 @@ mod tests {
         let mut u = up();
         feed(&mut u, b"z LOGOUT\r\n");
         assert!(u.logout);
+    }
+
+    #[test]
+    fn the_plus_of_an_idle_does_not_release_a_later_literal() {
+        // IDLE, DONE and an APPEND the backend will refuse, in one write: the
+        // backend's `+ idling` must not let the APPEND's octets through, or
+        // after its `b NO [TRYCREATE]` they are a command to the backend
+        let mut u = up();
+        let (fwd, _, _) = feed(&mut u, b"a IDLE\r\nDONE\r\nb APPEND nosuch {20}\r\n");
+        assert!(u.waiting());
+        assert!(!u.continuation(), "the first `+` is the IDLE's");
+        assert!(u.waiting());
+        // the APPEND goes once the IDLE is answered
+        assert_eq!(fwd, "a IDLE\r\nDONE\r\n");
+        assert!(u.tagged("a"));
+        let (fwd, _, _) = feed(&mut u, b"");
+        assert_eq!(fwd, "b APPEND nosuch {20}\r\n");
+        assert!(u.waiting());
+        assert!(u.tagged("b"));
+        let (fwd, ev, _) = feed(&mut u, b"x COMPRESS DEFLATE\r\n");
+        assert_eq!(fwd, "");
+        assert_eq!(ev.len(), 1);
+    }
+
+    #[test]
+    fn a_repeated_tag_does_not_end_the_wait_for_a_literal() {
+        // the NOOP's `a OK` is not the APPEND's refusal: taken for it, the
+        // client's next octets would be read as commands here and as the
+        // literal there, and the ones after as a literal here and commands there
+        let mut u = up();
+        let (fwd, _, _) = feed(&mut u, b"a NOOP\r\na APPEND INBOX {20}\r\n");
+        assert_eq!(fwd, "a NOOP\r\n");
+        assert!(u.waiting());
+        assert!(u.tagged("a"), "the NOOP's answer lets the APPEND go");
+        let (fwd, _, _) = feed(&mut u, b"");
+        assert_eq!(fwd, "a APPEND INBOX {20}\r\n");
+        assert!(u.waiting());
+        assert!(u.continuation());
+        let (fwd, _, _) = feed(&mut u, b"b SELECT {22+}\r\n12\r\n");
+        assert_eq!(fwd, "b SELECT {22+}\r\n12\r\n");
+        // a later line of a command waits for the answers before it too
+        let mut u = up();
+        let (fwd, _, _) = feed(&mut u, b"c NOOP\r\nd APPEND x {2+}\r\nab {3}\r\n");
+        assert_eq!(fwd, "c NOOP\r\nd APPEND x {2+}\r\nab");
+        assert!(u.waiting());
+        assert!(!u.continuation());
+        assert!(u.tagged("c"));
+        let (fwd, _, _) = feed(&mut u, b"");
+        assert_eq!(fwd, " {3}\r\n");
+        assert!(u.continuation());
+        let (fwd, _, _) = feed(&mut u, b"xyz\r\n");
+        assert_eq!(fwd, "xyz\r\n");
+    }
+
+    #[test]
+    fn a_literal_on_the_line_that_ends_an_idle_is_not_forwarded() {
+        // the backend reads the line after IDLE as its end (BAD if not
+        // DONE), never the literal it announces: the octets would be a command
+        let mut u = up();
+        feed(&mut u, b"a IDLE\r\n");
+        let (fwd, ev, _) = feed(&mut u, b"b APPEND x {20+}\r\nx COMPRESS DEFLATE\r\n\r\n");
+        assert_eq!(fwd, "");
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert!(ev[0].starts_with("b BAD"), "{ev:?}");
+        let (fwd, ev, _) = feed(&mut u, b"c APPEND x {5}\r\n");
+        assert_eq!(fwd, "");
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        // still idling at the backend: DONE goes through
+        assert!(u.idling());
+        let (fwd, _, _) = feed(&mut u, b"DONE\r\n");
+        assert_eq!(fwd, "DONE\r\n");
+        // nor any other line: the backend would take it for the IDLE's end
+        feed(&mut u, b"d IDLE\r\n");
+        let (fwd, ev, _) = feed(&mut u, b"e NOOP\r\n");
+        assert_eq!(fwd, "");
+        assert_eq!(ev, vec!["e BAD Syntax error: only DONE ends an IDLE\r\n"]);
+        // nor an IDLE with a literal
+        let mut u = up();
+        let (fwd, ev, _) = feed(&mut u, b"f IDLE {4+}\r\nDONE\r\n");
+        assert_eq!(fwd, "");
+        assert_eq!(ev.len(), 1);
+    }
+
+    #[test]
+    fn a_literal_glued_to_an_atom_is_not_forwarded() {
+        // Dovecot reads `x{20+}` as an atom: the 20 octets would be a command
+        let mut u = up();
+        let (fwd, ev, _) = feed(
+            &mut u,
+            b"a SELECT x{20+}\r\nx COMPRESS DEFLATE\r\n\r\nb NOOP\r\n",
+        );
+        assert_eq!(fwd, "b NOOP\r\n");
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert!(ev[0].starts_with("a BAD"), "{ev:?}");
+        let (fwd, ev, _) = feed(&mut u, b"c SELECT \"x\"{5}\r\nd NOOP\r\n");
+        assert_eq!(fwd, "d NOOP\r\n");
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        // after a literal, the same: part of the command is at the backend
+        let (fwd, ev, _) = feed(&mut u, b"e APPEND x {2+}\r\nab{3+}\r\n");
+        assert_eq!(fwd, "e APPEND x {2+}\r\nab");
+        assert!(ev[0].starts_with("close:"), "{ev:?}");
+        // where the grammar has them, literals pass
+        let mut u = up();
+        let ok = b"f APPEND x (\\Seen) ~{2+}\r\nab\r\ng LOGOUT\r\n";
+        let (fwd, ev, _) = feed(&mut u, ok);
+        assert_eq!(fwd.as_bytes(), ok);
+        assert!(ev.is_empty());
+        let ok = b"h SEARCH CHARSET UTF-8 (TEXT {2+}\r\nab)\r\n";
+        let (fwd, _, _) = feed(&mut u, ok);
+        assert_eq!(fwd.as_bytes(), ok);
+    }
+
+    #[test]
+    fn downstream_literal_after_a_quoted_string_longer_than_the_tail() {
+        // an ENVELOPE's date, then its subject as a literal (8-bit text):
+        // the quote that opens the date is far before the `{n}`
+        let mut d = Downstream::default();
+        let r =
+            b"* 1 FETCH (ENVELOPE (\"Mon, 01 Jan 2024 00:00:00 +0000\" {8}\r\n+ go x\r\n NIL))\r\n";
+        assert_eq!(d.feed(r), (r.len(), Some(Seen::Untagged)));
+        assert!(d.at_boundary());
+        // a `{n}` inside a quoted string is none, however long the string
+        let mut d = Downstream::default();
+        let r = format!("* LIST () \"/\" \"{} {{8}}\r\n", "y".repeat(100));
+        assert_eq!(d.feed(r.as_bytes()), (r.len(), Some(Seen::Untagged)));
+    }
+
+    #[test]
+    fn downstream_status_responses_carry_no_literal() {
+        // resp-text (RFC 3501 §9) has no literals: a backend that echoes a
+        // client's mailbox name `x{5}` in a NO must not hide what follows
+        for (r, seen) in [
+            (
+                &b"b NO Mailbox doesn't exist: x{5}\r\n"[..],
+                Seen::Tagged("b".into()),
+            ),
+            (b"* OK [ALERT] x {3}\r\n", Seen::Untagged),
+            (b"* bye going {3}\r\n", Seen::Untagged),
+            (b"+ send {2}\r\n", Seen::Continuation),
+        ] {
+            let mut d = Downstream::default();
+            assert_eq!(d.feed(r), (r.len(), Some(seen)), "{r:?}");
+            assert!(d.at_boundary());
+        }
     }
 
     fn down_all(d: &mut Downstream, mut s: &[u8]) -> Vec<(usize, Option<Seen>)> {

@@ -85,12 +85,10 @@ pub fn author_domain(message: &[u8]) -> Option<String> {
     let end = header_end(message);
     let header = &message[..end];
     let parsed = mail_auth::AuthenticatedMessage::parse(header)?;
-    let from_fields = parsed
-        .headers()
-        .iter()
-        .filter(|(name, _)| name.trim_ascii().eq_ignore_ascii_case(b"From"))
-        .count();
-    if from_fields != 1 {
+    // counted on the raw lines, as the signer counts them (`signer.rs`):
+    // mail-parser's header block ends early at a line without a colon, and
+    // a From after it would not be counted
+    if from_fields(header) != 1 {
         return None;
     }
     let mut domains = parsed
@@ -102,6 +100,17 @@ pub fn author_domain(message: &[u8]) -> Option<String> {
         return None;
     }
     Some(first.to_string())
+}
+
+/// The From fields of a header block: every line that does not continue a
+/// field and names From before its colon.
+fn from_fields(header: &[u8]) -> usize {
+    header
+        .split_inclusive(|&b| b == b'\n')
+        .filter(|line| !matches!(line.first(), Some(b' ' | b'\t')))
+        .filter_map(|line| memchr::memchr(b':', line).map(|colon| &line[..colon]))
+        .filter(|name| name.trim_ascii().eq_ignore_ascii_case(b"From"))
+        .count()
 }
 
 /// The length of the header block of `message` including the empty line
@@ -266,6 +275,12 @@ mod tests {
             ("From: undisclosed:;\r\n\r\n", None),
             ("From: a@example.org, b@evil.example\r\n\r\n", None),
             ("From: a@example.org\r\nFrom: b@example.org\r\n\r\n", None),
+            // a line without a colon ends mail-parser's header block early;
+            // the second From is still a field to readers and to the signer
+            (
+                "From: <a@example.org>\r\nX\r\nFrom: b@evil.example\r\n\r\n",
+                None,
+            ),
             ("To: a@example.org\r\n\r\n", None),
             ("From: no address here\r\n\r\n", None),
             // the body is never read
