@@ -156,13 +156,28 @@ async fn login_before_tls_is_refused_and_never_reaches_the_backend() {
             format!("{tag} NO [PRIVACYREQUIRED] Plaintext login is disabled: use STARTTLS first")
         );
     }
-    // a synchronising literal still gets its `+` (the command is read whole)
+    // a synchronising literal gets no `+`, which would invite the password
+    // in the clear: the refusal comes instead, and the client sends nothing
+    // more of the command (RFC 3501 §7.5)
     c.send(b"f LOGIN {5}\r\n").await;
-    assert_eq!(c.status().await, "+ Ready for literal data");
-    c.send(b"alice secret\r\n").await;
-    assert!(c.status().await.starts_with("f NO [PRIVACYREQUIRED]"));
-    c.send(b"g LOGOUT\r\n").await;
-    until(&mut c, "g").await;
+    assert_eq!(
+        c.status().await,
+        "f NO [PRIVACYREQUIRED] Plaintext login is disabled: use STARTTLS first"
+    );
+    c.send(b"g NOOP\r\n").await;
+    assert_eq!(c.status().await, "g OK NOOP completed");
+    // LITERAL+ octets come anyway: read and dropped to the command's end,
+    // also where a synchronising literal follows (never a `+` for it)
+    c.send(b"h LOGIN alice {6+}\r\nsecret\r\ni LOGIN {5+}\r\nalice {6}\r\nj NOOP\r\n")
+        .await;
+    assert!(c.status().await.starts_with("h NO [PRIVACYREQUIRED]"));
+    assert!(c.status().await.starts_with("i NO [PRIVACYREQUIRED]"));
+    assert_eq!(c.status().await, "j OK NOOP completed");
+    c.send(b"k LOGOUT\r\n").await;
+    assert_eq!(
+        until(&mut c, "k").await,
+        vec!["* BYE mailgate logging out", "k OK LOGOUT completed"]
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(be.connections(), 0, "the backend must not be connected to");
 }

@@ -6,7 +6,8 @@
 //! A command arrives in pieces: a line, and after each line that ends in a
 //! literal announcement the literal's octets, then the next line. The
 //! [`Assembler`] takes the pieces as the driver reads them and says what
-//! comes next — so the driver knows when to send `+ ` and how many octets to
+//! comes next — a literal (the session says whether `+ ` goes first or the
+//! command is refused there, its rest then dropped), how many octets to
 //! read — checking every literal's size against the command's budget
 //! before anything of it is read. The assembled command goes to [`parse`].
 //! [`literal_at_end`] and [`tag_and_verb`] are shared with the
@@ -131,17 +132,29 @@ pub fn tag_of(line: &[u8]) -> Option<String> {
 pub enum Next {
     /// The command is whole: for [`parse`].
     Complete(Vec<u8>),
-    /// A literal of this size follows (after `+ ` where it is synchronising).
+    /// A literal of this size follows (after `+ ` where it is synchronising:
+    /// the session decides, `Session::literal`).
     Literal(Literal),
     /// The literal announced would take the command over its budget; nothing
     /// of it is read. Synchronising: the client sends none of it (RFC 3501
     /// §7.5) and the command is over; otherwise the session must end.
     TooBig { tag: Option<String>, sync: bool },
+    /// A non-synchronising literal of a command answered already
+    /// ([`Assembler::refuse`]): its octets are on the way, to be read and
+    /// dropped ([`Assembler::literal`]).
+    Skip(u64),
+    /// The end of a command answered already: nothing more of it comes.
+    Dropped,
 }
 
 /// Collects one command's pieces, within `max` octets in all.
 pub struct Assembler {
     buf: Vec<u8>,
+    /// Octets of the command so far, kept or not.
+    taken: usize,
+    /// The command was answered at a literal's announcement: the rest of
+    /// it is counted against the budget but never kept.
+    refused: bool,
     max: usize,
 }
 
@@ -149,18 +162,20 @@ impl Assembler {
     pub fn new(max: usize) -> Self {
         Assembler {
             buf: Vec::new(),
+            taken: 0,
+            refused: false,
             max,
         }
     }
 
     /// Inside a command (a literal was announced, or is being read).
     pub fn in_command(&self) -> bool {
-        !self.buf.is_empty()
+        self.taken > 0
     }
 
     /// Octets the command may still take.
     pub fn room(&self) -> usize {
-        self.max.saturating_sub(self.buf.len())
+        self.max.saturating_sub(self.taken)
     }
 
     /// The tag of the command being assembled, if valid.
@@ -168,17 +183,71 @@ impl Assembler {
         tag_of(&self.buf)
     }
 
+    /// The command's pieces so far (its first line at least, where a
+    /// literal was announced).
+    pub fn head(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Forgets the command (an error, or STARTTLS).
     pub fn reset(&mut self) {
         self.buf = Vec::new();
+        self.taken = 0;
+        self.refused = false;
+    }
+
+    /// The command was answered at the announcement of `lit` (a refusal):
+    /// nothing of it is kept any more, and the rest is dropped. A
+    /// synchronising literal never comes — the client has the tagged answer
+    /// instead of `+` (RFC 3501 §7.5) — so the command is over. A
+    /// non-synchronising one comes anyway (RFC 7888): its octets, returned,
+    /// are to be read and dropped, and so is the rest of the command.
+    pub fn refuse(&mut self, lit: Literal) -> u64 {
+        if lit.sync {
+            self.reset();
+            return 0;
+        }
+        // what was read stays counted: the budget covers the whole command
+        self.buf = Vec::new();
+        self.refused = true;
+        lit.size
     }
 
     /// A line without CRLF (at most [`room`](Self::room) octets: the driver
     /// reads it with that bound).
     pub fn line(&mut self, line: &[u8]) -> Next {
-        self.buf.extend_from_slice(line);
-        match literal_at_end(line) {
-            None => Next::Complete(std::mem::take(&mut self.buf)),
+        self.taken = self.taken.saturating_add(line.len());
+        if !self.refused {
+            self.buf.extend_from_slice(line);
+        }
+        let lit = literal_at_end(line);
+        if self.refused {
+            return match lit {
+                Some(l) if !l.sync => {
+                    if l.size > (self.room().saturating_sub(2)) as u64 {
+                        self.reset();
+                        return Next::TooBig {
+                            tag: None,
+                            sync: false,
+                        };
+                    }
+                    self.taken += 2;
+                    Next::Skip(l.size)
+                }
+                // a synchronising literal: the client has the answer and
+                // waits for a `+` that never comes; the command is over
+                _ => {
+                    self.reset();
+                    Next::Dropped
+                }
+            };
+        }
+        match lit {
+            None => {
+                let cmd = std::mem::take(&mut self.buf);
+                self.reset();
+                Next::Complete(cmd)
+            }
             Some(lit) => {
                 // the CRLF that ends the announcement is part of the syntax
                 if lit.size > (self.room().saturating_sub(2)) as u64 {
@@ -190,14 +259,19 @@ impl Assembler {
                     };
                 }
                 self.buf.extend_from_slice(b"\r\n");
+                self.taken += 2;
                 Next::Literal(lit)
             }
         }
     }
 
-    /// The octets of the literal just announced.
+    /// The octets of the literal just announced (dropped where the command
+    /// was answered already).
     pub fn literal(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
+        self.taken = self.taken.saturating_add(data.len());
+        if !self.refused {
+            self.buf.extend_from_slice(data);
+        }
     }
 }
 
@@ -834,6 +908,48 @@ mod tests {
         assert!(matches!(a.line(b"d LOGIN {80}"), Next::Literal(_)));
         a.literal(&[b'x'; 80]);
         assert!(matches!(a.line(b" {10}"), Next::TooBig { .. }));
+    }
+
+    #[test]
+    fn a_command_refused_at_its_literal_is_dropped_to_its_end() {
+        let lit = |size, sync| Literal { size, sync };
+        // synchronising: the client sends nothing more of it
+        let mut a = Assembler::new(100);
+        assert_eq!(a.line(b"f LOGIN {5}"), Next::Literal(lit(5, true)));
+        assert_eq!(a.head(), b"f LOGIN {5}\r\n");
+        assert_eq!(a.refuse(lit(5, true)), 0);
+        assert!(!a.in_command());
+        assert_eq!(a.line(b"g NOOP"), Next::Complete(b"g NOOP".to_vec()));
+        // LITERAL+: the octets come anyway; read, dropped, never kept, and
+        // so is the rest of the command, within the command's budget
+        assert_eq!(a.line(b"h LOGIN {5+}"), Next::Literal(lit(5, false)));
+        assert_eq!(a.refuse(lit(5, false)), 5);
+        a.literal(b"alice");
+        assert!(a.head().is_empty());
+        assert_eq!(a.room(), 100 - 19);
+        assert_eq!(a.line(b" {6+}"), Next::Skip(6));
+        a.literal(b"secret");
+        assert_eq!(a.line(b""), Next::Dropped);
+        assert!(!a.in_command());
+        assert_eq!(a.room(), 100);
+        // a synchronising literal later in it: over, no `+`
+        a.line(b"i LOGIN {1+}");
+        a.refuse(lit(1, false));
+        a.literal(b"x");
+        assert_eq!(a.line(b" {6}"), Next::Dropped);
+        assert_eq!(a.line(b"j NOOP"), Next::Complete(b"j NOOP".to_vec()));
+        // over the budget: the session ends (the tag was answered already)
+        a.line(b"k LOGIN {1+}");
+        a.refuse(lit(1, false));
+        a.literal(b"x");
+        assert_eq!(
+            a.line(b" {90+}"),
+            Next::TooBig {
+                tag: None,
+                sync: false
+            }
+        );
+        assert!(!a.in_command());
     }
 
     #[test]

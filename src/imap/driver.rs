@@ -1,8 +1,9 @@
 //! The one place that awaits for an IMAP session: it reads command lines
 //! and literals through the client-connection layer (`conn/client.rs`),
 //! assembles commands (`command::Assembler`, which bounds every literal
-//! before it is read and tells when `+` is owed), asks the pure [`Session`]
-//! what to do, talks to the backend, and after login hands both connections
+//! before it is read), asks the pure [`Session`] what to do — at each
+//! literal's announcement too: `+`, or a refusal that drops the rest of the
+//! command — talks to the backend, and after login hands both connections
 //! to the [`relay`](super::relay). It decides no reply itself: login
 //! outcomes and policy refusals go to the session (through the login
 //! guard, `conn/login.rs`), whose [`Action`] it carries out.
@@ -12,8 +13,7 @@
 
 use super::command::{self, Assembler, Next};
 use super::relay::{self, RelayEnd, Timers};
-use super::reply;
-use super::session::{Action, LoginOutcome, LoginResult, Session, Settings};
+use super::session::{Action, AtLiteral, LoginOutcome, LoginResult, Session, Settings};
 use super::tracker::{Limits, Upstream};
 use crate::action::PolicyAction;
 use crate::backend::imap::{ImapBackend, ImapLogin, ImapLoginReply};
@@ -132,31 +132,45 @@ impl Driver {
             }
             match self.assembler.line(&line) {
                 Next::Complete(cmd) => {
-                    if let Some((_, verb)) = command::tag_and_verb(&cmd) {
-                        // the verb only: never arguments (passwords)
-                        debug!(command = %verb, "command");
-                        crate::observe::metrics().command(&l.name, command::metric_verb(&verb));
-                    }
+                    count_command(&cmd, &l.name);
                     return Ok(self.session.command(&cmd));
                 }
                 Next::TooBig { tag, sync } => {
                     return Ok(self.session.literal_too_large(tag.as_deref(), sync));
                 }
-                Next::Literal(lit) => {
-                    if lit.sync {
-                        self.client.queue(&reply::literal_go());
-                        self.client.flush().await?;
+                Next::Literal(lit) => match self.session.literal(self.assembler.head(), lit) {
+                    AtLiteral::Read(go) => {
+                        if let Some(go) = go {
+                            self.client.queue(&go);
+                            self.client.flush().await?;
+                        }
+                        self.read_literal(lit.size).await?;
                     }
-                    // within the assembler's budget, so within memory
-                    let n = usize::try_from(lit.size).unwrap_or(usize::MAX);
-                    let data = self
-                        .client
-                        .take(&self.session, n, l.timeouts.command)
-                        .await?;
-                    self.assembler.literal(&data);
-                }
+                    // answered before a byte of the literal (a password) is read
+                    AtLiteral::Refuse(action) => {
+                        count_command(self.assembler.head(), &l.name);
+                        let skip = self.assembler.refuse(lit);
+                        if skip > 0 && !matches!(action, Action::Close(..)) {
+                            self.read_literal(skip).await?;
+                        }
+                        return Ok(action);
+                    }
+                },
+                Next::Skip(n) => self.read_literal(n).await?,
+                Next::Dropped => {}
             }
         }
+    }
+
+    /// Reads the `size` octets of a literal into the assembler (which
+    /// drops them for a command answered already).
+    async fn read_literal(&mut self, size: u64) -> Result<(), End> {
+        // within the assembler's budget, so within memory
+        let n = usize::try_from(size).unwrap_or(usize::MAX);
+        let wait = self.ctx.listener().timeouts.command;
+        let data = self.client.take(&self.session, n, wait).await?;
+        self.assembler.literal(&data);
+        Ok(())
     }
 
     async fn act(&mut self, mut action: Action) -> Option<End> {
@@ -290,6 +304,14 @@ impl Driver {
             RelayEnd::Refused => End::Because("closed by mailgate"),
             RelayEnd::Error(e) => End::Error(e),
         }
+    }
+}
+
+/// Logs and counts a command by its verb only: never its arguments (passwords).
+fn count_command(cmd: &[u8], listener: &str) {
+    if let Some((_, verb)) = command::tag_and_verb(cmd) {
+        debug!(command = %verb, "command");
+        crate::observe::metrics().command(listener, command::metric_verb(&verb));
     }
 }
 

@@ -105,8 +105,9 @@ impl Reply {
 
 /// The backend's accepting login answer under the client's tag
 /// ([`Reply::relayed`]), its `[CAPABILITY …]` without what cannot work
-/// through mailgate: `STARTTLS` (TLS is mailgate's) and `COMPRESS=…`
-/// (RFC 4978: the relay must see every command).
+/// through mailgate: `STARTTLS` (TLS is mailgate's), `COMPRESS=…`
+/// (RFC 4978: the relay must see every command) and `UNAUTHENTICATE`
+/// (RFC 8437: the session here stays logged in).
 pub fn login_accepted(tag: &str, text: &str) -> Reply {
     let r = Reply::relayed(tag, true, text, login_ok_default());
     let line = &r.lines[0];
@@ -122,6 +123,7 @@ pub fn login_accepted(tag: &str, text: &str) -> Reply {
         .filter(|c| {
             !c.is_empty()
                 && !c.eq_ignore_ascii_case("STARTTLS")
+                && !c.eq_ignore_ascii_case("UNAUTHENTICATE")
                 && !c.to_ascii_uppercase().starts_with("COMPRESS=")
         })
         .collect();
@@ -139,6 +141,16 @@ pub fn compress_unavailable(tag: &str) -> Reply {
         tag,
         "NO",
         "[CANNOT] COMPRESS is not available through this gateway",
+    )
+}
+
+/// UNAUTHENTICATE after login (RFC 8437): the backend would leave the
+/// authenticated state while the session here stays logged in.
+pub fn unauthenticate_unavailable(tag: &str) -> Reply {
+    Reply::tagged(
+        tag,
+        "NO",
+        "[CANNOT] UNAUTHENTICATE is not available through this gateway",
     )
 }
 
@@ -427,7 +439,7 @@ mod tests {
         assert_eq!(
             login_accepted(
                 "t",
-                "OK [CAPABILITY IMAP4rev1 STARTTLS IDLE compress=deflate LITERAL+] Logged in"
+                "OK [CAPABILITY IMAP4rev1 STARTTLS IDLE compress=deflate LITERAL+ UNAUTHENTICATE] Logged in"
             )
             .to_bytes(),
             b"t OK [CAPABILITY IMAP4rev1 IDLE LITERAL+] Logged in\r\n"

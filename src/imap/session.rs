@@ -18,6 +18,12 @@ use crate::conn::sasl::{self, Plain, SaslError};
 pub use crate::conn::Ending;
 use crate::conn::Replies;
 
+/// The commands that carry credentials (refused before TLS where TLS is
+/// required, before anything of them is read or kept).
+fn is_login(verb: &str) -> bool {
+    verb == "LOGIN" || verb == "AUTHENTICATE"
+}
+
 /// What became of a login on the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoginOutcome {
@@ -76,6 +82,16 @@ pub enum Action {
     Login(ImapLogin),
     /// Reply (the backend's `OK` under the client's tag) and become a relay.
     Relay(Reply),
+}
+
+/// The session's word on a literal the command being read announces.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AtLiteral {
+    /// Read it, after this `+` where it is synchronising.
+    Read(Option<Reply>),
+    /// The command is answered now, before anything of the literal is read
+    /// (`command::Assembler::refuse` drops the rest of it).
+    Refuse(Action),
 }
 
 pub struct Session {
@@ -160,6 +176,20 @@ impl Session {
                 Ending::Refused,
             )
         }
+    }
+
+    /// A literal announced by the command being assembled (`head`: its
+    /// pieces so far). A login command that will be refused anyway is
+    /// refused here, instead of the `+` (RFC 3501 §7.5, RFC 9051 §7.5: the
+    /// server may reject a command in place of the continuation): a client
+    /// must not be invited to send a password in the clear.
+    pub fn literal(&mut self, head: &[u8], lit: command::Literal) -> AtLiteral {
+        if let Some((tag, verb)) = command::tag_and_verb(head) {
+            if is_login(&verb) && !self.login_allowed() {
+                return AtLiteral::Refuse(self.error(reply::privacy_required(tag)));
+            }
+        }
+        AtLiteral::Read(lit.sync.then(reply::literal_go))
     }
 
     /// One assembled command (`command::Assembler`), or a SASL response line.
@@ -411,6 +441,56 @@ mod tests {
         }
         assert!(!s.awaiting_sasl());
         assert_eq!(s.last_user, None);
+    }
+
+    #[test]
+    fn a_login_literal_before_tls_is_refused_instead_of_its_plus() {
+        use command::Literal;
+        let sync = Literal {
+            size: 5,
+            sync: true,
+        };
+        let plus = Literal {
+            size: 5,
+            sync: false,
+        };
+        let mut s = Session::new(settings(), false);
+        for head in [&b"f LOGIN {5}\r\n"[..], b"g login alice {5}\r\n"] {
+            let tag = std::str::from_utf8(&head[..1]).unwrap();
+            assert_eq!(
+                s.literal(head, sync),
+                AtLiteral::Refuse(Action::Reply(reply::privacy_required(tag)))
+            );
+        }
+        assert_eq!(
+            s.literal(b"h AUTHENTICATE {5+}\r\n", plus),
+            AtLiteral::Refuse(Action::Reply(reply::privacy_required("h")))
+        );
+        assert_eq!(s.errors(), 3);
+        assert_eq!(s.last_user, None);
+        // what is not a login reads its literal
+        assert_eq!(
+            s.literal(b"i ID (\"name\" {5}\r\n", sync),
+            AtLiteral::Read(Some(reply::literal_go()))
+        );
+        // once login is allowed, the password is invited
+        s.tls_started();
+        assert_eq!(
+            s.literal(b"j LOGIN {5}\r\n", sync),
+            AtLiteral::Read(Some(reply::literal_go()))
+        );
+        assert_eq!(s.literal(b"k LOGIN {5+}\r\n", plus), AtLiteral::Read(None));
+        let mut open = Session::new(
+            Settings {
+                require_tls: false,
+                ..settings()
+            },
+            false,
+        );
+        assert_eq!(
+            open.literal(b"l LOGIN {5}\r\n", sync),
+            AtLiteral::Read(Some(reply::literal_go()))
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!   forwarded as sent — with the line length, every literal's size (an
 //!   APPEND's up to `max_message_size`, others up to `max_command_line`),
 //!   NUL and bare CR/LF checked — or answered here and never forwarded
-//!   (STARTTLS, LOGIN, AUTHENTICATE after login, anything over a bound).
+//!   (STARTTLS, LOGIN, AUTHENTICATE, UNAUTHENTICATE, COMPRESS and ID after
+//!   login, anything over a bound).
 //!   After a synchronising literal's announcement it stops until the
 //!   backend has answered with `+` (the literal follows) or with the
 //!   command's tagged response (it does not): it keeps the backend's view
@@ -309,6 +310,20 @@ impl Upstream {
             // a compressed stream could not be checked
             "COMPRESS" => {
                 let e = Event::Reply(reply::compress_unavailable(&tag));
+                return Some(self.refused_literal(lit, false, e));
+            }
+            // RFC 8437: the backend would be not-authenticated again while
+            // the session here stays logged in
+            "UNAUTHENTICATE" => {
+                let e = Event::Reply(reply::unauthenticate_unavailable(&tag));
+                return Some(self.refused_literal(lit, false, e));
+            }
+            // RFC 2971: a backend that trusts mailgate's connection would
+            // trust the client's fields (`x-originating-ip` …); mailgate's
+            // own answer, as before login. A synchronising literal in it
+            // never comes: the answer ends the command.
+            "ID" => {
+                let e = Event::Reply(reply::id(&tag));
                 return Some(self.refused_literal(lit, false, e));
             }
             _ => {}
@@ -762,6 +777,42 @@ mod tests {
         let (fwd, ev, _) = feed(&mut u, b"h LOGIN {5}\r\ni NOOP\r\n");
         assert_eq!(fwd, "i NOOP\r\n");
         assert_eq!(ev, vec!["h BAD Already logged in\r\n"]);
+    }
+
+    #[test]
+    fn unauthenticate_after_login_never_reaches_the_backend() {
+        // RFC 8437: a backend would drop back to not-authenticated while
+        // mailgate still relays a logged-in session
+        let mut u = up();
+        let (fwd, ev, _) = feed(
+            &mut u,
+            b"a NOOP\r\nb UNAUTHENTICATE\r\nc unauthenticate {3+}\r\nabc\r\nd NOOP\r\n",
+        );
+        assert_eq!(fwd, "a NOOP\r\nd NOOP\r\n");
+        assert_eq!(
+            ev,
+            vec![
+                "b NO [CANNOT] UNAUTHENTICATE is not available through this gateway\r\n",
+                "c NO [CANNOT] UNAUTHENTICATE is not available through this gateway\r\n",
+            ]
+        );
+        assert_eq!(u.commands, 2);
+    }
+
+    #[test]
+    fn id_after_login_is_answered_here() {
+        // the client's fields (`x-originating-ip` …) would be trusted by a
+        // backend that trusts mailgate's connection
+        let mut u = up();
+        let (fwd, ev, _) = feed(
+            &mut u,
+            b"a ID (\"x-originating-ip\" \"192.0.2.1\")\r\nb id NIL\r\n\
+              c ID (\"x-originating-ip\" {9+}\r\n192.0.2.1)\r\nd ID (\"name\" {3}\r\ne NOOP\r\n",
+        );
+        assert_eq!(fwd, "e NOOP\r\n");
+        let id = |t: &str| format!("* ID (\"name\" \"mailgate\")\r\n{t} OK ID completed\r\n");
+        assert_eq!(ev, vec![id("a"), id("b"), id("c"), id("d")]);
+        assert_eq!(u.commands, 1);
     }
 
     #[test]
