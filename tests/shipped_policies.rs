@@ -36,9 +36,10 @@ fn copy_shipped(dir: &Path, smtp: &str, pop3: &str, dns: &str) {
             "00-server.yaml" => {
                 text = subst(&text, &name, "\"10.0.0.5:25\"", &format!("\"{smtp}\""));
                 text = subst(&text, &name, "\"10.0.0.5:110\"", &format!("\"{pop3}\""));
+                text = subst(&text, &name, "\"10.0.0.5:143\"", &format!("\"{pop3}\""));
             }
             "10-listeners.yaml" => {
-                for port in [25, 587, 465, 110, 995] {
+                for port in [25, 587, 465, 110, 995, 143, 993] {
                     let bind = format!("\"0.0.0.0:{port}\"");
                     text = subst(&text, &name, &bind, "\"127.0.0.1:0\"");
                 }
@@ -120,7 +121,7 @@ async fn shipped_policies_reject_spf_fail_and_relay_pass_with_authentication_res
     let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let smtp = backend.local_addr().unwrap().to_string();
     tokio::spawn(serve_smtp(backend, mailbox.clone()));
-    // nothing listens there: the POP3 listeners are not used here
+    // nothing listens there: the POP3 and IMAP listeners are not used here
     let pop3 = format!("127.0.0.1:{}", common::free_port());
 
     let dir = tempfile::tempdir().unwrap();
