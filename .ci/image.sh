@@ -223,9 +223,23 @@ step "builder image" make_builder
 # 3. The repository's Dockerfile. Docker format keeps the HEALTHCHECK (OCI
 #    image configs have no such field).
 build_image() {
-    "${limit[@]}" 2400 "${B[@]}" build --pull=never --format docker \
-        --build-arg RUST_IMAGE="$RUST_TAG" --build-arg RUNTIME_IMAGE="$RUNTIME_TAG" \
-        -t "$IMAGE" -f Dockerfile "$repo"
+    # Before each RUN step, buildah's chroot isolation copies its runtime into a
+    # sealed memfd; on this machine kind the kernel now and then refuses the seal
+    # (F_ADD_SEALS: EBUSY, "Close_Fd sealing memfd copy: Device or resource
+    # busy"), a transient of the build host, not of the Dockerfile. That one
+    # failure is retried (twice at most, each attempt from scratch: vfs storage
+    # keeps no layer cache); any other failure fails at once.
+    local attempt
+    for attempt in 1 2 3; do
+        if "${limit[@]}" 2400 "${B[@]}" build --pull=never --format docker \
+            --build-arg RUST_IMAGE="$RUST_TAG" --build-arg RUNTIME_IMAGE="$RUNTIME_TAG" \
+            -t "$IMAGE" -f Dockerfile "$repo" 2>&1 | tee "$WORK/build.log"; then
+            return 0
+        fi
+        grep -q 'sealing memfd copy: Device or resource busy' "$WORK/build.log" || return 1
+        [ "$attempt" -lt 3 ] && echo "buildah: the kernel refused to seal a memfd (EBUSY), a host transient; building again ($attempt/3 failed)"
+    done
+    return 1
 }
 step "buildah build Dockerfile" build_image
 "${B[@]}" images
