@@ -303,7 +303,7 @@ async fn reload_applies_to_new_sessions_only() {
 fn shipped_policies_are_valid() {
     let c =
         mailgate::config::load(std::path::Path::new("policies")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.listeners.len(), 5);
+    assert_eq!(c.listeners.len(), 7);
     assert!(c.listeners.iter().all(|l| l.policy.is_some()));
 }
 
