@@ -313,119 +313,6 @@ async fn into_parts_hands_over_the_rest() {
     assert_eq!(&buf[..n], b"a1 OK done\r\n");
 }
 
-// ---------------------------------------------------------------- Dovecot
-
-mod dovecot {
-    use super::*;
-    use std::path::Path;
-    use std::process::{Child, Command, Stdio};
-
-    /// Dovecot imapd, stopped by PID when dropped (also on panic).
-    pub struct Dovecot {
-        pub port: u16,
-        child: Child,
-    }
-
-    impl Drop for Dovecot {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(self.child.id().to_string())
-                .status();
-            for _ in 0..40 {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    /// A throwaway Dovecot (IMAP only, plaintext auth allowed) with user
-    /// `alice` whose password is `password`, trusting loopback for ID.
-    pub fn start(dir: &Path, password: &str) -> Dovecot {
-        let run = |c: &mut Command| assert!(c.status().unwrap().success());
-        let port = common::free_port();
-        run(Command::new("chmod").arg("0755").arg(dir));
-        let home = dir.join("home/alice");
-        for sub in ["new", "cur", "tmp"] {
-            std::fs::create_dir_all(home.join("Maildir").join(sub)).unwrap();
-        }
-        std::fs::write(
-            home.join("Maildir/new/1700000000.M1P1.mailgate-test"),
-            "Subject: hi\n\nhello\n",
-        )
-        .unwrap();
-        run(Command::new("chown")
-            .args(["-R", "65534:65534"])
-            .arg(dir.join("home")));
-        let users = dir.join("users");
-        // passwd-file: `:` separates fields; the test password has none
-        std::fs::write(
-            &users,
-            format!(
-                "alice:{{PLAIN}}{password}:65534:65534::{}\n",
-                home.display()
-            ),
-        )
-        .unwrap();
-        run(Command::new("chmod").arg("0644").arg(&users));
-        for sub in ["run", "state"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
-        }
-        let d = dir.display();
-        let conf = dir.join("dovecot.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                r#"base_dir = {d}/run
-state_dir = {d}/state
-protocols = imap
-listen = 127.0.0.1
-ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain
-log_path = {d}/dovecot.log
-mail_location = maildir:~/Maildir
-first_valid_uid = 1
-login_trusted_networks = 127.0.0.0/8
-passdb {{
-  driver = passwd-file
-  args = username_format=%u {d}/users
-}}
-userdb {{
-  driver = passwd-file
-  args = username_format=%u {d}/users
-}}
-service imap-login {{
-  inet_listener imap {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
-}}
-"#
-            ),
-        )
-        .unwrap();
-        let child = Command::new(common::tool("dovecot"))
-            .arg("-F")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start dovecot");
-        let dovecot = Dovecot { port, child };
-        common::wait_port(port);
-        dovecot
-    }
-}
-
 /// The real thing: LOGIN (literal, as Dovecot offers no LITERAL+ before
 /// login… or `{n+}` if it does) and AUTHENTICATE PLAIN (SASL-IR) with the
 /// hard password, the client identity by ID (logged by Dovecot as the
@@ -434,10 +321,18 @@ service imap-login {{
 fn real_dovecot_logins() {
     common::require_or_skip!(root: "Dovecot (it switches users)", "dovecot");
     let dir = tempfile::tempdir().unwrap();
-    let dovecot = dovecot::start(dir.path(), HARD);
+    let dovecot = common::Dovecot::start(
+        dir.path(),
+        &common::DovecotConf {
+            password: HARD,
+            inbox: vec![b"Subject: hi\n\nhello\n".to_vec()],
+            folders: vec![],
+            trusted_networks: Some("127.0.0.0/8"),
+        },
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut b = backend(&format!("127.0.0.1:{}", dovecot.port));
+        let mut b = backend(&format!("127.0.0.1:{}", dovecot.imap));
         b.imap_id = true;
         for l in [
             login("alice", HARD),
@@ -460,7 +355,7 @@ fn real_dovecot_logins() {
             "{r:?}"
         );
     });
-    let log = std::fs::read_to_string(dir.path().join("dovecot.log")).unwrap_or_default();
+    let log = dovecot.log_text();
     assert!(
         log.contains("rip=192.0.2.7"),
         "Dovecot took the client's address from ID:\n{log}"
