@@ -417,7 +417,7 @@ fn check_pop3_reply(r: &pop3::reply::Reply) {
 /// decoder, base64, and the `pop3::session::Session` state machine.
 pub fn pop3_command(data: &[u8]) {
     pop3_transaction(data);
-    use pop3::command::{base64_decode, base64_encode, decode_plain};
+    use mailgate::conn::sasl::{base64_decode, base64_encode, decode_plain};
     use pop3::session::{Action as P, LoginOutcome, Session as Pop3Session, Settings as P3};
     let mut s = Pop3Session::new(
         P3 {

@@ -7,8 +7,8 @@ mod common;
 use common::backend::Seen;
 use common::{Gateway, Pop3Client, Running, Tls, Yaml};
 
+use mailgate::conn::sasl::base64_encode;
 use mailgate::demo::{Mailbox, StoredMessage};
-use mailgate::pop3::command::base64_encode;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

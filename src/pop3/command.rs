@@ -8,8 +8,7 @@ use std::fmt;
 
 /// Longest user name mailgate passes to a backend.
 pub const MAX_USER: usize = 255;
-/// Longest password mailgate passes to a backend.
-pub use crate::conn::sasl::MAX_PASS;
+use crate::conn::sasl::MAX_PASS;
 /// Longest command line, CRLF included (RFC 2449 §4). SASL response lines
 /// are not commands and may be longer (RFC 5034 §4: `max_command_line`).
 pub const MAX_COMMAND_LINE: usize = 255;
@@ -195,11 +194,10 @@ pub fn parse(line: &[u8]) -> Result<Command, ParseError> {
     }
 }
 
-pub use crate::conn::sasl::{base64_decode, base64_encode, decode_plain, Plain, SaslError};
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::sasl::decode_plain;
 
     #[test]
     fn commands() {

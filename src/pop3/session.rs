@@ -7,13 +7,14 @@
 //! the driver hands both connections to the pipe, where `transaction.rs`
 //! parses every command and the backend's answers pass unchanged.
 
-use super::command::{self, Command, ParseError, Plain, SaslError};
+use super::command::{self, Command, ParseError};
 use super::reply;
 /// The replies in [`Action`]s (built in `reply.rs`, chosen here).
 pub use super::reply::Reply;
 use crate::action::PolicyAction;
 use crate::backend::caps::Pop3Caps;
 use crate::backend::pop3::{Login, LoginReply};
+use crate::conn::sasl::{self, Plain, SaslError};
 pub use crate::conn::Ending;
 use crate::conn::Replies;
 use std::borrow::Cow;
@@ -235,7 +236,7 @@ impl Session {
     }
 
     fn plain(&mut self, b64: &str) -> Action {
-        match command::decode_plain(b64) {
+        match sasl::decode_plain(b64) {
             Ok(Plain {
                 authzid,
                 user,
@@ -389,7 +390,7 @@ impl Replies for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pop3::command::base64_encode;
+    use crate::conn::sasl::base64_encode;
 
     fn settings() -> Settings {
         Settings {
