@@ -449,9 +449,9 @@ async fn bans(
             Ok(std::process::ExitCode::SUCCESS)
         }
         403 => said("the gateway runs without metrics.admin_token_file: lifting bans is disabled"),
-        401 if token.is_none() => {
-            said("this configuration has no metrics.admin_token_file, and the gateway wants a token")
-        }
+        401 if token.is_none() => said(
+            "this configuration has no metrics.admin_token_file, and the gateway wants a token",
+        ),
         401 => said("the gateway refused the token (is this the configuration it runs with?)"),
         404 => said(&format!("no ban covers {address}")),
         _ => said(&format!("{addr}: {request} answered {code}: {body}")),
@@ -468,7 +468,8 @@ async fn admin_request(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let mut head = format!("{request} HTTP/1.1\r\nHost: mailgate\r\nConnection: close\r\n").into_bytes();
+        let mut head =
+            format!("{request} HTTP/1.1\r\nHost: mailgate\r\nConnection: close\r\n").into_bytes();
         if let Some(t) = token {
             head.extend_from_slice(b"Authorization: Bearer ");
             head.extend_from_slice(t);

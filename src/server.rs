@@ -151,7 +151,9 @@ impl Gateway {
         );
         let policies = Policies::compile(&config.policies, &policy_state);
         policy_state.bans.protect(balancers(config));
-        let admin_token = Arc::new(ArcSwapOption::from(config.admin_token.clone().map(Arc::new)));
+        let admin_token = Arc::new(ArcSwapOption::from(
+            config.admin_token.clone().map(Arc::new),
+        ));
         let mut bound = Vec::new();
         for l in &config.listeners {
             let socket = bind(l.bind).map_err(|source| ServerError::Bind {

@@ -9,7 +9,9 @@
 
 mod common;
 
-use common::{Gateway, ImapBackend, Pop3Backend, Pop3Client, Running, SmtpBackend, SmtpClient, Yaml};
+use common::{
+    Gateway, ImapBackend, Pop3Backend, Pop3Client, Running, SmtpBackend, SmtpClient, Yaml,
+};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -48,8 +50,7 @@ async fn first_words(src: &str, addr: SocketAddr, before: &[u8]) -> String {
     s.write_all(before).await.unwrap();
     let mut out = Vec::new();
     let mut tmp = [0u8; 1024];
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), s.read(&mut tmp)).await
-    {
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), s.read(&mut tmp)).await {
         if n == 0 {
             break;
         }
@@ -141,12 +142,19 @@ async fn failed_pop3_logins_ban_the_client_on_every_listener_until_ban_for() {
     fail_logins(&mut c, 1).await;
     let banned_at = Instant::now();
     // the session itself: its next login never reaches the backend
-    let passes = pop3.lines().iter().filter(|l| l.starts_with("PASS")).count();
+    let passes = pop3
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("PASS"))
+        .count();
     c.send(b"USER alice\r\nPASS secret\r\n").await;
     c.ok().await;
     assert_eq!(c.status().await, "-ERR [AUTH] Authentication failed");
     assert_eq!(
-        pop3.lines().iter().filter(|l| l.starts_with("PASS")).count(),
+        pop3.lines()
+            .iter()
+            .filter(|l| l.starts_with("PASS"))
+            .count(),
         passes
     );
     // every listener, before the greeting (and before TLS)
@@ -161,7 +169,11 @@ async fn failed_pop3_logins_ban_the_client_on_every_listener_until_ban_for() {
     assert_eq!(listed[0]["rule"], "guess");
     assert!(listed[0]["expires_in"].as_u64().unwrap() <= 2);
     assert_eq!(
-        metric(&gw, "mailgate_bans_total{policy=\"mailbox-a3\",rule=\"guess\"}").await,
+        metric(
+            &gw,
+            "mailgate_bans_total{policy=\"mailbox-a3\",rule=\"guess\"}"
+        )
+        .await,
         1.0
     );
     assert_eq!(
@@ -205,12 +217,25 @@ async fn behind_a_trusted_balancer_the_announced_client_is_banned() {
     let (pop3, smtp) = (refusing_pop3().await, SmtpBackend::new().start().await);
     let lb = "proxy_protocol: { trusted: [\"127.0.0.1/32\"], timeout: 2s }";
     let limits = "policies:\n  mailbox-lb:\n    limits:\n      - { name: guess, key: [ip], auth_failures: 6/15minutes, action: ban, ban_for: 1h }";
-    let pop3_extra = "require_tls: false, policy: mailbox-lb, max_login_failures: 10, login_failure_delay: 10ms";
+    let pop3_extra =
+        "require_tls: false, policy: mailbox-lb, max_login_failures: 10, login_failure_delay: 10ms";
     let gw = Yaml::new()
         .section("metrics: { bind: \"127.0.0.1:0\" }")
-        .listener_to("pop3-lb", "pop3", "none", "p", &format!("{pop3_extra}, {lb}"))
+        .listener_to(
+            "pop3-lb",
+            "pop3",
+            "none",
+            "p",
+            &format!("{pop3_extra}, {lb}"),
+        )
         .listener_to("pop3-direct", "pop3", "none", "p", pop3_extra)
-        .listener_to("mx-lb", "smtp", "none", "s", &format!("require_tls: false, {lb}"))
+        .listener_to(
+            "mx-lb",
+            "smtp",
+            "none",
+            "s",
+            &format!("require_tls: false, {lb}"),
+        )
         .listener_to("mx-direct", "smtp", "none", "s", "require_tls: false")
         .backend("p", &pop3.addr, "")
         .backend("s", &smtp.addr, "")
@@ -286,7 +311,10 @@ async fn lift_gateway(dir: &Path, pop3: &Running, smtp: &Running, token: Option<
 /// `mailgate bans ARGS --config dir/gw.yaml`: (exit ok, stdout, stderr).
 async fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailgate"));
-    cmd.arg("bans").args(args).arg("--config").arg(dir.join("gw.yaml"));
+    cmd.arg("bans")
+        .args(args)
+        .arg("--config")
+        .arg(dir.join("gw.yaml"));
     tokio::task::spawn_blocking(move || common::run_limited(&mut cmd, Duration::from_secs(20)))
         .await
         .unwrap()
@@ -326,7 +354,11 @@ async fn bans_are_listed_and_lifted_with_the_admin_token() {
     let del = "DELETE /bans/127.0.0.9 HTTP/1.1";
     let (code, body) = http(m, del).await;
     assert_eq!(code, 401, "{body}");
-    let (code, _) = http(m, &format!("{del}\r\nAuthorization: Bearer not-the-token-at-all")).await;
+    let (code, _) = http(
+        m,
+        &format!("{del}\r\nAuthorization: Bearer not-the-token-at-all"),
+    )
+    .await;
     assert_eq!(code, 401);
     let (code, _) = http(m, &format!("{del}\r\nAuthorization: Basic {token}")).await;
     assert_eq!(code, 401, "only a bearer token");
@@ -372,10 +404,7 @@ async fn bans_are_listed_and_lifted_with_the_admin_token() {
     .await;
     assert_eq!(code, 403, "{body}");
     let (ok, _, err) = cli(dir2.path(), &["lift", "127.0.0.9"]).await;
-    assert!(
-        !ok && err.contains("lifting bans is disabled"),
-        "{err}"
-    );
+    assert!(!ok && err.contains("lifting bans is disabled"), "{err}");
 }
 
 /// Recipient harvesting: a backend that refuses every RCPT with 550; the
@@ -404,7 +433,11 @@ async fn refused_recipients_ban_the_harvester() {
     }
     let r = c.cmd("RCPT TO:<guess3@example.net>").await;
     assert_eq!(r, "550 5.7.1 Refused by local policy\n");
-    let rcpts = smtp.lines().iter().filter(|l| l.starts_with("RCPT")).count();
+    let rcpts = smtp
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("RCPT"))
+        .count();
     assert_eq!(rcpts, 3, "the fourth was not relayed");
     assert!(!smtp_greets("127.0.0.11", mx, b"").await);
     assert!(smtp_greets("127.0.0.12", mx, b"").await);
@@ -434,14 +467,18 @@ async fn shadow_ban_rule_counts_but_refuses_nothing() {
     c.ok().await;
     fail_logins(&mut c, 6).await;
     assert_eq!(
-        pop3.lines().iter().filter(|l| l.starts_with("PASS")).count(),
+        pop3.lines()
+            .iter()
+            .filter(|l| l.starts_with("PASS"))
+            .count(),
         6,
         "every login reached the backend"
     );
     assert!(smtp_greets("127.0.0.13", gw.addr("mx-shadow").unwrap(), b"").await);
     assert!(bans(&gw).await.is_empty());
     // the third, fourth, fifth and sixth failure each would have banned
-    let skipped = "mailgate_bans_skipped_total{policy=\"mailbox-shadow\",rule=\"watch\",reason=\"shadow\"}";
+    let skipped =
+        "mailgate_bans_skipped_total{policy=\"mailbox-shadow\",rule=\"watch\",reason=\"shadow\"}";
     assert_eq!(metric(&gw, skipped).await, 4.0);
     let hits = "mailgate_policy_limit_hits_total{policy=\"mailbox-shadow\",rule=\"watch\",mode=\"shadow\"}";
     assert_eq!(metric(&gw, hits).await, 4.0);

@@ -259,10 +259,7 @@ fn ban_for(
 ) -> Result<Option<Duration>, ConfigError> {
     if action != PolicyAction::Ban {
         if r.ban_for.is_some() {
-            return Err(at_field(
-                "ban_for",
-                "ban_for needs action: ban".into(),
-            ));
+            return Err(at_field("ban_for", "ban_for needs action: ban".into()));
         }
         if r.shadow.is_some() {
             return Err(at_field(
@@ -279,10 +276,7 @@ fn ban_for(
         ));
     };
     if !(BAN_FOR_MIN..=BAN_FOR_MAX).contains(&d) {
-        return Err(at_field(
-            "ban_for",
-            "ban_for must be from 1s to 30d".into(),
-        ));
+        return Err(at_field("ban_for", "ban_for must be from 1s to 30d".into()));
     }
     if matches!(kind, Kind::Concurrent(_) | Kind::RecipientsPerMessage(_)) {
         return Err(at_field(
@@ -303,7 +297,15 @@ fn ban_for(
 fn bans_in(a: &crate::auth::AuthPolicy) -> Option<&'static str> {
     let ban = |acts: &[Option<PolicyAction>]| acts.contains(&Some(PolicyAction::Ban));
     if let Some(x) = &a.spf {
-        let acts = [x.pass, x.fail, x.softfail, x.neutral, x.none, x.temperror, x.permerror];
+        let acts = [
+            x.pass,
+            x.fail,
+            x.softfail,
+            x.neutral,
+            x.none,
+            x.temperror,
+            x.permerror,
+        ];
         if ban(&acts) {
             return Some("spf");
         }
@@ -338,6 +340,92 @@ mod tests {
         ));
         assert!(e.starts_with("bad.yaml:9:"), "{e}");
         assert!(e.contains("concurrent") && e.contains("delay"), "{e}");
+    }
+
+    /// `action: ban`: `ban_for` required and bounded, never without ban;
+    /// an `ip` key; evidence-of-abuse kinds only; `shadow` only with ban;
+    /// not an action of SPF/DKIM/DMARC/ARC results. Each error names the
+    /// rule's line.
+    #[test]
+    fn ban_rules_are_validated() {
+        let with = |r: &str| POLICY_BASE.replace("{ key: [ip], rate: 5/minute }", r);
+        let c = load_str(
+            "b.yaml",
+            &with("{ name: guess, key: [ip, listener], auth_failures: 6/15minutes, action: ban, ban_for: 1h }"),
+        )
+        .unwrap();
+        let r = &c.policies["p"].rules[0];
+        assert_eq!(
+            (r.action, r.ban_for, r.shadow),
+            (PolicyAction::Ban, Some(Duration::from_secs(3600)), false)
+        );
+        let c = load_str(
+            "b.yaml",
+            &with(
+                "{ key: [ip], rcpt_refusals: 5/10minutes, action: ban, ban_for: 1s, shadow: true }",
+            ),
+        )
+        .unwrap();
+        let r = &c.policies["p"].rules[0];
+        assert_eq!(
+            r.kind,
+            Kind::RcptRefusals {
+                count: 5,
+                window: Duration::from_secs(600)
+            }
+        );
+        assert_eq!(r.stage(), crate::policy::PolicyStage::Rcpt);
+        assert!(r.shadow);
+        let described = c.policies["p"].describe();
+        assert!(
+            described.contains("rcpt_refusals 5 per 600s action=ban for 1s (every listener; IPv4 address, IPv6 /64) shadow: log only"),
+            "{described}"
+        );
+        for (rule, why) in [
+            (
+                "{ key: [ip], auth_failures: 6/15minutes, action: ban }",
+                "needs ban_for",
+            ),
+            (
+                "{ key: [ip], auth_failures: 6/15minutes, action: ban, ban_for: 500ms }",
+                "from 1s to 30d",
+            ),
+            (
+                "{ key: [ip], auth_failures: 6/15minutes, action: ban, ban_for: 31d }",
+                "from 1s to 30d",
+            ),
+            (
+                "{ key: [ip], auth_failures: 6/15minutes, ban_for: 1h }",
+                "ban_for needs action: ban",
+            ),
+            (
+                "{ key: [ip], rate: 5/minute, shadow: true }",
+                "shadow: true is for action: ban",
+            ),
+            (
+                "{ key: [auth_user], auth_failures: 6/15minutes, action: ban, ban_for: 1h }",
+                "must include ip",
+            ),
+            (
+                "{ key: [ip_prefix], rate: 5/minute, action: ban, ban_for: 1h }",
+                "must include ip",
+            ),
+            (
+                "{ key: [ip], concurrent: 5, action: ban, ban_for: 1h }",
+                "a cap is no evidence",
+            ),
+        ] {
+            let e = err(&with(rule));
+            assert!(
+                e.starts_with("bad.yaml:8:") && e.contains(why),
+                "{rule}: {e}"
+            );
+        }
+        let e = err(&format!("{POLICY_BASE}    spf: {{ fail: ban }}\n"));
+        assert!(
+            e.starts_with("bad.yaml:9:") && e.contains("ban is an action of limit rules only"),
+            "{e}"
+        );
     }
 
     /// Issue 12.6: rates are typed values, located like every other value,

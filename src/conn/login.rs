@@ -99,7 +99,9 @@ pub async fn guard<L: Login + Send>(
                     LoginResult::Succeeded(_) => p.login_succeeded(&login.facts()),
                     // a ban this failure makes holds from the next command
                     // and connection on; the failure's answer stands
-                    LoginResult::Failed(_) => super::count_hits(&p.login_failed(&login.facts()).hits),
+                    LoginResult::Failed(_) => {
+                        super::count_hits(&p.login_failed(&login.facts()).hits)
+                    }
                     LoginResult::Refused(_) | LoginResult::Undecided(_) => {}
                 }
             }

@@ -258,11 +258,7 @@ impl Metrics {
             "Client networks banned now (refused on every listener)",
             m.bans_active.clone(),
         );
-        registry.register(
-            "bans",
-            "Bans made by action: ban rules",
-            m.bans.clone(),
-        );
+        registry.register("bans", "Bans made by action: ban rules", m.bans.clone());
         registry.register(
             "bans_skipped",
             "Bans a rule called for but did not make (shadow, trusted_proxy)",

@@ -40,9 +40,7 @@ impl Key {
             },
             IpAddr::V6(a) => {
                 let prefix = ipv6_prefix.min(128);
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(prefix))
-                    .unwrap_or(0);
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
                 Key {
                     v6: true,
                     bits: u128::from(a) & mask,
@@ -387,7 +385,9 @@ mod tests {
             "mapped is IPv4"
         );
         assert!(b.banned(ip("127.0.0.10"), t).is_none());
-        assert!(b.banned(ip("127.0.0.9"), t + Duration::from_secs(2)).is_none());
+        assert!(b
+            .banned(ip("127.0.0.9"), t + Duration::from_secs(2))
+            .is_none());
         assert_eq!(b.housekeeping(t + Duration::from_secs(2)), 0);
         assert!(b.list(t).is_empty());
     }
@@ -415,7 +415,13 @@ mod tests {
         let b = Bans::new(10);
         let t = Instant::now();
         b.ban(ip("192.0.2.1"), 64, HOUR, cause("long"), t);
-        b.ban(ip("192.0.2.1"), 64, Duration::from_secs(60), cause("short"), t);
+        b.ban(
+            ip("192.0.2.1"),
+            64,
+            Duration::from_secs(60),
+            cause("short"),
+            t,
+        );
         let got = b.banned(ip("192.0.2.1"), t).unwrap();
         assert_eq!((got.cause.rule.as_str(), got.remaining), ("long", HOUR));
         b.ban(ip("192.0.2.1"), 64, 2 * HOUR, cause("longer"), t);

@@ -462,7 +462,11 @@ impl Policy {
         })
     }
 
-    fn record(&self, f: &Facts, window: impl Fn(&Limiter) -> Option<&Arc<Failures>>) -> Checked<Decision> {
+    fn record(
+        &self,
+        f: &Facts,
+        window: impl Fn(&Limiter) -> Option<&Arc<Failures>>,
+    ) -> Checked<Decision> {
         let now = Instant::now();
         let mut hits = Vec::new();
         let mut decision = Decision::Continue;
@@ -656,6 +660,211 @@ mod tests {
             denied.decision.is_err() && denied.hits.is_empty(),
             "deny is no rule hit"
         );
+    }
+
+    fn refuse(rule: &str) -> Decision {
+        Decision::Refuse {
+            action: PolicyAction::Reject,
+            rule: rule.into(),
+        }
+    }
+
+    /// `action: ban` on auth_failures: the failure that reaches the count
+    /// bans (the client's next connection is refused by the server); the
+    /// session's own further commands are refused as `banned`.
+    #[test]
+    fn ban_rule_bans_on_the_failure_that_reaches_its_count() {
+        let (p, state) = policy(
+            vec![rule(
+                "guess",
+                vec![KeyPart::Ip],
+                Kind::AuthFailures {
+                    count: 3,
+                    window: Duration::from_secs(900),
+                },
+                PolicyAction::Ban,
+            )],
+            vec![],
+        );
+        let mut f = Facts::new(ip("127.0.0.9"), "pop3");
+        f.auth_user = Some("alice");
+        for _ in 0..2 {
+            assert_eq!(p.login_allowed(&f).decision, Decision::Continue);
+            let failed = p.login_failed(&f);
+            assert!(failed.hits.is_empty() && failed.decision == Decision::Continue);
+        }
+        let third = p.login_failed(&f);
+        assert_eq!(third.decision, refuse("guess"));
+        assert_eq!(
+            third.hits[0].ban,
+            Some(BanEvent::Banned {
+                active: 1,
+                evicted: false
+            })
+        );
+        let now = Instant::now();
+        let ban = state.bans.banned(ip("127.0.0.9"), now).unwrap();
+        assert_eq!(ban.cause.reason, "auth_failures 3 per 900s");
+        assert_eq!(ban.remaining.as_secs(), 3599);
+        assert_eq!(p.login_allowed(&f).decision, refuse("banned"));
+        assert_eq!(p.check(PolicyStage::Mail, &f).decision, refuse("banned"));
+        let other = Facts::new(ip("127.0.0.10"), "pop3");
+        assert_eq!(
+            p.check(PolicyStage::Helo, &other).decision,
+            Decision::Continue
+        );
+        // lifted: the next attempt goes on; failures still in the window
+        // ban again at the next one
+        assert_eq!(state.bans.lift(ip("127.0.0.9"), now).len(), 1);
+        assert_eq!(p.login_allowed(&f).decision, Decision::Continue);
+        assert_eq!(p.login_failed(&f).decision, refuse("guess"));
+    }
+
+    /// `rate` with `ban` at connect, an IPv6 client's /64, and a trusted
+    /// balancer that is never banned.
+    #[test]
+    fn rate_ban_takes_the_counted_network_but_never_a_balancer() {
+        let (p, state) = policy(
+            vec![rule(
+                "flood",
+                vec![KeyPart::Ip],
+                Kind::Rate {
+                    count: 1,
+                    period: Duration::from_secs(60),
+                    burst: 1,
+                },
+                PolicyAction::Ban,
+            )],
+            vec![],
+        );
+        let v6 = Facts::new(ip("2001:db8:1:2::1"), "mx");
+        assert!(p.connect(&v6).decision.is_ok());
+        let c = p.connect(&v6);
+        assert_eq!(c.decision.err(), Some(refuse("flood")));
+        let now = Instant::now();
+        assert_eq!(
+            state
+                .bans
+                .banned(ip("2001:db8:1:2:ffff::7"), now)
+                .unwrap()
+                .address(),
+            "2001:db8:1:2::/64"
+        );
+        state
+            .bans
+            .protect(vec![Cidr::parse("127.0.0.1/32").unwrap()]);
+        let lb = Facts::new(ip("127.0.0.1"), "mx");
+        assert!(p.connect(&lb).decision.is_ok());
+        let c = p.connect(&lb);
+        assert_eq!(c.decision.err(), Some(refuse("flood")), "refused as reject");
+        assert_eq!(c.hits[0].ban, Some(BanEvent::Protected));
+        assert!(state.bans.banned(ip("127.0.0.1"), now).is_none());
+    }
+
+    /// `rcpt_refusals`: with `reject`, reaching the count refuses the next
+    /// RCPT before the backend; with `ban`, the refusal reaching it bans.
+    #[test]
+    fn rcpt_refusals_refuse_the_next_rcpt_or_ban() {
+        let window = Kind::RcptRefusals {
+            count: 2,
+            window: Duration::from_secs(600),
+        };
+        let (p, state) = policy(
+            vec![rule(
+                "harvest",
+                vec![KeyPart::Ip],
+                window.clone(),
+                PolicyAction::Reject,
+            )],
+            vec![],
+        );
+        let mut f = Facts::new(ip("127.0.0.11"), "mx");
+        f.rcpt = Some("x@example.net");
+        for _ in 0..2 {
+            assert_eq!(p.check(PolicyStage::Rcpt, &f).decision, Decision::Continue);
+            assert_eq!(p.rcpt_refused(&f).decision, Decision::Continue);
+        }
+        assert_eq!(p.check(PolicyStage::Rcpt, &f).decision, refuse("harvest"));
+        assert!(state.bans.list(Instant::now()).is_empty());
+        let (p, state) = policy(
+            vec![rule(
+                "harvest",
+                vec![KeyPart::Ip],
+                window,
+                PolicyAction::Ban,
+            )],
+            vec![],
+        );
+        assert_eq!(p.rcpt_refused(&f).decision, Decision::Continue);
+        assert_eq!(p.rcpt_refused(&f).decision, refuse("harvest"));
+        assert!(state
+            .bans
+            .banned(ip("127.0.0.11"), Instant::now())
+            .is_some());
+        assert_eq!(p.check(PolicyStage::Rcpt, &f).decision, refuse("banned"));
+    }
+
+    /// A log sink for the tests that read what a rule logs.
+    #[derive(Clone, Default)]
+    struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `shadow: true` on a ban rule: counted (a shadow hit, `BanEvent::Shadow`)
+    /// and logged as "would ban"; nothing refused, nothing banned.
+    #[test]
+    fn shadow_ban_is_counted_and_logged_only() {
+        let mut r = rule(
+            "watch",
+            vec![KeyPart::Ip],
+            Kind::AuthFailures {
+                count: 2,
+                window: Duration::from_secs(900),
+            },
+            PolicyAction::Ban,
+        );
+        r.shadow = true;
+        let (p, state) = policy(vec![r], vec![]);
+        let log = Log::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        let f = Facts::new(ip("127.0.0.12"), "pop3");
+        let failed = tracing::subscriber::with_default(subscriber, || {
+            p.login_failed(&f);
+            p.login_failed(&f)
+        });
+        assert_eq!(failed.decision, Decision::Continue);
+        assert_eq!(
+            failed.hits,
+            vec![Hit {
+                policy: "p".into(),
+                rule: "watch".into(),
+                shadow: true,
+                ban: Some(BanEvent::Shadow),
+            }]
+        );
+        assert!(state.bans.list(Instant::now()).is_empty());
+        assert_eq!(p.login_allowed(&f).decision, Decision::Continue);
+        assert_eq!(p.hits()[0], ("watch".to_string(), 0, 1));
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("shadow: would ban the client")
+                && text.contains("rule=watch")
+                && text.contains("key=ip=127.0.0.12"),
+            "{text}"
+        );
+        assert!(!text.contains("client banned"), "{text}");
     }
 
     #[test]
