@@ -478,7 +478,8 @@ async fn admin_request(
         head.extend_from_slice(b"\r\n");
         s.write_all(&head).await?;
         let mut buf = Vec::new();
-        s.take(16 * 1024 * 1024).read_to_end(&mut buf).await?;
+        // 100,000 bans of about 170 bytes each fit
+        s.take(64 * 1024 * 1024).read_to_end(&mut buf).await?;
         Ok::<_, std::io::Error>(buf)
     };
     let buf = tokio::time::timeout(Duration::from_secs(10), exchange)

@@ -261,7 +261,7 @@ fn ban_for(
         if r.ban_for.is_some() {
             return Err(at_field("ban_for", "ban_for needs action: ban".into()));
         }
-        if r.shadow.is_some() {
+        if r.shadow == Some(true) {
             return Err(at_field(
                 "shadow",
                 "shadow: true is for action: ban (other limits use action: shadow)".into(),

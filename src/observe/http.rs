@@ -231,7 +231,13 @@ fn lift(head: &[u8], address: &str, peer: SocketAddr, admin: &Admin) -> (&'stati
             err("lifting bans is disabled: no metrics.admin_token_file is configured"),
         );
     };
-    let presented = String::from_utf8_lossy(head)
+    // the header lines only: anything after the blank line is no header
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .or_else(|| head.windows(2).position(|w| w == b"\n\n"))
+        .unwrap_or(head.len());
+    let presented = String::from_utf8_lossy(&head[..end])
         .lines()
         .filter_map(|l| l.split_once(':'))
         .find(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
