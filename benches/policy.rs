@@ -21,6 +21,8 @@ fn rule(name: &str, key: Vec<KeyPart>, kind: Kind) -> RuleSpec {
         prefix_v6: 56,
         max_delay: Duration::from_secs(1),
         ipv6_prefix: 64,
+        ban_for: None,
+        shadow: false,
     }
 }
 

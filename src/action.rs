@@ -20,6 +20,10 @@ pub enum PolicyAction {
     Delay,
     /// Log and count what would have happened; never refuse.
     Shadow,
+    /// Limit rules only (with `ban_for`): refuse the command as `reject`
+    /// does and refuse the client's address on every listener for a while
+    /// (`policy/bans.rs`).
+    Ban,
 }
 
 impl PolicyAction {
@@ -31,11 +35,15 @@ impl PolicyAction {
             PolicyAction::Reject => "reject",
             PolicyAction::Delay => "delay",
             PolicyAction::Shadow => "shadow",
+            PolicyAction::Ban => "ban",
         }
     }
 
     /// Whether this action refuses the command it applies to.
     pub fn refuses(self) -> bool {
-        matches!(self, PolicyAction::Tempfail | PolicyAction::Reject)
+        matches!(
+            self,
+            PolicyAction::Tempfail | PolicyAction::Reject | PolicyAction::Ban
+        )
     }
 }

@@ -81,9 +81,12 @@
 //!   state.rs     limiter state that survives reloads; compiling specs against it
 //!   evaluate.rs  per-stage decisions of a compiled policy → `Checked { decision, hits }`
 //!   limits.rs    brute-force windows with known-good networks; buckets, counters
+//!   bans.rs      process-wide bans (`action: ban`): bounded, expiring, never a
+//!                trusted balancer; checked by server.rs before TLS and greeting
 //!   lru.rs       bounded keyed state: least-recently-seen order, idle keys evicted first
-//! observe/     Prometheus metrics (metrics.rs), the /metrics /healthz /readyz endpoint
-//!              (http.rs: capped, cached readiness), text-log escaping of client strings (logfmt.rs)
+//! observe/     Prometheus metrics (metrics.rs), the /metrics /healthz /readyz /bans endpoint
+//!              (http.rs: capped, cached readiness, bearer-token ban lifts), text-log
+//!              escaping of client strings (logfmt.rs)
 //! server.rs    listeners, per-listener runtime snapshots (ArcSwap) and reload, connect-stage
 //!              policy, connection limits, certificate file watch, graceful shutdown
 //! demo.rs      the `demo` subcommand: an in-memory legacy backend, clearly labelled

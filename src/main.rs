@@ -72,6 +72,28 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// The bans of the running gateway, over its metrics endpoint (`metrics.bind`).
+    Bans {
+        #[command(subcommand)]
+        command: BansCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BansCmd {
+    /// List the bans in force (`GET /bans`).
+    List {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Lift the bans covering an address (`DELETE /bans/<address>`, with the
+    /// token of `metrics.admin_token_file`).
+    Lift {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// An address, or a network as `list` shows it (2001:db8:1:2::/64).
+        address: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -214,6 +236,14 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             runtime()?.block_on(mailgate::demo::run(&dir, ports))?;
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Cmd::Bans { command } => {
+            let (config, lift) = match command {
+                BansCmd::List { config } => (config, None),
+                BansCmd::Lift { config, address } => (config, Some(address)),
+            };
+            let cfg = mailgate::config::load(&config)?;
+            runtime()?.block_on(bans(&cfg, lift))
+        }
         Cmd::Healthcheck { config } => {
             let cfg = mailgate::config::load(&config)?;
             let ok = runtime()?.block_on(healthcheck(&cfg));
@@ -312,14 +342,7 @@ async fn reload_loop(
 /// `220` (SMTP), `+OK` (POP3); implicit-TLS listeners must accept the connection.
 async fn healthcheck(cfg: &mailgate::config::Config) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    if let Some(mut addr) = cfg.metrics_bind {
-        if addr.ip().is_unspecified() {
-            addr.set_ip(if addr.is_ipv4() {
-                [127, 0, 0, 1].into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            });
-        }
+    if let Some(addr) = cfg.metrics_bind.map(loopback) {
         let probe = async {
             let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
             s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -341,14 +364,7 @@ async fn healthcheck(cfg: &mailgate::config::Config) -> bool {
     }
     let mut all = true;
     for l in &cfg.listeners {
-        let mut addr = l.bind;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(if addr.is_ipv4() {
-                [127, 0, 0, 1].into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            });
-        }
+        let addr = loopback(l.bind);
         let check = async {
             let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
             if l.tls == mailgate::config::TlsMode::Implicit {
@@ -372,4 +388,110 @@ async fn healthcheck(cfg: &mailgate::config::Config) -> bool {
         }
     }
     all
+}
+
+/// A bind address as a local client reaches it (0.0.0.0 → 127.0.0.1, [::] → [::1]).
+fn loopback(mut addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    addr
+}
+
+/// `mailgate bans list` (`lift` None) and `mailgate bans lift ADDRESS`.
+async fn bans(
+    cfg: &mailgate::config::Config,
+    lift: Option<String>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let addr = cfg
+        .metrics_bind
+        .map(loopback)
+        .context("the configuration has no metrics: { bind } to reach the gateway's bans")?;
+    let Some(address) = lift else {
+        let (code, body) = admin_request(addr, "GET /bans", None).await?;
+        anyhow::ensure!(code == 200, "{addr}: GET /bans answered {code}: {body}");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&body)
+            .with_context(|| format!("{addr}: GET /bans is not a JSON list"))?;
+        if list.is_empty() {
+            println!("no bans");
+        }
+        for b in list {
+            println!(
+                "{}  policy={} rule={} expires_in={}s  ({})",
+                b["address"].as_str().unwrap_or("?"),
+                b["policy"].as_str().unwrap_or("?"),
+                b["rule"].as_str().unwrap_or("?"),
+                b["expires_in"],
+                b["reason"].as_str().unwrap_or(""),
+            );
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    };
+    let host = address.split('/').next().unwrap_or("");
+    anyhow::ensure!(
+        host.parse::<std::net::IpAddr>().is_ok(),
+        "{address:?} is not an IP address"
+    );
+    let request = format!("DELETE /bans/{address}");
+    let token = cfg.admin_token.as_ref().map(|t| t.as_bytes());
+    let (code, body) = admin_request(addr, &request, token).await?;
+    let said = |why: &str| {
+        eprintln!("mailgate: {why}");
+        Ok(std::process::ExitCode::FAILURE)
+    };
+    match code {
+        200 => {
+            println!("lifted the bans covering {address}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        403 => said("the gateway runs without metrics.admin_token_file: lifting bans is disabled"),
+        401 if token.is_none() => said(
+            "this configuration has no metrics.admin_token_file, and the gateway wants a token",
+        ),
+        401 => said("the gateway refused the token (is this the configuration it runs with?)"),
+        404 => said(&format!("no ban covers {address}")),
+        _ => said(&format!("{addr}: {request} answered {code}: {body}")),
+    }
+}
+
+/// One HTTP/1.1 request line (`METHOD /path`) to the metrics endpoint,
+/// with a bearer token when given: (status, body). Bounded in time and size.
+async fn admin_request(
+    addr: std::net::SocketAddr,
+    request: &str,
+    token: Option<&[u8]>,
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let mut head =
+            format!("{request} HTTP/1.1\r\nHost: mailgate\r\nConnection: close\r\n").into_bytes();
+        if let Some(t) = token {
+            head.extend_from_slice(b"Authorization: Bearer ");
+            head.extend_from_slice(t);
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        s.write_all(&head).await?;
+        let mut buf = Vec::new();
+        // 100,000 bans of about 170 bytes each fit
+        s.take(64 * 1024 * 1024).read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .with_context(|| format!("{addr}: no answer within 10 s"))?
+        .with_context(|| format!("{addr}: metrics endpoint"))?;
+    let text = String::from_utf8_lossy(&buf);
+    let code = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("{addr}: not an HTTP answer"))?;
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Ok((code, body.to_string()))
 }

@@ -12,9 +12,9 @@ use crate::backend::probe;
 use crate::config::{Config, Listener, Protocol};
 use crate::conn::inflight::Budget;
 use crate::conn::{ListenerRuntime, SessionCtx};
-use crate::observe::http::ReadyCheck;
+use crate::observe::http::{Admin, AdminToken, BanDesk, ReadyCheck};
 use crate::policy::{ConnectPermit, Decision, Facts, Policies, Policy, PolicyState};
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +60,42 @@ pub struct Gateway {
     /// Certificate files the watcher checks (updated by reload).
     cert_paths: Arc<std::sync::Mutex<Vec<(std::path::PathBuf, std::path::PathBuf)>>>,
     pub inflight: Arc<Budget>,
+    /// The token lifting bans needs (`metrics.admin_token_file`; follows reloads).
+    admin_token: Arc<ArcSwapOption<AdminToken>>,
+}
+
+/// Every listener's trusted PROXY balancers: never banned (a ban there would
+/// refuse every client behind the balancer).
+fn balancers(config: &Config) -> Vec<crate::units::Cidr> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| l.proxy_trusted.as_ref())
+        .flat_map(|(nets, _)| nets.iter().copied())
+        .collect()
+}
+
+/// `/bans` over the process's ban list.
+struct Desk(Arc<PolicyState>);
+
+impl BanDesk for Desk {
+    fn list(&self) -> String {
+        let bans: Vec<_> = self
+            .0
+            .bans
+            .list(std::time::Instant::now())
+            .iter()
+            .map(|b| b.to_json())
+            .collect();
+        serde_json::Value::from(bans).to_string()
+    }
+
+    fn lift(&self, ip: std::net::IpAddr) -> usize {
+        let now = std::time::Instant::now();
+        let n = self.0.bans.lift(ip, now).len();
+        crate::observe::metrics().bans_active_now(self.0.bans.housekeeping(now));
+        n
+    }
 }
 
 fn tls_config(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, ServerError> {
@@ -114,6 +150,10 @@ impl Gateway {
             crate::config::defaults::MAX_TRACKED_KEYS,
         );
         let policies = Policies::compile(&config.policies, &policy_state);
+        policy_state.bans.protect(balancers(config));
+        let admin_token = Arc::new(ArcSwapOption::from(
+            config.admin_token.clone().map(Arc::new),
+        ));
         let mut bound = Vec::new();
         for l in &config.listeners {
             let socket = bind(l.bind).map_err(|source| ServerError::Bind {
@@ -145,9 +185,14 @@ impl Gateway {
         let mut metrics_addr = None;
         if let Some(listener) = metrics_listener {
             metrics_addr = listener.local_addr().ok();
+            let admin = Admin {
+                bans: Arc::new(Desk(policy_state.clone())),
+                token: admin_token.clone(),
+            };
             tokio::spawn(crate::observe::http::serve(
                 listener,
                 ready_check(config),
+                admin,
                 fds.http_connections,
                 rx.clone(),
             ));
@@ -166,6 +211,7 @@ impl Gateway {
                 caps.clone(),
                 rx.clone(),
                 inflight.clone(),
+                policy_state.clone(),
             )));
             slots.push(Slot {
                 name: l.name.clone(),
@@ -215,6 +261,7 @@ impl Gateway {
             probed,
             cert_paths,
             inflight,
+            admin_token,
         })
     }
 
@@ -236,6 +283,9 @@ impl Gateway {
         let tls = tls_config(config)?;
         let verifier = verifier_for(config)?;
         let policies = Policies::compile(&config.policies, &self.policy_state);
+        self.policy_state.bans.protect(balancers(config));
+        self.admin_token
+            .store(config.admin_token.clone().map(Arc::new));
         let mut notes = Vec::new();
         let mut apply = Vec::new();
         for slot in &self.slots {
@@ -569,6 +619,8 @@ async fn housekeeping(state: Arc<PolicyState>, mut stop: watch::Receiver<bool>) 
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(10)) => {
                 state.housekeeping();
+                let active = state.bans.housekeeping(std::time::Instant::now());
+                crate::observe::metrics().bans_active_now(active);
                 release_free_memory();
             }
             _ = stop.changed() => return,
@@ -606,6 +658,7 @@ async fn accept_loop(
     caps: Arc<CapsCache>,
     shutdown: watch::Receiver<bool>,
     inflight: Arc<Budget>,
+    state: Arc<PolicyState>,
 ) {
     let mut stop = shutdown.clone();
     let local = socket.local_addr().ok();
@@ -652,16 +705,23 @@ async fn accept_loop(
             shutdown: shutdown.clone(),
             inflight: inflight.clone(),
         };
+        let state = state.clone();
         tokio::spawn(async move {
-            connection(tcp, peer, ctx).await;
+            connection(tcp, peer, ctx, &state).await;
             drop(permit);
         });
     }
 }
 
 /// One accepted connection: PROXY header (from trusted balancers only), the
-/// policy's connect stage with the real client address, then the protocol.
-async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
+/// ban list and the policy's connect stage with the real client address,
+/// then the protocol.
+async fn connection(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    mut ctx: SessionCtx,
+    state: &PolicyState,
+) {
     let l = ctx.listener().clone();
     // a dual-stack `[::]` socket reports IPv4 clients as ::ffff:a.b.c.d: one
     // client is one address in logs, limits and headers, whatever the socket
@@ -690,13 +750,20 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
             }
         }
     }
+    // banned by any policy's rule, on any listener: refused before TLS and
+    // greeting (logged when banned, not per refused connection: a banned
+    // client that keeps coming back would flood the log)
+    if let Some(ban) = state.bans.banned(peer.ip(), std::time::Instant::now()) {
+        tracing::debug!(listener = %l.name, client = %peer.ip(), ban = %ban.address(), rule = %ban.cause.rule, "banned client refused");
+        crate::observe::metrics().refused(&l.name, "banned");
+        send_and_close(tcp, banned(l.protocol)).await;
+        return;
+    }
     let permit: Option<ConnectPermit> = match ctx.policy() {
         None => None,
         Some(p) => {
             let checked = p.connect(&Facts::new(peer.ip(), &l.name));
-            for h in &checked.hits {
-                crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
-            }
+            crate::conn::count_hits(&checked.hits);
             match checked.decision {
                 Ok(permit) => Some(permit),
                 Err(Decision::Refuse { action, rule }) => {
@@ -723,13 +790,25 @@ async fn connection(mut tcp: TcpStream, peer: SocketAddr, mut ctx: SessionCtx) {
 
 /// A one-line answer in plaintext before closing (even on implicit-TLS
 /// listeners: no handshake is spent on a connection that is turned away).
-async fn refuse(mut tcp: TcpStream, protocol: Protocol, action: PolicyAction) {
-    let line = refusal(protocol, action);
+async fn refuse(tcp: TcpStream, protocol: Protocol, action: PolicyAction) {
+    send_and_close(tcp, refusal(protocol, action)).await
+}
+
+async fn send_and_close(mut tcp: TcpStream, line: Vec<u8>) {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = tcp.write_all(&line).await;
         let _ = tcp.shutdown().await;
     })
     .await;
+}
+
+/// The refusal of a banned client's connection.
+fn banned(protocol: Protocol) -> Vec<u8> {
+    match protocol {
+        Protocol::Smtp => crate::smtp::reply::banned().to_bytes(),
+        Protocol::Pop3 => crate::pop3::reply::banned().to_bytes(),
+        Protocol::Imap => crate::imap::reply::banned().to_bytes(),
+    }
 }
 
 fn refusal(protocol: Protocol, action: PolicyAction) -> Vec<u8> {

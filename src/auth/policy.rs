@@ -158,7 +158,8 @@ impl Verdict {
 
 fn strength(a: PolicyAction) -> u8 {
     match a {
-        PolicyAction::Reject => 5,
+        // `config` refuses `ban` for checks; were one here, it refuses as reject
+        PolicyAction::Reject | PolicyAction::Ban => 5,
         PolicyAction::Tempfail => 4,
         PolicyAction::Delay => 3,
         PolicyAction::Tag => 2,

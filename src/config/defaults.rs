@@ -66,6 +66,7 @@ pub const MAX_DELAY: Duration = secs(5);
 pub const PREFIX_V4: u8 = 24;
 pub const PREFIX_V6: u8 = 56;
 pub const IPV6_PREFIX: u8 = 64;
+pub const LIMIT_SHADOW: bool = false;
 
 // policies: dkim_sign:
 pub const DKIM_SIGN_UNKNOWN_DOMAIN: crate::sign::UnknownDomain = crate::sign::UnknownDomain::Reject;
@@ -260,6 +261,7 @@ pub const DOCUMENTED: &[(&str, &str, Value)] = &[
         "ipv6_prefix",
         Value::Number(IPV6_PREFIX as u64),
     ),
+    ("LimitFile", "shadow", Value::Bool(LIMIT_SHADOW)),
     (
         "DkimSignFile",
         "unknown_domain",

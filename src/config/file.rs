@@ -29,11 +29,16 @@ pub struct FileConfig {
     pub dns: Option<crate::auth::DnsFile>,
 }
 
-/// `metrics: { bind: "127.0.0.1:9090" }`: Prometheus `/metrics`, `/healthz`, `/readyz`.
+/// `metrics: { bind: "127.0.0.1:9090" }`: Prometheus `/metrics`, `/healthz`,
+/// `/readyz`, and the bans (`GET /bans`, `DELETE /bans/<address>`).
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsFile {
     pub bind: String,
+    /// A file holding the bearer token (at least 16 characters, one line)
+    /// that `DELETE /bans/<address>` and `mailgate bans lift` need. Without
+    /// it, bans cannot be lifted over HTTP (403).
+    pub admin_token_file: Option<String>,
 }
 
 /// `proxy_protocol: { trusted: [CIDR, ...] }`: a PROXY v1/v2 header is required
@@ -297,6 +302,9 @@ pub struct LimitFile {
     pub auth_failures: Option<Rate>,
     /// Recipients in one message.
     pub recipients_per_message: Option<u32>,
+    /// Recipients the backend refused (5xx to RCPT) in a window: recipient
+    /// harvesting ("5/10minutes"). Reaching N refuses further RCPTs (or bans).
+    pub rcpt_refusals: Option<Rate>,
     pub prefix_v4: Option<u8>,
     pub prefix_v6: Option<u8>,
     pub action: Option<crate::action::PolicyAction>,
@@ -306,4 +314,10 @@ pub struct LimitFile {
     /// (64: rotating addresses inside one /64 is one client; 128 = per
     /// address). IPv4 clients are always counted per address.
     pub ipv6_prefix: Option<u8>,
+    /// With `action: ban` (and only then): how long the client's address (an
+    /// IPv6 client's `ipv6_prefix` network) is refused on every listener,
+    /// from 1s to 30d.
+    pub ban_for: Option<Secs>,
+    /// With `action: ban`: log and count the ban (`would ban`), refuse nothing.
+    pub shadow: Option<bool>,
 }

@@ -433,10 +433,14 @@ pub(super) fn build(sources: &[Source]) -> Result<Config, ConfigError> {
     }
 
     let mut metrics_bind = None;
+    let mut admin_token = None;
     for s in sources {
         if let Some(m) = &s.parsed.metrics {
             if metrics_bind.is_some() {
                 return Err(s.err(&["metrics"], "metrics is set in more than one file"));
+            }
+            if let Some(f) = &m.admin_token_file {
+                admin_token = Some(read_admin_token(s, f)?);
             }
             metrics_bind = Some(m.bind.parse::<SocketAddr>().map_err(|_| {
                 s.err(
@@ -515,11 +519,41 @@ pub(super) fn build(sources: &[Source]) -> Result<Config, ConfigError> {
         backends: backends.into_iter().map(|(k, v)| (k, v.0)).collect(),
         policies: policies.into_iter().map(|(k, v)| (k, v.0)).collect(),
         metrics_bind,
+        admin_token,
         dns: dns.unwrap_or_default(),
         shutdown_grace: grace,
         sources: sources.iter().map(|s| s.path.clone()).collect(),
         max_inflight_data,
     })
+}
+
+/// `metrics.admin_token_file`: one line of at least 16 visible ASCII
+/// characters (it travels in an `Authorization` header). Errors never show
+/// the file's content.
+fn read_admin_token(
+    s: &Source,
+    file: &str,
+) -> Result<crate::observe::http::AdminToken, ConfigError> {
+    let at = |why: String| {
+        s.err(
+            &["admin_token_file", file],
+            format!("metrics.admin_token_file {file:?}: {why}"),
+        )
+    };
+    let path = s.resolve(file);
+    let meta = std::fs::metadata(&path).map_err(|e| at(e.to_string()))?;
+    if meta.len() > 4096 {
+        return Err(at("larger than 4 KiB; a token is one line".into()));
+    }
+    let text = std::fs::read(&path).map_err(|e| at(e.to_string()))?;
+    let token = text.trim_ascii();
+    if token.len() < 16 || !token.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(at(
+            "must hold one token of at least 16 visible ASCII characters (e.g. `openssl rand -hex 32`)"
+                .into(),
+        ));
+    }
+    Ok(crate::observe::http::AdminToken::new(token))
 }
 
 /// The set for [`Listener::authserv_ids`], sorted, without duplicates.

@@ -70,6 +70,8 @@ pub struct Config {
     pub backends: BTreeMap<String, Arc<Backend>>,
     pub policies: BTreeMap<String, Arc<PolicySpec>>,
     pub metrics_bind: Option<SocketAddr>,
+    /// The bearer token lifting bans needs (`metrics.admin_token_file`).
+    pub admin_token: Option<crate::observe::http::AdminToken>,
     /// Resolver settings for SPF/DKIM/DMARC.
     pub dns: crate::auth::DnsSettings,
     pub shutdown_grace: Duration,

@@ -9,6 +9,11 @@ use crate::action::PolicyAction;
 use crate::policy::{AllowSpec, Kind, PolicySpec, RuleSpec};
 use std::time::Duration;
 
+/// The shortest and longest `ban_for` (a 1s minimum keeps tests quick; past
+/// 30 days a ban is a `deny` entry's job).
+pub const BAN_FOR_MIN: Duration = Duration::from_secs(1);
+pub const BAN_FOR_MAX: Duration = Duration::from_secs(30 * 86_400);
+
 pub(super) fn build_policy(
     s: &Source,
     name: &str,
@@ -72,8 +77,14 @@ pub(super) fn build_policy(
         if let Some(n) = r.recipients_per_message {
             kinds.push(Kind::RecipientsPerMessage(n));
         }
+        if let Some(v) = r.rcpt_refusals {
+            kinds.push(Kind::RcptRefusals {
+                count: v.count,
+                window: v.period,
+            });
+        }
         if kinds.len() != 1 {
-            return Err(at("set exactly one of rate, concurrent, messages, recipients, auth_failures, recipients_per_message".into()));
+            return Err(at("set exactly one of rate, concurrent, messages, recipients, auth_failures, recipients_per_message, rcpt_refusals".into()));
         }
         let kind = kinds.remove(0);
         if r.burst == Some(0) {
@@ -141,9 +152,10 @@ pub(super) fn build_policy(
         if matches!(action, PolicyAction::Accept | PolicyAction::Tag) {
             return Err(at_field(
                 "action",
-                "a limit's action is tempfail, reject, delay or shadow".into(),
+                "a limit's action is tempfail, reject, delay, shadow or ban".into(),
             ));
         }
+        let ban_for = ban_for(r, &kind, action, &at_field)?;
         rules.push(RuleSpec {
             name: rname,
             key: r.key.clone(),
@@ -157,6 +169,8 @@ pub(super) fn build_policy(
                 .unwrap_or(defaults::MAX_DELAY)
                 .min(Duration::from_secs(60)),
             ipv6_prefix,
+            ban_for,
+            shadow: r.shadow.unwrap_or(defaults::LIMIT_SHADOW),
         });
     }
     let mut allow = Vec::new();
@@ -198,6 +212,12 @@ pub(super) fn build_policy(
         None
     };
     if let Some(a) = &auth {
+        if let Some(check) = bans_in(a) {
+            return Err(s.err(
+                &["policies", name, check, "ban"],
+                format!("policies.{name}.{check}: ban is an action of limit rules only (a check result is not a client to ban); use reject"),
+            ));
+        }
         if !a.authserv_id.is_empty() {
             a.validate().map_err(|e| {
                 s.err(
@@ -228,6 +248,86 @@ pub(super) fn build_policy(
     })
 }
 
+/// `ban_for` of a rule: required with `action: ban` (bounded), refused
+/// without it; a ban is by address, so the key must hold `ip`, and it is
+/// made for evidence of abuse (rates, failures, refusals), not for caps.
+fn ban_for(
+    r: &super::file::LimitFile,
+    kind: &Kind,
+    action: PolicyAction,
+    at_field: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<Duration>, ConfigError> {
+    if action != PolicyAction::Ban {
+        if r.ban_for.is_some() {
+            return Err(at_field("ban_for", "ban_for needs action: ban".into()));
+        }
+        if r.shadow == Some(true) {
+            return Err(at_field(
+                "shadow",
+                "shadow: true is for action: ban (other limits use action: shadow)".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let Some(d) = r.ban_for.map(|d| d.0) else {
+        return Err(at_field(
+            "action",
+            "action: ban needs ban_for (how long, 1s to 30d)".into(),
+        ));
+    };
+    if !(BAN_FOR_MIN..=BAN_FOR_MAX).contains(&d) {
+        return Err(at_field("ban_for", "ban_for must be from 1s to 30d".into()));
+    }
+    if matches!(kind, Kind::Concurrent(_) | Kind::RecipientsPerMessage(_)) {
+        return Err(at_field(
+            "action",
+            "ban is for rate, messages, recipients, auth_failures and rcpt_refusals limits (a cap is no evidence of abuse)".into(),
+        ));
+    }
+    if !r.key.contains(&crate::policy::KeyPart::Ip) {
+        return Err(at_field(
+            "key",
+            "a ban is by client address: the key of an action: ban rule must include ip".into(),
+        ));
+    }
+    Ok(Some(d))
+}
+
+/// The check (`spf`, `dkim`, `dmarc`, `arc`) that names `ban` for a result.
+fn bans_in(a: &crate::auth::AuthPolicy) -> Option<&'static str> {
+    let ban = |acts: &[Option<PolicyAction>]| acts.contains(&Some(PolicyAction::Ban));
+    if let Some(x) = &a.spf {
+        let acts = [
+            x.pass,
+            x.fail,
+            x.softfail,
+            x.neutral,
+            x.none,
+            x.temperror,
+            x.permerror,
+        ];
+        if ban(&acts) {
+            return Some("spf");
+        }
+    }
+    if let Some(x) = &a.dkim {
+        if ban(&[x.pass, x.fail, x.neutral, x.none, x.temperror, x.permerror]) {
+            return Some("dkim");
+        }
+    }
+    if let Some(x) = &a.dmarc {
+        if ban(&[x.quarantine, x.reject, x.none, x.temperror, x.permerror]) {
+            return Some("dmarc");
+        }
+    }
+    if let Some(x) = &a.arc {
+        if ban(&[x.pass, x.fail, x.none, x.temperror]) {
+            return Some("arc");
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +340,92 @@ mod tests {
         ));
         assert!(e.starts_with("bad.yaml:9:"), "{e}");
         assert!(e.contains("concurrent") && e.contains("delay"), "{e}");
+    }
+
+    /// `action: ban`: `ban_for` required and bounded, never without ban;
+    /// an `ip` key; evidence-of-abuse kinds only; `shadow` only with ban;
+    /// not an action of SPF/DKIM/DMARC/ARC results. Each error names the
+    /// rule's line.
+    #[test]
+    fn ban_rules_are_validated() {
+        let with = |r: &str| POLICY_BASE.replace("{ key: [ip], rate: 5/minute }", r);
+        let c = load_str(
+            "b.yaml",
+            &with("{ name: guess, key: [ip, listener], auth_failures: 6/15minutes, action: ban, ban_for: 1h }"),
+        )
+        .unwrap();
+        let r = &c.policies["p"].rules[0];
+        assert_eq!(
+            (r.action, r.ban_for, r.shadow),
+            (PolicyAction::Ban, Some(Duration::from_secs(3600)), false)
+        );
+        let c = load_str(
+            "b.yaml",
+            &with(
+                "{ key: [ip], rcpt_refusals: 5/10minutes, action: ban, ban_for: 1s, shadow: true }",
+            ),
+        )
+        .unwrap();
+        let r = &c.policies["p"].rules[0];
+        assert_eq!(
+            r.kind,
+            Kind::RcptRefusals {
+                count: 5,
+                window: Duration::from_secs(600)
+            }
+        );
+        assert_eq!(r.stage(), crate::policy::PolicyStage::Rcpt);
+        assert!(r.shadow);
+        let described = c.policies["p"].describe();
+        assert!(
+            described.contains("rcpt_refusals 5 per 600s action=ban for 1s (every listener; IPv4 address, IPv6 /64) shadow: log only"),
+            "{described}"
+        );
+        for (rule, why) in [
+            (
+                "{ key: [ip], auth_failures: 6/15minutes, action: ban }",
+                "needs ban_for",
+            ),
+            (
+                "{ key: [ip], auth_failures: 6/15minutes, action: ban, ban_for: 500ms }",
+                "from 1s to 30d",
+            ),
+            (
+                "{ key: [ip], auth_failures: 6/15minutes, action: ban, ban_for: 31d }",
+                "from 1s to 30d",
+            ),
+            (
+                "{ key: [ip], auth_failures: 6/15minutes, ban_for: 1h }",
+                "ban_for needs action: ban",
+            ),
+            (
+                "{ key: [ip], rate: 5/minute, shadow: true }",
+                "shadow: true is for action: ban",
+            ),
+            (
+                "{ key: [auth_user], auth_failures: 6/15minutes, action: ban, ban_for: 1h }",
+                "must include ip",
+            ),
+            (
+                "{ key: [ip_prefix], rate: 5/minute, action: ban, ban_for: 1h }",
+                "must include ip",
+            ),
+            (
+                "{ key: [ip], concurrent: 5, action: ban, ban_for: 1h }",
+                "a cap is no evidence",
+            ),
+        ] {
+            let e = err(&with(rule));
+            assert!(
+                e.starts_with("bad.yaml:8:") && e.contains(why),
+                "{rule}: {e}"
+            );
+        }
+        let e = err(&format!("{POLICY_BASE}    spf: {{ fail: ban }}\n"));
+        assert!(
+            e.starts_with("bad.yaml:9:") && e.contains("ban is an action of limit rules only"),
+            "{e}"
+        );
     }
 
     /// Issue 12.6: rates are typed values, located like every other value,

@@ -77,9 +77,7 @@ pub async fn guard<L: Login + Send>(
     let decision = policy.map(|p| {
         let checked = p.login_allowed(&login.facts());
         // counted here, at the edge, from the rules the policy says fired
-        for h in &checked.hits {
-            crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
-        }
+        super::count_hits(&checked.hits);
         checked.decision
     });
     let result = match decision {
@@ -99,7 +97,11 @@ pub async fn guard<L: Login + Send>(
             if let Some(p) = policy {
                 match &result {
                     LoginResult::Succeeded(_) => p.login_succeeded(&login.facts()),
-                    LoginResult::Failed(_) => p.login_failed(&login.facts()),
+                    // a ban this failure makes holds from the next command
+                    // and connection on; the failure's answer stands
+                    LoginResult::Failed(_) => {
+                        super::count_hits(&p.login_failed(&login.facts()).hits)
+                    }
                     LoginResult::Refused(_) | LoginResult::Undecided(_) => {}
                 }
             }

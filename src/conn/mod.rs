@@ -21,10 +21,28 @@ pub mod sasl;
 
 use crate::backend::caps::CapsCache;
 use crate::config::Listener;
-use crate::policy::Policy;
+use crate::policy::{BanEvent, Hit, Policy};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
+
+/// Counts the rules a policy evaluation says fired, and the bans they made
+/// or did not make (metrics are counted at the edges: the server, the
+/// drivers and the login guard call this).
+pub fn count_hits(hits: &[Hit]) {
+    let m = crate::observe::metrics();
+    for h in hits {
+        m.policy_hit(&h.policy, &h.rule, h.shadow);
+        match h.ban {
+            Some(BanEvent::Banned { active, evicted }) => {
+                m.banned(&h.policy, &h.rule, active, evicted)
+            }
+            Some(BanEvent::Protected) => m.ban_skipped(&h.policy, &h.rule, "trusted_proxy"),
+            Some(BanEvent::Shadow) => m.ban_skipped(&h.policy, &h.rule, "shadow"),
+            None => {}
+        }
+    }
+}
 
 /// One listener's configuration snapshot: what a new session loads once at
 /// accept and keeps for its whole life (across STARTTLS). Reload swaps it.

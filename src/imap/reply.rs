@@ -350,6 +350,10 @@ pub fn shutting_down() -> Reply {
 pub fn denied() -> Reply {
     Reply::untagged("BYE Access denied")
 }
+/// Refusal of a connection from a banned address (server.rs, `action: ban`).
+pub fn banned() -> Reply {
+    Reply::untagged("BYE Access denied: address banned for a while")
+}
 /// Refusal beyond the listener's connection limit (server.rs).
 pub fn too_many_connections() -> Reply {
     Reply::untagged("BYE [UNAVAILABLE] Too many connections, try again later")

@@ -1,6 +1,7 @@
 //! A deliberately small HTTP/1.x endpoint: `GET /metrics`, `/healthz`,
-//! `/readyz`. One request per connection, bounded request size and time; no
-//! web framework for three fixed answers.
+//! `/readyz`, `/bans`, and `DELETE /bans/<address>` (bearer token). One
+//! request per connection, bounded request size and time; no web framework
+//! for a few fixed answers.
 //!
 //! It must never cost the mail listeners anything: at most `max_connections`
 //! requests are served at a time (further connections are closed at once, so
@@ -10,7 +11,7 @@
 //! connections.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,52 @@ use tracing::{debug, info, warn};
 /// reason goes into the response body: names, never internal addresses.
 pub type ReadyCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// The bans the server keeps (`policy/bans.rs`; observe sits below policy,
+/// so the server supplies them).
+pub trait BanDesk: Send + Sync {
+    /// `GET /bans`: the bans in force, as a JSON body.
+    fn list(&self) -> String;
+    /// `DELETE /bans/<address>`: lifts the bans covering `ip`; how many.
+    fn lift(&self, ip: IpAddr) -> usize;
+}
+
+/// The bearer token that lifting bans needs (`metrics.admin_token_file`).
+/// Never printed: `Debug` shows no byte of it.
+#[derive(Clone)]
+pub struct AdminToken(Arc<[u8]>);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+impl AdminToken {
+    pub fn new(token: &[u8]) -> AdminToken {
+        AdminToken(token.into())
+    }
+
+    /// The token as a client sends it (for `mailgate bans lift`).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Whether `presented` is the token, in time that depends on neither
+    /// (digests of equal length compared in constant time).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use aws_lc_rs::digest::{digest, SHA256};
+        let (a, b) = (digest(&SHA256, &self.0), digest(&SHA256, presented));
+        aws_lc_rs::constant_time::verify_slices_are_equal(a.as_ref(), b.as_ref()).is_ok()
+    }
+}
+
+/// What the admin resources need: the bans, and the token (swapped by reload).
+#[derive(Clone)]
+pub struct Admin {
+    pub bans: Arc<dyn BanDesk>,
+    pub token: Arc<arc_swap::ArcSwapOption<AdminToken>>,
+}
 
 /// Requests served at once, at most (the caller may lower it to fit the
 /// process's descriptor budget).
@@ -57,6 +104,7 @@ async fn cached_ready(check: &ReadyCheck, cache: &ReadyCache) -> Result<(), Stri
 pub async fn serve(
     listener: TcpListener,
     ready: ReadyCheck,
+    admin: Admin,
     max_connections: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -83,9 +131,10 @@ pub async fn serve(
             drop(s);
             continue;
         };
-        let (ready, cache) = (ready.clone(), cache.clone());
+        let (ready, cache, admin) = (ready.clone(), cache.clone(), admin.clone());
         tokio::spawn(async move {
-            let r = tokio::time::timeout(REQUEST_DEADLINE, answer(s, &ready, &cache)).await;
+            let r = tokio::time::timeout(REQUEST_DEADLINE, answer(s, peer, &ready, &cache, &admin))
+                .await;
             if let Ok(Err(e)) = r {
                 debug!(%peer, error = %e, "metrics request failed");
             }
@@ -96,8 +145,10 @@ pub async fn serve(
 
 async fn answer(
     mut s: tokio::net::TcpStream,
+    peer: SocketAddr,
     ready: &ReadyCheck,
     cache: &ReadyCache,
+    admin: &Admin,
 ) -> std::io::Result<()> {
     let head = tokio::time::timeout(READ_DEADLINE, async {
         let mut buf = Vec::with_capacity(1024);
@@ -121,13 +172,29 @@ async fn answer(
         .to_string();
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
+    let path = path.split('?').next().unwrap_or("");
+    if let Some(address) = path.strip_prefix("/bans/").filter(|_| method == "DELETE") {
+        let (status, body) = lift(&buf, address, peer, admin);
+        let auth = if status.starts_with("401") {
+            "WWW-Authenticate: Bearer realm=\"mailgate\"\r\n"
+        } else {
+            ""
+        };
+        let resp = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(resp.as_bytes()).await?;
+        return s.shutdown().await;
+    }
+    let (status, ctype, body) = match (method, path) {
         ("GET", "/metrics") => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             super::metrics().encode(),
         ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/bans") => ("200 OK", "application/json", admin.bans.list()),
         ("GET", "/readyz") => match cached_ready(ready, cache).await {
             Ok(()) => ("200 OK", "text/plain", "ready\n".to_string()),
             Err(why) => (
@@ -149,4 +216,50 @@ async fn answer(
     );
     s.write_all(resp.as_bytes()).await?;
     s.shutdown().await
+}
+
+/// `DELETE /bans/<address>` with the request head `head`: (status, JSON
+/// body). Without a configured token lifting is off (403); a missing or
+/// wrong token is 401. `address` may be a network as `/bans` shows it
+/// (`2001:db8::/64`): the bans covering its address are lifted.
+fn lift(head: &[u8], address: &str, peer: SocketAddr, admin: &Admin) -> (&'static str, String) {
+    let err = |e: &str| serde_json::json!({ "error": e }).to_string();
+    let Some(token) = admin.token.load_full() else {
+        warn!(%peer, "ban lift refused: no metrics.admin_token_file is configured");
+        return (
+            "403 Forbidden",
+            err("lifting bans is disabled: no metrics.admin_token_file is configured"),
+        );
+    };
+    // the header lines only: anything after the blank line is no header
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .or_else(|| head.windows(2).position(|w| w == b"\n\n"))
+        .unwrap_or(head.len());
+    let presented = String::from_utf8_lossy(&head[..end])
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
+        .and_then(|(_, v)| {
+            let (scheme, t) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| t.trim().to_string())
+        });
+    if !presented.is_some_and(|t| token.matches(t.as_bytes())) {
+        // never the token presented: it may be a mistyped real one
+        warn!(%peer, "ban lift refused: missing or wrong bearer token");
+        return ("401 Unauthorized", err("a valid bearer token is required"));
+    }
+    let host = address.split('/').next().unwrap_or("");
+    let Ok(ip) = host.parse::<IpAddr>() else {
+        return ("400 Bad Request", err("not an IP address"));
+    };
+    let n = admin.bans.lift(ip);
+    info!(%peer, client = %ip, lifted = n, "ban lift over HTTP");
+    if n == 0 {
+        return ("404 Not Found", err("no ban covers this address"));
+    }
+    ("200 OK", serde_json::json!({ "lifted": n }).to_string())
 }

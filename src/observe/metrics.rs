@@ -80,6 +80,19 @@ pub struct SignRefusalLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BanLabels {
+    pub policy: String,
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BanSkipLabels {
+    pub policy: String,
+    pub rule: String,
+    pub reason: &'static str,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
@@ -111,6 +124,11 @@ pub struct Metrics {
     /// DKIM signatures made (`dkim_sign`), by key (configuration names).
     pub dkim_signed: Family<SignedLabels, Counter>,
     pub dkim_sign_refusals: Family<SignRefusalLabels, Counter>,
+    /// Bans in force (`policy/bans.rs`), set where bans change and by housekeeping.
+    pub bans_active: Gauge,
+    pub bans: Family<BanLabels, Counter>,
+    pub bans_skipped: Family<BanSkipLabels, Counter>,
+    pub bans_evicted: Counter,
 }
 
 impl Metrics {
@@ -137,6 +155,10 @@ impl Metrics {
             backend_out_of_step: Family::default(),
             dkim_signed: Family::default(),
             dkim_sign_refusals: Family::default(),
+            bans_active: Gauge::default(),
+            bans: Family::default(),
+            bans_skipped: Family::default(),
+            bans_evicted: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "Client sessions accepted", m.sessions.clone());
@@ -231,6 +253,22 @@ impl Metrics {
             "Messages not relayed because of dkim_sign, by reason",
             m.dkim_sign_refusals.clone(),
         );
+        registry.register(
+            "bans_active",
+            "Client networks banned now (refused on every listener)",
+            m.bans_active.clone(),
+        );
+        registry.register("bans", "Bans made by action: ban rules", m.bans.clone());
+        registry.register(
+            "bans_skipped",
+            "Bans a rule called for but did not make (shadow, trusted_proxy)",
+            m.bans_skipped.clone(),
+        );
+        registry.register(
+            "bans_evicted",
+            "Bans dropped (the soonest expiring) because the ban list was full",
+            m.bans_evicted.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -298,6 +336,36 @@ impl Metrics {
                 listener: listener.to_string(),
             })
             .inc();
+    }
+
+    /// A ban made by `policy`'s `rule`; `active` bans now.
+    pub fn banned(&self, policy: &str, rule: &str, active: usize, evicted: bool) {
+        self.bans
+            .get_or_create(&BanLabels {
+                policy: policy.to_string(),
+                rule: rule.to_string(),
+            })
+            .inc();
+        self.bans_active_now(active);
+        if evicted {
+            self.bans_evicted.inc();
+        }
+    }
+
+    /// A ban not made: `shadow` or `trusted_proxy`.
+    pub fn ban_skipped(&self, policy: &str, rule: &str, reason: &'static str) {
+        self.bans_skipped
+            .get_or_create(&BanSkipLabels {
+                policy: policy.to_string(),
+                rule: rule.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn bans_active_now(&self, active: usize) {
+        self.bans_active
+            .set(i64::try_from(active).unwrap_or(i64::MAX));
     }
 
     pub fn policy_hit(&self, policy: &str, rule: &str, shadow: bool) {

@@ -4,6 +4,7 @@
 //! networks). Each hit is logged and returned beside the [`Decision`] (as a
 //! [`Hit`] in [`Checked`]): the caller, at the edge, counts it.
 
+use super::bans::{BanCause, BanOutcome};
 use super::limits::{Bucket, Counter, CounterGuard, Failures};
 use super::spec::{KeyPart, PolicySpec, PolicyStage, RuleSpec};
 use super::state::{PolicyState, RuleHits};
@@ -13,13 +14,15 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub(super) enum Limiter {
     Bucket(Arc<Bucket>),
     Counter(Arc<Counter>, u32),
     Failures(Arc<Failures>),
     PerMessage(u32),
+    /// `rcpt_refusals`: the same sliding window, fed by backend refusals.
+    Refusals(Arc<Failures>),
 }
 
 pub(super) struct Rule {
@@ -84,6 +87,20 @@ pub struct Hit {
     pub rule: String,
     /// A `shadow` rule: it would have fired, nothing was done.
     pub shadow: bool,
+    /// What an `action: ban` rule did to the ban list.
+    pub ban: Option<BanEvent>,
+}
+
+/// What the hit of a ban rule did (`mailgate_bans_total`, `_bans_skipped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BanEvent {
+    /// Banned (or extended); `active` bans now; `evicted`: the list was
+    /// full and the ban expiring soonest made room.
+    Banned { active: usize, evicted: bool },
+    /// Not banned: the client is (inside the network of) a trusted PROXY balancer.
+    Protected,
+    /// A `shadow: true` rule: would have banned.
+    Shadow,
 }
 
 /// What an evaluation decided (`decision`) and which rules fired on the way.
@@ -166,30 +183,71 @@ impl Policy {
     }
 
     /// Records a hit (in `hits`, for the caller to count) and turns the
-    /// rule's action into a decision.
-    fn hit(&self, rule: &Rule, values: &[String], wait: Duration, hits: &mut Vec<Hit>) -> Decision {
+    /// rule's action into a decision; a ban rule bans the client `ip`'s
+    /// network and refuses as `reject` does.
+    fn hit(
+        &self,
+        rule: &Rule,
+        ip: IpAddr,
+        values: &[String],
+        wait: Duration,
+        hits: &mut Vec<Hit>,
+    ) -> Decision {
         let key = Self::describe_key(&rule.spec, values);
         let action = rule.spec.action;
-        hits.push(Hit {
+        let mut hit = Hit {
             policy: self.name.clone(),
             rule: rule.spec.name.clone(),
-            shadow: action == PolicyAction::Shadow,
-        });
-        if action == PolicyAction::Shadow {
+            shadow: action == PolicyAction::Shadow || rule.spec.shadow,
+            ban: None,
+        };
+        if hit.shadow {
             rule.hits.shadow.fetch_add(1, Ordering::Relaxed);
-            info!(policy = %self.name, rule = %rule.spec.name, key = %key, "shadow: limit would have been enforced");
+            if action == PolicyAction::Ban {
+                hit.ban = Some(BanEvent::Shadow);
+                info!(policy = %self.name, rule = %rule.spec.name, key = %key, "shadow: would ban the client");
+            } else {
+                info!(policy = %self.name, rule = %rule.spec.name, key = %key, "shadow: limit would have been enforced");
+            }
+            hits.push(hit);
             return Decision::Continue;
         }
         rule.hits.enforced.fetch_add(1, Ordering::Relaxed);
         warn!(policy = %self.name, rule = %rule.spec.name, key = %key, action = action.as_str(), "policy limit hit");
-        match action {
+        let refuse = |action| Decision::Refuse {
+            action,
+            rule: rule.spec.name.clone(),
+        };
+        let decision = match action {
             PolicyAction::Delay => Decision::Delay(wait.min(rule.spec.max_delay)),
-            PolicyAction::Tempfail | PolicyAction::Reject => Decision::Refuse {
-                action,
-                rule: rule.spec.name.clone(),
-            },
+            PolicyAction::Tempfail | PolicyAction::Reject => refuse(action),
+            PolicyAction::Ban => {
+                // `config` requires `ban_for`; a spec built without it
+                // refuses as `reject` and bans nothing
+                if let Some(for_) = rule.spec.ban_for {
+                    let cause = BanCause {
+                        policy: self.name.clone(),
+                        rule: rule.spec.name.clone(),
+                        reason: rule.spec.kind.describe(),
+                    };
+                    let now = Instant::now();
+                    let done = self
+                        .state
+                        .bans
+                        .ban(ip, rule.spec.ipv6_prefix, for_, cause, now);
+                    hit.ban = Some(match done {
+                        BanOutcome::Banned { active, evicted } => {
+                            BanEvent::Banned { active, evicted }
+                        }
+                        BanOutcome::Protected => BanEvent::Protected,
+                    });
+                }
+                refuse(PolicyAction::Reject)
+            }
             PolicyAction::Accept | PolicyAction::Tag | PolicyAction::Shadow => Decision::Continue,
-        }
+        };
+        hits.push(hit);
+        decision
     }
 
     fn combine(acc: Decision, d: Decision) -> Decision {
@@ -238,7 +296,7 @@ impl Policy {
             let d = match &rule.limiter {
                 Limiter::Bucket(b) => match b.take(key) {
                     Ok(()) => Decision::Continue,
-                    Err(wait) => self.hit(rule, &values, wait, hits),
+                    Err(wait) => self.hit(rule, f.ip, &values, wait, hits),
                 },
                 Limiter::Counter(c, max) => match c.acquire(key, *max) {
                     Some(g) => {
@@ -247,7 +305,7 @@ impl Policy {
                     }
                     // a delay would admit the session uncounted: `check`
                     // refuses the combination; fail closed if one gets here
-                    None => match self.hit(rule, &values, rule.spec.max_delay, hits) {
+                    None => match self.hit(rule, f.ip, &values, rule.spec.max_delay, hits) {
                         Decision::Delay(_) => Decision::Refuse {
                             action: PolicyAction::Tempfail,
                             rule: rule.spec.name.clone(),
@@ -280,6 +338,15 @@ impl Policy {
     }
 
     fn check_with(&self, stage: PolicyStage, f: &Facts, hits: &mut Vec<Hit>) -> Decision {
+        let now = Instant::now();
+        // banned during this session (the server refuses new connections)
+        if let Some(b) = self.state.bans.banned(f.ip, now) {
+            debug!(policy = %self.name, client = %b.address(), rule = %b.cause.rule, "command of a banned client refused");
+            return Decision::Refuse {
+                action: PolicyAction::Reject,
+                rule: "banned".into(),
+            };
+        }
         let mut decision = Decision::Continue;
         for rule in self.rules.iter().filter(|r| r.stage == stage) {
             if self.skipped(&rule.spec, f.ip) {
@@ -293,11 +360,19 @@ impl Policy {
                     let refs: Vec<&str> = values.iter().map(String::as_str).collect();
                     match b.take(self.state.hash(&refs)) {
                         Ok(()) => Decision::Continue,
-                        Err(wait) => self.hit(rule, &values, wait, hits),
+                        Err(wait) => self.hit(rule, f.ip, &values, wait, hits),
                     }
                 }
                 Limiter::PerMessage(max) if f.rcpts_in_message >= *max as usize => {
-                    self.hit(rule, &values, Duration::ZERO, hits)
+                    self.hit(rule, f.ip, &values, Duration::ZERO, hits)
+                }
+                // a ban rule acts when the refusal is recorded (`rcpt_refused`)
+                Limiter::Refusals(r) if rule.spec.action != PolicyAction::Ban => {
+                    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+                    match r.locked(self.state.hash(&refs), now) {
+                        Some(wait) => self.hit(rule, f.ip, &values, wait, hits),
+                        None => Decision::Continue,
+                    }
                 }
                 _ => Decision::Continue,
             };
@@ -333,7 +408,8 @@ impl Policy {
             let Limiter::Failures(fails) = &rule.limiter else {
                 continue;
             };
-            if self.skipped(&rule.spec, f.ip) {
+            // a ban rule acts when the failure is recorded (`login_failed`)
+            if rule.spec.action == PolicyAction::Ban || self.skipped(&rule.spec, f.ip) {
                 continue;
             }
             let Some(values) = self.key_values(&rule.spec, f) else {
@@ -357,7 +433,7 @@ impl Policy {
                 info!(policy = %self.name, rule = %rule.spec.name, "per-user lock not applied: known-good network");
                 continue;
             }
-            decision = Self::combine(decision, self.hit(rule, &values, wait, hits));
+            decision = Self::combine(decision, self.hit(rule, f.ip, &values, wait, hits));
             if matches!(decision, Decision::Refuse { .. }) {
                 break;
             }
@@ -365,16 +441,54 @@ impl Policy {
         decision
     }
 
-    pub fn login_failed(&self, f: &Facts) {
+    /// A failed login: counted by every `auth_failures` rule. A ban rule
+    /// whose count this failure reaches bans now (so the client's next
+    /// connection, on any listener, is refused); other actions refuse the
+    /// next attempt (`login_allowed`).
+    pub fn login_failed(&self, f: &Facts) -> Checked<Decision> {
+        self.record(f, |l| match l {
+            Limiter::Failures(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    /// A recipient the backend refused (5xx to RCPT): counted by every
+    /// `rcpt_refusals` rule; ban rules act as in [`Self::login_failed`],
+    /// other actions refuse the next RCPT (`check`).
+    pub fn rcpt_refused(&self, f: &Facts) -> Checked<Decision> {
+        self.record(f, |l| match l {
+            Limiter::Refusals(w) => Some(w),
+            _ => None,
+        })
+    }
+
+    fn record(
+        &self,
+        f: &Facts,
+        window: impl Fn(&Limiter) -> Option<&Arc<Failures>>,
+    ) -> Checked<Decision> {
         let now = Instant::now();
+        let mut hits = Vec::new();
+        let mut decision = Decision::Continue;
         for rule in &self.rules {
-            if let Limiter::Failures(fails) = &rule.limiter {
-                if let Some(values) = self.key_values(&rule.spec, f) {
-                    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-                    fails.record(self.state.hash(&refs), now);
-                }
+            let Some(w) = window(&rule.limiter) else {
+                continue;
+            };
+            let Some(values) = self.key_values(&rule.spec, f) else {
+                continue;
+            };
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            let key = self.state.hash(&refs);
+            w.record(key, now);
+            if rule.spec.action == PolicyAction::Ban
+                && !self.skipped(&rule.spec, f.ip)
+                && w.locked(key, now).is_some()
+            {
+                let d = self.hit(rule, f.ip, &values, Duration::ZERO, &mut hits);
+                decision = Self::combine(decision, d);
             }
         }
+        Checked { decision, hits }
     }
 
     pub fn login_succeeded(&self, f: &Facts) {
@@ -538,6 +652,7 @@ mod tests {
             policy: "p".into(),
             rule: rule.into(),
             shadow,
+            ban: None,
         };
         assert_eq!(second.hits, vec![hit("watch", true), hit("cap", false)]);
         let denied = p.connect(&Facts::new(ip("192.0.2.7"), "mx"));
@@ -545,6 +660,211 @@ mod tests {
             denied.decision.is_err() && denied.hits.is_empty(),
             "deny is no rule hit"
         );
+    }
+
+    fn refuse(rule: &str) -> Decision {
+        Decision::Refuse {
+            action: PolicyAction::Reject,
+            rule: rule.into(),
+        }
+    }
+
+    /// `action: ban` on auth_failures: the failure that reaches the count
+    /// bans (the client's next connection is refused by the server); the
+    /// session's own further commands are refused as `banned`.
+    #[test]
+    fn ban_rule_bans_on_the_failure_that_reaches_its_count() {
+        let (p, state) = policy(
+            vec![rule(
+                "guess",
+                vec![KeyPart::Ip],
+                Kind::AuthFailures {
+                    count: 3,
+                    window: Duration::from_secs(900),
+                },
+                PolicyAction::Ban,
+            )],
+            vec![],
+        );
+        let mut f = Facts::new(ip("127.0.0.9"), "pop3");
+        f.auth_user = Some("alice");
+        for _ in 0..2 {
+            assert_eq!(p.login_allowed(&f).decision, Decision::Continue);
+            let failed = p.login_failed(&f);
+            assert!(failed.hits.is_empty() && failed.decision == Decision::Continue);
+        }
+        let third = p.login_failed(&f);
+        assert_eq!(third.decision, refuse("guess"));
+        assert_eq!(
+            third.hits[0].ban,
+            Some(BanEvent::Banned {
+                active: 1,
+                evicted: false
+            })
+        );
+        let now = Instant::now();
+        let ban = state.bans.banned(ip("127.0.0.9"), now).unwrap();
+        assert_eq!(ban.cause.reason, "auth_failures 3 per 900s");
+        assert_eq!(ban.remaining.as_secs(), 3599);
+        assert_eq!(p.login_allowed(&f).decision, refuse("banned"));
+        assert_eq!(p.check(PolicyStage::Mail, &f).decision, refuse("banned"));
+        let other = Facts::new(ip("127.0.0.10"), "pop3");
+        assert_eq!(
+            p.check(PolicyStage::Helo, &other).decision,
+            Decision::Continue
+        );
+        // lifted: the next attempt goes on; failures still in the window
+        // ban again at the next one
+        assert_eq!(state.bans.lift(ip("127.0.0.9"), now).len(), 1);
+        assert_eq!(p.login_allowed(&f).decision, Decision::Continue);
+        assert_eq!(p.login_failed(&f).decision, refuse("guess"));
+    }
+
+    /// `rate` with `ban` at connect, an IPv6 client's /64, and a trusted
+    /// balancer that is never banned.
+    #[test]
+    fn rate_ban_takes_the_counted_network_but_never_a_balancer() {
+        let (p, state) = policy(
+            vec![rule(
+                "flood",
+                vec![KeyPart::Ip],
+                Kind::Rate {
+                    count: 1,
+                    period: Duration::from_secs(60),
+                    burst: 1,
+                },
+                PolicyAction::Ban,
+            )],
+            vec![],
+        );
+        let v6 = Facts::new(ip("2001:db8:1:2::1"), "mx");
+        assert!(p.connect(&v6).decision.is_ok());
+        let c = p.connect(&v6);
+        assert_eq!(c.decision.err(), Some(refuse("flood")));
+        let now = Instant::now();
+        assert_eq!(
+            state
+                .bans
+                .banned(ip("2001:db8:1:2:ffff::7"), now)
+                .unwrap()
+                .address(),
+            "2001:db8:1:2::/64"
+        );
+        state
+            .bans
+            .protect(vec![Cidr::parse("127.0.0.1/32").unwrap()]);
+        let lb = Facts::new(ip("127.0.0.1"), "mx");
+        assert!(p.connect(&lb).decision.is_ok());
+        let c = p.connect(&lb);
+        assert_eq!(c.decision.err(), Some(refuse("flood")), "refused as reject");
+        assert_eq!(c.hits[0].ban, Some(BanEvent::Protected));
+        assert!(state.bans.banned(ip("127.0.0.1"), now).is_none());
+    }
+
+    /// `rcpt_refusals`: with `reject`, reaching the count refuses the next
+    /// RCPT before the backend; with `ban`, the refusal reaching it bans.
+    #[test]
+    fn rcpt_refusals_refuse_the_next_rcpt_or_ban() {
+        let window = Kind::RcptRefusals {
+            count: 2,
+            window: Duration::from_secs(600),
+        };
+        let (p, state) = policy(
+            vec![rule(
+                "harvest",
+                vec![KeyPart::Ip],
+                window.clone(),
+                PolicyAction::Reject,
+            )],
+            vec![],
+        );
+        let mut f = Facts::new(ip("127.0.0.11"), "mx");
+        f.rcpt = Some("x@example.net");
+        for _ in 0..2 {
+            assert_eq!(p.check(PolicyStage::Rcpt, &f).decision, Decision::Continue);
+            assert_eq!(p.rcpt_refused(&f).decision, Decision::Continue);
+        }
+        assert_eq!(p.check(PolicyStage::Rcpt, &f).decision, refuse("harvest"));
+        assert!(state.bans.list(Instant::now()).is_empty());
+        let (p, state) = policy(
+            vec![rule(
+                "harvest",
+                vec![KeyPart::Ip],
+                window,
+                PolicyAction::Ban,
+            )],
+            vec![],
+        );
+        assert_eq!(p.rcpt_refused(&f).decision, Decision::Continue);
+        assert_eq!(p.rcpt_refused(&f).decision, refuse("harvest"));
+        assert!(state
+            .bans
+            .banned(ip("127.0.0.11"), Instant::now())
+            .is_some());
+        assert_eq!(p.check(PolicyStage::Rcpt, &f).decision, refuse("banned"));
+    }
+
+    /// A log sink for the tests that read what a rule logs.
+    #[derive(Clone, Default)]
+    struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `shadow: true` on a ban rule: counted (a shadow hit, `BanEvent::Shadow`)
+    /// and logged as "would ban"; nothing refused, nothing banned.
+    #[test]
+    fn shadow_ban_is_counted_and_logged_only() {
+        let mut r = rule(
+            "watch",
+            vec![KeyPart::Ip],
+            Kind::AuthFailures {
+                count: 2,
+                window: Duration::from_secs(900),
+            },
+            PolicyAction::Ban,
+        );
+        r.shadow = true;
+        let (p, state) = policy(vec![r], vec![]);
+        let log = Log::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        let f = Facts::new(ip("127.0.0.12"), "pop3");
+        let failed = tracing::subscriber::with_default(subscriber, || {
+            p.login_failed(&f);
+            p.login_failed(&f)
+        });
+        assert_eq!(failed.decision, Decision::Continue);
+        assert_eq!(
+            failed.hits,
+            vec![Hit {
+                policy: "p".into(),
+                rule: "watch".into(),
+                shadow: true,
+                ban: Some(BanEvent::Shadow),
+            }]
+        );
+        assert!(state.bans.list(Instant::now()).is_empty());
+        assert_eq!(p.login_allowed(&f).decision, Decision::Continue);
+        assert_eq!(p.hits()[0], ("watch".to_string(), 0, 1));
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("shadow: would ban the client")
+                && text.contains("rule=watch")
+                && text.contains("key=ip=127.0.0.12"),
+            "{text}"
+        );
+        assert!(!text.contains("client banned"), "{text}");
     }
 
     #[test]

@@ -11,17 +11,20 @@
 //! spec.rs     validated rules (what they count, where they run), `check` text
 //! state.rs    limiter state across reloads, compiling specs against it
 //! evaluate.rs per-stage decisions of a compiled policy
+//! bans.rs     client networks refused on every listener until they expire
 //! limits.rs   the limiters: GCRA buckets, session counters, failure windows
 //! lru.rs      the bounded key maps under them
 //! ```
 
+pub mod bans;
 mod evaluate;
 pub mod limits;
 pub mod lru;
 mod spec;
 mod state;
 
-pub use evaluate::{Checked, ConnectPermit, Decision, Facts, Hit, Policy};
+pub use bans::{BanCause, BanInfo, BanOutcome, Bans};
+pub use evaluate::{BanEvent, Checked, ConnectPermit, Decision, Facts, Hit, Policy};
 pub use spec::{AllowSpec, KeyPart, Kind, PolicySpec, PolicyStage, RuleSpec};
 pub use state::{Policies, PolicyState, RuleHits};
 
@@ -57,6 +60,8 @@ mod fixtures {
             prefix_v6: 56,
             max_delay: Duration::from_millis(50),
             ipv6_prefix: 64,
+            ban_for: (action == PolicyAction::Ban).then_some(Duration::from_secs(3600)),
+            shadow: false,
         }
     }
 

@@ -84,6 +84,12 @@ pub enum Kind {
         window: Duration,
     },
     RecipientsPerMessage(u32),
+    /// Recipients the backend refused (5xx to RCPT) in a sliding window:
+    /// recipient harvesting.
+    RcptRefusals {
+        count: u32,
+        window: Duration,
+    },
 }
 
 impl Kind {
@@ -110,6 +116,9 @@ impl Kind {
                 format!("auth_failures {count} per {}s", window.as_secs())
             }
             Kind::RecipientsPerMessage(n) => format!("recipients_per_message {n}"),
+            Kind::RcptRefusals { count, window } => {
+                format!("rcpt_refusals {count} per {}s", window.as_secs())
+            }
         }
     }
 }
@@ -127,6 +136,10 @@ pub struct RuleSpec {
     /// The `ip` key groups IPv6 clients by this prefix (one host often holds a
     /// whole /64; IPv4 stays per address).
     pub ipv6_prefix: u8,
+    /// `action: ban`: how long the client's network is banned.
+    pub ban_for: Option<Duration>,
+    /// `shadow: true` (with `action: ban`): count and log the ban, do nothing.
+    pub shadow: bool,
 }
 
 impl RuleSpec {
@@ -142,7 +155,9 @@ impl RuleSpec {
             Kind::Rate { .. } => key_stage,
             Kind::Concurrent(_) => PolicyStage::Connect,
             Kind::Messages { .. } => PolicyStage::Mail,
-            Kind::Recipients { .. } | Kind::RecipientsPerMessage(_) => PolicyStage::Rcpt,
+            Kind::Recipients { .. } | Kind::RecipientsPerMessage(_) | Kind::RcptRefusals { .. } => {
+                PolicyStage::Rcpt
+            }
             Kind::AuthFailures { .. } => PolicyStage::Login,
         }
     }
@@ -233,15 +248,28 @@ impl PolicySpec {
                     k => k.as_str().to_string(),
                 })
                 .collect();
+            let mut action = r.action.as_str().to_string();
+            if let Some(d) = r.ban_for {
+                let v6 = if r.ipv6_prefix < 128 {
+                    format!("IPv6 /{}", r.ipv6_prefix)
+                } else {
+                    "IPv6 address".into()
+                };
+                let _ = write!(
+                    action,
+                    " for {}s (every listener; IPv4 address, {v6}){}",
+                    d.as_secs(),
+                    if r.shadow { " shadow: log only" } else { "" }
+                );
+            }
             let _ = writeln!(
                 out,
-                "    {}. [{:?}] {} key=[{}] {} action={}",
+                "    {}. [{:?}] {} key=[{}] {} action={action}",
                 i + 1,
                 r.stage(),
                 r.name,
                 key.join(","),
                 r.kind.describe(),
-                r.action.as_str()
             );
         }
         out

@@ -3,6 +3,7 @@
 //! [`Policies::compile`] joins a snapshot's specs with it, so a reload keeps
 //! the counters of unchanged rules and starts fresh for changed ones.
 
+use super::bans::Bans;
 use super::evaluate::{Limiter, Policy, Rule};
 use super::limits::{Bucket, Counter, Failures, KnownGood};
 use super::spec::{Kind, PolicySpec};
@@ -22,6 +23,8 @@ pub struct PolicyState {
     failures: Mutex<HashMap<String, Arc<Failures>>>,
     hits: Mutex<HashMap<String, Arc<RuleHits>>>,
     pub known_good: KnownGood,
+    /// Process-wide: a ban by any policy's rule holds on every listener.
+    pub bans: Bans,
 }
 
 /// How often a rule fired (refused/delayed) and how often it would have (shadow).
@@ -33,7 +36,8 @@ pub struct RuleHits {
 
 impl PolicyState {
     /// `known_good`/`max_keys` bound the known-good networks shared by all
-    /// policies (`config/defaults.rs` holds the values the gateway uses).
+    /// policies, and `max_keys` the bans (`config/defaults.rs` holds the
+    /// values the gateway uses).
     pub fn new(known_good: Duration, max_keys: usize) -> Arc<Self> {
         Arc::new(PolicyState {
             hasher: Default::default(),
@@ -42,6 +46,7 @@ impl PolicyState {
             failures: Default::default(),
             hits: Default::default(),
             known_good: KnownGood::new(known_good, max_keys),
+            bans: Bans::new(max_keys),
         })
     }
 
@@ -185,6 +190,11 @@ impl Policies {
                         }))
                     }
                     Kind::RecipientsPerMessage(n) => Limiter::PerMessage(n),
+                    Kind::RcptRefusals { count, window } => {
+                        Limiter::Refusals(PolicyState::get(&state.failures, &fp, || {
+                            Failures::new(count, window, max_keys)
+                        }))
+                    }
                 };
                 let hits = PolicyState::get(&state.hits, &fp, RuleHits::default);
                 rules.push(Rule {

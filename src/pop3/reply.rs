@@ -253,6 +253,10 @@ pub fn shutting_down() -> Reply {
 pub fn denied() -> Reply {
     Reply::err("[SYS/PERM] Access denied")
 }
+/// Refusal of a connection from a banned address (server.rs, `action: ban`).
+pub fn banned() -> Reply {
+    Reply::err("[AUTH] Access denied: address banned for a while")
+}
 /// An APOP listener with `apop_max_pending` sessions already waiting for
 /// login (each holds a backend connection for its timestamp).
 pub fn apop_busy() -> Reply {

@@ -8,8 +8,8 @@
 use super::command;
 use super::data::{self, DataReceiver, Feed};
 use super::session::{
-    Action, BackendOp, Checked, Credentials, DataEnd, LoginResult, Outcome, Reply, Session,
-    Settings, TxOutcome,
+    recipient_refused, Action, BackendOp, Checked, Credentials, DataEnd, LoginResult, Outcome,
+    Reply, Session, Settings, TxOutcome,
 };
 use crate::action::PolicyAction;
 use crate::auth::Verdict as AuthVerdict;
@@ -203,6 +203,9 @@ impl Driver {
                     }
                 }
                 let outcome = self.relay(&op).await;
+                if let (true, BackendOp::Rcpt { to }) = (recipient_refused(&op, &outcome), &op) {
+                    self.count_refused_recipient(to);
+                }
                 let action = self.session.relayed(op, outcome);
                 self.drop_out_of_step_backend();
                 return Box::pin(self.act(action)).await;
@@ -226,13 +229,22 @@ impl Driver {
         f
     }
 
+    /// A recipient the backend refused: `rcpt_refusals` rules count it. A
+    /// ban it makes holds from the next command and connection on; the
+    /// backend's refusal answers this RCPT.
+    fn count_refused_recipient(&self, to: &str) {
+        if let Some(p) = self.ctx.policy() {
+            let mut f = self.facts();
+            f.rcpt = Some(to);
+            crate::conn::count_hits(&p.rcpt_refused(&f).hits);
+        }
+    }
+
     /// Runs the policy's rules for `stage`; `Some(action)` refuses the command.
     async fn policy(&self, stage: PolicyStage, f: &Facts<'_>) -> Option<PolicyAction> {
         let p = self.ctx.policy()?;
         let checked = p.check(stage, f);
-        for h in &checked.hits {
-            crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
-        }
+        crate::conn::count_hits(&checked.hits);
         match checked.decision {
             Decision::Continue => None,
             Decision::Delay(d) => {

@@ -268,6 +268,10 @@ pub fn too_many_connections() -> Reply {
 pub fn denied() -> Reply {
     Reply::new(554, "5.7.1 Access denied")
 }
+/// Refusal of a connection from a banned address (server.rs, `action: ban`).
+pub fn banned() -> Reply {
+    Reply::new(554, "5.7.1 Access denied: address banned for a while")
+}
 pub fn policy_tempfail() -> Reply {
     Reply::new(451, "4.7.1 Rate limit exceeded, try again later")
 }

@@ -93,6 +93,16 @@ pub enum Outcome {
     NoIdentity,
 }
 
+/// A recipient the backend refused for good (5xx to RCPT): what
+/// `rcpt_refusals` rules count (recipient harvesting). A 4xx (greylisting,
+/// too many recipients) is not counted.
+pub fn recipient_refused(op: &BackendOp, outcome: &Outcome) -> bool {
+    matches!(
+        (op, outcome),
+        (BackendOp::Rcpt { .. }, Outcome::Reply(500..=599, _))
+    )
+}
+
 /// What a backend's reply code means at one stage. Only these are
 /// acceptances: MAIL 250, RCPT 250/251, end of DATA 250 (RFC 5321 §4.3.2);
 /// 4xx/5xx are refusals passed on; anything else (221, 252, 354 …) means
@@ -817,7 +827,10 @@ impl Session {
 /// (RFC 7372 codes where one exists).
 fn checked(v: &AuthVerdict) -> Checked<Reply> {
     match v.action {
-        PolicyAction::Reject => Checked::Refused(reply::auth_check_reject(v.check, &v.reason)),
+        // `config` refuses `ban` for checks; were one here, it refuses as reject
+        PolicyAction::Reject | PolicyAction::Ban => {
+            Checked::Refused(reply::auth_check_reject(v.check, &v.reason))
+        }
         PolicyAction::Tempfail => Checked::Refused(reply::auth_check_tempfail(v.check, &v.reason)),
         PolicyAction::Delay => Checked::Delay(AUTH_DELAY),
         PolicyAction::Shadow => Checked::Shadow,
