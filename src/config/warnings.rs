@@ -134,6 +134,21 @@ pub fn of(cfg: &Config, host: &Host) -> Vec<Warning> {
                     .into(),
             );
         }
+        if let Some(p) = l
+            .policy
+            .as_ref()
+            .filter(|p| !smtp && cfg.triage.contains_key(&p.name))
+        {
+            w(
+                "triage-not-smtp",
+                subject(),
+                format!(
+                    "policy {} has a triage: block, which applies to SMTP listeners only: \
+                     DNSBL scoring and pregreet are not run on this {:?} listener",
+                    p.name, l.protocol
+                ),
+            );
+        }
         if smtp && l.auth != AuthMode::None && !l.require_tls {
             w(
                 "submission-without-require-tls",

@@ -120,10 +120,116 @@ impl Driver {
     }
 
     async fn serve(&mut self) -> End {
+        if let Some(end) = self.triage().await {
+            return end;
+        }
         let greeting = self.session.greeting();
         self.queue(&greeting);
         // whatever is queued last (221, 421 …) goes out in `Client::close`
         self.serve_loop().await
+    }
+
+    /// Triage before the greeting (`triage/`): a client the pass cache
+    /// knows goes on untested; otherwise every zone's query starts now, the
+    /// pregreet test (if any) sends the greeting's first line and holds the
+    /// final one for `wait`, and the answers are awaited after it (a good
+    /// client waits max(wait, lookups), bounded by `timeout`). The verdict is
+    /// counted and logged here; the session says what it means. Returns the
+    /// end of a refused session (or of a client that left during the wait).
+    async fn triage(&mut self) -> Option<End> {
+        let t = self.ctx.triage()?.clone();
+        let ip = self.peer.ip();
+        let m = crate::observe::metrics();
+        let started = Instant::now();
+        if t.cache.passed(ip, started) {
+            m.triage_decision(&t.policy, "cached", "none");
+            debug!(client = %ip, "triage: cached pass");
+            return None;
+        }
+        let lookups =
+            (!t.spec.dnsbl.is_empty()).then(|| crate::triage::Lookups::start(&t.dns, &t.spec, ip));
+        let client = &mut self.client;
+        let held = self.session.held_greeting();
+        let pregreet = async {
+            let Some(p) = t.spec.pregreet else {
+                return Ok(false);
+            };
+            client.queue(&held);
+            client.flush().await?;
+            match tokio::time::timeout(p.wait, client.conn.fill()).await {
+                Err(_) => Ok(false),
+                Ok(Ok(_)) => Ok(true),
+                Ok(Err(crate::codec::CodecError::Closed)) => Err(End::ClientClosed),
+                Ok(Err(e)) => Err(End::Error(format!("read: {e}"))),
+            }
+        };
+        let answers = async {
+            match lookups {
+                Some(l) => l.finish().await,
+                None => Vec::new(),
+            }
+        };
+        let (pregreet, answers) = tokio::join!(pregreet, answers);
+        for (z, a) in t.spec.dnsbl.iter().zip(&answers) {
+            let answered = a.error.is_none().then_some(a.took);
+            m.triage_zone(&t.policy, &z.zone, a.result.as_str(), answered);
+            m.dns_facts(&a.facts.answered, a.facts.unanswered);
+            match a.result {
+                crate::triage::ZoneResult::ListRefused => {
+                    warn!(zone = %z.zone, client = %ip, reason = "list_refused", "DNS list refused the query (answer in 127.255.255.0/24): not counted as listed")
+                }
+                crate::triage::ZoneResult::Failed => {
+                    warn!(zone = %z.zone, client = %ip, error = a.error.as_deref().unwrap_or("-"), "DNS list lookup failed: counted as not listed")
+                }
+                _ => {}
+            }
+        }
+        let pregreet = match pregreet {
+            Ok(p) => p,
+            Err(end) => return Some(end),
+        };
+        let results: Vec<_> = answers.iter().map(|a| a.result).collect();
+        let score = crate::triage::score::score(&t.spec, &results);
+        let (verdict, action) = crate::triage::score::decide(&t.spec, &score, pregreet);
+        let shadow = action == Some(crate::triage::TriageAction::Shadow);
+        if pregreet {
+            let p = t.spec.pregreet.map(|p| p.action);
+            m.triage_hit(
+                &t.policy,
+                "pregreet",
+                p == Some(crate::triage::TriageAction::Shadow),
+            );
+        }
+        if t.spec.threshold <= score.total {
+            m.triage_hit(
+                &t.policy,
+                "dnsbl",
+                t.spec.action == crate::triage::TriageAction::Shadow,
+            );
+        }
+        let mode = match action {
+            None => "none",
+            Some(_) if shadow => "shadow",
+            Some(_) => "enforced",
+        };
+        m.triage_decision(&t.policy, verdict.as_str(), mode);
+        info!(
+            client = %ip,
+            verdict = verdict.as_str(),
+            score = score.total,
+            listed = %score.listed.join(","),
+            allowed = %score.allowed.join(","),
+            pregreet,
+            action = action.map_or("pass", |a| a.as_str()),
+            shadow,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "triage"
+        );
+        if action.is_none() {
+            t.cache.remember(ip, Instant::now());
+        }
+        let refusal = self.session.triaged(ip, &verdict, action)?;
+        self.act(refusal).await
     }
 
     async fn serve_loop(&mut self) -> End {
