@@ -228,7 +228,8 @@ impl Driver {
         if action.is_none() {
             t.cache.remember(ip, Instant::now());
         }
-        let refusal = self.session.triaged(ip, &verdict, action)?;
+        let held = t.spec.pregreet.is_some();
+        let refusal = self.session.triaged(ip, &verdict, action, held)?;
         self.act(refusal).await
     }
 

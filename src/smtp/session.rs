@@ -286,12 +286,16 @@ impl Session {
 
     /// The triage verdict before the greeting: `None` lets the session go on
     /// (a pass, or a failed test in `shadow`); otherwise the refusal that
-    /// closes it (RFC 5321 §3.1: 554 instead of the greeting; 421 to come back).
+    /// closes it (RFC 5321 §3.1: 554 instead of the greeting; 421 to come
+    /// back). When the greeting's first line went out already (`held`, the
+    /// pregreet test), the greeting is completed first so that the client
+    /// reads whole replies of one code each, then the refusal follows.
     pub fn triaged(
         &self,
         client: std::net::IpAddr,
         verdict: &TriageVerdict,
         action: Option<TriageAction>,
+        held: bool,
     ) -> Option<Action> {
         let r = match (action?, verdict) {
             (TriageAction::Shadow, _) => return None,
@@ -305,7 +309,12 @@ impl Session {
             TriageVerdict::Pregreet => "triage: pregreet",
             _ => "triage: dnsbl",
         };
-        Some(Action::Close(r, Ending::Because(why)))
+        let close = Action::Close(r, Ending::Because(why));
+        Some(if held {
+            Action::Then(self.greeting(), Box::new(close))
+        } else {
+            close
+        })
     }
 
     /// The effective SIZE limit: ours, or the backend's if that is smaller.
@@ -946,7 +955,9 @@ mod tests {
             score: 3,
             zones: vec!["a.test".into(), "b.test".into()],
         };
-        let a = s.triaged(ip, &listed, Some(TriageAction::Reject)).unwrap();
+        let a = s
+            .triaged(ip, &listed, Some(TriageAction::Reject), false)
+            .unwrap();
         assert!(matches!(
             a,
             Action::Close(_, Ending::Because("triage: dnsbl"))
@@ -955,17 +966,30 @@ mod tests {
             reply_of(a),
             b"554 5.7.1 Service unavailable; client [127.0.0.2] blocked using a.test, b.test\r\n"
         );
+        // after the held first line: the greeting ends, then the refusal
         let a = s
-            .triaged(ip, &TriageVerdict::Pregreet, Some(TriageAction::Reject))
+            .triaged(
+                ip,
+                &TriageVerdict::Pregreet,
+                Some(TriageAction::Reject),
+                true,
+            )
             .unwrap();
-        assert!(reply_of(a).starts_with(b"554 5.7.1 Protocol error"));
+        let bytes = reply_of(a);
+        assert!(
+            bytes.starts_with(b"220 gw.example ESMTP mailgate\r\n554 5.7.1 Protocol error"),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
         let a = s
-            .triaged(ip, &listed, Some(TriageAction::Tempfail))
+            .triaged(ip, &listed, Some(TriageAction::Tempfail), false)
             .unwrap();
         assert!(reply_of(a).starts_with(b"421 4.7.0 "));
-        assert!(s.triaged(ip, &listed, Some(TriageAction::Shadow)).is_none());
         assert!(s
-            .triaged(ip, &TriageVerdict::Pass { score: 0 }, None)
+            .triaged(ip, &listed, Some(TriageAction::Shadow), true)
+            .is_none());
+        assert!(s
+            .triaged(ip, &TriageVerdict::Pass { score: 0 }, None, true)
             .is_none());
     }
 
