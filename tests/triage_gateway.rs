@@ -315,3 +315,45 @@ async fn shadow_counts_and_refuses_nobody() {
         0
     );
 }
+
+/// On an implicit-TLS listener the test runs after the handshake, on the
+/// TLS stream: the held line and the refusal arrive encrypted.
+#[tokio::test]
+async fn pregreet_on_implicit_tls_runs_inside_tls() {
+    let dns = TestDns::start(zone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = common::dev_cert(dir.path());
+    let (_mailbox, backend) = common::demo_smtp().await;
+    let gw = Yaml::new()
+        .section(&format!(
+            "dns: {{ nameservers: [\"{}\"], timeout: 1s, attempts: 1 }}",
+            dns.addr
+        ))
+        .certs(dir.path())
+        .listener("smtps", "smtp", "implicit", "policy: tls_pregreet")
+        .backend("b", &backend, "")
+        .section("policies:\n  tls_pregreet:\n    triage:\n      pregreet: { wait: 500ms }\n")
+        .start()
+        .await;
+    let addr = gw.addr("smtps").unwrap();
+    let mut r = SmtpClient::connect_from("127.0.0.13", addr)
+        .await
+        .tls(&cert)
+        .await;
+    assert_eq!(
+        r.line().await.as_deref(),
+        Some("220-gw.test ESMTP mailgate")
+    );
+    r.send(b"EHLO early.test\r\n").await;
+    r.expect(220).await;
+    assert!(r.text().await.starts_with("554 5.7.1 Protocol error"));
+    let mut r = SmtpClient::connect_from("127.0.0.14", addr)
+        .await
+        .tls(&cert)
+        .await;
+    assert_eq!(
+        r.expect(220).await,
+        "220-gw.test ESMTP mailgate\n220 gw.test ESMTP mailgate\n"
+    );
+    assert!(r.cmd("EHLO patient.test").await.starts_with("250"));
+}

@@ -245,6 +245,24 @@ mod tests {
         );
     }
 
+    /// The commented-out block of the shipped `policies/` loads as written.
+    #[test]
+    fn the_shipped_example_loads_once_uncommented() {
+        let text = include_str!("../../policies/20-policies.yaml");
+        let block: String = text
+            .lines()
+            .skip_while(|l| l.trim() != "# triage:")
+            .skip(1)
+            .take_while(|l| l.trim_start().starts_with("#   "))
+            .map(|l| format!("    {}\n", l.trim_start().trim_start_matches("# ")))
+            .collect();
+        assert!(block.contains("zen.spamhaus.org"), "{block}");
+        let c = load_str("t.yaml", &with(&block)).unwrap_or_else(|e| panic!("{e}\n{block}"));
+        let t = &c.triage["p"];
+        assert_eq!((t.dnsbl.len(), t.threshold), (3, 3));
+        assert_eq!(t.action, TriageAction::Shadow);
+    }
+
     #[test]
     fn bad_values_are_refused_at_their_line() {
         let cases = [

@@ -482,6 +482,30 @@ mod tests {
         none_of(&listener("protocol: pop3, tls: starttls"), &site_host());
     }
 
+    /// A triage block on a POP3 or IMAP listener's policy is not run there.
+    #[test]
+    fn triage_not_smtp() {
+        let yaml = |protocol: &str| {
+            format!(
+                "{}policies:\n  p:\n    triage: {{ pregreet: {{ wait: 1s }} }}\n",
+                listener(&format!("protocol: {protocol}, tls: none, policy: p"))
+            )
+        };
+        let w = fires("triage-not-smtp", &yaml("pop3"), &site_host());
+        assert!(w.why.contains("policy p"), "{w}");
+        fires("triage-not-smtp", &yaml("imap"), &site_host());
+        let c = load_str("w.yaml", &yaml("smtp")).unwrap();
+        assert!(!names(&of(&c, &site_host())).contains(&"triage-not-smtp"));
+        // `check` shows the block where it runs and says where it does not
+        assert!(c
+            .summary()
+            .contains("triage pregreet: final 220 line held 1000ms"));
+        let c = load_str("w.yaml", &yaml("pop3")).unwrap();
+        assert!(c
+            .summary()
+            .contains("triage: not applied (SMTP listeners only)"));
+    }
+
     /// IMAP listeners get their own name, never the POP3 one.
     #[test]
     fn imap_login_before_tls() {

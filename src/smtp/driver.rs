@@ -143,7 +143,8 @@ impl Driver {
         let started = Instant::now();
         if t.cache.passed(ip, started) {
             m.triage_decision(&t.policy, "cached", "none");
-            debug!(client = %ip, "triage: cached pass");
+            // postscreen's "PASS OLD": one line per decision, cached ones too
+            info!(client = %ip, verdict = "cached", action = "pass", shadow = false, elapsed_ms = 0u64, "triage");
             return None;
         }
         let lookups =
