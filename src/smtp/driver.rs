@@ -120,8 +120,21 @@ impl Driver {
     }
 
     async fn serve(&mut self) -> End {
-        if let Some(end) = self.triage().await {
-            return end;
+        if let Some(t) = self.ctx.triage().cloned() {
+            let triaged = match self.triage(&t).await {
+                Ok(x) => x,
+                Err(end) => return end,
+            };
+            let held = t.spec.pregreet.is_some();
+            let ip = self.peer.ip();
+            if let Some(refusal) = self
+                .session
+                .triaged(ip, &triaged.verdict, triaged.action, held)
+            {
+                if let Some(end) = self.act(refusal).await {
+                    return end;
+                }
+            }
         }
         let greeting = self.session.greeting();
         self.queue(&greeting);
@@ -133,11 +146,11 @@ impl Driver {
     /// knows goes on untested; otherwise every zone's query starts now, the
     /// pregreet test (if any) sends the greeting's first line and holds the
     /// final one for `wait`, and the answers are awaited after it (a good
-    /// client waits max(wait, lookups), bounded by `timeout`). The verdict is
-    /// counted and logged here; the session says what it means. Returns the
-    /// end of a refused session (or of a client that left during the wait).
-    async fn triage(&mut self) -> Option<End> {
-        let t = self.ctx.triage()?.clone();
+    /// client waits max(wait, lookups), bounded by `timeout`). The outcome
+    /// is counted, logged and returned for the session to answer; a pass is
+    /// remembered. `Err`: the client left during the wait.
+    async fn triage(&mut self, t: &crate::triage::Triage) -> Result<crate::triage::Triaged, End> {
+        use crate::triage::{Triaged, ZoneResult};
         let ip = self.peer.ip();
         let m = crate::observe::metrics();
         let started = Instant::now();
@@ -145,7 +158,7 @@ impl Driver {
             m.triage_decision(&t.policy, "cached", "none");
             // postscreen's "PASS OLD": one line per decision, cached ones too
             info!(client = %ip, verdict = "cached", action = "pass", shadow = false, elapsed_ms = 0u64, "triage");
-            return None;
+            return Ok(Triaged::cached());
         }
         let lookups =
             (!t.spec.dnsbl.is_empty()).then(|| crate::triage::Lookups::start(&t.dns, &t.spec, ip));
@@ -176,62 +189,37 @@ impl Driver {
             m.triage_zone(&t.policy, &z.zone, a.result.as_str(), answered);
             m.dns_facts(&a.facts.answered, a.facts.unanswered);
             match a.result {
-                crate::triage::ZoneResult::ListRefused => {
+                ZoneResult::ListRefused => {
                     warn!(zone = %z.zone, client = %ip, reason = "list_refused", "DNS list refused the query (answer in 127.255.255.0/24): not counted as listed")
                 }
-                crate::triage::ZoneResult::Failed => {
+                ZoneResult::Failed => {
                     warn!(zone = %z.zone, client = %ip, error = a.error.as_deref().unwrap_or("-"), "DNS list lookup failed: counted as not listed")
                 }
                 _ => {}
             }
         }
-        let pregreet = match pregreet {
-            Ok(p) => p,
-            Err(end) => return Some(end),
-        };
-        let results: Vec<_> = answers.iter().map(|a| a.result).collect();
-        let score = crate::triage::score::score(&t.spec, &results);
-        let (verdict, action) = crate::triage::score::decide(&t.spec, &score, pregreet);
-        let shadow = action == Some(crate::triage::TriageAction::Shadow);
-        if pregreet {
-            let p = t.spec.pregreet.map(|p| p.action);
-            m.triage_hit(
-                &t.policy,
-                "pregreet",
-                p == Some(crate::triage::TriageAction::Shadow),
-            );
+        let results: Vec<ZoneResult> = answers.iter().map(|a| a.result).collect();
+        let triaged = crate::triage::score::triage(&t.spec, &results, pregreet?);
+        for (test, shadow) in &triaged.hits {
+            m.triage_hit(&t.policy, test, *shadow);
         }
-        if t.spec.threshold <= score.total {
-            m.triage_hit(
-                &t.policy,
-                "dnsbl",
-                t.spec.action == crate::triage::TriageAction::Shadow,
-            );
-        }
-        let mode = match action {
-            None => "none",
-            Some(_) if shadow => "shadow",
-            Some(_) => "enforced",
-        };
-        m.triage_decision(&t.policy, verdict.as_str(), mode);
+        m.triage_decision(&t.policy, triaged.verdict.as_str(), triaged.mode());
         info!(
             client = %ip,
-            verdict = verdict.as_str(),
-            score = score.total,
-            listed = %score.listed.join(","),
-            allowed = %score.allowed.join(","),
-            pregreet,
-            action = action.map_or("pass", |a| a.as_str()),
-            shadow,
+            verdict = triaged.verdict.as_str(),
+            score = triaged.score.total,
+            listed = %triaged.score.listed.join(","),
+            allowed = %triaged.score.allowed.join(","),
+            pregreet = triaged.pregreet,
+            action = triaged.action.map_or("pass", |a| a.as_str()),
+            shadow = triaged.mode() == "shadow",
             elapsed_ms = started.elapsed().as_millis() as u64,
             "triage"
         );
-        if action.is_none() {
+        if triaged.passed() {
             t.cache.remember(ip, Instant::now());
         }
-        let held = t.spec.pregreet.is_some();
-        let refusal = self.session.triaged(ip, &verdict, action, held)?;
-        self.act(refusal).await
+        Ok(triaged)
     }
 
     async fn serve_loop(&mut self) -> End {

@@ -153,6 +153,47 @@ impl TriageVerdict {
     }
 }
 
+/// One connection's triage: the fact the driver acts on (through the
+/// session), logs and counts, and a later ban rule may act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Triaged {
+    pub verdict: TriageVerdict,
+    /// What is done: `None` for a pass (tested or cached).
+    pub action: Option<TriageAction>,
+    pub score: score::Score,
+    /// The client talked before the final greeting line.
+    pub pregreet: bool,
+    /// The tests that failed (`dnsbl`, `pregreet`) and whether each is only shadowed.
+    pub hits: Vec<(&'static str, bool)>,
+}
+
+impl Triaged {
+    /// An allowlist cache hit: nothing tested.
+    pub fn cached() -> Triaged {
+        Triaged {
+            verdict: TriageVerdict::Cached,
+            action: None,
+            score: score::Score::default(),
+            pregreet: false,
+            hits: Vec::new(),
+        }
+    }
+
+    /// `none` (a pass), `shadow` or `enforced`: the metric label.
+    pub fn mode(&self) -> &'static str {
+        match self.action {
+            None => "none",
+            Some(TriageAction::Shadow) => "shadow",
+            Some(_) => "enforced",
+        }
+    }
+
+    /// Whether the client passed every test (and may be cached).
+    pub fn passed(&self) -> bool {
+        self.action.is_none()
+    }
+}
+
 /// A policy's triage as a listener runtime holds it: the settings, the
 /// policy's pass cache (long-lived) and the resolver.
 pub struct Triage {

@@ -3,7 +3,7 @@
 //! score over all zones and the verdict. Nothing here awaits; `lookup.rs`
 //! fetches the answers this file judges.
 
-use super::{TriageAction, TriageSpec, TriageVerdict, ZoneSpec};
+use super::{TriageAction, TriageSpec, TriageVerdict, Triaged, ZoneSpec};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -189,6 +189,27 @@ pub fn decide(
     }
 }
 
+/// The whole judgement of one connection: the zones' results (in `dnsbl`
+/// order) and whether the client talked first → [`Triaged`].
+pub fn triage(spec: &TriageSpec, results: &[ZoneResult], pregreet: bool) -> Triaged {
+    let score = score(spec, results);
+    let (verdict, action) = decide(spec, &score, pregreet);
+    let mut hits = Vec::new();
+    if let (true, Some(p)) = (pregreet, spec.pregreet) {
+        hits.push(("pregreet", p.action == TriageAction::Shadow));
+    }
+    if spec.threshold <= score.total {
+        hits.push(("dnsbl", spec.action == TriageAction::Shadow));
+    }
+    Triaged {
+        verdict,
+        action,
+        score,
+        pregreet,
+        hits,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +376,15 @@ mod tests {
             (TriageVerdict::Pregreet, Some(TriageAction::Shadow))
         );
         assert_eq!(decide(&s, &clean, false).1, None);
+        // both tests failed, each in its own mode
+        let t = triage(&s, &[ZoneResult::Listed], true);
+        assert_eq!(t.hits, vec![("pregreet", true), ("dnsbl", false)]);
+        assert_eq!((t.mode(), t.passed()), ("enforced", false));
+        let t = triage(&s, &[ZoneResult::NotListed], false);
+        assert_eq!(
+            (t.verdict.as_str(), t.mode(), t.passed()),
+            ("pass", "none", true)
+        );
+        assert!(t.hits.is_empty());
     }
 }
