@@ -83,7 +83,7 @@
 //!   limits.rs    brute-force windows with known-good networks; buckets, counters
 //!   lru.rs       bounded keyed state: least-recently-seen order, idle keys evicted first
 //! triage/      postscreen-style tests before the SMTP greeting (SMTP only)
-//!   mod.rs       validated `TriageSpec`, the `TriageVerdict` the driver acts on
+//!   mod.rs       validated `TriageSpec`; `Triaged` (verdict, action, score), what the driver acts on
 //!   score.rs     DNSBL query names (IPv4, IPv6 nibbles), codes, score, verdict (sans-IO)
 //!   lookup.rs    every zone's query started at connect, bounded by `timeout`
 //!   cache.rs     allowlist cache of clients that passed (bounded, survives reloads)

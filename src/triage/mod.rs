@@ -3,13 +3,15 @@
 //! with `pregreet` the final greeting line is held to catch clients that talk
 //! first. A client that passed is remembered and not tested again for
 //! `cache`. The SMTP driver runs the tests and acts on the returned
-//! [`TriageVerdict`]; the session decides the replies.
+//! [`Triaged`] (its [`TriageVerdict`] and action); the session decides the
+//! replies.
 //!
 //! ```text
 //! mod.rs     validated settings (`TriageSpec`, built by config/triage.rs),
-//!            the verdict, the compiled `Triage` a listener runtime holds
-//! score.rs   query names (IPv4 octets, IPv6 nibbles), codes, the score and
-//!            the verdict (sans-IO)
+//!            the verdict and `Triaged`, the compiled `Triage` a listener
+//!            runtime holds
+//! score.rs   query names (IPv4 octets, IPv6 nibbles), codes, the score,
+//!            the verdict, `triage()` → `Triaged` (sans-IO)
 //! lookup.rs  the zones' queries, all started at connect, bounded by `timeout`
 //! cache.rs   the allowlist cache of clients that passed (survives reloads)
 //! ```
