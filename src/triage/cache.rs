@@ -10,7 +10,7 @@
 
 use crate::policy::lru::Lru;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,9 +50,7 @@ impl PassCache {
     }
 
     fn key(&self, ip: IpAddr) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        ip.hash(&mut h);
-        h.finish()
+        self.hasher.hash_one(ip)
     }
 
     /// Whether `ip` passed within the last `cache`.
