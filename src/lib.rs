@@ -84,6 +84,11 @@
 //!   bans.rs      process-wide bans (`action: ban`): bounded, expiring, never a
 //!                trusted balancer; checked by server.rs before TLS and greeting
 //!   lru.rs       bounded keyed state: least-recently-seen order, idle keys evicted first
+//! triage/      postscreen-style tests before the SMTP greeting (SMTP only)
+//!   mod.rs       validated `TriageSpec`; `Triaged` (verdict, action, score), what the driver acts on
+//!   score.rs     DNSBL query names (IPv4, IPv6 nibbles), codes, score, verdict (sans-IO)
+//!   lookup.rs    every zone's query started at connect, bounded by `timeout`
+//!   cache.rs     allowlist cache of clients that passed (bounded, survives reloads)
 //! observe/     Prometheus metrics (metrics.rs), the /metrics /healthz /readyz /bans endpoint
 //!              (http.rs: capped, cached readiness, bearer-token ban lifts), text-log
 //!              escaping of client strings (logfmt.rs)
@@ -94,7 +99,7 @@
 //!
 //! Layers, bottom to top (no module uses one above it; `tests/module_graph.rs`
 //! fails on any cycle): units, codec, observe, action, mail → transport, sign →
-//! auth, backend → policy → config → tls → conn → smtp, pop3, imap → server → demo.
+//! auth, backend → policy → triage → config → tls → conn → smtp, pop3, imap → server → demo.
 //! Metrics are counted at the edges (server, drivers) from the facts policy,
 //! auth and backend return (`Checked::hits`, `DnsFacts`, `connect_time`,
 //! `BackendError::OutOfStep`).
@@ -120,6 +125,7 @@ pub mod sign;
 pub mod smtp;
 pub mod tls;
 pub mod transport;
+pub mod triage;
 pub mod units;
 
 /// A short, unique-enough session id, also handed to the backend in the

@@ -14,7 +14,9 @@ use crate::conn::inflight::Budget;
 use crate::conn::{ListenerRuntime, SessionCtx};
 use crate::observe::http::{Admin, AdminToken, BanDesk, ReadyCheck};
 use crate::policy::{ConnectPermit, Decision, Facts, Policies, Policy, PolicyState};
+use crate::triage::{Triage, TriageState};
 use arc_swap::{ArcSwap, ArcSwapOption};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +55,8 @@ pub struct Gateway {
     grace: std::sync::Mutex<Duration>,
     pub caps: Arc<CapsCache>,
     pub policy_state: Arc<PolicyState>,
+    /// The triage pass caches (survive reloads, like `policy_state`).
+    pub triage_state: Arc<TriageState>,
     metrics_addr: Option<SocketAddr>,
     /// Becomes true when the first capability probe of every SMTP backend
     /// has answered or failed.
@@ -113,9 +117,15 @@ fn runtime_for(
     tls: &Option<Arc<rustls::ServerConfig>>,
     policies: &Policies,
     verifier: &Option<Arc<crate::auth::Verifier>>,
+    triage: &BTreeMap<String, Arc<Triage>>,
 ) -> Result<ListenerRuntime, ServerError> {
     let policy = l.policy.as_ref().and_then(|p| policies.get(&p.name));
     let wants_auth = policy.as_ref().is_some_and(|p| p.spec().auth.is_some());
+    // triage is SMTP's (postscreen's tests); `check` warns where it is ignored
+    let triage = match (&l.policy, l.protocol) {
+        (Some(p), Protocol::Smtp) => triage.get(&p.name).cloned(),
+        _ => None,
+    };
     Ok(ListenerRuntime {
         listener: l.clone(),
         tls: match tls {
@@ -124,12 +134,35 @@ fn runtime_for(
         },
         policy,
         verifier: if wants_auth { verifier.clone() } else { None },
+        triage,
     })
 }
 
-/// One verifier (resolver + cache) when any policy checks SPF/DKIM/DMARC/ARC.
+/// Each policy's compiled triage: its settings, its pass cache from the
+/// long-lived `state` (kept across reloads) and the shared resolver.
+fn triage_for(
+    config: &Config,
+    state: &TriageState,
+    verifier: &Option<Arc<crate::auth::Verifier>>,
+) -> BTreeMap<String, Arc<Triage>> {
+    let mut out = BTreeMap::new();
+    if let Some(v) = verifier {
+        for (name, spec) in &config.triage {
+            out.insert(
+                name.clone(),
+                Arc::new(Triage::new(name, spec.clone(), state, v.clone())),
+            );
+        }
+    }
+    let live: Vec<&str> = out.keys().map(String::as_str).collect();
+    state.retain(&live);
+    out
+}
+
+/// One verifier (resolver + cache) when any policy checks SPF/DKIM/DMARC/ARC
+/// or has DNS lists to query (triage).
 fn verifier_for(config: &Config) -> Result<Option<Arc<crate::auth::Verifier>>, ServerError> {
-    if !config.policies.values().any(|p| p.auth.is_some()) {
+    if !config.policies.values().any(|p| p.auth.is_some()) && config.triage.is_empty() {
         return Ok(None);
     }
     crate::auth::Verifier::new(&config.dns)
@@ -154,6 +187,8 @@ impl Gateway {
         let admin_token = Arc::new(ArcSwapOption::from(
             config.admin_token.clone().map(Arc::new),
         ));
+        let triage_state = TriageState::new();
+        let triage = triage_for(config, &triage_state, &verifier);
         let mut bound = Vec::new();
         for l in &config.listeners {
             let socket = bind(l.bind).map_err(|source| ServerError::Bind {
@@ -175,7 +210,7 @@ impl Gateway {
         };
         let mut runtimes = Vec::new();
         for (l, _) in &bound {
-            runtimes.push(runtime_for(l, &tls, &policies, &verifier)?);
+            runtimes.push(runtime_for(l, &tls, &policies, &verifier, &triage)?);
         }
         let fds = FdBudget::check(config);
         arm_spare_fd();
@@ -257,6 +292,7 @@ impl Gateway {
             grace: std::sync::Mutex::new(config.shutdown_grace),
             caps,
             policy_state,
+            triage_state,
             metrics_addr,
             probed,
             cert_paths,
@@ -286,6 +322,7 @@ impl Gateway {
         self.policy_state.bans.protect(balancers(config));
         self.admin_token
             .store(config.admin_token.clone().map(Arc::new));
+        let triage = triage_for(config, &self.triage_state, &verifier);
         let mut notes = Vec::new();
         let mut apply = Vec::new();
         for slot in &self.slots {
@@ -296,7 +333,7 @@ impl Gateway {
                         && l.protocol == old.listener.protocol
                         && l.max_connections == old.listener.max_connections =>
                 {
-                    apply.push((slot, runtime_for(l, &tls, &policies, &verifier)?));
+                    apply.push((slot, runtime_for(l, &tls, &policies, &verifier, &triage)?));
                 }
                 Some(l) => notes.push(format!(
                     "listener {}: bind, protocol or max_connections changed; restart to apply",
@@ -441,6 +478,7 @@ async fn watch_certificates(
                             tls: Some(tls),
                             policy: old.policy.clone(),
                             verifier: old.verifier.clone(),
+                            triage: old.triage.clone(),
                         })),
                         Err(e) => {
                             warn!(listener = %old.listener.name, error = %e, "TLS setup failed; keeping the current certificates")

@@ -17,6 +17,7 @@
 //! auth, backend           SPF/DKIM/DMARC/ARC; clients of the legacy servers,
 //!                         with their capability types and the one caps cache
 //! policy                  limits, plus a policy block's auth settings (auth::AuthPolicy)
+//! triage                  DNSBL scoring, pregreet, pass cache (auth's resolver, policy's LRU)
 //! config                  YAML → the validated types the modules below own
 //! tls                     server TLS for the configured listeners
 //! conn                    the client-connection layer the protocols share

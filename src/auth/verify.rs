@@ -525,6 +525,28 @@ impl Verifier {
         out
     }
 
+    /// The A records of `name` (a DNSBL query such as
+    /// `2.0.0.127.zen.example.`), through the shared cache so that answers,
+    /// positive and negative, are kept for their TTL. Counted in the DNS
+    /// stats like the checks' lookups; not charged to any query budget (the
+    /// caller bounds the number of names and the time). `Ok(vec![])` is
+    /// "no such record" (NXDOMAIN or NODATA); `Err` any failure (timeout,
+    /// SERVFAIL, a name hickory refuses), its text for the log.
+    pub async fn a_records(
+        &self,
+        name: &str,
+    ) -> (Result<Vec<std::net::Ipv4Addr>, String>, DnsFacts) {
+        use mail_auth::DnsCache as _;
+        let log = CallLog::new(&self.stats);
+        let caches = CallCaches::new(self.caches.as_ref(), &log);
+        let r = match self.auth.ipv4_lookup(name, caches.ipv4()).await {
+            Ok(set) => Ok(set.records.to_vec()),
+            Err(mail_auth::Error::Dns(mail_auth::DnsError::RecordNotFound(_))) => Ok(Vec::new()),
+            Err(e) => Err(e.to_string()),
+        };
+        (r, log.finish())
+    }
+
     /// The message checks after DATA, on the message exactly as received
     /// (CRLF line endings, before any header edit). Only the requested checks
     /// run; DMARC runs DKIM too. `spf` is the MAIL FROM outcome (DMARC needs

@@ -79,6 +79,19 @@ pub const DKIM_SIGN_CANONICALIZATION: (
     mail_auth::dkim::Canonicalization::Relaxed,
 );
 
+// policies: triage:
+pub const TRIAGE_THRESHOLD: i32 = 1;
+pub const TRIAGE_WEIGHT: i32 = 1;
+pub const TRIAGE_ACTION: crate::triage::TriageAction = crate::triage::TriageAction::Reject;
+pub const TRIAGE_PREGREET_WAIT: Duration = secs(2);
+pub const TRIAGE_CACHE: Duration = secs(86_400);
+pub const TRIAGE_CACHE_SIZE: usize = 100_000;
+/// Long enough for a list server's answer over a normal resolver (they
+/// answer in milliseconds, or from its cache), short enough that a dead
+/// list delays a new client's greeting by at most this (postscreen waits
+/// longer but greets first; here the greeting is what waits).
+pub const TRIAGE_TIMEOUT: Duration = secs(2);
+
 /// A default as an operator writes it.
 #[derive(Debug, Clone, Copy)]
 pub enum Value {
@@ -276,6 +289,30 @@ pub const DOCUMENTED: &[(&str, &str, Value)] = &[
         "DkimSignFile",
         "canonicalization",
         Value::Word("relaxed/relaxed"),
+    ),
+    (
+        "TriageFile",
+        "threshold",
+        Value::Number(TRIAGE_THRESHOLD as u64),
+    ),
+    ("TriageFile", "action", Value::Word(TRIAGE_ACTION.as_str())),
+    ("TriageFile", "cache", Value::Duration(TRIAGE_CACHE)),
+    (
+        "TriageFile",
+        "cache_size",
+        Value::Number(TRIAGE_CACHE_SIZE as u64),
+    ),
+    ("TriageFile", "timeout", Value::Duration(TRIAGE_TIMEOUT)),
+    ("DnsblFile", "weight", Value::Number(TRIAGE_WEIGHT as u64)),
+    (
+        "PregreetFile",
+        "wait",
+        Value::Duration(TRIAGE_PREGREET_WAIT),
+    ),
+    (
+        "PregreetFile",
+        "action",
+        Value::Word(TRIAGE_ACTION.as_str()),
     ),
 ];
 

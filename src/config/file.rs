@@ -263,6 +263,9 @@ pub struct PolicyFile {
     pub arc: Option<crate::auth::ArcActions>,
     /// DKIM signing of authenticated sessions' mail (RFC 6376, RFC 8463).
     pub dkim_sign: Option<super::dkim_sign::DkimSignFile>,
+    /// DNSBL/DNSWL scoring, the pregreet test and the allowlist cache before
+    /// the SMTP greeting (SMTP listeners only).
+    pub triage: Option<super::triage::TriageFile>,
 }
 
 /// `"10.0.0.0/8"` (skip every limit) or `{ networks: [...], skip: [rule names] }`.

@@ -396,6 +396,7 @@ pub(super) fn build(sources: &[Source]) -> Result<Config, ConfigError> {
     // backends and policies: names unique across files
     let mut backends: BTreeMap<String, (Arc<Backend>, usize)> = BTreeMap::new();
     let mut policies: BTreeMap<String, (Arc<PolicySpec>, usize)> = BTreeMap::new();
+    let mut triage = BTreeMap::new();
     let mut certificates = Vec::new();
     for (i, s) in sources.iter().enumerate() {
         for (name, b) in &s.parsed.backends {
@@ -424,6 +425,12 @@ pub(super) fn build(sources: &[Source]) -> Result<Config, ConfigError> {
                 ));
             }
             policies.insert(name.clone(), (Arc::new(build_policy(s, name, p)?), i));
+            if let Some(t) = &p.triage {
+                triage.insert(
+                    name.clone(),
+                    Arc::new(super::triage::build_triage(s, name, t)?),
+                );
+            }
         }
         if let Some(tls) = &s.parsed.tls {
             for c in &tls.certificates {
@@ -518,6 +525,7 @@ pub(super) fn build(sources: &[Source]) -> Result<Config, ConfigError> {
         certificates,
         backends: backends.into_iter().map(|(k, v)| (k, v.0)).collect(),
         policies: policies.into_iter().map(|(k, v)| (k, v.0)).collect(),
+        triage,
         metrics_bind,
         admin_token,
         dns: dns.unwrap_or_default(),

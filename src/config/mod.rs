@@ -15,6 +15,7 @@
 //! listener.rs listeners: → Listener, Timeouts
 //! policy.rs   policies: → policy::PolicySpec
 //! dkim_sign.rs a policy's dkim_sign: → sign::SignPolicy (keys loaded from their files)
+//! triage.rs   a policy's triage: → triage::TriageSpec (zones, codes, bounds)
 //! summary.rs  the `mailgate check` output
 //! warnings.rs valid but risky settings `check` warns about (`--strict` fails on them)
 //! ```
@@ -27,6 +28,7 @@ mod listener;
 mod load;
 mod policy;
 mod summary;
+pub mod triage;
 pub mod warnings;
 
 use crate::backend::Backend;
@@ -69,6 +71,8 @@ pub struct Config {
     pub certificates: Vec<(PathBuf, PathBuf)>,
     pub backends: BTreeMap<String, Arc<Backend>>,
     pub policies: BTreeMap<String, Arc<PolicySpec>>,
+    /// Each policy's `triage:` block, by policy name (policies without one are absent).
+    pub triage: BTreeMap<String, Arc<crate::triage::TriageSpec>>,
     pub metrics_bind: Option<SocketAddr>,
     /// The bearer token lifting bans needs (`metrics.admin_token_file`).
     pub admin_token: Option<crate::observe::http::AdminToken>,

@@ -116,7 +116,14 @@ impl Config {
             }
             if let Some(p) = &l.policy {
                 let _ = writeln!(out, "  policy {} (evaluation order):", p.name);
-                let d = p.describe();
+                let mut d = p.describe();
+                if let Some(t) = self.triage.get(&p.name) {
+                    if l.protocol == super::Protocol::Smtp {
+                        d.push_str(&t.describe());
+                    } else {
+                        d.push_str("    triage: not applied (SMTP listeners only)\n");
+                    }
+                }
                 if d.is_empty() {
                     let _ = writeln!(out, "    (no rules)");
                 }

@@ -134,6 +134,21 @@ pub fn of(cfg: &Config, host: &Host) -> Vec<Warning> {
                     .into(),
             );
         }
+        if let Some(p) = l
+            .policy
+            .as_ref()
+            .filter(|p| !smtp && cfg.triage.contains_key(&p.name))
+        {
+            w(
+                "triage-not-smtp",
+                subject(),
+                format!(
+                    "policy {} has a triage: block, which applies to SMTP listeners only: \
+                     DNSBL scoring and pregreet are not run on this {:?} listener",
+                    p.name, l.protocol
+                ),
+            );
+        }
         if smtp && l.auth != AuthMode::None && !l.require_tls {
             w(
                 "submission-without-require-tls",
@@ -465,6 +480,30 @@ mod tests {
         );
         // STLS listeners require TLS unless told otherwise
         none_of(&listener("protocol: pop3, tls: starttls"), &site_host());
+    }
+
+    /// A triage block on a POP3 or IMAP listener's policy is not run there.
+    #[test]
+    fn triage_not_smtp() {
+        let yaml = |protocol: &str| {
+            format!(
+                "{}policies:\n  p:\n    triage: {{ pregreet: {{ wait: 1s }} }}\n",
+                listener(&format!("protocol: {protocol}, tls: none, policy: p"))
+            )
+        };
+        let w = fires("triage-not-smtp", &yaml("pop3"), &site_host());
+        assert!(w.why.contains("policy p"), "{w}");
+        fires("triage-not-smtp", &yaml("imap"), &site_host());
+        let c = load_str("w.yaml", &yaml("smtp")).unwrap();
+        assert!(!names(&of(&c, &site_host())).contains(&"triage-not-smtp"));
+        // `check` shows the block where it runs and says where it does not
+        assert!(c
+            .summary()
+            .contains("triage pregreet: final 220 line held 1000ms"));
+        let c = load_str("w.yaml", &yaml("pop3")).unwrap();
+        assert!(c
+            .summary()
+            .contains("triage: not applied (SMTP listeners only)"));
     }
 
     /// IMAP listeners get their own name, never the POP3 one.

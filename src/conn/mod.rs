@@ -52,6 +52,8 @@ pub struct ListenerRuntime {
     pub policy: Option<Arc<Policy>>,
     /// SPF/DKIM/DMARC verifier (one per configuration; its DNS cache is shared).
     pub verifier: Option<Arc<crate::auth::Verifier>>,
+    /// The policy's triage (SMTP listeners with a `triage:` block only).
+    pub triage: Option<Arc<crate::triage::Triage>>,
 }
 
 /// What one session needs, loaded once at accept and kept for its lifetime.
@@ -83,6 +85,10 @@ impl SessionCtx {
 
     pub fn verifier(&self) -> Option<&Arc<crate::auth::Verifier>> {
         self.runtime.verifier.as_ref()
+    }
+
+    pub fn triage(&self) -> Option<&Arc<crate::triage::Triage>> {
+        self.runtime.triage.as_ref()
     }
 }
 

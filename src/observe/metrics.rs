@@ -93,6 +93,37 @@ pub struct BanSkipLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriageLabels {
+    pub policy: String,
+    pub verdict: &'static str,
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriageTestLabels {
+    pub policy: String,
+    pub test: &'static str,
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ZoneLabels {
+    pub policy: String,
+    pub zone: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ZoneNameLabels {
+    pub zone: String,
+}
+
 type HistFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
@@ -129,6 +160,15 @@ pub struct Metrics {
     pub bans: Family<BanLabels, Counter>,
     pub bans_skipped: Family<BanSkipLabels, Counter>,
     pub bans_evicted: Counter,
+    /// Triage decisions (one per SMTP connection of a policy with `triage:`).
+    pub triage_decisions: Family<TriageLabels, Counter>,
+    /// Failed triage tests (dnsbl, pregreet), enforced or shadow.
+    pub triage_hits: Family<TriageTestLabels, Counter>,
+    /// DNS list answers by zone and meaning (listed, not_listed, list_refused, failed).
+    pub triage_zone_answers: Family<ZoneLabels, Counter>,
+    pub triage_lookup: HistFamily<ZoneNameLabels>,
+    /// Clients let through by the allowlist cache, untested.
+    pub triage_cache_hits: Family<PolicyLabels, Counter>,
 }
 
 impl Metrics {
@@ -159,6 +199,11 @@ impl Metrics {
             bans: Family::default(),
             bans_skipped: Family::default(),
             bans_evicted: Counter::default(),
+            triage_decisions: Family::default(),
+            triage_hits: Family::default(),
+            triage_zone_answers: Family::default(),
+            triage_lookup: Family::new_with_constructor(latency),
+            triage_cache_hits: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "Client sessions accepted", m.sessions.clone());
@@ -268,6 +313,31 @@ impl Metrics {
             "bans_evicted",
             "Bans dropped (the soonest expiring) because the ban list was full",
             m.bans_evicted.clone(),
+        );
+        registry.register(
+            "triage_decisions",
+            "Triage decisions before the SMTP greeting, by verdict (mode enforced, shadow or none for a pass)",
+            m.triage_decisions.clone(),
+        );
+        registry.register(
+            "triage_hits",
+            "Failed triage tests (dnsbl score at the threshold, pregreet), by mode",
+            m.triage_hits.clone(),
+        );
+        registry.register(
+            "triage_zone_answers",
+            "DNS list answers by zone: listed, not_listed, list_refused (127.255.255.x), failed (timeout, SERVFAIL)",
+            m.triage_zone_answers.clone(),
+        );
+        registry.register(
+            "triage_lookup_seconds",
+            "DNS list lookup latency by zone (answered lookups)",
+            m.triage_lookup.clone(),
+        );
+        registry.register(
+            "triage_cache_hits",
+            "Clients let through untested by the triage allowlist cache",
+            m.triage_cache_hits.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -436,6 +506,58 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    /// One triage decision; `mode` is `enforced`, `shadow` or `none` (a pass).
+    pub fn triage_decision(&self, policy: &str, verdict: &'static str, mode: &'static str) {
+        self.triage_decisions
+            .get_or_create(&TriageLabels {
+                policy: policy.to_string(),
+                verdict,
+                mode,
+            })
+            .inc();
+        if verdict == "cached" {
+            self.triage_cache_hits
+                .get_or_create(&PolicyLabels {
+                    policy: policy.to_string(),
+                })
+                .inc();
+        }
+    }
+
+    pub fn triage_hit(&self, policy: &str, test: &'static str, shadow: bool) {
+        self.triage_hits
+            .get_or_create(&TriageTestLabels {
+                policy: policy.to_string(),
+                test,
+                mode: if shadow { "shadow" } else { "enforced" },
+            })
+            .inc();
+    }
+
+    /// One zone's answer; `took` is observed for answers that arrived.
+    pub fn triage_zone(
+        &self,
+        policy: &str,
+        zone: &str,
+        result: &'static str,
+        took: Option<std::time::Duration>,
+    ) {
+        self.triage_zone_answers
+            .get_or_create(&ZoneLabels {
+                policy: policy.to_string(),
+                zone: zone.to_string(),
+                result,
+            })
+            .inc();
+        if let Some(d) = took {
+            self.triage_lookup
+                .get_or_create(&ZoneNameLabels {
+                    zone: zone.to_string(),
+                })
+                .observe(d.as_secs_f64());
+        }
     }
 
     pub fn backend_out_of_step(&self, backend: &str) {

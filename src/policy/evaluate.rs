@@ -462,6 +462,29 @@ impl Policy {
         })
     }
 
+    /// A ban decided outside the limit rules (the triage's `action: ban`,
+    /// `test` naming what failed: `triage-dnsbl`, `triage-pregreet`): the
+    /// client's address (an IPv6 client's /64, as limit rules count by
+    /// default) is banned on every listener for `for_`, unless it holds a
+    /// trusted balancer. The returned hit is for the caller to count.
+    pub fn ban(&self, ip: IpAddr, test: &str, reason: String, for_: Duration) -> Hit {
+        let cause = BanCause {
+            policy: self.name.clone(),
+            rule: test.to_string(),
+            reason,
+        };
+        let done = self.state.bans.ban(ip, 64, for_, cause, Instant::now());
+        Hit {
+            policy: self.name.clone(),
+            rule: test.to_string(),
+            shadow: false,
+            ban: Some(match done {
+                BanOutcome::Banned { active, evicted } => BanEvent::Banned { active, evicted },
+                BanOutcome::Protected => BanEvent::Protected,
+            }),
+        }
+    }
+
     fn record(
         &self,
         f: &Facts,

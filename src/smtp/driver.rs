@@ -120,10 +120,122 @@ impl Driver {
     }
 
     async fn serve(&mut self) -> End {
+        if let Some(t) = self.ctx.triage().cloned() {
+            let triaged = match self.triage(&t).await {
+                Ok(x) => x,
+                Err(end) => return end,
+            };
+            let held = t.spec.pregreet.is_some();
+            let ip = self.peer.ip();
+            if let (Some(for_), Some(p)) = (triaged.ban_for, self.ctx.policy()) {
+                let (test, reason) = match &triaged.verdict {
+                    crate::triage::TriageVerdict::Pregreet => {
+                        ("triage-pregreet", "talked before the greeting".to_string())
+                    }
+                    _ => (
+                        "triage-dnsbl",
+                        format!(
+                            "dnsbl score {} ({})",
+                            triaged.score.total,
+                            triaged.score.listed.join(",")
+                        ),
+                    ),
+                };
+                crate::conn::count_hits(&[p.ban(ip, test, reason, for_)]);
+            }
+            if let Some(refusal) = self
+                .session
+                .triaged(ip, &triaged.verdict, triaged.action, held)
+            {
+                if let Some(end) = self.act(refusal).await {
+                    return end;
+                }
+            }
+        }
         let greeting = self.session.greeting();
         self.queue(&greeting);
         // whatever is queued last (221, 421 …) goes out in `Client::close`
         self.serve_loop().await
+    }
+
+    /// Triage before the greeting (`triage/`): a client the pass cache
+    /// knows goes on untested; otherwise every zone's query starts now, the
+    /// pregreet test (if any) sends the greeting's first line and holds the
+    /// final one for `wait`, and the answers are awaited after it (a good
+    /// client waits max(wait, lookups), bounded by `timeout`). The outcome
+    /// is counted, logged and returned for the session to answer; a pass is
+    /// remembered. `Err`: the client left during the wait.
+    async fn triage(&mut self, t: &crate::triage::Triage) -> Result<crate::triage::Triaged, End> {
+        use crate::triage::{Triaged, ZoneResult};
+        let ip = self.peer.ip();
+        let m = crate::observe::metrics();
+        let started = Instant::now();
+        if t.cache.passed(ip, started) {
+            m.triage_decision(&t.policy, "cached", "none");
+            // postscreen's "PASS OLD": one line per decision, cached ones too
+            info!(client = %ip, verdict = "cached", action = "pass", shadow = false, elapsed_ms = 0u64, "triage");
+            return Ok(Triaged::cached());
+        }
+        let lookups =
+            (!t.spec.dnsbl.is_empty()).then(|| crate::triage::Lookups::start(&t.dns, &t.spec, ip));
+        let client = &mut self.client;
+        let held = self.session.held_greeting();
+        let pregreet = async {
+            let Some(p) = t.spec.pregreet else {
+                return Ok(false);
+            };
+            client.queue(&held);
+            client.flush().await?;
+            match tokio::time::timeout(p.wait, client.conn.fill()).await {
+                Err(_) => Ok(false),
+                Ok(Ok(_)) => Ok(true),
+                Ok(Err(crate::codec::CodecError::Closed)) => Err(End::ClientClosed),
+                Ok(Err(e)) => Err(End::Error(format!("read: {e}"))),
+            }
+        };
+        let answers = async {
+            match lookups {
+                Some(l) => l.finish().await,
+                None => Vec::new(),
+            }
+        };
+        let (pregreet, answers) = tokio::join!(pregreet, answers);
+        for (z, a) in t.spec.dnsbl.iter().zip(&answers) {
+            let answered = a.error.is_none().then_some(a.took);
+            m.triage_zone(&t.policy, &z.zone, a.result.as_str(), answered);
+            m.dns_facts(&a.facts.answered, a.facts.unanswered);
+            match a.result {
+                ZoneResult::ListRefused => {
+                    warn!(zone = %z.zone, client = %ip, reason = "list_refused", "DNS list refused the query (answer in 127.255.255.0/24): not counted as listed")
+                }
+                ZoneResult::Failed => {
+                    warn!(zone = %z.zone, client = %ip, error = a.error.as_deref().unwrap_or("-"), "DNS list lookup failed: counted as not listed")
+                }
+                _ => {}
+            }
+        }
+        let results: Vec<ZoneResult> = answers.iter().map(|a| a.result).collect();
+        let triaged = crate::triage::score::triage(&t.spec, &results, pregreet?);
+        for (test, shadow) in &triaged.hits {
+            m.triage_hit(&t.policy, test, *shadow);
+        }
+        m.triage_decision(&t.policy, triaged.verdict.as_str(), triaged.mode());
+        info!(
+            client = %ip,
+            verdict = triaged.verdict.as_str(),
+            score = triaged.score.total,
+            listed = %triaged.score.listed.join(","),
+            allowed = %triaged.score.allowed.join(","),
+            pregreet = triaged.pregreet,
+            action = triaged.action.map_or("pass", |a| a.as_str()),
+            shadow = triaged.mode() == "shadow",
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "triage"
+        );
+        if triaged.passed() {
+            t.cache.remember(ip, Instant::now());
+        }
+        Ok(triaged)
     }
 
     async fn serve_loop(&mut self) -> End {

@@ -127,6 +127,50 @@ fn has_enhanced(text: &str, class: u16) -> bool {
 pub fn greeting(host: &str) -> Reply {
     Reply::new(220, format!("{host} ESMTP mailgate"))
 }
+/// The first line of a greeting whose final line the pregreet test holds
+/// back (postscreen's trick): `220-host ESMTP mailgate`, a continuation line
+/// only. The final line is [`greeting`]'s, written after the wait.
+pub fn held_greeting(host: &str) -> HeldGreeting {
+    HeldGreeting(greeting(host))
+}
+
+/// The first line(s) of a multi-line greeting, each as `220-…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldGreeting(Reply);
+
+impl crate::conn::Wire for HeldGreeting {
+    fn write_to(&self, out: &mut Vec<u8>) {
+        for line in &self.0.lines {
+            out.extend_from_slice(format!("{}-{}\r\n", self.0.code, line).as_bytes());
+        }
+    }
+    fn summary(&self) -> String {
+        self.0.summary()
+    }
+}
+
+/// Triage: the client's score on the DNS block lists reached the threshold.
+/// The zones are configuration names, the address the socket's: no client text.
+pub fn triage_listed(client: std::net::IpAddr, zones: &[String]) -> Reply {
+    Reply::new(
+        554,
+        format!(
+            "5.7.1 Service unavailable; client [{client}] blocked using {}",
+            zones.join(", ")
+        ),
+    )
+}
+/// Triage: the client talked before the final greeting line.
+pub fn triage_pregreet() -> Reply {
+    Reply::new(554, "5.7.1 Protocol error: data sent before the greeting")
+}
+/// Triage with `action: tempfail` (a listing or a pregreet hit).
+pub fn triage_tempfail() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0 Service temporarily unavailable, try again later",
+    )
+}
 pub fn helo(host: &str) -> Reply {
     Reply::new(250, host.to_string())
 }

@@ -17,6 +17,7 @@ use crate::config::AuthMode;
 use crate::mail::{Body, MailParams};
 use crate::policy::valid_login_name;
 use crate::policy::PolicyStage;
+use crate::triage::{TriageAction, TriageVerdict};
 use base64::Engine as _;
 use std::time::Duration;
 
@@ -285,6 +286,45 @@ impl Session {
 
     pub fn greeting(&self) -> Reply {
         reply::greeting(&self.settings.hostname)
+    }
+
+    /// The greeting's first line, sent while the pregreet test holds the
+    /// final one ([`Self::greeting`]).
+    pub fn held_greeting(&self) -> reply::HeldGreeting {
+        reply::held_greeting(&self.settings.hostname)
+    }
+
+    /// The triage verdict before the greeting: `None` lets the session go on
+    /// (a pass, or a failed test in `shadow`); otherwise the refusal that
+    /// closes it (RFC 5321 §3.1: 554 instead of the greeting; 421 to come
+    /// back). When the greeting's first line went out already (`held`, the
+    /// pregreet test), the greeting is completed first so that the client
+    /// reads whole replies of one code each, then the refusal follows.
+    pub fn triaged(
+        &self,
+        client: std::net::IpAddr,
+        verdict: &TriageVerdict,
+        action: Option<TriageAction>,
+        held: bool,
+    ) -> Option<Action> {
+        let r = match (action?, verdict) {
+            (TriageAction::Shadow, _) => return None,
+            (TriageAction::Tempfail, _) => reply::triage_tempfail(),
+            (TriageAction::Reject | TriageAction::Ban, TriageVerdict::Listed { zones, .. }) => {
+                reply::triage_listed(client, zones)
+            }
+            (TriageAction::Reject | TriageAction::Ban, _) => reply::triage_pregreet(),
+        };
+        let why = match verdict {
+            TriageVerdict::Pregreet => "triage: pregreet",
+            _ => "triage: dnsbl",
+        };
+        let close = Action::Close(r, Ending::Because(why));
+        Some(if held {
+            Action::Then(self.greeting(), Box::new(close))
+        } else {
+            close
+        })
     }
 
     /// The effective SIZE limit: ours, or the backend's if that is smaller.
@@ -910,6 +950,60 @@ mod tests {
             Action::Relay(op) => panic!("unexpected relay {op:?}"),
             Action::Authenticate(c) => panic!("unexpected authenticate {c:?}"),
         }
+    }
+
+    #[test]
+    fn triage_refusals_and_the_held_greeting() {
+        use crate::conn::Wire;
+        let s = Session::new(settings(false, false), caps(), false);
+        let mut held = Vec::new();
+        s.held_greeting().write_to(&mut held);
+        assert_eq!(held, b"220-gw.example ESMTP mailgate\r\n");
+        assert_eq!(
+            s.greeting().to_bytes(),
+            b"220 gw.example ESMTP mailgate\r\n"
+        );
+        let ip: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        let listed = TriageVerdict::Listed {
+            score: 3,
+            zones: vec!["a.test".into(), "b.test".into()],
+        };
+        let a = s
+            .triaged(ip, &listed, Some(TriageAction::Reject), false)
+            .unwrap();
+        assert!(matches!(
+            a,
+            Action::Close(_, Ending::Because("triage: dnsbl"))
+        ));
+        assert_eq!(
+            reply_of(a),
+            b"554 5.7.1 Service unavailable; client [127.0.0.2] blocked using a.test, b.test\r\n"
+        );
+        // after the held first line: the greeting ends, then the refusal
+        let a = s
+            .triaged(
+                ip,
+                &TriageVerdict::Pregreet,
+                Some(TriageAction::Reject),
+                true,
+            )
+            .unwrap();
+        let bytes = reply_of(a);
+        assert!(
+            bytes.starts_with(b"220 gw.example ESMTP mailgate\r\n554 5.7.1 Protocol error"),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        let a = s
+            .triaged(ip, &listed, Some(TriageAction::Tempfail), false)
+            .unwrap();
+        assert!(reply_of(a).starts_with(b"421 4.7.0 "));
+        assert!(s
+            .triaged(ip, &listed, Some(TriageAction::Shadow), true)
+            .is_none());
+        assert!(s
+            .triaged(ip, &TriageVerdict::Pass { score: 0 }, None, true)
+            .is_none());
     }
 
     fn ok250(s: &mut Session, op: BackendOp) -> Action {
