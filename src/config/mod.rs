@@ -14,6 +14,7 @@
 //! backend.rs  backends: → Backend
 //! listener.rs listeners: → Listener, Timeouts
 //! policy.rs   policies: → policy::PolicySpec
+//! state.rs    state: → state::StateSettings (memory, or the shared store; its password read)
 //! dkim_sign.rs a policy's dkim_sign: → sign::SignPolicy (keys loaded from their files)
 //! summary.rs  the `mailgate check` output
 //! warnings.rs valid but risky settings `check` warns about (`--strict` fails on them)
@@ -26,6 +27,7 @@ pub mod file;
 mod listener;
 mod load;
 mod policy;
+mod state;
 mod summary;
 pub mod warnings;
 
@@ -76,6 +78,8 @@ pub struct Config {
     pub sources: Vec<PathBuf>,
     /// Budget for message bytes held by all SMTP sessions together.
     pub max_inflight_data: u64,
+    /// Where limiter state lives (`state:`).
+    pub state: crate::state::StateSettings,
 }
 
 /// The JSON Schema of the configuration format (`mailgate schema`).

@@ -74,14 +74,17 @@ pub async fn guard<L: Login + Send>(
     policy: Option<&Policy>,
     failure_delay: Duration,
 ) -> L::Action {
-    let decision = policy.map(|p| {
-        let checked = p.login_allowed(&login.facts());
-        // counted here, at the edge, from the rules the policy says fired
-        for h in &checked.hits {
-            crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
+    let decision = match policy {
+        Some(p) => {
+            let checked = p.login_allowed_shared(&login.facts()).await;
+            // counted here, at the edge, from the rules the policy says fired
+            for h in &checked.hits {
+                crate::observe::metrics().policy_hit(&h.policy, &h.rule, h.shadow);
+            }
+            Some(checked.decision)
         }
-        checked.decision
-    });
+        None => None,
+    };
     let result = match decision {
         Some(Decision::Refuse { action, rule }) => {
             info!(
@@ -98,8 +101,8 @@ pub async fn guard<L: Login + Send>(
             let result = login.attempt().await;
             if let Some(p) = policy {
                 match &result {
-                    LoginResult::Succeeded(_) => p.login_succeeded(&login.facts()),
-                    LoginResult::Failed(_) => p.login_failed(&login.facts()),
+                    LoginResult::Succeeded(_) => p.login_succeeded_shared(&login.facts()).await,
+                    LoginResult::Failed(_) => p.login_failed_shared(&login.facts()).await,
                     LoginResult::Refused(_) | LoginResult::Undecided(_) => {}
                 }
             }

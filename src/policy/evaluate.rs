@@ -24,6 +24,8 @@ pub(super) enum Limiter {
 
 pub(super) struct Rule {
     pub(super) spec: RuleSpec,
+    /// The rule's name in the shared store (`state::keys::rule_id`).
+    pub(super) id: String,
     pub(super) stage: PolicyStage,
     pub(super) limiter: Limiter,
     pub(super) hits: Arc<RuleHits>,
@@ -93,9 +95,12 @@ pub struct Checked<T> {
     pub hits: Vec<Hit>,
 }
 
-/// Session slots held while a session runs.
+/// Session slots held while a session runs: in-process counters, or leases
+/// in the shared store.
+#[derive(Default)]
 pub struct ConnectPermit {
-    _guards: Vec<CounterGuard>,
+    pub(super) _guards: Vec<CounterGuard>,
+    pub(super) _leases: Vec<crate::state::Lease>,
     pub delay: Duration,
 }
 
@@ -103,7 +108,7 @@ fn domain_of(addr: &str) -> &str {
     addr.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
 }
 
-fn mask(ip: IpAddr, v4: u8, v6: u8) -> String {
+pub(super) fn mask(ip: IpAddr, v4: u8, v6: u8) -> String {
     match canonical(ip) {
         IpAddr::V4(a) => {
             let m = u32::MAX
@@ -123,7 +128,7 @@ fn mask(ip: IpAddr, v4: u8, v6: u8) -> String {
 impl Policy {
     /// The value of each key part, or `None` when one is not known (the rule
     /// then does not apply).
-    fn key_values(&self, r: &RuleSpec, f: &Facts) -> Option<Vec<String>> {
+    pub(super) fn key_values(&self, r: &RuleSpec, f: &Facts) -> Option<Vec<String>> {
         r.key
             .iter()
             .map(|k| {
@@ -145,7 +150,7 @@ impl Policy {
             .collect()
     }
 
-    fn skipped(&self, r: &RuleSpec, ip: IpAddr) -> bool {
+    pub(super) fn skipped(&self, r: &RuleSpec, ip: IpAddr) -> bool {
         self.spec.allow.iter().any(|a| {
             a.networks.iter().any(|n| n.contains(ip))
                 && (a.skip.is_empty() || a.skip.contains(&r.name))
@@ -167,7 +172,13 @@ impl Policy {
 
     /// Records a hit (in `hits`, for the caller to count) and turns the
     /// rule's action into a decision.
-    fn hit(&self, rule: &Rule, values: &[String], wait: Duration, hits: &mut Vec<Hit>) -> Decision {
+    pub(super) fn hit(
+        &self,
+        rule: &Rule,
+        values: &[String],
+        wait: Duration,
+        hits: &mut Vec<Hit>,
+    ) -> Decision {
         let key = Self::describe_key(&rule.spec, values);
         let action = rule.spec.action;
         hits.push(Hit {
@@ -192,7 +203,7 @@ impl Policy {
         }
     }
 
-    fn combine(acc: Decision, d: Decision) -> Decision {
+    pub(super) fn combine(acc: Decision, d: Decision) -> Decision {
         match (acc, d) {
             (r @ Decision::Refuse { .. }, _) => r,
             (_, r @ Decision::Refuse { .. }) => r,
@@ -264,6 +275,7 @@ impl Policy {
         }
         Ok(ConnectPermit {
             _guards: guards,
+            _leases: Vec::new(),
             delay: if let Decision::Delay(d) = decision {
                 d
             } else {
@@ -310,8 +322,13 @@ impl Policy {
     }
 
     fn known_good_key(&self, f: &Facts) -> Option<u64> {
-        let user = f.auth_user?.to_ascii_lowercase();
-        Some(self.state.hash(&["known-good", &user, &mask(f.ip, 24, 56)]))
+        let (user, net) = Self::known_good_parts(f)?;
+        Some(self.state.hash(&["known-good", &user, &net]))
+    }
+
+    /// (user, network) of a login: what known-good networks remember.
+    pub(super) fn known_good_parts(f: &Facts) -> Option<(String, String)> {
+        Some((f.auth_user?.to_ascii_lowercase(), mask(f.ip, 24, 56)))
     }
 
     /// Before a login is relayed: failed-login locks (and login rates). A lock

@@ -11,6 +11,7 @@
 //! spec.rs     validated rules (what they count, where they run), `check` text
 //! state.rs    limiter state across reloads, compiling specs against it
 //! evaluate.rs per-stage decisions of a compiled policy
+//! shared.rs   the same decisions taken in the shared store (`state/`), one call a stage
 //! limits.rs   the limiters: GCRA buckets, session counters, failure windows
 //! lru.rs      the bounded key maps under them
 //! ```
@@ -18,10 +19,12 @@
 mod evaluate;
 pub mod limits;
 pub mod lru;
+mod shared;
 mod spec;
 mod state;
 
 pub use evaluate::{Checked, ConnectPermit, Decision, Facts, Hit, Policy};
+pub use shared::STORE_RULE;
 pub use spec::{AllowSpec, KeyPart, Kind, PolicySpec, PolicyStage, RuleSpec};
 pub use state::{Policies, PolicyState, RuleHits};
 

@@ -6,6 +6,7 @@
 use super::evaluate::{Limiter, Policy, Rule};
 use super::limits::{Bucket, Counter, Failures, KnownGood};
 use super::spec::{Kind, PolicySpec};
+use crate::state::Store;
 use governor::Quota;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -22,6 +23,8 @@ pub struct PolicyState {
     failures: Mutex<HashMap<String, Arc<Failures>>>,
     hits: Mutex<HashMap<String, Arc<RuleHits>>>,
     pub known_good: KnownGood,
+    /// The shared store (`state: store: redis`); `None`: all in process.
+    pub(super) store: Option<Arc<Store>>,
 }
 
 /// How often a rule fired (refused/delayed) and how often it would have (shadow).
@@ -35,7 +38,18 @@ impl PolicyState {
     /// `known_good`/`max_keys` bound the known-good networks shared by all
     /// policies (`config/defaults.rs` holds the values the gateway uses).
     pub fn new(known_good: Duration, max_keys: usize) -> Arc<Self> {
+        Self::with_store(known_good, max_keys, None)
+    }
+
+    /// As [`PolicyState::new`], deciding shared rules in `store` (the
+    /// in-process limiters stay, for `on_unavailable: local`).
+    pub fn with_store(
+        known_good: Duration,
+        max_keys: usize,
+        store: Option<Arc<Store>>,
+    ) -> Arc<Self> {
         Arc::new(PolicyState {
+            store,
             hasher: Default::default(),
             buckets: Default::default(),
             counters: Default::default(),
@@ -91,6 +105,11 @@ impl PolicyState {
         for f in failures {
             f.housekeeping(now);
         }
+    }
+
+    /// The shared store, when the configuration names one.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
     }
 
     /// Keys tracked across all limiters (for tests and metrics).
@@ -188,6 +207,7 @@ impl Policies {
                 };
                 let hits = PolicyState::get(&state.hits, &fp, RuleHits::default);
                 rules.push(Rule {
+                    id: crate::state::keys::rule_id(&fp),
                     stage: r.stage(),
                     spec: r.clone(),
                     limiter,
