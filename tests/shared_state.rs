@@ -617,3 +617,31 @@ async fn store_script_against_a_real_redis() {
     // the key names the policy uses are the ones `keys` builds
     assert!(keys::ttl_set("t-ops:", "bans").starts_with("t-ops:s:"));
 }
+
+/// `on_unavailable: accept` and `tempfail` with no store at the URL (a
+/// port nothing listens on; no redis-server needed): `accept` admits past
+/// the limit, `tempfail` refuses every session; neither waits past
+/// `timeout`.
+#[tokio::test]
+async fn unavailable_modes_accept_and_tempfail() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let sink = common::demo_smtp().await.1;
+    let dead = common::free_port();
+    for (mode, expect) in [("accept", "220"), ("tempfail", "421 4.7.0")] {
+        let y = cfg(
+            dir.path(),
+            &sink,
+            "      - { key: [ip], rate: 1/minute, burst: 1, action: tempfail }",
+            &format!(
+                "state:\n  store: redis\n  url: \"redis://127.0.0.1:{dead}/0\"\n  timeout: 50ms\n  on_unavailable: {mode}\n"
+            ),
+        );
+        let gw = common::start(&y).await;
+        for i in 0..3 {
+            let (took, g) = timed_greeting(&gw, "127.0.0.40").await;
+            assert!(g.starts_with(expect), "{mode}, session {i}: {g}");
+            assert!(took < Duration::from_millis(300), "{mode}: {took:?}");
+        }
+    }
+}

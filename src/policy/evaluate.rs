@@ -150,6 +150,19 @@ impl Policy {
             .collect()
     }
 
+    /// The rules of `stage` that apply to this session (not skipped by an
+    /// allow list, every key part known) with their key values, in rule order.
+    pub(super) fn applicable<'s>(
+        &'s self,
+        stage: PolicyStage,
+        f: &'s Facts<'_>,
+    ) -> impl Iterator<Item = (&'s Rule, Vec<String>)> + 's {
+        self.rules
+            .iter()
+            .filter(move |r| r.stage == stage && !self.skipped(&r.spec, f.ip))
+            .filter_map(move |r| Some((r, self.key_values(&r.spec, f)?)))
+    }
+
     pub(super) fn skipped(&self, r: &RuleSpec, ip: IpAddr) -> bool {
         self.spec.allow.iter().any(|a| {
             a.networks.iter().any(|n| n.contains(ip))
@@ -233,17 +246,7 @@ impl Policy {
         }
         let mut guards = Vec::new();
         let mut decision = Decision::Continue;
-        for rule in self
-            .rules
-            .iter()
-            .filter(|r| r.stage == PolicyStage::Connect)
-        {
-            if self.skipped(&rule.spec, f.ip) {
-                continue;
-            }
-            let Some(values) = self.key_values(&rule.spec, f) else {
-                continue;
-            };
+        for (rule, values) in self.applicable(PolicyStage::Connect, f) {
             let refs: Vec<&str> = values.iter().map(String::as_str).collect();
             let key = self.state.hash(&refs);
             let d = match &rule.limiter {
@@ -293,13 +296,7 @@ impl Policy {
 
     fn check_with(&self, stage: PolicyStage, f: &Facts, hits: &mut Vec<Hit>) -> Decision {
         let mut decision = Decision::Continue;
-        for rule in self.rules.iter().filter(|r| r.stage == stage) {
-            if self.skipped(&rule.spec, f.ip) {
-                continue;
-            }
-            let Some(values) = self.key_values(&rule.spec, f) else {
-                continue;
-            };
+        for (rule, values) in self.applicable(stage, f) {
             let d = match &rule.limiter {
                 Limiter::Bucket(b) => {
                     let refs: Vec<&str> = values.iter().map(String::as_str).collect();

@@ -75,17 +75,7 @@ impl Policy {
         }
         let mut steps = Vec::new();
         let mut ops = Vec::new();
-        for rule in self
-            .rules
-            .iter()
-            .filter(|r| r.stage == PolicyStage::Connect)
-        {
-            if self.skipped(&rule.spec, f.ip) {
-                continue;
-            }
-            let Some(values) = self.key_values(&rule.spec, f) else {
-                continue;
-            };
+        for (rule, values) in self.applicable(PolicyStage::Connect, f) {
             let op = match &rule.limiter {
                 Limiter::Bucket(b) => Op::Rate {
                     key: self.key(&store, KeyKind::Rate, rule, &values),
@@ -214,17 +204,11 @@ impl Policy {
         &'a self,
         store: &Store,
         stage: PolicyStage,
-        f: &Facts,
+        f: &'a Facts<'_>,
         steps: &mut Vec<Step<'a>>,
         ops: &mut Vec<Op>,
     ) {
-        for rule in self.rules.iter().filter(|r| r.stage == stage) {
-            if self.skipped(&rule.spec, f.ip) {
-                continue;
-            }
-            let Some(values) = self.key_values(&rule.spec, f) else {
-                continue;
-            };
+        for (rule, values) in self.applicable(stage, f) {
             match &rule.limiter {
                 Limiter::Bucket(b) => {
                     ops.push(Op::Rate {
