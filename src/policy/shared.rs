@@ -14,7 +14,6 @@ use super::spec::{KeyPart, PolicyStage};
 use crate::action::PolicyAction;
 use crate::state::keys::{self, KeyKind};
 use crate::state::{Answer, OnUnavailable, Op, Store};
-use std::sync::Arc;
 use std::time::Duration;
 use tracing::info;
 
@@ -417,10 +416,5 @@ impl Policy {
         if store.run(&[op], &store.token()).await.is_err() {
             Self::unavailable(&store);
         }
-    }
-
-    /// The shared store this policy decides in, if any.
-    pub fn store(&self) -> Option<&Arc<Store>> {
-        self.state.store.as_ref()
     }
 }

@@ -65,13 +65,14 @@ impl Store {
             .url
             .as_str()
             .into_connection_info()
-            .map_err(|e| StoreError::Url(url.clone(), e.to_string()))?;
+            // redis-rs's message may quote the URL, password included
+            .map_err(|_| StoreError::Url(url.clone(), "not a valid redis URL".into()))?;
         if let Some(p) = &settings.password {
             let redis = info.redis_settings().clone().set_password(p);
             info = info.set_redis_settings(redis);
         }
-        let client =
-            redis::Client::open(info).map_err(|e| StoreError::Url(url.clone(), e.to_string()))?;
+        let client = redis::Client::open(info)
+            .map_err(|e| StoreError::Url(url.clone(), format!("{:?}", e.kind())))?;
         let config = ConnectionManagerConfig::new()
             // a connect to a dead host must not hang the manager for minutes;
             // sessions never wait for it anyway (each call has `timeout`)
