@@ -80,10 +80,16 @@
 //!   spec.rs      validated rules: key parts (`KeyPart`), what each counts, the stage it runs at, `check` text
 //!   state.rs     limiter state that survives reloads; compiling specs against it
 //!   evaluate.rs  per-stage decisions of a compiled policy → `Checked { decision, hits }`
+//!   shared.rs    the same decisions in the shared store (one call per stage, `on_unavailable`)
 //!   limits.rs    brute-force windows with known-good networks; buckets, counters
 //!   bans.rs      process-wide bans (`action: ban`): bounded, expiring, never a
 //!                trusted balancer; checked by server.rs before TLS and greeting
 //!   lru.rs       bounded keyed state: least-recently-seen order, idle keys evicted first
+//! state/       limiter state shared by several instances through Valkey/Redis (`state:`)
+//!   mod.rs       settings, the store's `Op`s and `Answer`s; keys.rs: key naming under `prefix`
+//!   redis.rs     `Store`: connection manager, the one Lua script (ops.lua) per call under
+//!                `timeout`, backoff while down, TTL sets (for bans, allowlists)
+//!   lease.rs     session leases for shared `concurrent` rules, one batched renewal per interval
 //! triage/      postscreen-style tests before the SMTP greeting (SMTP only)
 //!   mod.rs       validated `TriageSpec`; `Triaged` (verdict, action, score), what the driver acts on
 //!   score.rs     DNSBL query names (IPv4, IPv6 nibbles), codes, score, verdict (sans-IO)
@@ -99,7 +105,7 @@
 //!
 //! Layers, bottom to top (no module uses one above it; `tests/module_graph.rs`
 //! fails on any cycle): units, codec, observe, action, mail → transport, sign →
-//! auth, backend → policy → triage → config → tls → conn → smtp, pop3, imap → server → demo.
+//! auth, backend → state → policy → triage → config → tls → conn → smtp, pop3, imap → server → demo.
 //! Metrics are counted at the edges (server, drivers) from the facts policy,
 //! auth and backend return (`Checked::hits`, `DnsFacts`, `connect_time`,
 //! `BackendError::OutOfStep`).
@@ -123,6 +129,7 @@ pub mod pop3;
 pub mod server;
 pub mod sign;
 pub mod smtp;
+pub mod state;
 pub mod tls;
 pub mod transport;
 pub mod triage;

@@ -14,6 +14,7 @@ use crate::conn::inflight::Budget;
 use crate::conn::{ListenerRuntime, SessionCtx};
 use crate::observe::http::{Admin, AdminToken, BanDesk, ReadyCheck};
 use crate::policy::{ConnectPermit, Decision, Facts, Policies, Policy, PolicyState};
+use crate::state::{StateSettings, Store};
 use crate::triage::{Triage, TriageState};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use std::collections::BTreeMap;
@@ -37,6 +38,8 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("DNS resolver: {0}")]
     Dns(String),
+    #[error(transparent)]
+    Store(#[from] crate::state::StoreError),
 }
 
 struct Slot {
@@ -53,6 +56,8 @@ pub struct Gateway {
     shutdown: watch::Sender<bool>,
     accept_tasks: Vec<tokio::task::JoinHandle<()>>,
     grace: std::sync::Mutex<Duration>,
+    /// `state:` as started (the store is not switched by a reload).
+    state: StateSettings,
     pub caps: Arc<CapsCache>,
     pub policy_state: Arc<PolicyState>,
     /// The triage pass caches (survive reloads, like `policy_state`).
@@ -97,6 +102,7 @@ impl BanDesk for Desk {
     fn lift(&self, ip: std::net::IpAddr) -> usize {
         let now = std::time::Instant::now();
         let n = self.0.bans.lift(ip, now).len();
+        self.0.lift_shared(ip);
         crate::observe::metrics().bans_active_now(self.0.bans.housekeeping(now));
         n
     }
@@ -178,9 +184,17 @@ impl Gateway {
     pub async fn start(config: &Config) -> Result<Gateway, ServerError> {
         let tls = tls_config(config)?;
         let verifier = verifier_for(config)?;
-        let policy_state = PolicyState::new(
+        let store = match &config.state {
+            StateSettings::Memory => None,
+            StateSettings::Redis(s) => {
+                info!(store = %s.redacted_url(), prefix = %s.prefix, "limiter state shared through the store");
+                Some(Store::connect(s)?)
+            }
+        };
+        let policy_state = PolicyState::with_store(
             crate::config::defaults::KNOWN_GOOD,
             crate::config::defaults::MAX_TRACKED_KEYS,
+            store.clone(),
         );
         let policies = Policies::compile(&config.policies, &policy_state);
         policy_state.bans.protect(balancers(config));
@@ -226,7 +240,7 @@ impl Gateway {
             };
             tokio::spawn(crate::observe::http::serve(
                 listener,
-                ready_check(config),
+                ready_check(config, store.clone()),
                 admin,
                 fds.http_connections,
                 rx.clone(),
@@ -277,6 +291,9 @@ impl Gateway {
             |b, took| crate::observe::metrics().backend_connected(&b.name, took.as_secs_f64()),
         ));
         tokio::spawn(housekeeping(policy_state.clone(), rx.clone()));
+        if let Some(store) = &store {
+            tokio::spawn(crate::state::lease::refresh_loop(store.clone(), rx.clone()));
+        }
         let cert_paths = Arc::new(std::sync::Mutex::new(config.certificates.clone()));
         let runtimes: Vec<_> = slots.iter().map(|s| s.runtime.clone()).collect();
         tokio::spawn(watch_certificates(
@@ -290,6 +307,7 @@ impl Gateway {
             shutdown,
             accept_tasks,
             grace: std::sync::Mutex::new(config.shutdown_grace),
+            state: config.state.clone(),
             caps,
             policy_state,
             triage_state,
@@ -352,6 +370,9 @@ impl Gateway {
             if !self.slots.iter().any(|s| s.name == l.name) {
                 notes.push(format!("listener {} is new; restart to apply", l.name));
             }
+        }
+        if config.state != self.state {
+            notes.push("state: changed; restart to apply (the running store is kept)".into());
         }
         if let Ok(mut g) = self.grace.lock() {
             *g = config.shutdown_grace;
@@ -499,7 +520,7 @@ async fn watch_certificates(
 /// `/readyz`: every backend accepts a TCP connection (probed at once, each
 /// for at most 2 s; the endpoint caches the result). The reason names the
 /// backends; their addresses go to the log only.
-fn ready_check(config: &Config) -> ReadyCheck {
+fn ready_check(config: &Config, store: Option<Arc<Store>>) -> ReadyCheck {
     let backends: Vec<(String, String)> = config
         .backends
         .values()
@@ -507,7 +528,19 @@ fn ready_check(config: &Config) -> ReadyCheck {
         .collect();
     Arc::new(move || {
         let backends = backends.clone();
+        let store = store.clone();
         Box::pin(async move {
+            // the gateway runs on without the store (`on_unavailable`):
+            // degraded, still ready
+            let mut degraded = Vec::new();
+            if let Some(store) = &store {
+                if store.ping().await.is_err() {
+                    degraded.push(format!(
+                        "state store unreachable (on_unavailable: {})",
+                        store.settings().on_unavailable.as_str()
+                    ));
+                }
+            }
             let mut probes = tokio::task::JoinSet::new();
             for (name, address) in backends {
                 probes.spawn(async move {
@@ -532,7 +565,7 @@ fn ready_check(config: &Config) -> ReadyCheck {
                 }
             }
             if down.is_empty() {
-                return Ok(());
+                return Ok(degraded);
             }
             down.sort();
             Err(format!("backend {} unreachable", down.join(", ")))
@@ -791,7 +824,12 @@ async fn connection(
     // banned by any policy's rule, on any listener: refused before TLS and
     // greeting (logged when banned, not per refused connection: a banned
     // client that keeps coming back would flood the log)
-    if let Some(ban) = state.bans.banned(peer.ip(), std::time::Instant::now()) {
+    let ban = match state.bans.banned(peer.ip(), std::time::Instant::now()) {
+        Some(ban) => Some(ban),
+        // made by another instance (`state: store: redis`)
+        None => state.banned_shared(peer.ip()).await,
+    };
+    if let Some(ban) = ban {
         tracing::debug!(listener = %l.name, client = %peer.ip(), ban = %ban.address(), rule = %ban.cause.rule, "banned client refused");
         crate::observe::metrics().refused(&l.name, "banned");
         send_and_close(tcp, banned(l.protocol)).await;
@@ -800,7 +838,7 @@ async fn connection(
     let permit: Option<ConnectPermit> = match ctx.policy() {
         None => None,
         Some(p) => {
-            let checked = p.connect(&Facts::new(peer.ip(), &l.name));
+            let checked = p.connect_shared(&Facts::new(peer.ip(), &l.name)).await;
             crate::conn::count_hits(&checked.hits);
             match checked.decision {
                 Ok(permit) => Some(permit),

@@ -264,6 +264,20 @@ impl Rig {
                 .unwrap(),
         );
         let addrs = common::listening(&log, &LISTENERS);
+        // the listeners do not wait for the start-up probe of Postfix's
+        // EHLO (backend/probe.rs); until it answers, AUTH is not offered,
+        // and every test here submits with AUTH at once
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("backend capabilities")
+        {
+            assert!(
+                start.elapsed() < LIMIT,
+                "the probe of Postfix never answered"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Rig {
             dir,
             rt,

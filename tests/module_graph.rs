@@ -16,6 +16,7 @@
 //! sign                    DKIM signing: keys, decision, signature fields (uses none of these)
 //! auth, backend           SPF/DKIM/DMARC/ARC; clients of the legacy servers,
 //!                         with their capability types and the one caps cache
+//! state                   the shared limiter store (Valkey/Redis): ops, keys, leases
 //! policy                  limits, plus a policy block's auth settings (auth::AuthPolicy)
 //! triage                  DNSBL scoring, pregreet, pass cache (auth's resolver, policy's LRU)
 //! config                  YAML → the validated types the modules below own

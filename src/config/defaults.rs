@@ -13,6 +13,15 @@ const fn secs(s: u64) -> Duration {
 }
 const MIB: u64 = 1024 * 1024;
 
+// state:
+/// `state.prefix`: every key in the shared store starts with it.
+pub const STATE_PREFIX: &str = "mailgate:";
+/// `state.timeout`: the longest a session waits for the store per stage.
+pub const STATE_TIMEOUT: Duration = Duration::from_millis(50);
+pub const STATE_ON_UNAVAILABLE: crate::state::OnUnavailable = crate::state::OnUnavailable::Local;
+/// `state.lease_ttl`: a crashed instance's sessions stop counting after it.
+pub const STATE_LEASE_TTL: Duration = secs(30);
+
 // server:
 pub const SHUTDOWN_GRACE: Duration = secs(30);
 pub const MAX_INFLIGHT_DATA: u64 = 512 * MIB;
@@ -106,6 +115,7 @@ impl Value {
     /// The YAML spelling: the largest unit that divides the value (`5m`, `25MiB`).
     pub fn yaml(self) -> String {
         match self {
+            Value::Duration(d) if d.subsec_millis() != 0 => format!("{}ms", d.as_millis()),
             Value::Duration(d) => {
                 let s = d.as_secs();
                 let unit = [(86_400, "d"), (3600, "h"), (60, "m")]
@@ -275,6 +285,15 @@ pub const DOCUMENTED: &[(&str, &str, Value)] = &[
         Value::Number(IPV6_PREFIX as u64),
     ),
     ("LimitFile", "shadow", Value::Bool(LIMIT_SHADOW)),
+    ("StateFile", "store", Value::Word("memory")),
+    ("StateFile", "prefix", Value::Word(STATE_PREFIX)),
+    ("StateFile", "timeout", Value::Duration(STATE_TIMEOUT)),
+    (
+        "StateFile",
+        "on_unavailable",
+        Value::Word(STATE_ON_UNAVAILABLE.as_str()),
+    ),
+    ("StateFile", "lease_ttl", Value::Duration(STATE_LEASE_TTL)),
     (
         "DkimSignFile",
         "unknown_domain",

@@ -27,6 +27,46 @@ pub struct FileConfig {
     /// Resolver for SPF/DKIM/DMARC (default: the system's resolv.conf).
     #[serde(default)]
     pub dns: Option<crate::auth::DnsFile>,
+    /// Where limiter state lives: in process (default) or in Valkey/Redis,
+    /// shared by several instances (README, "Running several instances").
+    #[serde(default)]
+    pub state: Option<StateFile>,
+}
+
+/// Where limiter state is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In process, per instance.
+    Memory,
+    /// Valkey/Redis at `url`, shared by every instance with the same `prefix`.
+    Redis,
+}
+
+/// `state:`: rate rules, concurrent sessions (as leases), failed-login
+/// windows and known-good networks, shared through Valkey/Redis.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    /// `memory` (in process) or `redis`.
+    pub store: Option<StoreKind>,
+    /// `redis://host:port/db`, or `rediss://` for TLS (system roots).
+    /// Prefer `password_file`/`password_env` to a password in the URL.
+    pub url: Option<String>,
+    /// A file holding the store's password (trailing newline ignored).
+    pub password_file: Option<String>,
+    /// An environment variable holding the store's password.
+    pub password_env: Option<String>,
+    /// Every key starts with this (instances sharing limits share it).
+    pub prefix: Option<String>,
+    /// The longest a session waits for the store at one stage.
+    pub timeout: Option<Secs>,
+    /// When the store does not answer in time: `local` (per-instance
+    /// limits), `accept` (no limit) or `tempfail` (a temporary error).
+    pub on_unavailable: Option<crate::state::OnUnavailable>,
+    /// A session lease lives this long without renewal (renewed every
+    /// third of it): a crashed instance's sessions stop counting after it.
+    pub lease_ttl: Option<Secs>,
 }
 
 /// `metrics: { bind: "127.0.0.1:9090" }`: Prometheus `/metrics`, `/healthz`,

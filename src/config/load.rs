@@ -469,6 +469,7 @@ pub(super) fn build(sources: &[Source]) -> Result<Config, ConfigError> {
             );
         }
     }
+    let state = super::state::build_state(sources)?;
     let mut listeners: Vec<Arc<Listener>> = Vec::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (i, s) in sources.iter().enumerate() {
@@ -532,6 +533,7 @@ pub(super) fn build(sources: &[Source]) -> Result<Config, ConfigError> {
         shutdown_grace: grace,
         sources: sources.iter().map(|s| s.path.clone()).collect(),
         max_inflight_data,
+        state,
     })
 }
 

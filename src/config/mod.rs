@@ -14,6 +14,7 @@
 //! backend.rs  backends: → Backend
 //! listener.rs listeners: → Listener, Timeouts
 //! policy.rs   policies: → policy::PolicySpec
+//! state.rs    state: → state::StateSettings (memory, or the shared store; its password read)
 //! dkim_sign.rs a policy's dkim_sign: → sign::SignPolicy (keys loaded from their files)
 //! triage.rs   a policy's triage: → triage::TriageSpec (zones, codes, bounds)
 //! summary.rs  the `mailgate check` output
@@ -27,6 +28,7 @@ pub mod file;
 mod listener;
 mod load;
 mod policy;
+mod state;
 mod summary;
 pub mod triage;
 pub mod warnings;
@@ -82,6 +84,8 @@ pub struct Config {
     pub sources: Vec<PathBuf>,
     /// Budget for message bytes held by all SMTP sessions together.
     pub max_inflight_data: u64,
+    /// Where limiter state lives (`state:`).
+    pub state: crate::state::StateSettings,
 }
 
 /// The JSON Schema of the configuration format (`mailgate schema`).

@@ -21,6 +21,7 @@ impl Config {
             self.dns.max_queries_per_session,
             self.dns.max_queries_per_message
         );
+        let _ = writeln!(out, "state store: {}", self.state.describe());
         for l in &self.listeners {
             let proto = match l.protocol {
                 Protocol::Smtp => "smtp",

@@ -74,12 +74,15 @@ pub async fn guard<L: Login + Send>(
     policy: Option<&Policy>,
     failure_delay: Duration,
 ) -> L::Action {
-    let decision = policy.map(|p| {
-        let checked = p.login_allowed(&login.facts());
-        // counted here, at the edge, from the rules the policy says fired
-        super::count_hits(&checked.hits);
-        checked.decision
-    });
+    let decision = match policy {
+        Some(p) => {
+            let checked = p.login_allowed_shared(&login.facts()).await;
+            // counted here, at the edge, from the rules the policy says fired
+            super::count_hits(&checked.hits);
+            Some(checked.decision)
+        }
+        None => None,
+    };
     let result = match decision {
         Some(Decision::Refuse { action, rule }) => {
             info!(
@@ -96,11 +99,11 @@ pub async fn guard<L: Login + Send>(
             let result = login.attempt().await;
             if let Some(p) = policy {
                 match &result {
-                    LoginResult::Succeeded(_) => p.login_succeeded(&login.facts()),
+                    LoginResult::Succeeded(_) => p.login_succeeded_shared(&login.facts()).await,
                     // a ban this failure makes holds from the next command
                     // and connection on; the failure's answer stands
                     LoginResult::Failed(_) => {
-                        super::count_hits(&p.login_failed(&login.facts()).hits)
+                        super::count_hits(&p.login_failed_shared(&login.facts()).await.hits)
                     }
                     LoginResult::Refused(_) | LoginResult::Undecided(_) => {}
                 }

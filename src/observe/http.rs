@@ -20,10 +20,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-/// Answers `/readyz`: `Ok(())` when ready, `Err(reason)` otherwise. The
-/// reason goes into the response body: names, never internal addresses.
-pub type ReadyCheck =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+/// Answers `/readyz`: `Ok(degradations)` when ready (200; a degradation,
+/// such as an unreachable shared state store, is named in the body but does
+/// not fail readiness), `Err(reason)` otherwise (503). Reasons go into the
+/// response body: names, never internal addresses.
+pub type ReadyCheck = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send>> + Send + Sync,
+>;
 
 /// The bans the server keeps (`policy/bans.rs`; observe sits below policy,
 /// so the server supplies them).
@@ -87,9 +90,9 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// The last readiness result and when it was taken; the lock also makes
 /// concurrent requests share one probe instead of each starting their own.
-type ReadyCache = tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>;
+type ReadyCache = tokio::sync::Mutex<Option<(tokio::time::Instant, Result<Vec<String>, String>)>>;
 
-async fn cached_ready(check: &ReadyCheck, cache: &ReadyCache) -> Result<(), String> {
+async fn cached_ready(check: &ReadyCheck, cache: &ReadyCache) -> Result<Vec<String>, String> {
     let mut last = cache.lock().await;
     if let Some((at, r)) = last.as_ref() {
         if at.elapsed() < READY_CACHE {
@@ -196,7 +199,12 @@ async fn answer(
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", "/bans") => ("200 OK", "application/json", admin.bans.list()),
         ("GET", "/readyz") => match cached_ready(ready, cache).await {
-            Ok(()) => ("200 OK", "text/plain", "ready\n".to_string()),
+            Ok(degraded) if degraded.is_empty() => ("200 OK", "text/plain", "ready\n".to_string()),
+            Ok(degraded) => (
+                "200 OK",
+                "text/plain",
+                format!("ready, degraded: {}\n", degraded.join("; ")),
+            ),
             Err(why) => (
                 "503 Service Unavailable",
                 "text/plain",

@@ -285,6 +285,12 @@ impl Bans {
     }
 
     /// The ban covering `ip` now, if any.
+    /// The network a ban of `ip` covers (`ipv6_prefix` bits of an IPv6
+    /// address; an IPv4 address is its own /32).
+    pub fn network(ip: IpAddr, ipv6_prefix: u8) -> Cidr {
+        Key::of(ip, ipv6_prefix).cidr()
+    }
+
     pub fn banned(&self, ip: IpAddr, now: Instant) -> Option<BanInfo> {
         let inner = self.lock();
         inner

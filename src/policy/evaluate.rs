@@ -27,6 +27,8 @@ pub(super) enum Limiter {
 
 pub(super) struct Rule {
     pub(super) spec: RuleSpec,
+    /// The rule's name in the shared store (`state::keys::rule_id`).
+    pub(super) id: String,
     pub(super) stage: PolicyStage,
     pub(super) limiter: Limiter,
     pub(super) hits: Arc<RuleHits>,
@@ -110,9 +112,12 @@ pub struct Checked<T> {
     pub hits: Vec<Hit>,
 }
 
-/// Session slots held while a session runs.
+/// Session slots held while a session runs: in-process counters, or leases
+/// in the shared store.
+#[derive(Default)]
 pub struct ConnectPermit {
-    _guards: Vec<CounterGuard>,
+    pub(super) _guards: Vec<CounterGuard>,
+    pub(super) _leases: Vec<crate::state::Lease>,
     pub delay: Duration,
 }
 
@@ -120,7 +125,7 @@ fn domain_of(addr: &str) -> &str {
     addr.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
 }
 
-fn mask(ip: IpAddr, v4: u8, v6: u8) -> String {
+pub(super) fn mask(ip: IpAddr, v4: u8, v6: u8) -> String {
     match canonical(ip) {
         IpAddr::V4(a) => {
             let m = u32::MAX
@@ -140,7 +145,7 @@ fn mask(ip: IpAddr, v4: u8, v6: u8) -> String {
 impl Policy {
     /// The value of each key part, or `None` when one is not known (the rule
     /// then does not apply).
-    fn key_values(&self, r: &RuleSpec, f: &Facts) -> Option<Vec<String>> {
+    pub(super) fn key_values(&self, r: &RuleSpec, f: &Facts) -> Option<Vec<String>> {
         r.key
             .iter()
             .map(|k| {
@@ -162,7 +167,20 @@ impl Policy {
             .collect()
     }
 
-    fn skipped(&self, r: &RuleSpec, ip: IpAddr) -> bool {
+    /// The rules of `stage` that apply to this session (not skipped by an
+    /// allow list, every key part known) with their key values, in rule order.
+    pub(super) fn applicable<'s>(
+        &'s self,
+        stage: PolicyStage,
+        f: &'s Facts<'_>,
+    ) -> impl Iterator<Item = (&'s Rule, Vec<String>)> + 's {
+        self.rules
+            .iter()
+            .filter(move |r| r.stage == stage && !self.skipped(&r.spec, f.ip))
+            .filter_map(move |r| Some((r, self.key_values(&r.spec, f)?)))
+    }
+
+    pub(super) fn skipped(&self, r: &RuleSpec, ip: IpAddr) -> bool {
         self.spec.allow.iter().any(|a| {
             a.networks.iter().any(|n| n.contains(ip))
                 && (a.skip.is_empty() || a.skip.contains(&r.name))
@@ -185,7 +203,7 @@ impl Policy {
     /// Records a hit (in `hits`, for the caller to count) and turns the
     /// rule's action into a decision; a ban rule bans the client `ip`'s
     /// network and refuses as `reject` does.
-    fn hit(
+    pub(super) fn hit(
         &self,
         rule: &Rule,
         ip: IpAddr,
@@ -231,6 +249,8 @@ impl Policy {
                         reason: rule.spec.kind.describe(),
                     };
                     let now = Instant::now();
+                    self.state
+                        .share_ban(ip, rule.spec.ipv6_prefix, for_, &cause);
                     let done = self
                         .state
                         .bans
@@ -250,7 +270,7 @@ impl Policy {
         decision
     }
 
-    fn combine(acc: Decision, d: Decision) -> Decision {
+    pub(super) fn combine(acc: Decision, d: Decision) -> Decision {
         match (acc, d) {
             (r @ Decision::Refuse { .. }, _) => r,
             (_, r @ Decision::Refuse { .. }) => r,
@@ -280,17 +300,7 @@ impl Policy {
         }
         let mut guards = Vec::new();
         let mut decision = Decision::Continue;
-        for rule in self
-            .rules
-            .iter()
-            .filter(|r| r.stage == PolicyStage::Connect)
-        {
-            if self.skipped(&rule.spec, f.ip) {
-                continue;
-            }
-            let Some(values) = self.key_values(&rule.spec, f) else {
-                continue;
-            };
+        for (rule, values) in self.applicable(PolicyStage::Connect, f) {
             let refs: Vec<&str> = values.iter().map(String::as_str).collect();
             let key = self.state.hash(&refs);
             let d = match &rule.limiter {
@@ -322,6 +332,7 @@ impl Policy {
         }
         Ok(ConnectPermit {
             _guards: guards,
+            _leases: Vec::new(),
             delay: if let Decision::Delay(d) = decision {
                 d
             } else {
@@ -337,24 +348,24 @@ impl Policy {
         Checked { decision, hits }
     }
 
+    /// A client banned during this session (the server refuses its new
+    /// connections): every further command is refused as `reject`.
+    pub(super) fn banned_now(&self, f: &Facts) -> Option<Decision> {
+        let b = self.state.bans.banned(f.ip, Instant::now())?;
+        debug!(policy = %self.name, client = %b.address(), rule = %b.cause.rule, "command of a banned client refused");
+        Some(Decision::Refuse {
+            action: PolicyAction::Reject,
+            rule: "banned".into(),
+        })
+    }
+
     fn check_with(&self, stage: PolicyStage, f: &Facts, hits: &mut Vec<Hit>) -> Decision {
         let now = Instant::now();
-        // banned during this session (the server refuses new connections)
-        if let Some(b) = self.state.bans.banned(f.ip, now) {
-            debug!(policy = %self.name, client = %b.address(), rule = %b.cause.rule, "command of a banned client refused");
-            return Decision::Refuse {
-                action: PolicyAction::Reject,
-                rule: "banned".into(),
-            };
+        if let Some(refusal) = self.banned_now(f) {
+            return refusal;
         }
         let mut decision = Decision::Continue;
-        for rule in self.rules.iter().filter(|r| r.stage == stage) {
-            if self.skipped(&rule.spec, f.ip) {
-                continue;
-            }
-            let Some(values) = self.key_values(&rule.spec, f) else {
-                continue;
-            };
+        for (rule, values) in self.applicable(stage, f) {
             let d = match &rule.limiter {
                 Limiter::Bucket(b) => {
                     let refs: Vec<&str> = values.iter().map(String::as_str).collect();
@@ -385,8 +396,13 @@ impl Policy {
     }
 
     fn known_good_key(&self, f: &Facts) -> Option<u64> {
-        let user = f.auth_user?.to_ascii_lowercase();
-        Some(self.state.hash(&["known-good", &user, &mask(f.ip, 24, 56)]))
+        let (user, net) = Self::known_good_parts(f)?;
+        Some(self.state.hash(&["known-good", &user, &net]))
+    }
+
+    /// (user, network) of a login: what known-good networks remember.
+    pub(super) fn known_good_parts(f: &Facts) -> Option<(String, String)> {
+        Some((f.auth_user?.to_ascii_lowercase(), mask(f.ip, 24, 56)))
     }
 
     /// Before a login is relayed: failed-login locks (and login rates). A lock
@@ -473,6 +489,7 @@ impl Policy {
             rule: test.to_string(),
             reason,
         };
+        self.state.share_ban(ip, 64, for_, &cause);
         let done = self.state.bans.ban(ip, 64, for_, cause, Instant::now());
         Hit {
             policy: self.name.clone(),

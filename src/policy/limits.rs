@@ -49,6 +49,16 @@ impl Bucket {
         self.born.elapsed().as_nanos() as u64
     }
 
+    /// One cell per this long (the shared store runs the same GCRA).
+    pub fn per_cell(&self) -> Duration {
+        Duration::from_nanos(self.per_cell)
+    }
+
+    /// How far ahead of now the arrival time may run (`burst` cells).
+    pub fn burst_time(&self) -> Duration {
+        Duration::from_nanos(self.tolerance)
+    }
+
     /// Takes one cell; `Err(wait)` when the key is over its rate.
     pub fn take(&self, key: u64) -> Result<(), Duration> {
         let now = self.now();
@@ -166,6 +176,11 @@ impl Failures {
         }
     }
 
+    /// (failures that lock, window): what the shared store is asked.
+    pub fn limits(&self) -> (u32, Duration) {
+        (self.max, self.window)
+    }
+
     /// `Some(remaining lock time)` when the key may not try now. Asking counts
     /// as seeing the key: a locked source that keeps trying stays tracked.
     pub fn locked(&self, key: u64, now: Instant) -> Option<Duration> {
@@ -230,6 +245,11 @@ impl KnownGood {
             max_keys,
             map: Mutex::new(Lru::default()),
         }
+    }
+
+    /// How long entries are kept at most.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     pub fn remember(&self, key: u64, now: Instant) {

@@ -12,6 +12,7 @@
 //! state.rs    limiter state across reloads, compiling specs against it
 //! evaluate.rs per-stage decisions of a compiled policy
 //! bans.rs     client networks refused on every listener until they expire
+//! shared.rs   the same decisions taken in the shared store (`state/`), one call a stage
 //! limits.rs   the limiters: GCRA buckets, session counters, failure windows
 //! lru.rs      the bounded key maps under them
 //! ```
@@ -20,11 +21,13 @@ pub mod bans;
 mod evaluate;
 pub mod limits;
 pub mod lru;
+mod shared;
 mod spec;
 mod state;
 
 pub use bans::{BanCause, BanInfo, BanOutcome, Bans};
 pub use evaluate::{BanEvent, Checked, ConnectPermit, Decision, Facts, Hit, Policy};
+pub use shared::STORE_RULE;
 pub use spec::{AllowSpec, KeyPart, Kind, PolicySpec, PolicyStage, RuleSpec};
 pub use state::{Policies, PolicyState, RuleHits};
 

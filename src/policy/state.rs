@@ -7,6 +7,7 @@ use super::bans::Bans;
 use super::evaluate::{Limiter, Policy, Rule};
 use super::limits::{Bucket, Counter, Failures, KnownGood};
 use super::spec::{Kind, PolicySpec};
+use crate::state::Store;
 use governor::Quota;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -25,6 +26,8 @@ pub struct PolicyState {
     pub known_good: KnownGood,
     /// Process-wide: a ban by any policy's rule holds on every listener.
     pub bans: Bans,
+    /// The shared store (`state: store: redis`); `None`: all in process.
+    pub(super) store: Option<Arc<Store>>,
 }
 
 /// How often a rule fired (refused/delayed) and how often it would have (shadow).
@@ -39,7 +42,18 @@ impl PolicyState {
     /// policies, and `max_keys` the bans (`config/defaults.rs` holds the
     /// values the gateway uses).
     pub fn new(known_good: Duration, max_keys: usize) -> Arc<Self> {
+        Self::with_store(known_good, max_keys, None)
+    }
+
+    /// As [`PolicyState::new`], deciding shared rules in `store` (the
+    /// in-process limiters stay, for `on_unavailable: local`).
+    pub fn with_store(
+        known_good: Duration,
+        max_keys: usize,
+        store: Option<Arc<Store>>,
+    ) -> Arc<Self> {
         Arc::new(PolicyState {
+            store,
             hasher: Default::default(),
             buckets: Default::default(),
             counters: Default::default(),
@@ -96,6 +110,11 @@ impl PolicyState {
         for f in failures {
             f.housekeeping(now);
         }
+    }
+
+    /// The shared store, when the configuration names one.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
     }
 
     /// Keys tracked across all limiters (for tests and metrics).
@@ -198,6 +217,7 @@ impl Policies {
                 };
                 let hits = PolicyState::get(&state.hits, &fp, RuleHits::default);
                 rules.push(Rule {
+                    id: crate::state::keys::rule_id(&fp),
                     stage: r.stage(),
                     spec: r.clone(),
                     limiter,

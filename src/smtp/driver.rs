@@ -355,7 +355,7 @@ impl Driver {
     /// Runs the policy's rules for `stage`; `Some(action)` refuses the command.
     async fn policy(&self, stage: PolicyStage, f: &Facts<'_>) -> Option<PolicyAction> {
         let p = self.ctx.policy()?;
-        let checked = p.check(stage, f);
+        let checked = p.check_shared(stage, f).await;
         crate::conn::count_hits(&checked.hits);
         match checked.decision {
             Decision::Continue => None,

@@ -1,0 +1,705 @@
+//! Issue 15: several mailgate instances, one set of limits, through a real
+//! `redis-server` on loopback (started per test on its own port, no
+//! persistence, killed by PID). Two gateways run in this process against it
+//! with one prefix; the crash test runs one of them as a child process of
+//! the built binary and kills it with SIGKILL. Skipped (one `SKIPPED:` line)
+//! when redis-server is not installed, unless `MAILGATE_E2E=require`.
+
+mod common;
+
+use common::{require_or_skip, Gateway, Guard, SmtpClient, Tls, Yaml};
+use mailgate::state::{keys, Answer, Op, Store, StoreSettings};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A redis-server of this test, on `port`, data in `dir` (none persisted).
+struct Redis {
+    port: u16,
+    child: Option<Guard>,
+}
+
+impl Redis {
+    fn start(dir: &Path) -> Redis {
+        let mut r = Redis {
+            port: common::free_port(),
+            child: None,
+        };
+        r.restart(dir);
+        r
+    }
+
+    /// Starts it again on the same port (after [`Redis::kill`]).
+    fn restart(&mut self, dir: &Path) {
+        let child = Command::new(common::tool("redis-server"))
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(Guard(child));
+        common::wait_port(self.port);
+    }
+
+    /// SIGKILL, by PID (the guard's child).
+    fn kill(&mut self) {
+        drop(self.child.take());
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A plain client to look at what the gateways left in the store.
+    fn client(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+/// The `state:` section for `redis` with this test's `prefix`; `extra`:
+/// more fields (`timeout` among them: 1s unless given, so that a loaded
+/// test machine does not turn a slow answer into a per-instance decision
+/// where a test counts on sharing).
+fn state(redis: &Redis, prefix: &str, extra: &str) -> String {
+    let timeout = if extra.contains("timeout:") {
+        ""
+    } else {
+        "  timeout: 1s\n"
+    };
+    format!(
+        "state:\n  store: redis\n  url: \"{}\"\n  prefix: \"{prefix}\"\n{timeout}{extra}",
+        redis.url()
+    )
+}
+
+/// Listeners `mx` (no TLS) and `sub` (implicit TLS, AUTH required) under
+/// policy `p` with `limits`, and the shared store.
+fn cfg(dir: &Path, backend: &str, limits: &str, state: &str) -> String {
+    Yaml::new()
+        .listener("mx", "smtp", "none", "policy: p")
+        .listener(
+            "sub",
+            "smtp",
+            "implicit",
+            "auth: required, policy: p, login_failure_delay: 10ms, max_login_failures: 10",
+        )
+        .certs(dir)
+        .backend("b", backend, "")
+        .section(&format!("policies:\n  p:\n    limits:\n{limits}"))
+        .section(state)
+        .build()
+}
+
+/// Two gateways on one store and prefix.
+async fn pair(y: &str) -> (Gateway, Gateway) {
+    (common::start(y).await, common::start(y).await)
+}
+
+/// The greeting's first line of a new connection from `src`.
+async fn greeting(gw: &Gateway, src: &str) -> (String, SmtpClient<tokio::net::TcpStream>) {
+    let mut c = SmtpClient::connect_from(src, gw.addr("mx").unwrap()).await;
+    (c.text().await, c)
+}
+
+/// Acceptance 1a: `rate: 10/minute, burst: 10` per IP admits 10
+/// connections across both instances, not 20.
+#[tokio::test]
+async fn rate_is_shared_across_two_instances() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let sink = common::demo_smtp().await.1;
+    let y = cfg(
+        dir.path(),
+        &sink,
+        "      - { key: [ip], rate: 10/minute, burst: 10, action: tempfail }",
+        &state(&redis, "t-rate:", ""),
+    );
+    let (a, b) = pair(&y).await;
+    let mut admitted = 0;
+    for i in 0..20 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let (g, _c) = greeting(gw, "127.0.0.2").await;
+        if g.starts_with("220") {
+            admitted += 1;
+        } else {
+            assert!(g.starts_with("421 4.7.0"), "connection {i}: {g}");
+        }
+    }
+    assert_eq!(admitted, 10, "one budget across both instances");
+    let (g, _c) = greeting(&a, "127.0.0.3").await;
+    assert!(g.starts_with("220"), "other IPs unaffected: {g}");
+    let mut con = redis.client();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("t-rate:*").query(&mut con).unwrap();
+    assert!(!keys.is_empty());
+    for k in keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(&k).query(&mut con).unwrap();
+        assert!(ttl > 0 && ttl <= 60_000, "{k} has a TTL: {ttl}");
+    }
+}
+
+/// Acceptance 1b: `concurrent: 3` holds across both instances, and a slot
+/// given back on one is free on the other.
+#[tokio::test]
+async fn concurrent_is_shared_across_two_instances() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let sink = common::demo_smtp().await.1;
+    let y = cfg(
+        dir.path(),
+        &sink,
+        "      - { key: [ip], concurrent: 3, action: reject }",
+        &state(&redis, "t-conc:", ""),
+    );
+    let (a, b) = pair(&y).await;
+    let mut held = Vec::new();
+    for gw in [&a, &b, &a] {
+        let (g, c) = greeting(gw, "127.0.0.4").await;
+        assert!(g.starts_with("220"), "{g}");
+        held.push(c);
+    }
+    for gw in [&a, &b] {
+        let (g, _c) = greeting(gw, "127.0.0.4").await;
+        assert!(g.starts_with("554 5.7.1"), "fourth, on either: {g}");
+    }
+    let (g, _other) = greeting(&b, "127.0.0.5").await;
+    assert!(g.starts_with("220"), "other IP unaffected");
+    let mut first = held.remove(0);
+    assert!(first.cmd("QUIT").await.starts_with("221"));
+    drop(first);
+    let mut ok = false;
+    for _ in 0..50 {
+        let (g, c) = greeting(&b, "127.0.0.4").await;
+        if g.starts_with("220") {
+            ok = true;
+            held.push(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "the slot given back on a is free on b");
+}
+
+async fn tls_session(gw: &Gateway, ca: &Path, src: &str) -> SmtpClient<Tls> {
+    let c = SmtpClient::connect_from(src, gw.addr("sub").unwrap()).await;
+    let mut t = c.tls(ca).await;
+    assert!(t.text().await.starts_with("220"));
+    let ehlo = t.cmd("EHLO c.test").await;
+    assert!(
+        ehlo.lines().last().unwrap_or_default().starts_with("250 "),
+        "{ehlo}"
+    );
+    t
+}
+
+const GOOD: &str = "AUTH PLAIN AGFsaWNlAHNlY3JldA=="; // alice / secret
+const BAD: &str = "AUTH PLAIN AGFsaWNlAHdyb25n"; // alice / wrong
+
+async fn auth_backend() -> common::Running {
+    common::SmtpBackend::new()
+        .on(
+            "EHLO",
+            "250-legacy\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n",
+        )
+        .on_line(GOOD, "235 2.7.0 ok\r\n")
+        .on("AUTH", "535 5.7.8 no\r\n")
+        .start()
+        .await
+}
+
+fn attempts(backend: &common::Running) -> usize {
+    backend
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("AUTH PLAIN "))
+        .count()
+}
+
+/// Acceptance 1c/1d: 5 failed logins spread over both instances lock the IP
+/// on both; a known-good network learnt on one spares the user's per-user
+/// lock on the other.
+#[tokio::test]
+async fn failed_logins_and_known_good_are_shared() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let be = auth_backend().await;
+    let limits = "      - { name: auth-ip, key: [ip], auth_failures: 5/15minutes, action: reject }\n      - { name: auth-user, key: [auth_user], auth_failures: 5/15minutes, action: tempfail }";
+    let (a, b) = pair(&cfg(
+        dir.path(),
+        &be.addr,
+        limits,
+        &state(&redis, "t-auth:", ""),
+    ))
+    .await;
+
+    // alice logs in from her usual network, on a
+    let mut home = tls_session(&a, &ca, "127.0.0.20").await;
+    assert!(home.cmd(GOOD).await.starts_with("235"));
+    drop(home);
+
+    let mut on_a = tls_session(&a, &ca, "127.0.2.66").await;
+    let mut on_b = tls_session(&b, &ca, "127.0.2.66").await;
+    for i in 0..5 {
+        let s = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        let r = s.cmd(BAD).await;
+        assert!(r.starts_with("535 5.7.8"), "failure {i}: {r}");
+    }
+    assert_eq!(attempts(&be), 6);
+    for gw in [&a, &b] {
+        let mut s = tls_session(gw, &ca, "127.0.2.66").await;
+        let r = s.cmd(GOOD).await;
+        assert!(r.starts_with("535 5.7.8"), "locked IP on both: {r}");
+    }
+    assert_eq!(attempts(&be), 6, "no attempt reached the backend");
+
+    // alice's per-user lock (her 5 failures) holds on b from a new network ...
+    let mut fresh = tls_session(&b, &ca, "127.0.1.77").await;
+    let r = fresh.cmd(GOOD).await;
+    assert!(r.starts_with("454 4.7.0"), "per-user lock on b: {r}");
+    // ... but not from the network a learnt as known-good
+    let mut home = tls_session(&b, &ca, "127.0.0.20").await;
+    let r = home.cmd(GOOD).await;
+    assert!(
+        r.starts_with("235"),
+        "known-good network learnt on a, on b: {r}"
+    );
+}
+
+/// Bans are shared (issue 14's bans with issue 15's store): failed logins
+/// spread over both instances reach a ban rule's count; the client is then
+/// refused before the greeting on both (the other instance learns the ban
+/// from the store at connect), until `ban_for` ends.
+#[tokio::test]
+async fn bans_are_shared_across_two_instances() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let be = auth_backend().await;
+    let limits =
+        "      - { name: guess, key: [ip], auth_failures: 4/15minutes, action: ban, ban_for: 3s }";
+    let (a, b) = pair(&cfg(
+        dir.path(),
+        &be.addr,
+        limits,
+        &state(&redis, "t-ban:", "  timeout: 1s\n"),
+    ))
+    .await;
+    let mut on_a = tls_session(&a, &ca, "127.0.3.9").await;
+    let mut on_b = tls_session(&b, &ca, "127.0.3.9").await;
+    for i in 0..4 {
+        let s = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        let r = s.cmd(BAD).await;
+        assert!(r.starts_with("535 5.7.8"), "failure {i}: {r}");
+    }
+    // the 4th failure (on b) banned the client; a learns it from the store
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (name, gw) in [("a", &a), ("b", &b)] {
+        let (text, _c) = greeting(gw, "127.0.3.9").await;
+        assert!(
+            text.starts_with("554 5.7.1 Access denied: address banned"),
+            "banned on {name}: {text}"
+        );
+    }
+    let (text, _c) = greeting(&a, "127.0.3.10").await;
+    assert!(text.starts_with("220"), "another client: {text}");
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    for (name, gw) in [("a", &a), ("b", &b)] {
+        let (text, _c) = greeting(gw, "127.0.3.9").await;
+        assert!(text.starts_with("220"), "ban over on {name}: {text}");
+    }
+}
+
+/// A `mailgate run` child on `dir/child.yaml`, logging JSON to `dir/child.log`.
+fn spawn_child(dir: &Path, yaml: &str) -> (Guard, std::net::SocketAddr) {
+    std::fs::write(dir.join("child.yaml"), yaml).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(dir.join("child.yaml"))
+        .stdout(std::fs::File::create(dir.join("child.log")).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let guard = Guard(child);
+    let addrs = common::listening(&dir.join("child.log"), &["mx"]);
+    (guard, addrs["mx"])
+}
+
+/// Acceptance 2: an instance holding 3 sessions is killed with SIGKILL: its
+/// leases expire within the lease TTL, and the other instance admits new
+/// sessions from that address again.
+#[tokio::test]
+async fn killed_instance_leases_expire() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let sink = common::demo_smtp().await.1;
+    let lease_ttl = Duration::from_secs(2);
+    let y = cfg(
+        dir.path(),
+        &sink,
+        "      - { key: [ip], concurrent: 3, action: reject }",
+        &state(&redis, "t-kill:", "  lease_ttl: 2s\n"),
+    );
+    let (child, child_mx) = spawn_child(dir.path(), &y);
+    let survivor = common::start(&y).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = SmtpClient::connect_from("127.0.0.9", child_mx).await;
+        let g = c.text().await;
+        assert!(g.starts_with("220"), "{g}");
+        held.push(c);
+    }
+    // the child's leases are renewed: they outlive one lease TTL
+    tokio::time::sleep(lease_ttl + Duration::from_millis(500)).await;
+    let (g, _c) = greeting(&survivor, "127.0.0.9").await;
+    assert!(
+        g.starts_with("554 5.7.1"),
+        "3 leases held by the child: {g}"
+    );
+
+    drop(child); // SIGKILL: no lease is given back
+    let killed = Instant::now();
+    let mut admitted = None;
+    while killed.elapsed() < lease_ttl + Duration::from_secs(3) {
+        let (g, c) = greeting(&survivor, "127.0.0.9").await;
+        if g.starts_with("220") {
+            admitted = Some((killed.elapsed(), c));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (after, _c) = admitted.expect("admitted again after the lease TTL");
+    assert!(
+        after <= lease_ttl + Duration::from_millis(500),
+        "leases expired within the lease TTL (+ one poll): {after:?}"
+    );
+    drop(held);
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn fallbacks() -> u64 {
+    let text = mailgate::observe::metrics().encode();
+    text.lines()
+        .find(|l| l.starts_with("mailgate_state_store_fallbacks_total{mode=\"local\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The time from connect to the greeting's first line, and that line.
+async fn timed_greeting(gw: &Gateway, src: &str) -> (Duration, String) {
+    let t0 = Instant::now();
+    let (g, _c) = greeting(gw, src).await;
+    (t0.elapsed(), g)
+}
+
+/// `state.timeout` of the outage test, and what a greeting may take beyond
+/// it on a loaded test machine.
+const TIMEOUT: Duration = Duration::from_millis(250);
+const MARGIN: Duration = Duration::from_millis(250);
+
+/// Acceptance 3: the store is killed mid-run: sessions go on under the
+/// in-process limits without waiting longer than `timeout`, the fallback
+/// metric moves and readiness says degraded; once the store is back on its
+/// port, limits are shared again without a restart.
+#[tokio::test]
+async fn store_outage_falls_back_to_local_and_recovers() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let mut redis = Redis::start(dir.path());
+    let sink = common::demo_smtp().await.1;
+    let y = cfg(
+        dir.path(),
+        &sink,
+        "      - { key: [ip], rate: 4/minute, burst: 4, action: tempfail }",
+        &format!(
+            "{}metrics:\n  bind: \"127.0.0.1:0\"\n",
+            state(
+                &redis,
+                "t-down:",
+                &format!("  timeout: {}ms\n", TIMEOUT.as_millis())
+            )
+        ),
+    );
+    let (a, b) = pair(&y).await;
+    let shared = |src: &'static str| {
+        let (a, b) = (&a, &b);
+        async move {
+            for gw in [a, b, a, b] {
+                let (g, _c) = greeting(gw, src).await;
+                assert!(g.starts_with("220"), "{src}: {g}");
+            }
+            let (g, _c) = greeting(a, src).await;
+            assert!(g.starts_with("421"), "{src}: the fifth, shared: {g}");
+        }
+    };
+    shared("127.0.0.30").await;
+
+    redis.kill();
+    let before = fallbacks();
+    // the in-process limit of each instance: 4 each, no stall
+    for gw in [&a, &b] {
+        for i in 0..4 {
+            let (took, g) = timed_greeting(gw, "127.0.0.31").await;
+            assert!(g.starts_with("220"), "local limit, {i}: {g}");
+            assert!(took < TIMEOUT + MARGIN, "no stall past timeout: {took:?}");
+        }
+        let (took, g) = timed_greeting(gw, "127.0.0.31").await;
+        assert!(g.starts_with("421"), "local limit, fifth: {g}");
+        assert!(took < TIMEOUT + MARGIN, "{took:?}");
+    }
+    assert!(fallbacks() >= before + 10, "fallbacks counted");
+    let store = a.policy_state.store().unwrap().clone();
+    assert!(store.degraded());
+    let (code, body) = http_get(a.metrics_addr().unwrap(), "/readyz").await;
+    assert_eq!(
+        code, 200,
+        "a degraded store does not fail readiness: {body}"
+    );
+    assert!(body.contains("degraded: state store unreachable"), "{body}");
+
+    redis.restart(dir.path());
+    // the next call after the backoff finds it back (at most 5 s)
+    let back = Instant::now();
+    for gw in [&a, &b] {
+        let store = gw.policy_state.store().unwrap();
+        while store.ping().await.is_err() {
+            assert!(back.elapsed() < Duration::from_secs(15), "store never back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    shared("127.0.0.32").await;
+}
+
+fn settings(redis: &Redis, prefix: &str) -> StoreSettings {
+    StoreSettings {
+        url: redis.url(),
+        password: None,
+        prefix: prefix.into(),
+        timeout: Duration::from_millis(500),
+        on_unavailable: mailgate::state::OnUnavailable::Local,
+        lease_ttl: Duration::from_secs(5),
+    }
+}
+
+/// The store script against a real redis: GCRA admits the burst and says
+/// how long to wait; a stopping op gives back the leases its call took;
+/// failure windows lock and known-good spares; TTL sets (for bans and the
+/// allowlist) keep values until their TTL; every key has a TTL.
+#[tokio::test]
+async fn store_script_against_a_real_redis() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let store: std::sync::Arc<Store> = Store::connect(&settings(&redis, "t-ops:")).unwrap();
+    let rate = Op::Rate {
+        key: "t-ops:r:x".into(),
+        per_cell: Duration::from_secs(1),
+        burst_time: Duration::from_secs(3),
+        stop: true,
+    };
+    for i in 0..3 {
+        assert_eq!(
+            store.run(std::slice::from_ref(&rate), "t").await.unwrap(),
+            vec![Answer::Ok],
+            "{i}"
+        );
+    }
+    match store
+        .run(std::slice::from_ref(&rate), "t")
+        .await
+        .unwrap()
+        .as_slice()
+    {
+        [Answer::Wait(w)] => assert!(
+            *w > Duration::from_millis(900) && *w <= Duration::from_secs(1),
+            "{w:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // a stop gives back the leases of its call; later ops do not run
+    let lease = |key: &str, max| Op::Lease {
+        key: key.into(),
+        max,
+        stop: true,
+    };
+    let answers = store
+        .run(
+            &[lease("t-ops:c:a", 5), lease("t-ops:c:b", 0), rate.clone()],
+            "tok1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(answers, vec![Answer::Ok, Answer::Full]);
+    let mut con = redis.client();
+    let n: u64 = redis::cmd("ZCARD")
+        .arg("t-ops:c:a")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(n, 0, "rolled back");
+    assert_eq!(
+        store.run(&[lease("t-ops:c:a", 1)], "tok2").await.unwrap(),
+        vec![Answer::Ok]
+    );
+    assert_eq!(
+        store.run(&[lease("t-ops:c:a", 1)], "tok3").await.unwrap(),
+        vec![Answer::Full]
+    );
+
+    // failure windows and known-good networks
+    let fail = Op::Fail {
+        key: "t-ops:f:u".into(),
+        max: 3,
+        window: Duration::from_secs(60),
+    };
+    for _ in 0..5 {
+        store
+            .run(std::slice::from_ref(&fail), &store.token())
+            .await
+            .unwrap();
+    }
+    let n: u64 = redis::cmd("ZCARD")
+        .arg("t-ops:f:u")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(n, 3, "only the newest `max` failures are kept");
+    let locked = |spare| Op::Locked {
+        key: "t-ops:f:u".into(),
+        max: 3,
+        window: Duration::from_secs(60),
+        stop: true,
+        spare_if_good: spare,
+    };
+    match store.run(&[locked(true)], "t").await.unwrap().as_slice() {
+        [Answer::Wait(w)] => assert!(*w > Duration::from_secs(58), "{w:?}"),
+        other => panic!("{other:?}"),
+    }
+    let good = Op::KnownGood {
+        key: "t-ops:g:alice".into(),
+        trust: Duration::from_secs(60),
+    };
+    store
+        .run(
+            &[Op::Remember {
+                key: "t-ops:g:alice".into(),
+                ttl: Duration::from_secs(60),
+            }],
+            "t",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.run(&[good.clone(), locked(true)], "t").await.unwrap(),
+        vec![Answer::Good, Answer::Spared]
+    );
+    match store
+        .run(&[good, locked(false)], "t")
+        .await
+        .unwrap()
+        .as_slice()
+    {
+        [Answer::Good, Answer::Wait(_)] => {}
+        other => panic!("a lock keyed by more than the user is not spared: {other:?}"),
+    }
+
+    // TTL sets: what bans and the triage allowlist stand on
+    store
+        .ttl_set_put("bans", "192.0.2.1", "brute force", Duration::from_secs(30))
+        .await
+        .unwrap();
+    store
+        .ttl_set_put("bans", "192.0.2.2", "spam", Duration::from_millis(200))
+        .await
+        .unwrap();
+    let (why, left) = store
+        .ttl_set_get("bans", "192.0.2.1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(why, "brute force");
+    assert!(left > Duration::from_secs(29) && left <= Duration::from_secs(30));
+    assert_eq!(store.ttl_set_list("bans", 10).await.unwrap().len(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        store.ttl_set_get("bans", "192.0.2.2").await.unwrap(),
+        None,
+        "expired"
+    );
+    let list = store.ttl_set_list("bans", 10).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].0.as_str(), list[0].1.as_str()),
+        ("192.0.2.1", "brute force")
+    );
+    store.ttl_set_remove("bans", "192.0.2.1").await.unwrap();
+    assert_eq!(store.ttl_set_get("bans", "192.0.2.1").await.unwrap(), None);
+    store
+        .ttl_set_put("bans", "192.0.2.3", "x", Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let all: Vec<String> = redis::cmd("KEYS").arg("t-ops:*").query(&mut con).unwrap();
+    assert!(all.len() >= 5, "{all:?}");
+    for k in all {
+        let ttl: i64 = redis::cmd("PTTL").arg(&k).query(&mut con).unwrap();
+        assert!(ttl > 0, "{k} has no TTL ({ttl})");
+    }
+    // the key names the policy uses are the ones `keys` builds
+    assert!(keys::ttl_set("t-ops:", "bans").starts_with("t-ops:s:"));
+}
+
+/// `on_unavailable: accept` and `tempfail` with no store at the URL (a
+/// port nothing listens on; no redis-server needed): `accept` admits past
+/// the limit, `tempfail` refuses every session; neither waits past
+/// `timeout`.
+#[tokio::test]
+async fn unavailable_modes_accept_and_tempfail() {
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let sink = common::demo_smtp().await.1;
+    let dead = common::free_port();
+    for (mode, expect) in [("accept", "220"), ("tempfail", "421 4.7.0")] {
+        let y = cfg(
+            dir.path(),
+            &sink,
+            "      - { key: [ip], rate: 1/minute, burst: 1, action: tempfail }",
+            &format!(
+                "state:\n  store: redis\n  url: \"redis://127.0.0.1:{dead}/0\"\n  timeout: 50ms\n  on_unavailable: {mode}\n"
+            ),
+        );
+        let gw = common::start(&y).await;
+        for i in 0..3 {
+            let (took, g) = timed_greeting(&gw, "127.0.0.40").await;
+            assert!(g.starts_with(expect), "{mode}, session {i}: {g}");
+            assert!(took < Duration::from_millis(300), "{mode}: {took:?}");
+        }
+    }
+}
