@@ -150,14 +150,14 @@ fn triage_for(
     config: &Config,
     state: &TriageState,
     verifier: &Option<Arc<crate::auth::Verifier>>,
+    store: Option<&Arc<Store>>,
 ) -> BTreeMap<String, Arc<Triage>> {
     let mut out = BTreeMap::new();
     if let Some(v) = verifier {
         for (name, spec) in &config.triage {
-            out.insert(
-                name.clone(),
-                Arc::new(Triage::new(name, spec.clone(), state, v.clone())),
-            );
+            let mut t = Triage::new(name, spec.clone(), state, v.clone());
+            t.store = store.cloned();
+            out.insert(name.clone(), Arc::new(t));
         }
     }
     let live: Vec<&str> = out.keys().map(String::as_str).collect();
@@ -202,7 +202,7 @@ impl Gateway {
             config.admin_token.clone().map(Arc::new),
         ));
         let triage_state = TriageState::new();
-        let triage = triage_for(config, &triage_state, &verifier);
+        let triage = triage_for(config, &triage_state, &verifier, store.as_ref());
         let mut bound = Vec::new();
         for l in &config.listeners {
             let socket = bind(l.bind).map_err(|source| ServerError::Bind {
@@ -340,7 +340,12 @@ impl Gateway {
         self.policy_state.bans.protect(balancers(config));
         self.admin_token
             .store(config.admin_token.clone().map(Arc::new));
-        let triage = triage_for(config, &self.triage_state, &verifier);
+        let triage = triage_for(
+            config,
+            &self.triage_state,
+            &verifier,
+            self.policy_state.store(),
+        );
         let mut notes = Vec::new();
         let mut apply = Vec::new();
         for slot in &self.slots {

@@ -6,6 +6,7 @@
 //! when redis-server is not installed, unless `MAILGATE_E2E=require`.
 
 mod common;
+mod dns;
 
 use common::{require_or_skip, Gateway, Guard, SmtpClient, Tls, Yaml};
 use mailgate::state::{keys, Answer, Op, Store, StoreSettings};
@@ -319,6 +320,60 @@ async fn bans_are_shared_across_two_instances() {
         let (text, _c) = greeting(gw, "127.0.3.9").await;
         assert!(text.starts_with("220"), "ban over on {name}: {text}");
     }
+}
+
+/// The triage pass cache is shared (issue 14's cache with issue 15's
+/// store): a client that passed on one instance is greeted untested by the
+/// other (no DNS query, no held greeting); a listed one is tested on both.
+#[tokio::test]
+async fn triage_passes_are_shared_across_two_instances() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let mut zone = dns::Zone::new();
+    zone.add_a(
+        "5.4.0.127.bl.nosoa.test",
+        std::net::Ipv4Addr::new(127, 0, 0, 2),
+    );
+    let dns = dns::TestDns::start(zone).await;
+    let (_mailbox, backend) = common::demo_smtp().await;
+    let y = Yaml::new()
+        .section(&format!(
+            "dns: {{ nameservers: [\"{}\"], timeout: 1s, attempts: 1 }}",
+            dns.addr
+        ))
+        .listener("mx", "smtp", "none", "policy: p")
+        .backend("b", &backend, "")
+        .section("policies:\n  p:\n    triage:\n      dnsbl: [ { zone: bl.nosoa.test } ]\n      pregreet: { wait: 300ms, action: reject }\n      cache: 1h\n")
+        .section(&state(&redis, "t-pass:", ""))
+        .build();
+    let (a, b) = pair(&y).await;
+    let queries = |c: &str| {
+        dns.queries()
+            .iter()
+            .filter(|(n, _)| n.starts_with(c))
+            .count()
+    };
+    // a passing client: tested on a (held greeting, one query) ...
+    let (text, _c) = greeting(&a, "127.0.4.4").await;
+    assert!(text.starts_with("220-"), "tested on a: {text}");
+    assert_eq!(queries("4.4.0.127."), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ... and greeted at once on b: the pass came from the store
+    let (text, _c) = greeting(&b, "127.0.4.4").await;
+    assert_eq!(text, "220 gw.test ESMTP mailgate\n", "untested on b");
+    assert_eq!(queries("4.4.0.127."), 1, "no new lookup on b");
+    // a listed client is refused on a and not remembered: tested on b too
+    for (name, gw) in [("a", &a), ("b", &b)] {
+        // the held greeting is completed, then the refusal
+        let (_, mut c) = greeting(gw, "127.0.4.5").await;
+        let refusal = c.text().await;
+        assert!(
+            refusal.starts_with("554 5.7.1"),
+            "listed on {name}: {refusal}"
+        );
+    }
+    assert_eq!(queries("5.4.0.127."), 2);
 }
 
 /// A `mailgate run` child on `dir/child.yaml`, logging JSON to `dir/child.log`.

@@ -170,7 +170,7 @@ impl Driver {
         let ip = self.peer.ip();
         let m = crate::observe::metrics();
         let started = Instant::now();
-        if t.cache.passed(ip, started) {
+        if t.passed(ip, started).await {
             m.triage_decision(&t.policy, "cached", "none");
             // postscreen's "PASS OLD": one line per decision, cached ones too
             info!(client = %ip, verdict = "cached", action = "pass", shadow = false, elapsed_ms = 0u64, "triage");
@@ -233,7 +233,7 @@ impl Driver {
             "triage"
         );
         if triaged.passed() {
-            t.cache.remember(ip, Instant::now());
+            t.remember(ip, Instant::now());
         }
         Ok(triaged)
     }

@@ -223,6 +223,9 @@ pub struct Triage {
     pub spec: Arc<TriageSpec>,
     pub cache: Arc<PassCache>,
     pub dns: Arc<crate::auth::Verifier>,
+    /// The shared store (`state: store: redis`): passes are shared by the
+    /// instances, see [`Triage::passed`].
+    pub store: Option<Arc<crate::state::Store>>,
 }
 
 impl Triage {
@@ -237,6 +240,64 @@ impl Triage {
             cache: state.cache(policy, spec.cache, spec.cache_size),
             spec,
             dns,
+            store: None,
         }
+    }
+}
+
+/// The pass cache across instances (`state: store: redis`): a pass is
+/// remembered here and, in the background, in the store's TTL set
+/// `pass:<policy>` for `cache`; a client this instance has not seen pass
+/// is looked up there (one call, under the store's `timeout`) before it is
+/// tested. A store that fails or is slow only means testing the client
+/// (the stricter path), never letting it through untested.
+impl Triage {
+    fn pass_set(&self, store: &crate::state::Store) -> String {
+        crate::state::keys::ttl_set(&store.settings().prefix, &format!("pass:{}", self.policy))
+    }
+
+    /// Whether `ip` passed recently, on this instance or another.
+    pub async fn passed(&self, ip: std::net::IpAddr, now: std::time::Instant) -> bool {
+        if self.cache.passed(ip, now) {
+            return true;
+        }
+        let Some(store) = &self.store else {
+            return false;
+        };
+        if self.spec.cache.is_zero() {
+            return false;
+        }
+        let op = crate::state::Op::SetGet {
+            key: self.pass_set(store),
+            member: crate::units::canonical(ip).to_string(),
+        };
+        match store.run(&[op], &store.token()).await.as_deref() {
+            Ok([crate::state::Answer::Member(_, left)]) if !left.is_zero() => {
+                self.cache.remember(ip, now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// `ip` passed every test: remembered here and in the store.
+    pub fn remember(&self, ip: std::net::IpAddr, now: std::time::Instant) {
+        self.cache.remember(ip, now);
+        let (Some(store), Ok(rt)) = (self.store.clone(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if self.spec.cache.is_zero() {
+            return;
+        }
+        let op = crate::state::Op::SetPut {
+            key: self.pass_set(&store),
+            member: crate::units::canonical(ip).to_string(),
+            value: String::new(),
+            ttl: self.spec.cache,
+        };
+        rt.spawn(async move {
+            let _ = store.run(&[op], &store.token()).await;
+        });
     }
 }
