@@ -90,7 +90,7 @@ impl Driver {
         let end = d.serve().await;
         d.client.close(&d.ctx).await;
         if let Some(b) = d.backend.take() {
-            b.quit().await;
+            Box::pin(b.quit()).await;
         }
         session_end!(
             d.client,
@@ -180,7 +180,7 @@ impl Driver {
                 self.queue(&r);
                 return Box::pin(self.act(*next)).await;
             }
-            Action::StartTls(r) => return self.start_tls(&r).await.err(),
+            Action::StartTls(r) => return Box::pin(self.start_tls(&r)).await.err(),
             Action::Relay(op) => {
                 let mut f = self.facts();
                 let stage = match &op {
@@ -198,18 +198,20 @@ impl Driver {
                     return Box::pin(self.act(a)).await;
                 }
                 if let BackendOp::Mail { from, .. } = &op {
-                    if let Some(a) = self.check_spf(from).await {
+                    if let Some(a) = Box::pin(self.check_spf(from)).await {
                         return Box::pin(self.act(a)).await;
                     }
                 }
-                let outcome = self.relay(&op).await;
+                let outcome = Box::pin(self.relay(&op)).await;
                 let action = self.session.relayed(op, outcome);
                 self.drop_out_of_step_backend();
                 return Box::pin(self.act(action)).await;
             }
             Action::AuthChallenge(r) => self.queue(&r),
-            Action::Authenticate(creds) => return self.authenticate(creds).await,
-            Action::ReadData(r) => return self.data(r).await,
+            Action::Authenticate(creds) => return Box::pin(self.authenticate(creds)).await,
+            // boxed: DATA's state (message, checks, relay) lives only while
+            // a message is in flight, not in every idle session's task
+            Action::ReadData(r) => return Box::pin(self.data(r)).await,
         }
         None
     }
