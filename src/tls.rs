@@ -332,8 +332,11 @@ mod tests {
         use rustls_pki_types::pem::PemObject;
         let dir = tempfile::tempdir().unwrap();
         let pair = write_self_signed(dir.path(), &["localhost"]).unwrap();
-        let server =
-            for_listener(&server_config(&[pair.clone()]).unwrap(), Protocol::Smtp).unwrap();
+        let server = for_listener(
+            &server_config(std::slice::from_ref(&pair)).unwrap(),
+            Protocol::Smtp,
+        )
+        .unwrap();
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(&pair.0).unwrap() {
             roots.add(c.unwrap()).unwrap();
