@@ -13,8 +13,11 @@
 //! retrieved bytes are counted and every RETR must end in `.CRLF`.
 //! Modes: `plain`, `starttls`, `implicit`; `--resume` reuses TLS sessions. One new connection per message
 //! (the worst case for a TLS proxy). Prints msgs/s, latency percentiles and
-//! errors; `--idle N` instead opens N sessions (TLS established, EHLO done),
-//! prints `IDLE READY`, holds them for `--hold` seconds and closes them.
+//! errors; `--idle N` instead opens N sessions (TLS established, EHLO done;
+//! with `--idle-rcpt` also MAIL and RCPT answered, so mailgate holds a backend
+//! connection for each), prints `IDLE READY`, holds them for `--hold` seconds
+//! and closes them. Idle sessions come from source addresses 127.0.0.1–250 in
+//! turn (no ephemeral-port exhaustion at 10,000 sessions).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,6 +34,7 @@ struct Opts {
     messages: usize,
     size: usize,
     idle: usize,
+    idle_rcpt: bool,
     hold: u64,
     resume: bool,
     proto: String,
@@ -48,6 +52,7 @@ fn parse() -> Opts {
         messages: 1000,
         size: 10240,
         idle: 0,
+        idle_rcpt: false,
         hold: 10,
         resume: false,
         proto: "smtp".into(),
@@ -74,6 +79,11 @@ fn parse() -> Opts {
             "--pass" => o.pass = v,
             "--resume" => {
                 o.resume = true;
+                i += 1;
+                continue;
+            }
+            "--idle-rcpt" => {
+                o.idle_rcpt = true;
                 i += 1;
                 continue;
             }
@@ -228,6 +238,21 @@ async fn one_pop3(o: &Opts, tls: &Option<tokio_rustls::TlsConnector>) -> std::io
     Ok(bytes)
 }
 
+/// Connects from loopback source address 127.0.0.`1 + n % 250` (`n`: the
+/// session's number), so many held sessions do not share one address's ports.
+async fn connect_from(o: &Opts, n: usize) -> std::io::Result<TcpStream> {
+    let addr: std::net::SocketAddr = o
+        .addr
+        .parse()
+        .map_err(|_| std::io::Error::other("--addr IP:PORT"))?;
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(std::net::SocketAddr::from((
+        [127, 0, 0, 1 + (n % 250) as u8],
+        0,
+    )))?;
+    sock.connect(addr).await
+}
+
 /// Connects and brings the session to "EHLO answered" in the requested mode.
 async fn open(
     o: &Opts,
@@ -237,6 +262,14 @@ async fn open(
         return open_pop3(o, tls).await;
     }
     let tcp = TcpStream::connect(&o.addr).await?;
+    open_on(o, tls, tcp).await
+}
+
+async fn open_on(
+    o: &Opts,
+    tls: &Option<tokio_rustls::TlsConnector>,
+    tcp: TcpStream,
+) -> std::io::Result<BufReader<Box<dyn Io>>> {
     tcp.set_nodelay(true)?;
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
     let stream: Box<dyn Io> = match o.mode.as_str() {
@@ -298,6 +331,25 @@ async fn one_message(
     Ok(o.per_conn.max(1))
 }
 
+/// One held SMTP session (`--idle`): EHLO answered, and with `--idle-rcpt`
+/// an envelope open (MAIL and RCPT answered 250).
+async fn idle_session(
+    o: &Opts,
+    tls: &Option<tokio_rustls::TlsConnector>,
+    n: usize,
+) -> std::io::Result<BufReader<Box<dyn Io>>> {
+    let tcp = connect_from(o, n).await?;
+    let mut r = open_on(o, tls, tcp).await?;
+    if o.idle_rcpt {
+        r.get_mut()
+            .write_all(b"MAIL FROM:<load@example.org>\r\nRCPT TO:<sink@example.net>\r\n")
+            .await?;
+        expect(&mut r, 250).await?;
+        expect(&mut r, 250).await?;
+    }
+    Ok(r)
+}
+
 #[tokio::main]
 async fn main() {
     let o = parse();
@@ -305,10 +357,15 @@ async fn main() {
     if o.idle > 0 {
         let mut held = Vec::with_capacity(o.idle);
         let mut errors = 0;
-        for _ in 0..o.idle {
-            match open(&o, &tls).await {
+        for n in 0..o.idle {
+            match idle_session(&o, &tls, n).await {
                 Ok(s) => held.push(s),
-                Err(_) => errors += 1,
+                Err(e) => {
+                    errors += 1;
+                    if errors <= 3 {
+                        eprintln!("error: {e}");
+                    }
+                }
             }
         }
         println!("IDLE READY sessions={} errors={errors}", held.len());

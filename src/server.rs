@@ -861,10 +861,12 @@ async fn connection(
     if let Some(d) = permit.as_ref().map(|p| p.delay).filter(|d| !d.is_zero()) {
         tokio::time::sleep(d).await;
     }
+    // boxed: a session's memory is its own protocol's state, not the
+    // largest of the three (tests/session_memory.rs)
     match l.protocol {
-        Protocol::Smtp => crate::smtp::driver::run(tcp, peer, ctx).await,
-        Protocol::Pop3 => crate::pop3::driver::run(tcp, peer, ctx).await,
-        Protocol::Imap => crate::imap::driver::run(tcp, peer, ctx).await,
+        Protocol::Smtp => Box::pin(crate::smtp::driver::run(tcp, peer, ctx)).await,
+        Protocol::Pop3 => Box::pin(crate::pop3::driver::run(tcp, peer, ctx)).await,
+        Protocol::Imap => Box::pin(crate::imap::driver::run(tcp, peer, ctx)).await,
     }
     drop(permit);
 }

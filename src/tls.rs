@@ -112,6 +112,15 @@ pub fn server_config(pairs: &[(PathBuf, PathBuf)]) -> Result<Arc<ServerConfig>, 
     // Resumption: stateless tickets (TLS 1.2 and 1.3) plus a bounded stateful cache.
     cfg.ticketer = aws_lc_rs::Ticketer::new()?;
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    // One TLS 1.3 ticket per full handshake, not rustls' default of two: a
+    // mail client opens one connection at a time and resumes with one ticket
+    // (this ticketer's tickets stay valid for reuse), and every ticket costs
+    // an encryption, a key derivation and bytes on the wire, also for the
+    // many clients that never resume. A client that says how many it wants
+    // (RFC 9149 ticket_request) gets that many, at most this one: none for
+    // a client that asks for none.
+    cfg.send_tls13_tickets = TLS13_TICKETS;
+    cfg.max_tls13_tickets = TLS13_TICKETS;
     // Mail clients rarely send early data; never accept it (replay risk).
     cfg.max_early_data_size = 0;
     Ok(Arc::new(cfg))
@@ -150,6 +159,9 @@ pub fn for_listener(
 
 /// Sessions kept for TLS 1.2 session-id resumption, per configuration.
 const SESSION_CACHE: usize = 8192;
+
+/// TLS 1.3 session tickets sent after each full handshake (see `server_config`).
+const TLS13_TICKETS: usize = 1;
 
 /// A self-signed certificate for `names`, written as PEM files into `dir`
 /// (`cert.pem`, `key.pem`, mode 0600 for the key). Returns (cert, key) paths.
@@ -229,5 +241,121 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no CERTIFICATE"), "{e}");
+    }
+
+    /// Counts the TLS 1.3 tickets a client is given (a session store that
+    /// keeps them, so the next handshake can resume with one).
+    #[derive(Debug)]
+    struct CountingStore {
+        inner: rustls::client::ClientSessionMemoryCache,
+        tickets: std::sync::atomic::AtomicUsize,
+    }
+
+    impl rustls::client::ClientSessionStore for CountingStore {
+        fn set_kx_hint(&self, n: ServerName<'static>, g: rustls::NamedGroup) {
+            self.inner.set_kx_hint(n, g)
+        }
+        fn kx_hint(&self, n: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+            self.inner.kx_hint(n)
+        }
+        fn set_tls12_session(
+            &self,
+            n: ServerName<'static>,
+            v: rustls::client::Tls12ClientSessionValue,
+        ) {
+            self.inner.set_tls12_session(n, v)
+        }
+        fn tls12_session(
+            &self,
+            n: &ServerName<'_>,
+        ) -> Option<rustls::client::Tls12ClientSessionValue> {
+            self.inner.tls12_session(n)
+        }
+        fn remove_tls12_session(&self, n: &ServerName<'static>) {
+            self.inner.remove_tls12_session(n)
+        }
+        fn insert_tls13_ticket(
+            &self,
+            n: ServerName<'static>,
+            v: rustls::client::Tls13ClientSessionValue,
+        ) {
+            self.tickets
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.insert_tls13_ticket(n, v)
+        }
+        fn take_tls13_ticket(
+            &self,
+            n: &ServerName<'static>,
+        ) -> Option<rustls::client::Tls13ClientSessionValue> {
+            self.inner.take_tls13_ticket(n)
+        }
+    }
+
+    /// One handshake in memory, then a byte from the server so that the
+    /// client reads what followed the handshake (the tickets).
+    fn handshake(
+        server: &Arc<ServerConfig>,
+        client: &Arc<rustls::ClientConfig>,
+    ) -> rustls::HandshakeKind {
+        use std::io::{Read, Write};
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        let mut sent = false;
+        let mut got = [0u8; 1];
+        for _ in 0..20 {
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            s.read_tls(&mut &wire[..]).unwrap();
+            s.process_new_packets().unwrap();
+            if !s.is_handshaking() && !sent {
+                s.writer().write_all(b"2").unwrap();
+                sent = true;
+            }
+            let mut wire = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            c.read_tls(&mut &wire[..]).unwrap();
+            c.process_new_packets().unwrap();
+            if c.reader().read(&mut got).is_ok() {
+                return c.handshake_kind().unwrap();
+            }
+        }
+        panic!("no handshake");
+    }
+
+    /// Issue 17: one TLS 1.3 ticket per full handshake (rustls sends two by
+    /// default), and resumption with it still works.
+    #[test]
+    fn one_tls13_ticket_and_it_resumes() {
+        use rustls_pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        let pair = write_self_signed(dir.path(), &["localhost"]).unwrap();
+        let server = for_listener(
+            &server_config(std::slice::from_ref(&pair)).unwrap(),
+            Protocol::Smtp,
+        )
+        .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&pair.0).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let store = Arc::new(CountingStore {
+            inner: rustls::client::ClientSessionMemoryCache::new(8),
+            tickets: Default::default(),
+        });
+        let mut client =
+            rustls::ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        client.resumption = rustls::client::Resumption::store(store.clone());
+        let client = Arc::new(client);
+        assert_eq!(handshake(&server, &client), rustls::HandshakeKind::Full);
+        let tickets = || store.tickets.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(tickets(), 1, "tickets after a full handshake");
+        assert_eq!(handshake(&server, &client), rustls::HandshakeKind::Resumed);
     }
 }

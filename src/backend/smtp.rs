@@ -216,7 +216,16 @@ impl SmtpBackend {
             let line = self.conn.read_line(MAX_LINE, deadline).await?;
             match p.push(&line) {
                 Parsed::More => continue,
-                Parsed::Done(code, lines) => return Ok((code, lines)),
+                Parsed::Done(code, lines) => {
+                    // a whole reply and nothing behind it: the connection
+                    // may now sit idle for as long as the client does, so
+                    // its buffers go back (a message's 32 KiB output chunk
+                    // among them) and come again with the next command
+                    if self.conn.buffered() == 0 {
+                        self.conn.shrink();
+                    }
+                    return Ok((code, lines));
+                }
                 Parsed::Invalid(why) => return Err(BackendError::Protocol(why.into())),
             }
         }
@@ -501,5 +510,55 @@ mod tests {
         assert!(matches!(e, BackendError::OutOfStep(_)), "{e:?}");
         drop(b);
         assert!(!server.join().unwrap().contains("RCPT"), "no RCPT was sent");
+    }
+
+    /// Issue 17: between commands the backend connection holds no buffers
+    /// (a session may keep it for as long as its client idles), and the
+    /// in-step check before the next command does not allocate them again.
+    #[tokio::test]
+    async fn buffers_are_released_between_commands() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            w.write_all(b"220 legacy ESMTP\r\n").unwrap();
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                let answer: &[u8] = if line.starts_with("EHLO") {
+                    b"250-legacy\r\n250 8BITMIME\r\n"
+                } else {
+                    b"250 ok\r\n"
+                };
+                w.write_all(answer).unwrap();
+                line.clear();
+            }
+        });
+        let backend = Backend {
+            name: "b".into(),
+            address: addr.to_string(),
+            helo_name: "gw.test".into(),
+            xclient: false,
+            proxy_v2: false,
+            tls: None,
+            identity_optional: false,
+            imap_id: false,
+        };
+        let t = Deadlines {
+            connect: Duration::from_secs(5),
+            reply: Duration::from_secs(5),
+            data: Duration::from_secs(5),
+        };
+        let mut b = SmtpBackend::connect(&backend, &t, None).await.unwrap();
+        let held = |b: &mut SmtpBackend| b.conn.rbuf_mut().capacity() + b.conn.output().capacity();
+        assert_eq!(held(&mut b), 0, "after EHLO");
+        let r = b.mail("a@example.org", &MailParams::default(), None).await;
+        assert_eq!(r.unwrap().0, 250);
+        assert_eq!(held(&mut b), 0, "after MAIL");
+        assert_eq!(b.rcpt("b@example.org").await.unwrap().0, 250);
+        assert_eq!(held(&mut b), 0, "after RCPT");
+        b.quit().await;
+        server.join().unwrap();
     }
 }

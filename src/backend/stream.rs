@@ -172,8 +172,27 @@ impl BackendStream {
 }
 
 impl crate::codec::WaitReadable for BackendStream {
-    // backend connections are short-lived and busy: no idle optimisation
+    /// As on the client leg: a connection whose buffers were released (the
+    /// SMTP client does so after each whole reply) allocates again only once
+    /// the backend has something to say, so a session that holds its backend
+    /// connection while the client is idle holds no read buffer for it.
     async fn wait_readable(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            BackendStream::Plain(t) => t.readable().await,
+            BackendStream::Tls(s) => {
+                // rustls may hold decrypted bytes already: then there is no wait
+                let pending = s
+                    .get_mut()
+                    .1
+                    .process_new_packets()
+                    .map(|st| st.plaintext_bytes_to_read() > 0);
+                if matches!(pending, Ok(false)) {
+                    s.get_ref().0.readable().await
+                } else {
+                    Ok(())
+                }
+            }
+            BackendStream::Detached => Ok(()),
+        }
     }
 }

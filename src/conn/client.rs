@@ -54,7 +54,10 @@ impl Client {
                 warn!("implicit TLS listener without TLS configuration");
                 return None;
             };
-            match stream.into_tls(cfg, l.timeouts.tls_handshake).await {
+            // boxed, like the STARTTLS handshake: the handshake's state
+            // (a whole rustls connection) lives only while it runs, not in
+            // every session's task for its whole life
+            match Box::pin(stream.into_tls(cfg, l.timeouts.tls_handshake)).await {
                 Ok(s) => stream = s,
                 Err(e) => {
                     crate::observe::metrics().tls_failed(&l.name);
@@ -192,7 +195,7 @@ impl Client {
             return Err(End::Error("no TLS configuration".into()));
         };
         let plain = std::mem::replace(&mut self.conn.stream, ClientStream::Detached);
-        match plain.into_tls(cfg, l.timeouts.tls_handshake).await {
+        match Box::pin(plain.into_tls(cfg, l.timeouts.tls_handshake)).await {
             Ok(tls) => {
                 self.tls = tls.tls_info();
                 self.conn.stream = tls;

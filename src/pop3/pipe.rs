@@ -23,6 +23,11 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// Replies owed to a pipelining client before its next read is waited for
 /// (bounds the reply-order queue).
 const MAX_OUTSTANDING: usize = 256;
+/// The backend → client read buffer: small for a session of short answers,
+/// grown (once) to the large size when a read fills it, i.e. while a
+/// message streams: a quarter of the reads, writes and wake-ups per RETR.
+const DOWN_BUF: usize = 16 * 1024;
+const DOWN_BUF_STREAMING: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PipeEnd {
@@ -170,7 +175,7 @@ where
                 cw.flush().await?;
                 down_bytes += to_client.len() as u64;
             }
-            let mut buf = vec![0u8; 16 * 1024];
+            let mut buf = vec![0u8; DOWN_BUF];
             loop {
                 // local answers now due (nothing of the backend's before them)
                 match write_due(&mut cw, &shared, &mut down_bytes).await? {
@@ -191,6 +196,7 @@ where
                     return Ok(false);
                 }
                 touch();
+                let full = n == buf.len();
                 let mut at = 0;
                 while at < n {
                     let k = lock().replies.split(&buf[at..n]);
@@ -207,6 +213,9 @@ where
                 down_bytes += n as u64;
                 touch();
                 sent.notify_one();
+                if full && buf.len() < DOWN_BUF_STREAMING {
+                    buf.resize(DOWN_BUF_STREAMING, 0);
+                }
             }
         };
         let watchdog = async {

@@ -90,7 +90,7 @@ impl Driver {
         let end = d.serve().await;
         d.client.close(&d.ctx).await;
         if let Some(b) = d.backend.take() {
-            b.quit().await;
+            Box::pin(b.quit()).await;
         }
         session_end!(
             d.client,
@@ -121,7 +121,8 @@ impl Driver {
 
     async fn serve(&mut self) -> End {
         if let Some(t) = self.ctx.triage().cloned() {
-            let triaged = match self.triage(&t).await {
+            // boxed: it runs once, before the greeting (tests/session_memory.rs)
+            let triaged = match Box::pin(self.triage(&t)).await {
                 Ok(x) => x,
                 Err(end) => return end,
             };
@@ -292,7 +293,7 @@ impl Driver {
                 self.queue(&r);
                 return Box::pin(self.act(*next)).await;
             }
-            Action::StartTls(r) => return self.start_tls(&r).await.err(),
+            Action::StartTls(r) => return Box::pin(self.start_tls(&r)).await.err(),
             Action::Relay(op) => {
                 let mut f = self.facts();
                 let stage = match &op {
@@ -310,11 +311,11 @@ impl Driver {
                     return Box::pin(self.act(a)).await;
                 }
                 if let BackendOp::Mail { from, .. } = &op {
-                    if let Some(a) = self.check_spf(from).await {
+                    if let Some(a) = Box::pin(self.check_spf(from)).await {
                         return Box::pin(self.act(a)).await;
                     }
                 }
-                let outcome = self.relay(&op).await;
+                let outcome = Box::pin(self.relay(&op)).await;
                 if let (true, BackendOp::Rcpt { to }) = (recipient_refused(&op, &outcome), &op) {
                     self.count_refused_recipient(to);
                 }
@@ -323,8 +324,10 @@ impl Driver {
                 return Box::pin(self.act(action)).await;
             }
             Action::AuthChallenge(r) => self.queue(&r),
-            Action::Authenticate(creds) => return self.authenticate(creds).await,
-            Action::ReadData(r) => return self.data(r).await,
+            Action::Authenticate(creds) => return Box::pin(self.authenticate(creds)).await,
+            // boxed: DATA's state (message, checks, relay) lives only while
+            // a message is in flight, not in every idle session's task
+            Action::ReadData(r) => return Box::pin(self.data(r)).await,
         }
         None
     }

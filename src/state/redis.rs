@@ -118,10 +118,11 @@ impl Store {
     }
 
     /// Runs `ops` in one script call under `timeout`. The answers stop after
-    /// an op that refused with `stop` (fewer answers than ops).
+    /// an op that refused with `stop` (fewer answers than ops). Boxed: the
+    /// call's state lives on the heap while it runs, so the session futures
+    /// that may call the store stay small without one (tests/session_memory.rs).
     pub async fn run(&self, ops: &[Op], token: &str) -> Result<Vec<Answer>, StoreError> {
-        self.run_within(ops, token, self.settings.timeout, "stage")
-            .await
+        Box::pin(self.run_within(ops, token, self.settings.timeout, "stage")).await
     }
 
     pub(super) async fn run_within(
