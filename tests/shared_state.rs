@@ -676,6 +676,53 @@ async fn store_script_against_a_real_redis() {
     assert!(keys::ttl_set("t-ops:", "bans").starts_with("t-ops:s:"));
 }
 
+/// A shorter ban written to the store after a longer one of the same
+/// network keeps the longer (README, Bans: "A new ban never shortens a
+/// longer one"): an instance learning the ban must learn the longer one.
+#[tokio::test]
+async fn shared_ban_is_never_shortened() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let store: std::sync::Arc<Store> = Store::connect(&settings(&redis, "t-long:")).unwrap();
+    store
+        .ttl_set_put("bans", "192.0.2.7/32", "long", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    store
+        .ttl_set_put("bans", "192.0.2.7/32", "short", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (why, left) = store
+        .ttl_set_get("bans", "192.0.2.7/32")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(why, "long");
+    assert!(left > Duration::from_secs(3590), "{left:?}");
+    let mut con = redis.client();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(keys::ttl_set("t-long:", "bans"))
+        .query(&mut con)
+        .unwrap();
+    assert!(
+        ttl > 3_590_000,
+        "the set lives as long as its longest member: {ttl}"
+    );
+    // a longer one still extends
+    store
+        .ttl_set_put("bans", "192.0.2.7/32", "longer", Duration::from_secs(7200))
+        .await
+        .unwrap();
+    let (why, left) = store
+        .ttl_set_get("bans", "192.0.2.7/32")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(why, "longer");
+    assert!(left > Duration::from_secs(7190), "{left:?}");
+}
+
 /// `on_unavailable: accept` and `tempfail` with no store at the URL (a
 /// port nothing listens on; no redis-server needed): `accept` admits past
 /// the limit, `tempfail` refuses every session; neither waits past

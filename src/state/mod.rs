@@ -188,7 +188,7 @@ pub enum Op {
         ttl: Duration,
     },
     /// A TTL set (`keys::ttl_set`): adds or renews `member` with `value`
-    /// until `ttl` from now.
+    /// until `ttl` from now (a member living longer is kept as it is).
     SetPut {
         key: String,
         member: String,

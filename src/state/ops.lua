@@ -82,9 +82,14 @@ for i = 1, #KEYS do
     -- a = TTL in ms
     redis.call('SET', key, now, 'PX', a)
   elseif kind == 'put' then
-    -- TTL set: a = TTL in ms, c = member, d = value; expired members pruned
-    redis.call('ZADD', key, now + a, c)
-    redis.call('HSET', key .. ':v', c, d)
+    -- TTL set: a = TTL in ms, c = member, d = value; expired members pruned.
+    -- A member already expiring later keeps its expiry and value (a new ban
+    -- never shortens a longer one, as in process: policy/bans.rs)
+    local cur = redis.call('ZSCORE', key, c)
+    if not cur or tonumber(cur) < now + a then
+      redis.call('ZADD', key, now + a, c)
+      redis.call('HSET', key .. ':v', c, d)
+    end
     local old = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 64)
     for _, m in ipairs(old) do
       redis.call('ZREM', key, m)

@@ -208,7 +208,8 @@ impl Store {
     }
 
     /// Adds or renews `member` of the TTL set `set` (a `keys::ttl_set`
-    /// name, such as `bans`) with `value`, for `ttl`.
+    /// name, such as `bans`) with `value`, for `ttl`; a member already
+    /// living longer is kept as it is.
     pub async fn ttl_set_put(
         &self,
         set: &str,
