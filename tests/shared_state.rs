@@ -676,6 +676,54 @@ async fn store_script_against_a_real_redis() {
     assert!(keys::ttl_set("t-ops:", "bans").starts_with("t-ops:s:"));
 }
 
+/// A trusted balancer is never banned (README, Bans), in the store either:
+/// a ban rule that fires for the balancer's own address (here a direct
+/// connection to a listener without PROXY) is refused as `reject` but not
+/// written to the shared set, where an instance that does not list the
+/// balancer among its trusted ones would learn it and refuse every client.
+#[tokio::test]
+async fn trusted_balancer_is_not_banned_in_the_store() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let sink = common::demo_smtp().await.1;
+    let y = Yaml::new()
+        .listener("mx", "smtp", "none", "policy: p")
+        .listener(
+            "lb",
+            "smtp",
+            "none",
+            "policy: p, proxy_protocol: { trusted: [\"127.0.4.1/32\"], timeout: 2s }",
+        )
+        .certs(dir.path())
+        .backend("b", &sink, "")
+        .section(
+            "policies:\n  p:\n    limits:\n      - { name: flood, key: [ip], rate: 1/minute, burst: 1, action: ban, ban_for: 1h }",
+        )
+        .section(&state(&redis, "t-lb:", ""))
+        .build();
+    let gw = common::start(&y).await;
+    for src in ["127.0.4.1", "127.0.4.2"] {
+        let (g, _c) = greeting(&gw, src).await;
+        assert!(g.starts_with("220"), "{src} first: {g}");
+        let (g, _c) = greeting(&gw, src).await;
+        assert!(g.starts_with("554 5.7.1"), "{src} over the rate: {g}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut con = redis.client();
+    let set = keys::ttl_set("t-lb:", "bans");
+    let mut score = |m: &str| -> Option<f64> {
+        redis::cmd("ZSCORE")
+            .arg(&set)
+            .arg(m)
+            .query(&mut con)
+            .unwrap()
+    };
+    assert!(score("127.0.4.2/32").is_some(), "a client's ban is shared");
+    assert_eq!(score("127.0.4.1/32"), None, "the balancer's is not");
+}
+
 /// A shorter ban written to the store after a longer one of the same
 /// network keeps the longer (README, Bans: "A new ban never shortens a
 /// longer one"): an instance learning the ban must learn the longer one.
