@@ -676,6 +676,36 @@ async fn store_script_against_a_real_redis() {
     assert!(keys::ttl_set("t-ops:", "bans").starts_with("t-ops:s:"));
 }
 
+/// A `shadow: true` ban rule only observes: when it fires in the store
+/// script it must not end the call there, or the enforced rules after it
+/// are never charged (in process they are: `evaluate.rs` goes on after a
+/// shadowed hit).
+#[tokio::test]
+async fn shadow_ban_rule_does_not_skip_the_rules_after_it() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let sink = common::demo_smtp().await.1;
+    let y = cfg(
+        dir.path(),
+        &sink,
+        "      - { name: watch, key: [ip], rate: 1/minute, burst: 1, action: ban, ban_for: 1h, shadow: true }\n      - { name: cap, key: [ip], rate: 2/minute, burst: 2, action: tempfail }",
+        &state(&redis, "t-shadow:", ""),
+    );
+    let gw = common::start(&y).await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let (g, _c) = greeting(&gw, "127.0.5.1").await;
+        got.push(g[..3].to_string());
+    }
+    assert_eq!(
+        got,
+        ["220", "220", "421", "421"],
+        "cap holds behind the shadow rule"
+    );
+}
+
 /// A trusted balancer is never banned (README, Bans), in the store either:
 /// a ban rule that fires for the balancer's own address (here a direct
 /// connection to a listener without PROXY) is refused as `reject` but not

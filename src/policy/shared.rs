@@ -25,21 +25,24 @@ use tracing::{debug, info, warn};
 pub const STORE_RULE: &str = "state_store";
 
 /// Whether a hit of this rule refuses (the script then stops, as the
-/// in-process loop does); a ban refuses as `reject` does.
-fn refuses(action: PolicyAction) -> bool {
-    matches!(
-        action,
-        PolicyAction::Tempfail | PolicyAction::Reject | PolicyAction::Ban
-    )
+/// in-process loop does); a ban refuses as `reject` does, unless it is
+/// `shadow: true` (it only observes: the rules after it must still run).
+fn refuses(rule: &Rule) -> bool {
+    !rule.spec.shadow
+        && matches!(
+            rule.spec.action,
+            PolicyAction::Tempfail | PolicyAction::Reject | PolicyAction::Ban
+        )
 }
 
 /// A full `concurrent` rule refuses unless it only observes (a delay would
 /// admit the session uncounted: `evaluate.rs` turns it into a refusal).
-fn full_refuses(action: PolicyAction) -> bool {
-    !matches!(
-        action,
-        PolicyAction::Shadow | PolicyAction::Accept | PolicyAction::Tag
-    )
+fn full_refuses(rule: &Rule) -> bool {
+    !rule.spec.shadow
+        && !matches!(
+            rule.spec.action,
+            PolicyAction::Shadow | PolicyAction::Accept | PolicyAction::Tag
+        )
 }
 
 fn store_refusal() -> Decision {
@@ -86,12 +89,12 @@ impl Policy {
                     key: self.key(&store, KeyKind::Rate, rule, &values),
                     per_cell: b.per_cell(),
                     burst_time: b.burst_time(),
-                    stop: refuses(rule.spec.action),
+                    stop: refuses(rule),
                 },
                 Limiter::Counter(_, max) => Op::Lease {
                     key: self.key(&store, KeyKind::Lease, rule, &values),
                     max: *max,
-                    stop: full_refuses(rule.spec.action),
+                    stop: full_refuses(rule),
                 },
                 _ => continue,
             };
@@ -226,7 +229,7 @@ impl Policy {
                         key: self.key(store, KeyKind::Rate, rule, &values),
                         per_cell: b.per_cell(),
                         burst_time: b.burst_time(),
-                        stop: refuses(rule.spec.action),
+                        stop: refuses(rule),
                     });
                     steps.push(Step {
                         rule,
@@ -240,7 +243,7 @@ impl Policy {
                         values,
                         op: None,
                     });
-                    if refuses(rule.spec.action) {
+                    if refuses(rule) {
                         return;
                     }
                 }
@@ -330,7 +333,7 @@ impl Policy {
                 key: self.key(&store, KeyKind::Failures, rule, &values),
                 max,
                 window,
-                stop: refuses(rule.spec.action),
+                stop: refuses(rule),
                 spare_if_good: per_user_only,
             });
             locks.push((rule, values, per_user_only));
