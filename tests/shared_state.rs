@@ -632,11 +632,17 @@ async fn store_script_against_a_real_redis() {
 
     // TTL sets: what bans and the triage allowlist stand on
     store
-        .ttl_set_put("bans", "192.0.2.1", "brute force", Duration::from_secs(30))
+        .ttl_set_put(
+            "bans",
+            "192.0.2.1",
+            "brute force",
+            Duration::from_secs(30),
+            100,
+        )
         .await
         .unwrap();
     store
-        .ttl_set_put("bans", "192.0.2.2", "spam", Duration::from_millis(200))
+        .ttl_set_put("bans", "192.0.2.2", "spam", Duration::from_millis(200), 100)
         .await
         .unwrap();
     let (why, left) = store
@@ -662,7 +668,7 @@ async fn store_script_against_a_real_redis() {
     store.ttl_set_remove("bans", "192.0.2.1").await.unwrap();
     assert_eq!(store.ttl_set_get("bans", "192.0.2.1").await.unwrap(), None);
     store
-        .ttl_set_put("bans", "192.0.2.3", "x", Duration::from_secs(30))
+        .ttl_set_put("bans", "192.0.2.3", "x", Duration::from_secs(30), 100)
         .await
         .unwrap();
 
@@ -764,11 +770,17 @@ async fn shared_ban_is_never_shortened() {
     let redis = Redis::start(dir.path());
     let store: std::sync::Arc<Store> = Store::connect(&settings(&redis, "t-long:")).unwrap();
     store
-        .ttl_set_put("bans", "192.0.2.7/32", "long", Duration::from_secs(3600))
+        .ttl_set_put(
+            "bans",
+            "192.0.2.7/32",
+            "long",
+            Duration::from_secs(3600),
+            100,
+        )
         .await
         .unwrap();
     store
-        .ttl_set_put("bans", "192.0.2.7/32", "short", Duration::from_secs(5))
+        .ttl_set_put("bans", "192.0.2.7/32", "short", Duration::from_secs(5), 100)
         .await
         .unwrap();
     let (why, left) = store
@@ -789,7 +801,13 @@ async fn shared_ban_is_never_shortened() {
     );
     // a longer one still extends
     store
-        .ttl_set_put("bans", "192.0.2.7/32", "longer", Duration::from_secs(7200))
+        .ttl_set_put(
+            "bans",
+            "192.0.2.7/32",
+            "longer",
+            Duration::from_secs(7200),
+            100,
+        )
         .await
         .unwrap();
     let (why, left) = store
@@ -799,6 +817,50 @@ async fn shared_ban_is_never_shortened() {
         .unwrap();
     assert_eq!(why, "longer");
     assert!(left > Duration::from_secs(7190), "{left:?}");
+}
+
+/// The store's set of bans is bounded like the in-process list: past
+/// `max` members, the others expiring soonest make room (an attacker with
+/// many addresses, such as IPv6 /64s, must not grow the store for as long
+/// as its bans last).
+#[tokio::test]
+async fn shared_bans_are_bounded() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let store: std::sync::Arc<Store> = Store::connect(&settings(&redis, "t-max:")).unwrap();
+    for (m, secs) in [("a", 300u64), ("b", 100), ("c", 200), ("d", 3600)] {
+        store
+            .ttl_set_put("bans", m, "x", Duration::from_secs(secs), 3)
+            .await
+            .unwrap();
+    }
+    let mut con = redis.client();
+    let set = keys::ttl_set("t-max:", "bans");
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&set)
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(members, ["c", "a", "d"], "the soonest (b) made room");
+    let values: u64 = redis::cmd("HLEN")
+        .arg(format!("{set}:v"))
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(values, 3);
+    // a new member expiring soonest still gets in: the soonest other goes
+    store
+        .ttl_set_put("bans", "e", "x", Duration::from_secs(50), 3)
+        .await
+        .unwrap();
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&set)
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(members, ["e", "a", "d"]);
 }
 
 /// `on_unavailable: accept` and `tempfail` with no store at the URL (a

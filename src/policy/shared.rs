@@ -503,6 +503,8 @@ impl PolicyState {
             member: Bans::network(ip, ipv6_prefix).to_string(),
             value: [cause.policy.as_str(), &cause.rule, &cause.reason].join(&SEP.to_string()),
             ttl: for_,
+            // as many as this instance holds: the store's set is bounded too
+            max: u32::try_from(self.bans.max()).unwrap_or(u32::MAX),
         };
         rt.spawn(async move {
             if store.run(&[op], &store.token()).await.is_err() {

@@ -95,6 +95,19 @@ for i = 1, #KEYS do
       redis.call('ZREM', key, m)
       redis.call('HDEL', key .. ':v', m)
     end
+    -- b = at most this many members: past it, the others expiring soonest
+    -- make room (many banned networks must not grow the store without bound)
+    local over = redis.call('ZCARD', key) - b
+    if over > 0 then
+      local soonest = redis.call('ZRANGE', key, 0, over)
+      for _, m in ipairs(soonest) do
+        if over > 0 and m ~= c then
+          redis.call('ZREM', key, m)
+          redis.call('HDEL', key .. ':v', m)
+          over = over - 1
+        end
+      end
+    end
     local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
     local ttl = tonumber(last[2]) - now + 1
     redis.call('PEXPIRE', key, ttl)
