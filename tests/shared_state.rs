@@ -712,6 +712,44 @@ async fn shadow_ban_rule_does_not_skip_the_rules_after_it() {
     );
 }
 
+/// `rcpt_refusals` is counted in process (README: not shared), and must
+/// still refuse when the RCPT stage also has a shared rate rule: the stage
+/// then goes to the store, and the in-process rules of the stage must be
+/// decided beside the store's answers, not dropped.
+#[tokio::test]
+async fn rcpt_refusals_hold_beside_shared_rates() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let smtp = common::SmtpBackend::new()
+        .on("RCPT", "550 5.1.1 no such user\r\n")
+        .start()
+        .await;
+    let gw = Yaml::new()
+        .listener_to("mx", "smtp", "none", "s", "require_tls: false, policy: p")
+        .backend("s", &smtp.addr, "")
+        .section("policies:\n  p:\n    limits:\n      - { name: harvest, key: [ip], rcpt_refusals: 2/10minutes, action: reject }\n      - { name: rcpts, key: [ip], recipients: 100/hour, action: tempfail }")
+        .section(&state(&redis, "t-refusals:", ""))
+        .start()
+        .await;
+    let mut c = SmtpClient::connect_from("127.0.5.2", gw.addr("mx").unwrap()).await;
+    c.expect(220).await;
+    assert!(c.cmd("EHLO harvester.test").await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    for i in 0..2 {
+        let r = c.cmd(&format!("RCPT TO:<guess{i}@example.net>")).await;
+        assert_eq!(r, "550 5.1.1 no such user\n", "the backend's refusal");
+    }
+    let r = c.cmd("RCPT TO:<guess2@example.net>").await;
+    assert_eq!(r, "550 5.7.1 Refused by local policy\n", "harvest refuses");
+    let rcpts = smtp
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("RCPT"))
+        .count();
+    assert_eq!(rcpts, 2, "the third was not relayed");
+}
+
 /// A trusted balancer is never banned (README, Bans), in the store either:
 /// a ban rule that fires for the balancer's own address (here a direct
 /// connection to a listener without PROXY) is refused as `reject` but not

@@ -247,9 +247,33 @@ impl Policy {
                         return;
                     }
                 }
+                // not shared (counted in process, as `check` does); a ban
+                // rule acts when the refusal is recorded (`rcpt_refused`)
+                Limiter::Refusals(_) if rule.spec.action != PolicyAction::Ban => {
+                    if self.refusals_wait(rule, &values).is_some() {
+                        steps.push(Step {
+                            rule,
+                            values,
+                            op: None,
+                        });
+                        if refuses(rule) {
+                            return;
+                        }
+                    }
+                }
                 _ => {}
             }
         }
+    }
+
+    /// How long an in-process `rcpt_refusals` window keeps refusing these
+    /// key values (`None`: under its count).
+    fn refusals_wait(&self, rule: &Rule, values: &[String]) -> Option<Duration> {
+        let Limiter::Refusals(r) = &rule.limiter else {
+            return None;
+        };
+        let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+        r.locked(self.state.hash(&refs), Instant::now())
     }
 
     /// Hits and the decision from a stage's rate answers, in rule order.
@@ -273,6 +297,10 @@ impl Policy {
                     Limiter::PerMessage(max) if f.rcpts_in_message >= max as usize => {
                         self.hit(step.rule, f.ip, &step.values, Duration::ZERO, hits)
                     }
+                    Limiter::Refusals(_) => match self.refusals_wait(step.rule, &step.values) {
+                        Some(wait) => self.hit(step.rule, f.ip, &step.values, wait, hits),
+                        None => Decision::Continue,
+                    },
                     _ => Decision::Continue,
                 },
             };
