@@ -750,6 +750,41 @@ async fn rcpt_refusals_hold_beside_shared_rates() {
     assert_eq!(rcpts, 2, "the third was not relayed");
 }
 
+/// A ban rule may count IPv6 clients by any `ipv6_prefix` (here /60): the
+/// other instance must find that ban in the store for another address of
+/// the network, or the banned network just moves to that instance.
+#[tokio::test]
+async fn shared_ban_of_a_configured_ipv6_prefix_is_found() {
+    use mailgate::policy::{Facts, Policies, PolicyState};
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let y = Yaml::new()
+        .listener("mx", "smtp", "none", "policy: p")
+        .certs(dir.path())
+        .backend("b", "127.0.0.1:9", "")
+        .section("policies:\n  p:\n    limits:\n      - { name: flood, key: [ip], rate: 1/minute, burst: 1, action: ban, ban_for: 1h, ipv6_prefix: 60 }")
+        .build();
+    let cfg = mailgate::config::load_str("t.yaml", &y).unwrap();
+    let instance = || {
+        let store = Store::connect(&settings(&redis, "t-v6:")).unwrap();
+        let state = PolicyState::with_store(Duration::from_secs(86_400), 1000, Some(store));
+        (Policies::compile(&cfg.policies, &state), state)
+    };
+    let ((pa, a), (_pb, b)) = (instance(), instance());
+    let p = pa.get("p").unwrap();
+    let ip: std::net::IpAddr = "2001:db8:1:2::7".parse().unwrap();
+    for _ in 0..2 {
+        let _ = p.connect_shared(&Facts::new(ip, "mx")).await;
+    }
+    assert!(a.bans.banned(ip, Instant::now()).is_some(), "banned on a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other: std::net::IpAddr = "2001:db8:1:f::9".parse().unwrap();
+    let got = b.banned_shared(other).await.expect("b finds the /60 ban");
+    assert_eq!(got.address(), "2001:db8:1::/60");
+}
+
 /// A trusted balancer is never banned (README, Bans), in the store either:
 /// a ban rule that fires for the balancer's own address (here a direct
 /// connection to a listener without PROXY) is refused as `reject` but not

@@ -509,7 +509,8 @@ const BANS: &str = "bans";
 const SEP: char = '\u{1f}';
 
 /// The IPv6 networks a client may be banned under in the store: what ban
-/// rules count by (`ipv6_prefix`, default /64) in the usual steps.
+/// rules count by (`ipv6_prefix`, default /64) in the usual steps, besides
+/// the prefixes of this instance's own ban rules (`lookup_prefixes`).
 const V6_PREFIXES: [u8; 4] = [128, 64, 56, 48];
 
 /// Bans shared through the store (`state: store: redis`): a ban made on
@@ -519,6 +520,21 @@ const V6_PREFIXES: [u8; 4] = [128, 64, 56, 48];
 /// when found, banned here too for the time left, and a lift removes it
 /// there as well. Without a store these do nothing.
 impl PolicyState {
+    /// The prefixes `ip` is looked up under in the store's bans.
+    fn lookup_prefixes(&self, ip: IpAddr) -> Vec<u8> {
+        if crate::units::canonical(ip).is_ipv4() {
+            return vec![32];
+        }
+        let mut p: std::collections::BTreeSet<u8> = V6_PREFIXES.into_iter().collect();
+        p.extend(
+            self.ban_prefixes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter(),
+        );
+        p.into_iter().rev().collect()
+    }
+
     pub(super) fn share_ban(&self, ip: IpAddr, ipv6_prefix: u8, for_: Duration, cause: &BanCause) {
         let Some(store) = self.store.clone() else {
             return;
@@ -548,7 +564,7 @@ impl PolicyState {
     pub async fn banned_shared(&self, ip: IpAddr) -> Option<BanInfo> {
         let store = self.store.clone()?;
         let key = keys::ttl_set(&store.settings().prefix, BANS);
-        let prefixes: &[u8] = if ip.is_ipv4() { &[32] } else { &V6_PREFIXES };
+        let prefixes = self.lookup_prefixes(ip);
         let ops: Vec<Op> = prefixes
             .iter()
             .map(|p| Op::SetGet {
@@ -582,7 +598,7 @@ impl PolicyState {
             return;
         };
         let key = keys::ttl_set(&store.settings().prefix, BANS);
-        let prefixes: &[u8] = if ip.is_ipv4() { &[32] } else { &V6_PREFIXES };
+        let prefixes = self.lookup_prefixes(ip);
         let ops: Vec<Op> = prefixes
             .iter()
             .map(|p| Op::SetRemove {
