@@ -249,16 +249,17 @@ impl Policy {
                 }
                 // not shared (counted in process, as `check` does); a ban
                 // rule acts when the refusal is recorded (`rcpt_refused`)
-                Limiter::Refusals(_) if rule.spec.action != PolicyAction::Ban => {
-                    if self.refusals_wait(rule, &values).is_some() {
-                        steps.push(Step {
-                            rule,
-                            values,
-                            op: None,
-                        });
-                        if refuses(rule) {
-                            return;
-                        }
+                Limiter::Refusals(_)
+                    if rule.spec.action != PolicyAction::Ban
+                        && self.refusals_wait(rule, &values).is_some() =>
+                {
+                    steps.push(Step {
+                        rule,
+                        values,
+                        op: None,
+                    });
+                    if refuses(rule) {
+                        return;
                     }
                 }
                 _ => {}
