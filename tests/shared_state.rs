@@ -687,11 +687,17 @@ async fn store_script_against_a_real_redis() {
 
     // TTL sets: what bans and the triage allowlist stand on
     store
-        .ttl_set_put("bans", "192.0.2.1", "brute force", Duration::from_secs(30))
+        .ttl_set_put(
+            "bans",
+            "192.0.2.1",
+            "brute force",
+            Duration::from_secs(30),
+            100,
+        )
         .await
         .unwrap();
     store
-        .ttl_set_put("bans", "192.0.2.2", "spam", Duration::from_millis(200))
+        .ttl_set_put("bans", "192.0.2.2", "spam", Duration::from_millis(200), 100)
         .await
         .unwrap();
     let (why, left) = store
@@ -717,7 +723,7 @@ async fn store_script_against_a_real_redis() {
     store.ttl_set_remove("bans", "192.0.2.1").await.unwrap();
     assert_eq!(store.ttl_set_get("bans", "192.0.2.1").await.unwrap(), None);
     store
-        .ttl_set_put("bans", "192.0.2.3", "x", Duration::from_secs(30))
+        .ttl_set_put("bans", "192.0.2.3", "x", Duration::from_secs(30), 100)
         .await
         .unwrap();
 
@@ -729,6 +735,260 @@ async fn store_script_against_a_real_redis() {
     }
     // the key names the policy uses are the ones `keys` builds
     assert!(keys::ttl_set("t-ops:", "bans").starts_with("t-ops:s:"));
+}
+
+/// A `shadow: true` ban rule only observes: when it fires in the store
+/// script it must not end the call there, or the enforced rules after it
+/// are never charged (in process they are: `evaluate.rs` goes on after a
+/// shadowed hit).
+#[tokio::test]
+async fn shadow_ban_rule_does_not_skip_the_rules_after_it() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let sink = common::demo_smtp().await.1;
+    let y = cfg(
+        dir.path(),
+        &sink,
+        "      - { name: watch, key: [ip], rate: 1/minute, burst: 1, action: ban, ban_for: 1h, shadow: true }\n      - { name: cap, key: [ip], rate: 2/minute, burst: 2, action: tempfail }",
+        &state(&redis, "t-shadow:", ""),
+    );
+    let gw = common::start(&y).await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let (g, _c) = greeting(&gw, "127.0.5.1").await;
+        got.push(g[..3].to_string());
+    }
+    assert_eq!(
+        got,
+        ["220", "220", "421", "421"],
+        "cap holds behind the shadow rule"
+    );
+}
+
+/// `rcpt_refusals` is counted in process (README: not shared), and must
+/// still refuse when the RCPT stage also has a shared rate rule: the stage
+/// then goes to the store, and the in-process rules of the stage must be
+/// decided beside the store's answers, not dropped.
+#[tokio::test]
+async fn rcpt_refusals_hold_beside_shared_rates() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let smtp = common::SmtpBackend::new()
+        .on("RCPT", "550 5.1.1 no such user\r\n")
+        .start()
+        .await;
+    let gw = Yaml::new()
+        .listener_to("mx", "smtp", "none", "s", "require_tls: false, policy: p")
+        .backend("s", &smtp.addr, "")
+        .section("policies:\n  p:\n    limits:\n      - { name: harvest, key: [ip], rcpt_refusals: 2/10minutes, action: reject }\n      - { name: rcpts, key: [ip], recipients: 100/hour, action: tempfail }")
+        .section(&state(&redis, "t-refusals:", ""))
+        .start()
+        .await;
+    let mut c = SmtpClient::connect_from("127.0.5.2", gw.addr("mx").unwrap()).await;
+    c.expect(220).await;
+    assert!(c.cmd("EHLO harvester.test").await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    for i in 0..2 {
+        let r = c.cmd(&format!("RCPT TO:<guess{i}@example.net>")).await;
+        assert_eq!(r, "550 5.1.1 no such user\n", "the backend's refusal");
+    }
+    let r = c.cmd("RCPT TO:<guess2@example.net>").await;
+    assert_eq!(r, "550 5.7.1 Refused by local policy\n", "harvest refuses");
+    let rcpts = smtp
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("RCPT"))
+        .count();
+    assert_eq!(rcpts, 2, "the third was not relayed");
+}
+
+/// A ban rule may count IPv6 clients by any `ipv6_prefix` (here /60): the
+/// other instance must find that ban in the store for another address of
+/// the network, or the banned network just moves to that instance.
+#[tokio::test]
+async fn shared_ban_of_a_configured_ipv6_prefix_is_found() {
+    use mailgate::policy::{Facts, Policies, PolicyState};
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let y = Yaml::new()
+        .listener("mx", "smtp", "none", "policy: p")
+        .certs(dir.path())
+        .backend("b", "127.0.0.1:9", "")
+        .section("policies:\n  p:\n    limits:\n      - { name: flood, key: [ip], rate: 1/minute, burst: 1, action: ban, ban_for: 1h, ipv6_prefix: 60 }")
+        .build();
+    let cfg = mailgate::config::load_str("t.yaml", &y).unwrap();
+    let instance = || {
+        let store = Store::connect(&settings(&redis, "t-v6:")).unwrap();
+        let state = PolicyState::with_store(Duration::from_secs(86_400), 1000, Some(store));
+        (Policies::compile(&cfg.policies, &state), state)
+    };
+    let ((pa, a), (_pb, b)) = (instance(), instance());
+    let p = pa.get("p").unwrap();
+    let ip: std::net::IpAddr = "2001:db8:1:2::7".parse().unwrap();
+    for _ in 0..2 {
+        let _ = p.connect_shared(&Facts::new(ip, "mx")).await;
+    }
+    assert!(a.bans.banned(ip, Instant::now()).is_some(), "banned on a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other: std::net::IpAddr = "2001:db8:1:f::9".parse().unwrap();
+    let got = b.banned_shared(other).await.expect("b finds the /60 ban");
+    assert_eq!(got.address(), "2001:db8:1::/60");
+}
+
+/// A trusted balancer is never banned (README, Bans), in the store either:
+/// a ban rule that fires for the balancer's own address (here a direct
+/// connection to a listener without PROXY) is refused as `reject` but not
+/// written to the shared set, where an instance that does not list the
+/// balancer among its trusted ones would learn it and refuse every client.
+#[tokio::test]
+async fn trusted_balancer_is_not_banned_in_the_store() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let sink = common::demo_smtp().await.1;
+    let y = Yaml::new()
+        .listener("mx", "smtp", "none", "policy: p")
+        .listener(
+            "lb",
+            "smtp",
+            "none",
+            "policy: p, proxy_protocol: { trusted: [\"127.0.4.1/32\"], timeout: 2s }",
+        )
+        .certs(dir.path())
+        .backend("b", &sink, "")
+        .section(
+            "policies:\n  p:\n    limits:\n      - { name: flood, key: [ip], rate: 1/minute, burst: 1, action: ban, ban_for: 1h }",
+        )
+        .section(&state(&redis, "t-lb:", ""))
+        .build();
+    let gw = common::start(&y).await;
+    for src in ["127.0.4.1", "127.0.4.2"] {
+        let (g, _c) = greeting(&gw, src).await;
+        assert!(g.starts_with("220"), "{src} first: {g}");
+        let (g, _c) = greeting(&gw, src).await;
+        assert!(g.starts_with("554 5.7.1"), "{src} over the rate: {g}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut con = redis.client();
+    let set = keys::ttl_set("t-lb:", "bans");
+    let mut score = |m: &str| -> Option<f64> {
+        redis::cmd("ZSCORE")
+            .arg(&set)
+            .arg(m)
+            .query(&mut con)
+            .unwrap()
+    };
+    assert!(score("127.0.4.2/32").is_some(), "a client's ban is shared");
+    assert_eq!(score("127.0.4.1/32"), None, "the balancer's is not");
+}
+
+/// A shorter ban written to the store after a longer one of the same
+/// network keeps the longer (README, Bans: "A new ban never shortens a
+/// longer one"): an instance learning the ban must learn the longer one.
+#[tokio::test]
+async fn shared_ban_is_never_shortened() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let store: std::sync::Arc<Store> = Store::connect(&settings(&redis, "t-long:")).unwrap();
+    store
+        .ttl_set_put(
+            "bans",
+            "192.0.2.7/32",
+            "long",
+            Duration::from_secs(3600),
+            100,
+        )
+        .await
+        .unwrap();
+    store
+        .ttl_set_put("bans", "192.0.2.7/32", "short", Duration::from_secs(5), 100)
+        .await
+        .unwrap();
+    let (why, left) = store
+        .ttl_set_get("bans", "192.0.2.7/32")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(why, "long");
+    assert!(left > Duration::from_secs(3590), "{left:?}");
+    let mut con = redis.client();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(keys::ttl_set("t-long:", "bans"))
+        .query(&mut con)
+        .unwrap();
+    assert!(
+        ttl > 3_590_000,
+        "the set lives as long as its longest member: {ttl}"
+    );
+    // a longer one still extends
+    store
+        .ttl_set_put(
+            "bans",
+            "192.0.2.7/32",
+            "longer",
+            Duration::from_secs(7200),
+            100,
+        )
+        .await
+        .unwrap();
+    let (why, left) = store
+        .ttl_set_get("bans", "192.0.2.7/32")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(why, "longer");
+    assert!(left > Duration::from_secs(7190), "{left:?}");
+}
+
+/// The store's set of bans is bounded like the in-process list: past
+/// `max` members, the others expiring soonest make room (an attacker with
+/// many addresses, such as IPv6 /64s, must not grow the store for as long
+/// as its bans last).
+#[tokio::test]
+async fn shared_bans_are_bounded() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let store: std::sync::Arc<Store> = Store::connect(&settings(&redis, "t-max:")).unwrap();
+    for (m, secs) in [("a", 300u64), ("b", 100), ("c", 200), ("d", 3600)] {
+        store
+            .ttl_set_put("bans", m, "x", Duration::from_secs(secs), 3)
+            .await
+            .unwrap();
+    }
+    let mut con = redis.client();
+    let set = keys::ttl_set("t-max:", "bans");
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&set)
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(members, ["c", "a", "d"], "the soonest (b) made room");
+    let values: u64 = redis::cmd("HLEN")
+        .arg(format!("{set}:v"))
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(values, 3);
+    // a new member expiring soonest still gets in: the soonest other goes
+    store
+        .ttl_set_put("bans", "e", "x", Duration::from_secs(50), 3)
+        .await
+        .unwrap();
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&set)
+        .arg(0)
+        .arg(-1)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(members, ["e", "a", "d"]);
 }
 
 /// `on_unavailable: accept` and `tempfail` with no store at the URL (a

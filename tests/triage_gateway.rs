@@ -264,6 +264,36 @@ async fn pregreet_refuses_early_talkers() {
     );
 }
 
+/// The final line waits for the lookups too (max(`wait`, lookups)): a
+/// client that talks after `wait` but while a slow list still holds the
+/// final line has talked before it, and is refused like one that talked
+/// within `wait`.
+#[tokio::test]
+async fn pregreet_catches_talkers_while_lookups_hold_the_greeting() {
+    let mut z = zone();
+    z.push("20.0.0.127.slow.nosoa.test", dns::Entry::Timeout);
+    let dns = TestDns::start(z).await;
+    let gw = start(
+        &dns,
+        "pregreet-slow",
+        "      dnsbl:\n        - { zone: slow.nosoa.test, weight: 1 }\n      threshold: 3\n      pregreet: { wait: 200ms, action: reject }\n      timeout: 1500ms\n",
+    )
+    .await;
+    let mut r = SmtpClient::connect_from("127.0.0.20", gw.addr("mx").unwrap()).await;
+    assert_eq!(
+        r.line().await.as_deref(),
+        Some("220-gw.test ESMTP mailgate")
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    r.send(b"EHLO late.test\r\n").await;
+    assert_eq!(
+        r.line().await.as_deref(),
+        Some("220 gw.test ESMTP mailgate")
+    );
+    let refusal = r.text().await;
+    assert!(refusal.starts_with("554 5.7.1 Protocol error"), "{refusal}");
+}
+
 /// Acceptance 4: with `shadow` the same clients are counted, nothing is
 /// refused, and a pregreeting client's early EHLO is answered after the
 /// greeting as a pipelined command. Shadowed failures are not cached.

@@ -333,6 +333,11 @@ impl Bans {
         inner.map.len()
     }
 
+    /// The most bans held at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Bans dropped because the list was full.
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)

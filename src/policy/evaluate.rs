@@ -249,12 +249,15 @@ impl Policy {
                         reason: rule.spec.kind.describe(),
                     };
                     let now = Instant::now();
-                    self.state
-                        .share_ban(ip, rule.spec.ipv6_prefix, for_, &cause);
-                    let done = self
-                        .state
-                        .bans
-                        .ban(ip, rule.spec.ipv6_prefix, for_, cause, now);
+                    let done =
+                        self.state
+                            .bans
+                            .ban(ip, rule.spec.ipv6_prefix, for_, cause.clone(), now);
+                    // a trusted balancer's network stays out of the store too
+                    if done != BanOutcome::Protected {
+                        self.state
+                            .share_ban(ip, rule.spec.ipv6_prefix, for_, &cause);
+                    }
                     hit.ban = Some(match done {
                         BanOutcome::Banned { active, evicted } => {
                             BanEvent::Banned { active, evicted }
@@ -489,8 +492,14 @@ impl Policy {
             rule: test.to_string(),
             reason,
         };
-        self.state.share_ban(ip, 64, for_, &cause);
-        let done = self.state.bans.ban(ip, 64, for_, cause, Instant::now());
+        let done = self
+            .state
+            .bans
+            .ban(ip, 64, for_, cause.clone(), Instant::now());
+        // a trusted balancer's network stays out of the store too
+        if done != BanOutcome::Protected {
+            self.state.share_ban(ip, 64, for_, &cause);
+        }
         Hit {
             policy: self.name.clone(),
             rule: test.to_string(),

@@ -25,21 +25,24 @@ use tracing::{debug, info, warn};
 pub const STORE_RULE: &str = "state_store";
 
 /// Whether a hit of this rule refuses (the script then stops, as the
-/// in-process loop does); a ban refuses as `reject` does.
-fn refuses(action: PolicyAction) -> bool {
-    matches!(
-        action,
-        PolicyAction::Tempfail | PolicyAction::Reject | PolicyAction::Ban
-    )
+/// in-process loop does); a ban refuses as `reject` does, unless it is
+/// `shadow: true` (it only observes: the rules after it must still run).
+fn refuses(rule: &Rule) -> bool {
+    !rule.spec.shadow
+        && matches!(
+            rule.spec.action,
+            PolicyAction::Tempfail | PolicyAction::Reject | PolicyAction::Ban
+        )
 }
 
 /// A full `concurrent` rule refuses unless it only observes (a delay would
 /// admit the session uncounted: `evaluate.rs` turns it into a refusal).
-fn full_refuses(action: PolicyAction) -> bool {
-    !matches!(
-        action,
-        PolicyAction::Shadow | PolicyAction::Accept | PolicyAction::Tag
-    )
+fn full_refuses(rule: &Rule) -> bool {
+    !rule.spec.shadow
+        && !matches!(
+            rule.spec.action,
+            PolicyAction::Shadow | PolicyAction::Accept | PolicyAction::Tag
+        )
 }
 
 fn store_refusal() -> Decision {
@@ -86,12 +89,12 @@ impl Policy {
                     key: self.key(&store, KeyKind::Rate, rule, &values),
                     per_cell: b.per_cell(),
                     burst_time: b.burst_time(),
-                    stop: refuses(rule.spec.action),
+                    stop: refuses(rule),
                 },
                 Limiter::Counter(_, max) => Op::Lease {
                     key: self.key(&store, KeyKind::Lease, rule, &values),
                     max: *max,
-                    stop: full_refuses(rule.spec.action),
+                    stop: full_refuses(rule),
                 },
                 _ => continue,
             };
@@ -226,7 +229,7 @@ impl Policy {
                         key: self.key(store, KeyKind::Rate, rule, &values),
                         per_cell: b.per_cell(),
                         burst_time: b.burst_time(),
-                        stop: refuses(rule.spec.action),
+                        stop: refuses(rule),
                     });
                     steps.push(Step {
                         rule,
@@ -240,13 +243,38 @@ impl Policy {
                         values,
                         op: None,
                     });
-                    if refuses(rule.spec.action) {
+                    if refuses(rule) {
+                        return;
+                    }
+                }
+                // not shared (counted in process, as `check` does); a ban
+                // rule acts when the refusal is recorded (`rcpt_refused`)
+                Limiter::Refusals(_)
+                    if rule.spec.action != PolicyAction::Ban
+                        && self.refusals_wait(rule, &values).is_some() =>
+                {
+                    steps.push(Step {
+                        rule,
+                        values,
+                        op: None,
+                    });
+                    if refuses(rule) {
                         return;
                     }
                 }
                 _ => {}
             }
         }
+    }
+
+    /// How long an in-process `rcpt_refusals` window keeps refusing these
+    /// key values (`None`: under its count).
+    fn refusals_wait(&self, rule: &Rule, values: &[String]) -> Option<Duration> {
+        let Limiter::Refusals(r) = &rule.limiter else {
+            return None;
+        };
+        let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+        r.locked(self.state.hash(&refs), Instant::now())
     }
 
     /// Hits and the decision from a stage's rate answers, in rule order.
@@ -270,6 +298,10 @@ impl Policy {
                     Limiter::PerMessage(max) if f.rcpts_in_message >= max as usize => {
                         self.hit(step.rule, f.ip, &step.values, Duration::ZERO, hits)
                     }
+                    Limiter::Refusals(_) => match self.refusals_wait(step.rule, &step.values) {
+                        Some(wait) => self.hit(step.rule, f.ip, &step.values, wait, hits),
+                        None => Decision::Continue,
+                    },
                     _ => Decision::Continue,
                 },
             };
@@ -330,7 +362,7 @@ impl Policy {
                 key: self.key(&store, KeyKind::Failures, rule, &values),
                 max,
                 window,
-                stop: refuses(rule.spec.action),
+                stop: refuses(rule),
                 spare_if_good: per_user_only,
             });
             locks.push((rule, values, per_user_only));
@@ -478,7 +510,8 @@ const BANS: &str = "bans";
 const SEP: char = '\u{1f}';
 
 /// The IPv6 networks a client may be banned under in the store: what ban
-/// rules count by (`ipv6_prefix`, default /64) in the usual steps.
+/// rules count by (`ipv6_prefix`, default /64) in the usual steps, besides
+/// the prefixes of this instance's own ban rules (`lookup_prefixes`).
 const V6_PREFIXES: [u8; 4] = [128, 64, 56, 48];
 
 /// Bans shared through the store (`state: store: redis`): a ban made on
@@ -488,6 +521,21 @@ const V6_PREFIXES: [u8; 4] = [128, 64, 56, 48];
 /// when found, banned here too for the time left, and a lift removes it
 /// there as well. Without a store these do nothing.
 impl PolicyState {
+    /// The prefixes `ip` is looked up under in the store's bans.
+    fn lookup_prefixes(&self, ip: IpAddr) -> Vec<u8> {
+        if crate::units::canonical(ip).is_ipv4() {
+            return vec![32];
+        }
+        let mut p: std::collections::BTreeSet<u8> = V6_PREFIXES.into_iter().collect();
+        p.extend(
+            self.ban_prefixes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter(),
+        );
+        p.into_iter().rev().collect()
+    }
+
     pub(super) fn share_ban(&self, ip: IpAddr, ipv6_prefix: u8, for_: Duration, cause: &BanCause) {
         let Some(store) = self.store.clone() else {
             return;
@@ -500,6 +548,8 @@ impl PolicyState {
             member: Bans::network(ip, ipv6_prefix).to_string(),
             value: [cause.policy.as_str(), &cause.rule, &cause.reason].join(&SEP.to_string()),
             ttl: for_,
+            // as many as this instance holds: the store's set is bounded too
+            max: u32::try_from(self.bans.max()).unwrap_or(u32::MAX),
         };
         rt.spawn(async move {
             if store.run(&[op], &store.token()).await.is_err() {
@@ -515,7 +565,7 @@ impl PolicyState {
     pub async fn banned_shared(&self, ip: IpAddr) -> Option<BanInfo> {
         let store = self.store.clone()?;
         let key = keys::ttl_set(&store.settings().prefix, BANS);
-        let prefixes: &[u8] = if ip.is_ipv4() { &[32] } else { &V6_PREFIXES };
+        let prefixes = self.lookup_prefixes(ip);
         let ops: Vec<Op> = prefixes
             .iter()
             .map(|p| Op::SetGet {
@@ -549,7 +599,7 @@ impl PolicyState {
             return;
         };
         let key = keys::ttl_set(&store.settings().prefix, BANS);
-        let prefixes: &[u8] = if ip.is_ipv4() { &[32] } else { &V6_PREFIXES };
+        let prefixes = self.lookup_prefixes(ip);
         let ops: Vec<Op> = prefixes
             .iter()
             .map(|p| Op::SetRemove {

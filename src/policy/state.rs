@@ -9,7 +9,7 @@ use super::limits::{Bucket, Counter, Failures, KnownGood};
 use super::spec::{Kind, PolicySpec};
 use crate::state::Store;
 use governor::Quota;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::num::NonZeroU32;
 use std::sync::atomic::AtomicU64;
@@ -28,6 +28,10 @@ pub struct PolicyState {
     pub bans: Bans,
     /// The shared store (`state: store: redis`); `None`: all in process.
     pub(super) store: Option<Arc<Store>>,
+    /// The `ipv6_prefix` of every ban rule compiled so far: the networks a
+    /// client may be banned under in the store (`shared.rs` looks each up).
+    /// Kept across reloads, as the bans those rules made are.
+    pub(super) ban_prefixes: Mutex<BTreeSet<u8>>,
 }
 
 /// How often a rule fired (refused/delayed) and how often it would have (shadow).
@@ -61,6 +65,7 @@ impl PolicyState {
             hits: Default::default(),
             known_good: KnownGood::new(known_good, max_keys),
             bans: Bans::new(max_keys),
+            ban_prefixes: Default::default(),
         })
     }
 
@@ -215,6 +220,13 @@ impl Policies {
                         }))
                     }
                 };
+                if r.action == crate::action::PolicyAction::Ban {
+                    state
+                        .ban_prefixes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(r.ipv6_prefix.min(128));
+                }
                 let hits = PolicyState::get(&state.hits, &fp, RuleHits::default);
                 rules.push(Rule {
                     id: crate::state::keys::rule_id(&fp),

@@ -201,6 +201,20 @@ impl Driver {
             }
         };
         let (pregreet, answers) = tokio::join!(pregreet, answers);
+        // the final line also waited for the lookups: what the client sent
+        // after `wait` but before that line came before it all the same
+        let pregreet = match pregreet {
+            Ok(false) if t.spec.pregreet.is_some() => {
+                match tokio::time::timeout(std::time::Duration::ZERO, self.client.conn.fill()).await
+                {
+                    Err(_) => Ok(false),
+                    Ok(Ok(_)) => Ok(true),
+                    Ok(Err(crate::codec::CodecError::Closed)) => Err(End::ClientClosed),
+                    Ok(Err(e)) => Err(End::Error(format!("read: {e}"))),
+                }
+            }
+            other => other,
+        };
         for (z, a) in t.spec.dnsbl.iter().zip(&answers) {
             let answered = a.error.is_none().then_some(a.took);
             m.triage_zone(&t.policy, &z.zone, a.result.as_str(), answered);

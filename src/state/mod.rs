@@ -188,12 +188,15 @@ pub enum Op {
         ttl: Duration,
     },
     /// A TTL set (`keys::ttl_set`): adds or renews `member` with `value`
-    /// until `ttl` from now.
+    /// until `ttl` from now (a member living longer is kept as it is). The
+    /// set holds at most `max` members: past it, the others expiring
+    /// soonest make room (as the in-process ban list does).
     SetPut {
         key: String,
         member: String,
         value: String,
         ttl: Duration,
+        max: u32,
     },
     /// A live member's value and remaining time.
     SetGet {

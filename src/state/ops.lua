@@ -82,13 +82,31 @@ for i = 1, #KEYS do
     -- a = TTL in ms
     redis.call('SET', key, now, 'PX', a)
   elseif kind == 'put' then
-    -- TTL set: a = TTL in ms, c = member, d = value; expired members pruned
-    redis.call('ZADD', key, now + a, c)
-    redis.call('HSET', key .. ':v', c, d)
+    -- TTL set: a = TTL in ms, c = member, d = value; expired members pruned.
+    -- A member already expiring later keeps its expiry and value (a new ban
+    -- never shortens a longer one, as in process: policy/bans.rs)
+    local cur = redis.call('ZSCORE', key, c)
+    if not cur or tonumber(cur) < now + a then
+      redis.call('ZADD', key, now + a, c)
+      redis.call('HSET', key .. ':v', c, d)
+    end
     local old = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 64)
     for _, m in ipairs(old) do
       redis.call('ZREM', key, m)
       redis.call('HDEL', key .. ':v', m)
+    end
+    -- b = at most this many members: past it, the others expiring soonest
+    -- make room (many banned networks must not grow the store without bound)
+    local over = redis.call('ZCARD', key) - b
+    if over > 0 then
+      local soonest = redis.call('ZRANGE', key, 0, over)
+      for _, m in ipairs(soonest) do
+        if over > 0 and m ~= c then
+          redis.call('ZREM', key, m)
+          redis.call('HDEL', key .. ':v', m)
+          over = over - 1
+        end
+      end
     end
     local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
     local ttl = tonumber(last[2]) - now + 1

@@ -209,19 +209,22 @@ impl Store {
     }
 
     /// Adds or renews `member` of the TTL set `set` (a `keys::ttl_set`
-    /// name, such as `bans`) with `value`, for `ttl`.
+    /// name, such as `bans`) with `value`, for `ttl`; a member already
+    /// living longer is kept as it is; at most `max` members are kept.
     pub async fn ttl_set_put(
         &self,
         set: &str,
         member: &str,
         value: &str,
         ttl: Duration,
+        max: u32,
     ) -> Result<(), StoreError> {
         let op = Op::SetPut {
             key: super::keys::ttl_set(&self.settings.prefix, set),
             member: member.into(),
             value: value.into(),
             ttl,
+            max,
         };
         self.run(&[op], &self.token()).await.map(|_| ())
     }
@@ -339,9 +342,16 @@ fn encode(op: &Op) -> (&str, [String; 5]) {
             member,
             value,
             ttl,
+            max,
         } => (
             key,
-            ["put".into(), ms(*ttl), e(), member.clone(), value.clone()],
+            [
+                "put".into(),
+                ms(*ttl),
+                (*max).max(1).to_string(),
+                member.clone(),
+                value.clone(),
+            ],
         ),
         Op::SetGet { key, member } => (key, ["get".into(), e(), e(), member.clone(), e()]),
         Op::SetRemove { key, member } => (key, ["remove".into(), e(), e(), member.clone(), e()]),

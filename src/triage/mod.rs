@@ -295,6 +295,8 @@ impl Triage {
             member: crate::units::canonical(ip).to_string(),
             value: String::new(),
             ttl: self.spec.cache,
+            // bounded like the local cache (`cache_size`)
+            max: u32::try_from(self.spec.cache_size).unwrap_or(u32::MAX),
         };
         rt.spawn(async move {
             let _ = store.run(&[op], &store.token()).await;
