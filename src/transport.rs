@@ -89,20 +89,27 @@ impl crate::codec::WaitReadable for ClientStream {
         match self {
             ClientStream::Plain(t) => t.readable().await,
             ClientStream::Tls(s) => {
-                // rustls may hold decrypted bytes already: then there is no wait
-                let pending = s
-                    .get_mut()
-                    .1
-                    .process_new_packets()
-                    .map(|st| st.plaintext_bytes_to_read() > 0);
-                if matches!(pending, Ok(false)) {
-                    s.get_ref().0.readable().await
-                } else {
-                    Ok(())
-                }
+                let (tcp, tls) = s.get_mut();
+                tls_readable(tcp, tls).await
             }
             ClientStream::Detached => Ok(()),
         }
+    }
+}
+
+/// The wait of a TLS leg (client or backend side): at once when rustls
+/// holds decrypted bytes already, else until the socket is readable.
+pub(crate) async fn tls_readable<D>(
+    tcp: &TcpStream,
+    tls: &mut rustls::ConnectionCommon<D>,
+) -> io::Result<()> {
+    let pending = tls
+        .process_new_packets()
+        .map(|st| st.plaintext_bytes_to_read() > 0);
+    if matches!(pending, Ok(false)) {
+        tcp.readable().await
+    } else {
+        Ok(())
     }
 }
 

@@ -180,17 +180,8 @@ impl crate::codec::WaitReadable for BackendStream {
         match self {
             BackendStream::Plain(t) => t.readable().await,
             BackendStream::Tls(s) => {
-                // rustls may hold decrypted bytes already: then there is no wait
-                let pending = s
-                    .get_mut()
-                    .1
-                    .process_new_packets()
-                    .map(|st| st.plaintext_bytes_to_read() > 0);
-                if matches!(pending, Ok(false)) {
-                    s.get_ref().0.readable().await
-                } else {
-                    Ok(())
-                }
+                let (tcp, tls) = s.get_mut();
+                crate::transport::tls_readable(tcp, tls).await
             }
             BackendStream::Detached => Ok(()),
         }
