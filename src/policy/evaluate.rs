@@ -438,12 +438,7 @@ impl Policy {
             let Some(wait) = fails.locked(self.state.hash(&refs), now) else {
                 continue;
             };
-            let per_user_only = rule.spec.key.contains(&KeyPart::AuthUser)
-                && !rule
-                    .spec
-                    .key
-                    .iter()
-                    .any(|k| matches!(k, KeyPart::Ip | KeyPart::IpPrefix));
+            let per_user_only = rule.spec.per_user_only();
             if per_user_only
                 && self
                     .known_good_key(f)

@@ -11,14 +11,14 @@
 
 use super::bans::{BanCause, BanInfo, Bans};
 use super::evaluate::{Checked, ConnectPermit, Decision, Facts, Limiter, Policy, Rule};
-use super::spec::{KeyPart, PolicyStage};
+use super::spec::PolicyStage;
 use super::state::PolicyState;
 use crate::action::PolicyAction;
 use crate::state::keys::{self, KeyKind};
 use crate::state::{Answer, OnUnavailable, Op, Store};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// The rule name of a refusal because the store was unavailable
 /// (`on_unavailable: tempfail`).
@@ -351,12 +351,7 @@ impl Policy {
             let Some(values) = self.key_values(&rule.spec, f) else {
                 continue;
             };
-            let per_user_only = rule.spec.key.contains(&KeyPart::AuthUser)
-                && !rule
-                    .spec
-                    .key
-                    .iter()
-                    .any(|k| matches!(k, KeyPart::Ip | KeyPart::IpPrefix));
+            let per_user_only = rule.spec.per_user_only();
             let (max, window) = fails.limits();
             ops.push(Op::Locked {
                 key: self.key(&store, KeyKind::Failures, rule, &values),
@@ -537,10 +532,7 @@ impl PolicyState {
     }
 
     pub(super) fn share_ban(&self, ip: IpAddr, ipv6_prefix: u8, for_: Duration, cause: &BanCause) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        let Some(store) = &self.store else {
             return;
         };
         let op = Op::SetPut {
@@ -551,11 +543,10 @@ impl PolicyState {
             // as many as this instance holds: the store's set is bounded too
             max: u32::try_from(self.bans.max()).unwrap_or(u32::MAX),
         };
-        rt.spawn(async move {
-            if store.run(&[op], &store.token()).await.is_err() {
-                warn!("ban not written to the state store (it holds on this instance)");
-            }
-        });
+        store.run_in_background(
+            vec![op],
+            Some("ban not written to the state store (it holds on this instance)"),
+        );
     }
 
     /// A ban of `ip` in the store that this instance did not know of yet
@@ -592,10 +583,7 @@ impl PolicyState {
 
     /// Lifts `ip`'s bans in the store too (in the background).
     pub fn lift_shared(&self, ip: IpAddr) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        let Some(store) = &self.store else {
             return;
         };
         let key = keys::ttl_set(&store.settings().prefix, BANS);
@@ -607,10 +595,9 @@ impl PolicyState {
                 member: Bans::network(ip, *p).to_string(),
             })
             .collect();
-        rt.spawn(async move {
-            if store.run(&ops, &store.token()).await.is_err() {
-                warn!(client = %ip, "ban lift not written to the state store (lifted on this instance)");
-            }
-        });
+        store.run_in_background(
+            ops,
+            Some("ban lift not written to the state store (lifted on this instance)"),
+        );
     }
 }

@@ -143,6 +143,17 @@ pub struct RuleSpec {
 }
 
 impl RuleSpec {
+    /// Keyed by the login name and not by the client's address: a lock of
+    /// such a rule spares a known-good (user, network) pair, since an
+    /// attacker elsewhere must not lock the user out of their own network.
+    pub fn per_user_only(&self) -> bool {
+        self.key.contains(&KeyPart::AuthUser)
+            && !self
+                .key
+                .iter()
+                .any(|k| matches!(k, KeyPart::Ip | KeyPart::IpPrefix))
+    }
+
     /// Where the rule is evaluated.
     pub fn stage(&self) -> PolicyStage {
         let key_stage = self

@@ -125,6 +125,24 @@ impl Store {
         Box::pin(self.run_within(ops, token, self.settings.timeout, "stage")).await
     }
 
+    /// Runs `ops` on a task of its own: a write no session waits for (a
+    /// ban, a lift, a triage pass). `failed`: the warning when it fails
+    /// (`None`: nothing to say, the entry simply is not shared). Without a
+    /// runtime (unit tests of the callers) nothing is sent.
+    pub fn run_in_background(self: &Arc<Self>, ops: Vec<Op>, failed: Option<&'static str>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        rt.spawn(async move {
+            if store.run(&ops, &store.token()).await.is_err() {
+                if let Some(message) = failed {
+                    warn!("{message}");
+                }
+            }
+        });
+    }
+
     pub(super) async fn run_within(
         &self,
         ops: &[Op],

@@ -283,23 +283,20 @@ impl Triage {
     /// `ip` passed every test: remembered here and in the store.
     pub fn remember(&self, ip: std::net::IpAddr, now: std::time::Instant) {
         self.cache.remember(ip, now);
-        let (Some(store), Ok(rt)) = (self.store.clone(), tokio::runtime::Handle::try_current())
-        else {
+        let Some(store) = &self.store else {
             return;
         };
         if self.spec.cache.is_zero() {
             return;
         }
         let op = crate::state::Op::SetPut {
-            key: self.pass_set(&store),
+            key: self.pass_set(store),
             member: crate::units::canonical(ip).to_string(),
             value: String::new(),
             ttl: self.spec.cache,
             // bounded like the local cache (`cache_size`)
             max: u32::try_from(self.spec.cache_size).unwrap_or(u32::MAX),
         };
-        rt.spawn(async move {
-            let _ = store.run(&[op], &store.token()).await;
-        });
+        store.run_in_background(vec![op], None);
     }
 }
