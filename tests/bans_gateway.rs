@@ -10,13 +10,12 @@
 mod common;
 
 use common::{
-    Gateway, ImapBackend, Pop3Backend, Pop3Client, Running, SmtpBackend, SmtpClient, Yaml,
+    http, Gateway, ImapBackend, Pop3Backend, Pop3Client, Running, SmtpBackend, SmtpClient, Yaml,
 };
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const REFUSED_SMTP: &str = "554 5.7.1 Access denied: address banned for a while\r\n";
 const REFUSED_POP3: &str = "-ERR [AUTH] Access denied: address banned for a while\r\n";
@@ -69,21 +68,6 @@ async fn smtp_greets(src: &str, addr: SocketAddr, before: &[u8]) -> bool {
     false
 }
 
-async fn http(addr: SocketAddr, head: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("{head}\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
-
 async fn bans(gw: &Gateway) -> Vec<serde_json::Value> {
     let (code, body) = http(gw.metrics_addr().unwrap(), "GET /bans HTTP/1.1").await;
     assert_eq!(code, 200, "{body}");
@@ -92,11 +76,7 @@ async fn bans(gw: &Gateway) -> Vec<serde_json::Value> {
 
 async fn metric(gw: &Gateway, series: &str) -> f64 {
     let (_, text) = http(gw.metrics_addr().unwrap(), "GET /metrics HTTP/1.1").await;
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit_once(' '))
-        .map(|x| x.1.parse().unwrap())
-        .unwrap_or(0.0)
+    common::sample(&text, series)
 }
 
 /// Acceptance 3: six failed POP3 logins from 127.0.0.9 ban it; its next

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Gateway, Running, SmtpBackend, SmtpClient, Yaml};
+use common::{http_get, sample, Gateway, Running, SmtpBackend, SmtpClient, Yaml};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,21 +51,6 @@ fn config_tls(
         .backend("b", backend, &format!("identity: [{identity}]"))
         .section("policies:\n  p: { deny: [\"192.0.2.0/24\"] }")
         .build()
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (code, body)
 }
 
 async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(r: &mut SmtpClient<S>, helo: &str) {
@@ -120,14 +105,6 @@ fn validate_exposition(text: &str) {
             "sample of undeclared family: {l}"
         );
     }
-}
-
-fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit_once(' '))
-        .map(|x| x.1.parse().unwrap())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -8,12 +8,11 @@
 mod common;
 mod dns;
 
-use common::{require_or_skip, Gateway, Guard, SmtpClient, Tls, Yaml};
+use common::{http_get, require_or_skip, Gateway, Guard, SmtpClient, Tls, Yaml};
 use mailgate::state::{keys, Answer, Op, Store, StoreSettings};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A redis-server of this test, on `port`, data in `dir` (none persisted).
 struct Redis {
@@ -442,21 +441,6 @@ async fn killed_instance_leases_expire() {
         "leases expired within the lease TTL (+ one poll): {after:?}"
     );
     drop(held);
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (code, body)
 }
 
 fn fallbacks() -> u64 {

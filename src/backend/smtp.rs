@@ -463,6 +463,26 @@ impl SmtpBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plaintext backend at `addr` without identity, 5 s deadlines.
+    fn plain_backend(addr: std::net::SocketAddr) -> (Backend, Deadlines) {
+        let backend = Backend {
+            name: "b".into(),
+            address: addr.to_string(),
+            helo_name: "gw.test".into(),
+            xclient: false,
+            proxy_v2: false,
+            tls: None,
+            identity_optional: false,
+            imap_id: false,
+        };
+        let t = Deadlines {
+            connect: Duration::from_secs(5),
+            reply: Duration::from_secs(5),
+            data: Duration::from_secs(5),
+        };
+        (backend, t)
+    }
     use std::io::{BufRead as _, BufReader, Write as _};
 
     /// What the backend client reports instead of counting: the connect time,
@@ -487,21 +507,7 @@ mod tests {
             let _ = std::io::Read::read_to_string(&mut r, &mut rest);
             rest
         });
-        let backend = Backend {
-            name: "b".into(),
-            address: addr.to_string(),
-            helo_name: "gw.test".into(),
-            xclient: false,
-            proxy_v2: false,
-            tls: None,
-            identity_optional: false,
-            imap_id: false,
-        };
-        let t = Deadlines {
-            connect: Duration::from_secs(5),
-            reply: Duration::from_secs(5),
-            data: Duration::from_secs(5),
-        };
+        let (backend, t) = plain_backend(addr);
         let mut b = SmtpBackend::connect(&backend, &t, None).await.unwrap();
         assert!(b.connect_time > Duration::ZERO);
         assert!(b.caps.eightbitmime && b.caps.size == Some(1000));
@@ -535,21 +541,7 @@ mod tests {
                 line.clear();
             }
         });
-        let backend = Backend {
-            name: "b".into(),
-            address: addr.to_string(),
-            helo_name: "gw.test".into(),
-            xclient: false,
-            proxy_v2: false,
-            tls: None,
-            identity_optional: false,
-            imap_id: false,
-        };
-        let t = Deadlines {
-            connect: Duration::from_secs(5),
-            reply: Duration::from_secs(5),
-            data: Duration::from_secs(5),
-        };
+        let (backend, t) = plain_backend(addr);
         let mut b = SmtpBackend::connect(&backend, &t, None).await.unwrap();
         let held = |b: &mut SmtpBackend| b.conn.rbuf_mut().capacity() + b.conn.output().capacity();
         assert_eq!(held(&mut b), 0, "after EHLO");

@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod dovecot;
+mod http;
 pub mod pop3_client;
 mod ports;
 mod sink;
@@ -24,6 +25,7 @@ pub use backend::{
     demo_imap, demo_pop3, demo_smtp, ImapBackend, Pop3Backend, Running, SmtpBackend,
 };
 pub use dovecot::{crlf, Dovecot, DovecotConf};
+pub use http::{http, http_get, sample};
 pub use pop3_client::Pop3Client;
 pub use ports::*;
 pub use sink::Sink;
