@@ -26,8 +26,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
 SMOKE=${SMOKE:-0}
-if [ "$SMOKE" = 1 ]; then N=${N:-100}; C=${C:-10}; REPEATS=${REPEATS:-1}; IDLE_SETS=${IDLE_SETS-200}; HOLD=${HOLD:-1}; POPN=${POPN:-20}; PYN=${PYN:-100}
-else N=${N:-2000}; C=${C:-20}; REPEATS=${REPEATS:-3}; IDLE_SETS=${IDLE_SETS-"1000 10000"}; HOLD=${HOLD:-60}; POPN=${POPN:-300}; PYN=${PYN:-1000}; fi
+if [ "$SMOKE" = 1 ]; then N=${N:-100}; C=${C:-10}; REPEATS=${REPEATS:-1}; IDLE_SETS=${IDLE_SETS-200}; HOLD=${HOLD:-1}; POPN=${POPN:-20}; PYN=${PYN:-100}; BIGN=${BIGN:-2}
+else N=${N:-2000}; C=${C:-20}; REPEATS=${REPEATS:-3}; IDLE_SETS=${IDLE_SETS-"1000 10000"}; HOLD=${HOLD:-60}; POPN=${POPN:-300}; PYN=${PYN:-1000}; BIGN=${BIGN:-12}; fi
 SIZE=${SIZE:-10240}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # a held session costs mailgate two descriptors (client and backend): a set
@@ -212,7 +212,11 @@ case1() {
 }
 # py NAME PID SMTP_LOAD-ARGS...: a bench/smtp_load.py case, PID's CPU
 py() { local name=$1 pid=$2; shift 2; run_case "$name" "$pid" 1 python3 bench/smtp_load.py "$@"; }
-median() { tr ' ' '\n' <<<"${CPUMS[$1]:-}" | grep . | sort -g | awk '{a[NR]=$1} END {if (NR) print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
+# median_of "LIST": the median of space-separated numbers; median NAME and
+# rate_median NAME: of a case's CPU figures and of its rates
+median_of() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {if (NR) print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
+median() { median_of "${CPUMS[$1]:-}"; }
+rate_median() { median_of "${RATE[$1]:-}"; }
 
 if [ "${IDLE_ONLY:-0}" != 1 ]; then
 S=(--size "$SIZE" -c "$C" -n "$N")
@@ -247,8 +251,8 @@ for rep in $(seq "$REPEATS"); do
   case1 "pop3 plain via mailgate"      1 --addr 127.0.0.1:"${P[3]}" --mode plain "${PO[@]}"
   case1 "pop3 STLS via mailgate"       1 --addr 127.0.0.1:"${P[4]}" --mode starttls --ca "$CA" "${PO[@]}"
   case1 "pop3s via mailgate"           1 --addr 127.0.0.1:"${P[5]}" --mode implicit --ca "$CA" "${PO[@]}"
-  case1 "pop3 4MiB RETR direct"        0 --addr 127.0.0.1:"$DOVE" --mode plain --proto pop3 --user big --pass big --per-conn 5 -c 1 -n 4
-  case1 "pop3 4MiB RETR via mailgate"  1 --addr 127.0.0.1:"${P[3]}" --mode plain --proto pop3 --user big --pass big --per-conn 5 -c 1 -n 4
+  case1 "pop3 4MiB RETR direct"        0 --addr 127.0.0.1:"$DOVE" --mode plain --proto pop3 --user big --pass big --per-conn 5 -c 1 -n "$BIGN"
+  case1 "pop3 4MiB RETR via mailgate"  1 --addr 127.0.0.1:"${P[3]}" --mode plain --proto pop3 --user big --pass big --per-conn 5 -c 1 -n "$BIGN"
 done
 
 # the sink counts what it accepted: it must equal what the clients saw acknowledged
@@ -271,6 +275,8 @@ ratio() {
 }
 ratio "STARTTLS CPU/msg, mailgate / nginx mail:" "py STARTTLS via mailgate" "py STARTTLS via nginx mail"
 ratio "implicit TLS CPU/msg, mailgate / haproxy:" "py implicit TLS via mailgate" "py implicit TLS via haproxy"
+a=$(rate_median "pop3 4MiB RETR via mailgate"); b=$(rate_median "pop3 4MiB RETR direct")
+if [ -n "$a" ] && [ -n "$b" ]; then printf '%-44s %.2f / %.2f sessions/s = %.3fx\n' "POP3 4 MiB RETR rate, mailgate / direct:" "$a" "$b" "$(echo "$a / $b" | bc -l)"; fi
 echo "smtp-sink counted ${sink_total:-0} messages; SMTP messages acknowledged (250) to the clients: $acked$( [ "${sink_total:-0}" = "$acked" ] && echo ' (equal)' || { MISMATCH=$((MISMATCH + 1)); echo ' (MISMATCH)'; })"
 fi
 

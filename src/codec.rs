@@ -5,6 +5,7 @@
 
 use bytes::{Buf, BytesMut};
 use std::io;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -21,6 +22,16 @@ pub enum CodecError {
 }
 
 const READ_CHUNK: usize = 4096;
+
+/// A line without its terminator (CRLF, or a bare LF).
+fn strip_terminator(mut line: BytesMut) -> BytesMut {
+    let mut cut = line.len() - 1;
+    if cut > 0 && line[cut - 1] == b'\r' {
+        cut -= 1;
+    }
+    line.truncate(cut);
+    line
+}
 
 /// How long writes to a client may take before the session is dropped.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(60);
@@ -40,16 +51,119 @@ pub enum Idle {
 /// thousands of idle sessions hold no read buffers (see `Conn::shrink`).
 pub trait WaitReadable {
     fn wait_readable(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+
+    /// False only when the stream surely holds nothing to read: no decrypted
+    /// bytes buffered and an empty socket. Never waits. A hang-up or a socket
+    /// error is "something": the read that follows reports it.
+    fn input_waiting(&mut self) -> bool;
 }
 
 impl WaitReadable for tokio::net::TcpStream {
     async fn wait_readable(&mut self) -> io::Result<()> {
-        self.readable().await
+        socket_readable(self).await
+    }
+
+    fn input_waiting(&mut self) -> bool {
+        socket_has_input(self)
     }
 }
 
 impl WaitReadable for tokio::io::DuplexStream {
     async fn wait_readable(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn input_waiting(&mut self) -> bool {
+        true // no socket to ask: the caller reads (tests only)
+    }
+}
+
+/// Whether a socket holds bytes (or a hang-up, or an error) right now: one
+/// `recv(MSG_PEEK | MSG_DONTWAIT)` of a byte, nothing consumed. It asks the
+/// kernel, not the runtime's readiness flags, which are only as fresh as the
+/// reactor's last turn.
+pub(crate) fn socket_has_input(tcp: &tokio::net::TcpStream) -> bool {
+    match peek_byte(tcp) {
+        Ok(_) => true, // a byte, or 0: the peer hung up
+        Err(e) => !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ),
+    }
+}
+
+fn peek_byte(tcp: &tokio::net::TcpStream) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a one-byte buffer we own, on a descriptor `tcp` keeps open.
+    let n = unsafe {
+        libc::recv(
+            tcp.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Waits until the socket has something to read (bytes, a hang-up, an
+/// error). The runtime's "readable" can be left over from an earlier read
+/// that emptied the socket without meeting `WouldBlock`; a reader that took
+/// it at its word would allocate its buffer and then wait on it, for as long
+/// as the peer stays idle (issue 17: about a third of idle sessions did). So
+/// a readiness that was there at once is checked with a peek, and a stale
+/// one is cleared (`try_io` sees the `WouldBlock`) before waiting for real.
+/// A readiness that arrived while we waited is fresh and costs nothing more.
+pub(crate) async fn socket_readable(tcp: &tokio::net::TcpStream) -> io::Result<()> {
+    loop {
+        let mut waited = false;
+        std::future::poll_fn(|cx| match tcp.poll_read_ready(cx) {
+            Poll::Pending => {
+                waited = true;
+                Poll::Pending
+            }
+            ready => ready,
+        })
+        .await?;
+        if waited {
+            return Ok(());
+        }
+        match tcp.try_io(tokio::io::Interest::READABLE, || peek_byte(tcp)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// The same for a TLS leg: decrypted bytes rustls holds, else the socket (a
+/// TLS record there may carry no data, a ticket say: the read finds out).
+pub(crate) fn tls_has_input<D>(
+    tcp: &tokio::net::TcpStream,
+    tls: &mut rustls::ConnectionCommon<D>,
+) -> bool {
+    match tls.process_new_packets() {
+        Ok(st) if st.plaintext_bytes_to_read() == 0 => socket_has_input(tcp),
+        _ => true,
+    }
+}
+
+/// The wait of a TLS leg (client or backend side): at once when rustls
+/// holds decrypted bytes already, else until the socket is readable.
+pub(crate) async fn tls_readable<D>(
+    tcp: &tokio::net::TcpStream,
+    tls: &mut rustls::ConnectionCommon<D>,
+) -> io::Result<()> {
+    let pending = tls
+        .process_new_packets()
+        .map(|st| st.plaintext_bytes_to_read() > 0);
+    if matches!(pending, Ok(false)) {
+        socket_readable(tcp).await
+    } else {
         Ok(())
     }
 }
@@ -100,13 +214,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + WaitReadable> Conn<S> {
         max: usize,
         deadline: Duration,
     ) -> Result<BytesMut, CodecError> {
-        let mut line = self.read_line_raw(max, deadline).await?;
-        let mut cut = line.len() - 1;
-        if cut > 0 && line[cut - 1] == b'\r' {
-            cut -= 1;
-        }
-        line.truncate(cut);
-        Ok(line)
+        let line = self.read_line_raw(max, deadline).await?;
+        Ok(strip_terminator(line))
     }
 
     /// Like `read_line` but keeps the terminator.
@@ -121,15 +230,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + WaitReadable> Conn<S> {
         }
     }
 
+    /// A whole line already buffered, with its terminator (`TooLong` past
+    /// `max`); `None` when none is.
+    fn buffered_line(&mut self, max: usize) -> Option<Result<BytesMut, CodecError>> {
+        let i = memchr(b'\n', &self.rbuf)?;
+        let line = self.rbuf.split_to(i + 1);
+        Some(if line.len() > max {
+            Err(CodecError::TooLong(max))
+        } else {
+            Ok(line)
+        })
+    }
+
     async fn line_inner(&mut self, max: usize) -> Result<BytesMut, CodecError> {
         let mut skipping = false;
         loop {
-            if let Some(i) = memchr(b'\n', &self.rbuf) {
-                let line = self.rbuf.split_to(i + 1);
-                if skipping || line.len() > max {
-                    return Err(CodecError::TooLong(max));
-                }
-                return Ok(line);
+            if let Some(line) = self.buffered_line(max) {
+                return if skipping {
+                    Err(CodecError::TooLong(max))
+                } else {
+                    line
+                };
             }
             if self.rbuf.len() > max {
                 // drop what we have; keep reading until the line ends
@@ -156,8 +277,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + WaitReadable> Conn<S> {
             return Err(Idle::SessionOver);
         }
         let wait = per_command.min(deadline - now);
-        if self.has_line() {
-            return Ok(self.read_line(max, wait).await);
+        // a pipelined line is taken without a wait (and without a second
+        // read state in this future, which every idle session holds)
+        if let Some(line) = self.buffered_line(max) {
+            return Ok(line.map(strip_terminator));
         }
         self.flush(WRITE_DEADLINE).await.map_err(Idle::Write)?;
         self.shrink();
@@ -182,14 +305,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + WaitReadable> Conn<S> {
     }
 
     /// Bytes the peer sent that nobody asked for yet: what is buffered, or
-    /// else what the socket already holds (`Closed` if it hung up). Never
-    /// waits: a zero deadline yields once, and the runtime polls the socket
-    /// before the timer fires, so bytes that arrived while this task was busy
-    /// are seen (test `stray_bytes_that_arrived_while_busy_are_seen`). The
-    /// in-step rule of both backend clients: `0` means in step.
+    /// else what the socket already holds (`Closed` if it hung up). The
+    /// in-step rule of the backend clients, asked before every command: `0`
+    /// means in step.
+    ///
+    /// The common answer, an empty socket, costs one `recv(MSG_PEEK)` and no
+    /// wait ([`WaitReadable::input_waiting`]). Only when the socket holds
+    /// something (or cannot say) is it read, under a zero deadline: that
+    /// yields once, and the runtime polls the socket before the timer fires,
+    /// so bytes that arrived while this task was busy are seen (test
+    /// `stray_bytes_that_arrived_while_busy_are_seen`). Asking the timer
+    /// every time cost a reactor turn, an eventfd wake and up to a
+    /// millisecond (the timer's resolution) before each backend command.
     pub async fn unsolicited(&mut self) -> Result<usize, CodecError> {
         if !self.rbuf.is_empty() {
             return Ok(self.rbuf.len());
+        }
+        if !self.stream.input_waiting() {
+            return Ok(0);
         }
         match tokio::time::timeout(Duration::ZERO, self.fill()).await {
             Err(_) => Ok(0),
@@ -278,6 +411,77 @@ pub fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read that fills the buffer exactly leaves the runtime's readiness
+    /// set though the socket is empty. An idle session must still hold no
+    /// read buffer: the stale readiness is found out (a peek) and cleared
+    /// before the buffer is allocated. Taken at its word, it cost a 4 KiB
+    /// buffer in about a third of idle sessions (issue 17).
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_read_buffer_after_a_full_read() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        // 64 lines of 64 octets: exactly one READ_CHUNK
+        let line = format!("{}\r\n", "x".repeat(62));
+        client
+            .write_all(line.repeat(READ_CHUNK / 64).as_bytes())
+            .await
+            .unwrap();
+        let mut c = Conn::new(server);
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let wait = Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // the whole chunk arrives before the first read
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..READ_CHUNK / 64 {
+            let got = c.next_command(100, wait, deadline, &shutdown).await;
+            assert_eq!(got.unwrap().unwrap().len(), 62);
+        }
+        let idle = tokio::time::timeout(
+            Duration::from_millis(100),
+            c.next_command(100, wait, deadline, &shutdown),
+        )
+        .await;
+        assert!(idle.is_err(), "nothing more was sent");
+        assert_eq!(
+            c.rbuf.capacity(),
+            0,
+            "an idle connection holds a read buffer"
+        );
+        // and the wait is real: the next line is read when it comes
+        client.write_all(b"QUIT\r\n").await.unwrap();
+        let got = c.next_command(100, wait, deadline, &shutdown).await;
+        assert_eq!(&got.unwrap().unwrap()[..], b"QUIT");
+    }
+
+    /// The in-step check before every backend command answers "nothing
+    /// there" at once, without a turn of the runtime: it used to wait for a
+    /// zero-length timer, which fires at the timer's next tick (up to 1 ms
+    /// per command, and a wake-up of the reactor). Bytes that are there are
+    /// still seen (and `stray_bytes_that_arrived_while_busy_are_seen` in
+    /// backend::pop3 covers bytes the reactor has not reported yet).
+    #[tokio::test]
+    async fn the_in_step_check_does_not_wait() {
+        use std::future::Future;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let mut c = Conn::new(server);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let once = std::pin::pin!(c.unsolicited()).poll(&mut cx);
+        assert!(
+            matches!(once, std::task::Poll::Ready(Ok(0))),
+            "answered in one poll: {once:?}"
+        );
+        peer.write_all(b"421 bye\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(c.unsolicited().await.unwrap(), 9);
+    }
 
     #[tokio::test]
     async fn lines_and_limits() {

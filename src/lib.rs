@@ -21,7 +21,8 @@
 //! transport.rs `MaybeTls` (plain or TLS, one type across STARTTLS) = `ClientStream`;
 //!              TLS accept under a deadline; PROXY v1/v2 in, v2 header out
 //! codec.rs     bounded line reader / whole-reply writer shared by both legs; the
-//!              wait for the next command (pipelining, idle buffer release, shutdown)
+//!              wait for the next command (pipelining, idle buffer release, shutdown);
+//!              readiness asked of the kernel (a peek), not of stale runtime flags
 //! conn/        the client-connection layer every protocol's driver stands on
 //!   mod.rs       `ListenerRuntime` (reloadable snapshot), `SessionCtx` (holds it),
 //!                `Replies`/`Wire` (what a session supplies), `End` (session outcomes)

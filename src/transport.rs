@@ -11,6 +11,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::codec::{socket_has_input, socket_readable, tls_has_input, tls_readable};
+
 /// A TCP connection that is plaintext or TLS, one type across an upgrade
 /// (STARTTLS/STLS). `T` is the server or client TLS stream.
 pub enum MaybeTls<T> {
@@ -87,7 +89,7 @@ impl ClientStream {
 impl crate::codec::WaitReadable for ClientStream {
     async fn wait_readable(&mut self) -> io::Result<()> {
         match self {
-            ClientStream::Plain(t) => t.readable().await,
+            ClientStream::Plain(t) => socket_readable(t).await,
             ClientStream::Tls(s) => {
                 let (tcp, tls) = s.get_mut();
                 tls_readable(tcp, tls).await
@@ -95,21 +97,16 @@ impl crate::codec::WaitReadable for ClientStream {
             ClientStream::Detached => Ok(()),
         }
     }
-}
 
-/// The wait of a TLS leg (client or backend side): at once when rustls
-/// holds decrypted bytes already, else until the socket is readable.
-pub(crate) async fn tls_readable<D>(
-    tcp: &TcpStream,
-    tls: &mut rustls::ConnectionCommon<D>,
-) -> io::Result<()> {
-    let pending = tls
-        .process_new_packets()
-        .map(|st| st.plaintext_bytes_to_read() > 0);
-    if matches!(pending, Ok(false)) {
-        tcp.readable().await
-    } else {
-        Ok(())
+    fn input_waiting(&mut self) -> bool {
+        match self {
+            ClientStream::Plain(t) => socket_has_input(t),
+            ClientStream::Tls(s) => {
+                let (tcp, tls) = s.get_mut();
+                tls_has_input(tcp, tls)
+            }
+            ClientStream::Detached => true,
+        }
     }
 }
 

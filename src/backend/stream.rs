@@ -178,12 +178,23 @@ impl crate::codec::WaitReadable for BackendStream {
     /// connection while the client is idle holds no read buffer for it.
     async fn wait_readable(&mut self) -> io::Result<()> {
         match self {
-            BackendStream::Plain(t) => t.readable().await,
+            BackendStream::Plain(t) => crate::codec::socket_readable(t).await,
             BackendStream::Tls(s) => {
                 let (tcp, tls) = s.get_mut();
-                crate::transport::tls_readable(tcp, tls).await
+                crate::codec::tls_readable(tcp, tls).await
             }
             BackendStream::Detached => Ok(()),
+        }
+    }
+
+    fn input_waiting(&mut self) -> bool {
+        match self {
+            BackendStream::Plain(t) => crate::codec::socket_has_input(t),
+            BackendStream::Tls(s) => {
+                let (tcp, tls) = s.get_mut();
+                crate::codec::tls_has_input(tcp, tls)
+            }
+            BackendStream::Detached => true,
         }
     }
 }

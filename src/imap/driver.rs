@@ -53,7 +53,7 @@ struct Driver {
 
 impl Driver {
     async fn start(tcp: TcpStream, peer: SocketAddr, ctx: SessionCtx) {
-        let Some(client) = Client::accept(tcp, &ctx, "imap").await else {
+        let Some(client) = Box::pin(Client::accept(tcp, &ctx, "imap")).await else {
             return;
         };
         let l = ctx.listener().clone();

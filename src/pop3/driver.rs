@@ -60,7 +60,7 @@ struct Driver {
 
 impl Driver {
     async fn start(tcp: TcpStream, peer: SocketAddr, ctx: SessionCtx) {
-        let Some(mut client) = Client::accept(tcp, &ctx, "pop3").await else {
+        let Some(mut client) = Box::pin(Client::accept(tcp, &ctx, "pop3")).await else {
             return;
         };
         let l = ctx.listener().clone();

@@ -52,17 +52,28 @@ struct Driver {
     id: String,
     backend: Option<SmtpBackend>,
     messages: u32,
-    /// SPF result of the current transaction (for DMARC and the A-R header).
-    spf: Option<crate::auth::SpfOutcome>,
+    /// SPF result of the current transaction (for DMARC and the A-R header);
+    /// boxed, as it is there only between MAIL and the end of DATA.
+    spf: Option<Box<crate::auth::SpfOutcome>>,
     /// DNS queries of this session's checks.
     dns_budget: crate::auth::DnsBudget,
 }
 
 impl Driver {
     async fn start(tcp: TcpStream, peer: SocketAddr, ctx: SessionCtx, id: String) {
-        let Some(client) = Client::accept(tcp, &ctx, "smtp").await else {
+        // the opening (an implicit TLS handshake) and the closing (QUIT to
+        // the backend, the log line) are boxed: they run once, and the task
+        // of a session waiting for its next command keeps only `serve`'s
+        // state (tests/session_memory.rs)
+        let Some(mut d) = Box::pin(Driver::open(tcp, peer, ctx, id)).await else {
             return;
         };
+        let end = d.serve().await;
+        Box::pin(d.close(end)).await
+    }
+
+    async fn open(tcp: TcpStream, peer: SocketAddr, ctx: SessionCtx, id: String) -> Option<Self> {
+        let client = Client::accept(tcp, &ctx, "smtp").await?;
         let l = ctx.listener().clone();
         let caps = ctx.caps.smtp(&l.backend);
         let settings = Settings {
@@ -76,7 +87,7 @@ impl Driver {
             max_login_failures: l.max_login_failures,
             max_transactions: l.max_transactions,
         };
-        let mut d = Driver {
+        Some(Driver {
             session: Session::new(settings, caps, client.tls.is_some()),
             client,
             ctx,
@@ -86,17 +97,19 @@ impl Driver {
             messages: 0,
             spf: None,
             dns_budget: crate::auth::DnsBudget::new(),
-        };
-        let end = d.serve().await;
-        d.client.close(&d.ctx).await;
-        if let Some(b) = d.backend.take() {
-            Box::pin(b.quit()).await;
+        })
+    }
+
+    async fn close(mut self, end: End) {
+        self.client.close(&self.ctx).await;
+        if let Some(b) = self.backend.take() {
+            b.quit().await;
         }
         session_end!(
-            d.client,
+            self.client,
             end,
-            helo = d.session.helo.as_deref().unwrap_or("-"),
-            messages = d.messages,
+            helo = self.session.helo.as_deref().unwrap_or("-"),
+            messages = self.messages,
         );
     }
 
@@ -148,7 +161,8 @@ impl Driver {
                 .session
                 .triaged(ip, &triaged.verdict, triaged.action, held)
             {
-                if let Some(end) = self.act(refusal).await {
+                // boxed: the rare path, kept out of the idle task's size
+                if let Some(end) = Box::pin(self.act(refusal)).await {
                     return end;
                 }
             }
@@ -412,7 +426,7 @@ impl Driver {
         }
         let verdict = crate::auth::decide(auth, &spf);
         info!(result = spf.result.as_str(), domain = %spf.domain, action = verdict.action.as_str(), "spf");
-        self.spf = Some(spf);
+        self.spf = Some(Box::new(spf));
         let checked = self.session.spf_checked(&verdict);
         self.refusal(checked, &verdict).await
     }
@@ -639,7 +653,7 @@ impl Driver {
                         self.peer.ip(),
                         helo,
                         msg.from.clone(),
-                        self.spf.clone(),
+                        self.spf.as_deref().cloned(),
                         checks,
                     )
                     .await;
@@ -670,7 +684,7 @@ impl Driver {
                 };
                 auth_headers.push_str(&crate::auth::authentication_results(
                     &authserv_id,
-                    self.spf.as_ref(),
+                    self.spf.as_deref(),
                     outcome.as_ref(),
                 ));
                 if let Some(spf) = &self.spf {
