@@ -709,10 +709,10 @@ mod tests {
             host: "gw.example",
             session_id: "ABC",
             esmtp: true,
-            tls: Some(("TLSv1.3", "TLS13_AES_256_GCM_SHA384")),
+            tls: Some(("TLSv1.3", "TLS13_AES_128_GCM_SHA256")),
             rcpt: None,
             now: t,
         });
-        assert_eq!(h, "Received: from client.example ([192.0.2.1])\r\n\tby gw.example (mailgate) with ESMTPS\r\n\t(version=TLSv1.3 cipher=TLS13_AES_256_GCM_SHA384)\r\n\tid ABC;\r\n\tSun, 29 Nov 2026 04:33:03 +0000\r\n");
+        assert_eq!(h, "Received: from client.example ([192.0.2.1])\r\n\tby gw.example (mailgate) with ESMTPS\r\n\t(version=TLSv1.3 cipher=TLS13_AES_128_GCM_SHA256)\r\n\tid ABC;\r\n\tSun, 29 Nov 2026 04:33:03 +0000\r\n");
     }
 }
