@@ -140,31 +140,39 @@ pub(crate) async fn socket_readable(tcp: &tokio::net::TcpStream) -> io::Result<(
     }
 }
 
-/// The same for a TLS leg: decrypted bytes rustls holds, else the socket (a
-/// TLS record there may carry no data, a ticket say: the read finds out).
+/// Whether rustls itself has something for the next read: decrypted bytes,
+/// or the peer's close_notify (the read answers EOF). Either may have come
+/// in with the last record read, leaving the socket empty: a peer that
+/// closes TLS and waits for our close_notify before it closes the socket
+/// sends nothing more (test
+/// `transport::tests::a_close_notify_read_with_the_last_command_ends_the_wait`).
+/// An error is something too: the read reports it.
+fn tls_pending<D>(tls: &mut rustls::ConnectionCommon<D>) -> bool {
+    match tls.process_new_packets() {
+        Ok(st) => st.plaintext_bytes_to_read() > 0 || st.peer_has_closed(),
+        Err(_) => true,
+    }
+}
+
+/// The same for a TLS leg: what rustls holds, else the socket (a TLS record
+/// there may carry no data, a ticket say: the read finds out).
 pub(crate) fn tls_has_input<D>(
     tcp: &tokio::net::TcpStream,
     tls: &mut rustls::ConnectionCommon<D>,
 ) -> bool {
-    match tls.process_new_packets() {
-        Ok(st) if st.plaintext_bytes_to_read() == 0 => socket_has_input(tcp),
-        _ => true,
-    }
+    tls_pending(tls) || socket_has_input(tcp)
 }
 
 /// The wait of a TLS leg (client or backend side): at once when rustls
-/// holds decrypted bytes already, else until the socket is readable.
+/// holds something for the read already, else until the socket is readable.
 pub(crate) async fn tls_readable<D>(
     tcp: &tokio::net::TcpStream,
     tls: &mut rustls::ConnectionCommon<D>,
 ) -> io::Result<()> {
-    let pending = tls
-        .process_new_packets()
-        .map(|st| st.plaintext_bytes_to_read() > 0);
-    if matches!(pending, Ok(false)) {
-        socket_readable(tcp).await
-    } else {
+    if tls_pending(tls) {
         Ok(())
+    } else {
+        socket_readable(tcp).await
     }
 }
 
