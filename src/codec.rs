@@ -78,37 +78,31 @@ impl WaitReadable for tokio::io::DuplexStream {
     }
 }
 
-/// Whether a socket holds bytes (or a hang-up, or an error) right now: one
-/// `recv(MSG_PEEK | MSG_DONTWAIT)` of a byte, nothing consumed. It asks the
-/// kernel, not the runtime's readiness flags, which are only as fresh as the
-/// reactor's last turn.
+/// Whether a socket holds bytes (or a hang-up, or an error) right now. It
+/// asks the kernel, not the runtime's readiness flags, which are only as
+/// fresh as the reactor's last turn. A failed ask is "something": the read
+/// finds out.
 pub(crate) fn socket_has_input(tcp: &tokio::net::TcpStream) -> bool {
-    match peek_byte(tcp) {
-        Ok(_) => true, // a byte, or 0: the peer hung up
-        Err(e) => !matches!(
-            e.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-        ),
-    }
+    socket_ready_now(tcp).unwrap_or(true)
 }
 
-fn peek_byte(tcp: &tokio::net::TcpStream) -> io::Result<usize> {
+/// One `poll(2)` of the socket with a zero timeout: readable (bytes, or the
+/// peer's FIN), in error or hung up. Nothing is consumed, not even a pending
+/// error: a `recv(MSG_PEEK)` would take a reset's ECONNRESET, and the read
+/// that follows would see a plain EOF (test
+/// `a_reset_behind_the_last_command_is_a_read_error`).
+fn socket_ready_now(tcp: &tokio::net::TcpStream) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
-    let mut byte = 0u8;
-    // SAFETY: a one-byte buffer we own, on a descriptor `tcp` keeps open.
-    let n = unsafe {
-        libc::recv(
-            tcp.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
+    let mut p = libc::pollfd {
+        fd: tcp.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+    // SAFETY: one pollfd we own, on a descriptor `tcp` keeps open.
+    if unsafe { libc::poll(&mut p, 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(p.revents != 0)
 }
 
 /// Waits until the socket has something to read (bytes, a hang-up, an
@@ -116,8 +110,8 @@ fn peek_byte(tcp: &tokio::net::TcpStream) -> io::Result<usize> {
 /// that emptied the socket without meeting `WouldBlock`; a reader that took
 /// it at its word would allocate its buffer and then wait on it, for as long
 /// as the peer stays idle (issue 17: about a third of idle sessions did). So
-/// a readiness that was there at once is checked with a peek, and a stale
-/// one is cleared (`try_io` sees the `WouldBlock`) before waiting for real.
+/// a readiness that was there at once is checked with the kernel
+/// (`socket_ready_now`), and a stale one is cleared (`try_io` sees the `WouldBlock`) before waiting for real.
 /// A readiness that arrived while we waited is fresh and costs nothing more.
 pub(crate) async fn socket_readable(tcp: &tokio::net::TcpStream) -> io::Result<()> {
     loop {
@@ -133,38 +127,50 @@ pub(crate) async fn socket_readable(tcp: &tokio::net::TcpStream) -> io::Result<(
         if waited {
             return Ok(());
         }
-        match tcp.try_io(tokio::io::Interest::READABLE, || peek_byte(tcp)) {
+        let ask = || match socket_ready_now(tcp) {
+            Ok(false) => Err(io::ErrorKind::WouldBlock.into()),
+            other => other.map(drop),
+        };
+        match tcp.try_io(tokio::io::Interest::READABLE, ask) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             _ => return Ok(()),
         }
     }
 }
 
-/// The same for a TLS leg: decrypted bytes rustls holds, else the socket (a
-/// TLS record there may carry no data, a ticket say: the read finds out).
+/// Whether rustls itself has something for the next read: decrypted bytes,
+/// or the peer's close_notify (the read answers EOF). Either may have come
+/// in with the last record read, leaving the socket empty: a peer that
+/// closes TLS and waits for our close_notify before it closes the socket
+/// sends nothing more (test
+/// `transport::tests::a_close_notify_read_with_the_last_command_ends_the_wait`).
+/// An error is something too: the read reports it.
+fn tls_pending<D>(tls: &mut rustls::ConnectionCommon<D>) -> bool {
+    match tls.process_new_packets() {
+        Ok(st) => st.plaintext_bytes_to_read() > 0 || st.peer_has_closed(),
+        Err(_) => true,
+    }
+}
+
+/// The same for a TLS leg: what rustls holds, else the socket (a TLS record
+/// there may carry no data, a ticket say: the read finds out).
 pub(crate) fn tls_has_input<D>(
     tcp: &tokio::net::TcpStream,
     tls: &mut rustls::ConnectionCommon<D>,
 ) -> bool {
-    match tls.process_new_packets() {
-        Ok(st) if st.plaintext_bytes_to_read() == 0 => socket_has_input(tcp),
-        _ => true,
-    }
+    tls_pending(tls) || socket_has_input(tcp)
 }
 
 /// The wait of a TLS leg (client or backend side): at once when rustls
-/// holds decrypted bytes already, else until the socket is readable.
+/// holds something for the read already, else until the socket is readable.
 pub(crate) async fn tls_readable<D>(
     tcp: &tokio::net::TcpStream,
     tls: &mut rustls::ConnectionCommon<D>,
 ) -> io::Result<()> {
-    let pending = tls
-        .process_new_packets()
-        .map(|st| st.plaintext_bytes_to_read() > 0);
-    if matches!(pending, Ok(false)) {
-        socket_readable(tcp).await
-    } else {
+    if tls_pending(tls) {
         Ok(())
+    } else {
+        socket_readable(tcp).await
     }
 }
 
@@ -309,7 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + WaitReadable> Conn<S> {
     /// in-step rule of the backend clients, asked before every command: `0`
     /// means in step.
     ///
-    /// The common answer, an empty socket, costs one `recv(MSG_PEEK)` and no
+    /// The common answer, an empty socket, costs one `poll(2)` and no
     /// wait ([`WaitReadable::input_waiting`]). Only when the socket holds
     /// something (or cannot say) is it read, under a zero deadline: that
     /// yields once, and the runtime polls the socket before the timer fires,
@@ -414,7 +420,7 @@ mod tests {
 
     /// A read that fills the buffer exactly leaves the runtime's readiness
     /// set though the socket is empty. An idle session must still hold no
-    /// read buffer: the stale readiness is found out (a peek) and cleared
+    /// read buffer: the stale readiness is found out (`poll(2)`) and cleared
     /// before the buffer is allocated. Taken at its word, it cost a 4 KiB
     /// buffer in about a third of idle sessions (issue 17).
     #[tokio::test]
@@ -481,6 +487,36 @@ mod tests {
         peer.write_all(b"421 bye\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(c.unsolicited().await.unwrap(), 9);
+    }
+
+    /// A reset that came in while the session was busy (behind its last
+    /// command) is reported as the read error it is, not as a hang-up: the
+    /// check of a readiness that was there at once must leave the socket's
+    /// pending error to the read (a recv(MSG_PEEK) takes it), or the
+    /// session's end says "client closed" where it was "read: Connection
+    /// reset by peer".
+    #[tokio::test]
+    async fn a_reset_behind_the_last_command_is_a_read_error() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        client.write_all(b"NOOP\r\n").await.unwrap();
+        client.set_zero_linger().unwrap();
+        drop(client); // RST
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut c = Conn::new(server);
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let wait = Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let got = c.next_command(100, wait, deadline, &shutdown).await;
+        assert_eq!(&got.unwrap().unwrap()[..], b"NOOP");
+        let got = c.next_command(100, wait, deadline, &shutdown).await;
+        assert!(
+            matches!(&got, Ok(Err(CodecError::Io(e))) if e.kind() == io::ErrorKind::ConnectionReset),
+            "the read after a reset: {got:?}"
+        );
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@
 //!              TLS accept under a deadline; PROXY v1/v2 in, v2 header out
 //! codec.rs     bounded line reader / whole-reply writer shared by both legs; the
 //!              wait for the next command (pipelining, idle buffer release, shutdown);
-//!              readiness asked of the kernel (a peek), not of stale runtime flags
+//!              readiness asked of the kernel (`poll(2)`), not of stale runtime flags
 //! conn/        the client-connection layer every protocol's driver stands on
 //!   mod.rs       `ListenerRuntime` (reloadable snapshot), `SessionCtx` (holds it),
 //!                `Replies`/`Wire` (what a session supplies), `End` (session outcomes)

@@ -270,6 +270,7 @@ mod tests {
     use super::proxy_v2_header;
     use proxy_header::{ParseConfig, ProxyHeader};
     use std::net::SocketAddr;
+    use std::time::Duration;
 
     fn decoded(h: &[u8]) -> (SocketAddr, SocketAddr) {
         let (p, len) = ProxyHeader::parse(h, ParseConfig::default()).expect("a whole header");
@@ -309,5 +310,69 @@ mod tests {
         // same families as before
         let h = proxy_v2_header(v4, "198.51.100.1:25".parse().unwrap()).unwrap();
         assert_eq!(decoded(&h).0, v4);
+    }
+
+    /// A client that sends a command and its TLS close_notify together (a
+    /// bidirectional shutdown: it waits for ours before closing the socket)
+    /// has hung up: rustls took both records in with the command, so the
+    /// socket is empty and the wait for the next command must still end at
+    /// once with `Closed`, not sit out the idle timeout. The same check is the
+    /// backend legs' in-step answer (`Conn::unsolicited`).
+    #[tokio::test]
+    async fn a_close_notify_read_with_the_last_command_ends_the_wait() {
+        use crate::codec::{CodecError, Conn};
+        use rustls_pki_types::pem::PemObject;
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pair = crate::tls::write_self_signed(dir.path(), &["localhost"]).unwrap();
+        let config = crate::tls::server_config(std::slice::from_ref(&pair)).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_file_iter(&pair.0).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_config))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            tls.write_all(b"NOOP\r\n").await.unwrap();
+            tls.get_mut().1.send_close_notify();
+            tls.flush().await.unwrap();
+            tls // the socket stays open: no FIN
+        });
+        let (tcp, _) = l.accept().await.unwrap();
+        let stream = super::ClientStream::Plain(tcp)
+            .into_tls(config, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let _client = client.await.unwrap();
+        // both records are there before the first read
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut c = Conn::new(stream);
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let wait = Duration::from_secs(3);
+        let got = c.next_command(100, wait, deadline, &shutdown).await;
+        assert_eq!(&got.unwrap().unwrap()[..], b"NOOP");
+        let in_step = c.unsolicited().await;
+        assert!(
+            matches!(in_step, Err(CodecError::Closed)),
+            "the in-step check after a close_notify: {in_step:?}"
+        );
+        let got = c.next_command(100, wait, deadline, &shutdown).await;
+        assert!(
+            matches!(got, Ok(Err(CodecError::Closed))),
+            "the wait after a close_notify: {got:?}"
+        );
     }
 }
