@@ -111,8 +111,9 @@ fn socket_ready_now(tcp: &tokio::net::TcpStream) -> io::Result<bool> {
 /// it at its word would allocate its buffer and then wait on it, for as long
 /// as the peer stays idle (issue 17: about a third of idle sessions did). So
 /// a readiness that was there at once is checked with the kernel
-/// (`socket_ready_now`), and a stale one is cleared (`try_io` sees the `WouldBlock`) before waiting for real.
-/// A readiness that arrived while we waited is fresh and costs nothing more.
+/// (`socket_ready_now`), and a stale one is cleared (`try_io` sees the
+/// `WouldBlock`) before waiting for real. A readiness that arrived while we
+/// waited is fresh and costs nothing more.
 pub(crate) async fn socket_readable(tcp: &tokio::net::TcpStream) -> io::Result<()> {
     loop {
         let mut waited = false;

@@ -136,8 +136,11 @@ pub fn server_config(pairs: &[(PathBuf, PathBuf)]) -> Result<Arc<ServerConfig>, 
 /// handshake, tickets included) was 5.6% of the instructions of a whole
 /// STARTTLS message (issue 17, callgrind), while AES-128-GCM's SHA-256 runs
 /// on the CPU's SHA instructions. AES-128 has no weakness that matters for
-/// mail transport; Go's crypto/tls server prefers it the same way. Every
-/// suite stays on offer: a client that has only ChaCha20 still gets it.
+/// mail transport. Every suite stays on offer: a client that has only
+/// ChaCha20 still gets it. (Go's crypto/tls also prefers AES-128-GCM, but
+/// keeps ChaCha20 first for a client that lists it first, as one without
+/// AES instructions would; rustls has no hook for that, so such a client
+/// gets AES-128-GCM here: slower for it, never refused.)
 fn suite_rank(s: &rustls::SupportedCipherSuite) -> (bool, u8) {
     use rustls::CipherSuite as C;
     let aead = match s.suite() {
