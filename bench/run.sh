@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin:/sbin"
 SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then N=${N:-100}; C=${C:-10}; REPEATS=${REPEATS:-1}; IDLE_SETS=${IDLE_SETS-200}; HOLD=${HOLD:-1}; POPN=${POPN:-20}; PYN=${PYN:-100}; BIGN=${BIGN:-2}
-else N=${N:-2000}; C=${C:-20}; REPEATS=${REPEATS:-3}; IDLE_SETS=${IDLE_SETS-"1000 10000"}; HOLD=${HOLD:-60}; POPN=${POPN:-300}; PYN=${PYN:-1000}; BIGN=${BIGN:-12}; fi
+else N=${N:-2000}; C=${C:-20}; REPEATS=${REPEATS:-3}; IDLE_SETS=${IDLE_SETS-"1000 10000"}; HOLD=${HOLD:-60}; POPN=${POPN:-300}; PYN=${PYN:-1000}; BIGN=${BIGN:-60}; fi
 SIZE=${SIZE:-10240}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # a held session costs mailgate two descriptors (client and backend): a set
