@@ -320,12 +320,31 @@ mod tests {
         }
     }
 
+    /// A listener's configuration (SMTP, a fresh self-signed certificate for
+    /// `localhost`) and roots that trust it; the directory holds the files.
+    fn smtp_listener_and_roots() -> (tempfile::TempDir, Arc<ServerConfig>, rustls::RootCertStore) {
+        use rustls_pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        let pair = write_self_signed(dir.path(), &["localhost"]).unwrap();
+        let server = for_listener(
+            &server_config(std::slice::from_ref(&pair)).unwrap(),
+            Protocol::Smtp,
+        )
+        .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&pair.0).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        (dir, server, roots)
+    }
+
     /// One handshake in memory, then a byte from the server so that the
-    /// client reads what followed the handshake (the tickets).
+    /// client reads what followed the handshake (the tickets); the client
+    /// connection after it.
     fn handshake(
         server: &Arc<ServerConfig>,
         client: &Arc<rustls::ClientConfig>,
-    ) -> rustls::HandshakeKind {
+    ) -> rustls::ClientConnection {
         use std::io::{Read, Write};
         let name = ServerName::try_from("localhost").unwrap();
         let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
@@ -348,7 +367,7 @@ mod tests {
             c.read_tls(&mut &wire[..]).unwrap();
             c.process_new_packets().unwrap();
             if c.reader().read(&mut got).is_ok() {
-                return c.handshake_kind().unwrap();
+                return c;
             }
         }
         panic!("no handshake");
@@ -359,18 +378,7 @@ mod tests {
     /// that offers only ChaCha20 still gets that.
     #[test]
     fn the_server_picks_aes128_first_and_offers_every_suite() {
-        use rustls_pki_types::pem::PemObject;
-        let dir = tempfile::tempdir().unwrap();
-        let pair = write_self_signed(dir.path(), &["localhost"]).unwrap();
-        let server = for_listener(
-            &server_config(std::slice::from_ref(&pair)).unwrap(),
-            Protocol::Smtp,
-        )
-        .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&pair.0).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
+        let (_dir, server, roots) = smtp_listener_and_roots();
         let negotiated = |suites: &[rustls::CipherSuite], version| {
             let mut p = aws_lc_rs::default_provider();
             p.cipher_suites = suites
@@ -387,25 +395,10 @@ mod tests {
                 .unwrap()
                 .with_root_certificates(roots.clone())
                 .with_no_client_auth();
-            let client = Arc::new(client);
-            let name = ServerName::try_from("localhost").unwrap();
-            let mut c = rustls::ClientConnection::new(client, name).unwrap();
-            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
-            while c.is_handshaking() || s.is_handshaking() {
-                let mut wire = Vec::new();
-                while c.wants_write() {
-                    c.write_tls(&mut wire).unwrap();
-                }
-                s.read_tls(&mut &wire[..]).unwrap();
-                s.process_new_packets().unwrap();
-                let mut wire = Vec::new();
-                while s.wants_write() {
-                    s.write_tls(&mut wire).unwrap();
-                }
-                c.read_tls(&mut &wire[..]).unwrap();
-                c.process_new_packets().unwrap();
-            }
-            s.negotiated_cipher_suite().unwrap().suite()
+            handshake(&server, &Arc::new(client))
+                .negotiated_cipher_suite()
+                .unwrap()
+                .suite()
         };
         use rustls::CipherSuite as C;
         let openssl_order = [
@@ -433,18 +426,7 @@ mod tests {
     /// default), and resumption with it still works.
     #[test]
     fn one_tls13_ticket_and_it_resumes() {
-        use rustls_pki_types::pem::PemObject;
-        let dir = tempfile::tempdir().unwrap();
-        let pair = write_self_signed(dir.path(), &["localhost"]).unwrap();
-        let server = for_listener(
-            &server_config(std::slice::from_ref(&pair)).unwrap(),
-            Protocol::Smtp,
-        )
-        .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&pair.0).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
+        let (_dir, server, roots) = smtp_listener_and_roots();
         let store = Arc::new(CountingStore {
             inner: rustls::client::ClientSessionMemoryCache::new(8),
             tickets: Default::default(),
@@ -457,9 +439,16 @@ mod tests {
                 .with_no_client_auth();
         client.resumption = rustls::client::Resumption::store(store.clone());
         let client = Arc::new(client);
-        assert_eq!(handshake(&server, &client), rustls::HandshakeKind::Full);
+        let kind = |c: rustls::ClientConnection| c.handshake_kind().unwrap();
+        assert_eq!(
+            kind(handshake(&server, &client)),
+            rustls::HandshakeKind::Full
+        );
         let tickets = || store.tickets.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(tickets(), 1, "tickets after a full handshake");
-        assert_eq!(handshake(&server, &client), rustls::HandshakeKind::Resumed);
+        assert_eq!(
+            kind(handshake(&server, &client)),
+            rustls::HandshakeKind::Resumed
+        );
     }
 }

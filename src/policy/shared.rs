@@ -555,15 +555,7 @@ impl PolicyState {
     /// local bans still hold; store errors are counted).
     pub async fn banned_shared(&self, ip: IpAddr) -> Option<BanInfo> {
         let store = self.store.clone()?;
-        let key = keys::ttl_set(&store.settings().prefix, BANS);
-        let prefixes = self.lookup_prefixes(ip);
-        let ops: Vec<Op> = prefixes
-            .iter()
-            .map(|p| Op::SetGet {
-                key: key.clone(),
-                member: Bans::network(ip, *p).to_string(),
-            })
-            .collect();
+        let (prefixes, ops) = self.ban_ops(&store, ip, |key, member| Op::SetGet { key, member });
         let answers = store.run(&ops, &store.token()).await.ok()?;
         let (prefix, value, left) = prefixes.iter().zip(answers).find_map(|(p, a)| match a {
             Answer::Member(v, left) if !left.is_zero() => Some((*p, v, left)),
@@ -581,20 +573,30 @@ impl PolicyState {
         self.bans.banned(ip, now)
     }
 
+    /// One store op for each network `ip` may be banned under (every ban
+    /// rule's prefix, `lookup_prefixes`), made by `op` from the bans set's
+    /// key and the network; with those prefixes, in the same order.
+    fn ban_ops(
+        &self,
+        store: &Store,
+        ip: IpAddr,
+        op: impl Fn(String, String) -> Op,
+    ) -> (Vec<u8>, Vec<Op>) {
+        let key = keys::ttl_set(&store.settings().prefix, BANS);
+        let prefixes = self.lookup_prefixes(ip);
+        let ops = prefixes
+            .iter()
+            .map(|p| op(key.clone(), Bans::network(ip, *p).to_string()))
+            .collect();
+        (prefixes, ops)
+    }
+
     /// Lifts `ip`'s bans in the store too (in the background).
     pub fn lift_shared(&self, ip: IpAddr) {
         let Some(store) = &self.store else {
             return;
         };
-        let key = keys::ttl_set(&store.settings().prefix, BANS);
-        let prefixes = self.lookup_prefixes(ip);
-        let ops: Vec<Op> = prefixes
-            .iter()
-            .map(|p| Op::SetRemove {
-                key: key.clone(),
-                member: Bans::network(ip, *p).to_string(),
-            })
-            .collect();
+        let (_, ops) = self.ban_ops(store, ip, |key, member| Op::SetRemove { key, member });
         store.run_in_background(
             ops,
             Some("ban lift not written to the state store (lifted on this instance)"),
