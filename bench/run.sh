@@ -91,7 +91,7 @@ CONF
 dovecot -F -c "$W/dovecot.conf" & pids+=($!)
 
 # --- mailgate
-P=(); for i in 1 2 3 4 5 6; do P+=("$(free_port)"); done
+P=(); for i in 1 2 3 4 5 6 7; do P+=("$(free_port)"); done
 cat > "$W/mailgate.yaml" <<YAML
 server: { hostname: gw.bench }
 listeners:
@@ -101,8 +101,12 @@ listeners:
   - { name: pop3plain, protocol: pop3, bind: "127.0.0.1:${P[3]}", tls: none, backend: dovecot, max_connections: 30000 }
   - { name: pop3, protocol: pop3, bind: "127.0.0.1:${P[4]}", tls: starttls, backend: dovecot, max_connections: 30000 }
   - { name: pop3s, protocol: pop3, bind: "127.0.0.1:${P[5]}", tls: implicit, backend: dovecot, max_connections: 30000 }
+  - { name: mx-fresh, protocol: smtp, bind: "127.0.0.1:${P[6]}", tls: starttls, backend: sink-fresh, max_connections: 30000 }
 tls: { certificates: [ { cert: cert.pem, key: key.pem } ] }
-backends: { sink: { address: "127.0.0.1:$SINK" }, dovecot: { address: "127.0.0.1:$DOVE" } }
+backends:
+  sink: { address: "127.0.0.1:$SINK", reuse: { max_idle: 64 } }
+  sink-fresh: { address: "127.0.0.1:$SINK" }
+  dovecot: { address: "127.0.0.1:$DOVE" }
 YAML
 MAILGATE_LOG=warn "$BIN" run --config "$W/mailgate.yaml" >"$W/mailgate.log" 2>&1 & MG=$!; pids+=($MG)
 
@@ -240,6 +244,7 @@ PS=(--size "$SIZE" -c "$C" -n "$PYN" --ca "$CA")
 for rep in $(seq "$REPEATS"); do
   py "py plain via mailgate"            "$MG" --port "${P[0]}" --mode plain "${PS[@]}"
   py "py STARTTLS via mailgate"         "$MG" --port "${P[1]}" --mode starttls "${PS[@]}"
+  py "py STARTTLS via mg, no reuse"     "$MG" --port "${P[6]}" --mode starttls "${PS[@]}"
   if [ "$NGX" = 1 ]; then py "py STARTTLS via nginx mail" "$NGXPID" --port "$NGX_SMTP" --mode starttls "${PS[@]}"; fi
   py "py implicit TLS via mailgate"     "$MG" --port "${P[2]}" --mode implicit "${PS[@]}"
   if [ "$HAP" = 1 ]; then py "py implicit TLS via haproxy" "$HAPPID" --port "$HAP_SMTPS" --mode implicit "${PS[@]}"; fi
@@ -274,6 +279,7 @@ ratio() {
   else echo "$1: not measured (a row is missing)"; fi
 }
 ratio "STARTTLS CPU/msg, mailgate / nginx mail:" "py STARTTLS via mailgate" "py STARTTLS via nginx mail"
+ratio "STARTTLS CPU/msg, mailgate no reuse / nginx:" "py STARTTLS via mg, no reuse" "py STARTTLS via nginx mail"
 ratio "implicit TLS CPU/msg, mailgate / haproxy:" "py implicit TLS via mailgate" "py implicit TLS via haproxy"
 a=$(rate_median "pop3 4MiB RETR via mailgate"); b=$(rate_median "pop3 4MiB RETR direct")
 if [ -n "$a" ] && [ -n "$b" ]; then printf '%-44s %.2f / %.2f sessions/s = %.3fx\n' "POP3 4 MiB RETR rate, mailgate / direct:" "$a" "$b" "$(echo "$a / $b" | bc -l)"; fi

@@ -29,7 +29,8 @@
 //!   client.rs    implicit TLS, session gauge, STARTTLS/STLS (CVE-2011-0411 discard),
 //!                the wait for the next command, literal reads, the session-end log
 //!   login.rs     the login guard: policy check → backend login → bookkeeping → delay;
-//!                the replay on a backend connection (out of step, one fresh retry)
+//!                the replay on a backend connection (out of step, one fresh retry),
+//!                which SMTP's MAIL and AUTH take too (a pooled connection that died idle)
 //!   sasl.rs      SASL PLAIN decoding and strict base64, for every protocol's login
 //!   pipe.rs      what the after-login relays share: activity clock and watchdog,
 //!                queued local answers, last words
@@ -64,6 +65,8 @@
 //!                protocols (owned by the gateway, reached through the session context)
 //!   reply.rs     SMTP reply parser (sans-IO, bounded)
 //!   smtp.rs      SMTP client: greeting, EHLO/HELO, MAIL/RCPT/DATA relay, RSET, QUIT
+//!   pool.rs      idle SMTP backend connections kept for later client sessions (`reuse:`):
+//!                bounded per backend, reset before they are kept, expired by a sweeper
 //!   pop3.rs      POP3 client: greeting, CAPA, login replay (only while in step), then the
 //!                pipe; `Login` in, `LoginReply` out (the POP3 session maps it)
 //!   imap.rs      IMAP client: greeting, CAPABILITY, Dovecot `ID` identity, login replay

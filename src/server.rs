@@ -8,6 +8,7 @@
 
 use crate::action::PolicyAction;
 use crate::backend::caps::CapsCache;
+use crate::backend::pool::SmtpPool;
 use crate::backend::probe;
 use crate::config::{Config, Listener, Protocol};
 use crate::conn::inflight::Budget;
@@ -59,6 +60,8 @@ pub struct Gateway {
     /// `state:` as started (the store is not switched by a reload).
     state: StateSettings,
     pub caps: Arc<CapsCache>,
+    /// Idle SMTP backend connections (`reuse:`), closed at shutdown.
+    pool: Arc<SmtpPool>,
     pub policy_state: Arc<PolicyState>,
     /// The triage pass caches (survive reloads, like `policy_state`).
     pub triage_state: Arc<TriageState>,
@@ -231,6 +234,13 @@ impl Gateway {
         let caps = Arc::new(CapsCache::default());
         let inflight = Budget::new(config.max_inflight_data);
         let (shutdown, rx) = watch::channel(false);
+        let pool = Arc::new(SmtpPool::default());
+        tokio::spawn(pool.clone().sweep(rx.clone()));
+        let shared = Shared {
+            caps: caps.clone(),
+            pool: pool.clone(),
+            inflight: inflight.clone(),
+        };
         let mut metrics_addr = None;
         if let Some(listener) = metrics_listener {
             metrics_addr = listener.local_addr().ok();
@@ -257,9 +267,8 @@ impl Gateway {
                 socket,
                 permits.clone(),
                 runtime.clone(),
-                caps.clone(),
+                shared.clone(),
                 rx.clone(),
-                inflight.clone(),
                 policy_state.clone(),
             )));
             slots.push(Slot {
@@ -309,6 +318,7 @@ impl Gateway {
             grace: std::sync::Mutex::new(config.shutdown_grace),
             state: config.state.clone(),
             caps,
+            pool,
             policy_state,
             triage_state,
             metrics_addr,
@@ -444,6 +454,8 @@ impl Gateway {
                 left += s.max as usize - s.permits.available_permits();
             }
         }
+        // the sessions are over: the idle backend connections get their QUIT
+        self.pool.close_all().await;
         left
     }
 }
@@ -727,13 +739,20 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
+/// What every session of the gateway shares, handed to each [`SessionCtx`].
+#[derive(Clone)]
+struct Shared {
+    caps: Arc<CapsCache>,
+    pool: Arc<SmtpPool>,
+    inflight: Arc<Budget>,
+}
+
 async fn accept_loop(
     socket: TcpListener,
     permits: Arc<Semaphore>,
     runtime: Arc<ArcSwap<ListenerRuntime>>,
-    caps: Arc<CapsCache>,
+    shared: Shared,
     shutdown: watch::Receiver<bool>,
-    inflight: Arc<Budget>,
     state: Arc<PolicyState>,
 ) {
     let mut stop = shutdown.clone();
@@ -777,9 +796,10 @@ async fn accept_loop(
         let ctx = SessionCtx {
             local: local.unwrap_or(rt.listener.bind),
             runtime: rt,
-            caps: caps.clone(),
+            caps: shared.caps.clone(),
+            pool: shared.pool.clone(),
             shutdown: shutdown.clone(),
-            inflight: inflight.clone(),
+            inflight: shared.inflight.clone(),
         };
         let state = state.clone();
         tokio::spawn(async move {

@@ -23,6 +23,7 @@ fn backend(addr: &str) -> Backend {
         tls: None,
         identity_optional: false,
         imap_id: false,
+        reuse: Default::default(),
     }
 }
 

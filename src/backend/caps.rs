@@ -234,6 +234,7 @@ mod tests {
             tls: None,
             identity_optional: false,
             imap_id: false,
+            reuse: Default::default(),
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod caps;
 pub mod imap;
+pub mod pool;
 pub mod pop3;
 pub mod probe;
 pub mod reply;
@@ -29,6 +30,20 @@ pub struct Backend {
     /// Dovecot's `ID` with the client's address before an IMAP login
     /// (`identity: [imap_id]`); IMAP backends only.
     pub imap_id: bool,
+    /// SMTP: idle connections kept for later client sessions (`reuse:`).
+    pub reuse: Reuse,
+}
+
+/// `backends.NAME.reuse`: how many idle SMTP backend connections are kept
+/// for the next client sessions, for how long, and how many sessions one
+/// connection serves. `max_idle: 0` (the default, no `reuse:`) is off: each
+/// client session has its own backend connection, as the backend would see
+/// without mailgate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reuse {
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+    pub max_sessions: u32,
 }
 
 /// A listener's deadlines for its backend (`timeouts.backend_connect`,

@@ -1,7 +1,8 @@
 //! SMTP client for the legacy server: greeting, EHLO (HELO fallback), MAIL,
 //! RCPT, DATA, RSET, QUIT. One connection per client session, opened lazily
 //! and reused across transactions; a transaction left open is RSET before the
-//! next MAIL. Only parameters the backend announced are passed on.
+//! next MAIL. Only parameters the backend announced are passed on. With
+//! `reuse:` a connection may serve later client sessions too (`pool.rs`).
 
 use super::caps::{Ehlo, SmtpCaps};
 use super::reply::{Parsed, ReplyParser, MAX_LINE};
@@ -32,6 +33,11 @@ pub struct SmtpBackend {
     open_tx: bool,
     reply_timeout: Duration,
     data_timeout: Duration,
+    /// Client sessions this connection has served (`reuse.max_sessions`).
+    sessions: u32,
+    /// An AUTH went over this connection: it belongs to that user, and is
+    /// never handed to another client.
+    authenticated: bool,
 }
 
 impl SmtpBackend {
@@ -62,6 +68,8 @@ impl SmtpBackend {
             open_tx: false,
             reply_timeout: t.reply,
             data_timeout: t.data,
+            sessions: 1,
+            authenticated: false,
         };
         let (code, lines) = b.read_reply(t.connect).await?;
         if code != 220 {
@@ -338,6 +346,7 @@ impl SmtpBackend {
     /// 4xx or 5xx; anything else (a 334 asking for more, a 250) leaves the
     /// exchange out of step and is an error, never a login result.
     pub async fn auth(&mut self, user: &str, password: &str) -> Result<BackendReply, BackendError> {
+        self.authenticated = true;
         let r = self.auth_exchange(user, password).await?;
         match r.0 {
             // more after the 235 (as after the end of DATA): which command
@@ -455,6 +464,38 @@ impl SmtpBackend {
     }
 
     /// Polite goodbye; errors do not matter any more.
+    /// Taken from the pool for a new client session.
+    pub(super) fn taken_for_reuse(&mut self) {
+        self.sessions += 1;
+    }
+
+    /// Open and in step after sitting idle: nothing unsolicited waiting
+    /// (a 421 of the backend's idle timeout, a stray reply), no close seen.
+    pub async fn idle_ready(&mut self) -> bool {
+        matches!(self.conn.unsolicited().await, Ok(0))
+    }
+
+    /// May serve another client session: it relayed no AUTH and has not
+    /// served `max_sessions` yet.
+    pub(super) fn reusable(&self, max_sessions: u32) -> bool {
+        !self.authenticated && self.sessions < max_sessions
+    }
+
+    /// Cleans the connection for the next client session: an open
+    /// transaction is RSET (it must be answered 250), and nothing may be
+    /// left unread. False: its state is unknown and it is not reused.
+    pub(super) async fn reset(&mut self) -> bool {
+        if self.open_tx {
+            match self.command("RSET").await {
+                Ok((250, _)) => self.open_tx = false,
+                _ => return false,
+            }
+        }
+        let clean = self.idle_ready().await;
+        self.conn.shrink();
+        clean
+    }
+
     pub async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.exchange("QUIT")).await;
     }
@@ -475,6 +516,7 @@ mod tests {
             tls: None,
             identity_optional: false,
             imap_id: false,
+            reuse: Default::default(),
         };
         let t = Deadlines {
             connect: Duration::from_secs(5),

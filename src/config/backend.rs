@@ -1,11 +1,11 @@
 //! `backends:` entries → [`Backend`]: the address, EHLO name, how the client's
 //! identity is passed on, and TLS to the backend.
 
-use super::file::{BackendFile, BackendTlsFile, IdentityMethod, Protocol};
+use super::file::{BackendFile, BackendTlsFile, IdentityMethod, Protocol, ReuseFile};
 use super::load::{valid_hostname, Source};
 use super::{defaults, ConfigError};
 use crate::backend::stream::{client_config, BackendTls, BackendTlsMode};
-use crate::backend::Backend;
+use crate::backend::{Backend, Reuse};
 use std::sync::Arc;
 
 /// One `backends:` entry → a [`Backend`]; `hostname` is the default EHLO name.
@@ -83,7 +83,12 @@ pub(super) fn build_backend(
             }))
         }
     };
+    let reuse = match &b.reuse {
+        None => Reuse::default(),
+        Some(r) => build_reuse(s, name, b, r)?,
+    };
     Ok(Backend {
+        reuse,
         tls,
         name: name.to_string(),
         address: b.address.clone(),
@@ -101,6 +106,62 @@ pub(super) fn build_backend(
     })
 }
 
+/// `reuse:` → [`Reuse`]. A connection that carries one client's identity
+/// (XCLIENT, PROXY v2) must never serve the next client: refused here rather
+/// than quietly not reused.
+fn build_reuse(
+    s: &Source,
+    name: &str,
+    b: &BackendFile,
+    r: &ReuseFile,
+) -> Result<Reuse, ConfigError> {
+    let has = |m: IdentityMethod| b.identity.as_ref().is_some_and(|v| v.contains(&m));
+    if has(IdentityMethod::Xclient) || has(IdentityMethod::ProxyV2) {
+        return Err(s.err(
+            &["backends", name, "reuse"],
+            format!(
+                "backends.{name}.reuse: a connection that told the backend one client's identity \
+                 (identity: xclient or proxy_v2) cannot serve the next client"
+            ),
+        ));
+    }
+    let idle_timeout = r
+        .idle_timeout
+        .map(|t| t.0)
+        .unwrap_or(defaults::REUSE_IDLE_TIMEOUT);
+    // RFC 5321 §4.5.3.2.7: a server may close after 5 minutes idle; kept
+    // longer, most idle connections would be dead when taken
+    if idle_timeout.is_zero() || idle_timeout > std::time::Duration::from_secs(300) {
+        return Err(s.err(
+            &["backends", name, "reuse", "idle_timeout"],
+            format!("backends.{name}.reuse.idle_timeout must be between 1s and 5m"),
+        ));
+    }
+    let max_sessions = r.max_sessions.unwrap_or(defaults::REUSE_MAX_SESSIONS);
+    if max_sessions == 0 {
+        return Err(s.err(
+            &["backends", name, "reuse", "max_sessions"],
+            format!("backends.{name}.reuse.max_sessions must be at least 1"),
+        ));
+    }
+    let max_idle = r.max_idle.unwrap_or(defaults::REUSE_MAX_IDLE);
+    if max_idle > MAX_REUSE_IDLE {
+        return Err(s.err(
+            &["backends", name, "reuse", "max_idle"],
+            format!("backends.{name}.reuse.max_idle must be at most {MAX_REUSE_IDLE}"),
+        ));
+    }
+    Ok(Reuse {
+        max_idle,
+        idle_timeout,
+        max_sessions,
+    })
+}
+
+/// Idle connections kept per backend at most (each holds a descriptor here
+/// and a process or slot on the backend).
+const MAX_REUSE_IDLE: usize = 1000;
+
 /// What a listener's protocol can apply of its backend's identity methods:
 /// `imap_id` is IMAP's, so a listener of another protocol would silently
 /// not send it (refused instead).
@@ -117,6 +178,16 @@ pub(super) fn check_for_listener(
             format!(
                 "listeners.{listener}: backend {backend_name:?} has identity: [imap_id], \
                  which applies to imap listeners only"
+            ),
+        ));
+    }
+    // a POP3 or IMAP backend connection holds one user's login: never reused
+    if b.reuse.max_idle > 0 && protocol != Protocol::Smtp {
+        return Err(s.err(
+            &["listeners", listener, backend_name],
+            format!(
+                "listeners.{listener}: backend {backend_name:?} has reuse:, \
+                 which applies to smtp listeners only (a POP3 or IMAP connection holds one login)"
             ),
         ));
     }

@@ -66,6 +66,13 @@ pub mod timeouts {
 
 // backends:
 pub const IDENTITY_OPTIONAL: bool = false;
+/// `reuse:` given: idle backend connections kept per backend, how long one
+/// may sit idle (Postfix's own client caches its connections 2 s:
+/// `smtp_connection_cache_time_limit`), and how many client sessions one
+/// connection serves (legacy servers may cap messages per connection).
+pub const REUSE_MAX_IDLE: usize = 16;
+pub const REUSE_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const REUSE_MAX_SESSIONS: u32 = 100;
 
 // policies: and their limits
 pub const MAX_TRACKED_KEYS: usize = 100_000;
@@ -268,6 +275,21 @@ pub const DOCUMENTED: &[(&str, &str, Value)] = &[
         "BackendFile",
         "identity_optional",
         Value::Bool(IDENTITY_OPTIONAL),
+    ),
+    (
+        "ReuseFile",
+        "max_idle",
+        Value::Number(REUSE_MAX_IDLE as u64),
+    ),
+    (
+        "ReuseFile",
+        "idle_timeout",
+        Value::Duration(REUSE_IDLE_TIMEOUT),
+    ),
+    (
+        "ReuseFile",
+        "max_sessions",
+        Value::Number(REUSE_MAX_SESSIONS as u64),
     ),
     (
         "PolicyFile",

@@ -262,6 +262,22 @@ pub struct BackendFile {
     /// mailgate's address. When false, MAIL gets `451 4.7.0` and nothing is
     /// relayed.
     pub identity_optional: Option<bool>,
+    /// SMTP backends: keep the backend connection when a client session
+    /// ends, for the next session (no connect, greeting, EHLO and QUIT each
+    /// time). Off unless given; `reuse: {}` takes the defaults.
+    pub reuse: Option<ReuseFile>,
+}
+
+/// `backends.NAME.reuse`: idle backend connections kept for later sessions.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReuseFile {
+    /// Idle connections kept at most; 0 turns reuse off.
+    pub max_idle: Option<usize>,
+    /// An idle connection unused this long is closed (QUIT).
+    pub idle_timeout: Option<Secs>,
+    /// Client sessions one backend connection serves before it is closed.
+    pub max_sessions: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

@@ -66,6 +66,15 @@ impl Config {
                     ""
                 }
             );
+            if b.reuse.max_idle > 0 {
+                let _ = writeln!(
+                    out,
+                    "  reuse: up to {} idle backend connection(s), closed after {}s idle or {} client session(s)",
+                    b.reuse.max_idle,
+                    b.reuse.idle_timeout.as_secs(),
+                    b.reuse.max_sessions
+                );
+            }
             if let Some((trusted, _)) = &l.proxy_trusted {
                 let _ = writeln!(
                     out,
@@ -191,6 +200,23 @@ mod tests {
         assert!(s.contains("allow_local=true"), "{s}");
         assert!(s.contains("max_inflight_data=536870912"), "{s}");
         assert!(s.contains("max_queries_per_session=500"), "{s}");
+    }
+
+    /// `check` says whether backend connections serve several clients.
+    #[test]
+    fn summary_shows_backend_reuse() {
+        let yaml = |extra: &str| {
+            format!("backends:\n  a: {{ address: \"127.0.0.1:1\"{extra} }}\nlisteners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a }}\n")
+        };
+        let s = load_str("r.yaml", &yaml(", reuse: { max_idle: 4 }"))
+            .unwrap()
+            .summary();
+        assert!(
+            s.contains("reuse: up to 4 idle backend connection(s), closed after 2s idle or 100 client session(s)"),
+            "{s}"
+        );
+        let s = load_str("r.yaml", &yaml("")).unwrap().summary();
+        assert!(!s.contains("reuse:"), "{s}");
     }
 
     #[test]

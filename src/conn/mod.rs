@@ -62,6 +62,8 @@ pub struct SessionCtx {
     /// The listener's snapshot as it was at accept (a reload does not change it).
     pub runtime: Arc<ListenerRuntime>,
     pub caps: Arc<CapsCache>,
+    /// Idle SMTP backend connections for later sessions (`reuse:`).
+    pub pool: Arc<crate::backend::pool::SmtpPool>,
     pub shutdown: watch::Receiver<bool>,
     /// The address the client connected to (from PROXY when a balancer sent one).
     pub local: SocketAddr,

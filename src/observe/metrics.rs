@@ -162,6 +162,8 @@ pub struct Metrics {
     pub backend_connect: HistFamily<BackendLabels>,
     pub backend_reply: HistFamily<BackendLabels>,
     pub backend_failures: Family<BackendLabels, Counter>,
+    /// Client sessions served by an idle backend connection (`reuse:`).
+    pub backend_reused: Family<BackendLabels, Counter>,
     pub dns_lookup: Histogram,
     pub dns_failures: Counter,
     pub bytes: Family<BytesLabels, Counter>,
@@ -209,6 +211,7 @@ impl Metrics {
             backend_connect: Family::new_with_constructor(latency),
             backend_reply: Family::new_with_constructor(latency),
             backend_failures: Family::default(),
+            backend_reused: Family::default(),
             dns_lookup: latency(),
             dns_failures: Counter::default(),
             bytes: Family::default(),
@@ -282,6 +285,11 @@ impl Metrics {
             "backend_failures",
             "Backend connections that failed or broke",
             m.backend_failures.clone(),
+        );
+        registry.register(
+            "backend_reused",
+            "Client sessions served by an idle SMTP backend connection (reuse:)",
+            m.backend_reused.clone(),
         );
         registry.register(
             "dns_lookup_seconds",
@@ -520,6 +528,14 @@ impl Metrics {
                 backend: backend.to_string(),
             })
             .observe(seconds);
+    }
+
+    pub fn backend_reused(&self, backend: &str) {
+        self.backend_reused
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .inc();
     }
 
     pub fn backend_failed(&self, backend: &str) {

@@ -13,12 +13,12 @@ use super::session::{
 };
 use crate::action::PolicyAction;
 use crate::auth::Verdict as AuthVerdict;
-use crate::backend::smtp::SmtpBackend;
+use crate::backend::smtp::{BackendReply, SmtpBackend};
 use crate::backend::BackendError;
 use crate::config::TlsMode;
 use crate::conn::client::{session_end, Client, Line};
 use crate::conn::inflight::Reservation;
-use crate::conn::login::{self, Login};
+use crate::conn::login::{self, Login, Replayed};
 use crate::conn::{End, SessionCtx};
 use crate::policy::{Decision, Facts, PolicyStage};
 use std::net::SocketAddr;
@@ -51,6 +51,9 @@ struct Driver {
     peer: SocketAddr,
     id: String,
     backend: Option<SmtpBackend>,
+    /// The backend connection carried a command before (in this session,
+    /// or, taken from the pool, in an earlier one): see [`Driver::opening`].
+    backend_used: bool,
     messages: u32,
     /// SPF result of the current transaction (for DMARC and the A-R header);
     /// boxed, as it is there only between MAIL and the end of DATA.
@@ -94,6 +97,7 @@ impl Driver {
             peer,
             id,
             backend: None,
+            backend_used: false,
             messages: 0,
             spf: None,
             dns_budget: crate::auth::DnsBudget::new(),
@@ -103,7 +107,8 @@ impl Driver {
     async fn close(mut self, end: End) {
         self.client.close(&self.ctx).await;
         if let Some(b) = self.backend.take() {
-            b.quit().await;
+            let l = self.ctx.listener();
+            self.ctx.pool.release(&l.backend, b).await;
         }
         session_end!(
             self.client,
@@ -467,9 +472,11 @@ impl Driver {
         self.client.start_tls(ready, &self.ctx, "STARTTLS").await?;
         self.session.tls_started();
         // the backend was told the pre-TLS identity (XCLIENT HELO):
-        // start afresh, like the client's own state (RFC 3207)
+        // start afresh, like the client's own state (RFC 3207); a connection
+        // that carries no identity may serve again (`reuse:`)
         if let Some(b) = self.backend.take() {
-            b.quit().await;
+            let l = self.ctx.listener();
+            self.ctx.pool.release(&l.backend, b).await;
         }
         Ok(())
     }
@@ -507,36 +514,56 @@ impl Driver {
         }
     }
 
-    async fn backend(&mut self) -> Result<&mut SmtpBackend, BackendError> {
+    /// MAIL or AUTH: the commands a backend connection is opened for. They
+    /// go through the replay every protocol's login takes (`conn/login.rs`):
+    /// on the connection the session holds, else an idle one from the pool
+    /// (`reuse:`), else a new one; a connection that served before (earlier
+    /// in this session, or another session's from the pool) and breaks, or
+    /// one out of step, hands the command to one new connection. Nothing was
+    /// committed on the broken one, and the client hears only the answer.
+    async fn opening(&mut self, command: Opening<'_>) -> Result<BackendReply, BackendError> {
         if self.backend.is_none() {
-            let l = self.ctx.listener();
-            let id = crate::backend::ClientIdentity {
+            self.take_idle().await;
+        }
+        let l = self.ctx.listener().clone();
+        let mut opener = Opener {
+            ctx: &self.ctx,
+            backend: &l.backend,
+            id: crate::backend::ClientIdentity {
                 peer: self.peer,
                 local: self.ctx.local,
                 helo: self.session.helo.clone(),
                 esmtp: self.session.esmtp,
-            };
-            let b = match SmtpBackend::connect(&l.backend, &l.timeouts.backend, Some(&id)).await {
-                Ok(b) => b,
-                Err(e) => {
-                    crate::observe::metrics().backend_failed(&l.backend.name);
-                    return Err(e);
-                }
-            };
-            crate::observe::metrics()
-                .backend_connected(&l.backend.name, b.connect_time.as_secs_f64());
-            self.ctx.caps.set_smtp(&l.backend, b.caps.clone());
-            self.backend = Some(b);
+            },
+            command,
+        };
+        match login::replay(&mut opener, &mut self.backend, &mut self.backend_used, true).await {
+            Replayed::Answer(r) => Ok(r),
+            Replayed::OutOfStep => Err(BackendError::OutOfStep(
+                "out of step on a new connection too".into(),
+            )),
+            Replayed::Failed(e) => Err(e),
         }
-        Ok(self.backend.as_mut().expect("connected above"))
+    }
+
+    /// An idle backend connection from the pool that is still in step;
+    /// dead or out-of-step ones are dropped on the way.
+    async fn take_idle(&mut self) {
+        let l = self.ctx.listener();
+        while let Some(mut b) = self.ctx.pool.take(&l.backend) {
+            if b.idle_ready().await {
+                crate::observe::metrics().backend_reused(&l.backend.name);
+                self.backend = Some(b);
+                // it served before: a break now is the backend's idle close
+                self.backend_used = true;
+                return;
+            }
+        }
     }
 
     async fn relay(&mut self, op: &BackendOp) -> Outcome {
         let r = match op {
-            BackendOp::Mail { from, params } => match self.backend().await {
-                Ok(b) => b.mail(from, params, None).await,
-                Err(e) => Err(e),
-            },
+            BackendOp::Mail { from, params } => self.opening(Opening::Mail { from, params }).await,
             BackendOp::Rcpt { to } => match self.backend.as_mut() {
                 Some(b) => b.rcpt(to).await,
                 // the connection was lost after MAIL
@@ -820,6 +847,57 @@ fn summary(a: &Action) -> String {
     a.reply().map(Reply::summary).unwrap_or_default()
 }
 
+/// The command a backend connection is opened for ([`Driver::opening`]).
+enum Opening<'a> {
+    Mail {
+        from: &'a str,
+        params: &'a crate::mail::MailParams,
+    },
+    Auth(&'a Credentials),
+}
+
+/// [`Opening`] as the shared replay carries it out.
+struct Opener<'a> {
+    ctx: &'a SessionCtx,
+    backend: &'a crate::backend::Backend,
+    id: crate::backend::ClientIdentity,
+    command: Opening<'a>,
+}
+
+impl login::Replay for Opener<'_> {
+    type Conn = SmtpBackend;
+    type Answer = BackendReply;
+
+    /// A new connection: counted, and what it announced cached.
+    async fn connect(&mut self) -> Result<SmtpBackend, BackendError> {
+        let l = self.ctx.listener();
+        let b = match SmtpBackend::connect(self.backend, &l.timeouts.backend, Some(&self.id)).await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                crate::observe::metrics().backend_failed(&self.backend.name);
+                return Err(e);
+            }
+        };
+        crate::observe::metrics()
+            .backend_connected(&self.backend.name, b.connect_time.as_secs_f64());
+        self.ctx.caps.set_smtp(self.backend, b.caps.clone());
+        Ok(b)
+    }
+
+    /// `None`: out of step (the connection's own check logged it).
+    async fn login(&mut self, b: &mut SmtpBackend) -> Result<Option<BackendReply>, BackendError> {
+        let r = match &self.command {
+            Opening::Mail { from, params } => b.mail(from, params, None).await,
+            Opening::Auth(c) => b.auth(&c.user, &c.password.0).await,
+        };
+        match r {
+            Err(BackendError::OutOfStep(_)) => Ok(None),
+            r => r.map(Some),
+        }
+    }
+}
+
 /// One AUTH as the login guard runs it.
 struct AuthAttempt<'a> {
     driver: &'a mut Driver,
@@ -841,10 +919,7 @@ impl Login for AuthAttempt<'_> {
 
     async fn attempt(&mut self) -> LoginResult {
         let d = &mut *self.driver;
-        let r = match d.backend().await {
-            Ok(b) => b.auth(&self.creds.user, &self.creds.password.0).await,
-            Err(e) => Err(e),
-        };
+        let r = d.opening(Opening::Auth(self.creds)).await;
         let outcome = d.outcome(r);
         let result = d.session.auth_result(&self.creds.user, outcome);
         let code = result.action().reply().map_or(0, |r| r.code);

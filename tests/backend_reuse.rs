@@ -1,0 +1,288 @@
+//! Backend connection reuse (`backends.NAME.reuse`, issue 17): a client
+//! session that ends cleanly leaves its SMTP backend connection for the next
+//! one, reset; AUTH connections are never handed on; idle ones expire; one
+//! that died while idle is replaced before the client hears anything.
+//! Gateway in-process, scripted backends on loopback.
+
+mod common;
+
+use common::{Gateway, SmtpBackend, SmtpClient, Yaml};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+const MESSAGE: &[u8] = b"Subject: reuse\r\n\r\nhello\r\n.\r\n";
+
+/// A plaintext listener `mx` in front of backend `b` at `backend`, whose
+/// flow mapping gets `extra` (e.g. `reuse: {}`).
+fn config(backend: &str, extra: &str) -> String {
+    Yaml::new()
+        .listener(
+            "mx",
+            "smtp",
+            "none",
+            "timeouts: { backend_reply: 3s, backend_connect: 3s }",
+        )
+        .backend("b", backend, extra)
+        .build()
+}
+
+/// One client session: a message, then QUIT; the reply to the message.
+async fn one_message(gw: &Gateway) -> (u16, String) {
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    let r = c.send_message("client.example", MESSAGE).await;
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    r
+}
+
+/// Waits until the backend has seen `n` lines starting with `verb`, after
+/// the start-up capability probe's (one EHLO, one QUIT).
+async fn wait_lines(b: &common::Running, verb: &str, n: usize) -> usize {
+    let probe = usize::from(verb == "QUIT" || verb == "EHLO");
+    let count = || b.lines().iter().filter(|l| l.starts_with(verb)).count();
+    for _ in 0..100 {
+        if count() >= n + probe {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    count().saturating_sub(probe)
+}
+
+/// Three sessions in a row take one backend connection between them (the
+/// capability probe at start has its own); without `reuse:` each has its own.
+#[tokio::test]
+async fn later_sessions_take_the_idle_backend_connection() {
+    for (extra, want) in [("reuse: {}", 1), ("", 3)] {
+        let b = SmtpBackend::new().start().await;
+        let gw = common::start(&config(&b.addr, extra)).await;
+        let before = b.connections();
+        assert_eq!(wait_lines(&b, "QUIT", 0).await, 0, "the probe's");
+        for _ in 0..3 {
+            let (code, text) = one_message(&gw).await;
+            assert_eq!(code, 250, "{text}");
+        }
+        assert_eq!(b.accepted(), 3);
+        assert_eq!(b.connections() - before, want, "{extra:?}: {:?}", b.lines());
+        let ehlo_after_probe = b.lines().iter().filter(|l| l.starts_with("EHLO")).count() - 1;
+        assert_eq!(
+            ehlo_after_probe, want,
+            "one greeting and EHLO per connection"
+        );
+        gw.shutdown().await;
+    }
+}
+
+/// A session that ends inside a transaction (MAIL and RCPT, no DATA) leaves
+/// it reset: the next session's MAIL comes after an RSET on that connection.
+#[tokio::test]
+async fn an_open_transaction_is_reset_before_the_connection_serves_again() {
+    let b = SmtpBackend::new().start().await;
+    let gw = common::start(&config(&b.addr, "reuse: {}")).await;
+    let before = b.connections();
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    assert!(c.cmd("EHLO client.example").await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.net>").await.starts_with("250"));
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    assert_eq!(wait_lines(&b, "RSET", 1).await, 1, "{:?}", b.lines());
+    let (code, text) = one_message(&gw).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(b.connections() - before, 1);
+    let lines = b.lines();
+    let rset = lines.iter().position(|l| l == "RSET").unwrap();
+    let second_mail = lines.iter().rposition(|l| l.starts_with("MAIL")).unwrap();
+    assert!(rset < second_mail, "{lines:?}");
+    assert_eq!(
+        wait_lines(&b, "QUIT", 0).await,
+        0,
+        "kept, not closed: {lines:?}"
+    );
+}
+
+/// `idle_timeout`: an idle connection is closed with QUIT, and the next
+/// session connects anew; `max_sessions`: a connection serves that many
+/// client sessions, then is closed.
+#[tokio::test]
+async fn idle_connections_expire_and_serve_at_most_max_sessions() {
+    let b = SmtpBackend::new().start().await;
+    let gw = common::start(&config(
+        &b.addr,
+        "reuse: { idle_timeout: 1s, max_sessions: 2 }",
+    ))
+    .await;
+    let before = b.connections();
+    assert_eq!(one_message(&gw).await.0, 250);
+    assert_eq!(wait_lines(&b, "QUIT", 0).await, 0, "still idle");
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(
+        wait_lines(&b, "QUIT", 1).await,
+        1,
+        "expired: {:?}",
+        b.lines()
+    );
+    // three more sessions: two on one connection, the third on a new one
+    for _ in 0..3 {
+        assert_eq!(one_message(&gw).await.0, 250);
+    }
+    assert_eq!(b.connections() - before, 3, "{:?}", b.lines());
+    assert_eq!(
+        wait_lines(&b, "QUIT", 2).await,
+        2,
+        "the second closed after 2 sessions"
+    );
+    gw.shutdown().await;
+    assert_eq!(
+        wait_lines(&b, "QUIT", 3).await,
+        3,
+        "shutdown says goodbye to the idle one"
+    );
+}
+
+/// A connection that relayed an AUTH belongs to that user: it is closed at
+/// the end of the session, and the next client gets a connection of its own.
+#[tokio::test]
+async fn a_connection_that_relayed_auth_is_not_handed_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let b = SmtpBackend::new()
+        .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
+        .on("AUTH", "235 2.7.0 ok\r\n")
+        .start()
+        .await;
+    let gw = Yaml::new()
+        .listener(
+            "mx",
+            "smtp",
+            "implicit",
+            "auth: optional, timeouts: { backend_reply: 3s, backend_connect: 3s }",
+        )
+        .certs(dir.path())
+        .backend("b", &b.addr, "reuse: {}")
+        .start()
+        .await;
+    let before = b.connections();
+    for user in ["AGFsaWNlAHNlY3JldA==", "AGJvYgBzZWNyZXQ="] {
+        let mut c = SmtpClient::connect(gw.addr("mx").unwrap())
+            .await
+            .tls(&ca)
+            .await;
+        assert!(c.text().await.starts_with("220"));
+        let ehlo = c.cmd("EHLO client.example").await;
+        assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
+        let auth = c.cmd(&format!("AUTH PLAIN {user}")).await;
+        assert!(auth.starts_with("235"), "{auth}");
+        let (code, text) = c.send_message("client.example", MESSAGE).await;
+        assert_eq!(code, 250, "{text}");
+        c.cmd("QUIT").await;
+        c.closed(Duration::from_secs(3)).await;
+    }
+    assert_eq!(b.connections() - before, 2, "{:?}", b.lines());
+    assert_eq!(wait_lines(&b, "QUIT", 2).await, 2, "{:?}", b.lines());
+}
+
+/// A connection the backend dropped while it sat idle, unseen (its close
+/// comes only when the next MAIL arrives): the MAIL goes again on a new
+/// connection and the client hears that 250, never the failure.
+#[tokio::test]
+async fn a_connection_that_died_while_idle_is_replaced_before_the_client_hears() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                w.write_all(b"220 legacy ESMTP\r\n").await.unwrap();
+                let mut mails = 0;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" => b"250-legacy\r\n250 8BITMIME\r\n",
+                        "MAIL" => {
+                            mails += 1;
+                            // connection 1 (after the probe, connection 0)
+                            // dies before its second MAIL is answered
+                            if n == 1 && mails == 2 {
+                                return;
+                            }
+                            b"250 ok\r\n"
+                        }
+                        "DATA" => {
+                            w.write_all(b"354 go\r\n").await.unwrap();
+                            let mut body = String::new();
+                            while body != ".\r\n" {
+                                body.clear();
+                                r.read_line(&mut body).await.unwrap();
+                            }
+                            b"250 2.0.0 queued\r\n"
+                        }
+                        "QUIT" => {
+                            let _ = w.write_all(b"221 bye\r\n").await;
+                            return;
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    w.write_all(reply).await.unwrap();
+                }
+            });
+        }
+    });
+    let gw = common::start(&config(&addr, "reuse: {}")).await;
+    assert_eq!(one_message(&gw).await.0, 250);
+    let (code, text) = one_message(&gw).await;
+    assert_eq!(code, 250, "{text}");
+    // probe, the first session's (reused, then dead), the replacement
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+/// Config contract: `reuse` with an identity that belongs to one client,
+/// on a POP3 backend, or out of range is refused, naming file, line and field.
+#[test]
+fn reuse_config_is_checked() {
+    let smtp = |extra: &str| config("127.0.0.1:25", extra);
+    for (yaml, field) in [
+        (smtp("identity: [xclient], reuse: {}"), "backends.b.reuse"),
+        (smtp("identity: [proxy_v2], reuse: {}"), "backends.b.reuse"),
+        (
+            smtp("reuse: { idle_timeout: 10m }"),
+            "backends.b.reuse.idle_timeout",
+        ),
+        (
+            smtp("reuse: { max_sessions: 0 }"),
+            "backends.b.reuse.max_sessions",
+        ),
+        (
+            smtp("reuse: { max_idle: 100000 }"),
+            "backends.b.reuse.max_idle",
+        ),
+        (
+            Yaml::new()
+                .listener("pop", "pop3", "none", "")
+                .backend("b", "127.0.0.1:110", "reuse: {}")
+                .build(),
+            "smtp listeners only",
+        ),
+    ] {
+        let e = mailgate::config::load_str("gw.yaml", &yaml)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("gw.yaml:") && e.contains(field),
+            "{e}\n{yaml}"
+        );
+    }
+    let ok = mailgate::config::load_str("gw.yaml", &smtp("reuse: { max_idle: 0 }")).unwrap();
+    assert_eq!(ok.listeners[0].backend.reuse.max_idle, 0);
+}
