@@ -438,6 +438,91 @@ struct Image {
     healthcheck_timeout: Duration,
 }
 
+/// Issue 17, `reuse:`: three client sessions (Python smtplib over STARTTLS,
+/// one after the other) through a backend entry with `reuse: {}` reach the
+/// real Postfix over one smtpd connection besides the start-up probe's. The
+/// second session ends inside a transaction (MAIL, RCPT, QUIT): Postfix sees
+/// its RSET and delivers only the other two messages. At shutdown the idle
+/// connection says QUIT, and Postfix's disconnect line counts all of it.
+#[test]
+fn postfix_serves_later_sessions_on_a_reused_connection() {
+    require_or_skip!(root: "a Postfix instance", "postfix", "postconf", "python3");
+    let dir = tempfile::tempdir().unwrap();
+    let pf = Postfix::start(&dir.path().join("postfix"));
+    let gw_dir = dir.path().join("gw");
+    std::fs::create_dir_all(&gw_dir).unwrap();
+    let (ca, _) = common::dev_cert(&gw_dir);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let yaml = common::Yaml::new()
+        .listener("mx", "smtp", "starttls", "")
+        .certs(&gw_dir)
+        .backend("b", &format!("127.0.0.1:{}", pf.xclient_port), "reuse: {}")
+        .build();
+    let gw = rt.block_on(common::start(&yaml));
+    let port = gw.addr("mx").unwrap().port();
+    let py = r#"
+import smtplib, ssl, sys
+ca, port = sys.argv[1], int(sys.argv[2])
+ctx = ssl.create_default_context(cafile=ca)
+for i in range(3):
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="real-client.example", timeout=30) as s:
+        s.starttls(context=ctx)
+        s.ehlo()
+        if i == 1:
+            assert s.mail("abandoned@example.org")[0] == 250
+            assert s.rcpt("bob@test.example")[0] == 250
+            continue
+        msg = "From: reuse%d@example.org\r\nTo: bob@test.example\r\nSubject: reuse %d\r\n\r\nHello.\r\n" % (i, i)
+        assert s.sendmail("reuse%d@example.org" % i, ["bob@test.example"], msg) == {}
+print("sent")
+"#;
+    let (ok, out, err) = run_limited(
+        Command::new("python3")
+            .arg("-c")
+            .arg(py)
+            .arg(&ca)
+            .arg(port.to_string()),
+        LIMIT,
+    );
+    assert!(
+        ok && out.contains("sent"),
+        "smtplib: {out} {err}\n{}",
+        pf.log()
+    );
+    pf.wait_log("two deliveries", |log| {
+        log.matches("status=sent (delivered to file:").count() >= 2
+    });
+    rt.block_on(gw.shutdown());
+    let log = pf.wait_log("the reused connection's disconnect", |log| {
+        log.lines()
+            .any(|l| l.contains(": disconnect from ") && l.contains(" mail=3"))
+    });
+    let smtpd = |what: &str| -> Vec<&str> {
+        log.lines()
+            .filter(|l| l.contains("postfix/smtpd[") && l.contains(what))
+            .collect()
+    };
+    // the probe's connection and the one all three sessions shared (the
+    // others without EHLO are the tests' own checks that Postfix listens)
+    let sessions: Vec<&str> = smtpd(": disconnect from ")
+        .into_iter()
+        .filter(|l| l.contains(" ehlo="))
+        .collect();
+    assert_eq!(sessions.len(), 2, "{log}");
+    let shared = sessions.iter().find(|l| l.contains(" mail=")).unwrap();
+    for count in [
+        "ehlo=1 ", "mail=3 ", "rcpt=3 ", "data=2 ", "rset=1 ", "quit=1 ",
+    ] {
+        assert!(shared.contains(count), "{count}: {shared}");
+    }
+    let mailbox = pf.mailbox();
+    assert_eq!(mailbox.len(), 2, "{mailbox:?}");
+    assert!(
+        !mailbox.iter().any(|m| m.contains("abandoned")),
+        "{mailbox:?}"
+    );
+}
+
 /// The final stage's ENTRYPOINT, CMD, USER and HEALTHCHECK (exec forms).
 fn image() -> Image {
     let text = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
