@@ -218,7 +218,7 @@ case1() {
 py() { local name=$1 pid=$2; shift 2; run_case "$name" "$pid" 1 python3 bench/smtp_load.py "$@"; }
 # median_of "LIST": the median of space-separated numbers; median NAME and
 # rate_median NAME: of a case's CPU figures and of its rates
-median_of() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {if (NR) print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
+median_of() { tr ' ' '\n' <<<"$1" | { grep . || true; } | sort -g | awk '{a[NR]=$1} END {if (NR) print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
 median() { median_of "${CPUMS[$1]:-}"; }
 rate_median() { median_of "${RATE[$1]:-}"; }
 
@@ -283,6 +283,10 @@ ratio "STARTTLS CPU/msg, mailgate no reuse / nginx:" "py STARTTLS via mg, no reu
 ratio "implicit TLS CPU/msg, mailgate / haproxy:" "py implicit TLS via mailgate" "py implicit TLS via haproxy"
 a=$(rate_median "pop3 4MiB RETR via mailgate"); b=$(rate_median "pop3 4MiB RETR direct")
 if [ -n "$a" ] && [ -n "$b" ]; then printf '%-44s %.2f / %.2f sessions/s = %.3fx\n' "POP3 4 MiB RETR rate, mailgate / direct:" "$a" "$b" "$(echo "$a / $b" | bc -l)"; fi
+# the same, repeat by repeat (each via run right after its direct run): the
+# machine's drift over a run cancels out of each pair
+pairs=$(paste -d/ <(tr ' ' '\n' <<<"${RATE[pop3 4MiB RETR via mailgate]:-}" | grep .) <(tr ' ' '\n' <<<"${RATE[pop3 4MiB RETR direct]:-}" | grep .) | bc -l | tr '\n' ' ')
+if [ -n "${pairs// /}" ]; then printf '%-44s %.3fx (median of %s per-repeat ratios: %s)\n' "POP3 4 MiB RETR rate, paired:" "$(median_of "$pairs")" "$(wc -w <<<"$pairs")" "$(for r in $pairs; do printf '%.3f ' "$r"; done)"; fi
 echo "smtp-sink counted ${sink_total:-0} messages; SMTP messages acknowledged (250) to the clients: $acked$( [ "${sink_total:-0}" = "$acked" ] && echo ' (equal)' || { MISMATCH=$((MISMATCH + 1)); echo ' (MISMATCH)'; })"
 fi
 
