@@ -286,3 +286,113 @@ fn reuse_config_is_checked() {
     let ok = mailgate::config::load_str("gw.yaml", &smtp("reuse: { max_idle: 0 }")).unwrap();
     assert_eq!(ok.listeners[0].backend.reuse.max_idle, 0);
 }
+
+/// A backend whose every connection `n` (0: the start-up probe) answers
+/// each command as `rule(n, verb, how many of that verb it saw)` says:
+/// `None` closes the connection instead. The message after DATA's 354 is
+/// read, and answered `250` after `data_wait`. Returns the address and the
+/// count of connections.
+async fn scripted(
+    rule: fn(usize, &str, usize) -> Option<&'static str>,
+    data_wait: Duration,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                w.write_all(b"220 legacy ESMTP\r\n").await.unwrap();
+                let mut counts = std::collections::HashMap::new();
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    let k = counts.entry(verb.clone()).or_insert(0usize);
+                    *k += 1;
+                    let Some(reply) = rule(n, &verb, *k) else {
+                        return;
+                    };
+                    let _ = w.write_all(reply.as_bytes()).await;
+                    if verb == "DATA" && reply.starts_with("354") {
+                        let mut body = String::new();
+                        while body != ".\r\n" {
+                            body.clear();
+                            if r.read_line(&mut body).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                        tokio::time::sleep(data_wait).await;
+                        let _ = w.write_all(b"250 2.0.0 queued\r\n").await;
+                    }
+                    if verb == "QUIT" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// A session that logged in over the backend (AUTH) must never go on over
+/// another, unauthenticated connection (`smtp/session.rs` `answer`: we keep
+/// no passwords): when the authenticated connection breaks at MAIL, the
+/// client hears a temporary failure and the session closes, and no MAIL
+/// reaches the backend on a new connection. With and without `reuse:`.
+#[tokio::test]
+async fn mail_after_auth_never_moves_to_an_unauthenticated_connection() {
+    fn rule(n: usize, verb: &str, _: usize) -> Option<&'static str> {
+        match verb {
+            "EHLO" => Some("250-legacy\r\n250 AUTH PLAIN\r\n"),
+            "AUTH" => Some("235 2.7.0 ok\r\n"),
+            // the session's connection (after the probe's) breaks at MAIL;
+            // any other would take it unauthenticated
+            "MAIL" if n == 1 => None,
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
+        }
+    }
+    for extra in ["", "reuse: {}"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = common::dev_cert(dir.path());
+        let (addr, conns) = scripted(rule, Duration::ZERO).await;
+        let gw = Yaml::new()
+            .listener(
+                "mx",
+                "smtp",
+                "implicit",
+                "auth: optional, timeouts: { backend_reply: 3s, backend_connect: 3s }",
+            )
+            .certs(dir.path())
+            .backend("b", &addr, extra)
+            .start()
+            .await;
+        let mut c = SmtpClient::connect(gw.addr("mx").unwrap())
+            .await
+            .tls(&ca)
+            .await;
+        assert!(c.text().await.starts_with("220"));
+        assert!(c.cmd("EHLO client.example").await.contains("AUTH PLAIN"));
+        let auth = c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+        assert!(auth.starts_with("235"), "{auth}");
+        let mail = c.cmd("MAIL FROM:<alice@example.org>").await;
+        assert!(mail.starts_with("451"), "{extra:?}: MAIL: {mail}");
+        let rest = c.rest(Duration::from_secs(3)).await;
+        assert!(rest.starts_with("421"), "{extra:?}: closed: {rest}");
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "{extra:?}: the probe's and the session's, no unauthenticated one"
+        );
+        gw.shutdown().await;
+    }
+}

@@ -521,10 +521,13 @@ impl Driver {
     /// in this session, or another session's from the pool) and breaks, or
     /// one out of step, hands the command to one new connection. Nothing was
     /// committed on the broken one, and the client hears only the answer.
+    /// Never after a login: the session's AUTH lives on its connection only
+    /// (we keep no passwords), and the session ends when that one goes.
     async fn opening(&mut self, command: Opening<'_>) -> Result<BackendReply, BackendError> {
         if self.backend.is_none() {
             self.take_idle().await;
         }
+        let fresh = self.session.auth_user.is_none();
         let l = self.ctx.listener().clone();
         let mut opener = Opener {
             ctx: &self.ctx,
@@ -537,7 +540,7 @@ impl Driver {
             },
             command,
         };
-        match login::replay(&mut opener, &mut self.backend, &mut self.backend_used, true).await {
+        match login::replay(&mut opener, &mut self.backend, &mut self.backend_used, fresh).await {
             Replayed::Answer(r) => Ok(r),
             Replayed::OutOfStep => Err(BackendError::OutOfStep(
                 "out of step on a new connection too".into(),
