@@ -396,3 +396,52 @@ async fn mail_after_auth_never_moves_to_an_unauthenticated_connection() {
         gw.shutdown().await;
     }
 }
+
+/// A kept connection serves a session of another listener with that
+/// listener's backend deadlines (`timeouts.backend_data` …), not those of
+/// the listener whose session opened it: here the first listener's 1s would
+/// give up on the backend's verdict (2s) that the second one waits for, and
+/// the client would hear 451 for a message the backend then accepts.
+#[tokio::test]
+async fn a_kept_connection_takes_the_deadlines_of_the_session_that_uses_it() {
+    fn rule(_: usize, verb: &str, _: usize) -> Option<&'static str> {
+        match verb {
+            "EHLO" => Some("250 legacy\r\n"),
+            "DATA" => Some("354 go\r\n"),
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
+        }
+    }
+    let (addr, conns) = scripted(rule, Duration::from_secs(2)).await;
+    let gw = Yaml::new()
+        .listener(
+            "short",
+            "smtp",
+            "none",
+            "timeouts: { backend_reply: 3s, backend_connect: 3s, backend_data: 1s }",
+        )
+        .listener(
+            "long",
+            "smtp",
+            "none",
+            "timeouts: { backend_reply: 3s, backend_connect: 3s, backend_data: 10s }",
+        )
+        .backend("b", &addr, "reuse: {}")
+        .start()
+        .await;
+    // a transaction left open on `short`: its connection is reset and kept
+    let mut c = SmtpClient::greeted(gw.addr("short").unwrap()).await;
+    assert!(c.cmd("EHLO client.example").await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    let mut c = SmtpClient::greeted(gw.addr("long").unwrap()).await;
+    let (code, text) = c.send_message("client.example", MESSAGE).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the probe's and the kept one"
+    );
+    gw.shutdown().await;
+}

@@ -16,7 +16,7 @@
 //! the gateway's shutdown closes the rest ([`SmtpPool::close_all`]).
 
 use super::smtp::SmtpBackend;
-use super::Backend;
+use super::{Backend, Deadlines};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -75,10 +75,10 @@ impl SmtpPool {
     }
 
     /// The most recently released connection for `b` still within its idle
-    /// time (the warmest one; older ones expire first), marked as reused.
-    /// The caller checks that it is still in step before using it
-    /// ([`SmtpBackend::idle_ready`]).
-    pub fn take(&self, b: &Backend) -> Option<SmtpBackend> {
+    /// time (the warmest one; older ones expire first), marked as reused,
+    /// with the taking session's deadlines `t`. The caller checks that it
+    /// is still in step before using it ([`SmtpBackend::idle_ready`]).
+    pub fn take(&self, b: &Backend, t: &Deadlines) -> Option<SmtpBackend> {
         if b.reuse.max_idle == 0 {
             return None;
         }
@@ -88,7 +88,7 @@ impl SmtpPool {
         while let Some(idle) = list.pop() {
             if idle.until > now {
                 let mut conn = idle.conn;
-                conn.taken_for_reuse();
+                conn.taken_for_reuse(t);
                 return Some(conn);
             }
             // past its idle time (the sweeper has not come by yet): closed

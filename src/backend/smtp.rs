@@ -463,10 +463,12 @@ impl SmtpBackend {
         Ok(())
     }
 
-    /// Polite goodbye; errors do not matter any more.
-    /// Taken from the pool for a new client session.
-    pub(super) fn taken_for_reuse(&mut self) {
+    /// Taken from the pool for a new client session, which may be another
+    /// listener's (or one after a reload): its deadlines apply from now on.
+    pub(super) fn taken_for_reuse(&mut self, t: &Deadlines) {
         self.sessions += 1;
+        self.reply_timeout = t.reply;
+        self.data_timeout = t.data;
     }
 
     /// Open and in step after sitting idle: nothing unsolicited waiting
@@ -496,6 +498,7 @@ impl SmtpBackend {
         clean
     }
 
+    /// Polite goodbye; errors do not matter any more.
     pub async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.exchange("QUIT")).await;
     }

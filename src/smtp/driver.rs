@@ -553,7 +553,7 @@ impl Driver {
     /// dead or out-of-step ones are dropped on the way.
     async fn take_idle(&mut self) {
         let l = self.ctx.listener();
-        while let Some(mut b) = self.ctx.pool.take(&l.backend) {
+        while let Some(mut b) = self.ctx.pool.take(&l.backend, &l.timeouts.backend) {
             if b.idle_ready().await {
                 crate::observe::metrics().backend_reused(&l.backend.name);
                 self.backend = Some(b);
