@@ -445,3 +445,48 @@ async fn a_kept_connection_takes_the_deadlines_of_the_session_that_uses_it() {
     );
     gw.shutdown().await;
 }
+
+/// A connection out of step at MAIL (a stray reply waiting) hands the MAIL
+/// to a new connection, and is still counted in
+/// `backend_out_of_step_total`, once per connection, as the other
+/// protocols' replays count it.
+#[tokio::test]
+async fn an_out_of_step_connection_is_counted_when_mail_moves_on() {
+    fn rule(n: usize, verb: &str, _: usize) -> Option<&'static str> {
+        match verb {
+            // the session's first connection (after the probe's) says
+            // more than asked
+            "EHLO" if n == 1 => Some("250 legacy\r\n250 stray\r\n"),
+            "EHLO" => Some("250 legacy\r\n"),
+            "DATA" => Some("354 go\r\n"),
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
+        }
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    // a backend name of its own: the counter is the process's
+    let gw = Yaml::new()
+        .listener_to(
+            "mx",
+            "smtp",
+            "none",
+            "oos",
+            "timeouts: { backend_reply: 3s, backend_connect: 3s }",
+        )
+        .backend("oos", &addr, "")
+        .start()
+        .await;
+    let counted = || {
+        mailgate::observe::metrics()
+            .backend_out_of_step
+            .get_or_create(&mailgate::observe::metrics::BackendLabels {
+                backend: "oos".into(),
+            })
+            .get()
+    };
+    let (code, text) = one_message(&gw).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(counted(), 1, "the out-of-step connection");
+    gw.shutdown().await;
+}

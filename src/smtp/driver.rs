@@ -542,7 +542,8 @@ impl Driver {
         };
         match login::replay(&mut opener, &mut self.backend, &mut self.backend_used, fresh).await {
             Replayed::Answer(r) => Ok(r),
-            Replayed::OutOfStep => Err(BackendError::OutOfStep(
+            // each out-of-step connection was counted as it was dropped
+            Replayed::OutOfStep => Err(BackendError::Protocol(
                 "out of step on a new connection too".into(),
             )),
             Replayed::Failed(e) => Err(e),
@@ -888,14 +889,18 @@ impl login::Replay for Opener<'_> {
         Ok(b)
     }
 
-    /// `None`: out of step (the connection's own check logged it).
+    /// `None`: out of step (the connection's own check logged it; counted
+    /// here, as the replay may go on without an error the driver sees).
     async fn login(&mut self, b: &mut SmtpBackend) -> Result<Option<BackendReply>, BackendError> {
         let r = match &self.command {
             Opening::Mail { from, params } => b.mail(from, params, None).await,
             Opening::Auth(c) => b.auth(&c.user, &c.password.0).await,
         };
         match r {
-            Err(BackendError::OutOfStep(_)) => Ok(None),
+            Err(BackendError::OutOfStep(_)) => {
+                crate::observe::metrics().backend_out_of_step(&self.backend.name);
+                Ok(None)
+            }
             r => r.map(Some),
         }
     }
