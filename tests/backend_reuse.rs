@@ -490,3 +490,47 @@ async fn an_out_of_step_connection_is_counted_when_mail_moves_on() {
     assert_eq!(counted(), 1, "the out-of-step connection");
     gw.shutdown().await;
 }
+
+/// A transaction the client ended with RSET is still open on the backend
+/// (mailgate answers RSET itself): an AUTH after it is sent only after the
+/// backend's transaction is reset too (RFC 4954 §4: no AUTH during a mail
+/// transaction, which Postfix answers 503, taken for a refused login).
+#[tokio::test]
+async fn auth_after_the_clients_rset_resets_the_backend_transaction_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let b = SmtpBackend::new()
+        .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
+        .on("AUTH", "235 2.7.0 ok\r\n")
+        .start()
+        .await;
+    let gw = Yaml::new()
+        .listener(
+            "mx",
+            "smtp",
+            "implicit",
+            "auth: optional, timeouts: { backend_reply: 3s, backend_connect: 3s }",
+        )
+        .certs(dir.path())
+        .backend("b", &b.addr, "")
+        .start()
+        .await;
+    let mut c = SmtpClient::connect(gw.addr("mx").unwrap())
+        .await
+        .tls(&ca)
+        .await;
+    assert!(c.text().await.starts_with("220"));
+    assert!(c.cmd("EHLO client.example").await.contains("AUTH PLAIN"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(c.cmd("RSET").await.starts_with("250"));
+    let auth = c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+    assert!(auth.starts_with("235"), "{auth}");
+    let lines = b.lines();
+    let auth_at = lines.iter().position(|l| l.starts_with("AUTH")).unwrap();
+    let mail_at = lines.iter().position(|l| l.starts_with("MAIL")).unwrap();
+    assert!(
+        lines[mail_at..auth_at].iter().any(|l| l == "RSET"),
+        "{lines:?}"
+    );
+    gw.shutdown().await;
+}

@@ -305,12 +305,10 @@ impl SmtpBackend {
         Ok(r)
     }
 
-    pub async fn mail(
-        &mut self,
-        from: &str,
-        params: &MailParams,
-        size_hint: Option<u64>,
-    ) -> Result<BackendReply, BackendError> {
+    /// A transaction left open (the client's RSET is answered by mailgate,
+    /// a MAIL refused after it was sent) is RSET before the next MAIL or
+    /// AUTH (RFC 4954 §4: no AUTH during a mail transaction).
+    async fn end_open_tx(&mut self) -> Result<(), BackendError> {
         if self.open_tx {
             let (code, lines) = self.command("RSET").await?;
             if code != 250 {
@@ -321,6 +319,16 @@ impl SmtpBackend {
             }
             self.open_tx = false;
         }
+        Ok(())
+    }
+
+    pub async fn mail(
+        &mut self,
+        from: &str,
+        params: &MailParams,
+        size_hint: Option<u64>,
+    ) -> Result<BackendReply, BackendError> {
+        self.end_open_tx().await?;
         let mut line = format!("MAIL FROM:<{from}>");
         if self.size_ext {
             if let Some(s) = params.size.or(size_hint) {
@@ -346,6 +354,7 @@ impl SmtpBackend {
     /// 4xx or 5xx; anything else (a 334 asking for more, a 250) leaves the
     /// exchange out of step and is an error, never a login result.
     pub async fn auth(&mut self, user: &str, password: &str) -> Result<BackendReply, BackendError> {
+        self.end_open_tx().await?;
         self.authenticated = true;
         let r = self.auth_exchange(user, password).await?;
         match r.0 {
