@@ -16,6 +16,7 @@
 //! the gateway's shutdown closes the rest ([`SmtpPool::close_all`]).
 
 use super::smtp::SmtpBackend;
+use super::stream::BackendTls;
 use super::{Backend, Deadlines};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,13 +32,16 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Which connections can stand in for each other: the same backend entry,
 /// address, EHLO name and TLS settings (a reload that changes any of them
-/// leaves the old connections to expire unused).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// leaves the old connections to expire unused). The TLS settings are the
+/// very ones of the config the connections were made with (compared by
+/// address), held here: were they freed, a later reload's settings could
+/// be allocated at that address and take the old connections.
+#[derive(Debug, Clone)]
 struct Key {
     name: String,
     address: String,
     helo: String,
-    tls: usize,
+    tls: Option<Arc<BackendTls>>,
 }
 
 impl Key {
@@ -46,8 +50,27 @@ impl Key {
             name: b.name.clone(),
             address: b.address.clone(),
             helo: b.helo_name.clone(),
-            tls: b.tls.as_ref().map_or(0, |t| Arc::as_ptr(t) as usize),
+            tls: b.tls.clone(),
         }
+    }
+
+    fn tls_ptr(&self) -> Option<*const BackendTls> {
+        self.tls.as_ref().map(Arc::as_ptr)
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, o: &Self) -> bool {
+        (&self.name, &self.address, &self.helo, self.tls_ptr())
+            == (&o.name, &o.address, &o.helo, o.tls_ptr())
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (&self.name, &self.address, &self.helo, self.tls_ptr()).hash(h)
     }
 }
 
@@ -175,5 +198,26 @@ impl SmtpPool {
         }
         let all = async { while quits.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(CLOSE_WAIT, all).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload's TLS settings never pass for those of kept connections:
+    /// the key holds the settings it was made from (so their address stays
+    /// theirs) and tells apart settings built alike.
+    #[test]
+    fn keys_hold_and_tell_apart_tls_settings() {
+        let yaml = "backends:\n  a: { address: \"127.0.0.1:1\", tls: starttls, pin_sha256: [\"0000000000000000000000000000000000000000000000000000000000000000\"], reuse: {} }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a }\n";
+        let load = || crate::config::load_str("k.yaml", yaml).unwrap();
+        let (old, new) = (load(), load());
+        let key = Key::of(&old.listeners[0].backend);
+        let settings = Arc::downgrade(old.listeners[0].backend.tls.as_ref().unwrap());
+        assert_ne!(key, Key::of(&new.listeners[0].backend));
+        assert_eq!(key, Key::of(&old.listeners[0].backend));
+        drop(old);
+        assert!(settings.upgrade().is_some(), "freed while a key names them");
     }
 }
