@@ -540,7 +540,14 @@ impl Driver {
             },
             command,
         };
-        match login::replay(&mut opener, &mut self.backend, &mut self.backend_used, fresh).await {
+        match login::replay(
+            &mut opener,
+            &mut self.backend,
+            &mut self.backend_used,
+            fresh,
+        )
+        .await
+        {
             Replayed::Answer(r) => Ok(r),
             // each out-of-step connection was counted as it was dropped
             Replayed::OutOfStep => Err(BackendError::Protocol(
