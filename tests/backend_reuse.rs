@@ -534,3 +534,34 @@ async fn auth_after_the_clients_rset_resets_the_backend_transaction_first() {
     );
     gw.shutdown().await;
 }
+
+/// A connection on which the backend refused a command carries that
+/// client's errors: servers count them per connection (Postfix's
+/// `smtpd_soft_error_limit` slows every later reply, its hard limit
+/// closes), so it is not handed on; a clean session's connection is.
+#[tokio::test]
+async fn a_connection_with_refused_commands_is_not_handed_on() {
+    let b = SmtpBackend::new()
+        .on_line("RCPT TO:<nobody@example.net>", "550 5.1.1 no such user\r\n")
+        .start()
+        .await;
+    let gw = common::start(&config(&b.addr, "reuse: {}")).await;
+    let before = b.connections();
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    assert!(c.cmd("EHLO client.example").await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(c
+        .cmd("RCPT TO:<nobody@example.net>")
+        .await
+        .starts_with("550"));
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    // the refusing one is closed; the next two sessions share a new one
+    for _ in 0..2 {
+        let (code, text) = one_message(&gw).await;
+        assert_eq!(code, 250, "{text}");
+    }
+    assert_eq!(b.connections() - before, 2, "{:?}", b.lines());
+    assert_eq!(wait_lines(&b, "QUIT", 1).await, 1, "{:?}", b.lines());
+    gw.shutdown().await;
+}

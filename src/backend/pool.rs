@@ -5,7 +5,8 @@
 //!
 //! Only connections that carry nothing of their client are kept: the config
 //! refuses `reuse` with XCLIENT or PROXY v2 identities, a connection that
-//! relayed an AUTH is never kept, and an open transaction is RSET first (a
+//! relayed an AUTH (or had a command refused: error counts are per
+//! connection) is never kept, and an open transaction is RSET first (a
 //! connection whose RSET fails is closed). A kept connection is taken only
 //! while it is in step and open (nothing unsolicited, no close seen); one
 //! that proves dead at its first command is replaced by a fresh connection

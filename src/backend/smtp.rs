@@ -38,6 +38,10 @@ pub struct SmtpBackend {
     /// An AUTH went over this connection: it belongs to that user, and is
     /// never handed to another client.
     authenticated: bool,
+    /// The backend refused a command here (4xx/5xx): servers count such
+    /// errors per connection (Postfix's `smtpd_soft_error_limit` slows
+    /// every later reply, its hard limit closes), so it is never handed on.
+    refused: bool,
 }
 
 impl SmtpBackend {
@@ -70,6 +74,7 @@ impl SmtpBackend {
             data_timeout: t.data,
             sessions: 1,
             authenticated: false,
+            refused: false,
         };
         let (code, lines) = b.read_reply(t.connect).await?;
         if code != 220 {
@@ -107,6 +112,8 @@ impl SmtpBackend {
         if let (true, Some(id)) = (backend.xclient, id) {
             b.xclient(backend, id, xclient.as_deref()).await?;
         }
+        // an EHLO a HELO-only server refused is mailgate's, not a client's
+        b.refused = false;
         b.connect_time = started.elapsed();
         Ok(b)
     }
@@ -295,6 +302,7 @@ impl SmtpBackend {
         self.conn.queue(b"\r\n");
         self.conn.flush(self.reply_timeout).await?;
         let r = self.read_reply(self.reply_timeout).await?;
+        self.refused |= r.0 >= 400;
         if r.0 == 421 {
             // the backend is closing; the caller drops this connection
             return Err(BackendError::Failed(format!(
@@ -436,6 +444,7 @@ impl SmtpBackend {
         self.check_in_step("the message").await?;
         self.send_stuffed(parts).await?;
         let r = self.read_reply(self.data_timeout).await?;
+        self.refused |= r.0 >= 400;
         // more after the verdict (other than a closing notice): which reply
         // answers the message is unknown
         if self.conn.buffered() > 0 && !self.closing_notice() {
@@ -486,10 +495,10 @@ impl SmtpBackend {
         matches!(self.conn.unsolicited().await, Ok(0))
     }
 
-    /// May serve another client session: it relayed no AUTH and has not
-    /// served `max_sessions` yet.
+    /// May serve another client session: it relayed no AUTH, the backend
+    /// refused nothing on it, and it has not served `max_sessions` yet.
     pub(super) fn reusable(&self, max_sessions: u32) -> bool {
-        !self.authenticated && self.sessions < max_sessions
+        !self.authenticated && !self.refused && self.sessions < max_sessions
     }
 
     /// Cleans the connection for the next client session: an open
