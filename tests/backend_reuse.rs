@@ -286,3 +286,282 @@ fn reuse_config_is_checked() {
     let ok = mailgate::config::load_str("gw.yaml", &smtp("reuse: { max_idle: 0 }")).unwrap();
     assert_eq!(ok.listeners[0].backend.reuse.max_idle, 0);
 }
+
+/// A backend whose every connection `n` (0: the start-up probe) answers
+/// each command as `rule(n, verb, how many of that verb it saw)` says:
+/// `None` closes the connection instead. The message after DATA's 354 is
+/// read, and answered `250` after `data_wait`. Returns the address and the
+/// count of connections.
+async fn scripted(
+    rule: fn(usize, &str, usize) -> Option<&'static str>,
+    data_wait: Duration,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                w.write_all(b"220 legacy ESMTP\r\n").await.unwrap();
+                let mut counts = std::collections::HashMap::new();
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    let k = counts.entry(verb.clone()).or_insert(0usize);
+                    *k += 1;
+                    let Some(reply) = rule(n, &verb, *k) else {
+                        return;
+                    };
+                    let _ = w.write_all(reply.as_bytes()).await;
+                    if verb == "DATA" && reply.starts_with("354") {
+                        let mut body = String::new();
+                        while body != ".\r\n" {
+                            body.clear();
+                            if r.read_line(&mut body).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                        tokio::time::sleep(data_wait).await;
+                        let _ = w.write_all(b"250 2.0.0 queued\r\n").await;
+                    }
+                    if verb == "QUIT" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// A session that logged in over the backend (AUTH) must never go on over
+/// another, unauthenticated connection (`smtp/session.rs` `answer`: we keep
+/// no passwords): when the authenticated connection breaks at MAIL, the
+/// client hears a temporary failure and the session closes, and no MAIL
+/// reaches the backend on a new connection. With and without `reuse:`.
+#[tokio::test]
+async fn mail_after_auth_never_moves_to_an_unauthenticated_connection() {
+    fn rule(n: usize, verb: &str, _: usize) -> Option<&'static str> {
+        match verb {
+            "EHLO" => Some("250-legacy\r\n250 AUTH PLAIN\r\n"),
+            "AUTH" => Some("235 2.7.0 ok\r\n"),
+            // the session's connection (after the probe's) breaks at MAIL;
+            // any other would take it unauthenticated
+            "MAIL" if n == 1 => None,
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
+        }
+    }
+    for extra in ["", "reuse: {}"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = common::dev_cert(dir.path());
+        let (addr, conns) = scripted(rule, Duration::ZERO).await;
+        let gw = Yaml::new()
+            .listener(
+                "mx",
+                "smtp",
+                "implicit",
+                "auth: optional, timeouts: { backend_reply: 3s, backend_connect: 3s }",
+            )
+            .certs(dir.path())
+            .backend("b", &addr, extra)
+            .start()
+            .await;
+        let mut c = SmtpClient::connect(gw.addr("mx").unwrap())
+            .await
+            .tls(&ca)
+            .await;
+        assert!(c.text().await.starts_with("220"));
+        assert!(c.cmd("EHLO client.example").await.contains("AUTH PLAIN"));
+        let auth = c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+        assert!(auth.starts_with("235"), "{auth}");
+        let mail = c.cmd("MAIL FROM:<alice@example.org>").await;
+        assert!(mail.starts_with("451"), "{extra:?}: MAIL: {mail}");
+        let rest = c.rest(Duration::from_secs(3)).await;
+        assert!(rest.starts_with("421"), "{extra:?}: closed: {rest}");
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "{extra:?}: the probe's and the session's, no unauthenticated one"
+        );
+        gw.shutdown().await;
+    }
+}
+
+/// A kept connection serves a session of another listener with that
+/// listener's backend deadlines (`timeouts.backend_data` …), not those of
+/// the listener whose session opened it: here the first listener's 1s would
+/// give up on the backend's verdict (2s) that the second one waits for, and
+/// the client would hear 451 for a message the backend then accepts.
+#[tokio::test]
+async fn a_kept_connection_takes_the_deadlines_of_the_session_that_uses_it() {
+    fn rule(_: usize, verb: &str, _: usize) -> Option<&'static str> {
+        match verb {
+            "EHLO" => Some("250 legacy\r\n"),
+            "DATA" => Some("354 go\r\n"),
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
+        }
+    }
+    let (addr, conns) = scripted(rule, Duration::from_secs(2)).await;
+    let gw = Yaml::new()
+        .listener(
+            "short",
+            "smtp",
+            "none",
+            "timeouts: { backend_reply: 3s, backend_connect: 3s, backend_data: 1s }",
+        )
+        .listener(
+            "long",
+            "smtp",
+            "none",
+            "timeouts: { backend_reply: 3s, backend_connect: 3s, backend_data: 10s }",
+        )
+        .backend("b", &addr, "reuse: {}")
+        .start()
+        .await;
+    // a transaction left open on `short`: its connection is reset and kept
+    let mut c = SmtpClient::greeted(gw.addr("short").unwrap()).await;
+    assert!(c.cmd("EHLO client.example").await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    let mut c = SmtpClient::greeted(gw.addr("long").unwrap()).await;
+    let (code, text) = c.send_message("client.example", MESSAGE).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the probe's and the kept one"
+    );
+    gw.shutdown().await;
+}
+
+/// A connection out of step at MAIL (a stray reply waiting) hands the MAIL
+/// to a new connection, and is still counted in
+/// `backend_out_of_step_total`, once per connection, as the other
+/// protocols' replays count it.
+#[tokio::test]
+async fn an_out_of_step_connection_is_counted_when_mail_moves_on() {
+    fn rule(n: usize, verb: &str, _: usize) -> Option<&'static str> {
+        match verb {
+            // the session's first connection (after the probe's) says
+            // more than asked
+            "EHLO" if n == 1 => Some("250 legacy\r\n250 stray\r\n"),
+            "EHLO" => Some("250 legacy\r\n"),
+            "DATA" => Some("354 go\r\n"),
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
+        }
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    // a backend name of its own: the counter is the process's
+    let gw = Yaml::new()
+        .listener_to(
+            "mx",
+            "smtp",
+            "none",
+            "oos",
+            "timeouts: { backend_reply: 3s, backend_connect: 3s }",
+        )
+        .backend("oos", &addr, "")
+        .start()
+        .await;
+    let counted = || {
+        mailgate::observe::metrics()
+            .backend_out_of_step
+            .get_or_create(&mailgate::observe::metrics::BackendLabels {
+                backend: "oos".into(),
+            })
+            .get()
+    };
+    let (code, text) = one_message(&gw).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(counted(), 1, "the out-of-step connection");
+    gw.shutdown().await;
+}
+
+/// A transaction the client ended with RSET is still open on the backend
+/// (mailgate answers RSET itself): an AUTH after it is sent only after the
+/// backend's transaction is reset too (RFC 4954 §4: no AUTH during a mail
+/// transaction, which Postfix answers 503, taken for a refused login).
+#[tokio::test]
+async fn auth_after_the_clients_rset_resets_the_backend_transaction_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let b = SmtpBackend::new()
+        .on("EHLO", "250-legacy\r\n250 AUTH PLAIN\r\n")
+        .on("AUTH", "235 2.7.0 ok\r\n")
+        .start()
+        .await;
+    let gw = Yaml::new()
+        .listener(
+            "mx",
+            "smtp",
+            "implicit",
+            "auth: optional, timeouts: { backend_reply: 3s, backend_connect: 3s }",
+        )
+        .certs(dir.path())
+        .backend("b", &b.addr, "")
+        .start()
+        .await;
+    let mut c = SmtpClient::connect(gw.addr("mx").unwrap())
+        .await
+        .tls(&ca)
+        .await;
+    assert!(c.text().await.starts_with("220"));
+    assert!(c.cmd("EHLO client.example").await.contains("AUTH PLAIN"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(c.cmd("RSET").await.starts_with("250"));
+    let auth = c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+    assert!(auth.starts_with("235"), "{auth}");
+    let lines = b.lines();
+    let auth_at = lines.iter().position(|l| l.starts_with("AUTH")).unwrap();
+    let mail_at = lines.iter().position(|l| l.starts_with("MAIL")).unwrap();
+    assert!(
+        lines[mail_at..auth_at].iter().any(|l| l == "RSET"),
+        "{lines:?}"
+    );
+    gw.shutdown().await;
+}
+
+/// A connection on which the backend refused a command carries that
+/// client's errors: servers count them per connection (Postfix's
+/// `smtpd_soft_error_limit` slows every later reply, its hard limit
+/// closes), so it is not handed on; a clean session's connection is.
+#[tokio::test]
+async fn a_connection_with_refused_commands_is_not_handed_on() {
+    let b = SmtpBackend::new()
+        .on_line("RCPT TO:<nobody@example.net>", "550 5.1.1 no such user\r\n")
+        .start()
+        .await;
+    let gw = common::start(&config(&b.addr, "reuse: {}")).await;
+    let before = b.connections();
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    assert!(c.cmd("EHLO client.example").await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(c
+        .cmd("RCPT TO:<nobody@example.net>")
+        .await
+        .starts_with("550"));
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    // the refusing one is closed; the next two sessions share a new one
+    for _ in 0..2 {
+        let (code, text) = one_message(&gw).await;
+        assert_eq!(code, 250, "{text}");
+    }
+    assert_eq!(b.connections() - before, 2, "{:?}", b.lines());
+    assert_eq!(wait_lines(&b, "QUIT", 1).await, 1, "{:?}", b.lines());
+    gw.shutdown().await;
+}

@@ -5,7 +5,8 @@
 //!
 //! Only connections that carry nothing of their client are kept: the config
 //! refuses `reuse` with XCLIENT or PROXY v2 identities, a connection that
-//! relayed an AUTH is never kept, and an open transaction is RSET first (a
+//! relayed an AUTH (or had a command refused: error counts are per
+//! connection) is never kept, and an open transaction is RSET first (a
 //! connection whose RSET fails is closed). A kept connection is taken only
 //! while it is in step and open (nothing unsolicited, no close seen); one
 //! that proves dead at its first command is replaced by a fresh connection
@@ -16,7 +17,8 @@
 //! the gateway's shutdown closes the rest ([`SmtpPool::close_all`]).
 
 use super::smtp::SmtpBackend;
-use super::Backend;
+use super::stream::BackendTls;
+use super::{Backend, Deadlines};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,13 +33,16 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Which connections can stand in for each other: the same backend entry,
 /// address, EHLO name and TLS settings (a reload that changes any of them
-/// leaves the old connections to expire unused).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// leaves the old connections to expire unused). The TLS settings are the
+/// very ones of the config the connections were made with (compared by
+/// address), held here: were they freed, a later reload's settings could
+/// be allocated at that address and take the old connections.
+#[derive(Debug, Clone)]
 struct Key {
     name: String,
     address: String,
     helo: String,
-    tls: usize,
+    tls: Option<Arc<BackendTls>>,
 }
 
 impl Key {
@@ -46,8 +51,27 @@ impl Key {
             name: b.name.clone(),
             address: b.address.clone(),
             helo: b.helo_name.clone(),
-            tls: b.tls.as_ref().map_or(0, |t| Arc::as_ptr(t) as usize),
+            tls: b.tls.clone(),
         }
+    }
+
+    fn tls_ptr(&self) -> Option<*const BackendTls> {
+        self.tls.as_ref().map(Arc::as_ptr)
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, o: &Self) -> bool {
+        (&self.name, &self.address, &self.helo, self.tls_ptr())
+            == (&o.name, &o.address, &o.helo, o.tls_ptr())
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (&self.name, &self.address, &self.helo, self.tls_ptr()).hash(h)
     }
 }
 
@@ -75,10 +99,10 @@ impl SmtpPool {
     }
 
     /// The most recently released connection for `b` still within its idle
-    /// time (the warmest one; older ones expire first), marked as reused.
-    /// The caller checks that it is still in step before using it
-    /// ([`SmtpBackend::idle_ready`]).
-    pub fn take(&self, b: &Backend) -> Option<SmtpBackend> {
+    /// time (the warmest one; older ones expire first), marked as reused,
+    /// with the taking session's deadlines `t`. The caller checks that it
+    /// is still in step before using it ([`SmtpBackend::idle_ready`]).
+    pub fn take(&self, b: &Backend, t: &Deadlines) -> Option<SmtpBackend> {
         if b.reuse.max_idle == 0 {
             return None;
         }
@@ -88,7 +112,7 @@ impl SmtpPool {
         while let Some(idle) = list.pop() {
             if idle.until > now {
                 let mut conn = idle.conn;
-                conn.taken_for_reuse();
+                conn.taken_for_reuse(t);
                 return Some(conn);
             }
             // past its idle time (the sweeper has not come by yet): closed
@@ -175,5 +199,26 @@ impl SmtpPool {
         }
         let all = async { while quits.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(CLOSE_WAIT, all).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload's TLS settings never pass for those of kept connections:
+    /// the key holds the settings it was made from (so their address stays
+    /// theirs) and tells apart settings built alike.
+    #[test]
+    fn keys_hold_and_tell_apart_tls_settings() {
+        let yaml = "backends:\n  a: { address: \"127.0.0.1:1\", tls: starttls, pin_sha256: [\"0000000000000000000000000000000000000000000000000000000000000000\"], reuse: {} }\nlisteners:\n  - { name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a }\n";
+        let load = || crate::config::load_str("k.yaml", yaml).unwrap();
+        let (old, new) = (load(), load());
+        let key = Key::of(&old.listeners[0].backend);
+        let settings = Arc::downgrade(old.listeners[0].backend.tls.as_ref().unwrap());
+        assert_ne!(key, Key::of(&new.listeners[0].backend));
+        assert_eq!(key, Key::of(&old.listeners[0].backend));
+        drop(old);
+        assert!(settings.upgrade().is_some(), "freed while a key names them");
     }
 }

@@ -38,6 +38,10 @@ pub struct SmtpBackend {
     /// An AUTH went over this connection: it belongs to that user, and is
     /// never handed to another client.
     authenticated: bool,
+    /// The backend refused a command here (4xx/5xx): servers count such
+    /// errors per connection (Postfix's `smtpd_soft_error_limit` slows
+    /// every later reply, its hard limit closes), so it is never handed on.
+    refused: bool,
 }
 
 impl SmtpBackend {
@@ -70,6 +74,7 @@ impl SmtpBackend {
             data_timeout: t.data,
             sessions: 1,
             authenticated: false,
+            refused: false,
         };
         let (code, lines) = b.read_reply(t.connect).await?;
         if code != 220 {
@@ -107,6 +112,8 @@ impl SmtpBackend {
         if let (true, Some(id)) = (backend.xclient, id) {
             b.xclient(backend, id, xclient.as_deref()).await?;
         }
+        // an EHLO a HELO-only server refused is mailgate's, not a client's
+        b.refused = false;
         b.connect_time = started.elapsed();
         Ok(b)
     }
@@ -295,6 +302,7 @@ impl SmtpBackend {
         self.conn.queue(b"\r\n");
         self.conn.flush(self.reply_timeout).await?;
         let r = self.read_reply(self.reply_timeout).await?;
+        self.refused |= r.0 >= 400;
         if r.0 == 421 {
             // the backend is closing; the caller drops this connection
             return Err(BackendError::Failed(format!(
@@ -305,12 +313,10 @@ impl SmtpBackend {
         Ok(r)
     }
 
-    pub async fn mail(
-        &mut self,
-        from: &str,
-        params: &MailParams,
-        size_hint: Option<u64>,
-    ) -> Result<BackendReply, BackendError> {
+    /// A transaction left open (the client's RSET is answered by mailgate,
+    /// a MAIL refused after it was sent) is RSET before the next MAIL or
+    /// AUTH (RFC 4954 §4: no AUTH during a mail transaction).
+    async fn end_open_tx(&mut self) -> Result<(), BackendError> {
         if self.open_tx {
             let (code, lines) = self.command("RSET").await?;
             if code != 250 {
@@ -321,6 +327,16 @@ impl SmtpBackend {
             }
             self.open_tx = false;
         }
+        Ok(())
+    }
+
+    pub async fn mail(
+        &mut self,
+        from: &str,
+        params: &MailParams,
+        size_hint: Option<u64>,
+    ) -> Result<BackendReply, BackendError> {
+        self.end_open_tx().await?;
         let mut line = format!("MAIL FROM:<{from}>");
         if self.size_ext {
             if let Some(s) = params.size.or(size_hint) {
@@ -346,6 +362,7 @@ impl SmtpBackend {
     /// 4xx or 5xx; anything else (a 334 asking for more, a 250) leaves the
     /// exchange out of step and is an error, never a login result.
     pub async fn auth(&mut self, user: &str, password: &str) -> Result<BackendReply, BackendError> {
+        self.end_open_tx().await?;
         self.authenticated = true;
         let r = self.auth_exchange(user, password).await?;
         match r.0 {
@@ -427,6 +444,7 @@ impl SmtpBackend {
         self.check_in_step("the message").await?;
         self.send_stuffed(parts).await?;
         let r = self.read_reply(self.data_timeout).await?;
+        self.refused |= r.0 >= 400;
         // more after the verdict (other than a closing notice): which reply
         // answers the message is unknown
         if self.conn.buffered() > 0 && !self.closing_notice() {
@@ -463,10 +481,12 @@ impl SmtpBackend {
         Ok(())
     }
 
-    /// Polite goodbye; errors do not matter any more.
-    /// Taken from the pool for a new client session.
-    pub(super) fn taken_for_reuse(&mut self) {
+    /// Taken from the pool for a new client session, which may be another
+    /// listener's (or one after a reload): its deadlines apply from now on.
+    pub(super) fn taken_for_reuse(&mut self, t: &Deadlines) {
         self.sessions += 1;
+        self.reply_timeout = t.reply;
+        self.data_timeout = t.data;
     }
 
     /// Open and in step after sitting idle: nothing unsolicited waiting
@@ -475,10 +495,10 @@ impl SmtpBackend {
         matches!(self.conn.unsolicited().await, Ok(0))
     }
 
-    /// May serve another client session: it relayed no AUTH and has not
-    /// served `max_sessions` yet.
+    /// May serve another client session: it relayed no AUTH, the backend
+    /// refused nothing on it, and it has not served `max_sessions` yet.
     pub(super) fn reusable(&self, max_sessions: u32) -> bool {
-        !self.authenticated && self.sessions < max_sessions
+        !self.authenticated && !self.refused && self.sessions < max_sessions
     }
 
     /// Cleans the connection for the next client session: an open
@@ -496,6 +516,7 @@ impl SmtpBackend {
         clean
     }
 
+    /// Polite goodbye; errors do not matter any more.
     pub async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.exchange("QUIT")).await;
     }

@@ -521,10 +521,13 @@ impl Driver {
     /// in this session, or another session's from the pool) and breaks, or
     /// one out of step, hands the command to one new connection. Nothing was
     /// committed on the broken one, and the client hears only the answer.
+    /// Never after a login: the session's AUTH lives on its connection only
+    /// (we keep no passwords), and the session ends when that one goes.
     async fn opening(&mut self, command: Opening<'_>) -> Result<BackendReply, BackendError> {
         if self.backend.is_none() {
             self.take_idle().await;
         }
+        let fresh = self.session.auth_user.is_none();
         let l = self.ctx.listener().clone();
         let mut opener = Opener {
             ctx: &self.ctx,
@@ -537,9 +540,17 @@ impl Driver {
             },
             command,
         };
-        match login::replay(&mut opener, &mut self.backend, &mut self.backend_used, true).await {
+        match login::replay(
+            &mut opener,
+            &mut self.backend,
+            &mut self.backend_used,
+            fresh,
+        )
+        .await
+        {
             Replayed::Answer(r) => Ok(r),
-            Replayed::OutOfStep => Err(BackendError::OutOfStep(
+            // each out-of-step connection was counted as it was dropped
+            Replayed::OutOfStep => Err(BackendError::Protocol(
                 "out of step on a new connection too".into(),
             )),
             Replayed::Failed(e) => Err(e),
@@ -550,7 +561,7 @@ impl Driver {
     /// dead or out-of-step ones are dropped on the way.
     async fn take_idle(&mut self) {
         let l = self.ctx.listener();
-        while let Some(mut b) = self.ctx.pool.take(&l.backend) {
+        while let Some(mut b) = self.ctx.pool.take(&l.backend, &l.timeouts.backend) {
             if b.idle_ready().await {
                 crate::observe::metrics().backend_reused(&l.backend.name);
                 self.backend = Some(b);
@@ -885,14 +896,18 @@ impl login::Replay for Opener<'_> {
         Ok(b)
     }
 
-    /// `None`: out of step (the connection's own check logged it).
+    /// `None`: out of step (the connection's own check logged it; counted
+    /// here, as the replay may go on without an error the driver sees).
     async fn login(&mut self, b: &mut SmtpBackend) -> Result<Option<BackendReply>, BackendError> {
         let r = match &self.command {
             Opening::Mail { from, params } => b.mail(from, params, None).await,
             Opening::Auth(c) => b.auth(&c.user, &c.password.0).await,
         };
         match r {
-            Err(BackendError::OutOfStep(_)) => Ok(None),
+            Err(BackendError::OutOfStep(_)) => {
+                crate::observe::metrics().backend_out_of_step(&self.backend.name);
+                Ok(None)
+            }
             r => r.map(Some),
         }
     }
