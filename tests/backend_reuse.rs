@@ -260,6 +260,10 @@ fn reuse_config_is_checked() {
             "backends.b.reuse.idle_timeout",
         ),
         (
+            smtp("reuse: { idle_timeout: 500ms }"),
+            "backends.b.reuse.idle_timeout",
+        ),
+        (
             smtp("reuse: { max_sessions: 0 }"),
             "backends.b.reuse.max_sessions",
         ),

@@ -131,7 +131,10 @@ fn build_reuse(
         .unwrap_or(defaults::REUSE_IDLE_TIMEOUT);
     // RFC 5321 §4.5.3.2.7: a server may close after 5 minutes idle; kept
     // longer, most idle connections would be dead when taken
-    if idle_timeout.is_zero() || idle_timeout > std::time::Duration::from_secs(300) {
+    // whole seconds: the sweeper looks twice a second, and `check` shows seconds
+    if idle_timeout < std::time::Duration::from_secs(1)
+        || idle_timeout > std::time::Duration::from_secs(300)
+    {
         return Err(s.err(
             &["backends", name, "reuse", "idle_timeout"],
             format!("backends.{name}.reuse.idle_timeout must be between 1s and 5m"),
