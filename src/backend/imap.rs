@@ -443,7 +443,9 @@ impl ImapBackend {
         };
         match tokio::time::timeout(deadline, read).await {
             Ok(r) => r,
-            Err(_) => Err(BackendError::Failed("IMAP backend reply timed out".into())),
+            Err(_) => Err(BackendError::TimedOut(
+                "IMAP backend reply timed out".into(),
+            )),
         }
     }
 

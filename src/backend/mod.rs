@@ -72,9 +72,14 @@ pub enum BackendError {
     /// Nothing listening, DNS failure, connect timeout, or a refusing greeting.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
-    /// The connection broke or a reply did not come in time.
+    /// The connection broke.
     #[error("backend connection failed: {0}")]
     Failed(String),
+    /// A reply did not come in time. Apart from `Failed` because the backend
+    /// may have taken the command: it is never sent again elsewhere (a login
+    /// replayed after a timeout would reach the backend's lockout twice).
+    #[error("backend connection failed: {0}")]
+    TimedOut(String),
     /// The backend said something that is not valid here.
     #[error("backend protocol error: {0}")]
     Protocol(String),
@@ -95,6 +100,7 @@ impl From<crate::codec::CodecError> for BackendError {
             crate::codec::CodecError::TooLong(_) => {
                 BackendError::Protocol("reply line too long".into())
             }
+            crate::codec::CodecError::Timeout => BackendError::TimedOut("reply timed out".into()),
             other => BackendError::Failed(other.to_string()),
         }
     }

@@ -147,7 +147,8 @@ pub trait Replay {
 /// (connected first where there is none), for every protocol: a backend
 /// out of step is never believed, and the login moves to one fresh
 /// connection; so does a login whose connection broke after an earlier
-/// attempt on it (the backend may have closed it since). `fresh`: whether
+/// attempt on it (the backend may have closed it since), but not one that
+/// timed out (the backend may be working on it). `fresh`: whether
 /// those moves are allowed (POP3's APOP is bound to the connection it
 /// greeted with). `used` says the connection carried a login; `slot` is
 /// left empty whenever the connection is not usable any more.
@@ -178,7 +179,10 @@ pub async fn replay<P: Replay>(
             }
             Err(e) => {
                 *slot = None;
-                if attempt == 0 && retry && fresh {
+                // a timeout is not a close: the backend may have taken the
+                // login, and a second one elsewhere would count twice there
+                let timed_out = matches!(e, BackendError::TimedOut(_));
+                if attempt == 0 && retry && fresh && !timed_out {
                     tracing::debug!(error = %e, "backend connection lost; reconnecting");
                     continue;
                 }
@@ -287,10 +291,11 @@ mod tests {
     }
 
     /// A backend client whose logins answer from a script: `Ok(None)` is
-    /// out of step, `Err` a broken connection.
+    /// out of step, `Err("slow")` a reply timeout, any other `Err` a broken
+    /// connection.
     struct Script {
         connects: u32,
-        answers: Vec<Result<Option<&'static str>, ()>>,
+        answers: Vec<Result<Option<&'static str>, &'static str>>,
     }
 
     impl Replay for Script {
@@ -301,13 +306,14 @@ mod tests {
             Ok(self.connects)
         }
         async fn login(&mut self, _: &mut u32) -> Result<Option<&'static str>, BackendError> {
-            self.answers
-                .remove(0)
-                .map_err(|_| BackendError::Failed("gone".into()))
+            self.answers.remove(0).map_err(|e| match e {
+                "slow" => BackendError::TimedOut(e.into()),
+                _ => BackendError::Failed(e.into()),
+            })
         }
     }
 
-    fn script(answers: Vec<Result<Option<&'static str>, ()>>) -> Script {
+    fn script(answers: Vec<Result<Option<&'static str>, &'static str>>) -> Script {
         Script {
             connects: 0,
             answers,
@@ -347,7 +353,7 @@ mod tests {
         assert_eq!(s.connects, 0);
         // a used connection that broke: once more on a fresh one
         let (mut slot, mut used) = (Some(7), true);
-        let mut s = script(vec![Err(()), Ok(Some("ok"))]);
+        let mut s = script(vec![Err("gone"), Ok(Some("ok"))]);
         assert_eq!(
             answer(replay(&mut s, &mut slot, &mut used, true).await),
             "ok"
@@ -355,12 +361,21 @@ mod tests {
         assert_eq!(s.connects, 1);
         // a new connection that broke: no second try
         let (mut slot, mut used) = (None, false);
-        let mut s = script(vec![Err(())]);
+        let mut s = script(vec![Err("gone")]);
         assert_eq!(
             answer(replay(&mut s, &mut slot, &mut used, true).await),
             "failed"
         );
         assert_eq!((s.connects, slot), (1, None));
+        // a used connection that timed out: the backend may have the login,
+        // so it is not sent again elsewhere (a lockout would count it twice)
+        let (mut slot, mut used) = (Some(7), true);
+        let mut s = script(vec![Err("slow"), Ok(Some("ok"))]);
+        assert_eq!(
+            answer(replay(&mut s, &mut slot, &mut used, true).await),
+            "failed"
+        );
+        assert_eq!((s.connects, slot), (0, None));
     }
 
     #[test]

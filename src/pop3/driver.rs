@@ -295,7 +295,7 @@ impl Driver {
         self.backend = None;
         match e {
             BackendError::Unavailable(_) | BackendError::Identity(_) => LoginOutcome::Unavailable,
-            BackendError::Failed(_) => LoginOutcome::Failed,
+            BackendError::Failed(_) | BackendError::TimedOut(_) => LoginOutcome::Failed,
             BackendError::Protocol(_) | BackendError::OutOfStep(_) => LoginOutcome::Invalid,
         }
     }

@@ -489,7 +489,7 @@ impl Driver {
                 self.backend = None;
                 match e {
                     BackendError::Unavailable(_) => Outcome::Unavailable,
-                    BackendError::Failed(_) => Outcome::Failed,
+                    BackendError::Failed(_) | BackendError::TimedOut(_) => Outcome::Failed,
                     BackendError::Protocol(_) => Outcome::Invalid,
                     BackendError::OutOfStep(_) => {
                         crate::observe::metrics()
