@@ -141,6 +141,35 @@ async fn idle_connections_expire_and_serve_at_most_max_sessions() {
     );
 }
 
+/// An implicit-TLS listener `mx` with `auth: optional` in front of backend
+/// `b` at `addr` (its flow mapping gets `extra`); the certificate in `dir`.
+async fn auth_gateway(dir: &std::path::Path, addr: &str, extra: &str) -> Gateway {
+    Yaml::new()
+        .listener(
+            "mx",
+            "smtp",
+            "implicit",
+            "auth: optional, timeouts: { backend_reply: 3s, backend_connect: 3s }",
+        )
+        .certs(dir)
+        .backend("b", addr, extra)
+        .start()
+        .await
+}
+
+/// A client session on [`auth_gateway`]: TLS, greeting, and an EHLO that
+/// offered AUTH PLAIN.
+async fn auth_session(gw: &Gateway, ca: &std::path::Path) -> SmtpClient<common::Tls> {
+    let mut c = SmtpClient::connect(gw.addr("mx").unwrap())
+        .await
+        .tls(ca)
+        .await;
+    assert!(c.text().await.starts_with("220"));
+    let ehlo = c.cmd("EHLO client.example").await;
+    assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
+    c
+}
+
 /// A connection that relayed an AUTH belongs to that user: it is closed at
 /// the end of the session, and the next client gets a connection of its own.
 #[tokio::test]
@@ -152,26 +181,10 @@ async fn a_connection_that_relayed_auth_is_not_handed_on() {
         .on("AUTH", "235 2.7.0 ok\r\n")
         .start()
         .await;
-    let gw = Yaml::new()
-        .listener(
-            "mx",
-            "smtp",
-            "implicit",
-            "auth: optional, timeouts: { backend_reply: 3s, backend_connect: 3s }",
-        )
-        .certs(dir.path())
-        .backend("b", &b.addr, "reuse: {}")
-        .start()
-        .await;
+    let gw = auth_gateway(dir.path(), &b.addr, "reuse: {}").await;
     let before = b.connections();
     for user in ["AGFsaWNlAHNlY3JldA==", "AGJvYgBzZWNyZXQ="] {
-        let mut c = SmtpClient::connect(gw.addr("mx").unwrap())
-            .await
-            .tls(&ca)
-            .await;
-        assert!(c.text().await.starts_with("220"));
-        let ehlo = c.cmd("EHLO client.example").await;
-        assert!(ehlo.contains("AUTH PLAIN"), "{ehlo}");
+        let mut c = auth_session(&gw, &ca).await;
         let auth = c.cmd(&format!("AUTH PLAIN {user}")).await;
         assert!(auth.starts_with("235"), "{auth}");
         let (code, text) = c.send_message("client.example", MESSAGE).await;
@@ -188,57 +201,18 @@ async fn a_connection_that_relayed_auth_is_not_handed_on() {
 /// connection and the client hears that 250, never the failure.
 #[tokio::test]
 async fn a_connection_that_died_while_idle_is_replaced_before_the_client_hears() {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = conns.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (r, mut w) = s.into_split();
-                let mut r = BufReader::new(r);
-                w.write_all(b"220 legacy ESMTP\r\n").await.unwrap();
-                let mut mails = 0;
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
-                    let reply: &[u8] = match verb.as_str() {
-                        "EHLO" => b"250-legacy\r\n250 8BITMIME\r\n",
-                        "MAIL" => {
-                            mails += 1;
-                            // connection 1 (after the probe, connection 0)
-                            // dies before its second MAIL is answered
-                            if n == 1 && mails == 2 {
-                                return;
-                            }
-                            b"250 ok\r\n"
-                        }
-                        "DATA" => {
-                            w.write_all(b"354 go\r\n").await.unwrap();
-                            let mut body = String::new();
-                            while body != ".\r\n" {
-                                body.clear();
-                                r.read_line(&mut body).await.unwrap();
-                            }
-                            b"250 2.0.0 queued\r\n"
-                        }
-                        "QUIT" => {
-                            let _ = w.write_all(b"221 bye\r\n").await;
-                            return;
-                        }
-                        _ => b"250 ok\r\n",
-                    };
-                    w.write_all(reply).await.unwrap();
-                }
-            });
+    fn rule(n: usize, verb: &str, seen: usize) -> Option<&'static str> {
+        match verb {
+            "EHLO" => Some("250-legacy\r\n250 8BITMIME\r\n"),
+            // connection 1 (after the probe, connection 0) dies before its
+            // second MAIL is answered
+            "MAIL" if n == 1 && seen == 2 => None,
+            "DATA" => Some("354 go\r\n"),
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
         }
-    });
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
     let gw = common::start(&config(&addr, "reuse: {}")).await;
     assert_eq!(one_message(&gw).await.0, 250);
     let (code, text) = one_message(&gw).await;
@@ -369,23 +343,8 @@ async fn mail_after_auth_never_moves_to_an_unauthenticated_connection() {
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = common::dev_cert(dir.path());
         let (addr, conns) = scripted(rule, Duration::ZERO).await;
-        let gw = Yaml::new()
-            .listener(
-                "mx",
-                "smtp",
-                "implicit",
-                "auth: optional, timeouts: { backend_reply: 3s, backend_connect: 3s }",
-            )
-            .certs(dir.path())
-            .backend("b", &addr, extra)
-            .start()
-            .await;
-        let mut c = SmtpClient::connect(gw.addr("mx").unwrap())
-            .await
-            .tls(&ca)
-            .await;
-        assert!(c.text().await.starts_with("220"));
-        assert!(c.cmd("EHLO client.example").await.contains("AUTH PLAIN"));
+        let gw = auth_gateway(dir.path(), &addr, extra).await;
+        let mut c = auth_session(&gw, &ca).await;
         let auth = c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
         assert!(auth.starts_with("235"), "{auth}");
         let mail = c.cmd("MAIL FROM:<alice@example.org>").await;
@@ -508,23 +467,8 @@ async fn auth_after_the_clients_rset_resets_the_backend_transaction_first() {
         .on("AUTH", "235 2.7.0 ok\r\n")
         .start()
         .await;
-    let gw = Yaml::new()
-        .listener(
-            "mx",
-            "smtp",
-            "implicit",
-            "auth: optional, timeouts: { backend_reply: 3s, backend_connect: 3s }",
-        )
-        .certs(dir.path())
-        .backend("b", &b.addr, "")
-        .start()
-        .await;
-    let mut c = SmtpClient::connect(gw.addr("mx").unwrap())
-        .await
-        .tls(&ca)
-        .await;
-    assert!(c.text().await.starts_with("220"));
-    assert!(c.cmd("EHLO client.example").await.contains("AUTH PLAIN"));
+    let gw = auth_gateway(dir.path(), &b.addr, "").await;
+    let mut c = auth_session(&gw, &ca).await;
     assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
     assert!(c.cmd("RSET").await.starts_with("250"));
     let auth = c.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;

@@ -505,11 +505,8 @@ impl SmtpBackend {
     /// transaction is RSET (it must be answered 250), and nothing may be
     /// left unread. False: its state is unknown and it is not reused.
     pub(super) async fn reset(&mut self) -> bool {
-        if self.open_tx {
-            match self.command("RSET").await {
-                Ok((250, _)) => self.open_tx = false,
-                _ => return false,
-            }
+        if self.end_open_tx().await.is_err() {
+            return false;
         }
         let clean = self.idle_ready().await;
         self.conn.shrink();

@@ -106,10 +106,7 @@ impl Driver {
 
     async fn close(mut self, end: End) {
         self.client.close(&self.ctx).await;
-        if let Some(b) = self.backend.take() {
-            let l = self.ctx.listener();
-            self.ctx.pool.release(&l.backend, b).await;
-        }
+        self.release_backend().await;
         session_end!(
             self.client,
             end,
@@ -474,10 +471,7 @@ impl Driver {
         // the backend was told the pre-TLS identity (XCLIENT HELO):
         // start afresh, like the client's own state (RFC 3207); a connection
         // that carries no identity may serve again (`reuse:`)
-        if let Some(b) = self.backend.take() {
-            let l = self.ctx.listener();
-            self.ctx.pool.release(&l.backend, b).await;
-        }
+        self.release_backend().await;
         Ok(())
     }
 
@@ -554,6 +548,15 @@ impl Driver {
                 "out of step on a new connection too".into(),
             )),
             Replayed::Failed(e) => Err(e),
+        }
+    }
+
+    /// The session is done with its backend connection: kept for a later
+    /// session where `reuse:` allows it, else closed (`backend/pool.rs`).
+    async fn release_backend(&mut self) {
+        if let Some(b) = self.backend.take() {
+            let l = self.ctx.listener();
+            self.ctx.pool.release(&l.backend, b).await;
         }
     }
 
