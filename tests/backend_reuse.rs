@@ -513,3 +513,121 @@ async fn a_connection_with_refused_commands_is_not_handed_on() {
     assert_eq!(wait_lines(&b, "QUIT", 1).await, 1, "{:?}", b.lines());
     gw.shutdown().await;
 }
+
+/// `backend_reused_total{backend}` of backend `name` (the counter is the
+/// process's: each test that reads it has a backend name of its own).
+fn reused(name: &str) -> u64 {
+    mailgate::observe::metrics()
+        .backend_reused
+        .get_or_create(&mailgate::observe::metrics::BackendLabels {
+            backend: name.into(),
+        })
+        .get()
+}
+
+/// `backend_reused_total` counts connections that served a later session,
+/// not those taken and found dead (their command went to a new one).
+#[tokio::test]
+async fn only_connections_that_serve_again_are_counted_as_reused() {
+    fn rule(n: usize, verb: &str, seen: usize) -> Option<&'static str> {
+        match verb {
+            "EHLO" => Some("250 legacy\r\n"),
+            // connection 1 serves two sessions, then dies at its third MAIL
+            "MAIL" if n == 1 && seen == 3 => None,
+            "DATA" => Some("354 go\r\n"),
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
+        }
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    let gw = Yaml::new()
+        .listener_to(
+            "mx",
+            "smtp",
+            "none",
+            "counted",
+            "timeouts: { backend_reply: 3s, backend_connect: 3s }",
+        )
+        .backend("counted", &addr, "reuse: {}")
+        .start()
+        .await;
+    for _ in 0..3 {
+        let (code, text) = one_message(&gw).await;
+        assert_eq!(code, 250, "{text}");
+    }
+    // probe, connection 1 (three sessions, the third's MAIL moved), its replacement
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(
+        reused("counted"),
+        1,
+        "the second session's; not the third's"
+    );
+    gw.shutdown().await;
+}
+
+/// A client that opened a transaction before STARTTLS (then RSET) goes on, after it,
+/// on the same backend connection, reset (RFC 3207: the session starts
+/// afresh) and counted once toward `max_sessions`: with `max_sessions: 2`
+/// a second client session still takes it.
+#[tokio::test]
+async fn starttls_keeps_the_sessions_own_connection_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let b = SmtpBackend::new().start().await;
+    let gw = Yaml::new()
+        .listener_to(
+            "mx",
+            "smtp",
+            "starttls",
+            "restarted",
+            "timeouts: { backend_reply: 3s, backend_connect: 3s }",
+        )
+        .certs(dir.path())
+        .backend("restarted", &b.addr, "reuse: { max_sessions: 2 }")
+        .start()
+        .await;
+    let before = b.connections();
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    assert!(c.cmd("EHLO client.example").await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    // (answered by mailgate: the backend's transaction stays open)
+    assert!(c.cmd("RSET").await.starts_with("250"));
+    assert!(c.cmd("STARTTLS").await.starts_with("220"));
+    let mut c = c.tls(&ca).await;
+    let (code, text) = c.send_message("client.example", MESSAGE).await;
+    assert_eq!(code, 250, "{text}");
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    let (code, text) = one_message_tls(&gw, &ca).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(b.connections() - before, 1, "{:?}", b.lines());
+    assert_eq!(b.accepted(), 2);
+    let lines = b.lines();
+    let rset = lines
+        .iter()
+        .position(|l| l == "RSET")
+        .expect("the pre-TLS MAIL reset");
+    let mails: Vec<_> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("MAIL"))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(mails[0] < rset && rset < mails[1], "{lines:?}");
+    assert_eq!(reused("restarted"), 1, "the second client session");
+    // two sessions served: closed after the second
+    assert_eq!(wait_lines(&b, "QUIT", 1).await, 1, "{lines:?}");
+    gw.shutdown().await;
+}
+
+/// One client session over STARTTLS on `mx`: a message, then QUIT.
+async fn one_message_tls(gw: &Gateway, ca: &std::path::Path) -> (u16, String) {
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap())
+        .await
+        .starttls(ca)
+        .await;
+    let r = c.send_message("client.example", MESSAGE).await;
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    r
+}

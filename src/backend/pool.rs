@@ -13,8 +13,10 @@
 //! before the client hears anything (`smtp/driver.rs`), so reuse never turns
 //! into a refusal the client would not have had without it.
 //!
-//! The sweeper closes connections idle longer than `idle_timeout` (QUIT);
-//! the gateway's shutdown closes the rest ([`SmtpPool::close_all`]).
+//! The sweeper closes connections idle longer than `idle_timeout` (QUIT)
+//! and sleeps until the next one is due, or, with none kept, until one is
+//! (a gateway without `reuse` never wakes for it); the gateway's shutdown
+//! closes the rest ([`SmtpPool::close_all`]).
 
 use super::smtp::SmtpBackend;
 use super::stream::BackendTls;
@@ -22,11 +24,8 @@ use super::{Backend, Deadlines};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-
-/// How often the sweeper looks for connections past their idle time.
-const SWEEP: Duration = Duration::from_millis(500);
 /// The RSET that cleans a released connection, and each QUIT, may take this
 /// long (the client session is over; nobody waits for it longer).
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -80,22 +79,37 @@ struct Idle {
     until: Instant,
 }
 
+/// The idle connections, and when the sweeper will look next (`None`: it
+/// waits for a connection to be kept), under one lock: a release that
+/// expires before that time wakes it, and only such a release does (with
+/// one `idle_timeout`, when the pool was empty), so sessions do not wake
+/// it on their way out.
+#[derive(Default)]
+struct Lists {
+    lists: HashMap<Key, Vec<Idle>>,
+    armed: Option<Instant>,
+}
+
 /// The process's idle SMTP backend connections, per backend.
 #[derive(Default)]
 pub struct SmtpPool {
-    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    idle: Mutex<Lists>,
     /// Set at shutdown: sessions still ending close their connections.
     closed: std::sync::atomic::AtomicBool,
+    /// A connection was kept: the sweeper's next wake may be earlier.
+    kept: Notify,
+    /// Times the sweeper woke (tests: it must not wake while nothing is kept).
+    wakes: std::sync::atomic::AtomicU64,
 }
 
 impl SmtpPool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lists> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Idle connections held for `b` now.
     pub fn idle(&self, b: &Backend) -> usize {
-        self.lock().get(&Key::of(b)).map_or(0, Vec::len)
+        self.lock().lists.get(&Key::of(b)).map_or(0, Vec::len)
     }
 
     /// The most recently released connection for `b` still within its idle
@@ -108,7 +122,7 @@ impl SmtpPool {
         }
         let now = Instant::now();
         let mut map = self.lock();
-        let list = map.get_mut(&Key::of(b))?;
+        let list = map.lists.get_mut(&Key::of(b))?;
         while let Some(idle) = list.pop() {
             if idle.until > now {
                 let mut conn = idle.conn;
@@ -143,13 +157,15 @@ impl SmtpPool {
         }
         let refused = {
             let mut map = self.lock();
-            let list = map.entry(Key::of(b)).or_default();
+            let list = map.lists.entry(Key::of(b)).or_default();
             // shutdown may have begun during the RSET
             if list.len() < r.max_idle && !self.closed.load(std::sync::atomic::Ordering::Relaxed) {
-                list.push(Idle {
-                    conn,
-                    until: Instant::now() + r.idle_timeout,
-                });
+                let until = Instant::now() + r.idle_timeout;
+                list.push(Idle { conn, until });
+                if map.armed.is_none_or(|at| until < at) {
+                    map.armed = Some(until);
+                    self.kept.notify_one();
+                }
                 None
             } else {
                 Some(conn)
@@ -165,23 +181,63 @@ impl SmtpPool {
     fn expired(&self, now: Instant, all: bool) -> Vec<SmtpBackend> {
         let mut out = Vec::new();
         let mut map = self.lock();
-        for list in map.values_mut() {
+        for list in map.lists.values_mut() {
             let (gone, keep): (Vec<Idle>, Vec<Idle>) =
                 list.drain(..).partition(|i| all || i.until <= now);
             *list = keep;
             out.extend(gone.into_iter().map(|i| i.conn));
         }
-        map.retain(|_, l| !l.is_empty());
+        map.lists.retain(|_, l| !l.is_empty());
         out
     }
 
-    /// Closes idle connections past their `idle_timeout` until shutdown.
+    /// The session goes on after the client's STARTTLS (RFC 3207: it starts
+    /// afresh): a connection that may serve another session may serve this
+    /// one's second part too, reset like a released one, without a trip
+    /// through the pool (it is the same client session: not counted again
+    /// toward `max_sessions`, nor as reused). Others are closed: `None`.
+    pub async fn restart(&self, b: &Backend, mut conn: SmtpBackend) -> Option<SmtpBackend> {
+        if b.reuse.max_idle == 0 || !conn.reusable(b.reuse.max_sessions) {
+            conn.quit().await;
+            return None;
+        }
+        match tokio::time::timeout(CLOSE_WAIT, conn.reset()).await {
+            Ok(true) => Some(conn),
+            Ok(false) => {
+                conn.quit().await;
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// When the next kept connection's idle time ends, which is when the
+    /// sweeper looks next (releases compare against it).
+    fn arm(&self) -> Option<Instant> {
+        let mut map = self.lock();
+        map.armed = map.lists.values().flatten().map(|i| i.until).min();
+        map.armed
+    }
+
+    /// Closes idle connections past their `idle_timeout` until shutdown,
+    /// waking when the earliest is due and not at all while none is kept.
     pub async fn sweep(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
+            let due = self.arm();
             tokio::select! {
-                _ = tokio::time::sleep(SWEEP) => {}
+                _ = async {
+                    match due {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                // a kept connection may expire before `due` (another
+                // backend's shorter idle_timeout): look again
+                _ = self.kept.notified() => {}
                 _ = shutdown.changed() => return,
             }
+            self.wakes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for conn in self.expired(Instant::now(), false) {
                 tokio::spawn(conn.quit());
             }
@@ -205,6 +261,20 @@ impl SmtpPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gateway whose backends keep nothing does not wake for the pool:
+    /// the sweeper of an empty pool sleeps until a connection is kept.
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_of_an_empty_pool_sleeps() {
+        let pool = Arc::new(SmtpPool::default());
+        let (stop, rx) = watch::channel(false);
+        let sweeper = tokio::spawn(pool.clone().sweep(rx));
+        // paused time jumps to each timer the sweeper sets
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(pool.wakes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        stop.send(true).unwrap();
+        sweeper.await.unwrap();
+    }
 
     /// A reload's TLS settings never pass for those of kept connections:
     /// the key holds the settings it was made from (so their address stays

@@ -489,6 +489,12 @@ impl SmtpBackend {
         self.data_timeout = t.data;
     }
 
+    /// It served an earlier client session (was taken from the pool); a
+    /// connection opened for this session is not.
+    pub fn reused(&self) -> bool {
+        self.sessions > 1
+    }
+
     /// Open and in step after sitting idle: nothing unsolicited waiting
     /// (a 421 of the backend's idle timeout, a stray reply), no close seen.
     pub async fn idle_ready(&mut self) -> bool {

@@ -131,7 +131,7 @@ fn build_reuse(
         .unwrap_or(defaults::REUSE_IDLE_TIMEOUT);
     // RFC 5321 §4.5.3.2.7: a server may close after 5 minutes idle; kept
     // longer, most idle connections would be dead when taken
-    // at least a second: the sweeper looks twice a second, and `check` shows seconds
+    // at least a second: `check` shows whole seconds
     if idle_timeout < std::time::Duration::from_secs(1)
         || idle_timeout > std::time::Duration::from_secs(300)
     {

@@ -288,7 +288,7 @@ impl Metrics {
         );
         registry.register(
             "backend_reused",
-            "Client sessions served by an idle SMTP backend connection (reuse:)",
+            "Client sessions served by an idle SMTP backend connection (reuse:), once it answered there",
             m.backend_reused.clone(),
         );
         registry.register(

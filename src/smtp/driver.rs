@@ -54,6 +54,9 @@ struct Driver {
     /// The backend connection carried a command before (in this session,
     /// or, taken from the pool, in an earlier one): see [`Driver::opening`].
     backend_used: bool,
+    /// The connection was taken from the pool and has not answered yet
+    /// (`backend_reused_total` counts only connections that served).
+    reuse_pending: bool,
     messages: u32,
     /// SPF result of the current transaction (for DMARC and the A-R header);
     /// boxed, as it is there only between MAIL and the end of DATA.
@@ -98,6 +101,7 @@ impl Driver {
             id,
             backend: None,
             backend_used: false,
+            reuse_pending: false,
             messages: 0,
             spf: None,
             dns_budget: crate::auth::DnsBudget::new(),
@@ -470,8 +474,11 @@ impl Driver {
         self.session.tls_started();
         // the backend was told the pre-TLS identity (XCLIENT HELO):
         // start afresh, like the client's own state (RFC 3207); a connection
-        // that carries no identity may serve again (`reuse:`)
-        self.release_backend().await;
+        // that carries no identity goes on, reset (`reuse:`)
+        if let Some(b) = self.backend.take() {
+            let l = self.ctx.listener();
+            self.backend = self.ctx.pool.restart(&l.backend, b).await;
+        }
         Ok(())
     }
 
@@ -542,7 +549,14 @@ impl Driver {
         )
         .await
         {
-            Replayed::Answer(r) => Ok(r),
+            Replayed::Answer(r) => {
+                if std::mem::take(&mut self.reuse_pending)
+                    && self.backend.as_ref().is_some_and(|b| b.reused())
+                {
+                    crate::observe::metrics().backend_reused(&l.backend.name);
+                }
+                Ok(r)
+            }
             // each out-of-step connection was counted as it was dropped
             Replayed::OutOfStep => Err(BackendError::Protocol(
                 "out of step on a new connection too".into(),
@@ -566,8 +580,9 @@ impl Driver {
         let l = self.ctx.listener();
         while let Some(mut b) = self.ctx.pool.take(&l.backend, &l.timeouts.backend) {
             if b.idle_ready().await {
-                crate::observe::metrics().backend_reused(&l.backend.name);
                 self.backend = Some(b);
+                // counted once its first command is answered on it
+                self.reuse_pending = true;
                 // it served before: a break now is the backend's idle close
                 self.backend_used = true;
                 return;
