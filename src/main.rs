@@ -454,6 +454,9 @@ async fn bans(
         ),
         401 => said("the gateway refused the token (is this the configuration it runs with?)"),
         404 => said(&format!("no ban covers {address}")),
+        503 => said(&format!(
+            "lifted on the gateway asked, but its state store did not answer: other instances may still refuse {address} (try again)"
+        )),
         _ => said(&format!("{addr}: {request} answered {code}: {body}")),
     }
 }

@@ -13,7 +13,7 @@ use crate::backend::probe;
 use crate::config::{Config, Listener, Protocol};
 use crate::conn::inflight::Budget;
 use crate::conn::{ListenerRuntime, SessionCtx};
-use crate::observe::http::{Admin, AdminToken, BanDesk, ReadyCheck};
+use crate::observe::http::{Admin, AdminToken, BanDesk, Lifted, ReadyCheck};
 use crate::policy::{ConnectPermit, Decision, Facts, Policies, Policy, PolicyState};
 use crate::state::{StateSettings, Store};
 use crate::triage::{Triage, TriageState};
@@ -102,12 +102,26 @@ impl BanDesk for Desk {
         serde_json::Value::from(bans).to_string()
     }
 
-    fn lift(&self, ip: std::net::IpAddr) -> usize {
-        let now = std::time::Instant::now();
-        let n = self.0.bans.lift(ip, now).len();
-        self.0.lift_shared(ip);
-        crate::observe::metrics().bans_active_now(self.0.bans.housekeeping(now));
-        n
+    fn lift(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Lifted> + Send + '_>> {
+        Box::pin(async move {
+            let now = std::time::Instant::now();
+            let here = self.0.bans.lift(ip, now).len();
+            crate::observe::metrics().bans_active_now(self.0.bans.housekeeping(now));
+            let (shared, store_failed) = match self.0.lift_shared(ip).await {
+                Ok(n) => (n, false),
+                Err(e) => {
+                    tracing::warn!(client = %ip, error = %e, "ban lift not written to the state store (lifted on this instance)");
+                    (0, true)
+                }
+            };
+            Lifted {
+                lifted: here.max(shared),
+                store_failed,
+            }
+        })
     }
 }
 

@@ -8,59 +8,11 @@
 mod common;
 mod dns;
 
-use common::{http_get, require_or_skip, Gateway, Guard, SmtpClient, Tls, Yaml};
+use common::{http_get, require_or_skip, Gateway, Guard, Redis, SmtpClient, Tls, Yaml};
 use mailgate::state::{keys, Answer, Op, Store, StoreSettings};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A redis-server of this test, on `port`, data in `dir` (none persisted).
-struct Redis {
-    port: u16,
-    child: Option<Guard>,
-}
-
-impl Redis {
-    fn start(dir: &Path) -> Redis {
-        let mut r = Redis {
-            port: common::free_port(),
-            child: None,
-        };
-        r.restart(dir);
-        r
-    }
-
-    /// Starts it again on the same port (after [`Redis::kill`]).
-    fn restart(&mut self, dir: &Path) {
-        let child = Command::new(common::tool("redis-server"))
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        self.child = Some(Guard(child));
-        common::wait_port(self.port);
-    }
-
-    /// SIGKILL, by PID (the guard's child).
-    fn kill(&mut self) {
-        drop(self.child.take());
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// A plain client to look at what the gateways left in the store.
-    fn client(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
-    }
-}
 
 /// The `state:` section for `redis` with this test's `prefix`; `extra`:
 /// more fields (`timeout` among them: 1s unless given, so that a loaded
@@ -319,6 +271,50 @@ async fn bans_are_shared_across_two_instances() {
         let (text, _c) = greeting(gw, "127.0.3.9").await;
         assert!(text.starts_with("220"), "ban over on {name}: {text}");
     }
+}
+
+/// `DELETE /bans/<address>` on an instance that never saw the client lifts
+/// the ban another instance wrote to the store, and says so (200, lifted 1;
+/// it answered 404, though the store's copy went too); that instance then
+/// greets the client. With the store down the lift answers 503: other
+/// instances may still learn the ban from it.
+#[tokio::test]
+async fn a_ban_held_only_in_the_store_is_lifted_and_counted() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let mut redis = Redis::start(dir.path());
+    let be = auth_backend().await;
+    let token = "s3cret-t0ken-for-lifting-bans";
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let limits =
+        "      - { name: guess, key: [ip], auth_failures: 2/15minutes, action: ban, ban_for: 1h }";
+    let yaml = format!(
+        "{}metrics: {{ bind: \"127.0.0.1:0\", admin_token_file: \"{}\" }}\n",
+        cfg(dir.path(), &be.addr, limits, &state(&redis, "t-lift:", "")),
+        token_file.display()
+    );
+    let (a, b) = pair(&yaml).await;
+    let mut on_b = tls_session(&b, &ca, "127.0.3.19").await;
+    for i in 0..2 {
+        let r = on_b.cmd(BAD).await;
+        assert!(r.starts_with("535 5.7.8"), "failure {i}: {r}");
+    }
+    // b writes its ban to the store in the background
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let del = format!("DELETE /bans/127.0.3.19 HTTP/1.1\r\nAuthorization: Bearer {token}");
+    let m = a.metrics_addr().unwrap();
+    let (code, body) = common::http(m, &del).await;
+    assert_eq!((code, body.as_str()), (200, "{\"lifted\":1}"));
+    let (text, _c) = greeting(&a, "127.0.3.19").await;
+    assert!(text.starts_with("220"), "lifted in the store: {text}");
+    let (code, body) = common::http(m, &del).await;
+    assert_eq!(code, 404, "nothing left: {body}");
+    redis.kill();
+    let (code, body) = common::http(m, &del).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("other instances may still refuse"), "{body}");
 }
 
 /// The triage pass cache is shared (issue 14's cache with issue 15's
@@ -710,6 +706,23 @@ async fn store_script_against_a_real_redis() {
         .ttl_set_put("bans", "192.0.2.3", "x", Duration::from_secs(30), 100)
         .await
         .unwrap();
+    // a removal says whether a live member went (the ban lift's count)
+    store
+        .ttl_set_put("bans", "192.0.2.4", "x", Duration::from_secs(30), 100)
+        .await
+        .unwrap();
+    let remove = |member: &str| Op::SetRemove {
+        key: keys::ttl_set("t-ops:", "bans"),
+        member: member.into(),
+    };
+    for (member, want) in [
+        ("192.0.2.4", Answer::Removed),
+        ("192.0.2.4", Answer::Ok),
+        ("192.0.2.2", Answer::Ok),
+    ] {
+        let got = store.run(&[remove(member)], "t").await.unwrap();
+        assert_eq!(got, vec![want], "{member}");
+    }
 
     let all: Vec<String> = redis::cmd("KEYS").arg("t-ops:*").query(&mut con).unwrap();
     assert!(all.len() >= 5, "{all:?}");

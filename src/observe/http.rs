@@ -33,8 +33,22 @@ pub type ReadyCheck = Arc<
 pub trait BanDesk: Send + Sync {
     /// `GET /bans`: the bans in force, as a JSON body.
     fn list(&self) -> String;
-    /// `DELETE /bans/<address>`: lifts the bans covering `ip`; how many.
-    fn lift(&self, ip: IpAddr) -> usize;
+    /// `DELETE /bans/<address>`: lifts the bans covering `ip`.
+    fn lift(
+        &self,
+        ip: IpAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Lifted> + Send + '_>>;
+}
+
+/// What a lift did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifted {
+    /// Bans covering the address, lifted here or in the state store (one
+    /// ban held in both counts once).
+    pub lifted: usize,
+    /// The state store did not answer: other instances may still learn
+    /// the ban from it.
+    pub store_failed: bool,
 }
 
 /// The bearer token that lifting bans needs (`metrics.admin_token_file`).
@@ -177,7 +191,7 @@ async fn answer(
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     if let Some(address) = path.strip_prefix("/bans/").filter(|_| method == "DELETE") {
-        let (status, body) = lift(&buf, address, peer, admin);
+        let (status, body) = lift(&buf, address, peer, admin).await;
         let auth = if status.starts_with("401") {
             "WWW-Authenticate: Bearer realm=\"mailgate\"\r\n"
         } else {
@@ -230,7 +244,12 @@ async fn answer(
 /// body). Without a configured token lifting is off (403); a missing or
 /// wrong token is 401. `address` may be a network as `/bans` shows it
 /// (`2001:db8::/64`): the bans covering its address are lifted.
-fn lift(head: &[u8], address: &str, peer: SocketAddr, admin: &Admin) -> (&'static str, String) {
+async fn lift(
+    head: &[u8],
+    address: &str,
+    peer: SocketAddr,
+    admin: &Admin,
+) -> (&'static str, String) {
     let err = |e: &str| serde_json::json!({ "error": e }).to_string();
     let Some(token) = admin.token.load_full() else {
         warn!(%peer, "ban lift refused: no metrics.admin_token_file is configured");
@@ -264,10 +283,23 @@ fn lift(head: &[u8], address: &str, peer: SocketAddr, admin: &Admin) -> (&'stati
     let Ok(ip) = host.parse::<IpAddr>() else {
         return ("400 Bad Request", err("not an IP address"));
     };
-    let n = admin.bans.lift(ip);
-    info!(%peer, client = %ip, lifted = n, "ban lift over HTTP");
-    if n == 0 {
+    let Lifted {
+        lifted,
+        store_failed,
+    } = admin.bans.lift(ip).await;
+    info!(%peer, client = %ip, lifted, store_failed, "ban lift over HTTP");
+    if store_failed {
+        let e = "the state store did not answer: lifted on this instance only, other instances may still refuse the address";
+        return (
+            "503 Service Unavailable",
+            serde_json::json!({ "lifted": lifted, "error": e }).to_string(),
+        );
+    }
+    if lifted == 0 {
         return ("404 Not Found", err("no ban covers this address"));
     }
-    ("200 OK", serde_json::json!({ "lifted": n }).to_string())
+    (
+        "200 OK",
+        serde_json::json!({ "lifted": lifted }).to_string(),
+    )
 }

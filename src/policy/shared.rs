@@ -570,6 +570,8 @@ impl PolicyState {
         debug!(client = %ip, rule = %cause.rule, "ban learnt from the state store");
         let now = Instant::now();
         self.bans.ban(ip, prefix, left, cause, now);
+        // the gauge counts it now, not at the next housekeeping
+        crate::observe::metrics().bans_active_now(self.bans.housekeeping(now));
         self.bans.banned(ip, now)
     }
 
@@ -591,15 +593,15 @@ impl PolicyState {
         (prefixes, ops)
     }
 
-    /// Lifts `ip`'s bans in the store too (in the background).
-    pub fn lift_shared(&self, ip: IpAddr) {
-        let Some(store) = &self.store else {
-            return;
+    /// Lifts `ip`'s bans in the store too: how many were in force there
+    /// (`Ok(0)` without a store). Waited for: the operator who lifts is told
+    /// whether other instances will stop learning the ban.
+    pub async fn lift_shared(&self, ip: IpAddr) -> Result<usize, crate::state::StoreError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(0);
         };
-        let (_, ops) = self.ban_ops(store, ip, |key, member| Op::SetRemove { key, member });
-        store.run_in_background(
-            ops,
-            Some("ban lift not written to the state store (lifted on this instance)"),
-        );
+        let (_, ops) = self.ban_ops(&store, ip, |key, member| Op::SetRemove { key, member });
+        let answers = store.run(&ops, &store.token()).await?;
+        Ok(answers.iter().filter(|a| **a == Answer::Removed).count())
     }
 }

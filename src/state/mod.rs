@@ -231,4 +231,6 @@ pub enum Answer {
     Member(String, Duration),
     /// `SetList`: (member, value, remaining).
     Members(Vec<(String, String, Duration)>),
+    /// `SetRemove` removed a live member.
+    Removed,
 }

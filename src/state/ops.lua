@@ -119,8 +119,11 @@ for i = 1, #KEYS do
       r = {tonumber(s) - now, redis.call('HGET', key .. ':v', c) or ''}
     end
   elseif kind == 'remove' then
+    -- 1 when a live member was removed (the lift answers how many)
+    local s = redis.call('ZSCORE', key, c)
     redis.call('ZREM', key, c)
     redis.call('HDEL', key .. ':v', c)
+    if s and tonumber(s) > now then r = 1 end
   elseif kind == 'list' then
     -- a = at most this many: {member, value, remaining ms, ...}
     local live = redis.call('ZRANGEBYSCORE', key, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, a)

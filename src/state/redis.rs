@@ -434,12 +434,15 @@ fn decode(op: &Op, v: Value) -> Option<Answer> {
             ),
             _ => Answer::Members(Vec::new()),
         },
+        Op::SetRemove { .. } => match int(&v) {
+            Some(1) => Answer::Removed,
+            _ => Answer::Ok,
+        },
         Op::Renew { .. }
         | Op::Release { .. }
         | Op::Fail { .. }
         | Op::Remember { .. }
-        | Op::SetPut { .. }
-        | Op::SetRemove { .. } => Answer::Ok,
+        | Op::SetPut { .. } => Answer::Ok,
     })
 }
 

@@ -5,7 +5,7 @@
 //! - `backend`: scripted SMTP, POP3 and IMAP backends that record what they got;
 //! - `yaml`: the configuration builder (the real loader reads its text);
 //! - `dovecot`: a throwaway Dovecot (POP3 and IMAP) as the legacy backend;
-//! - `ports`, `tools`, `sink`: ports, external programs, smtp-sink.
+//! - `ports`, `tools`, `sink`, `redis`: ports, external programs, smtp-sink, redis-server.
 //!
 //! The library paths tests use (`mailgate::server::Gateway`, …) are named
 //! here, so that a move inside the library changes this file only.
@@ -16,6 +16,7 @@ pub mod dovecot;
 mod http;
 pub mod pop3_client;
 mod ports;
+mod redis;
 mod sink;
 pub mod smtp_client;
 mod tools;
@@ -28,6 +29,7 @@ pub use dovecot::{crlf, Dovecot, DovecotConf};
 pub use http::{http, http_get, sample};
 pub use pop3_client::Pop3Client;
 pub use ports::*;
+pub use redis::Redis;
 pub use sink::Sink;
 pub use smtp_client::{SmtpClient, Tls};
 pub(crate) use tools::require_or_skip;
