@@ -223,16 +223,15 @@ impl Driver {
         let (pregreet, answers) = tokio::join!(pregreet, answers);
         // the final line also waited for the lookups: what the client sent
         // after `wait` but before that line came before it all the same
+        // (asked like the backends' in-step check: a silent client costs
+        // one poll(2), no timer)
         let pregreet = match pregreet {
-            Ok(false) if t.spec.pregreet.is_some() => {
-                match tokio::time::timeout(std::time::Duration::ZERO, self.client.conn.fill()).await
-                {
-                    Err(_) => Ok(false),
-                    Ok(Ok(_)) => Ok(true),
-                    Ok(Err(crate::codec::CodecError::Closed)) => Err(End::ClientClosed),
-                    Ok(Err(e)) => Err(End::Error(format!("read: {e}"))),
-                }
-            }
+            Ok(false) if t.spec.pregreet.is_some() => match self.client.conn.unsolicited().await {
+                Ok(0) => Ok(false),
+                Ok(_) => Ok(true),
+                Err(crate::codec::CodecError::Closed) => Err(End::ClientClosed),
+                Err(e) => Err(End::Error(format!("read: {e}"))),
+            },
             other => other,
         };
         for (z, a) in t.spec.dnsbl.iter().zip(&answers) {
