@@ -395,6 +395,11 @@ impl Gateway {
         for (slot, runtime) in apply {
             slot.runtime.store(Arc::new(runtime));
         }
+        // kept connections of the old settings would only wait out their
+        // idle time (new sessions take the new settings' connections)
+        let current: Vec<_> = self.slots.iter().map(|s| s.runtime.load_full()).collect();
+        self.pool
+            .keep_only(current.iter().map(|r| &*r.listener.backend));
         for l in &config.listeners {
             if !self.slots.iter().any(|s| s.name == l.name) {
                 notes.push(format!("listener {} is new; restart to apply", l.name));

@@ -631,3 +631,28 @@ async fn one_message_tls(gw: &Gateway, ca: &std::path::Path) -> (u16, String) {
     c.closed(Duration::from_secs(3)).await;
     r
 }
+
+/// A reload that changes the backend's address closes the connections kept
+/// for the old one at once (QUIT), instead of at the end of their idle
+/// time; one that changes nothing of the backend keeps them.
+#[tokio::test]
+async fn a_reload_closes_connections_the_new_settings_cannot_take() {
+    let b = SmtpBackend::new().start().await;
+    let other = SmtpBackend::new().start().await;
+    let yaml = |addr: &str| config(addr, "reuse: { idle_timeout: 5m }");
+    let gw = common::start(&yaml(&b.addr)).await;
+    assert_eq!(one_message(&gw).await.0, 250);
+    let load = |y: &str| mailgate::config::load_str("t.yaml", y).unwrap();
+    gw.reload(&load(&yaml(&b.addr))).unwrap();
+    let (code, text) = one_message(&gw).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(b.connections(), 2, "probe, then one kept across the reload");
+    gw.reload(&load(&yaml(&other.addr))).unwrap();
+    assert_eq!(
+        wait_lines(&b, "QUIT", 1).await,
+        1,
+        "closed at the reload: {:?}",
+        b.lines()
+    );
+    gw.shutdown().await;
+}

@@ -177,6 +177,31 @@ impl SmtpPool {
         }
     }
 
+    /// A reload: idle connections no backend of the new configuration can
+    /// take (another address, EHLO name or TLS settings, or a backend gone)
+    /// are closed with QUIT now rather than at the end of their idle time.
+    pub fn keep_only<'a>(&self, backends: impl IntoIterator<Item = &'a Backend>) {
+        let keys: Vec<Key> = backends.into_iter().map(Key::of).collect();
+        let gone: Vec<SmtpBackend> = {
+            let mut map = self.lock();
+            let stale: Vec<Key> = map
+                .lists
+                .keys()
+                .filter(|k| !keys.contains(k))
+                .cloned()
+                .collect();
+            stale
+                .iter()
+                .filter_map(|k| map.lists.remove(k))
+                .flatten()
+                .map(|i| i.conn)
+                .collect()
+        };
+        for conn in gone {
+            tokio::spawn(conn.quit());
+        }
+    }
+
     /// Takes out every connection idle past its time (all at `shutdown`).
     fn expired(&self, now: Instant, all: bool) -> Vec<SmtpBackend> {
         let mut out = Vec::new();
