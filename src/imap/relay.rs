@@ -12,15 +12,22 @@
 //! refusal). One idle timer covers both directions (any progress resets
 //! it; while the client is in IDLE it is at least [`IDLE_MIN`]), plus the
 //! session's absolute deadline.
+//!
+//! At the gateway's shutdown no command the client starts afterwards is
+//! forwarded (it is read and dropped); once nothing is outstanding at the
+//! backend — every command answered, or only an IDLE it accepted — the
+//! client gets `* BYE [UNAVAILABLE]` (RFC 3501 §7.1.5, RFC 5530) at a
+//! response boundary and the close. The backend connection is just closed:
+//! with nothing outstanding it holds no half-done command, and a LOGOUT
+//! would change nothing there (it expunges nothing, unlike CLOSE).
 
 use super::tracker::{Downstream, Event, Seen, Upstream};
-use crate::conn::pipe::{self, Activity, Expiry};
+use crate::conn::pipe::{self, Activity, Expiry, Timers};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 /// RFC 2177 §3: a client re-issues IDLE at least every 29 minutes, so the
 /// server's inactivity timer must not be shorter while it idles.
@@ -43,6 +50,8 @@ pub enum RelayEnd {
     SessionLimit,
     /// mailgate closed it (too many errors, a literal it would not read).
     Refused,
+    /// The gateway shuts down (ended once nothing was outstanding).
+    Shutdown,
     Error(String),
 }
 
@@ -58,15 +67,6 @@ pub struct RelayStats {
     pub end: RelayEnd,
 }
 
-/// Deadlines and last words of a relay.
-pub struct Timers<'a> {
-    pub idle: Duration,
-    pub deadline: Instant,
-    /// Written on idle / on the deadline (`* BYE …`).
-    pub idle_reply: &'a [u8],
-    pub deadline_reply: &'a [u8],
-}
-
 /// Both halves' view of the conversation. Locked only between awaits
 /// (both halves run in one task), never across one.
 struct Shared {
@@ -74,9 +74,18 @@ struct Shared {
     down: Downstream,
     /// Local answers waiting for a response boundary, and whether each closes.
     local: VecDeque<(Vec<u8>, bool)>,
+    /// The gateway shuts down: no new command is forwarded.
+    stopping: bool,
 }
 
 impl Shared {
+    /// Nothing is outstanding (see [`Upstream::quiet`]), no local answer
+    /// waits and the backend's stream is between responses: the session
+    /// may end here.
+    fn quiet(&self) -> bool {
+        self.up.quiet() && self.local.is_empty() && self.down.at_boundary()
+    }
+
     /// A response of the backend ended: the upstream half learns of `+`
     /// and tagged answers. True when that ends its wait.
     fn seen(&mut self, seen: Seen) -> bool {
@@ -104,8 +113,8 @@ async fn write_local<W: AsyncWrite + Unpin>(
     pipe::write_queued(cw, next, bytes_out).await
 }
 
-/// Relays until one side closes, the idle time passes without progress, or
-/// the deadline. `to_backend` / `to_client` are bytes already read from the
+/// Relays until one side closes, the idle time passes without progress, the
+/// deadline, or the gateway's shutdown once nothing is outstanding. `to_backend` / `to_client` are bytes already read from the
 /// other side (commands pipelined behind the login, the backend's untagged
 /// data after its OK) and go first.
 pub async fn relay<C, B>(
@@ -128,7 +137,9 @@ where
         up,
         down: Downstream::default(),
         local: VecDeque::new(),
+        stopping: false,
     });
+    let mut shutdown = t.shutdown.clone();
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
     // up → down: a local answer was queued; down → up: answers went out, or
     // the backend answered a synchronising literal
@@ -189,7 +200,15 @@ where
                 }
                 touch();
                 up_bytes += n as u64;
-                pending.extend_from_slice(&buf[..n]);
+                let dropped = {
+                    let s = lock();
+                    s.stopping && s.up.at_command_start()
+                };
+                // shutting down: a command started now is not forwarded
+                // (the shutdown's BYE answers it)
+                if !dropped {
+                    pending.extend_from_slice(&buf[..n]);
+                }
             }
         };
         let down = async {
@@ -198,7 +217,7 @@ where
             loop {
                 if lock().down.at_boundary() {
                     match write_local(&mut cw, &shared, &mut down_bytes).await? {
-                        Some(true) => return Ok::<bool, std::io::Error>(true),
+                        Some(true) => return Ok::<RelayEnd, std::io::Error>(RelayEnd::Refused),
                         Some(false) => {
                             cw.flush().await?;
                             touch();
@@ -207,6 +226,14 @@ where
                         None => {}
                     }
                 }
+                // here everything taken from the backend is written
+                if first.is_none() && {
+                    let s = lock();
+                    s.stopping && s.quiet()
+                } {
+                    return Ok(RelayEnd::Shutdown);
+                }
+                let stopping = lock().stopping;
                 let data: &[u8] = match first.take() {
                     Some(b) => b,
                     None => {
@@ -214,9 +241,13 @@ where
                             biased;
                             r = br.read(&mut buf) => r?,
                             _ = queued.notified() => continue,
+                            _ = pipe::shutdown_signalled(&mut shutdown), if !stopping => {
+                                lock().stopping = true;
+                                continue;
+                            }
                         };
                         if n == 0 {
-                            return Ok(false);
+                            return Ok(RelayEnd::BackendClosed);
                         }
                         &buf[..n]
                     }
@@ -240,7 +271,7 @@ where
                         from = at;
                         if write_local(&mut cw, &shared, &mut down_bytes).await? == Some(true) {
                             down_bytes += at as u64;
-                            return Ok(true);
+                            return Ok(RelayEnd::Refused);
                         }
                         sent.notify_one();
                     }
@@ -284,17 +315,14 @@ where
                 }
                 Err(e) => RelayEnd::Error(format!("client→backend: {e}")),
             },
-            r = &mut down => match r {
-                Ok(true) => RelayEnd::Refused,
-                Ok(false) => RelayEnd::BackendClosed,
-                Err(e) => RelayEnd::Error(format!("backend→client: {e}")),
-            },
+            r = &mut down => r.unwrap_or_else(|e| RelayEnd::Error(format!("backend→client: {e}"))),
             e = &mut watchdog => e,
         }
     };
     let last_words = match end {
         RelayEnd::Idle => Some(t.idle_reply),
         RelayEnd::SessionLimit => Some(t.deadline_reply),
+        RelayEnd::Shutdown => Some(t.shutdown_reply),
         _ => None,
     };
     // never in the middle of a backend response
@@ -315,6 +343,8 @@ mod tests {
     use super::*;
     use crate::imap::tracker::Limits;
     use tokio::io::duplex;
+    use tokio::sync::watch;
+    use tokio::time::Instant;
 
     fn up() -> Upstream {
         Upstream::new(
@@ -330,11 +360,17 @@ mod tests {
     }
 
     fn timers(idle: u64) -> Timers<'static> {
+        with_shutdown(idle, pipe::no_shutdown())
+    }
+
+    fn with_shutdown(idle: u64, shutdown: watch::Receiver<bool>) -> Timers<'static> {
         Timers {
             idle: Duration::from_secs(idle),
             deadline: Instant::now() + Duration::from_secs(100_000),
+            shutdown,
             idle_reply: b"* BYE idle\r\n",
             deadline_reply: b"* BYE limit\r\n",
+            shutdown_reply: b"* BYE bye\r\n",
         }
     }
 

@@ -8,14 +8,21 @@
 //! Each direction runs on its own so a pipelining client and a streaming
 //! backend never wait on each other; one idle timer covers both (any progress
 //! in either direction resets it), plus the session's absolute deadline.
+//!
+//! At the gateway's shutdown no command the client starts afterwards is
+//! forwarded (it is read and dropped); once every command before it has had
+//! its whole answer (a RETR streams to its end) the client gets
+//! `-ERR [SYS/TEMP]` and the close, as Dovecot's pop3 does for a client with
+//! no command running. The backend gets no QUIT: it never enters the UPDATE
+//! state (RFC 1939 §6), so messages marked with DELE stay — the session ends
+//! as if the connection had dropped, and nothing is lost.
 
 use super::transaction::{Responses, Step, Transaction};
-use crate::conn::pipe::{self, Activity, Expiry};
+use crate::conn::pipe::{self, Activity, Expiry, Timers};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 /// How long the backend may take to finish its answers after the client
 /// half-closed (e.g. QUIT then EOF).
@@ -41,6 +48,8 @@ pub enum PipeEnd {
     SessionLimit,
     /// `max_errors` reached in the TRANSACTION state.
     TooManyErrors,
+    /// The gateway shuts down (ended once nothing was owed to the client).
+    Shutdown,
     Error(String),
 }
 
@@ -62,9 +71,17 @@ pub struct PipeStats {
 struct Shared {
     tx: Transaction,
     replies: Responses,
+    /// The gateway shuts down: no new command is forwarded.
+    stopping: bool,
 }
 
 impl Shared {
+    /// Nothing of the client's is outstanding: every answer is out and no
+    /// line is half-read, so the session may end here.
+    fn quiet(&self) -> bool {
+        self.replies.is_empty() && self.tx.at_command_start()
+    }
+
     /// Client bytes in: the commands to forward (rendered, in one buffer) and
     /// whether the session closes after the answers queued.
     fn client_bytes(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
@@ -102,21 +119,18 @@ async fn write_due<W: AsyncWrite + Unpin>(
     pipe::write_queued(cw, next, bytes_out).await
 }
 
-/// Pipes until one side closes, the idle time passes without progress, or
-/// `deadline`. `to_backend` / `to_client` are bytes already read from the
-/// other side (pipelined commands, early backend output) and go first.
-/// On idle / deadline the client gets `idle_reply` / `deadline_reply`.
-#[allow(clippy::too_many_arguments)]
+/// Pipes until one side closes, the idle time passes without progress, the
+/// deadline, or the gateway's shutdown once nothing is owed to the client.
+/// `to_backend` / `to_client` are bytes already read from the other side
+/// (pipelined commands, early backend output) and go first. On idle /
+/// deadline / shutdown the client gets the matching reply of `t`.
 pub async fn relay<C, B>(
     client: C,
     backend: B,
     tx: Transaction,
     to_backend: &[u8],
     to_client: &[u8],
-    idle: Duration,
-    deadline: Instant,
-    idle_reply: &[u8],
-    deadline_reply: &[u8],
+    t: Timers<'_>,
 ) -> PipeStats
 where
     C: AsyncRead + AsyncWrite + Send,
@@ -129,7 +143,9 @@ where
     let shared = Mutex::new(Shared {
         tx,
         replies: Responses::default(),
+        stopping: false,
     });
+    let mut shutdown = t.shutdown.clone();
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
     // up → down: a local answer was queued; down → up: replies went out
     let queued = Notify::new();
@@ -167,6 +183,14 @@ where
                 touch();
                 up_bytes += n as u64;
                 data = &buf[..n];
+                if {
+                    let s = lock();
+                    s.stopping && s.tx.at_command_start()
+                } {
+                    // shutting down: a command started now is not forwarded
+                    // (its answer is the shutdown's -ERR)
+                    data = &[];
+                }
             }
         };
         let down = async {
@@ -179,7 +203,7 @@ where
             loop {
                 // local answers now due (nothing of the backend's before them)
                 match write_due(&mut cw, &shared, &mut down_bytes).await? {
-                    Some(true) => return Ok::<bool, std::io::Error>(true),
+                    Some(true) => return Ok::<PipeEnd, std::io::Error>(PipeEnd::TooManyErrors),
                     Some(false) => {
                         cw.flush().await?;
                         touch();
@@ -187,13 +211,25 @@ where
                     }
                     None => {}
                 }
+                // here everything taken from the backend is written
+                if {
+                    let s = lock();
+                    s.stopping && s.quiet()
+                } {
+                    return Ok(PipeEnd::Shutdown);
+                }
+                let stopping = lock().stopping;
                 let n = tokio::select! {
                     biased;
                     r = br.read(&mut buf) => r?,
                     _ = queued.notified() => continue,
+                    _ = pipe::shutdown_signalled(&mut shutdown), if !stopping => {
+                        lock().stopping = true;
+                        continue;
+                    }
                 };
                 if n == 0 {
-                    return Ok(false);
+                    return Ok(PipeEnd::BackendClosed);
                 }
                 touch();
                 let full = n == buf.len();
@@ -205,7 +241,7 @@ where
                         at += k;
                     }
                     if write_due(&mut cw, &shared, &mut down_bytes).await? == Some(true) {
-                        return Ok(true);
+                        return Ok(PipeEnd::TooManyErrors);
                     }
                 }
                 // TLS buffers records until flushed
@@ -219,7 +255,7 @@ where
             }
         };
         let watchdog = async {
-            match activity.watchdog(|| idle, idle, deadline).await {
+            match activity.watchdog(|| t.idle, t.idle, t.deadline).await {
                 Expiry::Idle => PipeEnd::Idle,
                 Expiry::SessionLimit => PipeEnd::SessionLimit,
             }
@@ -242,17 +278,14 @@ where
                 }
                 Err(e) => PipeEnd::Error(format!("client→backend: {e}")),
             },
-            r = &mut down => match r {
-                Ok(true) => PipeEnd::TooManyErrors,
-                Ok(false) => PipeEnd::BackendClosed,
-                Err(e) => PipeEnd::Error(format!("backend→client: {e}")),
-            },
+            r = &mut down => r.unwrap_or_else(|e| PipeEnd::Error(format!("backend→client: {e}"))),
             e = &mut watchdog => e,
         }
     };
     let last_words = match end {
-        PipeEnd::Idle => Some(idle_reply),
-        PipeEnd::SessionLimit => Some(deadline_reply),
+        PipeEnd::Idle => Some(t.idle_reply),
+        PipeEnd::SessionLimit => Some(t.deadline_reply),
+        PipeEnd::Shutdown => Some(t.shutdown_reply),
         _ => None,
     };
     pipe::goodbye(&mut cw, last_words, &mut down_bytes).await;
@@ -272,9 +305,26 @@ mod tests {
     use super::*;
     use crate::backend::caps::Pop3Caps;
     use tokio::io::duplex;
+    use tokio::sync::watch;
+    use tokio::time::Instant;
 
     fn tx() -> Transaction {
         Transaction::new(Pop3Caps::rfc1939(), 10, 0)
+    }
+
+    fn timers(idle: u64, deadline: u64) -> Timers<'static> {
+        with_shutdown(idle, deadline, pipe::no_shutdown())
+    }
+
+    fn with_shutdown(idle: u64, deadline: u64, shutdown: watch::Receiver<bool>) -> Timers<'static> {
+        Timers {
+            idle: Duration::from_secs(idle),
+            deadline: Instant::now() + Duration::from_secs(deadline),
+            shutdown,
+            idle_reply: b"-ERR idle\r\n",
+            deadline_reply: b"-ERR limit\r\n",
+            shutdown_reply: b"-ERR bye\r\n",
+        }
     }
 
     #[tokio::test]
@@ -282,18 +332,7 @@ mod tests {
         let (client, mut client_peer) = duplex(1 << 16);
         let (backend, mut backend_peer) = duplex(1 << 16);
         let task = tokio::spawn(async move {
-            relay(
-                client,
-                backend,
-                tx(),
-                b"RETR 1\r\n",
-                b"",
-                Duration::from_secs(30),
-                Instant::now() + Duration::from_secs(60),
-                b"-ERR idle\r\n",
-                b"-ERR limit\r\n",
-            )
-            .await
+            relay(client, backend, tx(), b"RETR 1\r\n", b"", timers(30, 60)).await
         });
         let mut got = vec![0u8; 8];
         backend_peer.read_exact(&mut got).await.unwrap();
@@ -329,10 +368,7 @@ mod tests {
                 tx(),
                 b"STAT\r\nUSER bob\r\nretr 1\r\nPASS x\0\r\nQUIT\r\n",
                 b"",
-                Duration::from_secs(30),
-                Instant::now() + Duration::from_secs(60),
-                b"-ERR idle\r\n",
-                b"-ERR limit\r\n",
+                timers(30, 60),
             )
             .await
         });
@@ -365,10 +401,7 @@ mod tests {
             tx(),
             b"",
             b"+OK early\r\n",
-            Duration::from_secs(30),
-            Instant::now() + Duration::from_secs(3600),
-            b"-ERR idle\r\n",
-            b"-ERR limit\r\n",
+            timers(30, 3600),
         )
         .await;
         assert_eq!(stats.end, PipeEnd::Idle);
@@ -390,18 +423,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
-        let stats = relay(
-            client,
-            backend,
-            tx(),
-            b"",
-            b"",
-            Duration::from_secs(30),
-            Instant::now() + Duration::from_secs(100),
-            b"-ERR idle\r\n",
-            b"-ERR limit\r\n",
-        )
-        .await;
+        let stats = relay(client, backend, tx(), b"", b"", timers(30, 100)).await;
         assert_eq!(stats.end, PipeEnd::SessionLimit);
         feeder.abort();
     }
