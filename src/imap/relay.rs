@@ -141,6 +141,9 @@ where
     });
     let mut shutdown = t.shutdown.clone();
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+    // the signal itself, or the down half saw it (also a sender gone): the
+    // down half may not look while a response streams
+    let signalled = || *t.shutdown.borrow() || lock().stopping;
     // up → down: a local answer was queued; down → up: answers went out, or
     // the backend answered a synchronising literal
     let queued = Notify::new();
@@ -200,10 +203,7 @@ where
                 }
                 touch();
                 up_bytes += n as u64;
-                let dropped = {
-                    let s = lock();
-                    s.stopping && s.up.at_command_start()
-                };
+                let dropped = signalled() && lock().up.at_command_start();
                 // shutting down: a command started now is not forwarded
                 // (the shutdown's BYE answers it)
                 if !dropped {
@@ -227,10 +227,7 @@ where
                     }
                 }
                 // here everything taken from the backend is written
-                if first.is_none() && {
-                    let s = lock();
-                    s.stopping && s.quiet()
-                } {
+                if first.is_none() && signalled() && lock().quiet() {
                     return Ok(RelayEnd::Shutdown);
                 }
                 let stopping = lock().stopping;
@@ -508,6 +505,55 @@ mod tests {
         assert_eq!(stats.end, RelayEnd::Idle);
         let waited = started.elapsed();
         assert!(waited >= IDLE_MIN && waited < IDLE_MIN + Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_ends_an_idle_at_once_and_a_fetch_once_answered() {
+        let (client, mut cp) = duplex(1 << 16);
+        let (backend, mut bp) = duplex(1 << 16);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            relay(client, backend, up(), b"", b"", with_shutdown(60, rx)).await
+        });
+        cp.write_all(b"a IDLE\r\n").await.unwrap();
+        assert_eq!(read_n(&mut bp, 8).await, "a IDLE\r\n");
+        bp.write_all(b"+ idling\r\n").await.unwrap();
+        assert_eq!(read_n(&mut cp, 10).await, "+ idling\r\n");
+        stop.send(true).unwrap();
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, RelayEnd::Shutdown);
+        let mut rest = Vec::new();
+        cp.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"* BYE bye\r\n");
+
+        // busy: a FETCH answer in flight goes out whole first
+        let (client, mut cp) = duplex(1 << 16);
+        let (backend, mut bp) = duplex(1 << 16);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            relay(client, backend, up(), b"", b"", with_shutdown(60, rx)).await
+        });
+        cp.write_all(b"b FETCH 1 BODY[]\r\n").await.unwrap();
+        assert_eq!(read_n(&mut bp, 18).await, "b FETCH 1 BODY[]\r\n");
+        bp.write_all(b"* 1 FETCH (BODY[] {10}\r\n01234")
+            .await
+            .unwrap();
+        assert_eq!(read_n(&mut cp, 29).await, "* 1 FETCH (BODY[] {10}\r\n01234");
+        stop.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // started after the signal: not forwarded
+        cp.write_all(b"c NOOP\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        bp.write_all(b"56789)\r\nb OK done\r\n").await.unwrap();
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, RelayEnd::Shutdown);
+        assert_eq!(stats.commands, 1);
+        let mut rest = Vec::new();
+        cp.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"56789)\r\nb OK done\r\n* BYE bye\r\n");
+        let mut rest = Vec::new();
+        bp.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"", "nothing after the FETCH");
     }
 
     #[tokio::test]

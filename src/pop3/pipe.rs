@@ -147,6 +147,9 @@ where
     });
     let mut shutdown = t.shutdown.clone();
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+    // the signal itself, or the down half saw it (also a sender gone): the
+    // down half may not look while a response streams
+    let signalled = || *t.shutdown.borrow() || lock().stopping;
     // up → down: a local answer was queued; down → up: replies went out
     let queued = Notify::new();
     let sent = Notify::new();
@@ -183,10 +186,7 @@ where
                 touch();
                 up_bytes += n as u64;
                 data = &buf[..n];
-                if {
-                    let s = lock();
-                    s.stopping && s.tx.at_command_start()
-                } {
+                if signalled() && lock().tx.at_command_start() {
                     // shutting down: a command started now is not forwarded
                     // (its answer is the shutdown's -ERR)
                     data = &[];
@@ -212,10 +212,7 @@ where
                     None => {}
                 }
                 // here everything taken from the backend is written
-                if {
-                    let s = lock();
-                    s.stopping && s.quiet()
-                } {
+                if signalled() && lock().quiet() {
                     return Ok(PipeEnd::Shutdown);
                 }
                 let stopping = lock().stopping;
@@ -408,6 +405,62 @@ mod tests {
         let mut rest = Vec::new();
         client_peer.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"+OK early\r\n-ERR idle\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_before_the_pipe_ends_an_idle_session_without_quit() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let (stop, rx) = watch::channel(false);
+        stop.send(true).unwrap();
+        let stats = relay(client, backend, tx(), b"", b"", with_shutdown(30, 3600, rx)).await;
+        assert_eq!(stats.end, PipeEnd::Shutdown);
+        assert!(!stats.quit);
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"-ERR bye\r\n");
+        // the backend got nothing: no QUIT, so no UPDATE state
+        let mut rest = Vec::new();
+        backend_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_lets_a_retr_finish_and_takes_no_new_command() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            relay(client, backend, tx(), b"", b"", with_shutdown(30, 3600, rx)).await
+        });
+        client_peer.write_all(b"RETR 1\r\nNO").await.unwrap();
+        let mut got = vec![0u8; 8];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"RETR 1\r\n");
+        backend_peer.write_all(b"+OK\r\nfirst\r\n").await.unwrap();
+        let mut got = vec![0u8; 12];
+        client_peer.read_exact(&mut got).await.unwrap();
+        stop.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // the half-sent NOOP is finished and forwarded; a command started
+        // after the signal is not
+        client_peer.write_all(b"OP\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client_peer.write_all(b"DELE 1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        backend_peer
+            .write_all(b"second\r\n.\r\n+OK noop\r\n")
+            .await
+            .unwrap();
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, PipeEnd::Shutdown);
+        assert_eq!((stats.retr, stats.dele, stats.quit), (1, 0, false));
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"second\r\n.\r\n+OK noop\r\n-ERR bye\r\n");
+        let mut rest = Vec::new();
+        backend_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"NOOP\r\n");
     }
 
     #[tokio::test(start_paused = true)]
