@@ -13,7 +13,9 @@
 //!   of where commands start. Such an announcement goes only once every
 //!   command before it is answered, so that no earlier `+` (an IDLE's) or
 //!   tagged response (a repeated tag) is taken for the backend's word on it.
-//!   It tracks `IDLE` … `DONE` (only DONE is forwarded in between).
+//!   It tracks `IDLE` … `DONE` (only DONE is forwarded in between), and
+//!   says when nothing is outstanding at the backend ([`Upstream::quiet`]:
+//!   where a shutdown ends the session).
 //! - [`Downstream`] follows the backend's bytes response by response (a
 //!   line, the literals it announces, the lines after them) without
 //!   changing or keeping them, so that mailgate's own answers are inserted
