@@ -13,11 +13,12 @@
 //! it; while the client is in IDLE it is at least [`IDLE_MIN`]), plus the
 //! session's absolute deadline.
 //!
-//! At the gateway's shutdown no command the client starts afterwards is
-//! forwarded (it is read and dropped); once nothing is outstanding at the
-//! backend — every command answered, or only an IDLE it accepted — the
-//! client gets `* BYE [UNAVAILABLE]` (RFC 3501 §7.1.5, RFC 5530) at a
-//! response boundary and the close. The backend connection is just closed:
+//! At the gateway's shutdown no new command is forwarded (what the client
+//! sends at a command boundary is read and dropped; a command it had begun
+//! is taken whole); once nothing is outstanding at the backend — every
+//! command answered, or only an IDLE it accepted — the client gets
+//! `* BYE [UNAVAILABLE]` (RFC 3501 §7.1.5, RFC 5530) at a response boundary
+//! and the close. The backend connection is just closed:
 //! with nothing outstanding it holds no half-done command, and a LOGOUT
 //! would change nothing there (it expunges nothing, unlike CLOSE).
 

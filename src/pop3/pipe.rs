@@ -9,11 +9,11 @@
 //! backend never wait on each other; one idle timer covers both (any progress
 //! in either direction resets it), plus the session's absolute deadline.
 //!
-//! At the gateway's shutdown no command the client starts afterwards is
-//! forwarded (it is read and dropped); once every command before it has had
-//! its whole answer (a RETR streams to its end) the client gets
-//! `-ERR [SYS/TEMP]` and the close, as Dovecot's pop3 does for a client with
-//! no command running. The backend gets no QUIT: it never enters the UPDATE
+//! At the gateway's shutdown no new command is forwarded (what the client
+//! sends at a command boundary is read and dropped; a command it had begun
+//! is taken whole); once every command forwarded has had its whole answer
+//! (a RETR streams to its end) the client gets `-ERR [SYS/TEMP]` and the
+//! close, as Dovecot's pop3 does for a client with no command running. The backend gets no QUIT: it never enters the UPDATE
 //! state (RFC 1939 §6), so messages marked with DELE stay — the session ends
 //! as if the connection had dropped, and nothing is lost.
 
