@@ -66,6 +66,25 @@ fn shut_down(st: &Setup) -> tokio::task::JoinHandle<(usize, Duration)> {
     })
 }
 
+/// The client's last words from the gateway are `want`, then the close,
+/// and the shutdown that began at `t` is over, soon, with no session left.
+async fn ends_with(
+    c: &mut Pop3Client<Tls>,
+    want: &str,
+    t: Instant,
+    down: tokio::task::JoinHandle<(usize, Duration)>,
+) {
+    let (rest, closed) = c.rest(PROMPT).await;
+    assert!(closed, "still open after {:?}: {rest:?}", t.elapsed());
+    assert_eq!(rest, want);
+    assert!(t.elapsed() < PROMPT, "{:?}", t.elapsed());
+    let (left, took) = down.await.unwrap();
+    assert_eq!(left, 0);
+    assert!(took < PROMPT, "{took:?}");
+}
+
+const POP3_BYE: &str = "-ERR [SYS/TEMP] shutting down, try again later\r\n";
+
 async fn pop3_logged_in(st: &Setup) -> Pop3Client<Tls> {
     let mut c = st.client().await;
     c.ok().await;
@@ -93,16 +112,8 @@ async fn imap_idle_session_gets_bye_at_once() {
     assert_eq!(c.status().await, "+ idling");
     let t = Instant::now();
     let down = shut_down(&st);
-    let (rest, closed) = c.rest(PROMPT).await;
-    assert!(closed, "still open after {:?}: {rest:?}", t.elapsed());
-    assert_eq!(
-        rest,
-        "* BYE [UNAVAILABLE] Server shutting down, try again later\r\n"
-    );
-    assert!(t.elapsed() < PROMPT, "{:?}", t.elapsed());
-    let (left, took) = down.await.unwrap();
-    assert_eq!(left, 0);
-    assert!(took < PROMPT, "{took:?}");
+    let bye = "* BYE [UNAVAILABLE] Server shutting down, try again later\r\n";
+    ends_with(&mut c, bye, t, down).await;
     // the IDLE was never ended at the backend, nor anything sent after it
     assert_eq!(be.lines().last().map(String::as_str), Some("c IDLE"));
 }
@@ -118,12 +129,7 @@ async fn pop3_idle_session_is_closed_without_quit() {
     assert!(c.cmd("DELE 1").await.starts_with("+OK"));
     let t = Instant::now();
     let down = shut_down(&st);
-    let (rest, closed) = c.rest(PROMPT).await;
-    assert!(closed, "still open after {:?}: {rest:?}", t.elapsed());
-    assert_eq!(rest, "-ERR [SYS/TEMP] shutting down, try again later\r\n");
-    let (left, took) = down.await.unwrap();
-    assert_eq!(left, 0);
-    assert!(took < PROMPT, "{took:?}");
+    ends_with(&mut c, POP3_BYE, t, down).await;
     let lines = be.lines();
     assert!(lines.contains(&"DELE 1".to_string()), "{lines:?}");
     assert!(!lines.iter().any(|l| l.starts_with("QUIT")), "{lines:?}");
@@ -218,12 +224,7 @@ async fn pop3_retr_in_progress_finishes_then_the_session_ends() {
         got.extend(l);
     }
     assert!(got == body, "the message arrived whole and unchanged");
-    let (rest, closed) = c.rest(PROMPT).await;
-    assert!(closed, "still open after {:?}: {rest:?}", t.elapsed());
-    assert_eq!(rest, "-ERR [SYS/TEMP] shutting down, try again later\r\n");
-    let (left, took) = down.await.unwrap();
-    assert_eq!(left, 0);
-    assert!(took < PROMPT, "{took:?}");
+    ends_with(&mut c, POP3_BYE, t, down).await;
     let lines = lines.lock().unwrap().clone();
     assert_eq!(
         lines.last().map(String::as_str),
