@@ -33,7 +33,8 @@
 //!                which SMTP's MAIL and AUTH take too (a pooled connection that died idle)
 //!   sasl.rs      SASL PLAIN decoding and strict base64, for every protocol's login
 //!   pipe.rs      what the after-login relays share: activity clock and watchdog,
-//!                queued local answers, last words
+//!                `Timers` (idle, deadline, shutdown signal), queued local answers,
+//!                last words
 //!   inflight.rs  the process-wide budget for message bytes in memory (max_inflight_data)
 //! smtp/        the client-facing SMTP side
 //!   command.rs   command parser (sans-IO)
@@ -49,7 +50,8 @@
 //!   session.rs   the pure AUTHORIZATION state machine: line in, `Action` out
 //!   driver.rs    the only code that awaits (on `conn/`): backend, APOP slots, the pipe
 //!   transaction.rs TRANSACTION-state parser, reply order around local answers (sans-IO)
-//!   pipe.rs      TRANSACTION state I/O: parsed commands up, backend bytes down unchanged, idle timer
+//!   pipe.rs      TRANSACTION state I/O: parsed commands up, backend bytes down unchanged, idle
+//!                timer, shutdown once nothing is owed (no QUIT)
 //! imap/        the client-facing IMAP side (same shape as pop3/)
 //!   command.rs   not-authenticated-state syntax: tags, strings, literals `{n}` / `{n+}`,
 //!                the bounded command assembler (sans-IO)
@@ -59,7 +61,8 @@
 //!   tracker.rs   authenticated state: client commands checked and bounded (STARTTLS,
 //!                LOGIN refused here), backend response boundaries (sans-IO)
 //!   relay.rs     authenticated-state I/O: checked commands up, backend bytes down
-//!                unchanged, idle timer (at least 29 minutes in IDLE)
+//!                unchanged, idle timer (at least 29 minutes in IDLE), shutdown once
+//!                nothing is outstanding (BYE, also in IDLE)
 //! backend/     clients of the legacy servers; `Backend`, `Deadlines` (built by config)
 //!   caps.rs      `SmtpCaps`/`Pop3Caps`/`ImapCaps`, the pure EHLO/CAPA/CAPABILITY parsers, one `CapsCache` for both
 //!                protocols (owned by the gateway, reached through the session context)

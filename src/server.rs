@@ -3,8 +3,9 @@
 //! concurrent sessions) and the listener's connection cap with a proper reply,
 //! spawn one task per session with its `conn::SessionCtx` (over the listener's
 //! current `conn::ListenerRuntime`), reload atomically, and drain on shutdown
-//! (idle sessions get 421 / -ERR at once; running transactions get
-//! `shutdown_grace`). It calls the protocol drivers; they never call back.
+//! (idle sessions, also POP3/IMAP ones after login, get 421 / -ERR / BYE at
+//! once; running transactions and commands get `shutdown_grace`). It calls
+//! the protocol drivers; they never call back.
 
 use crate::action::PolicyAction;
 use crate::backend::caps::CapsCache;

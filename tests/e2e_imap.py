@@ -11,6 +11,9 @@
                               does); prints `BEFORE <n>` (the count before),
                               `EXISTS <n>` for each arrival as A sees it, and
                               `DONE <tagged reply>` after DONE
+  idle-bye MODE PORT CA       IDLEs in INBOX, prints `IDLING` once the `+`
+                              came, then `GOT <line>` for each line until the
+                              server closes, and `CLOSED <seconds>` after that
   login MODE PORT CA SRC PW.. from loopback address SRC, one connection, one
                               LOGIN alice per PW; prints `OK` or `NO <text>`
                               per attempt, `CLOSED` if the server hung up
@@ -149,6 +152,25 @@ def idle(mode, port, ca, maildir):
     a.logout()
 
 
+def idle_bye(mode, port, ca):
+    a = connect(mode, int(port), ca)
+    check(a.login("alice", "secret"))
+    check(a.select("INBOX"))
+    tag = a._new_tag().decode()
+    a.send(f"{tag} IDLE\r\n".encode())
+    line = a.readline()
+    if not line.startswith(b"+"):
+        raise RuntimeError(f"IDLE: {line!r}")
+    print("IDLING", flush=True)
+    start = time.monotonic()
+    while True:
+        line = a.readline()
+        if not line:
+            break
+        print(f"GOT {line.decode(errors='replace').strip()}", flush=True)
+    print(f"CLOSED {time.monotonic() - start:.3f}", flush=True)
+
+
 def login(mode, port, ca, src, *passwords):
     m = connect(mode, int(port), ca, src)
     for pw in passwords:
@@ -175,7 +197,13 @@ def login(mode, port, ca, src, *passwords):
 
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"fetch": fetch, "append": append, "idle": idle, "login": login}[cmd](*args)
+    {
+        "fetch": fetch,
+        "append": append,
+        "idle": idle,
+        "idle-bye": idle_bye,
+        "login": login,
+    }[cmd](*args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@
 //! are compared as CRLF; fetchmail hands its MDA LF lines, compared with the
 //! source as is). Also: a 5 MB APPEND and IDLE (proven directly first), wrong
 //! passwords and the brute-force limits (what reached Dovecot counted in its
-//! `auth_verbose` log), and `identity: [imap_id]` seen in Dovecot's `rip=`.
+//! `auth_verbose` log), `identity: [imap_id]` seen in Dovecot's `rip=`, and
+//! SIGTERM while imaplib is in IDLE (`* BYE [UNAVAILABLE]` at once).
 //!
 //! Needs root, dovecot (dovecot-core + dovecot-imapd), python3, curl, openssl,
 //! fetchmail: `.ci/run` installs them; without one a test prints `SKIPPED:`
@@ -22,9 +23,10 @@ mod common;
 use common::dovecot::fetchmail;
 use common::{crlf, require_or_skip, Dovecot, DovecotConf, Guard};
 use std::collections::HashMap;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const ROOT: &str = "Dovecot (it switches users)";
@@ -629,4 +631,58 @@ fn imap_id_gives_dovecot_the_client_address() {
         .filter_map(|l| l.split("rip=").nth(1)?.split(',').next())
         .collect();
     assert_eq!(rips, ["127.0.0.33", "127.0.0.1"], "{log}");
+}
+
+/// SIGTERM while Python's imaplib is in IDLE through mailgate: the client
+/// gets `* BYE [UNAVAILABLE]` and the close at once, not when the grace
+/// (2 s here) ends, and mailgate exits cleanly.
+#[test]
+fn sigterm_ends_an_idle_session_with_bye() {
+    require_or_skip!(root: ROOT, "dovecot", "python3");
+    let dir = tempfile::tempdir().unwrap();
+    let dovecot = start_dovecot(dir.path(), None);
+    let mut gw = start_gateway(dir.path(), &dovecot, "", "", "", false);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e_imap.py");
+    let (port, ca) = (gw.port("imaps").to_string(), gw.ca.display().to_string());
+    // every read of the script has a timeout: it ends by itself
+    let mut client = Guard(
+        Command::new(common::tool("python3"))
+            .arg(script)
+            .args(["idle-bye", "ssl", &port, &ca])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = std::io::BufReader::new(client.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "IDLING");
+    let pid = gw._child.0.id();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -TERM {pid}");
+    let t = Instant::now();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let took = t.elapsed();
+    assert!(client.0.wait().unwrap().success(), "{rest}");
+    assert!(
+        rest.starts_with("GOT * BYE [UNAVAILABLE] Server shutting down"),
+        "{rest}"
+    );
+    assert!(rest.contains("\nCLOSED "), "{rest}");
+    assert!(took < Duration::from_millis(1500), "{took:?}: {rest}");
+    let status = loop {
+        if let Some(s) = gw._child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "mailgate still running"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    assert!(status.success(), "exit after SIGTERM: {status}");
 }

@@ -110,7 +110,8 @@ pub trait Replies {
     fn timed_out(&self) -> Self::Reply;
     /// The session's lifetime (`timeouts.session`) is over.
     fn session_over(&self) -> Self::Reply;
-    /// The gateway shuts down while the session waits for a command.
+    /// The gateway shuts down while the session waits for a command (or,
+    /// after login, once nothing is outstanding at the backend).
     fn shutting_down(&self) -> Self::Reply;
 }
 

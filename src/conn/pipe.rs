@@ -1,15 +1,46 @@
 //! What every protocol's after-login relay (`pop3/pipe.rs`, `imap/relay.rs`)
 //! shares: one activity clock for both directions and the watchdog over it
-//! (idle time, session deadline), the writer of mailgate's own queued
-//! answers between the backend's, and the last words before the close.
+//! (idle time, session deadline), the gateway's shutdown signal, the writer
+//! of mailgate's own queued answers between the backend's, and the last
+//! words before the close.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// Writes of mailgate's own last words.
 const GOODBYE: Duration = Duration::from_secs(5);
+
+/// What ends a relay besides either side closing, and the last words for
+/// each: the idle time, the session deadline and the gateway's shutdown.
+pub struct Timers<'a> {
+    pub idle: Duration,
+    pub deadline: Instant,
+    /// `SessionCtx::shutdown`: once it says so, the relay ends as soon as
+    /// no command is outstanding (see [`shutdown_signalled`]).
+    pub shutdown: watch::Receiver<bool>,
+    /// Written on idle / on the deadline / at shutdown.
+    pub idle_reply: &'a [u8],
+    pub deadline_reply: &'a [u8],
+    pub shutdown_reply: &'a [u8],
+}
+
+/// Resolves once the gateway shuts down, at once when it did so before the
+/// relay started (the watch's current value). A sender gone counts as a
+/// shutdown, as in the wait for the next command (`codec.rs`).
+pub async fn shutdown_signalled(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// A shutdown signal that never comes (for the relays' unit tests): its
+/// sender lives as long as the process.
+#[cfg(test)]
+pub fn no_shutdown() -> watch::Receiver<bool> {
+    static NEVER: std::sync::OnceLock<watch::Sender<bool>> = std::sync::OnceLock::new();
+    NEVER.get_or_init(|| watch::channel(false).0).subscribe()
+}
 
 /// The time of the last progress in either direction (both halves touch it).
 pub struct Activity {
@@ -145,6 +176,20 @@ mod tests {
             .await,
             Expiry::SessionLimit
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_is_seen_whenever_it_was_signalled() {
+        let (tx, mut rx) = watch::channel(false);
+        let wait = tokio::time::timeout(Duration::from_secs(1), shutdown_signalled(&mut rx));
+        assert!(wait.await.is_err(), "no signal yet");
+        tx.send(true).unwrap();
+        // signalled before the wait starts: seen at once
+        shutdown_signalled(&mut rx).await;
+        shutdown_signalled(&mut tx.subscribe()).await;
+        let mut never = no_shutdown();
+        let wait = tokio::time::timeout(Duration::from_secs(1), shutdown_signalled(&mut never));
+        assert!(wait.await.is_err());
     }
 
     #[tokio::test]

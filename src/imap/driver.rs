@@ -12,7 +12,7 @@
 //! TLS-only listener: CAPABILITY before login is mailgate's own.
 
 use super::command::{self, Assembler, Next};
-use super::relay::{self, RelayEnd, Timers};
+use super::relay::{self, RelayEnd};
 use super::session::{Action, AtLiteral, LoginOutcome, LoginResult, Session, Settings};
 use super::tracker::{Limits, Upstream};
 use crate::action::PolicyAction;
@@ -21,6 +21,7 @@ use crate::backend::{Backend, BackendError, ClientIdentity, Deadlines};
 use crate::config::TlsMode;
 use crate::conn::client::{session_end, Client, Line};
 use crate::conn::login::{self, Login as LoginAttempt, Replayed};
+use crate::conn::pipe::Timers;
 use crate::conn::{End, Replies, SessionCtx};
 use crate::policy::Facts;
 use crate::transport::ClientStream;
@@ -271,9 +272,10 @@ impl Driver {
             },
         };
         let up = Upstream::new(limits, l.max_errors, self.session.errors());
-        let (idle_reply, deadline_reply) = (
+        let (idle_reply, deadline_reply, shutdown_reply) = (
             self.session.timed_out().to_bytes(),
             self.session.session_over().to_bytes(),
+            self.session.shutting_down().to_bytes(),
         );
         let stats = relay::relay(
             client,
@@ -284,8 +286,10 @@ impl Driver {
             Timers {
                 idle: l.timeouts.idle,
                 deadline: self.client.deadline,
+                shutdown: self.ctx.shutdown.clone(),
                 idle_reply: &idle_reply,
                 deadline_reply: &deadline_reply,
+                shutdown_reply: &shutdown_reply,
             },
         )
         .await;
@@ -302,6 +306,7 @@ impl Driver {
             RelayEnd::Idle => End::Because("idle timeout"),
             RelayEnd::SessionLimit => End::Because("session limit"),
             RelayEnd::Refused => End::Because("closed by mailgate"),
+            RelayEnd::Shutdown => End::Shutdown,
             RelayEnd::Error(e) => End::Error(e),
         }
     }

@@ -12,15 +12,23 @@
 //! refusal). One idle timer covers both directions (any progress resets
 //! it; while the client is in IDLE it is at least [`IDLE_MIN`]), plus the
 //! session's absolute deadline.
+//!
+//! At the gateway's shutdown no new command is forwarded (what the client
+//! sends at a command boundary is read and dropped; a command it had begun
+//! is taken whole); once nothing is outstanding at the backend — every
+//! command answered, or only an IDLE it accepted — the client gets
+//! `* BYE [UNAVAILABLE]` (RFC 3501 §7.1.5, RFC 5530) at a response boundary
+//! and the close. The backend connection is just closed:
+//! with nothing outstanding it holds no half-done command, and a LOGOUT
+//! would change nothing there (it expunges nothing, unlike CLOSE).
 
 use super::tracker::{Downstream, Event, Seen, Upstream};
-use crate::conn::pipe::{self, Activity, Expiry};
+use crate::conn::pipe::{self, Activity, Expiry, Timers};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 /// RFC 2177 §3: a client re-issues IDLE at least every 29 minutes, so the
 /// server's inactivity timer must not be shorter while it idles.
@@ -43,6 +51,8 @@ pub enum RelayEnd {
     SessionLimit,
     /// mailgate closed it (too many errors, a literal it would not read).
     Refused,
+    /// The gateway shuts down (ended once nothing was outstanding).
+    Shutdown,
     Error(String),
 }
 
@@ -58,15 +68,6 @@ pub struct RelayStats {
     pub end: RelayEnd,
 }
 
-/// Deadlines and last words of a relay.
-pub struct Timers<'a> {
-    pub idle: Duration,
-    pub deadline: Instant,
-    /// Written on idle / on the deadline (`* BYE …`).
-    pub idle_reply: &'a [u8],
-    pub deadline_reply: &'a [u8],
-}
-
 /// Both halves' view of the conversation. Locked only between awaits
 /// (both halves run in one task), never across one.
 struct Shared {
@@ -74,9 +75,18 @@ struct Shared {
     down: Downstream,
     /// Local answers waiting for a response boundary, and whether each closes.
     local: VecDeque<(Vec<u8>, bool)>,
+    /// The gateway shuts down: no new command is forwarded.
+    stopping: bool,
 }
 
 impl Shared {
+    /// Nothing is outstanding (see [`Upstream::quiet`]), no local answer
+    /// waits and the backend's stream is between responses: the session
+    /// may end here.
+    fn quiet(&self) -> bool {
+        self.up.quiet() && self.local.is_empty() && self.down.at_boundary()
+    }
+
     /// A response of the backend ended: the upstream half learns of `+`
     /// and tagged answers. True when that ends its wait.
     fn seen(&mut self, seen: Seen) -> bool {
@@ -104,8 +114,8 @@ async fn write_local<W: AsyncWrite + Unpin>(
     pipe::write_queued(cw, next, bytes_out).await
 }
 
-/// Relays until one side closes, the idle time passes without progress, or
-/// the deadline. `to_backend` / `to_client` are bytes already read from the
+/// Relays until one side closes, the idle time passes without progress, the
+/// deadline, or the gateway's shutdown once nothing is outstanding. `to_backend` / `to_client` are bytes already read from the
 /// other side (commands pipelined behind the login, the backend's untagged
 /// data after its OK) and go first.
 pub async fn relay<C, B>(
@@ -128,8 +138,13 @@ where
         up,
         down: Downstream::default(),
         local: VecDeque::new(),
+        stopping: false,
     });
+    let mut shutdown = t.shutdown.clone();
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+    // the signal itself, or the down half saw it (also a sender gone): the
+    // down half may not look while a response streams
+    let signalled = || *t.shutdown.borrow() || lock().stopping;
     // up → down: a local answer was queued; down → up: answers went out, or
     // the backend answered a synchronising literal
     let queued = Notify::new();
@@ -189,7 +204,12 @@ where
                 }
                 touch();
                 up_bytes += n as u64;
-                pending.extend_from_slice(&buf[..n]);
+                let dropped = signalled() && lock().up.at_command_start();
+                // shutting down: a command started now is not forwarded
+                // (the shutdown's BYE answers it)
+                if !dropped {
+                    pending.extend_from_slice(&buf[..n]);
+                }
             }
         };
         let down = async {
@@ -198,7 +218,7 @@ where
             loop {
                 if lock().down.at_boundary() {
                     match write_local(&mut cw, &shared, &mut down_bytes).await? {
-                        Some(true) => return Ok::<bool, std::io::Error>(true),
+                        Some(true) => return Ok::<RelayEnd, std::io::Error>(RelayEnd::Refused),
                         Some(false) => {
                             cw.flush().await?;
                             touch();
@@ -207,6 +227,11 @@ where
                         None => {}
                     }
                 }
+                // here everything taken from the backend is written
+                if first.is_none() && signalled() && lock().quiet() {
+                    return Ok(RelayEnd::Shutdown);
+                }
+                let stopping = lock().stopping;
                 let data: &[u8] = match first.take() {
                     Some(b) => b,
                     None => {
@@ -214,9 +239,13 @@ where
                             biased;
                             r = br.read(&mut buf) => r?,
                             _ = queued.notified() => continue,
+                            _ = pipe::shutdown_signalled(&mut shutdown), if !stopping => {
+                                lock().stopping = true;
+                                continue;
+                            }
                         };
                         if n == 0 {
-                            return Ok(false);
+                            return Ok(RelayEnd::BackendClosed);
                         }
                         &buf[..n]
                     }
@@ -240,7 +269,7 @@ where
                         from = at;
                         if write_local(&mut cw, &shared, &mut down_bytes).await? == Some(true) {
                             down_bytes += at as u64;
-                            return Ok(true);
+                            return Ok(RelayEnd::Refused);
                         }
                         sent.notify_one();
                     }
@@ -284,17 +313,14 @@ where
                 }
                 Err(e) => RelayEnd::Error(format!("client→backend: {e}")),
             },
-            r = &mut down => match r {
-                Ok(true) => RelayEnd::Refused,
-                Ok(false) => RelayEnd::BackendClosed,
-                Err(e) => RelayEnd::Error(format!("backend→client: {e}")),
-            },
+            r = &mut down => r.unwrap_or_else(|e| RelayEnd::Error(format!("backend→client: {e}"))),
             e = &mut watchdog => e,
         }
     };
     let last_words = match end {
         RelayEnd::Idle => Some(t.idle_reply),
         RelayEnd::SessionLimit => Some(t.deadline_reply),
+        RelayEnd::Shutdown => Some(t.shutdown_reply),
         _ => None,
     };
     // never in the middle of a backend response
@@ -315,6 +341,8 @@ mod tests {
     use super::*;
     use crate::imap::tracker::Limits;
     use tokio::io::duplex;
+    use tokio::sync::watch;
+    use tokio::time::Instant;
 
     fn up() -> Upstream {
         Upstream::new(
@@ -330,11 +358,17 @@ mod tests {
     }
 
     fn timers(idle: u64) -> Timers<'static> {
+        with_shutdown(idle, pipe::no_shutdown())
+    }
+
+    fn with_shutdown(idle: u64, shutdown: watch::Receiver<bool>) -> Timers<'static> {
         Timers {
             idle: Duration::from_secs(idle),
             deadline: Instant::now() + Duration::from_secs(100_000),
+            shutdown,
             idle_reply: b"* BYE idle\r\n",
             deadline_reply: b"* BYE limit\r\n",
+            shutdown_reply: b"* BYE bye\r\n",
         }
     }
 
@@ -472,6 +506,55 @@ mod tests {
         assert_eq!(stats.end, RelayEnd::Idle);
         let waited = started.elapsed();
         assert!(waited >= IDLE_MIN && waited < IDLE_MIN + Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_ends_an_idle_at_once_and_a_fetch_once_answered() {
+        let (client, mut cp) = duplex(1 << 16);
+        let (backend, mut bp) = duplex(1 << 16);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            relay(client, backend, up(), b"", b"", with_shutdown(60, rx)).await
+        });
+        cp.write_all(b"a IDLE\r\n").await.unwrap();
+        assert_eq!(read_n(&mut bp, 8).await, "a IDLE\r\n");
+        bp.write_all(b"+ idling\r\n").await.unwrap();
+        assert_eq!(read_n(&mut cp, 10).await, "+ idling\r\n");
+        stop.send(true).unwrap();
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, RelayEnd::Shutdown);
+        let mut rest = Vec::new();
+        cp.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"* BYE bye\r\n");
+
+        // busy: a FETCH answer in flight goes out whole first
+        let (client, mut cp) = duplex(1 << 16);
+        let (backend, mut bp) = duplex(1 << 16);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            relay(client, backend, up(), b"", b"", with_shutdown(60, rx)).await
+        });
+        cp.write_all(b"b FETCH 1 BODY[]\r\n").await.unwrap();
+        assert_eq!(read_n(&mut bp, 18).await, "b FETCH 1 BODY[]\r\n");
+        bp.write_all(b"* 1 FETCH (BODY[] {10}\r\n01234")
+            .await
+            .unwrap();
+        assert_eq!(read_n(&mut cp, 29).await, "* 1 FETCH (BODY[] {10}\r\n01234");
+        stop.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // started after the signal: not forwarded
+        cp.write_all(b"c NOOP\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        bp.write_all(b"56789)\r\nb OK done\r\n").await.unwrap();
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, RelayEnd::Shutdown);
+        assert_eq!(stats.commands, 1);
+        let mut rest = Vec::new();
+        cp.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"56789)\r\nb OK done\r\n* BYE bye\r\n");
+        let mut rest = Vec::new();
+        bp.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"", "nothing after the FETCH");
     }
 
     #[tokio::test]

@@ -13,7 +13,9 @@
 //!   of where commands start. Such an announcement goes only once every
 //!   command before it is answered, so that no earlier `+` (an IDLE's) or
 //!   tagged response (a repeated tag) is taken for the backend's word on it.
-//!   It tracks `IDLE` … `DONE` (only DONE is forwarded in between).
+//!   It tracks `IDLE` … `DONE` (only DONE is forwarded in between), and
+//!   says when nothing is outstanding at the backend ([`Upstream::quiet`]:
+//!   where a shutdown ends the session).
 //! - [`Downstream`] follows the backend's bytes response by response (a
 //!   line, the literals it announces, the lines after them) without
 //!   changing or keeping them, so that mailgate's own answers are inserted
@@ -91,6 +93,8 @@ pub struct Upstream {
     cmd: Option<Cmd>,
     /// The tag of the IDLE in progress (RFC 2177).
     idle: Option<String>,
+    /// The backend's `+` for that IDLE came: it waits for DONE.
+    idle_go: bool,
     /// Commands forwarded whose tagged response has not come yet.
     in_flight: u64,
     done: bool,
@@ -113,6 +117,7 @@ impl Upstream {
             tail: Vec::new(),
             cmd: None,
             idle: None,
+            idle_go: false,
             in_flight: 0,
             done: false,
             commands: 0,
@@ -123,6 +128,30 @@ impl Upstream {
     /// The client is in IDLE (its idle time is at least 29 minutes).
     pub fn idling(&self) -> bool {
         self.idle.is_some()
+    }
+
+    /// Between client commands at a line start: no line or literal of the
+    /// client's half-read (IDLE's DONE counts as part of the IDLE). At
+    /// shutdown the relay forwards no command that starts after it.
+    pub fn at_command_start(&self) -> bool {
+        self.between_lines() && self.idle.is_none()
+    }
+
+    /// Nothing of the client's is outstanding at the backend: every command
+    /// forwarded has had its tagged response, or the one left is an IDLE
+    /// the backend accepted (`+`) and the client has not ended; and no
+    /// command is half-read. A shutdown ends the session here (`relay.rs`).
+    pub fn quiet(&self) -> bool {
+        let pending = if self.idle.is_some() && self.idle_go {
+            1
+        } else {
+            0
+        };
+        self.between_lines() && self.in_flight == pending
+    }
+
+    fn between_lines(&self) -> bool {
+        self.state == Up::Line && self.line.is_empty() && !self.overlong && self.cmd.is_none()
     }
 
     /// Waiting for the backend's word on a synchronising literal (or for
@@ -144,6 +173,11 @@ impl Upstream {
             }
             return true;
         }
+        // nothing else asks for a `+` while an IDLE runs (only DONE is
+        // forwarded in it)
+        if self.idle.is_some() {
+            self.idle_go = true;
+        }
         false
     }
 
@@ -154,6 +188,7 @@ impl Upstream {
         self.in_flight = self.in_flight.saturating_sub(1);
         if self.idle.as_deref() == Some(tag) {
             self.idle = None;
+            self.idle_go = false;
         }
         if matches!(self.state, Up::Hold { .. }) {
             return self.in_flight <= 1;
@@ -272,6 +307,7 @@ impl Upstream {
         if self.idle.is_some() {
             if clean.is_some_and(|l| l.eq_ignore_ascii_case(b"DONE")) {
                 self.idle = None;
+                self.idle_go = false;
                 out.extend_from_slice(&raw);
                 return None;
             }
@@ -352,7 +388,10 @@ impl Upstream {
         self.commands += 1;
         self.in_flight += 1;
         match verb.as_str() {
-            "IDLE" => self.idle = Some(tag.clone()),
+            "IDLE" => {
+                self.idle = Some(tag.clone());
+                self.idle_go = false;
+            }
             "LOGOUT" => self.logout = true,
             _ => {}
         }
@@ -960,6 +999,47 @@ mod tests {
         assert_eq!(fwd, "");
         assert_eq!(ev.len(), 1);
         assert!(u.idling());
+    }
+
+    #[test]
+    fn quiet_only_with_nothing_outstanding() {
+        let mut u = up();
+        assert!(u.quiet() && u.at_command_start());
+        feed(&mut u, b"a SEL");
+        assert!(!u.quiet() && !u.at_command_start(), "a half-read line");
+        feed(&mut u, b"ECT INBOX\r\n");
+        assert!(u.at_command_start());
+        assert!(!u.quiet(), "its answer is owed");
+        u.tagged("a");
+        assert!(u.quiet());
+        // IDLE: quiet once the backend's `+` came, until DONE
+        feed(&mut u, b"b IDLE\r\n");
+        assert!(!u.quiet() && !u.at_command_start());
+        u.continuation();
+        assert!(u.quiet());
+        assert!(!u.at_command_start(), "DONE belongs to the IDLE");
+        feed(&mut u, b"DONE\r\n");
+        assert!(!u.quiet(), "the IDLE's tagged answer is owed");
+        u.tagged("b");
+        assert!(u.quiet() && u.at_command_start());
+        // an IDLE behind a command not answered yet
+        feed(&mut u, b"c NOOP\r\nd IDLE\r\n");
+        u.tagged("c");
+        assert!(!u.quiet(), "the IDLE's `+` has not come");
+        u.continuation();
+        assert!(u.quiet());
+        feed(&mut u, b"done\r\n");
+        u.tagged("d");
+        // a literal half-sent
+        feed(&mut u, b"e APPEND INBOX {3+}\r\nab");
+        assert!(!u.quiet() && !u.at_command_start());
+        feed(&mut u, b"c\r\n");
+        assert!(u.at_command_start() && !u.quiet());
+        u.tagged("e");
+        assert!(u.quiet());
+        // a synchronising literal waiting for the backend's `+`
+        feed(&mut u, b"f APPEND INBOX {3}\r\n");
+        assert!(u.waiting() && !u.quiet() && !u.at_command_start());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::backend::{BackendError, ClientIdentity};
 use crate::config::TlsMode;
 use crate::conn::client::{session_end, Client, Line};
 use crate::conn::login::{self, Login as LoginAttempt, Replayed};
+use crate::conn::pipe::Timers;
 use crate::conn::{End, Replies, SessionCtx};
 use crate::policy::Facts;
 use crate::transport::ClientStream;
@@ -320,10 +321,14 @@ impl Driver {
             tx,
             &to_backend,
             &from_backend,
-            l.timeouts.idle,
-            self.client.deadline,
-            &self.session.timed_out().to_bytes(),
-            &self.session.session_over().to_bytes(),
+            Timers {
+                idle: l.timeouts.idle,
+                deadline: self.client.deadline,
+                shutdown: self.ctx.shutdown.clone(),
+                idle_reply: &self.session.timed_out().to_bytes(),
+                deadline_reply: &self.session.session_over().to_bytes(),
+                shutdown_reply: &self.session.shutting_down().to_bytes(),
+            },
         )
         .await;
         // the leftover was already counted when it was read from the client
@@ -339,6 +344,7 @@ impl Driver {
             PipeEnd::Idle => End::Because("idle timeout"),
             PipeEnd::SessionLimit => End::Because("session limit"),
             PipeEnd::TooManyErrors => End::Because("too many errors"),
+            PipeEnd::Shutdown => End::Shutdown,
             PipeEnd::Error(e) => End::Error(e),
         }
     }

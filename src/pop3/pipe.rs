@@ -8,14 +8,21 @@
 //! Each direction runs on its own so a pipelining client and a streaming
 //! backend never wait on each other; one idle timer covers both (any progress
 //! in either direction resets it), plus the session's absolute deadline.
+//!
+//! At the gateway's shutdown no new command is forwarded (what the client
+//! sends at a command boundary is read and dropped; a command it had begun
+//! is taken whole); once every command forwarded has had its whole answer
+//! (a RETR streams to its end) the client gets `-ERR [SYS/TEMP]` and the
+//! close, as Dovecot's pop3 does for a client with no command running. The backend gets no QUIT: it never enters the UPDATE
+//! state (RFC 1939 §6), so messages marked with DELE stay — the session ends
+//! as if the connection had dropped, and nothing is lost.
 
 use super::transaction::{Responses, Step, Transaction};
-use crate::conn::pipe::{self, Activity, Expiry};
+use crate::conn::pipe::{self, Activity, Expiry, Timers};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 /// How long the backend may take to finish its answers after the client
 /// half-closed (e.g. QUIT then EOF).
@@ -41,6 +48,8 @@ pub enum PipeEnd {
     SessionLimit,
     /// `max_errors` reached in the TRANSACTION state.
     TooManyErrors,
+    /// The gateway shuts down (ended once nothing was owed to the client).
+    Shutdown,
     Error(String),
 }
 
@@ -62,9 +71,17 @@ pub struct PipeStats {
 struct Shared {
     tx: Transaction,
     replies: Responses,
+    /// The gateway shuts down: no new command is forwarded.
+    stopping: bool,
 }
 
 impl Shared {
+    /// Nothing of the client's is outstanding: every answer is out and no
+    /// line is half-read, so the session may end here.
+    fn quiet(&self) -> bool {
+        self.replies.is_empty() && self.tx.at_command_start()
+    }
+
     /// Client bytes in: the commands to forward (rendered, in one buffer) and
     /// whether the session closes after the answers queued.
     fn client_bytes(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
@@ -102,21 +119,18 @@ async fn write_due<W: AsyncWrite + Unpin>(
     pipe::write_queued(cw, next, bytes_out).await
 }
 
-/// Pipes until one side closes, the idle time passes without progress, or
-/// `deadline`. `to_backend` / `to_client` are bytes already read from the
-/// other side (pipelined commands, early backend output) and go first.
-/// On idle / deadline the client gets `idle_reply` / `deadline_reply`.
-#[allow(clippy::too_many_arguments)]
+/// Pipes until one side closes, the idle time passes without progress, the
+/// deadline, or the gateway's shutdown once nothing is owed to the client.
+/// `to_backend` / `to_client` are bytes already read from the other side
+/// (pipelined commands, early backend output) and go first. On idle /
+/// deadline / shutdown the client gets the matching reply of `t`.
 pub async fn relay<C, B>(
     client: C,
     backend: B,
     tx: Transaction,
     to_backend: &[u8],
     to_client: &[u8],
-    idle: Duration,
-    deadline: Instant,
-    idle_reply: &[u8],
-    deadline_reply: &[u8],
+    t: Timers<'_>,
 ) -> PipeStats
 where
     C: AsyncRead + AsyncWrite + Send,
@@ -129,8 +143,13 @@ where
     let shared = Mutex::new(Shared {
         tx,
         replies: Responses::default(),
+        stopping: false,
     });
+    let mut shutdown = t.shutdown.clone();
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+    // the signal itself, or the down half saw it (also a sender gone): the
+    // down half may not look while a response streams
+    let signalled = || *t.shutdown.borrow() || lock().stopping;
     // up → down: a local answer was queued; down → up: replies went out
     let queued = Notify::new();
     let sent = Notify::new();
@@ -167,6 +186,11 @@ where
                 touch();
                 up_bytes += n as u64;
                 data = &buf[..n];
+                if signalled() && lock().tx.at_command_start() {
+                    // shutting down: a command started now is not forwarded
+                    // (its answer is the shutdown's -ERR)
+                    data = &[];
+                }
             }
         };
         let down = async {
@@ -179,7 +203,7 @@ where
             loop {
                 // local answers now due (nothing of the backend's before them)
                 match write_due(&mut cw, &shared, &mut down_bytes).await? {
-                    Some(true) => return Ok::<bool, std::io::Error>(true),
+                    Some(true) => return Ok::<PipeEnd, std::io::Error>(PipeEnd::TooManyErrors),
                     Some(false) => {
                         cw.flush().await?;
                         touch();
@@ -187,13 +211,22 @@ where
                     }
                     None => {}
                 }
+                // here everything taken from the backend is written
+                if signalled() && lock().quiet() {
+                    return Ok(PipeEnd::Shutdown);
+                }
+                let stopping = lock().stopping;
                 let n = tokio::select! {
                     biased;
                     r = br.read(&mut buf) => r?,
                     _ = queued.notified() => continue,
+                    _ = pipe::shutdown_signalled(&mut shutdown), if !stopping => {
+                        lock().stopping = true;
+                        continue;
+                    }
                 };
                 if n == 0 {
-                    return Ok(false);
+                    return Ok(PipeEnd::BackendClosed);
                 }
                 touch();
                 let full = n == buf.len();
@@ -205,7 +238,7 @@ where
                         at += k;
                     }
                     if write_due(&mut cw, &shared, &mut down_bytes).await? == Some(true) {
-                        return Ok(true);
+                        return Ok(PipeEnd::TooManyErrors);
                     }
                 }
                 // TLS buffers records until flushed
@@ -219,7 +252,7 @@ where
             }
         };
         let watchdog = async {
-            match activity.watchdog(|| idle, idle, deadline).await {
+            match activity.watchdog(|| t.idle, t.idle, t.deadline).await {
                 Expiry::Idle => PipeEnd::Idle,
                 Expiry::SessionLimit => PipeEnd::SessionLimit,
             }
@@ -242,17 +275,14 @@ where
                 }
                 Err(e) => PipeEnd::Error(format!("client→backend: {e}")),
             },
-            r = &mut down => match r {
-                Ok(true) => PipeEnd::TooManyErrors,
-                Ok(false) => PipeEnd::BackendClosed,
-                Err(e) => PipeEnd::Error(format!("backend→client: {e}")),
-            },
+            r = &mut down => r.unwrap_or_else(|e| PipeEnd::Error(format!("backend→client: {e}"))),
             e = &mut watchdog => e,
         }
     };
     let last_words = match end {
-        PipeEnd::Idle => Some(idle_reply),
-        PipeEnd::SessionLimit => Some(deadline_reply),
+        PipeEnd::Idle => Some(t.idle_reply),
+        PipeEnd::SessionLimit => Some(t.deadline_reply),
+        PipeEnd::Shutdown => Some(t.shutdown_reply),
         _ => None,
     };
     pipe::goodbye(&mut cw, last_words, &mut down_bytes).await;
@@ -272,9 +302,26 @@ mod tests {
     use super::*;
     use crate::backend::caps::Pop3Caps;
     use tokio::io::duplex;
+    use tokio::sync::watch;
+    use tokio::time::Instant;
 
     fn tx() -> Transaction {
         Transaction::new(Pop3Caps::rfc1939(), 10, 0)
+    }
+
+    fn timers(idle: u64, deadline: u64) -> Timers<'static> {
+        with_shutdown(idle, deadline, pipe::no_shutdown())
+    }
+
+    fn with_shutdown(idle: u64, deadline: u64, shutdown: watch::Receiver<bool>) -> Timers<'static> {
+        Timers {
+            idle: Duration::from_secs(idle),
+            deadline: Instant::now() + Duration::from_secs(deadline),
+            shutdown,
+            idle_reply: b"-ERR idle\r\n",
+            deadline_reply: b"-ERR limit\r\n",
+            shutdown_reply: b"-ERR bye\r\n",
+        }
     }
 
     #[tokio::test]
@@ -282,18 +329,7 @@ mod tests {
         let (client, mut client_peer) = duplex(1 << 16);
         let (backend, mut backend_peer) = duplex(1 << 16);
         let task = tokio::spawn(async move {
-            relay(
-                client,
-                backend,
-                tx(),
-                b"RETR 1\r\n",
-                b"",
-                Duration::from_secs(30),
-                Instant::now() + Duration::from_secs(60),
-                b"-ERR idle\r\n",
-                b"-ERR limit\r\n",
-            )
-            .await
+            relay(client, backend, tx(), b"RETR 1\r\n", b"", timers(30, 60)).await
         });
         let mut got = vec![0u8; 8];
         backend_peer.read_exact(&mut got).await.unwrap();
@@ -329,10 +365,7 @@ mod tests {
                 tx(),
                 b"STAT\r\nUSER bob\r\nretr 1\r\nPASS x\0\r\nQUIT\r\n",
                 b"",
-                Duration::from_secs(30),
-                Instant::now() + Duration::from_secs(60),
-                b"-ERR idle\r\n",
-                b"-ERR limit\r\n",
+                timers(30, 60),
             )
             .await
         });
@@ -365,16 +398,69 @@ mod tests {
             tx(),
             b"",
             b"+OK early\r\n",
-            Duration::from_secs(30),
-            Instant::now() + Duration::from_secs(3600),
-            b"-ERR idle\r\n",
-            b"-ERR limit\r\n",
+            timers(30, 3600),
         )
         .await;
         assert_eq!(stats.end, PipeEnd::Idle);
         let mut rest = Vec::new();
         client_peer.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"+OK early\r\n-ERR idle\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_before_the_pipe_ends_an_idle_session_without_quit() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let (stop, rx) = watch::channel(false);
+        stop.send(true).unwrap();
+        let stats = relay(client, backend, tx(), b"", b"", with_shutdown(30, 3600, rx)).await;
+        assert_eq!(stats.end, PipeEnd::Shutdown);
+        assert!(!stats.quit);
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"-ERR bye\r\n");
+        // the backend got nothing: no QUIT, so no UPDATE state
+        let mut rest = Vec::new();
+        backend_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_lets_a_retr_finish_and_takes_no_new_command() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            relay(client, backend, tx(), b"", b"", with_shutdown(30, 3600, rx)).await
+        });
+        client_peer.write_all(b"RETR 1\r\nNO").await.unwrap();
+        let mut got = vec![0u8; 8];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"RETR 1\r\n");
+        backend_peer.write_all(b"+OK\r\nfirst\r\n").await.unwrap();
+        let mut got = vec![0u8; 12];
+        client_peer.read_exact(&mut got).await.unwrap();
+        stop.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // the half-sent NOOP is finished and forwarded; a command started
+        // after the signal is not
+        client_peer.write_all(b"OP\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client_peer.write_all(b"DELE 1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        backend_peer
+            .write_all(b"second\r\n.\r\n+OK noop\r\n")
+            .await
+            .unwrap();
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, PipeEnd::Shutdown);
+        assert_eq!((stats.retr, stats.dele, stats.quit), (1, 0, false));
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"second\r\n.\r\n+OK noop\r\n-ERR bye\r\n");
+        let mut rest = Vec::new();
+        backend_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"NOOP\r\n");
     }
 
     #[tokio::test(start_paused = true)]
@@ -390,18 +476,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
-        let stats = relay(
-            client,
-            backend,
-            tx(),
-            b"",
-            b"",
-            Duration::from_secs(30),
-            Instant::now() + Duration::from_secs(100),
-            b"-ERR idle\r\n",
-            b"-ERR limit\r\n",
-        )
-        .await;
+        let stats = relay(client, backend, tx(), b"", b"", timers(30, 100)).await;
         assert_eq!(stats.end, PipeEnd::SessionLimit);
         feeder.abort();
     }

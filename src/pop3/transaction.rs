@@ -70,6 +70,13 @@ impl Transaction {
         }
     }
 
+    /// Between two client commands: no line of the client's half-read (nor
+    /// an overlong one being dropped). At shutdown the pipe forwards no
+    /// command that starts after it (`pipe.rs`).
+    pub fn at_command_start(&self) -> bool {
+        self.partial.is_empty() && !self.skipping
+    }
+
     /// Client bytes in; one step per complete line. Incomplete lines are
     /// kept (at most [`MAX_COMMAND_LINE`] bytes).
     pub fn feed(&mut self, mut data: &[u8]) -> Vec<Step> {
@@ -298,6 +305,9 @@ impl Responses {
         self.queue.len()
     }
 
+    /// Every command forwarded has had its whole response (a multi-line
+    /// one up to its terminator) and every local answer was taken: nothing
+    /// is owed to the client (what a shutdown waits for, `pipe.rs`).
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -565,6 +575,21 @@ mod tests {
     }
 
     #[test]
+    fn a_half_read_line_is_not_a_command_start() {
+        let mut t = Transaction::new(caps(), 100, 0);
+        assert!(t.at_command_start());
+        assert!(t.feed(b"RET").is_empty());
+        assert!(!t.at_command_start());
+        assert_eq!(one(&mut t, b"R 1\r\n"), fwd("RETR 1\r\n", Expect::Multi));
+        assert!(t.at_command_start());
+        // an overlong line being dropped is one too, until its LF
+        assert!(t.feed(&[b'x'; 300]).is_empty());
+        assert!(!t.at_command_start());
+        assert_eq!(t.feed(b"\r\n"), [Step::Reply(reply::line_too_long())]);
+        assert!(t.at_command_start());
+    }
+
+    #[test]
     fn errors_close_after_max_errors() {
         // two errors before login count too
         let mut t = Transaction::new(caps(), 4, 2);
@@ -659,6 +684,26 @@ mod tests {
         );
         // unsolicited bytes pass through untouched
         assert_eq!(run(&mut r, &[b"+OK hello\r\n"]), b"+OK hello\r\n");
+    }
+
+    #[test]
+    fn nothing_is_owed_only_after_the_whole_body() {
+        let mut r = Responses::default();
+        assert!(r.is_empty());
+        r.forwarded(Expect::Single);
+        r.forwarded(Expect::Multi);
+        assert!(!r.is_empty());
+        run(&mut r, &[b"+OK 2 320\r\n"]);
+        assert!(!r.is_empty(), "the RETR is still owed");
+        run(&mut r, &[b"+OK 10 octets\r\nline\r\n.\r"]);
+        assert!(!r.is_empty(), "its terminator is not whole yet");
+        run(&mut r, &[b"\n"]);
+        assert!(r.is_empty());
+        // a local answer not written yet is owed too
+        r.local(&Reply::err("x"), false);
+        assert!(!r.is_empty());
+        assert!(r.take_local().is_some());
+        assert!(r.is_empty());
     }
 
     #[test]
