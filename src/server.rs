@@ -109,17 +109,30 @@ impl BanDesk for Desk {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Lifted> + Send + '_>> {
         Box::pin(async move {
             let now = std::time::Instant::now();
-            let here = self.0.bans.lift(ip, now).len();
+            let mut lifted: Vec<_> = self
+                .0
+                .bans
+                .lift(ip, now)
+                .iter()
+                .map(|b| b.network)
+                .collect();
             crate::observe::metrics().bans_active_now(self.0.bans.housekeeping(now));
-            let (shared, store_failed) = match self.0.lift_shared(ip).await {
-                Ok(n) => (n, false),
+            let store_failed = match self.0.lift_shared(ip).await {
+                Ok(shared) => {
+                    for n in shared {
+                        if !lifted.contains(&n) {
+                            lifted.push(n);
+                        }
+                    }
+                    false
+                }
                 Err(e) => {
                     tracing::warn!(client = %ip, error = %e, "ban lift not written to the state store (lifted on this instance)");
-                    (0, true)
+                    true
                 }
             };
             Lifted {
-                lifted: here.max(shared),
+                lifted: lifted.len(),
                 store_failed,
             }
         })

@@ -656,3 +656,31 @@ async fn a_reload_closes_connections_the_new_settings_cannot_take() {
     );
     gw.shutdown().await;
 }
+
+/// A session that began before a reload and ends after it leaves its
+/// connection, made with the old settings, for nobody: the new sessions
+/// take the new settings' connections. It is closed at once (QUIT), not
+/// kept for its idle time.
+#[tokio::test]
+async fn a_session_ending_after_a_reload_closes_the_old_settings_connection() {
+    let b = SmtpBackend::new().start().await;
+    let other = SmtpBackend::new().start().await;
+    let yaml = |addr: &str| config(addr, "reuse: { idle_timeout: 5m }");
+    let gw = common::start(&yaml(&b.addr)).await;
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    let (code, text) = c.send_message("client.example", MESSAGE).await;
+    assert_eq!(code, 250, "{text}");
+    let load = |y: &str| mailgate::config::load_str("t.yaml", y).unwrap();
+    gw.reload(&load(&yaml(&other.addr))).unwrap();
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    assert_eq!(
+        wait_lines(&b, "QUIT", 1).await,
+        1,
+        "closed as its session ended: {:?}",
+        b.lines()
+    );
+    assert_eq!(one_message(&gw).await.0, 250);
+    assert_eq!(other.accepted(), 1, "the new settings serve");
+    gw.shutdown().await;
+}

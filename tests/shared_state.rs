@@ -317,6 +317,82 @@ async fn a_ban_held_only_in_the_store_is_lifted_and_counted() {
     assert!(body.contains("other instances may still refuse"), "{body}");
 }
 
+/// One address, two bans lifted: this instance's own (`2001:db8::/64`,
+/// already gone from the store: another instance lifted it there) and
+/// another instance's `/128` that only the store holds. The answer counts
+/// both (the larger of the two counts said 1).
+#[tokio::test]
+async fn a_lift_counts_the_bans_of_both_the_instance_and_the_store() {
+    require_or_skip!("redis-server");
+    let dir = tempfile::tempdir().unwrap();
+    common::dev_cert(dir.path());
+    let redis = Redis::start(dir.path());
+    let token = "s3cret-t0ken-for-lifting-bans";
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let limits = "      - { name: flood, key: [ip], rate: 100/minute, action: ban, ban_for: 1h }";
+    let yaml = format!(
+        "{}metrics: {{ bind: \"127.0.0.1:0\", admin_token_file: \"{}\" }}\n",
+        cfg(
+            dir.path(),
+            "127.0.0.1:9",
+            limits,
+            &state(&redis, "t-lift6:", "")
+        ),
+        token_file.display()
+    );
+    let gw = common::start(&yaml).await;
+    let ip: std::net::IpAddr = "2001:db8::5".parse().unwrap();
+    let p = gw.policy("mx").unwrap();
+    let _ = p.ban(
+        ip,
+        "triage-pregreet",
+        "talked first".into(),
+        Duration::from_secs(3600),
+    );
+    // its copy in the store (written in the background), lifted there
+    let key = keys::ttl_set("t-lift6:", "bans");
+    let mut con = redis.client();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let s: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&key)
+            .arg("2001:db8::/64")
+            .query(&mut con)
+            .unwrap();
+        if s.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ban never reached the store");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _: () = redis::cmd("ZREM")
+        .arg(&key)
+        .arg("2001:db8::/64")
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("HDEL")
+        .arg(format!("{key}:v"))
+        .arg("2001:db8::/64")
+        .query(&mut con)
+        .unwrap();
+    // another instance's ban of the address itself
+    let store = Store::connect(&settings(&redis, "t-lift6:")).unwrap();
+    store
+        .ttl_set_put(
+            "bans",
+            "2001:db8::5/128",
+            "p\u{1f}other\u{1f}x",
+            Duration::from_secs(3600),
+            100,
+        )
+        .await
+        .unwrap();
+    let del = format!("DELETE /bans/2001:db8::5 HTTP/1.1\r\nAuthorization: Bearer {token}");
+    let (code, body) = common::http(gw.metrics_addr().unwrap(), &del).await;
+    assert_eq!((code, body.as_str()), (200, "{\"lifted\":2}"));
+}
+
 /// The triage pass cache is shared (issue 14's cache with issue 15's
 /// store): a client that passed on one instance is greeted untested by the
 /// other (no DNS query, no held greeting); a listed one is tested on both.

@@ -32,8 +32,9 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Which connections can stand in for each other: the same backend entry,
 /// address, EHLO name and TLS settings (a reload that changes any of them
-/// leaves the old connections to expire unused). The TLS settings are the
-/// very ones of the config the connections were made with (compared by
+/// closes the old connections, [`SmtpPool::keep_only`]; every reload builds
+/// TLS settings anew, so it closes a TLS backend's). The TLS settings are
+/// the very ones of the config the connections were made with (compared by
 /// address), held here: were they freed, a later reload's settings could
 /// be allocated at that address and take the old connections.
 #[derive(Debug, Clone)]
@@ -88,6 +89,10 @@ struct Idle {
 struct Lists {
     lists: HashMap<Key, Vec<Idle>>,
     armed: Option<Instant>,
+    /// Since a reload, the keys its backends take (`None`: no reload yet):
+    /// a session begun before it releases its connection under the old
+    /// settings, which nobody takes any more.
+    current: Option<Vec<Key>>,
 }
 
 /// The process's idle SMTP backend connections, per backend.
@@ -157,11 +162,13 @@ impl SmtpPool {
         }
         let refused = {
             let mut map = self.lock();
-            let list = map.lists.entry(Key::of(b)).or_default();
-            // shutdown may have begun during the RSET
-            if list.len() < r.max_idle && !self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            let key = Key::of(b);
+            // shutdown (or a reload) may have begun during the RSET
+            let wanted = map.current.as_ref().is_none_or(|c| c.contains(&key))
+                && !self.closed.load(std::sync::atomic::Ordering::Relaxed);
+            if wanted && map.lists.get(&key).map_or(0, Vec::len) < r.max_idle {
                 let until = Instant::now() + r.idle_timeout;
-                list.push(Idle { conn, until });
+                map.lists.entry(key).or_default().push(Idle { conn, until });
                 if map.armed.is_none_or(|at| until < at) {
                     map.armed = Some(until);
                     self.kept.notify_one();
@@ -179,11 +186,13 @@ impl SmtpPool {
 
     /// A reload: idle connections no backend of the new configuration can
     /// take (another address, EHLO name or TLS settings, or a backend gone)
-    /// are closed with QUIT now rather than at the end of their idle time.
+    /// are closed with QUIT now rather than at the end of their idle time,
+    /// and so are those that sessions begun before it release later.
     pub fn keep_only<'a>(&self, backends: impl IntoIterator<Item = &'a Backend>) {
         let keys: Vec<Key> = backends.into_iter().map(Key::of).collect();
         let gone: Vec<SmtpBackend> = {
             let mut map = self.lock();
+            map.current = Some(keys.clone());
             let stale: Vec<Key> = map
                 .lists
                 .keys()

@@ -593,15 +593,25 @@ impl PolicyState {
         (prefixes, ops)
     }
 
-    /// Lifts `ip`'s bans in the store too: how many were in force there
-    /// (`Ok(0)` without a store). Waited for: the operator who lifts is told
-    /// whether other instances will stop learning the ban.
-    pub async fn lift_shared(&self, ip: IpAddr) -> Result<usize, crate::state::StoreError> {
+    /// Lifts `ip`'s bans in the store too: the networks banned there
+    /// (none without a store), so that a ban held both here and there
+    /// counts once and one of each (an IPv6 address may be banned under
+    /// several prefixes) counts twice. Waited for: the operator who lifts
+    /// is told whether other instances will stop learning the ban.
+    pub async fn lift_shared(
+        &self,
+        ip: IpAddr,
+    ) -> Result<Vec<crate::units::Cidr>, crate::state::StoreError> {
         let Some(store) = self.store.clone() else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
-        let (_, ops) = self.ban_ops(&store, ip, |key, member| Op::SetRemove { key, member });
+        let (prefixes, ops) = self.ban_ops(&store, ip, |key, member| Op::SetRemove { key, member });
         let answers = store.run(&ops, &store.token()).await?;
-        Ok(answers.iter().filter(|a| **a == Answer::Removed).count())
+        Ok(prefixes
+            .iter()
+            .zip(&answers)
+            .filter(|(_, a)| **a == Answer::Removed)
+            .map(|(p, _)| Bans::network(ip, *p))
+            .collect())
     }
 }
