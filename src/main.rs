@@ -454,9 +454,15 @@ async fn bans(
         ),
         401 => said("the gateway refused the token (is this the configuration it runs with?)"),
         404 => said(&format!("no ban covers {address}")),
-        503 => said(&format!(
-            "lifted on the gateway asked, but its state store did not answer: other instances may still refuse {address} (try again)"
-        )),
+        503 => {
+            let here = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["lifted"].as_u64())
+                .unwrap_or(0);
+            said(&format!(
+                "the gateway's state store did not answer ({here} ban(s) lifted on the gateway asked): other instances may still refuse {address}; try again"
+            ))
+        }
         _ => said(&format!("{addr}: {request} answered {code}: {body}")),
     }
 }
