@@ -684,3 +684,38 @@ async fn a_session_ending_after_a_reload_closes_the_old_settings_connection() {
     assert_eq!(other.accepted(), 1, "the new settings serve");
     gw.shutdown().await;
 }
+
+/// A reload that lowers `max_idle` closes the oldest kept connections
+/// beyond it, and one that turns `reuse` off closes the rest (QUIT at
+/// once, not at the end of their idle time).
+#[tokio::test]
+async fn a_reload_that_lowers_or_turns_off_reuse_closes_kept_connections() {
+    let b = SmtpBackend::new().start().await;
+    let yaml = |extra: &str| config(&b.addr, extra);
+    let gw = common::start(&yaml("reuse: { idle_timeout: 5m }")).await;
+    // two sessions at once: two backend connections, both kept after
+    let mut one = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    let mut two = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    for c in [&mut one, &mut two] {
+        assert!(c.cmd("EHLO client.example").await.starts_with("250"));
+        assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    }
+    for mut c in [one, two] {
+        c.cmd("QUIT").await;
+        c.closed(Duration::from_secs(3)).await;
+    }
+    assert_eq!(wait_lines(&b, "RSET", 2).await, 2, "{:?}", b.lines());
+    assert_eq!(wait_lines(&b, "QUIT", 0).await, 0, "both kept");
+    let load = |y: &str| mailgate::config::load_str("t.yaml", y).unwrap();
+    gw.reload(&load(&yaml("reuse: { idle_timeout: 5m, max_idle: 1 }")))
+        .unwrap();
+    assert_eq!(wait_lines(&b, "QUIT", 1).await, 1, "one beyond max_idle");
+    gw.reload(&load(&yaml(""))).unwrap();
+    assert_eq!(
+        wait_lines(&b, "QUIT", 2).await,
+        2,
+        "reuse off: {:?}",
+        b.lines()
+    );
+    gw.shutdown().await;
+}

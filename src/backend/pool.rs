@@ -185,26 +185,30 @@ impl SmtpPool {
     }
 
     /// A reload: idle connections no backend of the new configuration can
-    /// take (another address, EHLO name or TLS settings, or a backend gone)
-    /// are closed with QUIT now rather than at the end of their idle time,
-    /// and so are those that sessions begun before it release later.
+    /// take (another address, EHLO name or TLS settings, a backend gone, or
+    /// `reuse` turned off) are closed with QUIT now rather than at the end
+    /// of their idle time, and so are those that sessions begun before it
+    /// release later; a lowered `max_idle` closes the oldest beyond it.
     pub fn keep_only<'a>(&self, backends: impl IntoIterator<Item = &'a Backend>) {
-        let keys: Vec<Key> = backends.into_iter().map(Key::of).collect();
+        let mut room: Vec<(Key, usize)> = Vec::new();
+        for b in backends.into_iter().filter(|b| b.reuse.max_idle > 0) {
+            let key = Key::of(b);
+            if !room.iter().any(|(k, _)| *k == key) {
+                room.push((key, b.reuse.max_idle));
+            }
+        }
         let gone: Vec<SmtpBackend> = {
             let mut map = self.lock();
-            map.current = Some(keys.clone());
-            let stale: Vec<Key> = map
-                .lists
-                .keys()
-                .filter(|k| !keys.contains(k))
-                .cloned()
-                .collect();
-            stale
-                .iter()
-                .filter_map(|k| map.lists.remove(k))
-                .flatten()
-                .map(|i| i.conn)
-                .collect()
+            map.current = Some(room.iter().map(|(k, _)| k.clone()).collect());
+            let mut gone = Vec::new();
+            map.lists.retain(|k, list| {
+                let max = room.iter().find(|(r, _)| r == k).map_or(0, |(_, m)| *m);
+                // the oldest first: `take` serves from the end
+                let over = list.len().saturating_sub(max);
+                gone.extend(list.drain(..over).map(|i| i.conn));
+                !list.is_empty()
+            });
+            gone
         };
         for conn in gone {
             tokio::spawn(conn.quit());
