@@ -1091,3 +1091,43 @@ async fn unavailable_modes_accept_and_tempfail() {
         }
     }
 }
+
+/// A ban lift answers within the metrics endpoint's request deadline (10 s)
+/// even with `timeout: 10s` and a store that takes connections and never
+/// answers: it waits for the store 5 s at most, then says 503.
+#[tokio::test]
+async fn a_lift_answers_in_time_when_the_store_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = mute.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = mute.accept().await {
+            held.push(s); // read nothing, answer nothing
+        }
+    });
+    let token = "s3cret-t0ken-for-lifting-bans";
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let be = common::SmtpBackend::new().start().await;
+    let gw = Yaml::new()
+        .listener("mx", "smtp", "none", "")
+        .backend("b", &be.addr, "")
+        .section(&format!(
+            "state:\n  store: redis\n  url: \"redis://127.0.0.1:{port}/0\"\n  prefix: \"t-mute:\"\n  timeout: 10s\n"
+        ))
+        .section(&format!(
+            "metrics: {{ bind: \"127.0.0.1:0\", admin_token_file: \"{}\" }}",
+            token_file.display()
+        ))
+        .start()
+        .await;
+    let t0 = Instant::now();
+    let (code, body) = common::http(
+        gw.metrics_addr().unwrap(),
+        &format!("DELETE /bans/127.0.5.5 HTTP/1.1\r\nAuthorization: Bearer {token}"),
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+}

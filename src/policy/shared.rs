@@ -606,7 +606,7 @@ impl PolicyState {
             return Ok(Vec::new());
         };
         let (prefixes, ops) = self.ban_ops(&store, ip, |key, member| Op::SetRemove { key, member });
-        let answers = store.run(&ops, &store.token()).await?;
+        let answers = store.run_lift(&ops, &store.token()).await?;
         Ok(prefixes
             .iter()
             .zip(&answers)

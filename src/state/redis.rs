@@ -22,6 +22,9 @@ const SCRIPT: &str = include_str!("ops.lua");
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// The longest a ban lift waits for the store ([`Store::run_lift`]).
+pub const LIFT_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state store: invalid url {0}: {1}")]
@@ -141,6 +144,15 @@ impl Store {
                 }
             }
         });
+    }
+
+    /// [`run`](Self::run) for a ban lift over the metrics endpoint, which
+    /// answers within [`LIFT_WAIT`] at most whatever `timeout` is: the
+    /// endpoint gives a request 10 s, 3 of them for its head, and an
+    /// operator must hear that the store did not answer.
+    pub async fn run_lift(&self, ops: &[Op], token: &str) -> Result<Vec<Answer>, StoreError> {
+        let within = self.settings.timeout.min(LIFT_WAIT);
+        Box::pin(self.run_within(ops, token, within, "lift")).await
     }
 
     pub(super) async fn run_within(
