@@ -273,6 +273,25 @@ async fn bans_are_shared_across_two_instances() {
     }
 }
 
+/// The admin token of the lift tests.
+const TOKEN: &str = "s3cret-t0ken-for-lifting-bans";
+
+/// A `metrics:` section with lifting on: [`TOKEN`] written to `dir`.
+fn lifting_metrics(dir: &Path) -> String {
+    let file = dir.join("admin.token");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    format!(
+        "metrics: {{ bind: \"127.0.0.1:0\", admin_token_file: \"{}\" }}\n",
+        file.display()
+    )
+}
+
+/// `DELETE /bans/<address>` on `gw` with [`TOKEN`]: (status, body).
+async fn lift(gw: &Gateway, address: &str) -> (u16, String) {
+    let del = format!("DELETE /bans/{address} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}");
+    common::http(gw.metrics_addr().unwrap(), &del).await
+}
+
 /// `DELETE /bans/<address>` on an instance that never saw the client lifts
 /// the ban another instance wrote to the store, and says so (200, lifted 1;
 /// it answered 404, though the store's copy went too); that instance then
@@ -285,15 +304,12 @@ async fn a_ban_held_only_in_the_store_is_lifted_and_counted() {
     let (ca, _) = common::dev_cert(dir.path());
     let mut redis = Redis::start(dir.path());
     let be = auth_backend().await;
-    let token = "s3cret-t0ken-for-lifting-bans";
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let limits =
         "      - { name: guess, key: [ip], auth_failures: 2/15minutes, action: ban, ban_for: 1h }";
     let yaml = format!(
-        "{}metrics: {{ bind: \"127.0.0.1:0\", admin_token_file: \"{}\" }}\n",
+        "{}{}",
         cfg(dir.path(), &be.addr, limits, &state(&redis, "t-lift:", "")),
-        token_file.display()
+        lifting_metrics(dir.path())
     );
     let (a, b) = pair(&yaml).await;
     let mut on_b = tls_session(&b, &ca, "127.0.3.19").await;
@@ -303,16 +319,14 @@ async fn a_ban_held_only_in_the_store_is_lifted_and_counted() {
     }
     // b writes its ban to the store in the background
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let del = format!("DELETE /bans/127.0.3.19 HTTP/1.1\r\nAuthorization: Bearer {token}");
-    let m = a.metrics_addr().unwrap();
-    let (code, body) = common::http(m, &del).await;
+    let (code, body) = lift(&a, "127.0.3.19").await;
     assert_eq!((code, body.as_str()), (200, "{\"lifted\":1}"));
     let (text, _c) = greeting(&a, "127.0.3.19").await;
     assert!(text.starts_with("220"), "lifted in the store: {text}");
-    let (code, body) = common::http(m, &del).await;
+    let (code, body) = lift(&a, "127.0.3.19").await;
     assert_eq!(code, 404, "nothing left: {body}");
     redis.kill();
-    let (code, body) = common::http(m, &del).await;
+    let (code, body) = lift(&a, "127.0.3.19").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("other instances may still refuse"), "{body}");
 }
@@ -327,19 +341,16 @@ async fn a_lift_counts_the_bans_of_both_the_instance_and_the_store() {
     let dir = tempfile::tempdir().unwrap();
     common::dev_cert(dir.path());
     let redis = Redis::start(dir.path());
-    let token = "s3cret-t0ken-for-lifting-bans";
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let limits = "      - { name: flood, key: [ip], rate: 100/minute, action: ban, ban_for: 1h }";
     let yaml = format!(
-        "{}metrics: {{ bind: \"127.0.0.1:0\", admin_token_file: \"{}\" }}\n",
+        "{}{}",
         cfg(
             dir.path(),
             "127.0.0.1:9",
             limits,
             &state(&redis, "t-lift6:", "")
         ),
-        token_file.display()
+        lifting_metrics(dir.path())
     );
     let gw = common::start(&yaml).await;
     let ip: std::net::IpAddr = "2001:db8::5".parse().unwrap();
@@ -388,8 +399,7 @@ async fn a_lift_counts_the_bans_of_both_the_instance_and_the_store() {
         )
         .await
         .unwrap();
-    let del = format!("DELETE /bans/2001:db8::5 HTTP/1.1\r\nAuthorization: Bearer {token}");
-    let (code, body) = common::http(gw.metrics_addr().unwrap(), &del).await;
+    let (code, body) = lift(&gw, "2001:db8::5").await;
     assert_eq!((code, body.as_str()), (200, "{\"lifted\":2}"));
 }
 
@@ -1106,9 +1116,6 @@ async fn a_lift_answers_in_time_when_the_store_hangs() {
             held.push(s); // read nothing, answer nothing
         }
     });
-    let token = "s3cret-t0ken-for-lifting-bans";
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let be = common::SmtpBackend::new().start().await;
     let gw = Yaml::new()
         .listener("mx", "smtp", "none", "")
@@ -1116,18 +1123,11 @@ async fn a_lift_answers_in_time_when_the_store_hangs() {
         .section(&format!(
             "state:\n  store: redis\n  url: \"redis://127.0.0.1:{port}/0\"\n  prefix: \"t-mute:\"\n  timeout: 10s\n"
         ))
-        .section(&format!(
-            "metrics: {{ bind: \"127.0.0.1:0\", admin_token_file: \"{}\" }}",
-            token_file.display()
-        ))
+        .section(&lifting_metrics(dir.path()))
         .start()
         .await;
     let t0 = Instant::now();
-    let (code, body) = common::http(
-        gw.metrics_addr().unwrap(),
-        &format!("DELETE /bans/127.0.5.5 HTTP/1.1\r\nAuthorization: Bearer {token}"),
-    )
-    .await;
+    let (code, body) = lift(&gw, "127.0.5.5").await;
     assert_eq!(code, 503, "{body}");
     assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
 }

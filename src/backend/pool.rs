@@ -80,6 +80,21 @@ struct Idle {
     until: Instant,
 }
 
+/// `conn` reset for the next client session, or the next part of this one
+/// ([`SmtpBackend::reset`], within [`CLOSE_WAIT`]); `None` when it was not
+/// clean (its state is unknown: closed with QUIT) or did not answer in time
+/// (dropped).
+async fn cleaned(mut conn: SmtpBackend) -> Option<SmtpBackend> {
+    match tokio::time::timeout(CLOSE_WAIT, conn.reset()).await {
+        Ok(true) => Some(conn),
+        Ok(false) => {
+            conn.quit().await;
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 /// The idle connections, and when the sweeper will look next (`None`: it
 /// waits for a connection to be kept), under one lock: a release that
 /// expires before that time wakes it, and only such a release does (with
@@ -143,26 +158,21 @@ impl SmtpPool {
     /// The end of a client session: `conn` is kept for the next one when
     /// `b.reuse` allows it and it can be cleaned (RSET of an open
     /// transaction, nothing unread), else it is closed with QUIT.
-    pub async fn release(&self, b: &Backend, mut conn: SmtpBackend) {
+    pub async fn release(&self, b: &Backend, conn: SmtpBackend) {
         let r = b.reuse;
-        let room = || self.idle(b) < r.max_idle;
+        // one key per release: it clones the backend's names
+        let key = Key::of(b);
+        let room = || self.lock().lists.get(&key).map_or(0, Vec::len) < r.max_idle;
         let closed = self.closed.load(std::sync::atomic::Ordering::Relaxed);
         if closed || r.max_idle == 0 || !conn.reusable(r.max_sessions) || !room() {
             conn.quit().await;
             return;
         }
-        match tokio::time::timeout(CLOSE_WAIT, conn.reset()).await {
-            Ok(true) => {}
-            // not clean: its state is unknown, so it is not handed on
-            Ok(false) => {
-                conn.quit().await;
-                return;
-            }
-            Err(_) => return,
-        }
+        let Some(conn) = cleaned(conn).await else {
+            return;
+        };
         let refused = {
             let mut map = self.lock();
-            let key = Key::of(b);
             // shutdown (or a reload) may have begun during the RSET
             let wanted = map.current.as_ref().is_none_or(|c| c.contains(&key))
                 && !self.closed.load(std::sync::atomic::Ordering::Relaxed);
@@ -234,19 +244,12 @@ impl SmtpPool {
     /// one's second part too, reset like a released one, without a trip
     /// through the pool (it is the same client session: not counted again
     /// toward `max_sessions`, nor as reused). Others are closed: `None`.
-    pub async fn restart(&self, b: &Backend, mut conn: SmtpBackend) -> Option<SmtpBackend> {
+    pub async fn restart(&self, b: &Backend, conn: SmtpBackend) -> Option<SmtpBackend> {
         if b.reuse.max_idle == 0 || !conn.reusable(b.reuse.max_sessions) {
             conn.quit().await;
             return None;
         }
-        match tokio::time::timeout(CLOSE_WAIT, conn.reset()).await {
-            Ok(true) => Some(conn),
-            Ok(false) => {
-                conn.quit().await;
-                None
-            }
-            Err(_) => None,
-        }
+        cleaned(conn).await
     }
 
     /// When the next kept connection's idle time ends, which is when the
