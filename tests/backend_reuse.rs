@@ -227,7 +227,6 @@ async fn a_connection_that_died_while_idle_is_replaced_before_the_client_hears()
 fn reuse_config_is_checked() {
     let smtp = |extra: &str| config("127.0.0.1:25", extra);
     for (yaml, field) in [
-        (smtp("identity: [xclient], reuse: {}"), "backends.b.reuse"),
         (smtp("identity: [proxy_v2], reuse: {}"), "backends.b.reuse"),
         (
             smtp("reuse: { idle_timeout: 10m }"),
@@ -263,6 +262,183 @@ fn reuse_config_is_checked() {
     }
     let ok = mailgate::config::load_str("gw.yaml", &smtp("reuse: { max_idle: 0 }")).unwrap();
     assert_eq!(ok.listeners[0].backend.reuse.max_idle, 0);
+    // XCLIENT is told again per session (below)
+    let ok = mailgate::config::load_str("gw.yaml", &smtp("identity: [xclient], reuse: {}"));
+    assert!(ok.unwrap().listeners[0].backend.xclient);
+}
+
+const XCLIENT_EHLO: &str =
+    "250-legacy\r\n250-XCLIENT NAME ADDR PORT PROTO HELO\r\n250 8BITMIME\r\n";
+
+/// The positions of the backend's lines that start with `prefix`.
+fn at(lines: &[String], prefix: &str) -> Vec<usize> {
+    (0..lines.len())
+        .filter(|&i| lines[i].starts_with(prefix))
+        .collect()
+}
+
+/// With `identity: [xclient]` a kept connection is told each session's
+/// client before that session's first command: XCLIENT again (address,
+/// port, HELO of the new client), the new greeting's EHLO, then MAIL. The
+/// second client never speaks as the first.
+#[tokio::test]
+async fn xclient_is_told_again_before_each_session_on_a_kept_connection() {
+    let b = SmtpBackend::new()
+        .on("EHLO", XCLIENT_EHLO)
+        .on("XCLIENT", "220 legacy ESMTP again\r\n")
+        .start()
+        .await;
+    // a backend name of its own: `reused` reads the process's counter
+    let gw = Yaml::new()
+        .listener_to(
+            "mx",
+            "smtp",
+            "none",
+            "told",
+            "timeouts: { backend_reply: 3s }",
+        )
+        .backend("told", &b.addr, "identity: [xclient], reuse: {}")
+        .start()
+        .await;
+    let before = b.connections();
+    let mut ports = Vec::new();
+    for (src, helo) in [
+        ("127.0.0.2", "alpha.example"),
+        ("127.0.0.3", "beta.example"),
+    ] {
+        let mut c = SmtpClient::connect_from(src, gw.addr("mx").unwrap()).await;
+        c.expect(220).await;
+        ports.push(c.local_port());
+        let (code, text) = c.send_message(helo, MESSAGE).await;
+        assert_eq!(code, 250, "{text}");
+        c.cmd("QUIT").await;
+        c.closed(Duration::from_secs(3)).await;
+    }
+    assert_eq!(b.connections() - before, 1, "{:?}", b.lines());
+    let lines = b.lines();
+    let (xclient, mail) = (at(&lines, "XCLIENT"), at(&lines, "MAIL"));
+    assert_eq!((xclient.len(), mail.len()), (2, 2), "{lines:?}");
+    assert_eq!(
+        lines[xclient[0]],
+        format!(
+            "XCLIENT NAME=[UNAVAILABLE] ADDR=127.0.0.2 PORT={} PROTO=ESMTP HELO=alpha.example",
+            ports[0]
+        )
+    );
+    assert_eq!(
+        lines[xclient[1]],
+        format!(
+            "XCLIENT NAME=[UNAVAILABLE] ADDR=127.0.0.3 PORT={} PROTO=ESMTP HELO=beta.example",
+            ports[1]
+        )
+    );
+    // each XCLIENT's greeting is followed by the client's EHLO, then its MAIL
+    assert_eq!(lines[xclient[0] + 1], "EHLO alpha.example", "{lines:?}");
+    assert_eq!(lines[xclient[1] + 1], "EHLO beta.example", "{lines:?}");
+    assert!(
+        xclient[0] < mail[0] && mail[0] < xclient[1] && xclient[1] < mail[1],
+        "{lines:?}"
+    );
+    assert_eq!(reused("told"), 1);
+    gw.shutdown().await;
+}
+
+/// The first kept connection's second XCLIENT is refused: the connection,
+/// which still speaks as the first client, is not used (not even with
+/// `identity_optional`, which lets mailgate speak as itself, never as
+/// another client); the session's MAIL goes to a new connection told its
+/// own identity, and the client hears only the answer.
+#[tokio::test]
+async fn a_kept_connection_that_cannot_be_told_the_next_client_is_not_used() {
+    static LATE_MAIL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    fn rule(n: usize, verb: &str, seen: usize) -> Option<&'static str> {
+        Some(match verb {
+            "EHLO" => "250-legacy\r\n250 XCLIENT NAME ADDR PORT PROTO HELO\r\n",
+            "XCLI" if n == 1 && seen == 2 => "550 5.7.0 Error: insufficient authorization\r\n",
+            "XCLI" => "220 legacy ESMTP again\r\n",
+            "MAIL" if n == 1 && seen == 2 => {
+                LATE_MAIL.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                "250 ok\r\n"
+            }
+            "DATA" => "354 go\r\n",
+            "QUIT" => "221 bye\r\n",
+            _ => "250 ok\r\n",
+        })
+    }
+    for optional in ["", ", identity_optional: true"] {
+        LATE_MAIL.store(0, std::sync::atomic::Ordering::SeqCst);
+        let (addr, conns) = scripted(rule, Duration::ZERO).await;
+        let gw = common::start(&config(
+            &addr,
+            &format!("identity: [xclient], reuse: {{}}{optional}"),
+        ))
+        .await;
+        for _ in 0..2 {
+            let (code, text) = one_message(&gw).await;
+            assert_eq!(code, 250, "{optional:?}: {text}");
+        }
+        // the probe, the first session's (kept, then refused), the new one
+        assert_eq!(
+            conns.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "{optional:?}"
+        );
+        assert_eq!(
+            LATE_MAIL.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "{optional:?}"
+        );
+        gw.shutdown().await;
+    }
+}
+
+/// A session that opened a transaction before STARTTLS goes on, after it,
+/// on the same connection (`reuse:`), told the identity again: XCLIENT
+/// with the HELO the client gave after TLS.
+#[tokio::test]
+async fn starttls_tells_the_kept_connection_the_new_helo() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let b = SmtpBackend::new()
+        .on("EHLO", XCLIENT_EHLO)
+        .on("XCLIENT", "220 legacy ESMTP again\r\n")
+        .start()
+        .await;
+    let gw = Yaml::new()
+        .listener("mx", "smtp", "starttls", "timeouts: { backend_reply: 3s }")
+        .certs(dir.path())
+        .backend("b", &b.addr, "identity: [xclient], reuse: {}")
+        .start()
+        .await;
+    let before = b.connections();
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    assert!(c.cmd("EHLO before.example").await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(c.cmd("RSET").await.starts_with("250"));
+    assert!(c.cmd("STARTTLS").await.starts_with("220"));
+    let mut c = c.tls(&ca).await;
+    let (code, text) = c.send_message("after.example", MESSAGE).await;
+    assert_eq!(code, 250, "{text}");
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    assert_eq!(b.connections() - before, 1, "{:?}", b.lines());
+    let lines = b.lines();
+    let xclient = at(&lines, "XCLIENT");
+    assert_eq!(xclient.len(), 2, "{lines:?}");
+    assert!(
+        lines[xclient[0]].ends_with(" HELO=before.example"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[xclient[1]].ends_with(" HELO=after.example"),
+        "{lines:?}"
+    );
+    let mail = at(&lines, "MAIL");
+    assert!(
+        at(&lines, "RSET")[0] < xclient[1] && xclient[1] < mail[1],
+        "{lines:?}"
+    );
+    gw.shutdown().await;
 }
 
 /// A backend whose every connection `n` (0: the start-up probe) answers

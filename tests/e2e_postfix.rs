@@ -424,6 +424,127 @@ fn postfix_logs_the_real_client_helo_through_xclient() {
     assert_eq!(run.helo(VIA_RECEIVED), "gw.test.example");
 }
 
+/// Issue 17 (backend reuse with XCLIENT): two clients, from 127.0.0.2 and
+/// 127.0.0.3 with their own HELO names, one after the other through a
+/// backend with `identity: [xclient], reuse: {}`. Postfix serves both on one
+/// connection (its disconnect line counts two XCLIENTs and two MAILs), and
+/// each message's `client=` line and Received header name its own client:
+/// the second never goes as the first.
+#[test]
+fn postfix_sees_each_client_on_a_kept_xclient_connection() {
+    require_or_skip!(root: "a Postfix instance", "postfix", "postconf", "python3");
+    let dir = tempfile::tempdir().unwrap();
+    let pf = Postfix::start(&dir.path().join("postfix"));
+    let gw_dir = dir.path().join("gw");
+    std::fs::create_dir_all(&gw_dir).unwrap();
+    let port = common::free_port();
+    std::fs::write(
+        gw_dir.join("mailgate.yaml"),
+        format!(
+            "server: {{ hostname: gw.test.example, shutdown_grace: 2s }}
+backends:
+  kept: {{ address: \"127.0.0.1:{x}\", identity: [xclient, received], reuse: {{ idle_timeout: 1s }} }}
+listeners:
+  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:{port}\", tls: none, backend: kept }}
+",
+            x = pf.xclient_port
+        ),
+    )
+    .unwrap();
+    let stderr = gw_dir.join("stderr.log");
+    let mut gw = Guard(
+        Command::new(env!("CARGO_BIN_EXE_mailgate"))
+            .args(["run", "--config"])
+            .arg(&gw_dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(&mut gw, port, &stderr);
+    let py = r#"
+import json, smtplib, sys
+port, out = int(sys.argv[1]), {}
+for src, helo in (("127.0.0.2", "alpha.example"), ("127.0.0.3", "beta.example")):
+    msg = ("From: %s@example.org\r\nTo: bob@test.example\r\nMessage-ID: <%s@client.example>\r\n"
+           "Subject: kept\r\n\r\nHello.\r\n") % (helo, helo)
+    with smtplib.SMTP("127.0.0.1", port, local_hostname=helo, source_address=(src, 0), timeout=30) as s:
+        out[helo] = s.sock.getsockname()[1]
+        assert s.sendmail(helo + "@example.org", ["bob@test.example"], msg) == {}
+print(json.dumps(out))
+"#;
+    let (ok, out, err) = run_limited(
+        Command::new("python3")
+            .arg("-c")
+            .arg(py)
+            .arg(port.to_string()),
+        LIMIT,
+    );
+    assert!(ok, "smtplib: {out} {err}\n{}", pf.log());
+    let ports: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    // the kept connection is closed after its 1 s idle time: then Postfix
+    // logs its disconnect line
+    let log = pf.wait_log("both deliveries and the kept connection's end", |log| {
+        log.matches("status=sent (delivered to file:").count() >= 2
+            && log
+                .lines()
+                .any(|l| l.contains(": disconnect from ") && l.contains(" mail=2"))
+    });
+    let disconnect = log
+        .lines()
+        .find(|l| l.contains(": disconnect from ") && l.contains(" mail=2"))
+        .unwrap();
+    // `name=total` or, when some were not counted as successes (Postfix
+    // logs XCLIENT's 220 as `xclient=0/2`), `name=ok/total`
+    let total = |name: &str| {
+        disconnect
+            .split(' ')
+            .find_map(|w| w.strip_prefix(name))
+            .map(|v| v.rsplit('/').next().unwrap_or(v).to_string())
+    };
+    assert!(
+        total("xclient=").as_deref() == Some("2") && total("data=").as_deref() == Some("2"),
+        "one connection for both sessions, told each client: {disconnect}\n{log}"
+    );
+    let mailbox = pf.mailbox();
+    for (src, helo) in [
+        ("127.0.0.2", "alpha.example"),
+        ("127.0.0.3", "beta.example"),
+    ] {
+        let qid = log
+            .lines()
+            .find(|l| {
+                l.contains("postfix/qmgr[") && l.contains(&format!("from=<{helo}@example.org>"))
+            })
+            .and_then(|l| l.split(": from=").next())
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("no qmgr line for {helo}:\n{log}"));
+        let client = format!("{qid}: client=unknown[{src}]:{}", ports[helo]);
+        let named = format!("{qid}: client=localhost[{src}]:{}", ports[helo]);
+        assert!(
+            log.contains(&client) || log.contains(&named),
+            "{helo}: Postfix should log {client}\n{log}"
+        );
+        let msg = mailbox
+            .iter()
+            .find(|m| m.contains(&format!("Message-ID: <{helo}@client.example>")))
+            .unwrap_or_else(|| panic!("{helo}'s message not delivered: {mailbox:?}"));
+        let postfix_received = msg
+            .lines()
+            .find(|l| l.starts_with("Received: from "))
+            .unwrap();
+        assert!(
+            postfix_received.starts_with(&format!("Received: from {helo} (")),
+            "{helo}: {postfix_received}"
+        );
+        assert!(
+            msg.contains(&format!("[{src}])")),
+            "{helo}: Postfix's Received header should name {src}: {msg}"
+        );
+    }
+    drop(gw);
+}
+
 // ---------------------------------------------------------------------------
 // The binary as the container runs it (acceptance 5)
 

@@ -4,10 +4,13 @@
 //! that ends cleanly leaves its connection here, reset, for the next one.
 //!
 //! Only connections that carry nothing of their client are kept: the config
-//! refuses `reuse` with XCLIENT or PROXY v2 identities, a connection that
-//! relayed an AUTH (or had a command refused: error counts are per
-//! connection) is never kept, and an open transaction is RSET first (a
-//! connection whose RSET fails is closed). A kept connection is taken only
+//! refuses `reuse` with the PROXY v2 identity (told once, when the
+//! connection opens), a connection that relayed an AUTH (or had a command
+//! refused: error counts are per connection) is never kept, and an open
+//! transaction is RSET first (a connection whose RSET fails is closed). An
+//! XCLIENT identity is told again, the next session's, before its first
+//! command ([`SmtpBackend::identify`]); a connection that cannot be told it
+//! is not used. A kept connection is taken only
 //! while it is in step and open (nothing unsolicited, no close seen); one
 //! that proves dead at its first command is replaced by a fresh connection
 //! before the client hears anything (`smtp/driver.rs`), so reuse never turns
@@ -31,7 +34,7 @@ use tokio::time::Instant;
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Which connections can stand in for each other: the same backend entry,
-/// address, EHLO name and TLS settings (a reload that changes any of them
+/// address, EHLO name, identity by XCLIENT or not, and TLS settings (a reload that changes any of them
 /// closes the old connections, [`SmtpPool::keep_only`]; every reload builds
 /// TLS settings anew, so it closes a TLS backend's). The TLS settings are
 /// the very ones of the config the connections were made with (compared by
@@ -42,6 +45,7 @@ struct Key {
     name: String,
     address: String,
     helo: String,
+    xclient: bool,
     tls: Option<Arc<BackendTls>>,
 }
 
@@ -51,6 +55,7 @@ impl Key {
             name: b.name.clone(),
             address: b.address.clone(),
             helo: b.helo_name.clone(),
+            xclient: b.xclient,
             tls: b.tls.clone(),
         }
     }
@@ -62,8 +67,13 @@ impl Key {
 
 impl PartialEq for Key {
     fn eq(&self, o: &Self) -> bool {
-        (&self.name, &self.address, &self.helo, self.tls_ptr())
-            == (&o.name, &o.address, &o.helo, o.tls_ptr())
+        (
+            &self.name,
+            &self.address,
+            &self.helo,
+            self.xclient,
+            self.tls_ptr(),
+        ) == (&o.name, &o.address, &o.helo, o.xclient, o.tls_ptr())
     }
 }
 
@@ -71,7 +81,14 @@ impl Eq for Key {}
 
 impl std::hash::Hash for Key {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        (&self.name, &self.address, &self.helo, self.tls_ptr()).hash(h)
+        (
+            &self.name,
+            &self.address,
+            &self.helo,
+            self.xclient,
+            self.tls_ptr(),
+        )
+            .hash(h)
     }
 }
 
@@ -249,7 +266,10 @@ impl SmtpPool {
             conn.quit().await;
             return None;
         }
-        cleaned(conn).await
+        let mut conn = cleaned(conn).await?;
+        // the backend was told the pre-TLS HELO (XCLIENT)
+        conn.restarted();
+        Some(conn)
     }
 
     /// When the next kept connection's idle time ends, which is when the
@@ -331,5 +351,21 @@ mod tests {
         assert_eq!(key, Key::of(&old.listeners[0].backend));
         drop(old);
         assert!(settings.upgrade().is_some(), "freed while a key names them");
+    }
+
+    /// A connection told a client's identity by XCLIENT never serves a
+    /// backend entry that tells none (a reload that drops `xclient`), nor
+    /// the other way round: the key tells them apart.
+    #[test]
+    fn keys_tell_apart_identity_by_xclient() {
+        let yaml = |id: &str| {
+            format!("backends:\n  a: {{ address: \"127.0.0.1:1\", {id}reuse: {{}} }}\nlisteners:\n  - {{ name: mx, protocol: smtp, bind: \"127.0.0.1:25\", tls: none, backend: a }}\n")
+        };
+        let load = |id: &str| crate::config::load_str("k.yaml", &yaml(id)).unwrap();
+        let (told, plain) = (load("identity: [xclient], "), load(""));
+        assert_ne!(
+            Key::of(&told.listeners[0].backend),
+            Key::of(&plain.listeners[0].backend)
+        );
     }
 }

@@ -42,6 +42,15 @@ pub struct SmtpBackend {
     /// errors per connection (Postfix's `smtpd_soft_error_limit` slows
     /// every later reply, its hard limit closes), so it is never handed on.
     refused: bool,
+    /// The XCLIENT attributes the last EHLO offered (`None`: no XCLIENT).
+    xclient_attrs: Option<Vec<String>>,
+    /// XCLIENT told the backend a client's identity on this connection: it
+    /// speaks as that client until XCLIENT tells it another.
+    told: bool,
+    /// The identity the backend holds is not this session's (taken from
+    /// the pool, or kept across the client's STARTTLS, whose later EHLO
+    /// may name another host): XCLIENT again before the next command.
+    stale: bool,
 }
 
 impl SmtpBackend {
@@ -75,6 +84,9 @@ impl SmtpBackend {
             sessions: 1,
             authenticated: false,
             refused: false,
+            xclient_attrs: None,
+            told: false,
+            stale: false,
         };
         let (code, lines) = b.read_reply(t.connect).await?;
         if code != 220 {
@@ -83,7 +95,7 @@ impl SmtpBackend {
                 lines.join(" ")
             )));
         }
-        let mut xclient = b.hello(&backend.helo_name).await?;
+        b.hello(&backend.helo_name).await?;
         if let Some(tls) = backend
             .tls
             .as_ref()
@@ -107,10 +119,10 @@ impl SmtpBackend {
             b.conn.discard_buffered();
             let plain = std::mem::replace(&mut b.conn.stream, BackendStream::Detached);
             b.conn.stream = plain.upgrade(tls, t.connect).await?;
-            xclient = b.hello(&backend.helo_name).await?;
+            b.hello(&backend.helo_name).await?;
         }
         if let (true, Some(id)) = (backend.xclient, id) {
-            b.xclient(backend, id, xclient.as_deref()).await?;
+            b.xclient(backend, id, false).await?;
         }
         // an EHLO a HELO-only server refused is mailgate's, not a client's
         b.refused = false;
@@ -120,18 +132,20 @@ impl SmtpBackend {
 
     /// XCLIENT (Postfix): the backend then sees the client's address and HELO
     /// as if it had connected itself. It answers with a new greeting, after
-    /// which EHLO is repeated. `attrs`: what the backend's EHLO offered (`None`:
-    /// no XCLIENT). When it cannot be applied (not offered, no ADDR, refused)
-    /// the connection is not used, unless `identity_optional` says to go on
-    /// as mailgate's own address, which legacy servers often trust as a relay.
+    /// which EHLO is repeated. When it cannot be applied (not offered, no
+    /// ADDR, refused) the connection is not used, unless `identity_optional`
+    /// says to go on as mailgate's own address, which legacy servers often
+    /// trust as a relay; never when `strict` (the connection would go on as
+    /// an earlier client).
     async fn xclient(
         &mut self,
         backend: &Backend,
         id: &ClientIdentity,
-        attrs: Option<&[String]>,
+        strict: bool,
     ) -> Result<(), BackendError> {
+        let attrs = self.xclient_attrs.clone();
         let not_applied = |why: String| {
-            if backend.identity_optional {
+            if backend.identity_optional && !strict {
                 tracing::warn!(backend = %backend.name, reason = %why, "XCLIENT not applied; relaying as mailgate's own address (identity_optional)");
                 Ok(())
             } else {
@@ -141,6 +155,7 @@ impl SmtpBackend {
         let Some(attrs) = attrs else {
             return not_applied("the backend does not offer XCLIENT".into());
         };
+        let attrs = &attrs;
         let has = |a: &str| attrs.iter().any(|x| x.eq_ignore_ascii_case(a));
         if !has("ADDR") {
             return not_applied("the backend's XCLIENT does not take ADDR".into());
@@ -181,6 +196,7 @@ impl SmtpBackend {
                 lines.join(" ")
             ));
         }
+        self.told = true;
         // Postfix takes the HELO name from the EHLO that follows XCLIENT,
         // replacing XCLIENT's HELO=: repeat the client's name there.
         let name = id
@@ -188,16 +204,45 @@ impl SmtpBackend {
             .as_deref()
             .filter(|h| super::xtext(h) == *h)
             .unwrap_or(&backend.helo_name);
-        self.hello(name).await.map(|_| ())
+        self.hello(name).await
     }
 
-    /// EHLO with HELO fallback; learns the extensions and returns the XCLIENT
-    /// attributes if the backend offers XCLIENT.
-    async fn hello(&mut self, name: &str) -> Result<Option<Vec<String>>, BackendError> {
+    /// Before the session's first command: a connection whose backend holds
+    /// another session's identity (`stale`) is told this one's, with XCLIENT
+    /// again (Postfix allows it outside a transaction; it answers with a new
+    /// greeting, and EHLO follows, as on a new connection). One that told an
+    /// earlier client's identity is used only once this one's is applied,
+    /// whatever `identity_optional` says; an error leaves it unusable (the
+    /// caller drops it and connects afresh).
+    pub async fn identify(
+        &mut self,
+        backend: &Backend,
+        id: &ClientIdentity,
+    ) -> Result<(), BackendError> {
+        if !std::mem::take(&mut self.stale) {
+            return Ok(());
+        }
+        if !backend.xclient {
+            // the pool key keeps such connections apart; never relay as
+            // somebody else
+            return match self.told {
+                true => Err(BackendError::Identity(
+                    "the connection speaks as an earlier client".into(),
+                )),
+                false => Ok(()),
+            };
+        }
+        self.xclient(backend, id, self.told).await
+    }
+
+    /// EHLO with HELO fallback; learns the extensions and the XCLIENT
+    /// attributes, if the backend offers XCLIENT.
+    async fn hello(&mut self, name: &str) -> Result<(), BackendError> {
         let b = self;
         b.caps = SmtpCaps::default();
         b.size_ext = false;
         b.starttls = false;
+        b.xclient_attrs = None;
         let (code, lines) = b.command(&format!("EHLO {name}")).await?;
         match code {
             250 => {
@@ -205,7 +250,8 @@ impl SmtpBackend {
                 b.caps = ehlo.caps;
                 b.size_ext = ehlo.size_ext;
                 b.starttls = ehlo.starttls;
-                Ok(ehlo.xclient)
+                b.xclient_attrs = ehlo.xclient;
+                Ok(())
             }
             // a truly old server: fall back to HELO (RFC 5321 §3.2)
             500..=504 | 550 => {
@@ -216,7 +262,7 @@ impl SmtpBackend {
                         lines.join(" ")
                     )));
                 }
-                Ok(None)
+                Ok(())
             }
             _ => Err(BackendError::Unavailable(format!(
                 "EHLO {code} {}",
@@ -485,6 +531,7 @@ impl SmtpBackend {
     /// listener's (or one after a reload): its deadlines apply from now on.
     pub(super) fn taken_for_reuse(&mut self, t: &Deadlines) {
         self.sessions += 1;
+        self.stale = true;
         self.reply_timeout = t.reply;
         self.data_timeout = t.data;
     }
@@ -510,6 +557,12 @@ impl SmtpBackend {
     /// Cleans the connection for the next client session: an open
     /// transaction is RSET (it must be answered 250), and nothing may be
     /// left unread. False: its state is unknown and it is not reused.
+    /// Kept across the client's STARTTLS: the session starts afresh (RFC
+    /// 3207), with another EHLO, so its identity is told again.
+    pub(super) fn restarted(&mut self) {
+        self.stale = true;
+    }
+
     pub(super) async fn reset(&mut self) -> bool {
         if self.end_open_tx().await.is_err() {
             return false;

@@ -106,9 +106,10 @@ pub(super) fn build_backend(
     })
 }
 
-/// `reuse:` → [`Reuse`]. A connection that carries one client's identity
-/// (XCLIENT, PROXY v2) must never serve the next client: refused here rather
-/// than quietly not reused.
+/// `reuse:` → [`Reuse`]. A connection that told the backend one client's
+/// identity for good (PROXY v2, at connect) must never serve the next
+/// client: refused here rather than quietly not reused. XCLIENT can be told
+/// again, per session (`backend/pool.rs`).
 fn build_reuse(
     s: &Source,
     name: &str,
@@ -116,12 +117,12 @@ fn build_reuse(
     r: &ReuseFile,
 ) -> Result<Reuse, ConfigError> {
     let has = |m: IdentityMethod| b.identity.as_ref().is_some_and(|v| v.contains(&m));
-    if has(IdentityMethod::Xclient) || has(IdentityMethod::ProxyV2) {
+    if has(IdentityMethod::ProxyV2) {
         return Err(s.err(
             &["backends", name, "reuse"],
             format!(
-                "backends.{name}.reuse: a connection that told the backend one client's identity \
-                 (identity: xclient or proxy_v2) cannot serve the next client"
+                "backends.{name}.reuse: a connection that began with one client's PROXY v2 \
+                 header (identity: proxy_v2) cannot serve the next client"
             ),
         ));
     }

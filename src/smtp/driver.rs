@@ -471,9 +471,10 @@ impl Driver {
     async fn start_tls(&mut self, ready: &Reply) -> Result<(), End> {
         self.client.start_tls(ready, &self.ctx, "STARTTLS").await?;
         self.session.tls_started();
-        // the backend was told the pre-TLS identity (XCLIENT HELO):
-        // start afresh, like the client's own state (RFC 3207); a connection
-        // that carries no identity goes on, reset (`reuse:`)
+        // the backend starts afresh, like the client's own state (RFC 3207):
+        // a connection that may serve another session goes on, reset, and
+        // is told the identity again (XCLIENT HELO) before its next command
+        // (`reuse:`); others are closed
         if let Some(b) = self.backend.take() {
             let l = self.ctx.listener();
             self.backend = self.ctx.pool.restart(&l.backend, b).await;
@@ -916,6 +917,23 @@ impl login::Replay for Opener<'_> {
     /// `None`: out of step (the connection's own check logged it; counted
     /// here, as the replay may go on without an error the driver sees).
     async fn login(&mut self, b: &mut SmtpBackend) -> Result<Option<BackendReply>, BackendError> {
+        // a connection another session (or this one before STARTTLS) used
+        // speaks as that client until told otherwise; failing that it is
+        // dropped, and the command moves to a new connection
+        if let Err(e) = b.identify(self.backend, &self.id).await {
+            return match e {
+                BackendError::OutOfStep(_) => {
+                    crate::observe::metrics().backend_out_of_step(&self.backend.name);
+                    Ok(None)
+                }
+                // reuse does nothing for this backend if it stays so
+                BackendError::Identity(why) => {
+                    warn!(backend = %self.backend.name, reason = %why, "a kept connection could not be told this client's identity; using a new one");
+                    Err(BackendError::Identity(why))
+                }
+                e => Err(e),
+            };
+        }
         let r = match &self.command {
             Opening::Mail { from, params } => b.mail(from, params, None).await,
             Opening::Auth(c) => b.auth(&c.user, &c.password.0).await,

@@ -39,6 +39,12 @@ impl SmtpClient<TcpStream> {
         SmtpClient::new(super::connect_from(src, addr).await)
     }
 
+    /// The client's own port (what XCLIENT PORT= must carry).
+    #[allow(dead_code)] // not every test binary asks
+    pub fn local_port(&self) -> u16 {
+        self.s.local_addr().unwrap().port()
+    }
+
     /// Connected and the greeting read (a 220).
     pub async fn greeted(addr: SocketAddr) -> Self {
         let mut c = Self::connect(addr).await;
