@@ -741,6 +741,63 @@ async fn only_connections_that_serve_again_are_counted_as_reused() {
     gw.shutdown().await;
 }
 
+/// `backend_reused_total` counts client sessions: one that loses its
+/// taken connection (the backend closes it at RCPT) and takes another kept
+/// one for its next MAIL is counted once.
+#[tokio::test]
+async fn a_session_that_takes_two_kept_connections_is_counted_once() {
+    fn rule(_: usize, verb: &str, seen: usize) -> Option<&'static str> {
+        match verb {
+            "EHLO" => Some("250 legacy\r\n"),
+            // each kept connection breaks at its second RCPT
+            "RCPT" if seen == 2 => None,
+            "DATA" => Some("354 go\r\n"),
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
+        }
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    let gw = Yaml::new()
+        .listener_to(
+            "mx",
+            "smtp",
+            "none",
+            "twice",
+            "timeouts: { backend_reply: 3s }",
+        )
+        .backend("twice", &addr, "reuse: {}")
+        .start()
+        .await;
+    // two sessions at once leave two connections in the pool
+    let mx = gw.addr("mx").unwrap();
+    let (mut a, mut b) = (SmtpClient::greeted(mx).await, SmtpClient::greeted(mx).await);
+    for c in [&mut a, &mut b] {
+        let (code, text) = c.send_message("client.example", MESSAGE).await;
+        assert_eq!(code, 250, "{text}");
+    }
+    for mut c in [a, b] {
+        c.cmd("QUIT").await;
+        c.closed(Duration::from_secs(3)).await;
+    }
+    assert_eq!(
+        conns.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "probe + 2"
+    );
+    let mut c = SmtpClient::greeted(mx).await;
+    assert!(c.cmd("EHLO client.example").await.starts_with("250"));
+    for _ in 0..2 {
+        assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+        let rcpt = c.cmd("RCPT TO:<b@example.net>").await;
+        assert!(rcpt.starts_with("4"), "the kept connection broke: {rcpt}");
+        assert!(c.cmd("RSET").await.starts_with("250"));
+    }
+    // both kept connections served this session's MAIL: no new one
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(reused("twice"), 1, "one session");
+    gw.shutdown().await;
+}
+
 /// A client that opened a transaction before STARTTLS (then RSET) goes on, after it,
 /// on the same backend connection, reset (RFC 3207: the session starts
 /// afresh) and counted once toward `max_sessions`: with `max_sessions: 2`
@@ -793,6 +850,36 @@ async fn starttls_keeps_the_sessions_own_connection_counted_once() {
     assert_eq!(reused("restarted"), 1, "the second client session");
     // two sessions served: closed after the second
     assert_eq!(wait_lines(&b, "QUIT", 1).await, 1, "{lines:?}");
+    gw.shutdown().await;
+}
+
+/// The same on a connection's last allowed session (`max_sessions: 1`):
+/// the session still finishes on it after STARTTLS (it was counted when it
+/// took it), and the connection is closed when the session ends.
+#[tokio::test]
+async fn starttls_on_the_last_allowed_session_keeps_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _) = common::dev_cert(dir.path());
+    let b = SmtpBackend::new().start().await;
+    let gw = Yaml::new()
+        .listener("mx", "smtp", "starttls", "timeouts: { backend_reply: 3s }")
+        .certs(dir.path())
+        .backend("b", &b.addr, "reuse: { max_sessions: 1 }")
+        .start()
+        .await;
+    let before = b.connections();
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    assert!(c.cmd("EHLO client.example").await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(c.cmd("RSET").await.starts_with("250"));
+    assert!(c.cmd("STARTTLS").await.starts_with("220"));
+    let mut c = c.tls(&ca).await;
+    let (code, text) = c.send_message("client.example", MESSAGE).await;
+    assert_eq!(code, 250, "{text}");
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    assert_eq!(b.connections() - before, 1, "{:?}", b.lines());
+    assert_eq!(wait_lines(&b, "QUIT", 1).await, 1, "{:?}", b.lines());
     gw.shutdown().await;
 }
 

@@ -257,12 +257,15 @@ impl SmtpPool {
     }
 
     /// The session goes on after the client's STARTTLS (RFC 3207: it starts
-    /// afresh): a connection that may serve another session may serve this
-    /// one's second part too, reset like a released one, without a trip
-    /// through the pool (it is the same client session: not counted again
-    /// toward `max_sessions`, nor as reused). Others are closed: `None`.
+    /// afresh): a connection that carries nothing of its first part (no
+    /// AUTH, nothing refused) serves its second part too, reset like a
+    /// released one, without a trip through the pool (it is the same client
+    /// session: not counted again toward `max_sessions`, nor as reused, and
+    /// kept on its last allowed session too). Others are closed: `None`.
     pub async fn restart(&self, b: &Backend, conn: SmtpBackend) -> Option<SmtpBackend> {
-        if b.reuse.max_idle == 0 || !conn.reusable(b.reuse.max_sessions) {
+        // not `reusable`: this session was counted toward `max_sessions`
+        // when it took the connection, and may finish on it
+        if b.reuse.max_idle == 0 || !conn.clean_slate() {
             conn.quit().await;
             return None;
         }

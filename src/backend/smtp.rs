@@ -548,10 +548,17 @@ impl SmtpBackend {
         matches!(self.conn.unsolicited().await, Ok(0))
     }
 
-    /// May serve another client session: it relayed no AUTH, the backend
-    /// refused nothing on it, and it has not served `max_sessions` yet.
+    /// May serve another client session: it carries nothing of this one
+    /// ([`clean_slate`](Self::clean_slate)), and it has not served
+    /// `max_sessions` yet.
     pub(super) fn reusable(&self, max_sessions: u32) -> bool {
-        !self.authenticated && !self.refused && self.sessions < max_sessions
+        self.clean_slate() && self.sessions < max_sessions
+    }
+
+    /// It relayed no AUTH (the login belongs to its user) and the backend
+    /// refused nothing on it (error counts are per connection).
+    pub(super) fn clean_slate(&self) -> bool {
+        !self.authenticated && !self.refused
     }
 
     /// Cleans the connection for the next client session: an open

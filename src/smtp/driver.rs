@@ -57,6 +57,9 @@ struct Driver {
     /// The connection was taken from the pool and has not answered yet
     /// (`backend_reused_total` counts only connections that served).
     reuse_pending: bool,
+    /// The session was counted in `backend_reused_total` (once: a session
+    /// that loses its taken connection may take another).
+    reuse_counted: bool,
     messages: u32,
     /// SPF result of the current transaction (for DMARC and the A-R header);
     /// boxed, as it is there only between MAIL and the end of DATA.
@@ -102,6 +105,7 @@ impl Driver {
             backend: None,
             backend_used: false,
             reuse_pending: false,
+            reuse_counted: false,
             messages: 0,
             spf: None,
             dns_budget: crate::auth::DnsBudget::new(),
@@ -552,6 +556,7 @@ impl Driver {
             Replayed::Answer(r) => {
                 if std::mem::take(&mut self.reuse_pending)
                     && self.backend.as_ref().is_some_and(|b| b.reused())
+                    && !std::mem::replace(&mut self.reuse_counted, true)
                 {
                     crate::observe::metrics().backend_reused(&l.backend.name);
                 }
