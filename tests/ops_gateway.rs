@@ -686,3 +686,87 @@ fn out_of_descriptors_clients_hear_a_temporary_error() {
     }
     assert!(turned_away > 0, "the limit was never reached");
 }
+
+/// `session_ends_total{listener,outcome}` counts how the sessions of every
+/// protocol end, in a fixed set of outcomes: SMTP QUIT, a POP3 client that
+/// hangs up, an IMAP session closed after too many bad commands (`error`:
+/// never the text of the closing reply).
+#[tokio::test]
+async fn session_ends_are_counted_for_every_protocol() {
+    let ends = |listener: &str, outcome: &'static str| {
+        mailgate::observe::metrics()
+            .session_ends
+            .get_or_create(&mailgate::observe::metrics::OutcomeLabels {
+                listener: listener.into(),
+                outcome,
+            })
+            .get()
+    };
+    let smtp = SmtpBackend::new().start().await;
+    let pop3 = common::Pop3Backend::new().start().await;
+    let imap = common::ImapBackend::new().start().await;
+    // listener names of their own: the counters are the process's
+    let gw = Yaml::new()
+        .listener_to("ends-smtp", "smtp", "none", "s", "")
+        .listener_to("ends-pop3", "pop3", "none", "p", "")
+        .listener_to("ends-imap", "imap", "none", "i", "")
+        .backend("s", &smtp.addr, "")
+        .backend("p", &pop3.addr, "")
+        .backend("i", &imap.addr, "")
+        .start()
+        .await;
+    let mut c = SmtpClient::greeted(gw.addr("ends-smtp").unwrap()).await;
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+
+    let mut p = BufReader::new(
+        TcpStream::connect(gw.addr("ends-pop3").unwrap())
+            .await
+            .unwrap(),
+    );
+    let mut greeting = String::new();
+    p.read_line(&mut greeting).await.unwrap();
+    assert!(greeting.starts_with("+OK"), "{greeting}");
+    drop(p);
+
+    let mut i = BufReader::new(
+        TcpStream::connect(gw.addr("ends-imap").unwrap())
+            .await
+            .unwrap(),
+    );
+    let mut line = String::new();
+    i.read_line(&mut line).await.unwrap();
+    assert!(line.starts_with("* OK"), "{line}");
+    for n in 0..20 {
+        if i.get_mut()
+            .write_all(format!("{n} BOGUS\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), i.read_to_end(&mut rest)).await;
+    assert!(
+        String::from_utf8_lossy(&rest).contains("* BYE"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    let want = [
+        ("ends-smtp", "quit"),
+        ("ends-pop3", "client_closed"),
+        ("ends-imap", "error"),
+    ];
+    for _ in 0..100 {
+        if want.iter().all(|(l, o)| ends(l, o) == 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (l, o) in want {
+        assert_eq!(ends(l, o), 1, "{l} {o}");
+    }
+    gw.shutdown().await;
+}

@@ -209,15 +209,15 @@ impl Client {
         }
     }
 
-    /// The session is over: whatever was queued last goes out (briefly), and
-    /// the bytes are counted. The driver then logs [`session_end!`].
-    pub async fn close(&mut self, ctx: &SessionCtx) {
+    /// The session is over (`end`): whatever was queued last goes out
+    /// (briefly), and the bytes and the end are counted. The driver then
+    /// logs [`session_end!`].
+    pub async fn close(&mut self, ctx: &SessionCtx, end: &End) {
         let _ = self.conn.flush(LAST_WORDS).await;
-        crate::observe::metrics().bytes(
-            &ctx.listener().name,
-            self.conn.bytes_in,
-            self.conn.bytes_out,
-        );
+        let m = crate::observe::metrics();
+        let listener = &ctx.listener().name;
+        m.bytes(listener, self.conn.bytes_in, self.conn.bytes_out);
+        m.session_end(listener, end.label());
     }
 
     /// The TLS version in use, `none` in plaintext (for logs).

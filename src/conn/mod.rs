@@ -150,6 +150,19 @@ impl End {
         }
     }
 
+    /// The outcome as `session_ends_total` counts it: a fixed set (a
+    /// closing reply's text, an I/O error's, is `error`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            End::Quit => "quit",
+            End::ClientClosed => "client_closed",
+            End::Timeout => "timeout",
+            End::Shutdown => "shutdown",
+            End::Because(why) => why,
+            End::Error(_) => "error",
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         match self {
             End::Quit => "quit",
@@ -190,5 +203,8 @@ mod tests {
             "too many login failures"
         );
         assert_eq!(End::Shutdown.as_str(), "shutdown");
+        // the metric's label never carries the reply's text
+        assert_eq!(End::closing(&r, Ending::Refused).label(), "error");
+        assert_eq!(End::ClientClosed.label(), "client_closed");
     }
 }

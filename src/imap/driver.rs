@@ -76,7 +76,7 @@ impl Driver {
             commands: 0,
         };
         let end = d.serve().await;
-        d.client.close(&d.ctx).await;
+        d.client.close(&d.ctx, &end).await;
         if let Some(b) = d.backend.take() {
             b.logout().await;
         }

@@ -156,6 +156,7 @@ pub struct Metrics {
     pub tls_failures: Family<ListenerLabels, Counter>,
     pub commands: Family<CommandLabels, Counter>,
     pub transactions: Family<OutcomeLabels, Counter>,
+    pub session_ends: Family<OutcomeLabels, Counter>,
     pub refused_connections: Family<OutcomeLabels, Counter>,
     pub policy_hits: Family<RuleLabels, Counter>,
     pub auth_results: Family<VerdictLabels, Counter>,
@@ -205,6 +206,7 @@ impl Metrics {
             tls_failures: Family::default(),
             commands: Family::default(),
             transactions: Family::default(),
+            session_ends: Family::default(),
             refused_connections: Family::default(),
             policy_hits: Family::default(),
             auth_results: Family::default(),
@@ -253,8 +255,13 @@ impl Metrics {
         registry.register("commands", "Commands received, by verb", m.commands.clone());
         registry.register(
             "transactions",
-            "SMTP transactions and POP3 sessions by outcome",
+            "SMTP transactions by outcome",
             m.transactions.clone(),
+        );
+        registry.register(
+            "session_ends",
+            "Client sessions of every protocol by how they ended",
+            m.session_ends.clone(),
         );
         registry.register(
             "refused_connections",
@@ -408,6 +415,16 @@ impl Metrics {
 
     pub fn outcome(&self, listener: &str, outcome: &'static str) {
         self.transactions
+            .get_or_create(&OutcomeLabels {
+                listener: listener.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// A session ended (`End::label`: a fixed set, never client text).
+    pub fn session_end(&self, listener: &str, outcome: &'static str) {
+        self.session_ends
             .get_or_create(&OutcomeLabels {
                 listener: listener.to_string(),
                 outcome,

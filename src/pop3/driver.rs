@@ -76,7 +76,7 @@ impl Driver {
                 crate::observe::metrics().refused(&l.name, "apop_max_pending");
                 info!("APOP listener busy: apop_max_pending sessions wait for login");
                 client.queue(&Session::apop_busy());
-                client.close(&ctx).await;
+                client.close(&ctx, &End::Because("apop_max_pending")).await;
                 return;
             };
             let id = client_identity(peer, &ctx);
@@ -115,7 +115,7 @@ impl Driver {
             dele: 0,
         };
         let end = d.serve().await;
-        d.client.close(&d.ctx).await;
+        d.client.close(&d.ctx, &end).await;
         if let Some(b) = d.backend.take() {
             b.quit().await;
         }

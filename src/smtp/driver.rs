@@ -113,7 +113,7 @@ impl Driver {
     }
 
     async fn close(mut self, end: End) {
-        self.client.close(&self.ctx).await;
+        self.client.close(&self.ctx, &end).await;
         self.release_backend().await;
         session_end!(
             self.client,
