@@ -66,12 +66,13 @@ pub(super) fn build_dkim_sign(
     let mut keys = Vec::with_capacity(f.keys.len());
     for (i, k) in f.keys.iter().enumerate() {
         let field = format!(".keys[{}]", i + 1);
-        if !sign::valid_domain(&k.domain) {
+        // an internationalised name is signed for in A-labels (RFC 8616)
+        let Some(domain) = sign::ascii_domain(&k.domain).filter(|d| sign::valid_domain(d)) else {
             return Err(at(
                 &k.domain,
                 format!("{field}.domain: {:?} is not a domain name", k.domain),
             ));
-        }
+        };
         if !sign::valid_selector(&k.selector) {
             return Err(at(
                 &k.selector,
@@ -82,7 +83,7 @@ pub(super) fn build_dkim_sign(
             ));
         }
         let dup = |o: &&std::sync::Arc<sign::SignKey>| {
-            o.domain.eq_ignore_ascii_case(&k.domain) && o.selector.eq_ignore_ascii_case(&k.selector)
+            o.domain == domain && o.selector.eq_ignore_ascii_case(&k.selector)
         };
         if keys.iter().any(|o| dup(&o)) {
             return Err(at(
@@ -90,7 +91,7 @@ pub(super) fn build_dkim_sign(
                 format!("{field}: {}/{} is named twice", k.domain, k.selector),
             ));
         }
-        let key = sign::load_key(&k.domain, &k.selector, &s.resolve(&k.key)).map_err(|e| {
+        let key = sign::load_key(&domain, &k.selector, &s.resolve(&k.key)).map_err(|e| {
             at(
                 &k.key,
                 format!("{field} ({}/{}).key: {e}", k.domain, k.selector),
@@ -188,6 +189,31 @@ mod tests {
             "{}",
             c.summary()
         );
+    }
+
+    /// An internationalised domain is named in A-labels (RFC 8616), however
+    /// the file writes it: `d=` and the DNS name of the key are ASCII, and a
+    /// second key for the same domain in the other spelling is a duplicate.
+    #[test]
+    fn internationalised_key_domains_are_signed_for_in_a_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        keys(dir.path());
+        let load = |keys: &str| load_str("p.yaml", &yaml(dir.path(), keys));
+        let c = load(
+            "      keys:\n        - { domain: Bücher.example, selector: s1, key: DIR/ed.pem }\n",
+        )
+        .unwrap();
+        let d = c.policies["p"].dkim_sign.as_ref().unwrap();
+        assert_eq!(d.keys[0].domain, "xn--bcher-kva.example");
+        assert!(
+            c.summary().contains("dkim_sign: xn--bcher-kva.example/s1"),
+            "{}",
+            c.summary()
+        );
+        let e = load("      keys:\n        - { domain: bücher.example, selector: s1, key: DIR/ed.pem }\n        - { domain: xn--bcher-kva.example, selector: s1, key: DIR/ed.pem }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is named twice"), "{e}");
     }
 
     #[test]

@@ -54,7 +54,8 @@ pub fn decide(
         !p.match_envelope_sender
             || mail_from
                 .rsplit_once('@')
-                .is_some_and(|(_, d)| p.signs_for(d))
+                .and_then(|(_, d)| super::ascii_domain(d))
+                .is_some_and(|d| p.signs_for(&d))
     };
     match author {
         Some(d) if p.signs_for(d) && envelope_ok() => Decision::Sign(
@@ -72,7 +73,9 @@ pub fn decide(
 }
 
 /// The author domain of `message` (its header block is read, the body never):
-/// the domain of the header From's addresses (lowercase), when there is
+/// the domain of the header From's addresses (lowercase, in A-labels: a
+/// SMTPUTF8 message's `bücher.example` is `xn--bcher-kva.example`, as keys
+/// are named and receivers align, RFC 8616 §3-4), when there is
 /// exactly one From field and all its addresses are of one domain. `None`
 /// otherwise (no From, several From fields, mixed domains, unparsable), which
 /// no key matches: RFC 5322 §3.6 allows one From field, and DMARC cannot
@@ -91,15 +94,17 @@ pub fn author_domain(message: &[u8]) -> Option<String> {
     if from_fields(header) != 1 {
         return None;
     }
+    // compared as keys are named: `Example.org` and `example.org`, or a
+    // U-label and its A-label, are one domain
     let mut domains = parsed
         .from_addresses()
         .iter()
-        .map(|a| a.rsplit_once('@').map(|(_, d)| d));
+        .map(|a| a.rsplit_once('@').and_then(|(_, d)| super::ascii_domain(d)));
     let first = domains.next()??;
-    if first.is_empty() || domains.any(|d| d != Some(first)) {
+    if first.is_empty() || domains.any(|d| d.as_deref() != Some(first.as_str())) {
         return None;
     }
-    Some(first.to_string())
+    Some(first)
 }
 
 /// The From fields of a header block: every line that does not continue a
@@ -135,6 +140,7 @@ mod tests {
             ("example.org", "rsa", Some(2048)),
             ("example.org", "ed", None),
             ("other.example", "ed", None),
+            ("xn--bcher-kva.example", "ed", None),
         ] {
             let p = dir.path().join(format!("{domain}.{selector}.pem"));
             write_new(&p, &generate(bits).unwrap().pem).unwrap();
@@ -246,6 +252,9 @@ mod tests {
             ("bounces@Other.Example", "example.org/rsa,example.org/ed"),
             ("alice@elsewhere.example", "refuse"),
             ("", "refuse"),
+            // a SMTPUTF8 sender's domain, in A-labels as keys are named
+            ("jörg@bücher.example", "example.org/rsa,example.org/ed"),
+            ("jörg@bücher.test", "refuse"),
         ] {
             assert_eq!(
                 names(&decide(&p, user, Some("example.org"), from)),
@@ -287,6 +296,23 @@ mod tests {
             ("Subject: x\r\n\r\nFrom: alice@example.org\r\n", None),
             ("\r\nFrom: alice@example.org\r\n", None),
             ("From: alice@example.org\r\n", Some("example.org")),
+            // one domain, however it is spelt
+            (
+                "From: a@Example.org, b@example.ORG\r\n\r\n",
+                Some("example.org"),
+            ),
+            // SMTPUTF8 (RFC 6532): an internationalised domain in A-labels
+            // (RFC 8616), as keys are named and receivers align
+            (
+                "From: Jörg <jörg@Bücher.example>\r\n\r\n",
+                Some("xn--bcher-kva.example"),
+            ),
+            (
+                "From: a@bücher.example, b@xn--bcher-kva.example\r\n\r\n",
+                Some("xn--bcher-kva.example"),
+            ),
+            // IDNA refuses it: no domain, no key
+            ("From: a@b\u{fffd}cher.example\r\n\r\n", None),
         ] {
             assert_eq!(
                 author_domain(header.as_bytes()).as_deref(),

@@ -90,6 +90,18 @@ pub fn valid_selector(s: &str) -> bool {
 }
 
 /// A signing domain: as a selector, with at least two labels.
+/// `d` as DKIM names it: A-labels (RFC 8616 §3: an internationalised
+/// domain is signed and looked up in its ASCII form), lowercase, without a
+/// trailing dot. `None`: IDNA refuses it (no key can match it). ASCII names
+/// pass unchanged but for case; [`valid_domain`] judges them.
+pub fn ascii_domain(d: &str) -> Option<String> {
+    let d = d.trim_end_matches('.');
+    if d.is_ascii() {
+        return Some(d.to_ascii_lowercase());
+    }
+    idna::domain_to_ascii(d).ok()
+}
+
 pub fn valid_domain(d: &str) -> bool {
     valid_selector(d.trim_end_matches('.')) && d.trim_end_matches('.').contains('.')
 }

@@ -22,8 +22,8 @@ pub mod signer;
 
 pub use decide::{author_domain, decide, Decision, NotSigned};
 pub use key::{
-    generate, keygen, load_key, valid_domain, valid_selector, zone_entry, KeyAlgorithm, NewKey,
-    SignKey,
+    ascii_domain, generate, keygen, load_key, valid_domain, valid_selector, zone_entry,
+    KeyAlgorithm, NewKey, SignKey,
 };
 pub use signer::{sign, MAX_SIGNED_FIELDS};
 
