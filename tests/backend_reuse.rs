@@ -392,6 +392,57 @@ async fn a_kept_connection_that_cannot_be_told_the_next_client_is_not_used() {
     }
 }
 
+/// Postfix checks `smtpd_authorized_xclient_hosts` again against the
+/// address XCLIENT told it (smtpd.c `xclient_cmd`: `xclient_allowed =
+/// namadr_list_match(xclient_hosts, state->name, state->addr)`): where
+/// only mailgate is authorized, the EHLO after XCLIENT no longer offers
+/// XCLIENT, and the connection can never be told the next client. It is
+/// closed with QUIT as its session ends (as without `reuse`), not kept to
+/// be dropped by the next session.
+#[tokio::test]
+async fn a_connection_that_can_no_longer_be_told_a_client_is_not_kept() {
+    static QUITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    fn rule(n: usize, verb: &str, seen: usize) -> Option<&'static str> {
+        Some(match verb {
+            // the client's address is not an authorized XCLIENT host
+            "EHLO" if seen == 1 => "250-legacy\r\n250 XCLIENT NAME ADDR PORT PROTO HELO\r\n",
+            "EHLO" => "250-legacy\r\n250 8BITMIME\r\n",
+            "XCLI" => "220 legacy ESMTP again\r\n",
+            "DATA" => "354 go\r\n",
+            "QUIT" => {
+                if n == 1 {
+                    QUITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                "221 bye\r\n"
+            }
+            _ => "250 ok\r\n",
+        })
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    let gw = common::start(&config(
+        &addr,
+        "identity: [xclient], reuse: { idle_timeout: 5m }",
+    ))
+    .await;
+    let (code, text) = one_message(&gw).await;
+    assert_eq!(code, 250, "{text}");
+    for _ in 0..100 {
+        if QUITS.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(
+        QUITS.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "closed as its session ended, not kept"
+    );
+    let (code, text) = one_message(&gw).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    gw.shutdown().await;
+}
+
 /// A session that opened a transaction before STARTTLS goes on, after it,
 /// on the same connection (`reuse:`), told the identity again: XCLIENT
 /// with the HELO the client gave after TLS.

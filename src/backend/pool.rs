@@ -10,7 +10,9 @@
 //! transaction is RSET first (a connection whose RSET fails is closed). An
 //! XCLIENT identity is told again, the next session's, before its first
 //! command ([`SmtpBackend::identify`]); a connection that cannot be told it
-//! is not used. A kept connection is taken only
+//! is not used, and one whose backend stopped offering XCLIENT (Postfix
+//! checks the told address against its authorized hosts) is not kept. A
+//! kept connection is taken only
 //! while it is in step and open (nothing unsolicited, no close seen); one
 //! that proves dead at its first command is replaced by a fresh connection
 //! before the client hears anything (`smtp/driver.rs`), so reuse never turns

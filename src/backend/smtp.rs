@@ -549,9 +549,20 @@ impl SmtpBackend {
     }
 
     /// May serve another client session: it relayed no AUTH, the backend
-    /// refused nothing on it, and it has not served `max_sessions` yet.
+    /// refused nothing on it, it has not served `max_sessions` yet, and one
+    /// told a client's identity can be told the next one: Postfix checks
+    /// `smtpd_authorized_xclient_hosts` again against the address XCLIENT
+    /// gave it, and offers XCLIENT no more where that client is not listed.
     pub(super) fn reusable(&self, max_sessions: u32) -> bool {
-        !self.authenticated && !self.refused && self.sessions < max_sessions
+        let retell = !self.told || self.can_tell();
+        !self.authenticated && !self.refused && self.sessions < max_sessions && retell
+    }
+
+    /// The backend's last EHLO offered XCLIENT with ADDR.
+    fn can_tell(&self) -> bool {
+        self.xclient_attrs
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|x| x.eq_ignore_ascii_case("ADDR")))
     }
 
     /// Cleans the connection for the next client session: an open
