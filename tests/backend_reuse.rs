@@ -443,6 +443,43 @@ async fn a_connection_that_can_no_longer_be_told_a_client_is_not_kept() {
     gw.shutdown().await;
 }
 
+/// A kept connection whose XCLIENT gets no answer in time: nothing of the
+/// client went over it yet, so its MAIL moves to a new connection (as for
+/// a kept connection found closed) instead of the client hearing a 451 it
+/// would not have had without `reuse`.
+#[tokio::test]
+async fn a_kept_connection_whose_xclient_times_out_is_replaced() {
+    fn rule(n: usize, verb: &str, seen: usize) -> Option<&'static str> {
+        Some(match verb {
+            "EHLO" => "250-legacy\r\n250 XCLIENT NAME ADDR PORT PROTO HELO\r\n",
+            // no answer
+            "XCLI" if n == 1 && seen == 2 => "",
+            "XCLI" => "220 legacy ESMTP again\r\n",
+            "DATA" => "354 go\r\n",
+            "QUIT" => "221 bye\r\n",
+            _ => "250 ok\r\n",
+        })
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    let gw = Yaml::new()
+        .listener(
+            "mx",
+            "smtp",
+            "none",
+            "timeouts: { backend_reply: 1s, backend_connect: 3s }",
+        )
+        .backend("b", &addr, "identity: [xclient], reuse: {}")
+        .start()
+        .await;
+    for _ in 0..2 {
+        let (code, text) = one_message(&gw).await;
+        assert_eq!(code, 250, "{text}");
+    }
+    // the probe, the first session's (kept, then silent), the new one
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    gw.shutdown().await;
+}
+
 /// A session that opened a transaction before STARTTLS goes on, after it,
 /// on the same connection (`reuse:`), told the identity again: XCLIENT
 /// with the HELO the client gave after TLS.
