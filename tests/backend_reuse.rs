@@ -480,6 +480,37 @@ async fn a_kept_connection_whose_xclient_times_out_is_replaced() {
     gw.shutdown().await;
 }
 
+/// A backend that refuses XCLIENT, with `identity_optional: true`: the
+/// session relays as mailgate's own address, but the refusal counts
+/// against that connection as any refused command does (Postfix counts
+/// errors per connection), so it is not handed on; each session has its
+/// own, as without `reuse`.
+#[tokio::test]
+async fn a_connection_whose_xclient_was_refused_is_not_handed_on() {
+    fn rule(_: usize, verb: &str, _: usize) -> Option<&'static str> {
+        Some(match verb {
+            "EHLO" => "250-legacy\r\n250 XCLIENT NAME ADDR PORT PROTO HELO\r\n",
+            "XCLI" => "550 5.7.0 Error: insufficient authorization\r\n",
+            "DATA" => "354 go\r\n",
+            "QUIT" => "221 bye\r\n",
+            _ => "250 ok\r\n",
+        })
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    let gw = common::start(&config(
+        &addr,
+        "identity: [xclient], identity_optional: true, reuse: {}",
+    ))
+    .await;
+    for _ in 0..2 {
+        let (code, text) = one_message(&gw).await;
+        assert_eq!(code, 250, "{text}");
+    }
+    // the probe, then one per session
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    gw.shutdown().await;
+}
+
 /// A session that opened a transaction before STARTTLS goes on, after it,
 /// on the same connection (`reuse:`), told the identity again: XCLIENT
 /// with the HELO the client gave after TLS.

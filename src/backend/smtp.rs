@@ -121,11 +121,12 @@ impl SmtpBackend {
             b.conn.stream = plain.upgrade(tls, t.connect).await?;
             b.hello(&backend.helo_name).await?;
         }
+        // an EHLO a HELO-only server refused is mailgate's, not a client's;
+        // a refused XCLIENT (`identity_optional`) counts, as any refusal
+        b.refused = false;
         if let (true, Some(id)) = (backend.xclient, id) {
             b.xclient(backend, id, false).await?;
         }
-        // an EHLO a HELO-only server refused is mailgate's, not a client's
-        b.refused = false;
         b.connect_time = started.elapsed();
         Ok(b)
     }
