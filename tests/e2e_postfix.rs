@@ -568,6 +568,21 @@ fn postfix_that_will_not_be_told_again_gets_a_connection_per_client() {
     assert!(!log.lines().any(dropped), "{log}");
 }
 
+/// Postfix's reverse-name rules never take mailgate's own name for a
+/// client's: XCLIENT's NAME=[UNAVAILABLE] leaves Postfix's reverse client
+/// name as it found it for mailgate (smtpd.c `xclient_cmd` updates it only
+/// for a NAME it can use), so REVERSE_NAME is said unavailable too. Here
+/// mailgate's 127.0.0.1 is `localhost`, which the rule refuses.
+#[test]
+fn postfix_reverse_name_rules_do_not_see_mailgates_name() {
+    require_or_skip!(root: "a Postfix instance", "postfix", "postconf", "python3");
+    kept_xclient_sessions(
+        "smtpd_client_restrictions = check_reverse_client_hostname_access inline:{ localhost=REJECT }",
+        "nothing more",
+        |_| true,
+    );
+}
+
 // ---------------------------------------------------------------------------
 // The binary as the container runs it (acceptance 5)
 

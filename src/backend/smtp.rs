@@ -163,9 +163,13 @@ impl SmtpBackend {
         }
         let mut line = String::from("XCLIENT");
         // no reverse lookup here: say so, or Postfix keeps the name it found
-        // for mailgate's own address (name-based rules would then match us)
+        // for mailgate's own address (name-based rules would then match us);
+        // an unavailable NAME leaves its reverse name as it was
         if has("NAME") {
             line.push_str(" NAME=[UNAVAILABLE]");
+        }
+        if has("REVERSE_NAME") {
+            line.push_str(" REVERSE_NAME=[UNAVAILABLE]");
         }
         if has("ADDR") {
             let ip = match id.peer.ip() {
