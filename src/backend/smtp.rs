@@ -570,15 +570,15 @@ impl SmtpBackend {
             .is_some_and(|a| a.iter().any(|x| x.eq_ignore_ascii_case("ADDR")))
     }
 
-    /// Cleans the connection for the next client session: an open
-    /// transaction is RSET (it must be answered 250), and nothing may be
-    /// left unread. False: its state is unknown and it is not reused.
     /// Kept across the client's STARTTLS: the session starts afresh (RFC
     /// 3207), with another EHLO, so its identity is told again.
     pub(super) fn restarted(&mut self) {
         self.stale = true;
     }
 
+    /// Cleans the connection for the next client session: an open
+    /// transaction is RSET (it must be answered 250), and nothing may be
+    /// left unread. False: its state is unknown and it is not reused.
     pub(super) async fn reset(&mut self) -> bool {
         if self.end_open_tx().await.is_err() {
             return false;
