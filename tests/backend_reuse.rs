@@ -392,6 +392,125 @@ async fn a_kept_connection_that_cannot_be_told_the_next_client_is_not_used() {
     }
 }
 
+/// Postfix checks `smtpd_authorized_xclient_hosts` again against the
+/// address XCLIENT told it (smtpd.c `xclient_cmd`: `xclient_allowed =
+/// namadr_list_match(xclient_hosts, state->name, state->addr)`): where
+/// only mailgate is authorized, the EHLO after XCLIENT no longer offers
+/// XCLIENT, and the connection can never be told the next client. It is
+/// closed with QUIT as its session ends (as without `reuse`), not kept to
+/// be dropped by the next session.
+#[tokio::test]
+async fn a_connection_that_can_no_longer_be_told_a_client_is_not_kept() {
+    static QUITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    fn rule(n: usize, verb: &str, seen: usize) -> Option<&'static str> {
+        Some(match verb {
+            // the client's address is not an authorized XCLIENT host
+            "EHLO" if seen == 1 => "250-legacy\r\n250 XCLIENT NAME ADDR PORT PROTO HELO\r\n",
+            "EHLO" => "250-legacy\r\n250 8BITMIME\r\n",
+            "XCLI" => "220 legacy ESMTP again\r\n",
+            "DATA" => "354 go\r\n",
+            "QUIT" => {
+                if n == 1 {
+                    QUITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                "221 bye\r\n"
+            }
+            _ => "250 ok\r\n",
+        })
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    let gw = common::start(&config(
+        &addr,
+        "identity: [xclient], reuse: { idle_timeout: 5m }",
+    ))
+    .await;
+    let (code, text) = one_message(&gw).await;
+    assert_eq!(code, 250, "{text}");
+    for _ in 0..100 {
+        if QUITS.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(
+        QUITS.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "closed as its session ended, not kept"
+    );
+    let (code, text) = one_message(&gw).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    gw.shutdown().await;
+}
+
+/// A kept connection whose XCLIENT gets no answer in time: nothing of the
+/// client went over it yet, so its MAIL moves to a new connection (as for
+/// a kept connection found closed) instead of the client hearing a 451 it
+/// would not have had without `reuse`.
+#[tokio::test]
+async fn a_kept_connection_whose_xclient_times_out_is_replaced() {
+    fn rule(n: usize, verb: &str, seen: usize) -> Option<&'static str> {
+        Some(match verb {
+            "EHLO" => "250-legacy\r\n250 XCLIENT NAME ADDR PORT PROTO HELO\r\n",
+            // no answer
+            "XCLI" if n == 1 && seen == 2 => "",
+            "XCLI" => "220 legacy ESMTP again\r\n",
+            "DATA" => "354 go\r\n",
+            "QUIT" => "221 bye\r\n",
+            _ => "250 ok\r\n",
+        })
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    let gw = Yaml::new()
+        .listener(
+            "mx",
+            "smtp",
+            "none",
+            "timeouts: { backend_reply: 1s, backend_connect: 3s }",
+        )
+        .backend("b", &addr, "identity: [xclient], reuse: {}")
+        .start()
+        .await;
+    for _ in 0..2 {
+        let (code, text) = one_message(&gw).await;
+        assert_eq!(code, 250, "{text}");
+    }
+    // the probe, the first session's (kept, then silent), the new one
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    gw.shutdown().await;
+}
+
+/// A backend that refuses XCLIENT, with `identity_optional: true`: the
+/// session relays as mailgate's own address, but the refusal counts
+/// against that connection as any refused command does (Postfix counts
+/// errors per connection), so it is not handed on; each session has its
+/// own, as without `reuse`.
+#[tokio::test]
+async fn a_connection_whose_xclient_was_refused_is_not_handed_on() {
+    fn rule(_: usize, verb: &str, _: usize) -> Option<&'static str> {
+        Some(match verb {
+            "EHLO" => "250-legacy\r\n250 XCLIENT NAME ADDR PORT PROTO HELO\r\n",
+            "XCLI" => "550 5.7.0 Error: insufficient authorization\r\n",
+            "DATA" => "354 go\r\n",
+            "QUIT" => "221 bye\r\n",
+            _ => "250 ok\r\n",
+        })
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    let gw = common::start(&config(
+        &addr,
+        "identity: [xclient], identity_optional: true, reuse: {}",
+    ))
+    .await;
+    for _ in 0..2 {
+        let (code, text) = one_message(&gw).await;
+        assert_eq!(code, 250, "{text}");
+    }
+    // the probe, then one per session
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    gw.shutdown().await;
+}
+
 /// A session that opened a transaction before STARTTLS goes on, after it,
 /// on the same connection (`reuse:`), told the identity again: XCLIENT
 /// with the HELO the client gave after TLS.

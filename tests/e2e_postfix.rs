@@ -426,15 +426,13 @@ fn postfix_logs_the_real_client_helo_through_xclient() {
 
 /// Issue 17 (backend reuse with XCLIENT): two clients, from 127.0.0.2 and
 /// 127.0.0.3 with their own HELO names, one after the other through a
-/// backend with `identity: [xclient], reuse: {}`. Postfix serves both on one
-/// connection (its disconnect line counts two XCLIENTs and two MAILs), and
-/// each message's `client=` line and Received header name its own client:
-/// the second never goes as the first.
-#[test]
-fn postfix_sees_each_client_on_a_kept_xclient_connection() {
-    require_or_skip!(root: "a Postfix instance", "postfix", "postconf", "python3");
+/// backend with `identity: [xclient], reuse: {}` to a Postfix with
+/// `main_cf`: each message's `client=` line and Received header name its
+/// own client, the second never goes as the first. Postfix's log once
+/// `done` holds for it too.
+fn kept_xclient_sessions(main_cf: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let pf = Postfix::start(&dir.path().join("postfix"));
+    let pf = Postfix::start_with(&dir.path().join("postfix"), main_cf);
     let gw_dir = dir.path().join("gw");
     std::fs::create_dir_all(&gw_dir).unwrap();
     let port = common::free_port();
@@ -482,30 +480,9 @@ print(json.dumps(out))
     );
     assert!(ok, "smtplib: {out} {err}\n{}", pf.log());
     let ports: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    // the kept connection is closed after its 1 s idle time: then Postfix
-    // logs its disconnect line
-    let log = pf.wait_log("both deliveries and the kept connection's end", |log| {
-        log.matches("status=sent (delivered to file:").count() >= 2
-            && log
-                .lines()
-                .any(|l| l.contains(": disconnect from ") && l.contains(" mail=2"))
+    let log = pf.wait_log(what, |log| {
+        log.matches("status=sent (delivered to file:").count() >= 2 && done(log)
     });
-    let disconnect = log
-        .lines()
-        .find(|l| l.contains(": disconnect from ") && l.contains(" mail=2"))
-        .unwrap();
-    // `name=total` or, when some were not counted as successes (Postfix
-    // logs XCLIENT's 220 as `xclient=0/2`), `name=ok/total`
-    let total = |name: &str| {
-        disconnect
-            .split(' ')
-            .find_map(|w| w.strip_prefix(name))
-            .map(|v| v.rsplit('/').next().unwrap_or(v).to_string())
-    };
-    assert!(
-        total("xclient=").as_deref() == Some("2") && total("data=").as_deref() == Some("2"),
-        "one connection for both sessions, told each client: {disconnect}\n{log}"
-    );
     let mailbox = pf.mailbox();
     for (src, helo) in [
         ("127.0.0.2", "alpha.example"),
@@ -543,6 +520,67 @@ print(json.dumps(out))
         );
     }
     drop(gw);
+    log
+}
+
+/// [`kept_xclient_sessions`] where the clients' addresses are authorized
+/// XCLIENT hosts too (127.0.0.0/8): Postfix serves both on one connection
+/// (its disconnect line counts two XCLIENTs and two MAILs).
+#[test]
+fn postfix_sees_each_client_on_a_kept_xclient_connection() {
+    require_or_skip!(root: "a Postfix instance", "postfix", "postconf", "python3");
+    let one = |l: &str| l.contains(": disconnect from ") && l.contains(" mail=2");
+    // the kept connection is closed after its 1 s idle time: then Postfix
+    // logs its disconnect line
+    let log = kept_xclient_sessions("", "the kept connection's end", |log| log.lines().any(one));
+    let disconnect = log.lines().find(|l| one(l)).unwrap();
+    // `name=total` or, when some were not counted as successes (Postfix
+    // logs XCLIENT's 220 as `xclient=0/2`), `name=ok/total`
+    let total = |name: &str| {
+        disconnect
+            .split(' ')
+            .find_map(|w| w.strip_prefix(name))
+            .map(|v| v.rsplit('/').next().unwrap_or(v).to_string())
+    };
+    assert!(
+        total("xclient=").as_deref() == Some("2") && total("data=").as_deref() == Some("2"),
+        "one connection for both sessions, told each client: {disconnect}\n{log}"
+    );
+}
+
+/// [`kept_xclient_sessions`] where only mailgate is an authorized XCLIENT
+/// host, as is usual: Postfix checks the list again against the address
+/// XCLIENT told it and offers XCLIENT no more, so each client has its own
+/// connection, closed with QUIT as its session ends (never dropped).
+#[test]
+fn postfix_that_will_not_be_told_again_gets_a_connection_per_client() {
+    require_or_skip!(root: "a Postfix instance", "postfix", "postconf", "python3");
+    let each = |l: &str| l.contains(": disconnect from ") && l.contains(" mail=1");
+    let log = kept_xclient_sessions(
+        "smtpd_authorized_xclient_hosts = 127.0.0.1/32",
+        "both clients' connections' ends",
+        |log| log.lines().filter(|l| each(l)).count() >= 2,
+    );
+    for l in log.lines().filter(|l| each(l)) {
+        assert!(l.contains(" quit=1"), "closed with QUIT: {l}\n{log}");
+    }
+    let dropped = |l: &str| l.contains("lost connection") && !l.contains("[127.0.0.1]");
+    assert!(!log.lines().any(dropped), "{log}");
+}
+
+/// Postfix's reverse-name rules never take mailgate's own name for a
+/// client's: XCLIENT's NAME=[UNAVAILABLE] leaves Postfix's reverse client
+/// name as it found it for mailgate (smtpd.c `xclient_cmd` updates it only
+/// for a NAME it can use), so REVERSE_NAME is said unavailable too. Here
+/// mailgate's 127.0.0.1 is `localhost`, which the rule refuses.
+#[test]
+fn postfix_reverse_name_rules_do_not_see_mailgates_name() {
+    require_or_skip!(root: "a Postfix instance", "postfix", "postconf", "python3");
+    kept_xclient_sessions(
+        "smtpd_client_restrictions = check_reverse_client_hostname_access inline:{ localhost=REJECT }",
+        "nothing more",
+        |_| true,
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -10,11 +10,13 @@
 //! transaction is RSET first (a connection whose RSET fails is closed). An
 //! XCLIENT identity is told again, the next session's, before its first
 //! command ([`SmtpBackend::identify`]); a connection that cannot be told it
-//! is not used. A kept connection is taken only
-//! while it is in step and open (nothing unsolicited, no close seen); one
-//! that proves dead at its first command is replaced by a fresh connection
-//! before the client hears anything (`smtp/driver.rs`), so reuse never turns
-//! into a refusal the client would not have had without it.
+//! is not used, and one whose backend stopped offering XCLIENT (Postfix
+//! checks the told address against its authorized hosts) is not kept. A
+//! kept connection is taken only while it is in step and open (nothing
+//! unsolicited, no close seen); one that proves dead at its first command
+//! (or its XCLIENT) is replaced by a fresh connection before the client
+//! hears anything (`smtp/driver.rs`), so reuse never turns into a refusal
+//! the client would not have had without it.
 //!
 //! The sweeper closes connections idle longer than `idle_timeout` (QUIT)
 //! and sleeps until the next one is due, or, with none kept, until one is
@@ -34,9 +36,10 @@ use tokio::time::Instant;
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Which connections can stand in for each other: the same backend entry,
-/// address, EHLO name, identity by XCLIENT or not, and TLS settings (a reload that changes any of them
-/// closes the old connections, [`SmtpPool::keep_only`]; every reload builds
-/// TLS settings anew, so it closes a TLS backend's). The TLS settings are
+/// address, EHLO name, identity by XCLIENT or not, and TLS settings (a
+/// reload that changes any of them closes the old connections,
+/// [`SmtpPool::keep_only`]; every reload builds TLS settings anew, so it
+/// closes a TLS backend's). The TLS settings are
 /// the very ones of the config the connections were made with (compared by
 /// address), held here: were they freed, a later reload's settings could
 /// be allocated at that address and take the old connections.

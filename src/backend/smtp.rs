@@ -121,11 +121,12 @@ impl SmtpBackend {
             b.conn.stream = plain.upgrade(tls, t.connect).await?;
             b.hello(&backend.helo_name).await?;
         }
+        // an EHLO a HELO-only server refused is mailgate's, not a client's;
+        // a refused XCLIENT (`identity_optional`) counts, as any refusal
+        b.refused = false;
         if let (true, Some(id)) = (backend.xclient, id) {
             b.xclient(backend, id, false).await?;
         }
-        // an EHLO a HELO-only server refused is mailgate's, not a client's
-        b.refused = false;
         b.connect_time = started.elapsed();
         Ok(b)
     }
@@ -162,9 +163,13 @@ impl SmtpBackend {
         }
         let mut line = String::from("XCLIENT");
         // no reverse lookup here: say so, or Postfix keeps the name it found
-        // for mailgate's own address (name-based rules would then match us)
+        // for mailgate's own address (name-based rules would then match us);
+        // an unavailable NAME leaves its reverse name as it was
         if has("NAME") {
             line.push_str(" NAME=[UNAVAILABLE]");
+        }
+        if has("REVERSE_NAME") {
+            line.push_str(" REVERSE_NAME=[UNAVAILABLE]");
         }
         if has("ADDR") {
             let ip = match id.peer.ip() {
@@ -555,21 +560,31 @@ impl SmtpBackend {
         self.clean_slate() && self.sessions < max_sessions
     }
 
-    /// It relayed no AUTH (the login belongs to its user) and the backend
-    /// refused nothing on it (error counts are per connection).
+    /// It relayed no AUTH (the login belongs to its user), the backend
+    /// refused nothing on it (error counts are per connection), and one
+    /// told a client's identity can be told the next one: Postfix checks
+    /// `smtpd_authorized_xclient_hosts` again against the address XCLIENT
+    /// gave it, and offers XCLIENT no more where that client is not listed.
     pub(super) fn clean_slate(&self) -> bool {
-        !self.authenticated && !self.refused
+        !self.authenticated && !self.refused && (!self.told || self.can_tell())
     }
 
-    /// Cleans the connection for the next client session: an open
-    /// transaction is RSET (it must be answered 250), and nothing may be
-    /// left unread. False: its state is unknown and it is not reused.
+    /// The backend's last EHLO offered XCLIENT with ADDR.
+    fn can_tell(&self) -> bool {
+        self.xclient_attrs
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|x| x.eq_ignore_ascii_case("ADDR")))
+    }
+
     /// Kept across the client's STARTTLS: the session starts afresh (RFC
     /// 3207), with another EHLO, so its identity is told again.
     pub(super) fn restarted(&mut self) {
         self.stale = true;
     }
 
+    /// Cleans the connection for the next client session: an open
+    /// transaction is RSET (it must be answered 250), and nothing may be
+    /// left unread. False: its state is unknown and it is not reused.
     pub(super) async fn reset(&mut self) -> bool {
         if self.end_open_tx().await.is_err() {
             return false;

@@ -936,6 +936,11 @@ impl login::Replay for Opener<'_> {
                     warn!(backend = %self.backend.name, reason = %why, "a kept connection could not be told this client's identity; using a new one");
                     Err(BackendError::Identity(why))
                 }
+                // nothing of the client's went over it yet: unlike a
+                // command's, the replay may move this one on
+                BackendError::TimedOut(why) => Err(BackendError::Failed(format!(
+                    "XCLIENT on a kept connection: {why}"
+                ))),
                 e => Err(e),
             };
         }
