@@ -8,7 +8,9 @@
 # row: mailgate CPU ms per message (utime+stime from /proc), messages/s, and the
 # connections Postfix accepted (its `connect from` log lines). Postfix discards
 # the mail (example.net is local, local_transport = discard), so its queue, not a mailbox, is the
-# cost it adds. Not part of CI. Needs root (Postfix).
+# cost it adds. Postfix authorizes 127.0.0.0/8 for XCLIENT, which holds the
+# client's own address: so it offers XCLIENT again after one (it checks the list
+# against the address it was told; README, `reuse`). Not part of CI. Needs root.
 #   bash bench/xclient_reuse.sh            # N=1000 messages per row, 3 repeats, c=4
 #   N=200 REPEATS=1 bash bench/xclient_reuse.sh
 set -euo pipefail
