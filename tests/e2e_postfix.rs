@@ -461,9 +461,12 @@ listeners:
     );
     wait_listening(&mut gw, port, &stderr);
     let py = r#"
-import json, smtplib, sys
+import json, smtplib, sys, time
 port, out = int(sys.argv[1]), {}
 for src, helo in (("127.0.0.2", "alpha.example"), ("127.0.0.3", "beta.example")):
+    # mailgate keeps the backend connection after the client heard 221: a
+    # client that comes back at once may find it not kept yet
+    time.sleep(0.3)
     msg = ("From: %s@example.org\r\nTo: bob@test.example\r\nMessage-ID: <%s@client.example>\r\n"
            "Subject: kept\r\n\r\nHello.\r\n") % (helo, helo)
     with smtplib.SMTP("127.0.0.1", port, local_hostname=helo, source_address=(src, 0), timeout=30) as s:
@@ -620,10 +623,14 @@ fn postfix_serves_later_sessions_on_a_reused_connection() {
     let gw = rt.block_on(common::start(&yaml));
     let port = gw.addr("mx").unwrap().port();
     let py = r#"
-import smtplib, ssl, sys
+import smtplib, ssl, sys, time
 ca, port = sys.argv[1], int(sys.argv[2])
 ctx = ssl.create_default_context(cafile=ca)
 for i in range(3):
+    # mailgate keeps the backend connection (after an RSET for the second
+    # session's open transaction) once the client heard 221: a client that
+    # comes back at once may find it not kept yet and get a new one
+    time.sleep(0.3)
     with smtplib.SMTP("127.0.0.1", port, local_hostname="real-client.example", timeout=30) as s:
         s.starttls(context=ctx)
         s.ehlo()
