@@ -89,19 +89,20 @@ pub fn valid_selector(s: &str) -> bool {
         })
 }
 
-/// A signing domain: as a selector, with at least two labels.
 /// `d` as DKIM names it: A-labels (RFC 8616 §3: an internationalised
 /// domain is signed and looked up in its ASCII form), lowercase, without a
 /// trailing dot. `None`: IDNA refuses it (no key can match it). ASCII names
 /// pass unchanged but for case; [`valid_domain`] judges them.
 pub fn ascii_domain(d: &str) -> Option<String> {
-    let d = d.trim_end_matches('.');
     if d.is_ascii() {
-        return Some(d.to_ascii_lowercase());
+        return Some(d.trim_end_matches('.').to_ascii_lowercase());
     }
-    idna::domain_to_ascii(d).ok()
+    // UTS 46 maps the other full stops to `.`: trimmed after it
+    let a = idna::domain_to_ascii(d).ok()?;
+    Some(a.trim_end_matches('.').to_string())
 }
 
+/// A signing domain: as a selector, with at least two labels.
 pub fn valid_domain(d: &str) -> bool {
     valid_selector(d.trim_end_matches('.')) && d.trim_end_matches('.').contains('.')
 }
@@ -356,6 +357,24 @@ pub fn zone_entry(domain: &str, selector: &str, record: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A-labels, lowercase, no trailing dot, however the name is written.
+    #[test]
+    fn domains_are_named_in_a_labels() {
+        for (d, want) in [
+            ("Example.ORG.", Some("example.org")),
+            ("XN--BCHER-KVA.example", Some("xn--bcher-kva.example")),
+            ("Bücher.example", Some("xn--bcher-kva.example")),
+            // ideographic and fullwidth full stops end labels too
+            (
+                "bücher\u{3002}example\u{ff0e}",
+                Some("xn--bcher-kva.example"),
+            ),
+            ("b\u{fffd}cher.example", None),
+        ] {
+            assert_eq!(ascii_domain(d).as_deref(), want, "{d:?}");
+        }
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
