@@ -330,9 +330,10 @@ pub fn keygen(
         path: out.display().to_string(),
         reason,
     };
-    if !valid_domain(domain) {
+    // named as the configuration names it: the record goes under A-labels
+    let Some(domain) = ascii_domain(domain).filter(|d| valid_domain(d)) else {
         return Err(bad(format!("{domain:?} is not a domain name")));
-    }
+    };
     if !valid_selector(selector) {
         return Err(bad(format!(
             "{selector:?} is not a selector (DNS labels: letters, digits, '-', '_')"
@@ -344,7 +345,7 @@ pub fn keygen(
         "wrote {} ({}, mode 0600)\n\nPublish this DNS record:\n\n{}\n\nand name the key in a policy's dkim_sign block:\n\n        - {{ domain: {domain}, selector: {selector}, key: {} }}\n",
         out.display(),
         new.algorithm,
-        zone_entry(domain, selector, &new.dns_record),
+        zone_entry(&domain, selector, &new.dns_record),
         out.display()
     ))
 }
@@ -518,6 +519,14 @@ mod tests {
             assert!(e.to_string().contains("is not a"), "{d} {s}: {e}");
         }
         assert!(!dir.path().join("x.pem").exists());
+        // an internationalised domain, as the configuration takes it
+        let out = dir.path().join("idn.pem");
+        let said = keygen("Bücher.example", "ed", None, &out).unwrap();
+        assert!(
+            said.contains("ed._domainkey.xn--bcher-kva.example. IN TXT ("),
+            "{said}"
+        );
+        assert!(said.contains("{ domain: xn--bcher-kva.example,"), "{said}");
     }
 
     #[test]
