@@ -89,19 +89,29 @@ pub fn valid_selector(s: &str) -> bool {
         })
 }
 
-/// A signing domain: as a selector, with at least two labels.
 /// `d` as DKIM names it: A-labels (RFC 8616 §3: an internationalised
 /// domain is signed and looked up in its ASCII form), lowercase, without a
 /// trailing dot. `None`: IDNA refuses it (no key can match it). ASCII names
 /// pass unchanged but for case; [`valid_domain`] judges them.
 pub fn ascii_domain(d: &str) -> Option<String> {
-    let d = d.trim_end_matches('.');
     if d.is_ascii() {
-        return Some(d.to_ascii_lowercase());
+        return Some(d.trim_end_matches('.').to_ascii_lowercase());
     }
-    idna::domain_to_ascii(d).ok()
+    // bounded before IDNA, whose Punycode costs the square of a label's
+    // length (up to 1000 code points): a DNS name has at most 253 octets
+    // and labels of 63, and a U-label has no more code points than its
+    // A-label has octets, so nothing longer is a name a key can match
+    // (UTS 46 also ends labels at these full stops)
+    let labels = || d.split(['.', '\u{3002}', '\u{ff0e}', '\u{ff61}']);
+    if d.chars().count() > 253 || labels().any(|l| l.chars().count() > 63) {
+        return None;
+    }
+    // UTS 46 maps the other full stops to `.`: trimmed after it
+    let a = idna::domain_to_ascii(d).ok()?;
+    Some(a.trim_end_matches('.').to_string())
 }
 
+/// A signing domain: as a selector, with at least two labels.
 pub fn valid_domain(d: &str) -> bool {
     valid_selector(d.trim_end_matches('.')) && d.trim_end_matches('.').contains('.')
 }
@@ -320,9 +330,10 @@ pub fn keygen(
         path: out.display().to_string(),
         reason,
     };
-    if !valid_domain(domain) {
+    // named as the configuration names it: the record goes under A-labels
+    let Some(domain) = ascii_domain(domain).filter(|d| valid_domain(d)) else {
         return Err(bad(format!("{domain:?} is not a domain name")));
-    }
+    };
     if !valid_selector(selector) {
         return Err(bad(format!(
             "{selector:?} is not a selector (DNS labels: letters, digits, '-', '_')"
@@ -334,7 +345,7 @@ pub fn keygen(
         "wrote {} ({}, mode 0600)\n\nPublish this DNS record:\n\n{}\n\nand name the key in a policy's dkim_sign block:\n\n        - {{ domain: {domain}, selector: {selector}, key: {} }}\n",
         out.display(),
         new.algorithm,
-        zone_entry(domain, selector, &new.dns_record),
+        zone_entry(&domain, selector, &new.dns_record),
         out.display()
     ))
 }
@@ -356,6 +367,43 @@ pub fn zone_entry(domain: &str, selector: &str, record: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A-labels, lowercase, no trailing dot, however the name is written.
+    #[test]
+    fn domains_are_named_in_a_labels() {
+        for (d, want) in [
+            ("Example.ORG.", Some("example.org")),
+            ("XN--BCHER-KVA.example", Some("xn--bcher-kva.example")),
+            ("Bücher.example", Some("xn--bcher-kva.example")),
+            // ideographic and fullwidth full stops end labels too
+            (
+                "bücher\u{3002}example\u{ff0e}",
+                Some("xn--bcher-kva.example"),
+            ),
+            ("b\u{fffd}cher.example", None),
+        ] {
+            assert_eq!(ascii_domain(d).as_deref(), want, "{d:?}");
+        }
+    }
+
+    /// Nothing longer than a DNS name reaches IDNA: its Punycode costs the
+    /// square of a label's length (30 ms for one of 1000 code points in a
+    /// debug build, 11 s of a runtime thread for a From list of them in a
+    /// 1 MiB header block, `decide::a_from_list_of_overlong_names_is_cheap`).
+    #[test]
+    fn only_names_of_dns_length_reach_idna() {
+        let label = |n: u32| -> String {
+            (0..n)
+                .map(|i| char::from_u32(0x4e00 + i).unwrap())
+                .collect()
+        };
+        assert!(ascii_domain(&format!("{}.example", label(19))).is_some());
+        assert_eq!(ascii_domain(&format!("{}.example", label(64))), None);
+        assert_eq!(ascii_domain(&format!("{}.example", label(1000))), None);
+        // five labels of 60: each short enough, too long together
+        let many = vec![label(60); 5].join("\u{3002}");
+        assert_eq!(ascii_domain(&format!("{many}.example")), None);
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
@@ -471,6 +519,14 @@ mod tests {
             assert!(e.to_string().contains("is not a"), "{d} {s}: {e}");
         }
         assert!(!dir.path().join("x.pem").exists());
+        // an internationalised domain, as the configuration takes it
+        let out = dir.path().join("idn.pem");
+        let said = keygen("Bücher.example", "ed", None, &out).unwrap();
+        assert!(
+            said.contains("ed._domainkey.xn--bcher-kva.example. IN TXT ("),
+            "{said}"
+        );
+        assert!(said.contains("{ domain: xn--bcher-kva.example,"), "{said}");
     }
 
     #[test]

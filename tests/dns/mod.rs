@@ -409,7 +409,8 @@ impl RequestHandler for Handler {
         let Ok(info) = request.request_info() else {
             return silent();
         };
-        let qname = info.query.name().to_string();
+        // the name as asked (A-labels): hickory's Display shows U-labels
+        let qname = info.query.name().to_ascii();
         let rtype = info.query.query_type();
         self.log.lock().unwrap().push((norm(&qname), rtype));
         let answer = match Type::of(rtype) {
