@@ -189,6 +189,17 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
+/// Whether a mail domain, as written (U-labels allowed), may be a DNS name:
+/// at most 253 code points, labels of at most 63 (a U-label has no more
+/// code points than its A-label has octets). Asked before IDNA, whose
+/// Punycode costs the square of a label's length (idna takes labels of up
+/// to 1000 code points): nothing longer can be signed for or looked up.
+/// The full stops UTS 46 maps to `.` end labels too.
+pub fn dns_sized(domain: &str) -> bool {
+    let labels = || domain.split(['.', '\u{3002}', '\u{ff0e}', '\u{ff61}']);
+    domain.chars().count() <= 253 && labels().all(|l| l.chars().count() <= 63)
+}
+
 /// The one form of an address that is matched and counted: an IPv4-mapped
 /// IPv6 address (`::ffff:192.0.2.1`, what a dual-stack socket or a TCP6 PROXY
 /// header shows for an IPv4 client) is that IPv4 address.

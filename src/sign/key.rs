@@ -97,13 +97,8 @@ pub fn ascii_domain(d: &str) -> Option<String> {
     if d.is_ascii() {
         return Some(d.trim_end_matches('.').to_ascii_lowercase());
     }
-    // bounded before IDNA, whose Punycode costs the square of a label's
-    // length (up to 1000 code points): a DNS name has at most 253 octets
-    // and labels of 63, and a U-label has no more code points than its
-    // A-label has octets, so nothing longer is a name a key can match
-    // (UTS 46 also ends labels at these full stops)
-    let labels = || d.split(['.', '\u{3002}', '\u{ff0e}', '\u{ff61}']);
-    if d.chars().count() > 253 || labels().any(|l| l.chars().count() > 63) {
+    // bounded before IDNA: nothing longer is a name a key can match
+    if !crate::units::dns_sized(d) {
         return None;
     }
     // UTS 46 maps the other full stops to `.`: trimmed after it
