@@ -1,8 +1,9 @@
 //! Backend connection reuse (`backends.NAME.reuse`, issue 17): a client
 //! session that ends cleanly leaves its SMTP backend connection for the next
 //! one, reset; AUTH connections are never handed on; idle ones expire; one
-//! that died while idle is replaced before the client hears anything.
-//! Gateway in-process, scripted backends on loopback.
+//! that died while idle is replaced before the client hears anything; what
+//! a connection (new or kept) offers corrects what the capability cache
+//! promised. Gateway in-process, scripted backends on loopback.
 
 mod common;
 
@@ -1097,6 +1098,109 @@ async fn a_reload_that_lowers_or_turns_off_reuse_closes_kept_connections() {
         wait_lines(&b, "QUIT", 2).await,
         2,
         "reuse off: {:?}",
+        b.lines()
+    );
+    gw.shutdown().await;
+}
+
+/// The capability cache promised what the connection then opened does not
+/// offer (the backend was reconfigured after the start-up probe): a MAIL
+/// that needs SMTPUTF8 or 8BITMIME is answered 451 and never sent without
+/// its parameter (before: `MAIL FROM:<jörg@bücher.example>` went to a
+/// backend that never agreed to SMTPUTF8, and the client heard its 250).
+/// The next session is promised only what the backend offers now.
+#[tokio::test]
+async fn a_mail_needing_an_extension_the_connection_lacks_is_not_sent() {
+    fn rule(n: usize, verb: &str, _: usize) -> Option<&'static str> {
+        match verb {
+            // the probe's connection; every later one has neither
+            "EHLO" if n == 0 => Some("250-legacy\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"),
+            "EHLO" => Some("250-legacy\r\n250 PIPELINING\r\n"),
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
+        }
+    }
+    for extra in ["", "reuse: {}"] {
+        let (addr, conns) = scripted(rule, Duration::ZERO).await;
+        let gw = common::start(&config(&addr, extra)).await;
+        let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+        let ehlo = c.cmd("EHLO client.example").await;
+        assert!(
+            ehlo.contains("SMTPUTF8") && ehlo.contains("8BITMIME"),
+            "{ehlo}"
+        );
+        for (mail, ext) in [
+            (
+                "MAIL FROM:<j\u{f6}rg@b\u{fc}cher.example> SMTPUTF8",
+                "SMTPUTF8",
+            ),
+            ("MAIL FROM:<alice@example.org> BODY=8BITMIME", "8BITMIME"),
+        ] {
+            let r = c.cmd(mail).await;
+            assert_eq!(
+                r,
+                format!("451 4.3.0 Mail server no longer offers {ext}, try again later\n"),
+                "{extra:?}: {mail}"
+            );
+        }
+        // the session goes on: a MAIL that needs nothing is relayed
+        assert!(c
+            .cmd("MAIL FROM:<alice@example.org>")
+            .await
+            .starts_with("250"));
+        c.cmd("QUIT").await;
+        let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+        let ehlo = c.cmd("EHLO client.example").await;
+        assert!(
+            !ehlo.contains("SMTPUTF8") && !ehlo.contains("8BITMIME"),
+            "{extra:?}: {ehlo}"
+        );
+        let r = c.cmd("MAIL FROM:<alice@example.org> BODY=8BITMIME").await;
+        assert!(r.starts_with("555"), "{extra:?}: {r}");
+        assert!(conns.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        gw.shutdown().await;
+    }
+}
+
+/// A kept connection's EHLO after XCLIENT answers this client: what it
+/// offers is what the next sessions are promised (Postfix can discard EHLO
+/// keywords per client). Here the second client's EHLO lacks 8BITMIME, so
+/// the third client is not offered it; before, the cache kept what the
+/// first (fresh) connection had said.
+#[tokio::test]
+async fn a_kept_connections_new_ehlo_updates_what_clients_are_offered() {
+    let b = SmtpBackend::new()
+        .on("EHLO", XCLIENT_EHLO)
+        .on_line(
+            "EHLO beta.example",
+            "250-legacy\r\n250 XCLIENT NAME ADDR PORT PROTO HELO\r\n",
+        )
+        .on("XCLIENT", "220 legacy ESMTP again\r\n")
+        .start()
+        .await;
+    let gw = Yaml::new()
+        .listener("mx", "smtp", "none", "timeouts: { backend_reply: 3s }")
+        .backend("b", &b.addr, "identity: [xclient], reuse: {}")
+        .start()
+        .await;
+    let mut offered = Vec::new();
+    for helo in ["alpha.example", "beta.example", "gamma.example"] {
+        let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+        offered.push(c.cmd(&format!("EHLO {helo}")).await.contains("8BITMIME"));
+        assert!(c
+            .cmd("MAIL FROM:<alice@example.org>")
+            .await
+            .starts_with("250"));
+        c.cmd("QUIT").await;
+        c.closed(Duration::from_secs(3)).await;
+        // the connection is kept once the session's QUIT was answered
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(offered, [true, true, false], "{:?}", b.lines());
+    assert_eq!(
+        b.connections(),
+        2,
+        "the probe's and one kept: {:?}",
         b.lines()
     );
     gw.shutdown().await;

@@ -8,6 +8,7 @@
 //! name elsewhere does not inherit the old server's capabilities.
 
 use super::Backend;
+use crate::mail::{Body, MailParams};
 use std::collections::HashMap;
 use std::sync::RwLock;
 
@@ -24,6 +25,25 @@ pub struct SmtpCaps {
     pub auth_login: bool,
     /// The backend's SIZE limit, if it announced one (0 = no limit).
     pub size: Option<u64>,
+}
+
+impl SmtpCaps {
+    /// The extension a MAIL with `params` needs end to end that these
+    /// capabilities lack, if any. A session promises extensions from the
+    /// cache (its EHLO is answered before its backend connection exists),
+    /// and the connection it then gets may say otherwise: the backend was
+    /// reconfigured since, or answers this client's EHLO differently after
+    /// XCLIENT. Leaving the parameter out would hand the backend an 8-bit
+    /// body or address it never agreed to (RFC 6152 §3, RFC 6531 §3.4).
+    pub fn lacks(&self, params: &MailParams) -> Option<&'static str> {
+        if params.smtputf8 && !self.smtputf8 {
+            return Some("SMTPUTF8");
+        }
+        if params.body == Some(Body::EightBitMime) && !self.eightbitmime {
+            return Some("8BITMIME");
+        }
+        None
+    }
 }
 
 /// Everything an EHLO answer tells the backend client.
@@ -281,6 +301,31 @@ mod tests {
         assert!(c.capa && c.user && !c.sasl_plain);
         assert!(Pop3Caps::from_capa(&["SASL PLAIN"]).sasl_plain);
         assert!(Pop3Caps::rfc1939().user && !Pop3Caps::rfc1939().capa);
+    }
+
+    /// What a MAIL needs of the connection it goes over: BODY=7BIT and SIZE
+    /// need nothing (left out where not offered), 8BITMIME and SMTPUTF8 do.
+    #[test]
+    fn a_mail_lacks_only_the_extensions_its_parameters_need() {
+        let none = SmtpCaps::default();
+        let all = SmtpCaps {
+            eightbitmime: true,
+            smtputf8: true,
+            ..Default::default()
+        };
+        let p = |body, smtputf8| MailParams {
+            size: Some(10),
+            body,
+            smtputf8,
+        };
+        assert_eq!(none.lacks(&p(None, false)), None);
+        assert_eq!(none.lacks(&p(Some(Body::SevenBit), false)), None);
+        assert_eq!(
+            none.lacks(&p(Some(Body::EightBitMime), false)),
+            Some("8BITMIME")
+        );
+        assert_eq!(none.lacks(&p(None, true)), Some("SMTPUTF8"));
+        assert_eq!(all.lacks(&p(Some(Body::EightBitMime), true)), None);
     }
 
     /// One cache for both protocols; an address change is another backend.

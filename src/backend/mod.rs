@@ -92,6 +92,12 @@ pub enum BackendError {
     /// applied; the connection is not used (fail closed).
     #[error("client identity not applied: {0}")]
     Identity(String),
+    /// The connection does not offer an extension the command needs end to
+    /// end (SMTP `SmtpCaps::lacks`); nothing was sent. The session had
+    /// promised it from the capability cache, which this connection has
+    /// corrected.
+    #[error("the backend does not offer {0}")]
+    Lacks(&'static str),
 }
 
 impl From<crate::codec::CodecError> for BackendError {

@@ -218,14 +218,16 @@ impl SmtpBackend {
     /// greeting, and EHLO follows, as on a new connection). One that told an
     /// earlier client's identity is used only once this one's is applied,
     /// whatever `identity_optional` says; an error leaves it unusable (the
-    /// caller drops it and connects afresh).
+    /// caller drops it and connects afresh). `true`: XCLIENT was tried, and
+    /// the EHLO after it may have changed `caps` (Postfix can answer each
+    /// client's EHLO differently).
     pub async fn identify(
         &mut self,
         backend: &Backend,
         id: &ClientIdentity,
-    ) -> Result<(), BackendError> {
+    ) -> Result<bool, BackendError> {
         if !std::mem::take(&mut self.stale) {
-            return Ok(());
+            return Ok(false);
         }
         if !backend.xclient {
             // the pool key keeps such connections apart; never relay as
@@ -234,10 +236,10 @@ impl SmtpBackend {
                 true => Err(BackendError::Identity(
                     "the connection speaks as an earlier client".into(),
                 )),
-                false => Ok(()),
+                false => Ok(false),
             };
         }
-        self.xclient(backend, id, self.told).await
+        self.xclient(backend, id, self.told).await.map(|()| true)
     }
 
     /// EHLO with HELO fallback; learns the extensions and the XCLIENT
@@ -387,6 +389,10 @@ impl SmtpBackend {
         params: &MailParams,
         size_hint: Option<u64>,
     ) -> Result<BackendReply, BackendError> {
+        // fail closed: never the message without the parameter it needs
+        if let Some(ext) = self.caps.lacks(params) {
+            return Err(BackendError::Lacks(ext));
+        }
         self.end_open_tx().await?;
         let mut line = format!("MAIL FROM:<{from}>");
         if self.size_ext {

@@ -297,7 +297,9 @@ impl Driver {
         match e {
             BackendError::Unavailable(_) | BackendError::Identity(_) => LoginOutcome::Unavailable,
             BackendError::Failed(_) | BackendError::TimedOut(_) => LoginOutcome::Failed,
-            BackendError::Protocol(_) | BackendError::OutOfStep(_) => LoginOutcome::Invalid,
+            BackendError::Protocol(_) | BackendError::OutOfStep(_) | BackendError::Lacks(_) => {
+                LoginOutcome::Invalid
+            }
         }
     }
 

@@ -502,6 +502,7 @@ impl Driver {
                         Outcome::Invalid
                     }
                     BackendError::Identity(_) => Outcome::NoIdentity,
+                    BackendError::Lacks(ext) => Outcome::Lacks(ext),
                 }
             }
         }
@@ -925,24 +926,32 @@ impl login::Replay for Opener<'_> {
         // a connection another session (or this one before STARTTLS) used
         // speaks as that client until told otherwise; failing that it is
         // dropped, and the command moves to a new connection
-        if let Err(e) = b.identify(self.backend, &self.id).await {
-            return match e {
-                BackendError::OutOfStep(_) => {
-                    crate::observe::metrics().backend_out_of_step(&self.backend.name);
-                    Ok(None)
-                }
-                // reuse does nothing for this backend if it stays so
-                BackendError::Identity(why) => {
-                    warn!(backend = %self.backend.name, reason = %why, "a kept connection could not be told this client's identity; using a new one");
-                    Err(BackendError::Identity(why))
-                }
-                // nothing of the client's went over it yet: unlike a
-                // command's, the replay may move this one on
-                BackendError::TimedOut(why) => Err(BackendError::Failed(format!(
-                    "XCLIENT on a kept connection: {why}"
-                ))),
-                e => Err(e),
-            };
+        let told = match b.identify(self.backend, &self.id).await {
+            Ok(told) => told,
+            Err(e) => {
+                return match e {
+                    BackendError::OutOfStep(_) => {
+                        crate::observe::metrics().backend_out_of_step(&self.backend.name);
+                        Ok(None)
+                    }
+                    // reuse does nothing for this backend if it stays so
+                    BackendError::Identity(why) => {
+                        warn!(backend = %self.backend.name, reason = %why, "a kept connection could not be told this client's identity; using a new one");
+                        Err(BackendError::Identity(why))
+                    }
+                    // nothing of the client's went over it yet: unlike a
+                    // command's, the replay may move this one on
+                    BackendError::TimedOut(why) => Err(BackendError::Failed(format!(
+                        "XCLIENT on a kept connection: {why}"
+                    ))),
+                    e => Err(e),
+                };
+            }
+        };
+        if told {
+            // the EHLO after XCLIENT is the newest word on what the backend
+            // offers (`caps.rs`: what the next sessions are promised)
+            self.ctx.caps.set_smtp(self.backend, b.caps.clone());
         }
         let r = match &self.command {
             Opening::Mail { from, params } => b.mail(from, params, None).await,

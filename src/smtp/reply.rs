@@ -294,6 +294,15 @@ pub fn backend_unavailable() -> Reply {
 pub fn backend_failed() -> Reply {
     Reply::new(451, "4.4.2 Connection to mail server lost, try again later")
 }
+/// A temporary failure: by the retry, EHLO says what the backend offers
+/// now, and the client can convert the message (8BITMIME) or decide
+/// (SMTPUTF8) instead of bouncing on a 5xx to an extension it was offered.
+pub fn backend_lacks(ext: &'static str) -> Reply {
+    Reply::new(
+        451,
+        format!("4.3.0 Mail server no longer offers {ext}, try again later"),
+    )
+}
 pub fn backend_bad_reply() -> Reply {
     Reply::new(
         451,

@@ -92,6 +92,10 @@ pub enum Outcome {
     /// The client identity the backend is configured for (XCLIENT, PROXY v2)
     /// could not be applied; nothing was relayed.
     NoIdentity,
+    /// The connection lacks an extension the command needs end to end,
+    /// which the session had advertised from the capability cache; nothing
+    /// was relayed.
+    Lacks(&'static str),
 }
 
 /// A recipient the backend refused for good (5xx to RCPT): what
@@ -801,6 +805,7 @@ impl Session {
             Outcome::Unavailable => reply::backend_unavailable(),
             Outcome::Failed => reply::backend_failed(),
             Outcome::NoIdentity => reply::identity_unavailable(),
+            Outcome::Lacks(ext) => reply::backend_lacks(ext),
             Outcome::Invalid | Outcome::Reply(..) => reply::backend_bad_reply(),
         }
     }
@@ -1186,6 +1191,23 @@ mod tests {
             r.starts_with(b"451 4.7.0"),
             "{}",
             String::from_utf8_lossy(&r)
+        );
+        assert!(s.tx.is_none());
+    }
+
+    /// A connection without an extension the cache had promised: 451, and
+    /// no transaction (nothing reached the backend).
+    #[test]
+    fn an_extension_the_connection_lacks_is_451_430() {
+        let mut s = Session::new(settings(false, false), caps(), false);
+        cmd(&mut s, "EHLO c");
+        let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example> BODY=8BITMIME") else {
+            panic!()
+        };
+        let r = reply_of(s.relayed(op, Outcome::Lacks("8BITMIME")));
+        assert_eq!(
+            String::from_utf8_lossy(&r),
+            "451 4.3.0 Mail server no longer offers 8BITMIME, try again later\r\n"
         );
         assert!(s.tx.is_none());
     }
