@@ -491,7 +491,11 @@ impl Driver {
             Ok((code, lines)) => Outcome::Reply(code, lines),
             Err(e) => {
                 warn!(error = %e, "backend");
-                self.backend = None;
+                // nothing was sent over a connection that lacks what the
+                // command needs: it stays (in step, nothing refused)
+                if !matches!(e, BackendError::Lacks(_)) {
+                    self.backend = None;
+                }
                 match e {
                     BackendError::Unavailable(_) => Outcome::Unavailable,
                     BackendError::Failed(_) | BackendError::TimedOut(_) => Outcome::Failed,

@@ -94,7 +94,7 @@ pub enum Outcome {
     NoIdentity,
     /// The connection lacks an extension the command needs end to end,
     /// which the session had advertised from the capability cache; nothing
-    /// was relayed.
+    /// was relayed, and the connection stays the session's.
     Lacks(&'static str),
 }
 
@@ -740,7 +740,12 @@ impl Session {
     pub fn relayed(&mut self, op: BackendOp, outcome: Outcome) -> Action {
         let (code, lines) = match outcome {
             Outcome::Reply(code, lines) => (code, lines),
-            other => return self.answer(Self::failed(other), true),
+            // a connection that lacks an extension was sent nothing and
+            // stays: an authenticated session goes on over it
+            other => {
+                let lost = !matches!(other, Outcome::Lacks(_));
+                return self.answer(Self::failed(other), lost);
+            }
         };
         let stage = match op {
             BackendOp::Mail { .. } => Stage::Mail,
@@ -1210,6 +1215,16 @@ mod tests {
             "451 4.3.0 Mail server no longer offers 8BITMIME, try again later\r\n"
         );
         assert!(s.tx.is_none());
+        // nothing was sent, the connection is as it was: an authenticated
+        // session goes on over it (no 421 'connection lost')
+        s.auth_user = Some("alice".into());
+        let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example> BODY=8BITMIME") else {
+            panic!()
+        };
+        assert!(matches!(
+            s.relayed(op, Outcome::Lacks("8BITMIME")),
+            Action::Reply(r) if r.code == 451
+        ));
     }
 
     #[test]
