@@ -1188,6 +1188,15 @@ async fn a_connection_lacking_an_extension_stays_with_the_session() {
         .cmd("MAIL FROM:<alice@example.org>")
         .await
         .starts_with("250"));
+    // a later EHLO of the session says what its connection offers
+    assert!(c.cmd("RSET").await.starts_with("250"));
+    let ehlo = c.cmd("EHLO client.example").await;
+    assert!(
+        !ehlo.contains("8BITMIME") && !ehlo.contains("SMTPUTF8"),
+        "{ehlo}"
+    );
+    let r = c.cmd("MAIL FROM:<alice@example.org> BODY=8BITMIME").await;
+    assert!(r.starts_with("555"), "{r}");
     c.cmd("QUIT").await;
     c.closed(Duration::from_secs(3)).await;
     // the probe's and the session's one
