@@ -1162,6 +1162,48 @@ async fn a_mail_needing_an_extension_the_connection_lacks_is_not_sent() {
     }
 }
 
+/// A MAIL refused for an extension the connection lacks sent nothing over
+/// it: the session keeps that connection (in step, nothing refused) for
+/// its next MAIL, and the backend sees QUIT, not a dropped connection per
+/// refused MAIL. Before, each 451 cost a connection, closed without QUIT.
+#[tokio::test]
+async fn a_connection_lacking_an_extension_stays_with_the_session() {
+    fn rule(n: usize, verb: &str, _: usize) -> Option<&'static str> {
+        match verb {
+            "EHLO" if n == 0 => Some("250-legacy\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"),
+            "EHLO" => Some("250-legacy\r\n250 PIPELINING\r\n"),
+            "QUIT" => Some("221 bye\r\n"),
+            _ => Some("250 ok\r\n"),
+        }
+    }
+    let (addr, conns) = scripted(rule, Duration::ZERO).await;
+    let gw = common::start(&config(&addr, "")).await;
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    assert!(c.cmd("EHLO client.example").await.contains("SMTPUTF8"));
+    for _ in 0..3 {
+        let r = c.cmd("MAIL FROM:<alice@example.org> BODY=8BITMIME").await;
+        assert!(r.starts_with("451 4.3.0"), "{r}");
+    }
+    assert!(c
+        .cmd("MAIL FROM:<alice@example.org>")
+        .await
+        .starts_with("250"));
+    // a later EHLO of the session says what its connection offers
+    assert!(c.cmd("RSET").await.starts_with("250"));
+    let ehlo = c.cmd("EHLO client.example").await;
+    assert!(
+        !ehlo.contains("8BITMIME") && !ehlo.contains("SMTPUTF8"),
+        "{ehlo}"
+    );
+    let r = c.cmd("MAIL FROM:<alice@example.org> BODY=8BITMIME").await;
+    assert!(r.starts_with("555"), "{r}");
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
+    // the probe's and the session's one
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+    gw.shutdown().await;
+}
+
 /// A kept connection's EHLO after XCLIENT answers this client: what it
 /// offers is what the next sessions are promised (Postfix can discard EHLO
 /// keywords per client). Here the second client's EHLO lacks 8BITMIME, so

@@ -484,3 +484,29 @@ async fn imaps_alpn_is_imap() {
     assert!(c.status().await.starts_with("* OK [CAPABILITY IMAP4rev1"));
     assert!(connect(&[b"h2", b"http/1.1"]).await.is_err());
 }
+
+/// A backend whose login OK carries no capabilities: the client was told
+/// mailgate's own list before login (LITERAL+ among them, true while
+/// mailgate reads the login itself) and would go on with it; mailgate asks
+/// the backend's own list after the login and hands it on in the OK, so a
+/// backend without LITERAL+ never has the client count on it (before, its
+/// `{n+}` APPEND was closed as `[TOOBIG]`).
+#[tokio::test]
+async fn a_login_ok_without_capabilities_gets_the_backends_list() {
+    let be = ImapBackend::new()
+        .caps("IMAP4rev1 ID IDLE")
+        .user("alice", "secret")
+        .on("LOGIN", "{tag} OK Logged in\r\n")
+        .start()
+        .await;
+    let st = gateway(&be.addr, "", "").await;
+    let mut c = st.tls("imaps").await;
+    c.send(b"a LOGIN alice secret\r\n").await;
+    assert_eq!(
+        c.status().await,
+        "a OK [CAPABILITY IMAP4rev1 ID IDLE] Logged in"
+    );
+    // the backend is the client's now: its answers pass as before
+    c.send(b"b NOOP\r\n").await;
+    assert_eq!(until(&mut c, "b").await, vec!["b OK done"]);
+}

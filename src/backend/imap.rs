@@ -509,6 +509,11 @@ impl ImapBackend {
 
     /// `CAPABILITY`: the untagged `* CAPABILITY …` list.
     async fn capability(&mut self) -> Result<ImapCaps, BackendError> {
+        self.capability_list().await.map(|l| ImapCaps::parse(&l))
+    }
+
+    /// `CAPABILITY`: the list as the backend wrote it.
+    async fn capability_list(&mut self) -> Result<String, BackendError> {
         let tag = self.tag();
         self.send(format!("{tag} CAPABILITY\r\n").as_bytes())
             .await?;
@@ -530,9 +535,42 @@ impl ImapBackend {
         });
         // the tagged OK may carry the list as a response code instead
         match list.or_else(|| capability_code(&text)) {
-            Some(l) => Ok(ImapCaps::parse(l)),
+            Some(l) => Ok(l.to_string()),
             None => Err(BackendError::Protocol("CAPABILITY without a list".into())),
         }
+    }
+
+    /// A login OK without `[CAPABILITY …]` (`text`: `OK …`) gets the
+    /// backend's list, asked now: before login the client was told
+    /// mailgate's own (LITERAL+ among them: mailgate reads the login), and
+    /// a client that gets no list with the OK (RFC 9051 §6.2.3 lets it
+    /// carry one) may go on with what it knows: LITERAL+ of a backend
+    /// without it, whose relay then closes the session at the first `{n+}`.
+    /// `caps` become the list after login too (what the relay allows). A
+    /// list that cannot be handed on (refused, not printable, too long)
+    /// leaves the OK as it is; a broken connection is an error.
+    async fn with_capabilities(&mut self, text: String) -> Result<String, BackendError> {
+        // the backend's untagged data after its OK belongs to the client
+        if capability_code(&text).is_some() || self.conn.buffered() > 0 {
+            return Ok(text);
+        }
+        let list = match self.capability_list().await {
+            Ok(l) => l,
+            Err(BackendError::Protocol(why)) => {
+                tracing::debug!(reason = %why, "no capabilities after login");
+                return Ok(text);
+            }
+            Err(e) => return Err(e),
+        };
+        let list = list.trim();
+        let rest = text.split_once(' ').map_or("", |x| x.1);
+        let with = format!("OK [CAPABILITY {list}] {rest}");
+        let printable = !list.is_empty() && !list.contains(['[', ']']);
+        if !printable || checked_text(&with, false, "") != with {
+            return Ok(text);
+        }
+        self.caps = ImapCaps::parse(list);
+        Ok(with.trim_end().to_string())
     }
 
     /// Dovecot's `ID` with the client's address; fails closed when the
@@ -604,7 +642,12 @@ impl ImapBackend {
             }
         }
         match self.tagged(&tag).await? {
-            Some((status, text, literals, _)) => Ok(reply(status, &text, literals)),
+            Some((status, text, literals, _)) => match reply(status, &text, literals) {
+                ImapLoginReply::Accepted(t) => {
+                    Ok(ImapLoginReply::Accepted(self.with_capabilities(t).await?))
+                }
+                r => Ok(r),
+            },
             None => Ok(ImapLoginReply::OutOfStep),
         }
     }

@@ -93,7 +93,8 @@ pub enum BackendError {
     #[error("client identity not applied: {0}")]
     Identity(String),
     /// The connection does not offer an extension the command needs end to
-    /// end (SMTP `SmtpCaps::lacks`); nothing was sent. The session had
+    /// end (SMTP `SmtpCaps::lacks`); nothing was sent, and the connection
+    /// is as it was (in step: it stays the session's). The session had
     /// promised it from the capability cache, which this connection has
     /// corrected.
     #[error("the backend does not offer {0}")]

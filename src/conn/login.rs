@@ -151,7 +151,8 @@ pub trait Replay {
 /// timed out (the backend may be working on it). `fresh`: whether
 /// those moves are allowed (POP3's APOP is bound to the connection it
 /// greeted with). `used` says the connection carried a login; `slot` is
-/// left empty whenever the connection is not usable any more.
+/// left empty whenever the connection is not usable any more (it stays
+/// after [`BackendError::Lacks`]: nothing went over it).
 pub async fn replay<P: Replay>(
     p: &mut P,
     slot: &mut Option<P::Conn>,
@@ -177,6 +178,9 @@ pub async fn replay<P: Replay>(
                 }
                 return Replayed::OutOfStep;
             }
+            // one that lacks what the command needs was sent nothing: in
+            // step, it stays the session's (not lost: no other is tried)
+            Err(e @ BackendError::Lacks(_)) => return Replayed::Failed(e),
             Err(e) => {
                 *slot = None;
                 // a timeout is not a close: the backend may have taken the

@@ -2,8 +2,11 @@
 //! [`Transaction`] (only well-formed, re-rendered commands reach the backend;
 //! the rest is answered here), backend bytes go to the client unchanged
 //! (multi-line answers, dot-stuffing and 8-bit data pass as they are), with
-//! [`Responses`] keeping local answers in reply order. Generic over the
-//! streams so it is tested with in-memory pipes.
+//! [`Responses`] keeping local answers in reply order. A backend that did
+//! not announce PIPELINING gets each command only once it has answered the
+//! one before (the client may have been told PIPELINING before login: that
+//! CAPA comes from the cache). Generic over the streams so it is tested
+//! with in-memory pipes.
 //!
 //! Each direction runs on its own so a pipelining client and a streaming
 //! backend never wait on each other; one idle timer covers both (any progress
@@ -19,6 +22,7 @@
 
 use super::transaction::{Responses, Step, Transaction};
 use crate::conn::pipe::{self, Activity, Expiry, Timers};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -71,21 +75,47 @@ pub struct PipeStats {
 struct Shared {
     tx: Transaction,
     replies: Responses,
+    /// Steps behind a command the backend has not answered yet, where it
+    /// did not announce PIPELINING (the client may have been told it before
+    /// login, from the cache: another connection's CAPA). In order: a local
+    /// answer behind a held command waits with it.
+    held: VecDeque<Step>,
     /// The gateway shuts down: no new command is forwarded.
     stopping: bool,
 }
 
 impl Shared {
-    /// Nothing of the client's is outstanding: every answer is out and no
-    /// line is half-read, so the session may end here.
+    /// Nothing of the client's is outstanding: every answer is out, no
+    /// command is held and no line is half-read, so the session may end
+    /// here.
     fn quiet(&self) -> bool {
-        self.replies.is_empty() && self.tx.at_command_start()
+        self.replies.is_empty() && self.held.is_empty() && self.tx.at_command_start()
     }
 
-    /// Client bytes in: the commands to forward (rendered, in one buffer) and
-    /// whether the session closes after the answers queued.
+    /// Client bytes in: the commands to forward now (rendered, in one
+    /// buffer) and whether the session closes after the answers queued.
     fn client_bytes(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
-        for step in self.tx.feed(data) {
+        self.held.extend(self.tx.feed(data));
+        self.release(out)
+    }
+
+    /// Steps held behind a command the backend is still answering.
+    fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Takes the held steps that may go now: all of them where the backend
+    /// pipelines, else up to the next command while one is at the backend
+    /// (RFC 2449 §6.6: without PIPELINING a client waits for each answer).
+    fn release(&mut self, out: &mut Vec<u8>) -> bool {
+        while let Some(step) = self.held.front() {
+            let forward = matches!(step, Step::Forward { .. });
+            if forward && !self.tx.pipelining() && self.replies.at_backend() > 0 {
+                break;
+            }
+            let Some(step) = self.held.pop_front() else {
+                break;
+            };
             match step {
                 Step::Forward { line, expect } => {
                     // queued before the write: the answer cannot come earlier
@@ -143,6 +173,7 @@ where
     let shared = Mutex::new(Shared {
         tx,
         replies: Responses::default(),
+        held: VecDeque::new(),
         stopping: false,
     });
     let mut shutdown = t.shutdown.clone();
@@ -172,6 +203,22 @@ where
                 }
                 if close {
                     return Ok::<bool, std::io::Error>(true);
+                }
+                // held behind an answer (no PIPELINING): released as the
+                // down half finishes responses, before the client is read on
+                while lock().holding() {
+                    sent.notified().await;
+                    out.clear();
+                    let close = lock().release(&mut out);
+                    queued.notify_one();
+                    if !out.is_empty() {
+                        bw.write_all(&out).await?;
+                        bw.flush().await?;
+                        touch();
+                    }
+                    if close {
+                        return Ok(true);
+                    }
                 }
                 while lock().replies.len() >= MAX_OUTSTANDING {
                     sent.notified().await;
@@ -305,8 +352,14 @@ mod tests {
     use tokio::sync::watch;
     use tokio::time::Instant;
 
+    /// A backend that takes pipelined commands (the tests below send them
+    /// in bursts).
     fn tx() -> Transaction {
-        Transaction::new(Pop3Caps::rfc1939(), 10, 0)
+        let caps = Pop3Caps {
+            pipelining: true,
+            ..Pop3Caps::rfc1939()
+        };
+        Transaction::new(caps, 10, 0)
     }
 
     fn timers(idle: u64, deadline: u64) -> Timers<'static> {
@@ -386,6 +439,58 @@ mod tests {
             "+OK 1 3\r\n-ERR Already logged in\r\n+OK\r\nhi\r\n.\r\n-ERR Invalid characters in command\r\n+OK bye\r\n"
         );
         assert_eq!((stats.retr, stats.quit), (1, true));
+    }
+
+    /// A backend without PIPELINING gets one command at a time, whatever
+    /// the client was told before login (CAPA there comes from the cache,
+    /// which may have seen another backend connection): each waits for the
+    /// whole answer to the one before, and the replies keep their order.
+    #[tokio::test]
+    async fn a_backend_without_pipelining_gets_one_command_at_a_time() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let no_pipelining = Transaction::new(Pop3Caps::from_capa(&["USER", "UIDL"]), 10, 0);
+        let task = tokio::spawn(async move {
+            relay(
+                client,
+                backend,
+                no_pipelining,
+                b"RETR 1\r\nUSER x\r\nDELE 1\r\nQUIT\r\n",
+                b"",
+                timers(30, 60),
+            )
+            .await
+        });
+        // nothing after RETR until its body has ended
+        let mut got = vec![0u8; 8];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"RETR 1\r\n");
+        let early = tokio::time::timeout(Duration::from_millis(200), backend_peer.read_u8()).await;
+        assert!(
+            early.is_err(),
+            "a second command before RETR's answer: {early:?}"
+        );
+        backend_peer.write_all(b"+OK\r\nbody\r\n").await.unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(100), backend_peer.read_u8()).await;
+        assert!(early.is_err(), "DELE before RETR's body ended: {early:?}");
+        backend_peer.write_all(b".\r\n").await.unwrap();
+        let mut got = vec![0u8; 8];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"DELE 1\r\n");
+        backend_peer.write_all(b"+OK deleted\r\n").await.unwrap();
+        let mut got = vec![0u8; 6];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"QUIT\r\n");
+        backend_peer.write_all(b"+OK bye\r\n").await.unwrap();
+        drop(backend_peer);
+        let stats = task.await.unwrap();
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(
+            String::from_utf8(rest).unwrap(),
+            "+OK\r\nbody\r\n.\r\n-ERR Already logged in\r\n+OK deleted\r\n+OK bye\r\n"
+        );
+        assert_eq!((stats.retr, stats.dele, stats.quit), (1, 1, true));
     }
 
     #[tokio::test(start_paused = true)]

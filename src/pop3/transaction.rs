@@ -70,6 +70,12 @@ impl Transaction {
         }
     }
 
+    /// The backend announced PIPELINING: forwarded commands need not wait
+    /// for the answer to the one before (RFC 2449 §6.6).
+    pub fn pipelining(&self) -> bool {
+        self.caps.pipelining
+    }
+
     /// Between two client commands: no line of the client's half-read (nor
     /// an overlong one being dropped). At shutdown the pipe forwards no
     /// command that starts after it (`pipe.rs`).
@@ -310,6 +316,11 @@ impl Responses {
     /// is owed to the client (what a shutdown waits for, `pipe.rs`).
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// Forwarded commands whose response has not ended yet.
+    pub fn at_backend(&self) -> usize {
+        self.backend
     }
 
     /// A command went to the backend (call before writing it).

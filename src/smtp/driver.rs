@@ -491,7 +491,11 @@ impl Driver {
             Ok((code, lines)) => Outcome::Reply(code, lines),
             Err(e) => {
                 warn!(error = %e, "backend");
-                self.backend = None;
+                // nothing was sent over a connection that lacks what the
+                // command needs: it stays (in step, nothing refused)
+                if !matches!(e, BackendError::Lacks(_)) {
+                    self.backend = None;
+                }
                 match e {
                     BackendError::Unavailable(_) => Outcome::Unavailable,
                     BackendError::Failed(_) | BackendError::TimedOut(_) => Outcome::Failed,
@@ -546,14 +550,19 @@ impl Driver {
             },
             command,
         };
-        match login::replay(
+        let replayed = login::replay(
             &mut opener,
             &mut self.backend,
             &mut self.backend_used,
             fresh,
         )
-        .await
-        {
+        .await;
+        // what the session's own connection offers is the truth for its
+        // later EHLOs (the cache is only the best guess before it exists)
+        if let Some(b) = &self.backend {
+            self.session.caps = b.caps.clone();
+        }
+        match replayed {
             Replayed::Answer(r) => {
                 if std::mem::take(&mut self.reuse_pending)
                     && self.backend.as_ref().is_some_and(|b| b.reused())

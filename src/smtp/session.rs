@@ -94,7 +94,7 @@ pub enum Outcome {
     NoIdentity,
     /// The connection lacks an extension the command needs end to end,
     /// which the session had advertised from the capability cache; nothing
-    /// was relayed.
+    /// was relayed, and the connection stays the session's.
     Lacks(&'static str),
 }
 
@@ -250,7 +250,14 @@ pub struct Transaction {
 
 pub struct Session {
     pub settings: Settings,
+    /// What the backend offers: the cache's word until the session's own
+    /// connection exists, then that connection's (the driver sets it).
     pub caps: SmtpCaps,
+    /// `caps` as the client's last EHLO was answered: a MAIL is judged by
+    /// what the client was told, so one promised 8BITMIME that the
+    /// connection then lacks hears 451 (`Outcome::Lacks`), not a 555 for
+    /// a parameter it was offered.
+    offered: SmtpCaps,
     pub tls: bool,
     pub helo: Option<String>,
     pub esmtp: bool,
@@ -274,6 +281,7 @@ impl Session {
         Session {
             settings,
             caps,
+            offered: SmtpCaps::default(),
             tls,
             helo: None,
             esmtp: false,
@@ -366,12 +374,14 @@ impl Session {
                 self.helo = Some(d.clone());
                 self.esmtp = true;
                 self.tx = None;
+                self.offered = self.caps.clone();
                 Action::Reply(reply::ehlo(&self.settings.hostname, &d, self.extensions()))
             }
             Command::Helo(d) => {
                 self.helo = Some(d);
                 self.esmtp = false;
                 self.tx = None;
+                self.offered = SmtpCaps::default();
                 Action::Reply(reply::helo(&self.settings.hostname))
             }
             Command::StartTls => {
@@ -401,14 +411,14 @@ impl Session {
                 if params.size.is_some_and(|s| s > self.size_limit()) {
                     return Action::Reply(reply::size_exceeded());
                 }
-                if params.smtputf8 && !self.caps.smtputf8 {
-                    return self.error(reply::smtputf8_unavailable());
-                }
-                if params.body == Some(Body::EightBitMime) && !self.caps.eightbitmime {
-                    return self.error(reply::unsupported_parameter("BODY=8BITMIME"));
-                }
                 if !self.esmtp && params != MailParams::default() {
                     return self.error(reply::syntax("parameters need EHLO"));
+                }
+                if params.smtputf8 && !self.offered.smtputf8 {
+                    return self.error(reply::smtputf8_unavailable());
+                }
+                if params.body == Some(Body::EightBitMime) && !self.offered.eightbitmime {
+                    return self.error(reply::unsupported_parameter("BODY=8BITMIME"));
                 }
                 // each MAIL costs a backend round trip and SPF's DNS queries:
                 // a session cannot loop MAIL/RSET for ever
@@ -740,7 +750,12 @@ impl Session {
     pub fn relayed(&mut self, op: BackendOp, outcome: Outcome) -> Action {
         let (code, lines) = match outcome {
             Outcome::Reply(code, lines) => (code, lines),
-            other => return self.answer(Self::failed(other), true),
+            // a connection that lacks an extension was sent nothing and
+            // stays: an authenticated session goes on over it
+            other => {
+                let lost = !matches!(other, Outcome::Lacks(_));
+                return self.answer(Self::failed(other), lost);
+            }
         };
         let stage = match op {
             BackendOp::Mail { .. } => Stage::Mail,
@@ -1210,6 +1225,32 @@ mod tests {
             "451 4.3.0 Mail server no longer offers 8BITMIME, try again later\r\n"
         );
         assert!(s.tx.is_none());
+        // nothing was sent, the connection is as it was: an authenticated
+        // session goes on over it (no 421 'connection lost')
+        s.auth_user = Some("alice".into());
+        let Action::Relay(op) = cmd(&mut s, "MAIL FROM:<a@b.example> BODY=8BITMIME") else {
+            panic!()
+        };
+        assert!(matches!(
+            s.relayed(op, Outcome::Lacks("8BITMIME")),
+            Action::Reply(r) if r.code == 451
+        ));
+    }
+
+    /// A MAIL is judged by what the client's EHLO was told; what the
+    /// connection offers (the driver's `caps`) answers the next EHLO.
+    #[test]
+    fn mail_parameters_are_judged_by_what_ehlo_offered() {
+        let mut s = Session::new(settings(false, false), caps(), false);
+        cmd(&mut s, "EHLO c");
+        s.caps.eightbitmime = false;
+        // offered: relayed, for the connection to refuse (451 4.3.0)
+        let a = cmd(&mut s, "MAIL FROM:<a@b.example> BODY=8BITMIME");
+        assert!(matches!(a, Action::Relay(_)), "{a:?}");
+        let ehlo = String::from_utf8(reply_of(cmd(&mut s, "EHLO c"))).unwrap();
+        assert!(!ehlo.contains("8BITMIME"), "{ehlo}");
+        let r = reply_of(cmd(&mut s, "MAIL FROM:<a@b.example> BODY=8BITMIME"));
+        assert!(r.starts_with(b"555"), "{}", String::from_utf8_lossy(&r));
     }
 
     #[test]
