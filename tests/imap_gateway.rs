@@ -510,3 +510,33 @@ async fn a_login_ok_without_capabilities_gets_the_backends_list() {
     c.send(b"b NOOP\r\n").await;
     assert_eq!(until(&mut c, "b").await, vec!["b OK done"]);
 }
+
+/// What the backend sends after its login OK is the client's, though it
+/// comes in with the answer to the CAPABILITY mailgate asked after the
+/// login: an ALERT (which a client must show, RFC 9051 §7.1) is handed on
+/// after the OK, not swallowed with our CAPABILITY's answer.
+#[tokio::test]
+async fn untagged_data_after_a_bare_login_ok_reaches_the_client() {
+    let be = ImapBackend::new()
+        .caps("IMAP4rev1 ID IDLE")
+        .user("alice", "secret")
+        .on("LOGIN", "{tag} OK Logged in\r\n")
+        .on(
+            "CAPABILITY",
+            "* OK [ALERT] Mailbox over quota\r\n* CAPABILITY IMAP4rev1 ID IDLE\r\n{tag} OK done\r\n",
+        )
+        .start()
+        .await;
+    let st = gateway(&be.addr, "", "").await;
+    let mut c = st.tls("imaps").await;
+    c.send(b"a LOGIN alice secret\r\n").await;
+    assert_eq!(
+        c.status().await,
+        "a OK [CAPABILITY IMAP4rev1 ID IDLE] Logged in"
+    );
+    c.send(b"b NOOP\r\n").await;
+    assert_eq!(
+        until(&mut c, "b").await,
+        vec!["* OK [ALERT] Mailbox over quota", "b OK done"]
+    );
+}

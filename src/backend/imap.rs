@@ -352,6 +352,10 @@ pub struct ImapBackend {
     reply_timeout: Duration,
     /// The number in the next tag (`m1`, `m2`, …).
     next_tag: u32,
+    /// Untagged data that came with our CAPABILITY after the login (an
+    /// `* OK [ALERT] …` the backend sent after its OK): the client's,
+    /// handed on first by [`Self::into_parts`].
+    after_login: Vec<u8>,
 }
 
 impl ImapBackend {
@@ -376,6 +380,7 @@ impl ImapBackend {
             connect_time: Duration::ZERO,
             reply_timeout: t.reply,
             next_tag: 1,
+            after_login: Vec::new(),
         };
         let greeting_caps = b.greeting(t.connect).await?;
         b.caps = match greeting_caps {
@@ -514,12 +519,26 @@ impl ImapBackend {
 
     /// `CAPABILITY`: the list as the backend wrote it.
     async fn capability_list(&mut self) -> Result<String, BackendError> {
+        self.capability_answer().await.map(|(list, _)| list)
+    }
+
+    /// `CAPABILITY`: the list, and the untagged responses that came with
+    /// it besides the list's own.
+    async fn capability_answer(&mut self) -> Result<(String, Vec<Response>), BackendError> {
         let tag = self.tag();
         self.send(format!("{tag} CAPABILITY\r\n").as_bytes())
             .await?;
         let Some((status, text, _, untagged)) = self.tagged(&tag).await? else {
             return Err(BackendError::OutOfStep("CAPABILITY: another tag".into()));
         };
+        let is_list = |r: &Response| match r {
+            Response::Untagged { text, .. } => text
+                .split(' ')
+                .next()
+                .is_some_and(|n| n.eq_ignore_ascii_case("CAPABILITY")),
+            _ => false,
+        };
+        let others: Vec<Response> = untagged.iter().filter(|r| !is_list(r)).cloned().collect();
         if status != Status::Ok {
             return Err(BackendError::Protocol(format!(
                 "CAPABILITY {}",
@@ -535,7 +554,7 @@ impl ImapBackend {
         });
         // the tagged OK may carry the list as a response code instead
         match list.or_else(|| capability_code(&text)) {
-            Some(l) => Ok(l.to_string()),
+            Some(l) => Ok((l.to_string(), others)),
             None => Err(BackendError::Protocol("CAPABILITY without a list".into())),
         }
     }
@@ -554,8 +573,29 @@ impl ImapBackend {
         if capability_code(&text).is_some() || self.conn.buffered() > 0 {
             return Ok(text);
         }
-        let list = match self.capability_list().await {
-            Ok(l) => l,
+        let list = match self.capability_answer().await {
+            Ok((l, others)) => {
+                // what the backend sent after its OK, before our CAPABILITY
+                // was answered, is the client's: handed on after the OK
+                // (re-rendered, so only a clean line; one with literals
+                // cannot be told again and is dropped)
+                for r in others {
+                    if let Response::Untagged {
+                        text,
+                        literals: false,
+                        ..
+                    } = &r
+                    {
+                        if checked_text(text, false, "") == *text {
+                            self.after_login
+                                .extend_from_slice(format!("* {text}\r\n").as_bytes());
+                            continue;
+                        }
+                    }
+                    tracing::debug!("untagged data after login dropped: not printable");
+                }
+                l
+            }
             Err(BackendError::Protocol(why)) => {
                 tracing::debug!(reason = %why, "no capabilities after login");
                 return Ok(text);
@@ -671,7 +711,8 @@ impl ImapBackend {
     /// The connection and whatever the backend already sent after its
     /// tagged OK (untagged data, which belongs to the client).
     pub fn into_parts(mut self) -> (BackendStream, BytesMut) {
-        let left = self.conn.take_buffered();
+        let mut left = BytesMut::from(&std::mem::take(&mut self.after_login)[..]);
+        left.extend_from_slice(&self.conn.take_buffered());
         (self.conn.stream, left)
     }
 

@@ -493,6 +493,117 @@ mod tests {
         assert_eq!((stats.retr, stats.dele, stats.quit), (1, 1, true));
     }
 
+    fn no_pipelining() -> Transaction {
+        Transaction::new(Pop3Caps::from_capa(&["USER", "UIDL"]), 3, 0)
+    }
+
+    /// A backend that never answers the command the others are held
+    /// behind: the idle timer still ends the session (nothing more is
+    /// sent to the backend, the client hears the idle reply).
+    #[tokio::test(start_paused = true)]
+    async fn held_commands_behind_a_silent_backend_end_at_the_idle_time() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let stats = relay(
+            client,
+            backend,
+            no_pipelining(),
+            b"STAT\r\nUSER x\r\nDELE 1\r\nQUIT\r\n",
+            b"",
+            timers(30, 3600),
+        )
+        .await;
+        assert_eq!(stats.end, PipeEnd::Idle);
+        drop(stats);
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"-ERR idle\r\n");
+        let mut up = Vec::new();
+        backend_peer.read_to_end(&mut up).await.unwrap();
+        assert_eq!(up, b"STAT\r\n");
+    }
+
+    /// A shutdown while commands are held: those the client sent before
+    /// it go one at a time as promised, then the session ends.
+    #[tokio::test]
+    async fn a_shutdown_while_holding_forwards_what_came_before_it() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            relay(
+                client,
+                backend,
+                no_pipelining(),
+                b"STAT\r\nNOOP\r\n",
+                b"",
+                with_shutdown(30, 3600, rx),
+            )
+            .await
+        });
+        let mut got = vec![0u8; 6];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"STAT\r\n");
+        stop.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        backend_peer.write_all(b"+OK 1 3\r\n").await.unwrap();
+        let mut got = vec![0u8; 6];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"NOOP\r\n");
+        backend_peer.write_all(b"+OK\r\n").await.unwrap();
+        let stats = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the shutdown ends the session")
+            .unwrap();
+        assert_eq!(stats.end, PipeEnd::Shutdown);
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"+OK 1 3\r\n+OK\r\n-ERR bye\r\n");
+    }
+
+    /// `max_errors` reached behind a held command: the errors and the
+    /// close wait for the backend's answer, in order, and nothing after
+    /// the close reaches the backend.
+    #[tokio::test]
+    async fn too_many_errors_behind_a_held_command_keep_reply_order() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            relay(
+                client,
+                backend,
+                no_pipelining(),
+                b"STAT\r\nNOOP\r\nX\r\nY\r\nZ\r\nDELE 1\r\n",
+                b"",
+                timers(30, 3600),
+            )
+            .await
+        });
+        let mut got = vec![0u8; 6];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"STAT\r\n");
+        backend_peer.write_all(b"+OK 1 3\r\n").await.unwrap();
+        let mut got = vec![0u8; 6];
+        backend_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"NOOP\r\n");
+        backend_peer.write_all(b"+OK\r\n").await.unwrap();
+        let stats = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the close ends the session")
+            .unwrap();
+        assert_eq!(stats.end, PipeEnd::TooManyErrors);
+        assert_eq!(stats.dele, 0);
+        let mut rest = Vec::new();
+        client_peer.read_to_end(&mut rest).await.unwrap();
+        let rest = String::from_utf8(rest).unwrap();
+        assert!(rest.starts_with("+OK 1 3\r\n+OK\r\n-ERR"), "{rest}");
+        assert_eq!(rest.matches("\r\n").count(), 5, "{rest}");
+        drop(client_peer);
+        let mut up = Vec::new();
+        backend_peer.read_to_end(&mut up).await.unwrap();
+        assert_eq!(up, b"");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_tells_the_client() {
         let (client, mut client_peer) = duplex(1 << 16);
