@@ -531,16 +531,7 @@ async fn starttls_tells_the_kept_connection_the_new_helo() {
         .start()
         .await;
     let before = b.connections();
-    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
-    assert!(c.cmd("EHLO before.example").await.starts_with("250"));
-    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
-    assert!(c.cmd("RSET").await.starts_with("250"));
-    assert!(c.cmd("STARTTLS").await.starts_with("220"));
-    let mut c = c.tls(&ca).await;
-    let (code, text) = c.send_message("after.example", MESSAGE).await;
-    assert_eq!(code, 250, "{text}");
-    c.cmd("QUIT").await;
-    c.closed(Duration::from_secs(3)).await;
+    mail_then_starttls(&gw, &ca, "before.example", "after.example").await;
     assert_eq!(b.connections() - before, 1, "{:?}", b.lines());
     let lines = b.lines();
     let xclient = at(&lines, "XCLIENT");
@@ -940,17 +931,7 @@ async fn starttls_keeps_the_sessions_own_connection_counted_once() {
         .start()
         .await;
     let before = b.connections();
-    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
-    assert!(c.cmd("EHLO client.example").await.starts_with("250"));
-    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
-    // (answered by mailgate: the backend's transaction stays open)
-    assert!(c.cmd("RSET").await.starts_with("250"));
-    assert!(c.cmd("STARTTLS").await.starts_with("220"));
-    let mut c = c.tls(&ca).await;
-    let (code, text) = c.send_message("client.example", MESSAGE).await;
-    assert_eq!(code, 250, "{text}");
-    c.cmd("QUIT").await;
-    c.closed(Duration::from_secs(3)).await;
+    mail_then_starttls(&gw, &ca, "client.example", "client.example").await;
     let (code, text) = one_message_tls(&gw, &ca).await;
     assert_eq!(code, 250, "{text}");
     assert_eq!(b.connections() - before, 1, "{:?}", b.lines());
@@ -988,19 +969,27 @@ async fn starttls_on_the_last_allowed_session_keeps_the_connection() {
         .start()
         .await;
     let before = b.connections();
-    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
-    assert!(c.cmd("EHLO client.example").await.starts_with("250"));
-    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
-    assert!(c.cmd("RSET").await.starts_with("250"));
-    assert!(c.cmd("STARTTLS").await.starts_with("220"));
-    let mut c = c.tls(&ca).await;
-    let (code, text) = c.send_message("client.example", MESSAGE).await;
-    assert_eq!(code, 250, "{text}");
-    c.cmd("QUIT").await;
-    c.closed(Duration::from_secs(3)).await;
+    mail_then_starttls(&gw, &ca, "client.example", "client.example").await;
     assert_eq!(b.connections() - before, 1, "{:?}", b.lines());
     assert_eq!(wait_lines(&b, "QUIT", 1).await, 1, "{:?}", b.lines());
     gw.shutdown().await;
+}
+
+/// One client session on listener `mx` that opens a backend transaction
+/// before STARTTLS (EHLO `before`, MAIL; RSET is answered by mailgate, so
+/// the backend's transaction stays open), then sends a message over TLS
+/// (EHLO `after`) and QUITs.
+async fn mail_then_starttls(gw: &Gateway, ca: &std::path::Path, before: &str, after: &str) {
+    let mut c = SmtpClient::greeted(gw.addr("mx").unwrap()).await;
+    assert!(c.cmd(&format!("EHLO {before}")).await.starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").await.starts_with("250"));
+    assert!(c.cmd("RSET").await.starts_with("250"));
+    assert!(c.cmd("STARTTLS").await.starts_with("220"));
+    let mut c = c.tls(ca).await;
+    let (code, text) = c.send_message(after, MESSAGE).await;
+    assert_eq!(code, 250, "{text}");
+    c.cmd("QUIT").await;
+    c.closed(Duration::from_secs(3)).await;
 }
 
 /// One client session over STARTTLS on `mx`: a message, then QUIT.

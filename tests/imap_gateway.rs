@@ -499,16 +499,24 @@ async fn a_login_ok_without_capabilities_gets_the_backends_list() {
         .on("LOGIN", "{tag} OK Logged in\r\n")
         .start()
         .await;
-    let st = gateway(&be.addr, "", "").await;
+    let (_st, mut c) = login_to_a_bare_ok(&be.addr).await;
+    // the backend is the client's now: its answers pass as before
+    c.send(b"b NOOP\r\n").await;
+    assert_eq!(until(&mut c, "b").await, vec!["b OK done"]);
+}
+
+/// imaps in front of `backend` (a backend of `caps("IMAP4rev1 ID IDLE")`
+/// whose LOGIN OK carries no list): alice logs in, and the OK handed to
+/// her carries the list mailgate asked for after the login.
+async fn login_to_a_bare_ok(backend: &str) -> (Setup, LineClient<Tls>) {
+    let st = gateway(backend, "", "").await;
     let mut c = st.tls("imaps").await;
     c.send(b"a LOGIN alice secret\r\n").await;
     assert_eq!(
         c.status().await,
         "a OK [CAPABILITY IMAP4rev1 ID IDLE] Logged in"
     );
-    // the backend is the client's now: its answers pass as before
-    c.send(b"b NOOP\r\n").await;
-    assert_eq!(until(&mut c, "b").await, vec!["b OK done"]);
+    (st, c)
 }
 
 /// What the backend sends after its login OK is the client's, though it
@@ -527,13 +535,7 @@ async fn untagged_data_after_a_bare_login_ok_reaches_the_client() {
         )
         .start()
         .await;
-    let st = gateway(&be.addr, "", "").await;
-    let mut c = st.tls("imaps").await;
-    c.send(b"a LOGIN alice secret\r\n").await;
-    assert_eq!(
-        c.status().await,
-        "a OK [CAPABILITY IMAP4rev1 ID IDLE] Logged in"
-    );
+    let (_st, mut c) = login_to_a_bare_ok(&be.addr).await;
     c.send(b"b NOOP\r\n").await;
     assert_eq!(
         until(&mut c, "b").await,
