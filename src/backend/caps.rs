@@ -211,8 +211,13 @@ fn set<T: PartialEq + std::fmt::Debug>(
     caps: T,
     protocol: &str,
 ) {
+    let key = key(b);
+    // every new backend connection (and every re-told kept one) reports
+    // here, nearly always what is known already: readers do not wait then
+    if map.read().is_ok_and(|m| m.get(&key) == Some(&caps)) {
+        return;
+    }
     if let Ok(mut m) = map.write() {
-        let key = key(b);
         if m.get(&key) != Some(&caps) {
             tracing::info!(backend = %b.name, protocol, ?caps, "backend capabilities");
             m.insert(key, caps);
